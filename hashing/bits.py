@@ -1,0 +1,54 @@
+"""The one binary code format used everywhere: packed ``uint8`` of shape ``(n, nbits // 8)``.
+
+Bit ``j`` of a code is bit ``7 - j % 8`` of byte ``j // 8`` (``numpy.packbits`` big-endian order), so
+a code's bytes are what Redis stores in a slot and what FAISS binary indexes take.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+VALID_NBITS = (16, 32, 48, 64, 128)
+
+
+def binarize(relaxed: np.ndarray) -> np.ndarray:
+    """Hash-layer outputs to {0,1} bits with ``x >= 0``.
+
+    Not ``sign``: sign maps 0 to 0 and would make ternary codes.
+    """
+    return (np.asarray(relaxed) >= 0).astype(np.uint8)
+
+
+def pack(bits: np.ndarray) -> np.ndarray:
+    """``(n, nbits)`` of {0,1} (or booleans) to packed ``(n, nbits // 8)`` uint8."""
+    bits = np.asarray(bits)
+    if bits.ndim == 1:
+        bits = bits[None, :]
+    if bits.shape[1] % 8:
+        raise ValueError(f"code length {bits.shape[1]} is not a multiple of 8")
+    return np.packbits(bits.astype(bool), axis=1)
+
+
+def unpack(codes: np.ndarray, nbits: int | None = None) -> np.ndarray:
+    """Packed ``(n, nbytes)`` uint8 back to ``(n, nbits)`` {0,1} uint8."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.ndim == 1:
+        codes = codes[None, :]
+    bits = np.unpackbits(codes, axis=1)
+    return bits if nbits is None else bits[:, :nbits]
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise Hamming distances between packed codes ``a (n, B)`` and ``b (m, B)`` -> ``(n, m)``.
+
+    Popcount of XOR on bytes; for large databases use :mod:`hashing.search`, which works on
+    64-bit words.
+    """
+    a = np.asarray(a, dtype=np.uint8)
+    b = np.asarray(b, dtype=np.uint8)
+    if a.ndim == 1:
+        a = a[None, :]
+    if b.ndim == 1:
+        b = b[None, :]
+    x = np.bitwise_xor(a[:, None, :], b[None, :, :])
+    return np.bitwise_count(x).sum(axis=2, dtype=np.int32)

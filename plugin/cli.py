@@ -1,0 +1,56 @@
+"""The ``drh-pacs`` command.
+
+Each sub-command lives in the module that owns its concern and exposes ``main(argv) -> int``; this
+file only dispatches, importing the module lazily so that ``drh-pacs status`` does not pay for
+importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Nested commands ("bench index") are written with a space.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("plugin.serve", "run the whole service: Redis (embedded if none), worker, DICOM SCP, HTTP API"),
+    "worker": ("workers.app", "run a Celery worker against the configured Redis"),
+    "status": ("plugin.status", "print queue depths, workers, index sizes and recent failures"),
+    "train": ("hashing.train", "train a DRH or DMIH model on a data directory"),
+    "evaluate": ("hashing.evaluate", "score models and baselines: mAP, precision@k, PR curve"),
+    "reindex": ("workers.reindex", "re-index every study with a new model version in the background"),
+    "failures": ("workers.failures", "list or retry instances that failed permanently"),
+    "backfill orthanc": ("plugin.orthanc", "index an existing Orthanc archive (resumable)"),
+    "bench index": ("plugin.bench_index", "Hamming search latency at 1M/10M codes against FAISS"),
+    "bench model": ("workers.bench_model", "model throughput: images/s by device and batch size"),
+    "bench ingest": ("plugin.bench_ingest", "C-STORE throughput against DCMTK storescp"),
+    "bench query": ("plugin.bench_query", "C-FIND similar latency from a DICOM client"),
+    "decode-check": ("hashing.preprocess", "decode every DICOM file under a folder, or say why not"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: drh-pacs <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Settings come from DRH_* environment variables and the DRH_CONFIG file (see README)."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    name = argv[0]
+    rest = argv[1:]
+    if name not in COMMANDS and rest and f"{name} {rest[0]}" in COMMANDS:
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    if name not in COMMANDS:
+        print(f"drh-pacs: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

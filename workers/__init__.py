@@ -1,0 +1,1 @@
+"""The Celery application of drh-pacs and its tasks: decode, hash, pool studies, write to Redis."""
