@@ -232,7 +232,7 @@ class CodeStore:
         if not uids:
             return {}
         raw = self.r.hmget(self.keys.emb(version), uids)
-        return {u: np.frombuffer(b, dtype=np.float16).astype(np.float32) for u, b in zip(uids, raw) if b}
+        return {u: np.frombuffer(b, dtype=np.float16).astype(np.float32) for u, b in zip(uids, raw, strict=True) if b}
 
     # -- metadata ------------------------------------------------------------------------------
     def put_instance(self, sop_uid: str, study_uid: str, meta: Mapping[str, str | int | float]) -> bool:
