@@ -120,3 +120,20 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def runtime_url_file(data_dir: Path) -> Path:
+    """Where `serve` records the embedded Redis URL, so `status`, `failures`... find it."""
+    return Path(data_dir) / "run" / "redis.url"
+
+
+def resolve_redis_url(redis_url: str, data_dir: Path) -> str:
+    """The configured Redis URL, else the one a running `drh-pacs serve` recorded in data_dir."""
+    if redis_url:
+        return redis_url
+    path = runtime_url_file(data_dir)
+    if path.exists():
+        return path.read_text().strip()
+    raise EmbeddedRedisError(
+        f"no Redis configured (DRH_REDIS_URL) and no running `drh-pacs serve` recorded one in {path}"
+    )
