@@ -53,21 +53,26 @@ class Settings:
     keep_files: bool = True
 
     # -- DICOM SCP -------------------------------------------------------------------------------
+    # Our AE title for storage, plain C-FIND and C-MOVE.
     ae_title: str = "DRHPACS"
     # Called AE title under which StudyInstanceUID / SOPInstanceUID name the *reference* object.
     similar_ae_title: str = "SIMILAR"
+    # Address the DICOM SCP binds (all interfaces: the PACS and viewers must reach it).
     dicom_host: str = "0.0.0.0"
+    # DICOM SCP port.
     dicom_port: int = 11112
     # Calling AE titles allowed to associate; empty list = any.
     allowed_calling_aes: list[str] = field(default_factory=list)
     # Peer IP addresses allowed to associate; empty list = any.
     allowed_addresses: list[str] = field(default_factory=list)
+    # Concurrent DICOM associations; more are refused (busy) rather than slowing everyone.
     max_associations: int = 16
     # What to do with non-image objects (SR, PR, KO...): "ignore" (accept, don't index) or "reject".
     non_image_policy: str = "ignore"
     # TLS for DICOM: server certificate and key (PEM); with tls_ca, peers must present a client cert.
     tls_cert: str = ""
     tls_key: str = ""
+    # CA bundle (PEM) that client certificates must chain to; empty: no client certificates asked.
     tls_ca: str = ""
     # Known DICOM nodes, "AE=host:port" comma separated: C-MOVE destinations and source PACS.
     dicom_nodes: dict[str, str] = field(default_factory=dict)
@@ -94,7 +99,9 @@ class Settings:
     worker_queues: list[str] = field(default_factory=lambda: ["ingest", "study", "maintenance"])
 
     # -- HTTP API ------------------------------------------------------------------------------
+    # Address the HTTP API binds; loopback by default, put it behind TLS (deploy/) to open it.
     http_host: str = "127.0.0.1"
+    # HTTP API port.
     http_port: int = 8080
     # Bearer token for the API. Empty: one is generated and kept in data_dir/api-token.
     api_token: str = ""
@@ -102,11 +109,14 @@ class Settings:
     api_open_readonly: bool = False
 
     # -- Orthanc ---------------------------------------------------------------------------------
+    # Orthanc REST API (http://host:8042) for `backfill orthanc` and fetching pixels to re-index.
     orthanc_url: str = ""
+    # Orthanc REST credentials.
     orthanc_user: str = ""
     orthanc_password: str = ""
 
     # -- logging ---------------------------------------------------------------------------------
+    # DEBUG, INFO, WARNING or ERROR.
     log_level: str = "INFO"
 
     # Derived paths ----------------------------------------------------------------------------
@@ -220,3 +230,41 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"setting device must be auto, cpu or cuda:N, got {s.device!r}")
     if s.study_stable_seconds < 0:
         raise SettingsError("setting study_stable_seconds must be >= 0")
+
+
+def settings_table() -> str:
+    """The README's settings table, read from the comments above each field of Settings.
+
+    ``python -m plugin.settings`` prints it, so the documentation is written once, here.
+    """
+    import inspect
+    import re
+
+    rows: list[str] = []
+    comment: list[str] = []
+    for line in inspect.getsource(Settings).splitlines():
+        text = line.strip()
+        if text.startswith("# --"):
+            comment = []
+        elif text.startswith("#"):
+            comment.append(text[1:].strip())
+        elif match := re.match(r"(\w+): [^=]+= ?(.*)$", text):
+            name = match.group(1)
+            default = getattr(Settings(), name)
+            if isinstance(default, list):
+                shown = ",".join(default) or "(empty)"
+            elif isinstance(default, dict):
+                shown = ",".join(f"{k}={v}" for k, v in default.items()) or "(empty)"
+            elif name == "data_dir":
+                shown = "~/.local/share/drh-pacs"
+            else:
+                shown = str(default) if str(default) != "" else "(empty)"
+            rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {' '.join(comment)} |")
+            comment = []
+        elif not text or text.startswith(("@", "def ", '"""')):
+            comment = []
+    return "\n".join(["| variable | default | meaning |", "| --- | --- | --- |", *rows])
+
+
+if __name__ == "__main__":
+    print(settings_table())

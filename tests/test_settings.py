@@ -1,0 +1,75 @@
+"""Settings: precedence, parsing, loud failures, and that the README documents every setting."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from plugin.settings import Settings, SettingsError, load_settings, settings_table
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_defaults_are_safe(tmp_path):
+    s = load_settings(env={"DRH_DATA_DIR": str(tmp_path)})
+    assert s.ae_title == "DRHPACS" and s.dicom_port == 11112 and s.similar_ae_title == "SIMILAR"
+    assert s.http_host == "127.0.0.1"  # the API is not exposed beyond this machine by default
+    assert s.redis_url == ""  # embedded Redis
+    token = s.resolved_api_token()
+    assert len(token) >= 32
+    assert s.resolved_api_token() == token  # kept, not regenerated
+    assert (tmp_path / "api-token").stat().st_mode & 0o077 == 0
+
+
+def test_environment_beats_file_beats_default(tmp_path):
+    cfg = tmp_path / "drh.toml"
+    cfg.write_text('dicom_port = 4000\nae_title = "FROMFILE"\nallowed_calling_aes = ["PACS1", "PACS2"]\n')
+    s = load_settings(env={"DRH_CONFIG": str(cfg), "DRH_DICOM_PORT": "5000"})
+    assert s.dicom_port == 5000
+    assert s.ae_title == "FROMFILE"
+    assert s.allowed_calling_aes == ["PACS1", "PACS2"]
+    assert load_settings(env={"DRH_CONFIG": str(cfg)}, dicom_port=6000).dicom_port == 6000
+
+
+def test_lists_maps_and_booleans_from_environment():
+    s = load_settings(
+        env={
+            "DRH_ALLOWED_CALLING_AES": "A, B,,C",
+            "DRH_DICOM_NODES": "ORTHANC=127.0.0.1:4242, VIEWER=10.0.0.5:104",
+            "DRH_API_OPEN_READONLY": "yes",
+        }
+    )
+    assert s.allowed_calling_aes == ["A", "B", "C"]
+    assert s.dicom_nodes == {"ORTHANC": "127.0.0.1:4242", "VIEWER": "10.0.0.5:104"}
+    assert s.api_open_readonly is True
+
+
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"DRH_DICOM_PORT": "eleven"}, "dicom_port"),
+        ({"DRH_API_OPEN_READONLY": "maybe"}, "api_open_readonly"),
+        ({"DRH_DICOM_NODES": "ORTHANC"}, "dicom_nodes"),
+        ({"DRH_NON_IMAGE_POLICY": "drop"}, "non_image_policy"),
+        ({"DRH_AE_TITLE": "A_TITLE_FAR_TOO_LONG"}, "AE title"),
+        ({"DRH_DEVICE": "tpu"}, "device"),
+        ({"DRH_CONFIG": "/nonexistent/drh.toml"}, "DRH_CONFIG"),
+    ],
+)
+def test_bad_values_fail_loudly_naming_the_setting(env, needle):
+    with pytest.raises(SettingsError, match=needle):
+        load_settings(env=env)
+
+
+def test_unknown_key_in_file_is_refused(tmp_path):
+    cfg = tmp_path / "drh.toml"
+    cfg.write_text("dicom_prot = 4000\n")
+    with pytest.raises(SettingsError, match="dicom_prot"):
+        load_settings(env={"DRH_CONFIG": str(cfg)})
+
+
+def test_readme_documents_every_setting():
+    text = README.read_text()
+    missing = [f.name for f in dataclasses.fields(Settings) if f"DRH_{f.name.upper()}" not in text]
+    assert not missing, f"settings not documented in README.md: {missing}"
+    assert settings_table() in text, "README's settings table is stale: paste `python -m plugin.settings`"
