@@ -1,0 +1,99 @@
+"""DMIH: deep multiple-instance hashing of a whole study (a bag of images).
+
+The same instance encoder as DRH, a gated-attention multiple-instance pooling layer (Ilse et al.,
+ICML 2018) over the instances of a bag, and a study-level hash layer. An instance-level hash arm
+(trained with the bag's label on each instance) guides the encoder early in training; its loss
+weight decays to zero (see :mod:`hashing.train`), so the final codes are shaped by bag labels.
+
+Bags have varying sizes: instances are padded to the largest bag of a batch and a boolean ``mask``
+says which are real. Attention over padded positions is masked to ``-inf`` before the softmax, so a
+bag of one is pooled to exactly its single instance's features.
+
+The pooling works on instance *features*, so the study code can be recomputed from stored
+per-instance embeddings alone (``forward_bag``) without the pixels: that is what workers do when a
+study becomes stable or a late instance arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from hashing.bits import VALID_NBITS
+from hashing.resnet import ResNet
+
+
+class AttentionMILPool(nn.Module):
+    """Gated attention pooling: ``a_i = softmax_i(w^T (tanh(V x_i) * sigmoid(U x_i)))``, ``z = sum_i a_i x_i``.
+
+    Permutation-invariant, weights instances by relevance rather than averaging them all equally
+    (a study's scout or lateral view should not dilute a frontal finding).
+    """
+
+    def __init__(self, *, dim: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.v = nn.Linear(dim, hidden)
+        self.u = nn.Linear(dim, hidden)
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, M, D)``, ``mask (B, M)`` bool -> pooled ``(B, D)`` and attention ``(B, M)``."""
+        scores = self.w(torch.tanh(self.v(x)) * torch.sigmoid(self.u(x))).squeeze(-1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        attn = torch.softmax(scores, dim=1)
+        return torch.einsum("bm,bmd->bd", attn, x), attn
+
+
+class DMIH(nn.Module):
+    """Instance encoder + instance hash arm + attention MIL pooling + study hash layer."""
+
+    def __init__(self, *, nbits: int = 64, backbone: dict[str, Any] | None = None, attn_hidden: int = 64) -> None:
+        super().__init__()
+        if nbits not in VALID_NBITS:
+            raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits}")
+        self.nbits = nbits
+        self.backbone_args = dict(backbone or {})
+        self.attn_hidden = attn_hidden
+        self.encoder = ResNet(**self.backbone_args)
+        self.num_features = self.encoder.num_features
+        self.instance_hash = nn.Linear(self.num_features, nbits)
+        self.pool = AttentionMILPool(dim=self.num_features, hidden=attn_hidden)
+        self.bag_hash = nn.Linear(self.num_features, nbits)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Instance embeddings ``(N, num_features)``: what workers store per instance."""
+        return self.encoder.forward_features(x)
+
+    def forward_instance_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Relaxed instance codes (the decaying instance-level arm)."""
+        return torch.tanh(self.instance_hash(features))
+
+    def forward_bag(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-activation study codes from ``features (B, M, D)`` and ``mask (B, M)``; code = ``>= 0``."""
+        pooled, _ = self.pool(features, mask)
+        return self.bag_hash(pooled)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x (B, M, C, H, W)``, ``mask (B, M)`` -> relaxed bag codes ``(B, K)``, relaxed instance codes ``(n, K)``.
+
+        Only the real (unmasked) instances go through the encoder; instance codes are returned in
+        ``mask`` order (row-major over the real positions).
+        """
+        b, m = mask.shape
+        feats_real = self.forward_features(x[mask])
+        feats = feats_real.new_zeros(b, m, feats_real.shape[1])
+        feats[mask] = feats_real
+        return torch.tanh(self.forward_bag(feats, mask)), self.forward_instance_head(feats_real)
+
+    def arch(self) -> dict[str, Any]:
+        return {"nbits": self.nbits, "backbone": dict(self.backbone_args), "attn_hidden": self.attn_hidden}
+
+
+def dmih_tiny(nbits: int = 64, **backbone: Any) -> DMIH:
+    """Same encoder as :func:`hashing.drh.drh_tiny`."""
+    return DMIH(
+        nbits=nbits, backbone={"stem_width": 16, "widths": (16, 32, 64, 128), "depths": (1, 1, 1, 1), **backbone}
+    )

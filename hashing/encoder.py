@@ -1,0 +1,195 @@
+"""The one object workers use to turn images into codes: :class:`Encoder`.
+
+``Encoder.load()`` reads a model checkpoint (:mod:`hashing.checkpoint`); with no path, the default
+model shipped in ``hashing/weights/``. While no trained model is shipped, it builds a seeded,
+randomly initialised DRH + DMIH pair (version ``drh-random-v0``) so that the pipeline can be built
+and tested end to end; it says so in a warning.
+
+What workers store per instance (``embeddings``): the DMIH instance-encoder features, float32
+``(emb_dim,)``. The study code is DMIH pooling over exactly those vectors, so a study code can be
+(re)computed later from stored embeddings alone, without the pixels (late instances, re-pooling).
+The image code comes from DRH, whose hash layer is trained for image-to-image search.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hashing import bits as bitcodes
+from hashing import checkpoint as ckpt_mod
+from hashing.dmih import DMIH, dmih_tiny
+from hashing.drh import DRH, drh_tiny
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = "default.pt"
+RANDOM_VERSION = "drh-random-v0"
+
+
+def default_weights_path() -> Path:
+    """The shipped default model inside the installed package."""
+    return Path(str(resources.files("hashing") / "weights" / DEFAULT_WEIGHTS))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA GPU when present, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _fit_fallback(img: np.ndarray, size: int) -> np.ndarray:
+    """Aspect-preserving resize into a zero-padded square (used only if hashing.preprocess lacks it)."""
+    h, w = img.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
+    t = torch.nn.functional.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    out = np.zeros((size, size), dtype=np.float32)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top : top + nh, left : left + nw] = t[0, 0].clamp(0, 1).numpy()
+    return out
+
+
+def fit_to_square(img: np.ndarray, size: int) -> np.ndarray:
+    """``hashing.preprocess.fit_to_square`` when available (one definition for training and serving)."""
+    try:
+        from hashing.preprocess import fit_to_square as fit
+    except ImportError:
+        fit = _fit_fallback
+    return np.asarray(fit(np.asarray(img, dtype=np.float32), size), dtype=np.float32)
+
+
+class Encoder:
+    """A loaded model: images -> (DRH image codes, DMIH instance embeddings); embeddings -> study code."""
+
+    def __init__(
+        self,
+        *,
+        drh: DRH,
+        dmih: DMIH,
+        version: str,
+        input_size: int,
+        mean: float,
+        std: float,
+        device: torch.device,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        if drh.nbits != dmih.nbits:
+            raise ValueError(f"DRH has {drh.nbits} bits but DMIH {dmih.nbits}")
+        self.drh = drh.to(device).eval()
+        self.dmih = dmih.to(device).eval()
+        self.version = version
+        self.nbits = drh.nbits
+        self.emb_dim = dmih.num_features
+        self.input_size = input_size
+        self.mean = mean
+        self.std = std
+        self.device = device
+        self.info = info or {}
+        # One encoder when DMIH shares DRH's weights: skip the second forward pass.
+        self._shared = _same_weights(drh.encoder, dmih.encoder)
+
+    @classmethod
+    def load(cls, path: str | None = None, device: str = "auto") -> Encoder:
+        """Load a checkpoint (``None``: the shipped default model)."""
+        dev = resolve_device(device)
+        if path is None or path == "":
+            default = default_weights_path()
+            if not default.exists():
+                return cls.random(dev)
+            path = str(default)
+        ckpt = ckpt_mod.load(path)
+        drh = ckpt_mod.build_module(ckpt["drh"])
+        if ckpt.get("dmih") is not None:
+            dmih = ckpt_mod.build_module(ckpt["dmih"])
+        else:  # a DRH-only checkpoint: study codes pool the DRH encoder's features (untrained pooling)
+            log.warning("checkpoint %s has no DMIH part: study codes use an untrained pooling layer", path)
+            torch.manual_seed(0)
+            dmih = DMIH(nbits=drh.nbits, backbone=drh.backbone_args)
+            dmih.encoder.load_state_dict(drh.encoder.state_dict())
+        if not isinstance(drh, DRH) or not isinstance(dmih, DMIH):
+            raise ckpt_mod.CheckpointError(f"{path}: 'drh' and 'dmih' entries hold the wrong model types")
+        norm = ckpt["normalization"]
+        enc = cls(
+            drh=drh,
+            dmih=dmih,
+            version=str(ckpt["version"]),
+            input_size=int(ckpt["input_size"]),
+            mean=float(norm["mean"]),
+            std=float(norm["std"]),
+            device=dev,
+            info={k: ckpt.get(k) for k in ("training", "metrics", "preprocessing")},
+        )
+        log.info(
+            "loaded model %s (%d bits, input %d px) from %s on %s", enc.version, enc.nbits, enc.input_size, path, dev
+        )
+        return enc
+
+    @classmethod
+    def random(cls, device: torch.device | str = "cpu", nbits: int = 64, seed: int = 0) -> Encoder:
+        """A seeded random-initialised model: same codes on every machine, meaningless similarity."""
+        log.warning(
+            "no trained model shipped in %s: using randomly initialised %s", default_weights_path(), RANDOM_VERSION
+        )
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        drh, dmih = drh_tiny(nbits), dmih_tiny(nbits)
+        torch.random.set_rng_state(gen_state)
+        return cls(
+            drh=drh, dmih=dmih, version=RANDOM_VERSION, input_size=64, mean=0.5, std=0.25, device=torch.device(device)
+        )
+
+    # -- encoding --------------------------------------------------------------------------------
+    def prepare(self, images: list[np.ndarray]) -> torch.Tensor:
+        """2-D [0, 1] images of any size -> normalised ``(n, 1, S, S)`` tensor on the model's device."""
+        arrs = []
+        for img in images:
+            a = np.asarray(img, dtype=np.float32)
+            if a.ndim != 2:
+                raise ValueError(f"expected a 2-D image, got shape {a.shape}")
+            arrs.append(fit_to_square(a, self.input_size))
+        x = torch.from_numpy(np.stack(arrs))[:, None] if arrs else torch.zeros(0, 1, self.input_size, self.input_size)
+        return ((x - self.mean) / self.std).to(self.device)
+
+    @torch.inference_mode()
+    def encode_tensor(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Already prepared ``(n, 1, S, S)`` -> packed codes ``(n, nbits // 8)`` and embeddings ``(n, emb_dim)``."""
+        feats = self.drh.forward_features(x)
+        h = self.drh.forward_head(feats)
+        emb = feats if self._shared else self.dmih.forward_features(x)
+        codes = bitcodes.pack(bitcodes.binarize(h.float().cpu().numpy()))
+        return codes.reshape(len(x), self.nbits // 8), emb.float().cpu().numpy().astype(np.float32)
+
+    def encode_images(self, images: list[np.ndarray], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """2-D float32 images in [0, 1] -> (codes uint8 ``(n, nbits // 8)``, embeddings float32 ``(n, emb_dim)``)."""
+        codes = np.zeros((len(images), self.nbits // 8), dtype=np.uint8)
+        embs = np.zeros((len(images), self.emb_dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            c, e = self.encode_tensor(self.prepare(images[start : start + batch_size]))
+            codes[start : start + len(c)] = c
+            embs[start : start + len(e)] = e
+        return codes, embs
+
+    @torch.inference_mode()
+    def encode_study(self, embeddings: np.ndarray) -> np.ndarray:
+        """Instance embeddings of one study ``(m, emb_dim)``, any m >= 1 -> study code uint8 ``(nbits // 8,)``."""
+        e = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if e.ndim == 1:
+            e = e[None, :]
+        if e.ndim != 2 or e.shape[1] != self.emb_dim or len(e) == 0:
+            raise ValueError(f"expected (m >= 1, {self.emb_dim}) embeddings, got shape {e.shape}")
+        feats = torch.from_numpy(e).to(self.device)[None]
+        h = self.dmih.forward_bag(feats, torch.ones(1, len(e), dtype=torch.bool, device=self.device))
+        return bitcodes.pack(bitcodes.binarize(h.float().cpu().numpy()))[0]
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

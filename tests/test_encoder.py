@@ -1,0 +1,102 @@
+"""Encoder: the contract workers rely on (shapes, dtypes, determinism, checkpoint round trip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hashing import bits, checkpoint
+from hashing.dmih import dmih_tiny
+from hashing.drh import drh_tiny
+from hashing.encoder import Encoder
+
+FIXTURES = Path(__file__).parent / "fixtures" / "cxr"
+
+
+def _fixture_images() -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("L"), dtype=np.float32) / 255.0 for p in sorted(FIXTURES.glob("*.jpeg"))]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> Encoder:
+    return Encoder.load(device="cpu")
+
+
+def test_default_model_loads(encoder: Encoder) -> None:
+    assert encoder.nbits in bits.VALID_NBITS
+    assert encoder.version
+    assert encoder.emb_dim > 0
+    assert str(encoder.device) == "cpu"
+
+
+def test_encode_images_any_size(encoder: Encoder) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.random((37, 200), dtype=np.float32), rng.random((300, 90), dtype=np.float32)] + _fixture_images()
+    codes, embs = encoder.encode_images(images, batch_size=5)
+    assert codes.dtype == np.uint8 and codes.shape == (len(images), encoder.nbits // 8)
+    assert embs.dtype == np.float32 and embs.shape == (len(images), encoder.emb_dim)
+    assert np.isfinite(embs).all()
+    # Batching must not change results (eval-mode batch norm).
+    c1, e1 = encoder.encode_images(images[2:4])
+    np.testing.assert_array_equal(c1, codes[2:4])
+    np.testing.assert_allclose(e1, embs[2:4], rtol=1e-4, atol=1e-5)
+
+
+def test_empty_batch(encoder: Encoder) -> None:
+    codes, embs = encoder.encode_images([])
+    assert codes.shape == (0, encoder.nbits // 8) and embs.shape == (0, encoder.emb_dim)
+
+
+def test_rejects_non_2d(encoder: Encoder) -> None:
+    with pytest.raises(ValueError):
+        encoder.encode_images([np.zeros((4, 4, 3), np.float32)])
+
+
+def test_encode_study_from_stored_embeddings(encoder: Encoder) -> None:
+    _, embs = encoder.encode_images(_fixture_images()[:4])
+    study = encoder.encode_study(embs)
+    assert study.dtype == np.uint8 and study.shape == (encoder.nbits // 8,)
+    # Permutation invariant (a study's instances arrive in any order) and float16 storage is enough.
+    np.testing.assert_array_equal(encoder.encode_study(embs[::-1]), study)
+    one = encoder.encode_study(embs[:1])
+    assert one.shape == study.shape
+    with pytest.raises(ValueError):
+        encoder.encode_study(np.zeros((0, encoder.emb_dim), np.float32))
+
+
+def test_checkpoint_round_trip_and_binarization(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    drh, dmih = drh_tiny(32), dmih_tiny(32)
+    path = tmp_path / "m.pt"
+    checkpoint.save(
+        checkpoint.model_checkpoint(version="t-v1", drh=drh, dmih=dmih, input_size=48, mean=0.4, std=0.3), path
+    )
+    enc = Encoder.load(str(path), device="cpu")
+    assert (enc.version, enc.nbits, enc.input_size) == ("t-v1", 32, 48)
+    images = _fixture_images()[:3]
+    codes, embs = enc.encode_images(images)
+    # Codes are the x >= 0 bits of the DRH hash layer on the prepared input.
+    with torch.no_grad():
+        h = drh.eval().forward_head(drh.forward_features(enc.prepare(images)))
+    np.testing.assert_array_equal(codes, bits.pack(bits.binarize(h.numpy())))
+    np.testing.assert_allclose(embs, dmih.eval().forward_features(enc.prepare(images)).detach().numpy(), atol=1e-5)
+    # Loading again gives the same codes (no hidden randomness).
+    np.testing.assert_array_equal(Encoder.load(str(path), device="cpu").encode_images(images)[0], codes)
+
+
+def test_random_fallback_is_seeded() -> None:
+    a, b = Encoder.random("cpu"), Encoder.random("cpu")
+    images = _fixture_images()[:2]
+    np.testing.assert_array_equal(a.encode_images(images)[0], b.encode_images(images)[0])
+    assert a.version == "drh-random-v0"
+
+
+def test_foreign_file_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "x.pt"
+    torch.save({"hello": 1}, bad)
+    with pytest.raises(checkpoint.CheckpointError):
+        Encoder.load(str(bad), device="cpu")
