@@ -1,0 +1,342 @@
+"""Hamming search over packed binary codes: exact k-NN, radius search, multi-index hashing.
+
+Pure numpy, no Redis: :mod:`plugin.index` keeps the replica of the store and calls these functions.
+
+Layout. Codes arrive in the one format of :mod:`hashing.bits` (packed ``uint8``, ``(n, nbits // 8)``).
+For search they are held as *word planes*: a C-contiguous ``uint64`` array of shape ``(W, n)`` with
+``W = ceil(nbits / 64)``, so that one query is ``W`` streaming passes of XOR + popcount
+(``np.bitwise_count``) over contiguous memory. The byte order inside a word does not matter: the
+popcount of a XOR is the same whichever way the bytes are grouped, as long as database and query are
+grouped alike.
+
+Selection. Distances are small integers (at most ``nbits``), so the k nearest are found by counting,
+not sorting: find the smallest threshold ``t`` with at least ``k`` distances ``<= t`` (a few
+``count_nonzero`` passes, starting from the previous query's threshold), take those rows, and sort
+only them. A full ``argpartition`` over a million distances costs ten times more.
+
+Order. Every result is ordered by ``(distance, row)``: ties go to the lower row. The replica's rows
+are store slots, allocated in arrival order, so ties go to the code that was indexed first, and the
+order survives compaction, which keeps slot order. Exact scan and multi-index hashing return the same
+list for the same data, ties included.
+
+Exclusion. Rows that must not be returned (deleted slots, rows failing a filter) are given as an
+``exclude`` mask of ``uint8`` where 0 means "eligible" and 255 "never": it is OR-ed into the
+distances, which costs one cheap pass and keeps the scan branch-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+NEVER = np.uint8(255)
+
+
+def n_words(nbits: int) -> int:
+    return (nbits + 63) // 64
+
+
+def to_words(codes: np.ndarray) -> np.ndarray:
+    """Packed ``(n, nbytes)`` uint8 codes to word planes ``(W, n)`` uint64 (zero padded)."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.ndim == 1:
+        codes = codes[None, :]
+    n, nbytes = codes.shape
+    w = (nbytes + 7) // 8
+    if nbytes != w * 8:
+        padded = np.zeros((n, w * 8), dtype=np.uint8)
+        padded[:, :nbytes] = codes
+        codes = padded
+    return np.ascontiguousarray(np.ascontiguousarray(codes).view(np.uint64).reshape(n, w).T)
+
+
+def query_words(code: bytes | np.ndarray) -> np.ndarray:
+    """One packed code (bytes or uint8 array) to its ``(W,)`` uint64 words."""
+    arr = np.frombuffer(code, dtype=np.uint8) if isinstance(code, bytes | bytearray) else np.asarray(code, np.uint8)
+    return to_words(arr.ravel())[:, 0].copy()
+
+
+def distances(planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Hamming distances (uint8) from ``query`` words to every column of ``planes (W, n)``."""
+    w, n = planes.shape
+    if out is None:
+        out = np.empty(n, dtype=np.uint8)
+    tmp = np.empty(n, dtype=np.uint64)
+    np.bitwise_xor(planes[0], query[0], out=tmp)
+    np.bitwise_count(tmp, out=out)
+    if w > 1:
+        part = np.empty(n, dtype=np.uint8)
+        for j in range(1, w):
+            np.bitwise_xor(planes[j], query[j], out=tmp)
+            np.bitwise_count(tmp, out=part)
+            out += part
+    return out
+
+
+def _order(rows: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort candidate rows by (distance, row); rows are < 2**40."""
+    key = dist.astype(np.int64) << 40 | rows.astype(np.int64)
+    key.sort()
+    return key & ((1 << 40) - 1), key >> 40
+
+
+@dataclass
+class Selector:
+    """Picks the k smallest distances by counting; remembers the last threshold to start from."""
+
+    last_threshold: int = 8
+
+    def select(self, dist: np.ndarray, k: int, max_distance: int | None, nbits: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and distances of the k nearest in ``dist`` (255 = excluded), ordered by (distance, row)."""
+        n = dist.shape[0]
+        cap = nbits if max_distance is None else min(max_distance, nbits)
+        if k <= 0 or n == 0 or cap < 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        t = min(max(self.last_threshold, 0), cap)
+        count = int(np.count_nonzero(dist <= t))
+        if count < k:
+            while count < k and t < cap:
+                t = min(cap, t + max(1, t // 4))
+                count = int(np.count_nonzero(dist <= t))
+            # Step back down to the smallest threshold that still has k (the last step may overshoot).
+            while t > 0 and count >= k:
+                below = int(np.count_nonzero(dist <= t - 1))
+                if below < k:
+                    break
+                t, count = t - 1, below
+        else:
+            while t > 0:
+                below = int(np.count_nonzero(dist <= t - 1))
+                if below < k:
+                    break
+                t, count = t - 1, below
+        self.last_threshold = t
+        rows = np.flatnonzero(dist <= t)
+        d = dist[rows]
+        rows, d = _order(rows, d)
+        return rows[:k], d[:k]
+
+
+def knn(
+    planes: np.ndarray,
+    query: np.ndarray,
+    k: int,
+    *,
+    nbits: int,
+    exclude: np.ndarray | None = None,
+    max_distance: int | None = None,
+    selector: Selector | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest columns of ``planes`` by Hamming distance, ordered by (distance, row).
+
+    ``exclude``: uint8 per row, 0 eligible, 255 never returned. ``max_distance``: also a radius cap.
+    """
+    dist = distances(planes, query)
+    if exclude is not None:
+        np.bitwise_or(dist, exclude[: dist.shape[0]], out=dist)
+    return (selector or Selector()).select(dist, k, max_distance, nbits)
+
+
+def knn_rows(
+    planes: np.ndarray,
+    rows: np.ndarray,
+    query: np.ndarray,
+    k: int,
+    *,
+    max_distance: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest among the given ``rows`` only (a selective filter): gathers then scans."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0 or k <= 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    d = distances(np.ascontiguousarray(planes[:, rows]), query).astype(np.int64)
+    if max_distance is not None:
+        keep = d <= max_distance
+        rows, d = rows[keep], d[keep]
+    r, dd = _order(rows, d)
+    return r[:k], dd[:k]
+
+
+def radius(
+    planes: np.ndarray, query: np.ndarray, r: int, *, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """All rows within Hamming distance ``r`` (inclusive), ordered by (distance, row)."""
+    dist = distances(planes, query)
+    if exclude is not None:
+        np.bitwise_or(dist, exclude[: dist.shape[0]], out=dist)
+    rows = np.flatnonzero(dist <= r)
+    return _order(rows, dist[rows])
+
+
+def brute_force(codes: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference k-NN on packed uint8 codes by bytes and a full stable sort: slow, obviously right."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    q = np.asarray(query, dtype=np.uint8).ravel()
+    d = np.bitwise_count(codes ^ q[None, :]).sum(axis=1, dtype=np.int64)
+    order = np.lexsort((np.arange(len(d)), d))[:k]
+    return order.astype(np.int64), d[order]
+
+
+# -- multi-index hashing ---------------------------------------------------------------------------
+
+
+def _flip_masks(bits: int, s: int) -> np.ndarray:
+    """All ``bits``-bit integers with exactly ``s`` bits set (the XOR masks of a radius-s shell)."""
+    out = [sum(1 << b for b in combo) for combo in combinations(range(bits), s)]
+    return np.asarray(out, dtype=np.int64)
+
+
+class MultiIndexHash:
+    """Exact k-NN by multi-index hashing (Norouzi, Punjani and Fleet, CVPR 2012 / TPAMI 2014).
+
+    The code is cut into ``m`` disjoint substrings, each with a table from substring value to rows
+    (a CSR: rows sorted by value, and offsets). A code within distance ``R`` of the query has, by
+    pigeonhole, one substring within ``floor(R / m)``; searching substring radius ``s`` in the first
+    ``j`` tables (``s - 1`` in the others) finds every code within ``m * s + j - 1``. The search
+    widens shell by shell and stops as soon as the k-th best candidate lies inside that guaranteed
+    radius, so the answer equals the exact scan's, ties included.
+
+    The tables are static: :meth:`build` over rows ``[0, n)``. Rows added afterwards (``>= n``) and
+    rows whose code changed (:meth:`invalidate`) are scanned exactly at each query; the replica
+    rebuilds the tables when that set grows (:attr:`pending`).
+    """
+
+    def __init__(self, nbits: int, m: int | None = None) -> None:
+        if m is None:
+            m = max(1, nbits // 16)
+        self.nbits = nbits
+        self.m = m
+        # Substring j covers bits [bounds[j], bounds[j+1]) of the code (bit 0 = MSB of byte 0).
+        base, extra = divmod(nbits, m)
+        sizes = [base + (1 if j < extra else 0) for j in range(m)]
+        if max(sizes) > 24:
+            raise ValueError(f"substrings of {max(sizes)} bits are too long; use more tables")
+        self.sizes = sizes
+        self.bounds = np.cumsum([0, *sizes])
+        self.n = 0
+        self._stale = np.zeros(0, dtype=bool)
+        self._stale_rows: set[int] = set()
+        self._orders: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
+        self._masks: dict[tuple[int, int], np.ndarray] = {}
+
+    def substrings(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, nbytes)`` packed codes to ``(m, n)`` int64 substring values."""
+        bits = np.unpackbits(np.asarray(codes, np.uint8), axis=1)[:, : self.nbits]
+        out = np.empty((self.m, bits.shape[0]), dtype=np.int64)
+        for j in range(self.m):
+            lo, hi = self.bounds[j], self.bounds[j + 1]
+            weights = (1 << np.arange(hi - lo - 1, -1, -1, dtype=np.int64)).astype(np.int64)
+            out[j] = bits[:, lo:hi].astype(np.int64) @ weights
+        return out
+
+    def build(self, codes: np.ndarray, chunk: int = 1 << 18) -> MultiIndexHash:
+        """Index rows ``0..n-1`` of packed ``codes``; rebuilding replaces the tables."""
+        codes = np.asarray(codes, np.uint8)
+        n = codes.shape[0]
+        subs = np.empty((self.m, n), dtype=np.int64)
+        for s in range(0, n, chunk):
+            subs[:, s : s + chunk] = self.substrings(codes[s : s + chunk])
+        self._orders, self._offsets = [], []
+        for j in range(self.m):
+            order = np.argsort(subs[j], kind="stable").astype(np.int64)
+            counts = np.bincount(subs[j], minlength=1 << self.sizes[j])
+            offsets = np.zeros(counts.size + 1, dtype=np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            self._orders.append(order)
+            self._offsets.append(offsets)
+        self.n = n
+        self._stale = np.zeros(n, dtype=bool)
+        self._stale_rows = set()
+        return self
+
+    def invalidate(self, rows: np.ndarray) -> None:
+        """Rows whose code changed since :meth:`build`: their table entries are now wrong."""
+        rows = np.asarray(rows, np.int64)
+        rows = rows[rows < self.n]
+        self._stale[rows] = True
+        self._stale_rows.update(rows.tolist())
+
+    def pending(self, n_total: int) -> int:
+        """Rows scanned outside the tables at each query (added or changed since the build)."""
+        return max(0, n_total - self.n) + len(self._stale_rows)
+
+    def _shell(self, j: int, s: int) -> np.ndarray:
+        key = (self.sizes[j], s)
+        if key not in self._masks:
+            self._masks[key] = _flip_masks(self.sizes[j], s)
+        return self._masks[key]
+
+    def _bucket_rows(self, j: int, value: int, s: int) -> np.ndarray:
+        vals = value ^ self._shell(j, s)
+        offsets = self._offsets[j]
+        starts = offsets[vals]
+        lens = offsets[vals + 1] - starts
+        total = int(lens.sum())
+        if total == 0:
+            return np.empty(0, np.int64)
+        nz = lens > 0
+        starts, lens = starts[nz], lens[nz]
+        # Concatenate ranges [start, start+len) without a Python loop.
+        pos = np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens) + np.arange(total)
+        return self._orders[j][pos]
+
+    def knn(
+        self,
+        planes: np.ndarray,
+        codes_query: bytes | np.ndarray,
+        k: int,
+        *,
+        exclude: np.ndarray | None = None,
+        max_distance: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact k-NN over all columns of ``planes`` (``(W, n_total)``), ordered by (distance, row).
+
+        Rows ``< n`` are found through the tables, later and invalidated rows by a scan. Rows whose
+        ``exclude`` byte is non-zero are never returned.
+        """
+        n_total = planes.shape[1]
+        extra_rows = np.concatenate(
+            (np.fromiter(sorted(self._stale_rows), np.int64, len(self._stale_rows)), np.arange(self.n, n_total))
+        )
+        q = np.frombuffer(codes_query, np.uint8) if isinstance(codes_query, bytes) else np.asarray(codes_query)
+        qw = query_words(q)
+        qsub = self.substrings(q.reshape(1, -1))[:, 0]
+        cap = self.nbits if max_distance is None else min(max_distance, self.nbits)
+        if k <= 0 or cap < 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        # Candidates found so far (rows, distances); rows already seen are dropped by np.unique.
+        found_rows = np.empty(0, np.int64)
+        found_d = np.empty(0, np.int64)
+        if len(extra_rows):
+            er = np.asarray(extra_rows, np.int64)
+            d = distances(np.ascontiguousarray(planes[:, er]), qw).astype(np.int64)
+            if exclude is not None:
+                d = d | exclude[er].astype(np.int64)
+            keep = d <= cap
+            found_rows, found_d = er[keep], d[keep]
+        seen = self._stale.copy()
+        for s in range(max(self.sizes) + 1):
+            for j in range(self.m):
+                if s > self.sizes[j]:
+                    continue
+                rows = self._bucket_rows(j, int(qsub[j]), s)
+                if rows.size:
+                    rows = rows[~seen[rows]]
+                if rows.size:
+                    seen[rows] = True
+                    if exclude is not None:
+                        rows = rows[exclude[rows] == 0]
+                    d = distances(np.ascontiguousarray(planes[:, rows]), qw).astype(np.int64)
+                    keep = d <= cap
+                    found_rows = np.concatenate((found_rows, rows[keep]))
+                    found_d = np.concatenate((found_d, d[keep]))
+                # Every code within `guaranteed` has been seen (pigeonhole over the tables).
+                guaranteed = self.m * s + j
+                if guaranteed >= cap or (found_d.size >= k and np.partition(found_d, k - 1)[k - 1] <= guaranteed):
+                    r, d = _order(found_rows, found_d)
+                    return r[:k], d[:k]
+        r, d = _order(found_rows, found_d)
+        return r[:k], d[:k]
