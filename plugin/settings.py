@@ -97,6 +97,20 @@ class Settings:
     worker_concurrency: int = 1
     # Queues a `drh-pacs worker` consumes, comma separated.
     worker_queues: list[str] = field(default_factory=lambda: ["ingest", "study", "maintenance"])
+    # Retries of a transient task error (exponential back-off, 5 s doubling up to 10 min) before
+    # the instance goes to the failure ledger.
+    task_max_retries: int = 8
+    # Seconds before the broker hands the unacknowledged task of a vanished worker machine to
+    # another worker; must exceed the longest task and study_stable_seconds.
+    task_visibility_timeout: float = 3600.0
+    # Lease (s) on instances a worker claims for one model batch; if it dies they are free again.
+    batch_claim_seconds: float = 300.0
+    # Base URL of the plugin's HTTP API, for workers on other machines to fetch spooled files
+    # (empty: files are read from the shared path only).
+    api_url: str = ""
+    # Fault-injection hook for the fault tests only: a folder where a `<stage>.hold` file pauses
+    # tasks at that stage. Leave empty in production.
+    fault_hold_dir: str = ""
 
     # -- HTTP API ------------------------------------------------------------------------------
     # Address the HTTP API binds; loopback by default, put it behind TLS (deploy/) to open it.
