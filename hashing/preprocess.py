@@ -46,7 +46,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -58,6 +57,9 @@ MIN_SIDE = 16
 MIN_RANGE = 1.0 / 1024
 # A window that puts more than this fraction of pixels at one extreme is inconsistent with the data.
 MAX_SATURATED = 0.98
+# A window must spread the bulk of the data (see FALLBACK_PERCENTILES) over at least this much of
+# [0, 1]; less means the header's window does not belong to these pixels (a copied or fake header).
+MIN_WINDOW_SPAN = 0.1
 # Robust full-range fallback when there is no usable window: these percentiles map to 0 and 1.
 FALLBACK_PERCENTILES = (0.5, 99.5)
 # ITU-R BT.601 luma weights (what DICOM's YBR_FULL uses).
@@ -167,17 +169,16 @@ def _read(fp: Any) -> Dataset:
     if not has_preamble and not _looks_like_raw_dataset(head):
         raise DecodeError("no DICM preamble and no DICOM data element at the start", code="not_dicom")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(fp, force=True)
-            # Touch every top-level element now, so a truncated or garbled header fails here with a
-            # clear code rather than deep inside the decoder.
+            # Touch every element now, so a garbled header fails here with a clear code rather
+            # than deep inside the decoder.
             for _ in ds.iterall():
                 pass
     except OSError as exc:
-        raise DecodeError(
-            f"read failed ({exc.strerror or type(exc).__name__})", transient=True, code="io_error"
-        ) from exc
+        why = exc.strerror or type(exc).__name__
+        raise DecodeError(f"read failed ({why})", transient=True, code="io_error") from exc
     except MemoryError as exc:
         raise DecodeError("out of memory while reading", transient=True, code="out_of_memory") from exc
     except EOFError as exc:
@@ -186,6 +187,11 @@ def _read(fp: Any) -> Dataset:
         raise DecodeError(f"not a DICOM file ({_short(exc)})", code="not_dicom") from exc
     except Exception as exc:  # pydicom raises many types on garbage; all mean the same thing here
         raise DecodeError(f"malformed dataset ({type(exc).__name__}: {_short(exc)})", code="malformed_dataset") from exc
+    # pydicom reads past a premature end of file with a warning; a file cut before its pixel data
+    # (or before any element) is truncated, whatever else was readable.
+    hit_eof = any("end of file" in str(w.message).lower() for w in caught)
+    if hit_eof and "PixelData" not in ds:
+        raise DecodeError("file ends before the pixel data", code="truncated_file")
     if len(ds) == 0:
         raise DecodeError("no data elements", code="not_dicom")
     _ensure_transfer_syntax(ds)
@@ -326,10 +332,10 @@ def _display_params(ds: Dataset, frame: int) -> _Display:
     if intercept is not None:
         p.intercept = intercept
     mlut = ds.get("ModalityLUTSequence")
-    if mlut and slope is None:
+    if mlut and slope is None and _lut_usable(mlut[0]):
         p.modality_lut = mlut[0]
     voi = find("FrameVOILUTSequence", "VOILUTSequence")
-    if voi:
+    if voi and _lut_usable(voi[0]):
         p.voi_lut = voi[0]
     p.center = _first(find("FrameVOILUTSequence", "WindowCenter"))
     width = _first(find("FrameVOILUTSequence", "WindowWidth"))
@@ -374,9 +380,18 @@ def _decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:
         low = text.lower()
         if "less than expected" in low or "too short" in low or "insufficient" in low or "truncat" in low:
             raise DecodeError(f"pixel data shorter than the header says ({text})", code="truncated_pixel_data") from exc
-        raise DecodeError(f"{ts.name}: {type(exc).__name__}: {text}", code="corrupt_pixel_data") from exc
+        raise DecodeError(f"{ts.name}: {_decoder_message(exc)}", code="corrupt_pixel_data") from exc
     phot = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation)).strip().upper()
     return arr, phot
+
+
+def _decoder_message(exc: BaseException) -> str:
+    """The useful line of a decoder failure: pydicom lists every plugin; keep the first specific one."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].startswith("Unable to decode"):
+        specific = [ln for ln in lines[1:] if "does not support" not in ln and "NoneType" not in ln]
+        return _short(specific[0] if specific else lines[1], 200)
+    return _short(f"{type(exc).__name__}: {exc}", 200)
 
 
 def _inflate_frame(ds: Dataset, frame: int) -> np.ndarray:
@@ -450,26 +465,46 @@ def _modality(arr: np.ndarray, p: _Display, ds: Dataset) -> np.ndarray:
     return out
 
 
+def _lut_usable(item: Dataset | None) -> bool:
+    """Whether a Modality/VOI LUT item has a descriptor and data (empty items exist in the wild)."""
+    if item is None:
+        return False
+    desc, data = item.get("LUTDescriptor"), item.get("LUTData")
+    try:
+        return desc is not None and len(desc) == 3 and data is not None and len(data) > 0
+    except TypeError:
+        return False
+
+
+def _lut_usable(item: Dataset | None) -> bool:
+    """Whether a Modality/VOI LUT item has a descriptor and data (empty items exist in the wild)."""
+    if item is None:
+        return False
+    desc, data = item.get("LUTDescriptor"), item.get("LUTData")
+    try:
+        return desc is not None and len(desc) == 3 and data is not None and len(data) > 0
+    except TypeError:
+        return False
+
+
 def _apply_voi_lut(values: np.ndarray, item: Dataset, ds: Dataset) -> np.ndarray | None:
+    """The VOI LUT applied and normalised to [0, 1]; None when the LUT cannot be used."""
     holder = Dataset()
     holder.VOILUTSequence = [item]
     holder.PixelRepresentation = ds.get("PixelRepresentation", 0)
     holder.BitsStored = ds.get("BitsStored", ds.BitsAllocated)
     try:
-        lut = np.asarray(pydicom.pixels.processing.apply_voi(np.array([0]), holder), dtype=np.float64)
-        del lut
-        out = pydicom.pixels.processing.apply_voi(np.rint(values).astype(np.int64), holder, index=0)
+        out = np.asarray(pydicom.pixels.processing.apply_voi(np.rint(values).astype(np.int64), holder), np.float64)
+        data = item.LUTData
+        table = np.frombuffer(data, "<u2") if isinstance(data, bytes) else np.asarray(data, np.float64)
     except Exception:
         return None
-    # Normalise by the LUT's own output span: descriptors often claim 16 bits for 12-bit tables.
-    data = item.get("LUTData")
-    if data is None:
-        return None
-    table = np.asarray(data if not isinstance(data, bytes) else np.frombuffer(data, np.uint16), dtype=np.float64)
+    # Normalise by the table's own output span, not its descriptor's bit depth: descriptors often
+    # claim 16 bits for 12-bit tables, which would leave the image dark.
     lo, hi = float(table.min()), float(table.max())
     if hi <= lo:
         return None
-    return ((np.asarray(out, dtype=np.float64) - lo) / (hi - lo)).astype(np.float32)
+    return np.clip((out - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def _window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
@@ -497,12 +532,14 @@ def _full_range(values: np.ndarray) -> np.ndarray:
 
 
 def _usable(img: np.ndarray | None) -> bool:
+    """Whether a windowed frame shows the data: not blank, not all clipped, not squeezed into a sliver."""
     if img is None or not np.all(np.isfinite(img)):
         return False
-    if float(img.max() - img.min()) < MIN_RANGE:
-        return False
     n = img.size
-    return (np.count_nonzero(img <= 0.0) / n) < MAX_SATURATED and (np.count_nonzero(img >= 1.0) / n) < MAX_SATURATED
+    if np.count_nonzero(img <= 0.0) / n >= MAX_SATURATED or np.count_nonzero(img >= 1.0) / n >= MAX_SATURATED:
+        return False
+    lo, hi = np.percentile(img, FALLBACK_PERCENTILES)
+    return float(hi - lo) >= MIN_WINDOW_SPAN
 
 
 def _grey(arr: np.ndarray, p: _Display, ds: Dataset) -> np.ndarray:
@@ -552,10 +589,8 @@ def check_sane(img: np.ndarray) -> None:
 
 def _prepare(ds: Dataset) -> int:
     check_is_image(ds)
-    if "file_meta" not in ds.__dict__ and getattr(ds, "file_meta", None) is None:
+    if getattr(ds, "file_meta", None) is None:
         ds.file_meta = FileMetaDataset()
-    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        pass  # the whole dataset was inflated on reading; pixels are native
     return number_of_frames(ds)
 
 
