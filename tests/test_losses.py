@@ -1,0 +1,82 @@
+"""Properties of the hashing losses (unit tests of single functions)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hashing import losses
+
+
+def test_quantization_zero_at_plus_minus_one() -> None:
+    u = torch.tensor([[1.0, -1.0, 1.0, -1.0], [-1.0, -1.0, 1.0, 1.0]])
+    assert float(losses.quantization_loss(u)) == 0.0
+    assert float(losses.quantization_loss(u * 0.5)) == pytest.approx(0.25)
+    assert float(losses.quantization_loss(torch.zeros(2, 4))) == pytest.approx(1.0)
+
+
+def test_bit_balance_zero_for_balanced_bits() -> None:
+    u = torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]])
+    assert float(losses.bit_balance_loss(u)) == 0.0
+    assert float(losses.bit_balance_loss(torch.ones(4, 3))) == pytest.approx(1.0)
+
+
+def test_relaxed_hamming_equals_hamming_on_binary_codes() -> None:
+    g = torch.Generator().manual_seed(0)
+    u = torch.where(torch.rand(5, 16, generator=g) < 0.5, -1.0, 1.0)
+    expected = (u[:, None, :] != u[None, :, :]).sum(-1).float()
+    torch.testing.assert_close(losses.relaxed_hamming(u), expected)
+
+
+def test_nca_lower_when_same_class_codes_are_closer() -> None:
+    labels = torch.tensor([0, 0, 1, 1])
+    a, b = torch.ones(8), -torch.ones(8)
+    near = torch.stack([a, a * 0.9, b, b * 0.9])  # classes apart, members together
+    far = torch.stack([a, b, a * 0.9, b * 0.9])  # each sample's class-mate on the other side
+    assert float(losses.nca_loss(near, labels)) < float(losses.nca_loss(far, labels))
+
+
+def test_nca_ignores_samples_without_a_class_mate() -> None:
+    u = torch.randn(3, 16, generator=torch.Generator().manual_seed(1)).tanh()
+    assert float(losses.nca_loss(u, torch.tensor([0, 1, 2]))) == 0.0
+    with_pair = losses.nca_loss(u, torch.tensor([0, 0, 2]))
+    assert float(with_pair) > 0.0
+
+
+@pytest.mark.parametrize("nbits", [16, 64, 128])
+def test_gradients_finite(nbits: int) -> None:
+    g = torch.Generator().manual_seed(nbits)
+    h = (torch.randn(32, nbits, generator=g) * 20).requires_grad_(True)  # saturated tanh included
+    labels = torch.randint(0, 3, (32,), generator=g)
+    total, parts = losses.drh_loss(torch.tanh(h), labels)
+    total.backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(total)
+    assert set(parts) == {"nca", "quant", "balance"}
+    h2 = torch.randn(32, nbits, generator=g).requires_grad_(True)
+    c = losses.csq_centers(3, nbits)
+    loss, _ = losses.csq_loss(torch.tanh(h2), labels, c)
+    loss.backward()
+    assert torch.isfinite(h2.grad).all()
+
+
+def test_csq_centers_are_far_apart() -> None:
+    for nbits in (16, 48, 64):
+        c = losses.csq_centers(3, nbits)
+        assert c.shape == (3, nbits) and set(c.unique().tolist()) <= {-1.0, 1.0}
+        d = losses.relaxed_hamming(c)
+        off = d[~torch.eye(3, dtype=torch.bool)]
+        assert float(off.min()) >= nbits / 4  # Hadamard rows: exactly K/2; random: about K/2
+
+
+def test_csq_loss_lower_at_own_center() -> None:
+    c = losses.csq_centers(3, 32)
+    labels = torch.tensor([0, 1, 2])
+    at_center, _ = losses.csq_loss(c * 0.99, labels, c)
+    wrong, _ = losses.csq_loss(c[[1, 2, 0]] * 0.99, labels, c)
+    assert float(at_center) < float(wrong)
+
+
+def test_instance_arm_weight_decays_to_zero() -> None:
+    w = [losses.instance_arm_weight(e, 10) for e in range(11)]
+    assert w[0] == pytest.approx(1.0) and w[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(w, w[1:], strict=False))
