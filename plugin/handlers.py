@@ -1,0 +1,280 @@
+"""DIMSE handlers of the plugin's SCP: ``handle_<service>(event, *deps)``.
+
+They speak DICOM and nothing else: parsing and answering similar/plain queries is in
+:mod:`plugin.query`, durable files in :mod:`plugin.spool`, retrieve forwarding in :mod:`plugin.move`.
+Dependencies arrive through the ``(evt.EVT_..., handler, [deps])`` binding made in
+:mod:`plugin.scp`, never through globals. Logs carry UIDs and AE titles only, never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import events as evt
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+
+from plugin import dicom_status as st
+from plugin import move as move_mod
+from plugin import query as q
+from plugin.dicom_meta import is_uid
+from plugin.settings import Settings
+from plugin.spool import Reconciler, Spool, SpoolEntry, SpoolError
+
+log = logging.getLogger("drh.scp")
+
+# A-ASSOCIATE-RJ (result, source, diagnostic): rejected-permanent by the service user.
+REJECT_PERMANENT = 0x01
+REJECT_SOURCE_USER = 0x01
+REJECT_NO_REASON = 0x01
+REJECT_CALLING_AE = 0x03
+REJECT_CALLED_AE = 0x07
+
+
+def is_image_sop_class(uid: str) -> bool:
+    """Image storage classes are indexed; SR, PR, KO, waveforms, RT objects... are not images."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return "Image" in name
+
+
+@dataclass
+class StoreDeps:
+    """What the C-STORE handler needs (bound explicitly)."""
+
+    settings: Settings
+    spool: Spool
+    reconciler: Reconciler
+    # enqueue(entry, source_ae) -> None; raises when the broker is down.
+    enqueue: Callable[[SpoolEntry, str], None]
+    # Runs the enqueue after the response went out, so a slow broker never holds up the sender.
+    executor: Executor
+
+
+def status_with_comment(status: int, comment: str) -> Dataset:
+    """A status dataset: pynetdicom copies Status and ErrorComment into the response command."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+# -- association -----------------------------------------------------------------------------------
+def handle_requested(event: Any, settings: Settings) -> None:
+    """Reject an association from an unknown calling AE, to a wrong called AE, or from a refused address.
+
+    The called AE check is ours (not pynetdicom's ``require_called_aet``) because two titles are
+    valid: ours and the similar-query title.
+    """
+    assoc = event.assoc
+    primitive = assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title or "").strip()
+    called = str(primitive.called_ae_title or "").strip()
+    address = assoc.requestor.address
+    diagnostic = None
+    if called not in {settings.ae_title.strip(), settings.similar_ae_title.strip()}:
+        diagnostic = REJECT_CALLED_AE
+    elif settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
+        diagnostic = REJECT_CALLING_AE
+    elif settings.allowed_addresses and address not in settings.allowed_addresses:
+        diagnostic = REJECT_NO_REASON
+    if diagnostic is not None:
+        log.warning(
+            "association rejected: calling AE %r, called AE %r, from %s (diagnostic %#04x)",
+            calling,
+            called,
+            address,
+            diagnostic,
+        )
+        assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_USER, diagnostic)
+
+
+def handle_echo(event: Any) -> int:
+    return st.SUCCESS
+
+
+# -- storage ---------------------------------------------------------------------------------------
+def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
+    """Validate, make durable, answer; the task is queued afterwards (never before the file is safe)."""
+    request = event.request
+    sop_uid = str(request.AffectedSOPInstanceUID or "")
+    sop_class = str(request.AffectedSOPClassUID or "")
+    calling = str(event.assoc.requestor.ae_title or "").strip()
+    if not is_image_sop_class(sop_class):
+        # Only reachable with non_image_policy "ignore": "reject" does not negotiate these classes.
+        log.info("non-image object %s (class %s) from %s accepted and ignored", sop_uid, sop_class, calling)
+        return st.SUCCESS
+    try:
+        ds = event.dataset
+        for _ in ds.iterall():  # convert every element now: a truncated value fails here, not in a worker
+            pass
+        study_uid = str(ds.get("StudyInstanceUID", "") or "")
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        ds_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        ds_class = str(ds.get("SOPClassUID", "") or "")
+    except Exception as exc:  # noqa: BLE001 - any decoding error is the sender's malformed dataset
+        log.warning("C-STORE %s from %s: dataset cannot be decoded (%s)", sop_uid, calling, type(exc).__name__)
+        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, "dataset cannot be decoded")
+    problem = None
+    if not (is_uid(study_uid) and is_uid(series_uid) and is_uid(ds_sop_uid)):
+        problem = "missing or invalid Study/Series/SOP Instance UID"
+    elif ds_sop_uid != sop_uid:
+        problem = "SOPInstanceUID differs from the C-STORE request"
+    elif ds_class and ds_class != sop_class:
+        log.warning("C-STORE %s from %s: SOPClassUID %s differs from request", sop_uid, calling, ds_class)
+        return status_with_comment(st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
+    elif "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        problem = "image object without pixel data"
+    if problem:
+        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, problem)
+        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, problem)
+    try:
+        entry = deps.spool.write(study_uid, sop_uid, event.encoded_dataset())
+    except SpoolError as exc:
+        log.error("C-STORE %s from %s: cannot spool (%s)", sop_uid, calling, exc)
+        return status_with_comment(st.STORE_OUT_OF_RESOURCES, "cannot store the file durably")
+    deps.executor.submit(_enqueue_after_answer, deps, entry, calling)
+    return st.SUCCESS
+
+
+def _enqueue_after_answer(deps: StoreDeps, entry: SpoolEntry, source_ae: str) -> None:
+    try:
+        deps.enqueue(entry, source_ae)
+    except Exception as exc:  # noqa: BLE001 - broker down: the reconciler queues it when it is back
+        log.warning("instance %s is spooled but not queued yet (%s); the reconciler will retry", entry.sop_uid, exc)
+        deps.reconciler.track(entry, enqueued=False)
+    else:
+        deps.reconciler.track(entry, enqueued=True)
+
+
+# -- query -----------------------------------------------------------------------------------------
+def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
+    """Similar-studies query (SIMILAR AE or private key) or plain Study/Patient Root matching."""
+    started = time.monotonic()
+    called = str(event.assoc.acceptor.ae_title or "").strip()
+    calling = str(event.assoc.requestor.ae_title or "").strip()
+    try:
+        identifier = event.identifier
+        for _ in identifier.iterall():
+            pass
+    except Exception as exc:  # noqa: BLE001 - undecodable identifier: the requester's fault
+        log.warning("C-FIND from %s: identifier cannot be decoded (%s)", calling, type(exc).__name__)
+        yield status_with_comment(st.UNABLE_TO_PROCESS, "malformed identifier: cannot be decoded"), None
+        return
+
+    if q.is_similar_request(identifier, called, settings.similar_ae_title):
+        try:
+            query = q.parse_similar(identifier, called, settings.similar_ae_title, settings.default_results)
+            results = q.run_similar(query, store, indexes)
+        except q.QueryError as err:
+            log.info("similar C-FIND from %s refused (%s): %s", calling, err.reason, err.comment)
+            yield status_with_comment(err.status, err.comment), None
+            return
+        index = indexes["study" if query.level == "STUDY" else "image"]
+        version = str(getattr(index, "version", "") or "")
+        for result in results:
+            if event.is_cancelled:
+                yield st.CANCEL, None
+                return
+            yield st.PENDING, q.similar_answer(result, query, settings.ae_title, version)
+        log.info(
+            "similar C-FIND from %s: %s reference %s, %d result(s) in %.1f ms",
+            calling,
+            query.level,
+            query.reference_uid,
+            len(results),
+            (time.monotonic() - started) * 1000,
+        )
+        return
+
+    model = "patient" if event.request.AffectedSOPClassUID == PatientRootQueryRetrieveInformationModelFind else "study"
+    try:
+        plain = q.parse_plain(identifier, model)
+    except q.QueryError as err:
+        log.info("C-FIND from %s refused (%s): %s", calling, err.reason, err.comment)
+        yield status_with_comment(err.status, err.comment), None
+        return
+    study_filter = plain.matching.get("StudyInstanceUID")
+    uids = study_filter.split("\\") if study_filter else q.iter_study_uids(store)
+    records = q.iter_plain(plain, q.store_studies(store, uids, with_instances=plain.level in {"SERIES", "IMAGE"}))
+    count = 0
+    for record in records:
+        if event.is_cancelled:
+            yield st.CANCEL, None
+            return
+        count += 1
+        yield st.PENDING, q.plain_answer(record, plain, settings.ae_title)
+    log.info("C-FIND from %s: %s level, %d match(es)", calling, plain.level, count)
+
+
+# -- retrieve --------------------------------------------------------------------------------------
+def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Iterator[Any]:
+    """C-MOVE: forwarded to the PACS that sent the study; served from the spool when that is not possible.
+
+    pynetdicom wants the destination's address first, then the number of sub-operations, then one
+    (status, dataset) per instance. A forwarded move is done before the first yield and reported as
+    a success with no local sub-operations.
+    """
+    calling = str(event.assoc.requestor.ae_title or "").strip()
+    destination = event.move_destination
+    destination = (destination.decode() if isinstance(destination, bytes) else str(destination or "")).strip()
+    try:
+        identifier = event.identifier
+        plan = move_mod.plan(identifier, store, spool, settings)
+    except q.QueryError as err:
+        log.info("C-MOVE from %s refused: %s", calling, err.comment)
+        raise move_mod.MoveRefused(err.comment) from err
+
+    if plan.forward_to is not None:
+        outcome = move_mod.forward(plan, identifier, destination, settings)
+        log.info(
+            "C-MOVE from %s to %s forwarded to %s: status %#06x, %d completed, %d failed",
+            calling,
+            destination,
+            plan.forward_to.ae_title,
+            outcome.status,
+            outcome.completed,
+            outcome.failed,
+        )
+        if outcome.ok:
+            yield ("127.0.0.1", 0)  # not used: no local sub-operation follows
+            yield 0
+            return
+        if outcome.status == st.MOVE_DESTINATION_UNKNOWN and not plan.local_files:
+            yield (None, None)
+            return
+        if not plan.local_files:
+            raise move_mod.MoveRefused(f"source PACS {plan.forward_to.ae_title} answered {outcome.status:#06x}")
+
+    node = move_mod.lookup_node(settings, destination)
+    if node is None:
+        log.info("C-MOVE from %s: destination %s is not a known DICOM node", calling, destination)
+        yield (None, None)
+        return
+    if not plan.local_files:
+        raise move_mod.MoveRefused("nothing to retrieve: no source PACS and no stored file")
+    yield (node.host, node.port)
+    yield len(plan.local_files)
+    for path in plan.local_files:
+        if event.is_cancelled:
+            yield st.CANCEL, None
+            return
+        yield st.PENDING, move_mod.read_for_sending(path)
+    log.info("C-MOVE from %s to %s: %d file(s) sent from the spool", calling, destination, len(plan.local_files))
+
+
+def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps: StoreDeps) -> list[tuple[Any, ...]]:
+    """The event bindings of the SCP: the one place handlers meet their dependencies."""
+    return [
+        (evt.EVT_REQUESTED, handle_requested, [settings]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [store_deps]),
+        (evt.EVT_C_FIND, handle_find, [settings, store, indexes]),
+        (evt.EVT_C_MOVE, handle_move, [settings, store, store_deps.spool]),
+    ]
