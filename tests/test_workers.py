@@ -1,0 +1,346 @@
+"""Celery workers against a real Redis and a real `drh-pacs worker` process.
+
+Helpers here (``WorkerProc``, ``worker_env``, ``send_study``) are imported by the failure, status
+and fault tests too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from conftest import wait_until
+from dicomgen import fixture_images, make_instance, make_study
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from plugin.settings import load_settings
+from plugin.store import CodeStore
+from workers.app import make_celery
+from workers.failures import FailureLedger
+from workers.tasks import _CLAIM_LUA, backoff, claim_key, payload_key, pending_hint, pending_key
+
+NS = "drh"
+
+
+def worker_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment of a test worker: the session Redis, a private data dir, CPU, quick pooling."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRH_")}
+    env.update(
+        DRH_REDIS_URL=redis_url,
+        DRH_DATA_DIR=str(data_dir),
+        DRH_DEVICE="cpu",
+        DRH_STUDY_STABLE_SECONDS="1",
+        DRH_LOG_LEVEL="INFO",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(extra)
+    return env
+
+
+class WorkerProc:
+    """A `drh-pacs worker` child process in its own session (so its pool children go with it)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, name: str = "test") -> None:
+        self.env = env
+        self.log_path = log_path
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, client: redis.Redis) -> WorkerProc:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "plugin.cli", "worker", "--hostname", f"{self.name}@%h", "--concurrency", "1"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        wait_until(
+            lambda: self.proc.poll() is not None or any(client.scan_iter(match=f"{NS}:workers:{self.name}@*")),
+            timeout=60,
+            what="worker heartbeat",
+        )
+        assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pool_pids(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool), as a vanished machine would."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def worker_factory(redis_server, redis_client, tmp_path):
+    """Start workers on demand; every one is stopped at the end of the test."""
+    started: list[WorkerProc] = []
+
+    def start(name: str = "test", **extra: str) -> WorkerProc:
+        env = worker_env(redis_server.url, tmp_path / "data", **extra)
+        w = WorkerProc(env, tmp_path / f"worker-{name}-{len(started)}.log", name).start(redis_client)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def app_for(redis_url: str, data_dir: Path, **overrides):
+    return make_celery(load_settings(env={}, redis_url=redis_url, data_dir=data_dir, **overrides))
+
+
+def send(app, study, received_at: float | None = None, indices=None) -> None:
+    from workers.app import enqueue_instance
+
+    for n, (sop, path) in enumerate(zip(study.sop_uids, study.files, strict=True)):
+        if indices is not None and n not in indices:
+            continue
+        enqueue_instance(
+            app,
+            sop_uid=sop,
+            study_uid=study.study_uid,
+            path=str(path),
+            source_ae="MODALITY1",
+            received_at=received_at or time.time(),
+        )
+
+
+def indexed_count(client: redis.Redis, sops: list[str]) -> int:
+    store = CodeStore(client, NS)
+    return sum(store.instance(s).get("state") == "indexed" for s in sops)
+
+
+def active_version(client: redis.Redis) -> str:
+    v = client.get(f"{NS}:model:active")
+    return v.decode() if v else ""
+
+
+def test_celery_is_configured_for_no_loss_and_no_doubles(redis_server, tmp_path):
+    app = app_for(redis_server.url, tmp_path)
+    conf = app.conf
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_transport_options["visibility_timeout"] == 3600.0
+    assert {q.name for q in conf.task_queues} == {"ingest", "study", "maintenance"}
+    assert app.amqp.router.route({}, "drh.index_instance")["queue"].name == "ingest"
+    assert app.amqp.router.route({}, "drh.pool_study")["queue"].name == "study"
+    assert app.amqp.router.route({}, "drh.reindex_batch")["queue"].name == "maintenance"
+    assert {"drh.index_instance", "drh.pool_study", "drh.reindex_plan"} <= set(app.tasks)
+
+
+def test_app_module_does_not_import_torch():
+    code = "import sys, workers.app, workers.tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_enqueue_raises_when_the_broker_is_down(tmp_path):
+    from plugin.redis_embedded import free_port
+    from workers.app import EnqueueError, enqueue_instance
+
+    app = app_for(f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+    t0 = time.monotonic()
+    with pytest.raises(EnqueueError):
+        enqueue_instance(app, sop_uid="1.2.3", study_uid="1.2", path="/x.dcm", source_ae="A", received_at=1.0)
+    assert time.monotonic() - t0 < 20
+
+
+def test_backoff_grows_and_is_capped():
+    assert 3.75 <= backoff(0) <= 6.25
+    assert 30 <= backoff(3) <= 50
+    assert backoff(30) <= 600 * 1.25
+
+
+def test_claim_takes_the_oldest_pending_and_respects_live_claims(redis_server, redis_client, tmp_path):
+    app = app_for(redis_server.url, tmp_path)
+    for n in range(5):
+        pending_hint(app, {"sop_uid": f"1.{n}", "study_uid": "1", "path": "p", "source_ae": "", "received_at": n})
+    keys = (pending_key(NS), payload_key(NS), claim_key(NS))
+    now = time.time()
+    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.3", 2, now, now + 60)
+    got = [json.loads(p)["sop_uid"] for p in res[1:]]
+    assert int(res[0]) == 1 and got == ["1.3", "1.0", "1.1"]
+    assert [m.decode() for m in redis_client.zrange(pending_key(NS), 0, -1)] == ["1.2", "1.4"]
+    # 1.0 is claimed by a live batch: its own message must wait, not hash it a second time
+    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 2, now, now + 60)
+    assert int(res[0]) == 0 and float(res[1]) == pytest.approx(now + 60)
+    # once the lease has run out (the claiming worker died), the instance can be claimed again
+    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 0, now + 61, now + 121)
+    assert int(res[0]) == 1
+
+
+def test_a_study_is_indexed_once_pooled_and_a_late_instance_recomputes(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    worker_factory()
+    app = app_for(redis_server.url, tmp_path / "data")
+    images = fixture_images("normal")
+    study = make_study(tmp_path / "in", images[:3])
+    t0 = time.time()
+    send(app, study, received_at=t0)
+    send(app, study, received_at=t0)  # the PACS sends it all again: nothing doubles
+    wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 3, 90, what="3 instances indexed")
+    store = CodeStore(redis_client, NS)
+    version = active_version(redis_client)
+    assert version
+    assert store.count(version, "image") == 3
+    meta = store.study(study.study_uid)
+    assert meta["modalities"] == "DX" and meta["n_instances"] == "3" and meta["source_ae"] == "MODALITY1"
+    assert meta["patient_id"] == "TEST001"
+    wait_until(lambda: store.get_code(version, "study", study.study_uid), 30, what="study code")
+    wait_until(lambda: store.study(study.study_uid).get(f"pooled_n:{version}") == "3", 30, what="pooled over 3")
+    first = store.get_code(version, "study", study.study_uid)
+
+    # a late instance (other image, same study) recomputes the study code from 4 embeddings
+    late = make_instance(
+        images[3],
+        study_uid=study.study_uid,
+        series_uid=generate_uid(),
+        modality="CR",
+        instance_number=4,
+    )
+    late_path = tmp_path / "in" / study.study_uid / f"{late.SOPInstanceUID}.dcm"
+    late.save_as(late_path, enforce_file_format=True)
+    study.files.append(late_path)
+    study.sop_uids.append(late.SOPInstanceUID)
+    send(app, study, indices={3})
+    wait_until(lambda: store.study(study.study_uid).get(f"pooled_n:{version}") == "4", 60, what="re-pooled over 4")
+    assert store.count(version, "image") == 4 and store.count(version, "study") == 1
+    assert store.study(study.study_uid)["modalities"] == "CR,DX"
+    emb = store.get_embeddings(version, study.sop_uids)
+    assert len(emb) == 4 and all(np.isfinite(e).all() for e in emb.values())
+    # the code is the encoder's pooling of exactly those embeddings
+    from hashing.encoder import Encoder
+
+    enc = Encoder.load(None, device="cpu")
+    bag = np.stack([emb[s] for s in sorted(emb)])
+    assert store.get_code(version, "study", study.study_uid) == bytes(enc.encode_study(bag))
+    assert first is not None
+    stats = {k.decode(): int(v) for k, v in redis_client.hgetall(f"{NS}:stats:tasks").items()}
+    assert stats["index_instance:done"] == 4
+    lat = redis_client.hgetall(f"{NS}:stats:latency")
+    assert int(lat[b"count"]) == 4
+
+
+def _sr_dataset(study_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "SR"
+    ds.PatientID = "TEST001"
+    return ds
+
+
+def test_non_image_is_ignored_and_a_corrupt_file_is_a_retryable_failure(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    worker_factory()
+    app = app_for(redis_server.url, tmp_path / "data")
+    study = make_study(tmp_path / "in", fixture_images("viral")[:1])
+    good = study.files[0].read_bytes()
+    sr = _sr_dataset(study.study_uid)
+    sr_path = tmp_path / "in" / study.study_uid / f"{sr.SOPInstanceUID}.dcm"
+    sr.save_as(sr_path, enforce_file_format=True)
+    study.files[0].write_bytes(good[: len(good) // 3])  # truncated mid pixel data
+    study.files.append(sr_path)
+    study.sop_uids.append(sr.SOPInstanceUID)
+    send(app, study)
+    ledger = FailureLedger(redis_client, NS)
+    entry = wait_until(lambda: ledger.get(study.sop_uids[0]), 90, what="failure recorded")
+    assert entry["kind"] == "permanent" and entry["count"] == 1 and entry["reason"]
+    assert "TEST001" not in entry["reason"] and "Test^Patient" not in entry["reason"]
+    store = CodeStore(redis_client, NS)
+    wait_until(lambda: store.instance(sr.SOPInstanceUID).get("state") == "ignored", 30, what="SR ignored")
+    assert ledger.get(sr.SOPInstanceUID) is None and ledger.ignored_count() == 1
+    assert store.instance(study.sop_uids[0])["state"] == "failed"
+
+    # IT staff fix the file and retry: indexed, and the ledger entry is gone
+    study.files[0].write_bytes(good)
+    assert ledger.retry(app, study.sop_uids[0])
+    wait_until(lambda: indexed_count(redis_client, study.sop_uids[:1]) == 1, 60, what="indexed after retry")
+    assert ledger.get(study.sop_uids[0]) is None and ledger.count() == 0
+
+
+def test_transient_errors_are_retried_with_backoff_then_recorded(redis_server, redis_client, worker_factory, tmp_path):
+    from plugin.redis_embedded import free_port
+
+    # The file is not on this worker and the API it should come from does not answer: transient.
+    worker_factory(DRH_API_URL=f"http://127.0.0.1:{free_port()}", DRH_TASK_MAX_RETRIES="1")
+    app = app_for(redis_server.url, tmp_path / "data")
+    study = make_study(tmp_path / "in", fixture_images("bacterial")[:1])
+    study.files[0] = tmp_path / "elsewhere" / "x.dcm"
+    send(app, study)
+    ledger = FailureLedger(redis_client, NS)
+    entry = wait_until(lambda: ledger.get(study.sop_uids[0]), 60, what="failure after retries")
+    assert entry["kind"] == "transient" and "after 1 retries" in entry["reason"]
+    stats = {k.decode(): int(v) for k, v in redis_client.hgetall(f"{NS}:stats:tasks").items()}
+    assert stats["index_instance:retried"] == 1 and stats["index_instance:failed"] == 1
+
+
+def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client, worker_factory, tmp_path, port):
+    import threading
+
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+
+    from plugin import api_ops
+    from plugin.http_api import ApiContext, TokenAuth
+
+    data = tmp_path / "plugin-data"
+    settings = load_settings(env={}, redis_url=redis_server.url, data_dir=data, api_token="s3cret")
+    study = make_study(settings.spool_dir, fixture_images("normal")[:2])
+    ctx = ApiContext(settings=settings, store=CodeStore(redis_client, NS))
+    api = Starlette(routes=api_ops.routes(ctx), middleware=[Middleware(TokenAuth, token="s3cret", open_readonly=False)])
+    server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 15, what="API up")
+        # the worker's data dir is elsewhere: the spool paths do not exist on "its machine"
+        worker_factory(DRH_API_URL=f"http://127.0.0.1:{port}", DRH_API_TOKEN="s3cret")
+        app = app_for(redis_server.url, tmp_path / "data")
+        remote = [Path("/nonexistent-on-worker") / p.name for p in study.files]
+        study.files = remote
+        send(app, study)
+        wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 2, 90, what="indexed via the API")
+    finally:
+        server.should_exit = True
+        thread.join(10)
