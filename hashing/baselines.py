@@ -41,8 +41,9 @@ def fit_itq(features: np.ndarray, nbits: int, iterations: int = 50, seed: int = 
     xc = x - mean
     if nbits > xc.shape[1]:
         raise ValueError(f"ITQ needs nbits <= feature dimension ({xc.shape[1]}), got {nbits}")
-    _, _, vt = np.linalg.svd(xc, full_matrices=False)
-    pca = vt[:nbits].T
+    # Eigenvectors of the D x D scatter matrix: works for any number of samples (even fewer than bits).
+    evals, evecs = np.linalg.eigh(xc.T @ xc)
+    pca = evecs[:, np.argsort(evals)[::-1][:nbits]]
     v = xc @ pca
     rng = np.random.default_rng(seed)
     r, _ = np.linalg.qr(rng.standard_normal((nbits, nbits)))

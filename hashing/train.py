@@ -81,6 +81,7 @@ class TrainConfig:
     work_dir: str = ""
     resume: bool = False
     max_steps: int = 0
+    stop_after_epoch: int = 0
     cache_dir: str = ""
     version: str = ""
     progress: bool = True
@@ -363,6 +364,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             state["best_state"] = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
         state["epoch"], state["step"] = epoch + 1, step
         ckpt_mod.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, last)
+        if cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
+            log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
+            return {}
 
     if state["best_state"] is not None:
         model.load_state_dict(state["best_state"])
@@ -386,7 +390,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         else "",
         "seconds": round(elapsed, 1),
         "device": str(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
     version = cfg.version or f"{cfg.method}{cfg.bits}-{training['dataset']}"
     if isinstance(model, DMIH):
@@ -449,6 +453,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
     p.add_argument("--work-dir", default="", help="where epoch checkpoints go (default OUT.work)")
     p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
+    p.add_argument(
+        "--stop-after-epoch", type=int, default=0, help="stop after this epoch (split a training into sessions)"
+    )
     p.add_argument("--cache-dir", default="", help="cache decoded images here (.npy)")
     p.add_argument("--version", default="", help="model version tag (default METHOD+BITS-DATASET)")
     p.add_argument("--no-progress", action="store_true")
@@ -479,6 +486,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
         work_dir=a.work_dir,
         resume=a.resume,
         max_steps=a.max_steps,
+        stop_after_epoch=a.stop_after_epoch,
         cache_dir=a.cache_dir,
         version=a.version,
         progress=not a.no_progress,

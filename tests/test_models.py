@@ -24,11 +24,13 @@ def test_resnet_depth_width_and_input_size() -> None:
 def test_drh_code_lengths(nbits: int) -> None:
     model = drh_tiny(nbits).eval()
     x = torch.randn(3, 1, 40, 40)
-    feats = model.forward_features(x)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        u = model(x)
+        head = model.forward_head(feats)
     assert feats.shape == (3, model.num_features)
-    u = model(x)
     assert u.shape == (3, nbits) and float(u.abs().max()) < 1.0
-    torch.testing.assert_close(u, torch.tanh(model.forward_head(feats)))
+    torch.testing.assert_close(u, torch.tanh(head))
 
 
 def test_drh_rejects_bad_code_length() -> None:
@@ -39,7 +41,8 @@ def test_drh_rejects_bad_code_length() -> None:
 def test_dmih_bag_of_one_is_its_instance() -> None:
     model = dmih_tiny(32).eval()
     feats = torch.randn(1, 1, model.num_features)
-    pooled, attn = model.pool(feats, torch.ones(1, 1, dtype=torch.bool))
+    with torch.no_grad():
+        pooled, attn = model.pool(feats, torch.ones(1, 1, dtype=torch.bool))
     torch.testing.assert_close(pooled, feats[:, 0])
     assert float(attn) == pytest.approx(1.0)
 
