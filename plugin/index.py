@@ -1,0 +1,472 @@
+"""The query process's in-memory replica of the codes of one level, and search over it.
+
+Why a replica: a similar-studies query must scan every code of the active model; doing that in
+Redis would ship the whole code string per query. The replica holds the codes as 64-bit word
+planes (:mod:`hashing.search`), one row per store slot, plus per-slot the study number and per study
+the 24-byte filter record (:data:`plugin.store.ATTR_DTYPE`). No UID, and no patient identifier,
+sits in its memory: hits are turned back into UIDs with one HMGET to the store.
+
+Sync. The first :meth:`ReplicaIndex.refresh` (and one after a model switch, a compaction, or a log
+trimmed past our position) loads a consistent snapshot in one MULTI; every later refresh reads the
+change-log entries after the replica's position in one round trip and applies them. With nothing
+new that is one pipelined round trip, cheap enough to do before every query. A reload builds the
+new state aside and swaps it in, so the old version answers until the new one is ready.
+
+Concurrency. Searches and the application of changes are serialised by a lock; reloads (the slow
+part) run outside it. When a hit's slot turns out to be deleted in Redis, or the store was compacted
+under us, the search refreshes and runs again rather than answer from stale slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+
+from hashing.search import MultiIndexHash, Selector, knn, knn_rows, n_words, query_words, radius
+from plugin.store import ATTR_DTYPE, FLAG_KNOWN, LEVELS, MODALITY_BITS, CodeStore, parse_date, patient_key
+
+log = logging.getLogger(__name__)
+
+NEVER = np.uint8(255)
+
+
+class IndexNotReady(RuntimeError):
+    """No model is active yet, or the replica has not loaded."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    uid: str
+    distance: int
+
+
+@dataclass(frozen=True)
+class SearchFilters:
+    """Restrictions on the *study* attributes (for the image level: the image's study).
+
+    Dates are DICOM ``YYYYMMDD``, inclusive. ``modalities``: the study has at least one of them.
+    A study whose attributes are not known yet never passes a filter.
+    """
+
+    modalities: set[str] | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+    body_part: str | None = None
+    patient_id: str | None = None
+    exclude_patient_id: str | None = None
+
+    def is_empty(self) -> bool:
+        return not (
+            self.modalities
+            or self.date_from
+            or self.date_to
+            or self.body_part
+            or self.patient_id
+            or self.exclude_patient_id
+        )
+
+
+class _State:
+    """One loaded (version, generation): arrays indexed by slot, grown by doubling."""
+
+    def __init__(self, version: str, level: str, nbits: int, generation: int) -> None:
+        self.version = version
+        self.level = level
+        self.nbits = nbits
+        self.nbytes = nbits // 8
+        self.generation = generation
+        self.n = 0  # slots known (allocated) so far
+        self.live = 0
+        self.planes = np.zeros((n_words(nbits), 0), np.uint64)
+        self.exclude = np.zeros(0, np.uint8)  # 0 live, 255 deleted / unknown
+        self.slot_sn = np.zeros(0, np.uint32)
+        self.attrs = np.zeros(1, ATTR_DTYPE)
+        self.log_pos = "0-0"
+        self.attr_pos = "0-0"
+        self.mih: MultiIndexHash | None = None
+        self.changed_since_build: list[np.ndarray] = []
+
+    def reserve(self, n: int) -> None:
+        cap = self.exclude.shape[0]
+        if n <= cap:
+            return
+        new = max(n, cap * 2, 1024)
+        planes = np.zeros((self.planes.shape[0], new), np.uint64)
+        planes[:, :cap] = self.planes
+        exclude = np.full(new, NEVER, np.uint8)
+        exclude[:cap] = self.exclude
+        slot_sn = np.zeros(new, np.uint32)
+        slot_sn[:cap] = self.slot_sn
+        self.planes, self.exclude, self.slot_sn = planes, exclude, slot_sn
+
+    def reserve_studies(self, n: int) -> None:
+        if n <= self.attrs.shape[0]:
+            return
+        attrs = np.zeros(max(n, self.attrs.shape[0] * 2, 1024), ATTR_DTYPE)
+        attrs[: self.attrs.shape[0]] = self.attrs
+        self.attrs = attrs
+
+    def code(self, slot: int) -> bytes:
+        return np.ascontiguousarray(self.planes[:, slot]).view(np.uint8)[: self.nbytes].tobytes()
+
+
+def _words_of(codes: bytes, nbytes: int) -> np.ndarray:
+    """Packed codes (concatenated bytes) to (W, n) word planes."""
+    from hashing.search import to_words
+
+    n = len(codes) // nbytes
+    return to_words(np.frombuffer(codes, np.uint8).reshape(n, nbytes))
+
+
+class ReplicaIndex:
+    """Replica of the codes of ``level`` for the store's active model version.
+
+    ``mih_min``: from this many codes on, exact k-NN goes through multi-index hashing (built at
+    load and rebuilt when ``mih_rebuild_fraction`` of the rows have changed since); below it, and
+    for selective filters, a full scan is faster.
+    """
+
+    def __init__(
+        self,
+        store: CodeStore,
+        level: str,
+        *,
+        mih_min: int = 2_000_000,
+        mih_rebuild_fraction: float = 0.05,
+        batch: int = 50_000,
+    ) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"unknown level {level!r}")
+        self.store = store
+        self.level = level
+        self.mih_min = mih_min
+        self.mih_rebuild_fraction = mih_rebuild_fraction
+        self.batch = batch
+        self._state: _State | None = None
+        self._lock = threading.RLock()  # state mutation and search
+        self._refresh_lock = threading.Lock()  # one refresher at a time
+        self._selector = Selector()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._state is not None
+
+    @property
+    def version(self) -> str | None:
+        st = self._state
+        return st.version if st else None
+
+    @property
+    def nbits(self) -> int | None:
+        st = self._state
+        return st.nbits if st else None
+
+    @property
+    def generation(self) -> int | None:
+        st = self._state
+        return st.generation if st else None
+
+    def __len__(self) -> int:
+        st = self._state
+        return st.live if st else 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the replica's arrays (capacity, not just the live part)."""
+        st = self._state
+        if st is None:
+            return 0
+        arrays = (st.planes, st.exclude, st.slot_sn, st.attrs)
+        total = sum(a.nbytes for a in arrays)
+        if st.mih is not None:
+            total += sum(o.nbytes for o in st.mih._orders) + sum(o.nbytes for o in st.mih._offsets)
+        return total
+
+    # -- sync ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Bring the replica up to date with the store (bulk load, or incremental)."""
+        with self._refresh_lock:
+            st = self._state
+            if st is None:
+                version = self.store.active_version()
+                if version is not None:
+                    self._load(version)
+                return
+            while True:
+                ch = self.store.changes(st.version, self.level, st.log_pos, st.attr_pos, count=self.batch)
+                if ch.active is None:
+                    return
+                if ch.active != st.version or ch.generation != st.generation or ch.log_lost or ch.attr_lost:
+                    log.info(
+                        "replica %s reloads: version %s -> %s, generation %s -> %s, log trimmed %s",
+                        self.level,
+                        st.version,
+                        ch.active,
+                        st.generation,
+                        ch.generation,
+                        ch.log_lost or ch.attr_lost,
+                    )
+                    self._load(ch.active)
+                    return
+                if not ch.log and not ch.attrs:
+                    break
+                with self._lock:
+                    self._apply(st, ch.log, ch.attrs)
+                if len(ch.log) < self.batch and len(ch.attrs) < self.batch:
+                    break
+            self._maybe_rebuild_mih(st)
+
+    def _load(self, version: str) -> None:
+        snap = self.store.snapshot(version, self.level)
+        st = _State(version, self.level, snap.nbits, snap.generation)
+        n = snap.n_slots
+        st.reserve(n)
+        if n:
+            st.planes[:, :n] = _words_of(snap.codes, st.nbytes)
+            st.exclude[:n] = np.where(snap.deleted, NEVER, 0).astype(np.uint8)
+            st.slot_sn[:n] = snap.slot_sn
+        st.n = n
+        st.live = int(n - np.count_nonzero(snap.deleted))
+        # Slots may name studies that have no record yet (no put_study): they stay zero (unknown).
+        st.reserve_studies(max(len(snap.attrs), int(snap.slot_sn.max(initial=0)) + 1))
+        st.attrs[: len(snap.attrs)] = snap.attrs
+        st.log_pos, st.attr_pos = snap.log_pos, snap.attr_pos
+        if n >= self.mih_min:
+            st.mih = MultiIndexHash(st.nbits).build(np.frombuffer(snap.codes, np.uint8).reshape(n, st.nbytes))
+        with self._lock:
+            self._state = st
+        log.info("replica %s loaded model %s: %d codes (%d slots)", self.level, version, st.live, n)
+
+    def _apply(self, st: _State, entries: list, attr_entries: list) -> None:
+        codes: dict[int, bytes] = {}
+        sns: dict[int, int] = {}
+        dead: dict[int, bool] = {}
+        for entry_id, f in entries:
+            st.log_pos = entry_id
+            op = f.get(b"op")
+            if op == b"set":
+                s = int(f[b"slot"])
+                codes[s] = f[b"code"]
+                sns[s] = int(f[b"sn"])
+                dead[s] = False
+            elif op == b"del":
+                dead[int(f[b"slot"])] = True
+            elif op == b"link":
+                sns[int(f[b"slot"])] = int(f[b"sn"])
+        if codes:
+            slots = np.fromiter(codes, np.int64, len(codes))
+            need = int(slots.max()) + 1
+            st.reserve(need)
+            st.planes[:, slots] = _words_of(b"".join(codes.values()), st.nbytes)
+            st.n = max(st.n, need)
+            if st.mih is not None:
+                old = slots[slots < st.mih.n]
+                st.mih.invalidate(old)
+                st.changed_since_build.append(old)
+        if sns:
+            slots = np.fromiter(sns, np.int64, len(sns))
+            st.reserve(int(slots.max()) + 1)
+            values = np.fromiter(sns.values(), np.uint32, len(sns))
+            st.slot_sn[slots] = values
+            st.reserve_studies(int(values.max()) + 1)
+        if dead:
+            slots = np.fromiter(dead, np.int64, len(dead))
+            st.reserve(int(slots.max()) + 1)
+            before = int(np.count_nonzero(st.exclude[slots] == 0))
+            st.exclude[slots] = np.where(np.fromiter(dead.values(), bool, len(dead)), NEVER, 0).astype(np.uint8)
+            st.live += int(np.count_nonzero(st.exclude[slots] == 0)) - before
+        if attr_entries:
+            recs: dict[int, bytes] = {}
+            for entry_id, f in attr_entries:
+                st.attr_pos = entry_id
+                if b"sn" in f:
+                    recs[int(f[b"sn"])] = f[b"rec"]
+            if recs:
+                sn = np.fromiter(recs, np.int64, len(recs))
+                st.reserve_studies(int(sn.max()) + 1)
+                st.attrs[sn] = np.frombuffer(b"".join(recs.values()), ATTR_DTYPE)
+
+    def _maybe_rebuild_mih(self, st: _State) -> None:
+        """Rebuild the multi-index tables aside when enough rows are scanned outside them."""
+        n = st.n
+        if n < self.mih_min:
+            return
+        if st.mih is not None and st.mih.pending(n) <= max(10_000, self.mih_rebuild_fraction * n):
+            return
+        with self._lock:
+            marker = len(st.changed_since_build)
+            codes = np.ascontiguousarray(st.planes[:, :n].T).view(np.uint8)[:, : st.nbytes]
+        mih = MultiIndexHash(st.nbits).build(codes)
+        with self._lock:
+            for rows in st.changed_since_build[marker:]:
+                mih.invalidate(rows)
+            st.changed_since_build = []
+            st.mih = mih
+
+    def start(self, interval: float = 0.5) -> None:
+        """Refresh from a background thread every ``interval`` seconds (until :meth:`close`)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.refresh()
+                except Exception:  # keep following the store; the next round retries
+                    log.exception("replica %s refresh failed", self.level)
+                self._stop.wait(interval)
+
+        self._thread = threading.Thread(target=loop, name=f"replica-{self.level}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # -- queries -------------------------------------------------------------------------------
+    def code_of(self, uid: str) -> bytes | None:
+        """The code of ``uid`` in the replica (None when it has none, or it is deleted)."""
+        st = self._state
+        if st is None:
+            return None
+        (slot,) = self.store.slots_of(st.version, self.level, [uid])
+        with self._lock:
+            if slot is None or slot >= st.n or st.exclude[slot]:
+                return None
+            return st.code(slot)
+
+    def search(
+        self,
+        query: bytes,
+        k: int,
+        *,
+        max_distance: int | None = None,
+        filters: SearchFilters | None = None,
+        exclude_uids: Collection[str] = (),
+    ) -> list[Hit]:
+        """The k nearest codes by Hamming distance, ordered by (distance, slot).
+
+        Ties go to the code stored first (lower slot), the same in every replica. With
+        ``max_distance``, only codes within it. Filters and ``exclude_uids`` restrict the set
+        *before* selection, so the answer is the k nearest among the codes that pass.
+        """
+        for attempt in range(3):
+            st = self._state
+            if st is None:
+                raise IndexNotReady(f"the {self.level} index is not loaded (no active model yet?)")
+            if len(query) != st.nbytes:
+                raise ValueError(f"query code of {len(query)} bytes for a {st.nbits}-bit model")
+            with self._lock:
+                rows, dist = self._search_rows(st, bytes(query), k, max_distance, filters, exclude_uids)
+            gen, uids = self.store.resolve(st.version, self.level, rows.tolist())
+            if gen == st.generation:
+                hits = [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
+                if len(hits) == len(uids) or attempt == 2:
+                    return hits
+            # Deleted or renumbered in Redis after our last refresh: catch up and search again.
+            self.refresh()
+        raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
+
+    def radius_search(self, query: bytes, r: int, *, filters: SearchFilters | None = None) -> list[Hit]:
+        """Every code within distance ``r``, nearest first (for a bounded answer use search)."""
+        st = self._state
+        if st is None:
+            raise IndexNotReady(f"the {self.level} index is not loaded")
+        with self._lock:
+            exclude = self._exclude_mask(st, filters, ())
+            rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
+        gen, uids = self.store.resolve(st.version, self.level, rows.tolist())
+        return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
+
+    def _exclude_mask(self, st: _State, filters: SearchFilters | None, exclude_uids: Collection[str]) -> np.ndarray:
+        """uint8 per slot, 0 where a slot may be returned: live, passing the filters, not excluded."""
+        exclude = st.exclude[: st.n]
+        owned = False
+        if filters is not None and not filters.is_empty():
+            passing = self._passing_studies(st, filters)
+            exclude = exclude | np.where(passing[st.slot_sn[: st.n]], 0, NEVER).astype(np.uint8)
+            owned = True
+        if exclude_uids:
+            slots = self.store.slots_of(st.version, self.level, list(exclude_uids))
+            slots = [s for s in slots if s is not None and s < st.n]
+            if slots:
+                if not owned:
+                    exclude = exclude.copy()
+                exclude[slots] = NEVER
+        return exclude
+
+    def _search_rows(
+        self,
+        st: _State,
+        query: bytes,
+        k: int,
+        max_distance: int | None,
+        filters: SearchFilters | None,
+        exclude_uids: Collection[str],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if st.n == 0 or k <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        filtered = filters is not None and not filters.is_empty()
+        exclude = self._exclude_mask(st, filters, exclude_uids)
+        planes = st.planes[:, : st.n]
+        if filtered:
+            eligible = int(np.count_nonzero(exclude == 0))
+            if eligible <= st.n // 16:
+                # Selective filter (one patient, a rare body part): scan only what passes.
+                rows = np.flatnonzero(exclude == 0)
+                return knn_rows(planes, rows, query_words(query), k, max_distance=max_distance)
+            if st.mih is not None and eligible >= st.n // 2:
+                return st.mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance)
+        elif st.mih is not None:
+            return st.mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance)
+        return knn(
+            planes,
+            query_words(query),
+            k,
+            nbits=st.nbits,
+            exclude=exclude,
+            max_distance=max_distance,
+            selector=self._selector,
+        )
+
+    def _passing_studies(self, st: _State, f: SearchFilters) -> np.ndarray:
+        """Bool per study number: the study's record satisfies every filter."""
+        a = st.attrs
+        ok = (a["flags"] & FLAG_KNOWN) != 0
+        if f.modalities:
+            numbers = self.store.vocabulary("modality", sorted({m.strip().upper() for m in f.modalities}))
+            mask = 0
+            for number in numbers:
+                if number is not None:
+                    mask |= 1 << min(number - 1, MODALITY_BITS - 1)
+            ok &= (a["modmask"] & np.uint64(mask)) != 0
+        if f.date_from or f.date_to:
+            ok &= a["date"] > 0
+        if f.date_from:
+            ok &= a["date"] >= _filter_date(f.date_from)
+        if f.date_to:
+            ok &= a["date"] <= _filter_date(f.date_to)
+        if f.body_part:
+            (number,) = self.store.vocabulary("body_part", [f.body_part.strip().upper()])
+            ok &= a["body"] == (number or -1)
+        if f.patient_id:
+            ok &= a["patient"] == np.uint64(patient_key(f.patient_id))
+        if f.exclude_patient_id:
+            ok &= a["patient"] != np.uint64(patient_key(f.exclude_patient_id))
+        return ok
+
+
+def _filter_date(value: str) -> int:
+    date = parse_date(value)
+    if not date:
+        raise ValueError(f"a date filter must be YYYYMMDD, got {value!r}")
+    return date
