@@ -62,6 +62,8 @@ MAX_SATURATED = 0.98
 MIN_WINDOW_SPAN = 0.1
 # Robust full-range fallback when there is no usable window: these percentiles map to 0 and 1.
 FALLBACK_PERCENTILES = (0.5, 99.5)
+# Decoder plugin tried first when several can handle a transfer syntax.
+PREFERRED_PLUGIN = "pylibjpeg"
 # ITU-R BT.601 luma weights (what DICOM's YBR_FULL uses).
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -370,9 +372,7 @@ def _decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:
             code="decoder_unavailable",
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            arr, meta = decoder.as_array(ds, index=frame, raw=False)
+        arr, meta = _run_decoder(decoder, ds, frame)
     except MemoryError as exc:
         raise DecodeError("out of memory while decoding", transient=True, code="out_of_memory") from exc
     except Exception as exc:
@@ -383,6 +383,25 @@ def _decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:
         raise DecodeError(f"{ts.name}: {_decoder_message(exc)}", code="corrupt_pixel_data") from exc
     phot = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation)).strip().upper()
     return arr, phot
+
+
+def _run_decoder(decoder: Any, ds: Dataset, frame: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode with our preferred plugin first (pylibjpeg, a declared dependency), then any other.
+
+    pydicom would try plugins in its own order and log an ERROR for each one that cannot handle a
+    stream, even when the next succeeds; IT staff would read those as failures.
+    """
+    plugins = list(decoder.available_plugins)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if len(plugins) > 1 and PREFERRED_PLUGIN in plugins:
+            try:
+                return decoder.as_array(ds, index=frame, raw=False, decoding_plugin=PREFERRED_PLUGIN)
+            except MemoryError:
+                raise
+            except Exception:  # fall through to every plugin, which reports all their reasons
+                pass
+        return decoder.as_array(ds, index=frame, raw=False)
 
 
 def _decoder_message(exc: BaseException) -> str:
