@@ -104,7 +104,7 @@ class Settings:
     # another worker; must exceed the longest task and study_stable_seconds.
     task_visibility_timeout: float = 3600.0
     # Lease (s) on instances a worker claims for one model batch; if it dies they are free again.
-    batch_claim_seconds: float = 300.0
+    batch_claim_seconds: float = 120.0
     # Base URL of the plugin's HTTP API, for workers on other machines to fetch spooled files
     # (empty: files are read from the shared path only).
     api_url: str = ""

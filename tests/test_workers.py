@@ -188,15 +188,18 @@ def test_claim_takes_the_oldest_pending_and_respects_live_claims(redis_server, r
         pending_hint(app, {"sop_uid": f"1.{n}", "study_uid": "1", "path": "p", "source_ae": "", "received_at": n})
     keys = (pending_key(NS), payload_key(NS), claim_key(NS))
     now = time.time()
-    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.3", 2, now, now + 60)
+    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.3", 2, now, now + 60, "task-a")
     got = [json.loads(p)["sop_uid"] for p in res[1:]]
     assert int(res[0]) == 1 and got == ["1.3", "1.0", "1.1"]
     assert [m.decode() for m in redis_client.zrange(pending_key(NS), 0, -1)] == ["1.2", "1.4"]
     # 1.0 is claimed by a live batch: its own message must wait, not hash it a second time
-    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 2, now, now + 60)
+    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 2, now, now + 60, "task-b")
     assert int(res[0]) == 0 and float(res[1]) == pytest.approx(now + 60)
+    # ...unless it is task-a's own message delivered again after its worker died
+    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.3", 0, now, now + 60, "task-a")
+    assert int(res[0]) == 1
     # once the lease has run out (the claiming worker died), the instance can be claimed again
-    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 0, now + 61, now + 121)
+    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 0, now + 61, now + 121, "task-b")
     assert int(res[0]) == 1
 
 

@@ -53,32 +53,37 @@ log = logging.getLogger("drh.workers.tasks")
 # Longest back-off between retries of a transient error, seconds.
 MAX_BACKOFF_SECONDS = 600.0
 
-# KEYS: pending (zset), payload (hash), claim (hash). ARGV: own uid, max others, now, lease deadline.
-# Returns {status, payload...}: status 1 = claimed (own + others' payloads follow, own first, own
-# payload may be "" when the hint was lost), 0 = own instance under a live claim of another task
-# (the second element is that claim's deadline).
+# KEYS: pending (zset), payload (hash), claim (hash). ARGV: own uid, max others, now, lease deadline,
+# claimer (the Celery task id). A claim is "deadline|claimer". Returns {status, ...}: status 1 =
+# claimed (own payload, "" when the hint was lost, then the others' payloads), 0 = own instance
+# under a live claim of another task (the second element is that claim's deadline). A claim made
+# by the same task id is this very message delivered again after its worker died: taken over.
 _CLAIM_LUA = """
 local own = ARGV[1]
 local now = tonumber(ARGV[3])
-local c = redis.call('HGET', KEYS[3], own)
-if c and tonumber(c) > now then
-  return {0, c}
+local me = ARGV[5]
+local function live(c)
+  if not c then return false end
+  local deadline, who = string.match(c, '^([^|]+)|(.*)$')
+  return tonumber(deadline) > now and who ~= me, deadline
 end
+local busy, deadline = live(redis.call('HGET', KEYS[3], own))
+if busy then
+  return {0, deadline}
+end
+local claim = ARGV[4] .. '|' .. me
 local out = {1, redis.call('HGET', KEYS[2], own) or ''}
 redis.call('ZREM', KEYS[1], own)
-redis.call('HSET', KEYS[3], own, ARGV[4])
+redis.call('HSET', KEYS[3], own, claim)
 local n = tonumber(ARGV[2])
 if n > 0 then
   local others = redis.call('ZRANGE', KEYS[1], 0, n - 1)
   for _, uid in ipairs(others) do
     redis.call('ZREM', KEYS[1], uid)
     local p = redis.call('HGET', KEYS[2], uid)
-    if p then
-      local oc = redis.call('HGET', KEYS[3], uid)
-      if not (oc and tonumber(oc) > now) then
-        redis.call('HSET', KEYS[3], uid, ARGV[4])
-        table.insert(out, p)
-      end
+    if p and not live(redis.call('HGET', KEYS[3], uid)) then
+      redis.call('HSET', KEYS[3], uid, claim)
+      table.insert(out, p)
     end
   end
 end
@@ -386,6 +391,7 @@ def _index(task: ModelTask, own: Item) -> str:
         max(0, settings.batch_size - 1),
         now,
         lease,
+        task.request.id or "",
     )
     if int(res[0]) == 0:
         # Another task is hashing this instance right now: come back when its lease ends. The new
