@@ -140,7 +140,7 @@ def _encode_and_store(task: ModelTask, store: Any, version: str, sops: list[str]
     if items:
         codes, emb = enc.encode_images([it.pixels for it in items], batch_size=settings.batch_size)
         for n, it in enumerate(items):
-            store.upsert_code(version, "image", it.sop_uid, codes[n])
+            store.upsert_code(version, "image", it.sop_uid, codes[n], study_uid=it.study_uid)
             store.put_embedding(version, it.sop_uid, emb[n])
             r.sadd(_done_key(ns), it.sop_uid)
     for it in items:

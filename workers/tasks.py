@@ -461,26 +461,31 @@ def _index_batch(task: ModelTask, store: CodeStore, versions: list[tuple[str, An
         codes, emb = enc.encode_images([it.pixels for it in images], batch_size=settings.batch_size)
         encoded.append((version, enc, codes, emb))
         store.register_model(version, enc.nbits)
-    _hold(settings, "before_write")
+    # Metadata first: a code is never searchable before its instance and study records exist (the
+    # replica filters on the study record, C-FIND answers are built from the study hash).
     studies: dict[str, Item] = {}
-    for version, _enc, codes, emb in encoded:
-        for n, it in enumerate(images):
-            store.upsert_code(version, "image", it.sop_uid, codes[n])
-            store.put_embedding(version, it.sop_uid, emb[n])
     for it in images:
         meta = instance_meta(it.ds)
-        meta.update(
-            path=it.path,
-            received_at=it.received_at,
-            source_ae=it.source_ae,
-            state="indexed",
-            indexed_version=active,
-            indexed_received_at=it.received_at,
-            indexed_at=time.time(),
-        )
+        meta.update(path=it.path, received_at=it.received_at, source_ae=it.source_ae)
         store.put_instance(it.sop_uid, it.study_uid, meta)
         _update_study(store, it)
         studies[it.study_uid] = it
+    _hold(settings, "before_write")
+    for version, _enc, codes, emb in encoded:
+        for n, it in enumerate(images):
+            store.put_embedding(version, it.sop_uid, emb[n])
+            store.upsert_code(version, "image", it.sop_uid, codes[n], study_uid=it.study_uid)
+    for it in images:
+        # the idempotency record last: a task killed before this line is simply done again
+        r.hset(
+            store.keys.instance(it.sop_uid),
+            mapping={
+                "state": "indexed",
+                "indexed_version": active,
+                "indexed_received_at": repr(it.received_at),
+                "indexed_at": repr(time.time()),
+            },
+        )
         ledger.resolve(it.sop_uid)
         r.hdel(payload_key(ns), it.sop_uid)
         metrics.observe_latency(r, ns, time.time() - it.received_at)
@@ -519,6 +524,7 @@ def _update_study(store: CodeStore, it: Item) -> None:
     for k, v in meta.items():
         args += [k, str(v)]
     store.r.eval(_STUDY_LUA, 2, store.keys.study(it.study_uid), store.keys.study_instances(it.study_uid), *args)
+    store.put_study(it.study_uid, {})  # refresh the study's filter record from the merged hash
 
 
 def schedule_pooling(app: Celery, r: redis.Redis, study_uid: str) -> None:
