@@ -58,12 +58,15 @@ def query_words(code: bytes | np.ndarray) -> np.ndarray:
     return to_words(arr.ravel())[:, 0].copy()
 
 
-def distances(planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def distances(
+    planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = None, tmp: np.ndarray | None = None
+) -> np.ndarray:
     """Hamming distances (uint8) from ``query`` words to every column of ``planes (W, n)``."""
     w, n = planes.shape
     if out is None:
         out = np.empty(n, dtype=np.uint8)
-    tmp = np.empty(n, dtype=np.uint64)
+    if tmp is None:
+        tmp = np.empty(n, dtype=np.uint64)
     np.bitwise_xor(planes[0], query[0], out=tmp)
     np.bitwise_count(tmp, out=out)
     if w > 1:
@@ -84,9 +87,24 @@ def _order(rows: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class Selector:
-    """Picks the k smallest distances by counting; remembers the last threshold to start from."""
+    """Picks the k smallest distances by counting, reusing buffers between queries.
+
+    It starts from the previous query's k-th distance: usually one ``flatnonzero(dist <= t)`` pass
+    yields a few more than k candidates, and only those are sorted. Not thread-safe: one per
+    searching thread (the replica searches under its lock).
+    """
 
     last_threshold: int = 8
+    _dist: np.ndarray | None = None
+    _tmp: np.ndarray | None = None
+
+    def dist_buffer(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 distances, uint64 scratch) buffers of at least n; fresh pages cost page faults."""
+        if self._dist is None or self._dist.shape[0] < n:
+            self._dist = np.empty(max(n, 1024), np.uint8)
+            self._tmp = np.empty(max(n, 1024), np.uint64)
+        assert self._tmp is not None
+        return self._dist[:n], self._tmp[:n]
 
     def select(self, dist: np.ndarray, k: int, max_distance: int | None, nbits: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and distances of the k nearest in ``dist`` (255 = excluded), ordered by (distance, row)."""
@@ -95,28 +113,21 @@ class Selector:
         if k <= 0 or n == 0 or cap < 0:
             return np.empty(0, np.int64), np.empty(0, np.int64)
         t = min(max(self.last_threshold, 0), cap)
-        count = int(np.count_nonzero(dist <= t))
-        if count < k:
-            while count < k and t < cap:
-                t = min(cap, t + max(1, t // 4))
-                count = int(np.count_nonzero(dist <= t))
-            # Step back down to the smallest threshold that still has k (the last step may overshoot).
-            while t > 0 and count >= k:
-                below = int(np.count_nonzero(dist <= t - 1))
-                if below < k:
-                    break
-                t, count = t - 1, below
-        else:
-            while t > 0:
-                below = int(np.count_nonzero(dist <= t - 1))
-                if below < k:
-                    break
-                t, count = t - 1, below
-        self.last_threshold = t
         rows = np.flatnonzero(dist <= t)
+        while rows.size < k and t < cap:
+            t = min(cap, t + max(2, t // 2))
+            rows = np.flatnonzero(dist <= t)
         d = dist[rows]
+        if rows.size > 64 * k:
+            # A loose threshold (this query is nearer than the last): cut at the exact k-th distance.
+            kth = int(np.searchsorted(np.cumsum(np.bincount(d)), k))
+            keep = d <= kth
+            rows, d = rows[keep], d[keep]
         rows, d = _order(rows, d)
-        return rows[:k], d[:k]
+        rows, d = rows[:k], d[:k]
+        if rows.size == k:
+            self.last_threshold = int(d[-1])
+        return rows, d
 
 
 def knn(
@@ -133,10 +144,12 @@ def knn(
 
     ``exclude``: uint8 per row, 0 eligible, 255 never returned. ``max_distance``: also a radius cap.
     """
-    dist = distances(planes, query)
+    selector = selector or Selector()
+    dist, tmp = selector.dist_buffer(planes.shape[1])
+    distances(planes, query, out=dist, tmp=tmp)
     if exclude is not None:
         np.bitwise_or(dist, exclude[: dist.shape[0]], out=dist)
-    return (selector or Selector()).select(dist, k, max_distance, nbits)
+    return selector.select(dist, k, max_distance, nbits)
 
 
 def knn_rows(
@@ -224,8 +237,19 @@ class MultiIndexHash:
 
     def substrings(self, codes: np.ndarray) -> np.ndarray:
         """``(n, nbytes)`` packed codes to ``(m, n)`` int64 substring values."""
-        bits = np.unpackbits(np.asarray(codes, np.uint8), axis=1)[:, : self.nbits]
-        out = np.empty((self.m, bits.shape[0]), dtype=np.int64)
+        codes = np.asarray(codes, np.uint8)
+        out = np.empty((self.m, codes.shape[0]), dtype=np.int64)
+        if all(b % 8 == 0 for b in self.bounds):
+            # Byte-aligned substrings (64 bits in 4 x 16...): combine whole bytes, big-endian.
+            for j in range(self.m):
+                lo, hi = self.bounds[j] // 8, self.bounds[j + 1] // 8
+                acc = np.zeros(codes.shape[0], np.int64)
+                for byte in range(lo, hi):
+                    acc <<= 8
+                    acc |= codes[:, byte]
+                out[j] = acc
+            return out
+        bits = np.unpackbits(codes, axis=1)[:, : self.nbits]
         for j in range(self.m):
             lo, hi = self.bounds[j], self.bounds[j + 1]
             weights = (1 << np.arange(hi - lo - 1, -1, -1, dtype=np.int64)).astype(np.int64)
@@ -241,7 +265,7 @@ class MultiIndexHash:
             subs[:, s : s + chunk] = self.substrings(codes[s : s + chunk])
         self._orders, self._offsets = [], []
         for j in range(self.m):
-            order = np.argsort(subs[j], kind="stable").astype(np.int64)
+            order = np.argsort(subs[j], kind="stable").astype(np.uint32 if n < 2**32 else np.int64)
             counts = np.bincount(subs[j], minlength=1 << self.sizes[j])
             offsets = np.zeros(counts.size + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
@@ -281,7 +305,7 @@ class MultiIndexHash:
         starts, lens = starts[nz], lens[nz]
         # Concatenate ranges [start, start+len) without a Python loop.
         pos = np.repeat(starts - np.concatenate(([0], np.cumsum(lens)[:-1])), lens) + np.arange(total)
-        return self._orders[j][pos]
+        return self._orders[j][pos].astype(np.int64)
 
     def knn(
         self,
@@ -291,11 +315,14 @@ class MultiIndexHash:
         *,
         exclude: np.ndarray | None = None,
         max_distance: int | None = None,
-    ) -> tuple[np.ndarray, np.ndarray]:
+        max_candidates: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Exact k-NN over all columns of ``planes`` (``(W, n_total)``), ordered by (distance, row).
 
         Rows ``< n`` are found through the tables, later and invalidated rows by a scan. Rows whose
-        ``exclude`` byte is non-zero are never returned.
+        ``exclude`` byte is non-zero are never returned. With ``max_candidates``, gives up (returns
+        None) once the table lookups have produced that many rows: the neighbourhood is sparse (as
+        with uniformly random codes) and a linear scan is cheaper from there.
         """
         n_total = planes.shape[1]
         extra_rows = np.concatenate(
@@ -318,11 +345,15 @@ class MultiIndexHash:
             keep = d <= cap
             found_rows, found_d = er[keep], d[keep]
         seen = self._stale.copy()
+        looked = 0
         for s in range(max(self.sizes) + 1):
             for j in range(self.m):
                 if s > self.sizes[j]:
                     continue
                 rows = self._bucket_rows(j, int(qsub[j]), s)
+                looked += rows.size
+                if max_candidates is not None and looked > max_candidates:
+                    return None
                 if rows.size:
                     rows = rows[~seen[rows]]
                 if rows.size:

@@ -126,8 +126,9 @@ class ReplicaIndex:
     """Replica of the codes of ``level`` for the store's active model version.
 
     ``mih_min``: from this many codes on, exact k-NN goes through multi-index hashing (built at
-    load and rebuilt when ``mih_rebuild_fraction`` of the rows have changed since); below it, and
-    for selective filters, a full scan is faster.
+    load and rebuilt when ``mih_rebuild_fraction`` of the rows have changed since), falling back to
+    the scan when the table lookups pass ``mih_budget`` of the rows; below it, and for selective
+    filters, a full scan is faster.
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class ReplicaIndex:
         *,
         mih_min: int = 2_000_000,
         mih_rebuild_fraction: float = 0.05,
+        mih_budget: float = 0.05,
         batch: int = 50_000,
     ) -> None:
         if level not in LEVELS:
@@ -145,6 +147,7 @@ class ReplicaIndex:
         self.level = level
         self.mih_min = mih_min
         self.mih_rebuild_fraction = mih_rebuild_fraction
+        self.mih_budget = mih_budget
         self.batch = batch
         self._state: _State | None = None
         self._lock = threading.RLock()  # state mutation and search
@@ -418,16 +421,18 @@ class ReplicaIndex:
         filtered = filters is not None and not filters.is_empty()
         exclude = self._exclude_mask(st, filters, exclude_uids)
         planes = st.planes[:, : st.n]
-        if filtered:
-            eligible = int(np.count_nonzero(exclude == 0))
-            if eligible <= st.n // 16:
-                # Selective filter (one patient, a rare body part): scan only what passes.
-                rows = np.flatnonzero(exclude == 0)
-                return knn_rows(planes, rows, query_words(query), k, max_distance=max_distance)
-            if st.mih is not None and eligible >= st.n // 2:
-                return st.mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance)
-        elif st.mih is not None:
-            return st.mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance)
+        eligible = int(np.count_nonzero(exclude == 0)) if filtered else st.live
+        if filtered and eligible <= st.n // 16:
+            # Selective filter (one patient, a rare body part): scan only what passes.
+            rows = np.flatnonzero(exclude == 0)
+            return knn_rows(planes, rows, query_words(query), k, max_distance=max_distance)
+        if st.mih is not None and eligible >= st.n // 2:
+            # Dense neighbourhoods (real images cluster) are answered from a few buckets; when the
+            # lookups pass the budget the neighbourhood is sparse and the scan below is cheaper.
+            budget = max(10_000, int(self.mih_budget * st.n))
+            found = st.mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance, max_candidates=budget)
+            if found is not None:
+                return found
         return knn(
             planes,
             query_words(query),
