@@ -150,6 +150,34 @@ def evaluate(
     return out
 
 
+def record_metrics(path: str, res: dict[str, Any]) -> None:
+    """Store the figures measured for ``path`` (its rows and its baselines) inside the checkpoint."""
+    ck = ckpt_mod.load(path)
+    rows = [
+        {k: v for k, v in r.items() if k not in ("pr_curve", "path")}
+        for r in res["results"]
+        if r.get("model") == ck["version"]
+    ]
+    ck["metrics"] = {
+        "protocol": res["protocol"],
+        "data": res["data"],
+        "manifest_sha256_16": res["manifest_sha256_16"],
+        "queries": res["queries"],
+        "database": res["database"],
+        "results": rows,
+    }
+    if "studies" in res:
+        ck["metrics"]["studies"] = {
+            **{k: v for k, v in res["studies"].items() if k != "results"},
+            "results": [
+                {k: v for k, v in r.items() if k != "pr_curve"}
+                for r in res["studies"]["results"]
+                if r.get("model") == ck["version"]
+            ],
+        }
+    ckpt_mod.save(ck, path)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the headline figures."""
     lines = [
@@ -205,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--cache-dir", default="")
     p.add_argument("--seed", type=int, default=0, help="seed of LSH projections and ITQ initial rotation")
+    p.add_argument(
+        "--record", action="store_true", help="write each model's figures into its checkpoint's 'metrics' entry"
+    )
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     res = evaluate(
         a.data,
@@ -226,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         s = res["studies"]
         print(f"\nStudies: {s['protocol']} ({s['query_bags']} query bags, {s['database_bags']} database bags)\n")
         print(table(s["results"]))
+    if a.record:
+        for path in a.model:
+            record_metrics(path, res)
     print(f"\nwrote {out / 'evaluation.json'} and {out / 'pr.png'}")
     return 0
 

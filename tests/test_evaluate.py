@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_train import fixture_args, make_fixture_dataset
 
-from hashing import baselines
+from hashing import baselines, checkpoint
 from hashing.bits import pack
 from hashing.evaluate import main as evaluate_main
 from hashing.metrics import average_precision, hamming_distances, retrieval_metrics
@@ -84,7 +84,7 @@ def test_evaluate_command(tmp_path: Path) -> None:
     train_main(fixture_args(data, model, "--method", "dmih", "--init", str(drh), "--epochs", "1"))
     train_main(fixture_args(data, csq, "--method", "csq", "--epochs", "1"))
     out = tmp_path / "eval"
-    args = ["--data", str(data), "--model", str(model), "--model", str(csq), "--studies", "--out", str(out)]
+    args = ["--data", str(data), "--model", str(model), "--model", str(csq), "--studies", "--record", "--out", str(out)]
     assert evaluate_main([*args, "--device", "cpu"]) == 0
     res = json.loads((out / "evaluation.json").read_text())
     assert "test split" in res["protocol"] and res["queries"] == 3 and res["database"] == 9
@@ -96,3 +96,8 @@ def test_evaluate_command(tmp_path: Path) -> None:
     assert [r["kind"] for r in res["studies"]["results"]] == ["dmih", "drh-pooled"]
     assert res["studies"]["query_bags"] == 3
     assert (out / "pr.png").stat().st_size > 1000
+    recorded = checkpoint.load(model)["metrics"]
+    assert [r["kind"] for r in recorded["results"]] == ["drh", "float", "lsh", "itq"]
+    assert recorded["results"][0]["map_all"] == res["results"][0]["map_all"]
+    assert [r["kind"] for r in recorded["studies"]["results"]] == ["dmih", "drh-pooled"]
+    assert [r["kind"] for r in checkpoint.load(csq)["metrics"]["results"]] == ["csq"]
