@@ -62,6 +62,8 @@ MAX_SATURATED = 0.98
 MIN_WINDOW_SPAN = 0.1
 # Robust full-range fallback when there is no usable window: these percentiles map to 0 and 1.
 FALLBACK_PERCENTILES = (0.5, 99.5)
+# Projection radiography: a window that misses the pixels altogether is refused, not guessed around.
+PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "RF", "XA", "PX", "IO"})
 # Decoder plugin tried first when several can handle a transfer syntax.
 PREFERRED_PLUGIN = "pylibjpeg"
 # ITU-R BT.601 luma weights (what DICOM's YBR_FULL uses).
@@ -201,30 +203,52 @@ def _read(fp: Any) -> Dataset:
 
 
 def _looks_like_raw_dataset(head: bytes) -> bool:
-    """Whether bytes start like a dataset without preamble: a group 0002 or 0008 element tag."""
-    for order in ("<", ">"):
-        group = int.from_bytes(head[0:2], "little" if order == "<" else "big")
-        elem = int.from_bytes(head[2:4], "little" if order == "<" else "big")
-        if group in (0x0002, 0x0008) and elem < 0x1000:
+    """Whether bytes start like a dataset without preamble: a low group tag, then a VR or a length.
+
+    Only the groups a dataset can start with (meta, identification, patient, acquisition,
+    relationship, image pixel) are accepted, so that JPEG, PDF or text files are told apart.
+    """
+    for byteorder in ("little", "big"):
+        group = int.from_bytes(head[0:2], byteorder)
+        elem = int.from_bytes(head[2:4], byteorder)
+        if group not in (0x0002, 0x0008, 0x0010, 0x0018, 0x0020, 0x0028) or elem > 0x9FFF:
+            continue
+        vr = head[4:6]
+        if len(vr) == 2 and vr.isalpha() and vr.isupper():  # explicit VR
+            return True
+        length = int.from_bytes(head[4:8], byteorder)  # implicit VR: a sane value length
+        if length < 0x10000:
             return True
     return False
 
 
+def _is_encapsulated(ds: Dataset) -> bool:
+    if "PixelData" not in ds:
+        return False
+    elem = ds["PixelData"]
+    if getattr(elem, "is_undefined_length", False):
+        return True
+    value = elem.value
+    return isinstance(value, bytes | bytearray) and bytes(value[:4]) == b"\xfe\xff\x00\xe0"  # Item tag
+
+
 def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Give a dataset without a TransferSyntaxUID the one its bytes were read with.
+
+    Native pixel data of a dataset built in memory (no original encoding) is little endian.
+    Encapsulated pixel data without a transfer syntax is left alone: the codec is unknown and
+    :func:`load_pixels` refuses it with ``missing_transfer_syntax``.
+    """
     meta = getattr(ds, "file_meta", None)
-    if meta is not None and "TransferSyntaxUID" in meta:
+    if meta is not None and meta.get("TransferSyntaxUID"):
         return
     if meta is None:
         ds.file_meta = FileMetaDataset()
-    pixel = ds.get("PixelData")
-    if pixel is not None and getattr(pixel, "is_undefined_length", False):
-        # Encapsulated pixel data whose codec nobody named: guess from the codestream marker.
+    if _is_encapsulated(ds):
         return
     implicit, little = ds.original_encoding
-    if implicit is None:
-        return
-    if implicit:
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    if implicit is None or implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
     elif little:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     else:
@@ -358,7 +382,7 @@ def _decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:
     """Stored values of one frame (rows, cols) or (rows, cols, 3), and the photometric it is in."""
     ts = UID(str(getattr(ds.file_meta, "TransferSyntaxUID", "") or ""))
     if not ts:
-        raise DecodeError("encapsulated pixel data without a transfer syntax", code="missing_transfer_syntax")
+        raise DecodeError("compressed pixel data but no transfer syntax", code="missing_transfer_syntax")
     if ts == DEFLATED_IMAGE_FRAME:
         return _inflate_frame(ds, frame), str(ds.PhotometricInterpretation).strip().upper()
     try:
@@ -561,6 +585,27 @@ def _usable(img: np.ndarray | None) -> bool:
     return float(hi - lo) >= MIN_WINDOW_SPAN
 
 
+def _refuse_disjoint_window(values: np.ndarray, p: _Display, ds: Dataset) -> None:
+    """Refuse a radiograph whose window lies wholly outside its pixel values.
+
+    Such a header contradicts its own pixels (seen in the wild: values offset by 32768 and
+    inverted against the declared MONOCHROME2), so the polarity it declares cannot be trusted
+    either; an inverted radiograph would be indexed as a different picture. Other modalities
+    (CT, MR, US...) fall back to the full range: their polarity is not in doubt.
+    """
+    modality = str(ds.get("Modality", "") or "").upper()
+    if modality not in PROJECTION_MODALITIES or p.center is None or p.width is None:
+        return
+    lo, hi = np.percentile(values, FALLBACK_PERCENTILES)
+    w_lo, w_hi = p.center - p.width / 2, p.center + p.width / 2
+    if w_hi < lo or w_lo > hi:
+        raise DecodeError(
+            f"{modality} window {p.center:g}/{p.width:g} lies outside the pixel values "
+            f"({lo:g}..{hi:g}): header and pixels disagree, polarity unknown",
+            code="window_outside_data",
+        )
+
+
 def _grey(arr: np.ndarray, p: _Display, ds: Dataset) -> np.ndarray:
     values = _modality(arr, p, ds)
     img: np.ndarray | None = None
@@ -572,6 +617,7 @@ def _grey(arr: np.ndarray, p: _Display, ds: Dataset) -> np.ndarray:
         img = _window(values, p.center, p.width, p.function)
         if not _usable(img):
             img = None
+            _refuse_disjoint_window(values, p, ds)
     if img is None:
         img = _full_range(values)
     if p.invert:
@@ -608,8 +654,7 @@ def check_sane(img: np.ndarray) -> None:
 
 def _prepare(ds: Dataset) -> int:
     check_is_image(ds)
-    if getattr(ds, "file_meta", None) is None:
-        ds.file_meta = FileMetaDataset()
+    _ensure_transfer_syntax(ds)
     return number_of_frames(ds)
 
 

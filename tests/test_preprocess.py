@@ -178,6 +178,21 @@ def test_read_from_bytes_path_and_file_object_agree() -> None:
     np.testing.assert_array_equal(a, c)
 
 
+def test_dataset_built_in_memory_without_file_meta() -> None:
+    ds = mono_dataset(ramp())
+    del ds.file_meta
+    img = pp.load_pixels(ds)
+    np.testing.assert_array_equal(img, pp.load_pixels(mono_dataset(ramp())))
+
+
+def test_compressed_pixels_without_transfer_syntax_are_refused() -> None:
+    ds = pydicom.dcmread(wheel("MR_small_RLE.dcm"))
+    del ds.file_meta.TransferSyntaxUID
+    with pytest.raises(DecodeError) as err:
+        pp.load_pixels(ds)
+    assert err.value.code == "missing_transfer_syntax"
+
+
 def test_file_without_meta_header_but_no_pixels_reads() -> None:
     ds = pp.read_dataset(wheel("ExplVR_LitEndNoMeta.dcm"))
     assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -330,10 +345,24 @@ def test_without_window_the_full_range_is_used() -> None:
 
 def test_a_window_that_does_not_fit_the_pixels_falls_back() -> None:
     # All stored values are far above the window: the header's window would give a white page.
-    ds = mono_dataset(ramp() + 8000, bits=16, WindowCenter=100, WindowWidth=50)
+    # (A CT: for radiographs this is refused instead, see the next test.)
+    ds = mono_dataset(ramp() + 8000, bits=16, WindowCenter=100, WindowWidth=50, Modality="CT")
     img = pp.load_pixels(ds)
     assert_sane(img)
     assert 0.3 < float(img.mean()) < 0.7
+
+
+def test_radiograph_whose_window_misses_its_pixels_is_refused() -> None:
+    # A DX header whose window lies wholly below the pixel values (seen in a vendor sample whose
+    # pixels were also inverted against the declared MONOCHROME2): polarity cannot be trusted.
+    ds = mono_dataset(ramp() + 30000, bits=16, WindowCenter=2725, WindowWidth=5310)
+    ds.Modality = "DX"
+    with pytest.raises(DecodeError) as err:
+        pp.load_pixels(ds)
+    assert err.value.code == "window_outside_data" and not err.value.transient
+    # A CT with the same contradiction keeps its (unambiguous) polarity: full-range fallback.
+    ds.Modality = "CT"
+    assert_sane(pp.load_pixels(ds))
 
 
 def test_voi_lut_sequence_wins_over_window_and_is_normalised_by_its_span() -> None:
