@@ -10,17 +10,29 @@ Decisions, so that workers and training agree:
 - Window: the first VOI LUT of the VOI LUT Sequence when present (it is the vendor's tuned, often
   non-linear, display curve of CR/DX), else the first Window Center/Width pair with its VOI LUT
   Function, else a robust full-range fallback (0.5th to 99.5th percentile of the modality values).
-  A window that saturates the whole frame (an inconsistent header) falls back the same way.
+  A window that saturates nearly the whole frame or squeezes it into a sliver of grey (a header that
+  does not belong to these pixels) falls back the same way, except for projection radiographs
+  whose window misses the pixels altogether: those are refused, since their polarity is in doubt.
   Enhanced multi-frame objects take rescale and window from the frame's functional groups.
 - Colour (RGB, YBR_*, PALETTE COLOR) is converted to luminance (ITU-R BT.601 weights) rather than
   refused: ultrasound and secondary captures are part of a study, and DMIH pools over the study.
 - Multi-frame: :func:`load_pixels` decodes only one frame (the middle one unless told), which is
   representative of a cine loop or volume and keeps memory flat; :func:`load_frames` gives them all.
 - Refusals carry a short machine-friendly ``code`` and a human ``reason`` that never includes patient
-  data (only header facts such as transfer syntax, photometric interpretation or sizes):
-  :class:`NotAnImage` for objects the model must not index (no pixel data, SR/PR/KO, segmentations,
-  RT dose, parametric maps, waveforms, tiny or blank images are in :class:`DecodeError`),
-  :class:`DecodeError` with ``transient`` telling the worker whether a retry can help.
+  data (only header facts such as transfer syntax, photometric interpretation, sizes, windows).
+
+:class:`NotAnImage` (valid DICOM, not to be indexed; the worker records it as ignored):
+``no_pixel_data``, ``structured_report``, ``key_object_selection``, ``presentation_state``,
+``segmentation``, ``non_image_object`` (raw data, registration), ``rt_dose``, ``rt_object``,
+``parametric_map``, ``encapsulated_document``, ``waveform``, ``float_pixel_data``, ``too_small``.
+
+:class:`DecodeError` (should be an image, is not; the worker records a failure, retried only when
+``transient``): transient ``file_not_found``, ``io_error``, ``out_of_memory``; permanent
+``not_dicom``, ``truncated_file``, ``malformed_dataset``, ``bad_pixel_module``,
+``unsupported_photometric``, ``missing_transfer_syntax``, ``unsupported_transfer_syntax``,
+``decoder_unavailable``, ``truncated_pixel_data``, ``corrupt_pixel_data``, ``bad_palette``,
+``bad_modality_lut``, ``window_outside_data`` (a radiograph whose window misses its pixels),
+``bad_shape``, ``non_finite``, ``blank_image``.
 
 ``drh-pacs decode-check DIR`` runs the same code on a folder and says, per file, what came out.
 """
@@ -31,6 +43,7 @@ import argparse
 import csv
 import io
 import os
+import re
 import sys
 import warnings
 import zlib
@@ -128,12 +141,19 @@ class DecodeError(PreprocessError):
         super().__init__(code, reason)
         self.transient = transient
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Celery pickles exceptions raised by tasks; keep code and transient across the trip.
+        return (type(self), (self.reason, self.transient, self.code))
+
 
 class NotAnImage(PreprocessError):
     """The object is valid DICOM but not something the model indexes (SR, PR, KO, SEG, RT dose...)."""
 
     def __init__(self, reason: str, code: str = "not_an_image") -> None:
         super().__init__(code, reason)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason, self.code))
 
 
 # -- reading -------------------------------------------------------------------------------------
@@ -190,7 +210,10 @@ def _read(fp: Any) -> Dataset:
     except InvalidDicomError as exc:
         raise DecodeError(f"not a DICOM file ({_short(exc)})", code="not_dicom") from exc
     except Exception as exc:  # pydicom raises many types on garbage; all mean the same thing here
-        raise DecodeError(f"malformed dataset ({type(exc).__name__}: {_short(exc)})", code="malformed_dataset") from exc
+        # Parser messages can quote element values (a name, an ID): drop every quoted part.
+        text = re.sub(r"(['\"]).*?\1", "'...'", _short(exc, 400))
+        reason = f"malformed dataset ({type(exc).__name__}: {_short(text)})"
+        raise DecodeError(reason, code="malformed_dataset") from exc
     # pydicom reads past a premature end of file with a warning; a file cut before its pixel data
     # (or before any element) is truncated, whatever else was readable.
     hit_eof = any("end of file" in str(w.message).lower() for w in caught)

@@ -291,6 +291,16 @@ def test_float_pixel_data_is_not_an_image() -> None:
     assert err.value.code == "float_pixel_data"
 
 
+def test_refusals_survive_pickling() -> None:
+    # Celery moves exceptions between processes by pickling them.
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DecodeError("read failed", transient=True, code="io_error")))
+    assert (err.code, err.reason, err.transient) == ("io_error", "read failed", True)
+    nai = pickle.loads(pickle.dumps(NotAnImage("structured report", code="structured_report")))
+    assert (nai.code, nai.reason) == ("structured_report", "structured report")
+
+
 def test_decode_errors_never_carry_patient_data() -> None:
     ds = pydicom.dcmread(wheel("MR_truncated.dcm"))
     with pytest.raises(DecodeError) as err:
