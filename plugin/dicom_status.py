@@ -121,3 +121,15 @@ def set_private(ds: Dataset, offset: int, value: object) -> None:
     creator_tag = (PRIVATE_GROUP << 16) | 0x0010
     ds.add_new(creator_tag, "LO", PRIVATE_CREATOR)
     ds.add_new(private_tag(offset), private_vr(offset), value)
+
+
+def dcmtk_dictionary() -> str:
+    """Our private elements as a DCMTK data dictionary (``DCMDICTPATH``).
+
+    Without it DCMTK tools encode unknown private tags as UN and read ``-k (0099,1001)=1.2.3`` as
+    numbers, not text: a site that queries with ``findscu`` adds this file to its dictionary path.
+    """
+    lines = ["# drh-pacs private elements (creator DRH-PACS 1)"]
+    for offset, (vr, vm, _name, keyword) in sorted(_ELEMENTS.items()):
+        lines.append(f'({PRIVATE_GROUP:04x},"{PRIVATE_CREATOR}",{offset:02x})\t{vr}\t{keyword}\t{vm}\tPrivateTag')
+    return "\n".join(lines) + "\n"

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pynetdicom import events as evt
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
 from plugin import dicom_status as st
 from plugin import move as move_mod
 from plugin import query as q
-from plugin.dicom_meta import is_uid
+from plugin.dicom_meta import is_uid, pixel_data_problem
 from plugin.settings import Settings
 from plugin.spool import Reconciler, Spool, SpoolEntry, SpoolError
 
@@ -65,6 +67,15 @@ def status_with_comment(status: int, comment: str) -> Dataset:
     return ds
 
 
+def called_ae_title(assoc: Any) -> str:
+    """The title the requester called (ours or the similar-query one), from its A-ASSOCIATE-RQ.
+
+    ``assoc.acceptor.ae_title`` is always our own title, whatever was called.
+    """
+    primitive = assoc.requestor.primitive
+    return str(getattr(primitive, "called_ae_title", "") or "").strip()
+
+
 # -- association -----------------------------------------------------------------------------------
 def handle_requested(event: Any, settings: Settings) -> None:
     """Reject an association from an unknown calling AE, to a wrong called AE, or from a refused address.
@@ -93,6 +104,8 @@ def handle_requested(event: Any, settings: Settings) -> None:
             diagnostic,
         )
         assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_USER, diagnostic)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
 
 
 def handle_echo(event: Any) -> int:
@@ -112,6 +125,7 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
         return st.SUCCESS
     try:
         ds = event.dataset
+        ds.file_meta = event.file_meta  # the negotiated transfer syntax, for the pixel data checks
         for _ in ds.iterall():  # convert every element now: a truncated value fails here, not in a worker
             pass
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
@@ -129,18 +143,35 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
     elif ds_class and ds_class != sop_class:
         log.warning("C-STORE %s from %s: SOPClassUID %s differs from request", sop_uid, calling, ds_class)
         return status_with_comment(st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
-    elif "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        problem = "image object without pixel data"
+    else:
+        problem = pixel_data_problem(ds)
     if problem:
         log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, problem)
         return status_with_comment(st.STORE_CANNOT_UNDERSTAND, problem)
     try:
-        entry = deps.spool.write(study_uid, sop_uid, event.encoded_dataset())
+        entry = deps.spool.write(study_uid, sop_uid, _file_bytes(event, calling))
     except SpoolError as exc:
         log.error("C-STORE %s from %s: cannot spool (%s)", sop_uid, calling, exc)
         return status_with_comment(st.STORE_OUT_OF_RESOURCES, "cannot store the file durably")
     deps.executor.submit(_enqueue_after_answer, deps, entry, calling)
     return st.SUCCESS
+
+
+def _file_bytes(event: Any, calling: str) -> list[bytes]:
+    """Preamble, file meta (with the sender's AE title) and the dataset exactly as received.
+
+    The sender's title in the file meta lets the spool alone say where a study came from (for the
+    reconciler and for C-MOVE forwarding); the dataset bytes are not re-encoded, so compressed pixel
+    data is kept as sent.
+    """
+    meta = event.file_meta
+    meta.SourceApplicationEntityTitle = calling or "UNKNOWN"
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return [buffer.getvalue(), event.encoded_dataset(include_meta=False)]
 
 
 def _enqueue_after_answer(deps: StoreDeps, entry: SpoolEntry, source_ae: str) -> None:
@@ -157,7 +188,7 @@ def _enqueue_after_answer(deps: StoreDeps, entry: SpoolEntry, source_ae: str) ->
 def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
     """Similar-studies query (SIMILAR AE or private key) or plain Study/Patient Root matching."""
     started = time.monotonic()
-    called = str(event.assoc.acceptor.ae_title or "").strip()
+    called = called_ae_title(event.assoc)
     calling = str(event.assoc.requestor.ae_title or "").strip()
     try:
         identifier = event.identifier

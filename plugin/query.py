@@ -289,9 +289,13 @@ def _study_uid_of(level: str, uid: str, store: Any) -> tuple[str | None, dict[st
 def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> list[SimilarResult]:
     """The k nearest studies (or images) to the reference, nearest first, reference excluded."""
     index = indexes.get("study" if query.level == "STUDY" else "image")
+    if index is not None:
+        try:
+            index.refresh()  # one round trip when nothing changed; loads the replica the first time
+        except Exception:  # noqa: BLE001 - Redis away: answer from the replica we have, if any
+            pass
     if index is None or not index.ready:
         raise QueryError("index-not-ready", "index not ready: try again shortly", st.OUT_OF_RESOURCES)
-    index.refresh()
     code = index.code_of(query.reference_uid)
     what = "study" if query.level == "STUDY" else "instance"
     if code is None:

@@ -1,0 +1,135 @@
+"""Helpers for the plugin's integration tests: start the SCP in-process, fill the store, run DCMTK.
+
+Every peer is real: the SCP is the one ``drh-pacs serve`` starts, on a free port; DCMTK tools are
+called by absolute path (the ``findscu`` on PATH is pynetdicom's); Redis is the session's server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from plugin.redis_embedded import free_port
+from plugin.settings import Settings, load_settings
+
+DCMTK = Path("/usr/bin")
+VERSION = "v-test"
+NBITS = 16
+
+
+@dataclass
+class Plugin:
+    settings: Settings
+    store: Any
+    indexes: dict[str, Any]
+    celery: Any
+    server: Any
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+
+def make_settings(tmp: Path, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "data_dir": tmp / "data",
+        "redis_url": redis_url,
+        "dicom_host": "127.0.0.1",
+        "dicom_port": free_port(),
+        "api_token": "test-token",
+        "study_stable_seconds": 1.0,
+    }
+    values.update(overrides)
+    return load_settings(env={}, **values)
+
+
+@contextlib.contextmanager
+def running_plugin(tmp: Path, redis_url: str, **overrides: Any) -> Iterator[Plugin]:
+    """The SCP of ``drh-pacs serve`` (with its store, replica indexes and Celery app), stopped after."""
+    from plugin.index import ReplicaIndex
+    from plugin.scp import start_scp
+    from plugin.store import CodeStore
+    from workers.app import make_celery
+
+    settings = make_settings(tmp, redis_url, **overrides)
+    store = CodeStore(redis.Redis.from_url(redis_url), settings.redis_namespace)
+    indexes = {level: ReplicaIndex(store, level) for level in ("study", "image")}
+    celery_app = make_celery(settings)
+    server = start_scp(settings, store, indexes, celery_app)
+    try:
+        yield Plugin(settings, store, indexes, celery_app, server)
+    finally:
+        server.shutdown()
+
+
+def code(bits: str) -> bytes:
+    """A 16-bit code from a string of 0/1 (readable distances in tests)."""
+    return int(bits.replace(" ", ""), 2).to_bytes(NBITS // 8, "big")
+
+
+def populate(store: Any, studies: Mapping[str, tuple[bytes, dict[str, str]]], level: str = "study") -> None:
+    """Codes and metadata as the workers write them, for query tests that need no model."""
+    store.register_model(VERSION, NBITS)
+    store.ensure_active(VERSION)
+    for uid, (bits, meta) in studies.items():
+        if level == "study":
+            store.put_study(uid, meta)
+        store.upsert_code(VERSION, level, uid, bits)
+
+
+@functools.cache
+def dcmtk_env() -> dict[str, str]:
+    """DCMTK's own dictionaries plus ours, so ``-k (0099,1001)=<uid>`` is sent as text (UI), not as UN."""
+    from plugin.dicom_status import dcmtk_dictionary
+
+    path = Path(tempfile.mkdtemp(prefix="drh-dcmtk-")) / "drh-pacs.dic"
+    path.write_text(dcmtk_dictionary())
+    base = [str(p) for p in sorted(Path("/usr/share").glob("libdcmtk*/dicom.dic"))[-1:]]
+    base += [str(p) for p in sorted(Path("/usr/share").glob("libdcmtk*/private.dic"))[-1:]]
+    return {**os.environ, "DCMDICTPATH": ":".join([*base, str(path)])}
+
+
+def dcmtk(tool: str, *args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DCMTK / tool), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+        env=dcmtk_env(),
+    )
+
+
+def findscu(
+    port: int,
+    keys: list[str],
+    out_dir: Path,
+    *,
+    called: str = "DRHPACS",
+    calling: str = "VIEWER",
+    model: str = "-S",
+    debug: bool = False,
+) -> tuple[subprocess.CompletedProcess[str], list[Dataset]]:
+    """Run DCMTK findscu, extracting every pending response; returns them in the order received.
+
+    ``debug`` (``-d``) makes findscu print whole response commands, ErrorComment included.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args = ["-d" if debug else "-v", model, "-aet", calling, "-aec", called, "-X", "-od", str(out_dir)]
+    for key in keys:
+        args += ["-k", key]
+    proc = dcmtk("findscu", *args, "127.0.0.1", str(port))
+    responses = [dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
+    return proc, responses
