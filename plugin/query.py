@@ -308,6 +308,19 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
     exclude_patient = None
     if query.filters.exclude_reference_patient:
         exclude_patient = store.study(reference_study_uid or "").get("patient_id") or None
+    return search_code(code, query, store, index, exclude_uids=(query.reference_uid,), exclude_patient=exclude_patient)
+
+
+def search_code(
+    code: bytes,
+    query: SimilarQuery,
+    store: Any,
+    index: Any,
+    *,
+    exclude_uids: tuple[str, ...] = (),
+    exclude_patient: str | None = None,
+) -> list[SimilarResult]:
+    """The k nearest to ``code`` in ``index`` with the query's filters, as ranked results with metadata."""
     from plugin.index import SearchFilters
 
     f = query.filters
@@ -319,13 +332,11 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         patient_id=f.patient_id,
         exclude_patient_id=exclude_patient,
     )
-    hits = index.search(
-        code, query.k, max_distance=query.max_distance, filters=filters, exclude_uids=(query.reference_uid,)
-    )
+    hits = index.search(code, query.k, max_distance=query.max_distance, filters=filters, exclude_uids=exclude_uids)
     nbits = int(index.nbits)
     results: list[SimilarResult] = []
     for hit in hits:
-        if hit.uid == query.reference_uid:
+        if hit.uid in exclude_uids:
             continue  # never, whatever the index does
         study_uid, instance = _study_uid_of(query.level, hit.uid, store)
         study = store.study(study_uid) if query.level == "IMAGE" and study_uid else instance

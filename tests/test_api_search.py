@@ -1,0 +1,209 @@
+"""The HTTP similar search, served by uvicorn on a free port and called over HTTP with httpx.
+
+The archive is hashed with the real encoder (the shipped model, or its seeded fallback), so an
+uploaded copy of an indexed image must come back at distance 0.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from conftest import wait_until
+from dicom_peers import make_settings
+from dicomgen import fixture_images, make_instance, make_study
+from pydicom.uid import generate_uid
+
+TOKEN = "test-token"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from hashing.encoder import Encoder
+
+    return Encoder.load(None, device="cpu")
+
+
+class Archive:
+    """Three one-image studies and one two-image study, hashed and stored as the workers do."""
+
+    def __init__(self, store, encoder, tmp: Path) -> None:
+        from hashing.preprocess import load_pixels, read_dataset
+
+        self.version = encoder.version
+        store.register_model(encoder.version, encoder.nbits)
+        store.ensure_active(encoder.version)
+        images = fixture_images()
+        plan = [
+            ("P1", [images[0]], "DX"),
+            ("P2", [images[4]], "DX"),
+            ("P3", [images[8]], "CR"),
+            ("P1", images[1:3], "DX"),
+        ]
+        self.studies = []
+        for n, (pid, files, modality) in enumerate(plan):
+            study = make_study(tmp / "archive", files, patient_id=pid, modality=modality, study_date=f"2024010{n + 1}")
+            pixels = [load_pixels(read_dataset(f)) for f in study.files]
+            codes, embeddings = encoder.encode_images(pixels)
+            for path, sop, c in zip(study.files, study.sop_uids, codes, strict=True):
+                store.put_instance(
+                    sop, study.study_uid, {"series_uid": "1.2.3", "modality": modality, "path": str(path)}
+                )
+                store.upsert_code(encoder.version, "image", sop, bytes(c))
+            store.put_study(
+                study.study_uid,
+                {
+                    "patient_id": pid,
+                    "patient_name": f"NAME^{pid}",
+                    "study_date": f"2024010{n + 1}",
+                    "modalities": modality,
+                    "n_instances": str(len(files)),
+                    "body_part": "CHEST",
+                },
+            )
+            store.upsert_code(encoder.version, "study", study.study_uid, bytes(encoder.encode_study(embeddings)))
+            self.studies.append(study)
+
+
+@pytest.fixture
+def api(tmp_path, redis_client, redis_server) -> Iterator[tuple[httpx.Client, object]]:
+    import uvicorn
+
+    from plugin.http_api import ApiContext, create_app
+    from plugin.index import ReplicaIndex
+    from plugin.redis_embedded import free_port
+    from plugin.store import CodeStore
+
+    settings = make_settings(tmp_path, redis_server.url, http_port=free_port(), api_token=TOKEN)
+    store = CodeStore(redis.Redis.from_url(redis_server.url), settings.redis_namespace)
+    ctx = ApiContext(settings=settings, store=store, index={lv: ReplicaIndex(store, lv) for lv in ("study", "image")})
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(ctx), host="127.0.0.1", port=settings.http_port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 15, what="uvicorn to start")
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{settings.http_port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120
+    )
+    try:
+        yield client, store
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def archive(api, encoder, tmp_path) -> Archive:
+    return Archive(api[1], encoder, tmp_path)
+
+
+def test_token_is_required(api):
+    client, _ = api
+    response = httpx.get(f"{client.base_url}/api/similar/study/1.2.3")
+    assert response.status_code == 401
+    response = httpx.get(f"{client.base_url}/api/similar/study/1.2.3", headers={"Authorization": "Bearer nope"})
+    assert response.status_code == 401
+
+
+def test_index_not_ready_is_503(api):
+    client, _ = api
+    response = client.get("/api/similar/study/1.2.3")
+    assert response.status_code == 503 and response.json()["error"] == "index-not-ready"
+
+
+def test_similar_by_study_uid(api, archive):
+    client, _ = api
+    ref = archive.studies[0]
+    body = client.get(f"/api/similar/study/{ref.study_uid}", params={"k": 10}).json()
+    uids = [r["study"]["study_instance_uid"] for r in body["results"]]
+    assert ref.study_uid not in uids
+    assert sorted(uids) == sorted(s.study_uid for s in archive.studies[1:])
+    distances = [r["distance"] for r in body["results"]]
+    assert distances == sorted(distances) and [r["rank"] for r in body["results"]] == [1, 2, 3]
+    assert body["model_version"] == archive.version and body["level"] == "study"
+    for r in body["results"]:
+        assert r["score"] == pytest.approx(1 - r["distance"] / body["nbits"], abs=1e-4)
+
+    only_cr = client.get(f"/api/similar/study/{ref.study_uid}", params={"modality": "CR"}).json()
+    assert [r["study"]["study_instance_uid"] for r in only_cr["results"]] == [archive.studies[2].study_uid]
+    others = client.get(f"/api/similar/study/{ref.study_uid}", params={"exclude_same_patient": "yes"}).json()
+    assert archive.studies[3].study_uid not in [r["study"]["study_instance_uid"] for r in others["results"]]
+    one_patient = client.get(f"/api/similar/study/{ref.study_uid}", params={"patient_id": "P1"}).json()
+    assert [r["study"]["study_instance_uid"] for r in one_patient["results"]] == [archive.studies[3].study_uid]
+
+
+def test_similar_by_study_refusals(api, archive):
+    client, store = api
+    assert client.get("/api/similar/study/1.2.999").status_code == 404
+    store.put_study("1.2.998", {"patient_id": "P9"})
+    response = client.get("/api/similar/study/1.2.998")
+    assert response.status_code == 409 and "not yet indexed" in response.json()["detail"]
+    assert client.get(f"/api/similar/study/{archive.studies[0].study_uid}", params={"k": "0"}).status_code == 400
+    assert client.get("/api/similar/study/not-a-uid").status_code == 400
+    bad_date = client.get(f"/api/similar/study/{archive.studies[0].study_uid}", params={"date_from": "2024"})
+    assert bad_date.status_code == 400
+
+
+def test_similar_by_instance_uid(api, archive):
+    client, _ = api
+    ref = archive.studies[3].sop_uids[0]
+    body = client.get(f"/api/similar/instance/{ref}", params={"k": 3}).json()
+    assert body["level"] == "image" and len(body["results"]) == 3
+    assert ref not in [r["sop_instance_uid"] for r in body["results"]]
+    assert all(r["study"]["study_instance_uid"] for r in body["results"])
+
+
+def test_upload_a_copy_of_an_indexed_image_finds_it_at_distance_zero(api, archive, tmp_path):
+    client, _ = api
+    target = archive.studies[1]
+    copy = make_instance(fixture_images()[4], study_uid=generate_uid(), series_uid=generate_uid(), patient_id="PX")
+    path = tmp_path / "upload.dcm"
+    copy.save_as(path, enforce_file_format=True)
+
+    image_level = client.post(
+        "/api/similar/upload", params={"level": "image", "k": 2}, files={"file": ("x.dcm", path.read_bytes())}
+    )
+    assert image_level.status_code == 200, image_level.text
+    first = image_level.json()["results"][0]
+    assert first["sop_instance_uid"] == target.sop_uids[0] and first["distance"] == 0
+
+    study_level = client.post(
+        "/api/similar/upload", content=path.read_bytes(), headers={"Content-Type": "application/dicom"}
+    )
+    assert study_level.status_code == 200, study_level.text
+    body = study_level.json()
+    assert body["results"][0]["study"]["study_instance_uid"] == target.study_uid
+    assert body["results"][0]["distance"] == 0
+    assert body["reference"]["sop_instance_uid"] == copy.SOPInstanceUID
+
+
+def test_upload_of_an_indexed_file_leaves_itself_out(api, archive):
+    client, _ = api
+    own = archive.studies[0]
+    body = client.post("/api/similar/upload", files={"file": ("a.dcm", own.files[0].read_bytes())}).json()
+    assert own.study_uid not in [r["study"]["study_instance_uid"] for r in body["results"]]
+
+
+def test_upload_that_is_not_an_image(api, archive):
+    client, _ = api
+    response = client.post("/api/similar/upload", content=b"not dicom at all" * 10)
+    assert response.status_code == 422
+    assert client.post("/api/similar/upload", content=b"").status_code == 400
+    assert client.post("/api/similar/upload", params={"level": "series"}, content=b"x").status_code == 400
+
+
+def test_codes_of_the_archive_are_the_encoders(archive, encoder):
+    """Guard for the tests above: equal pixels give equal codes with this encoder (deterministic)."""
+    from hashing.preprocess import load_pixels, read_dataset
+
+    f = archive.studies[1].files[0]
+    a, _ = encoder.encode_images([load_pixels(read_dataset(f))])
+    b, _ = encoder.encode_images([load_pixels(read_dataset(f))])
+    assert np.array_equal(a, b)
