@@ -28,7 +28,8 @@ Decisions, so that workers and training agree:
 
 :class:`DecodeError` (should be an image, is not; the worker records a failure, retried only when
 ``transient``): transient ``file_not_found``, ``io_error``, ``out_of_memory``; permanent
-``not_dicom``, ``truncated_file``, ``malformed_dataset``, ``bad_pixel_module``,
+``not_dicom``, ``truncated_file``, ``malformed_dataset``, ``missing_pixel_data`` (an image SOP
+class without pixels: a cut or stripped file), ``bad_pixel_module``,
 ``unsupported_photometric``, ``missing_transfer_syntax``, ``unsupported_transfer_syntax``,
 ``decoder_unavailable``, ``truncated_pixel_data``, ``corrupt_pixel_data``, ``bad_palette``,
 ``bad_modality_lut``, ``window_outside_data`` (a radiograph whose window misses its pixels),
@@ -49,6 +50,7 @@ import warnings
 import zlib
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -62,6 +64,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    UID_dictionary,
 )
 
 # Smallest side (pixels) of an image worth indexing; below it the model sees only interpolation.
@@ -79,6 +82,10 @@ FALLBACK_PERCENTILES = (0.5, 99.5)
 PROJECTION_MODALITIES = frozenset({"CR", "DX", "MG", "RG", "RF", "XA", "PX", "IO"})
 # Decoder plugin tried first when several can handle a transfer syntax.
 PREFERRED_PLUGIN = "pylibjpeg"
+# Plugins never used: python-gdcm aborts the whole process (an uncaught C++ gdcm::Exception ->
+# std::terminate) on some corrupt JPEG streams, which would kill a worker on one bad file.
+# Every sample in the project's test corpus decodes without it (pylibjpeg, pillow, pydicom).
+UNSAFE_PLUGINS = ("gdcm",)
 # ITU-R BT.601 luma weights (what DICOM's YBR_FULL uses).
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -193,14 +200,19 @@ def _read(fp: Any) -> Dataset:
     if not has_preamble and not _looks_like_raw_dataset(head):
         raise DecodeError("no DICM preamble and no DICOM data element at the start", code="not_dicom")
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _values_unvalidated():
             warnings.simplefilter("always")
             ds = pydicom.dcmread(fp, force=True)
             # Touch every element now, so a garbled header fails here with a clear code rather
             # than deep inside the decoder.
             for _ in ds.iterall():
                 pass
+            for _ in getattr(ds, "file_meta", None) or ():
+                pass
     except OSError as exc:
+        if exc.errno is None:
+            # pydicom's own parse failures are OSErrors without an errno ("No tag to read at...").
+            raise DecodeError(f"file ends or breaks inside the dataset ({_short(exc)})", code="truncated_file") from exc
         why = exc.strerror or type(exc).__name__
         raise DecodeError(f"read failed ({why})", transient=True, code="io_error") from exc
     except MemoryError as exc:
@@ -220,9 +232,29 @@ def _read(fp: Any) -> Dataset:
     if hit_eof and "PixelData" not in ds:
         raise DecodeError("file ends before the pixel data", code="truncated_file")
     if len(ds) == 0:
+        if len(getattr(ds, "file_meta", None) or ()) > 0:
+            raise DecodeError("file ends after the meta header", code="truncated_file")
         raise DecodeError("no data elements", code="not_dicom")
     _ensure_transfer_syntax(ds)
     return ds
+
+
+@contextmanager
+def _values_unvalidated() -> Iterator[None]:
+    """Read without pydicom's value validation.
+
+    pydicom logs invalid values *with the value* ("Invalid value for VR PN: ..."), which would put
+    patient names and IDs in our logs; we have no use for VR validation here. Every element is
+    converted inside this block (see ``iterall`` in :func:`_read`), so later accesses do not
+    validate either. Worker processes are single-threaded, so swapping the global is safe.
+    """
+    settings = pydicom.config.settings
+    saved = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = saved
 
 
 def _looks_like_raw_dataset(head: bytes) -> bool:
@@ -300,6 +332,13 @@ def check_is_image(ds: Dataset) -> None:
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
         raise NotAnImage("float pixel data (computed values, not an acquired image)", code="float_pixel_data")
     if "PixelData" not in ds:
+        if sop and not _UID_RE.match(sop):
+            raise DecodeError("SOP class UID is malformed (a cut or garbled header)", code="malformed_dataset")
+        meta_sop = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+        if _is_image_sop_class(sop) or _is_image_sop_class(meta_sop) or "Rows" in ds or "BitsAllocated" in ds:
+            # An image without its pixels is a cut or stripped file: a failure to see, not to ignore.
+            what = UID(sop).name if sop else "image pixel module"
+            raise DecodeError(f"{what} without pixel data (truncated or stripped)", code="missing_pixel_data")
         what = f"SOP class {sop}" if sop else "no SOP class"
         raise NotAnImage(f"no pixel data ({what})", code="no_pixel_data")
     for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation"):
@@ -308,6 +347,15 @@ def check_is_image(ds: Dataset) -> None:
     phot = str(ds.PhotometricInterpretation).strip().upper()
     if phot not in _MONO | _COLOUR:
         raise DecodeError(f"photometric interpretation {phot} not supported", code="unsupported_photometric")
+
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def _is_image_sop_class(sop: str) -> bool:
+    """Whether the SOP class is an image storage class ("CT Image Storage", "Digital X-Ray ...")."""
+    entry = UID_dictionary.get(sop)
+    return bool(entry) and "Image Storage" in entry[0]
 
 
 def number_of_frames(ds: Dataset) -> int:
@@ -403,9 +451,12 @@ def _display_params(ds: Dataset, frame: int) -> _Display:
 
 def _decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:
     """Stored values of one frame (rows, cols) or (rows, cols, 3), and the photometric it is in."""
-    ts = UID(str(getattr(ds.file_meta, "TransferSyntaxUID", "") or ""))
-    if not ts:
+    text = str(getattr(ds.file_meta, "TransferSyntaxUID", "") or "")
+    if not text:
         raise DecodeError("compressed pixel data but no transfer syntax", code="missing_transfer_syntax")
+    if not _UID_RE.match(text):
+        raise DecodeError("transfer syntax UID is malformed", code="malformed_dataset")
+    ts = UID(text)
     if ts == DEFLATED_IMAGE_FRAME:
         return _inflate_frame(ds, frame), str(ds.PhotometricInterpretation).strip().upper()
     try:
@@ -413,51 +464,59 @@ def _decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:
     except NotImplementedError as exc:
         name = ts.name if ts.is_transfer_syntax else ts
         raise DecodeError(f"transfer syntax {name} not supported", code="unsupported_transfer_syntax") from exc
-    if not decoder.is_available:
+    usable = [name for name in decoder.available_plugins if name not in UNSAFE_PLUGINS]
+    if not decoder.is_available or (decoder.available_plugins and not usable):
         raise DecodeError(
-            f"no decoder installed for {ts.name} (install pylibjpeg plugins or python-gdcm)",
+            f"no usable decoder installed for {ts.name} (install the pylibjpeg plugins)",
             code="decoder_unavailable",
         )
     try:
         arr, meta = _run_decoder(decoder, ds, frame)
     except MemoryError as exc:
         raise DecodeError("out of memory while decoding", transient=True, code="out_of_memory") from exc
-    except Exception as exc:
-        text = _short(exc)
-        low = text.lower()
-        if "less than expected" in low or "too short" in low or "insufficient" in low or "truncat" in low:
-            raise DecodeError(f"pixel data shorter than the header says ({text})", code="truncated_pixel_data") from exc
-        raise DecodeError(f"{ts.name}: {_decoder_message(exc)}", code="corrupt_pixel_data") from exc
+    except _DecodeFailed as exc:
+        low = exc.summary.lower()
+        if any(hint in low for hint in ("less than expected", "too short", "insufficient", "truncat")):
+            reason = f"pixel data shorter than the header says ({exc.summary})"
+            raise DecodeError(reason, code="truncated_pixel_data") from exc
+        raise DecodeError(f"{ts.name}: {exc.summary}", code="corrupt_pixel_data") from exc
     phot = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation)).strip().upper()
     return arr, phot
 
 
-def _run_decoder(decoder: Any, ds: Dataset, frame: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Decode with our preferred plugin first (pylibjpeg, a declared dependency), then any other.
+class _DecodeFailed(Exception):
+    """Every decoder plugin failed; ``summary`` is the most specific of their messages."""
 
-    pydicom would try plugins in its own order and log an ERROR for each one that cannot handle a
-    stream, even when the next succeeds; IT staff would read those as failures.
+    def __init__(self, messages: list[str]) -> None:
+        specific = [m for m in messages if "does not support" not in m and "NoneType" not in m]
+        self.summary = _short((specific or messages or ["unknown decoder failure"])[0], 240)
+        super().__init__(self.summary)
+
+
+def _run_decoder(decoder: Any, ds: Dataset, frame: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Try each plugin in turn, our preferred one (pylibjpeg, a declared dependency) first.
+
+    We loop ourselves rather than let pydicom do it because (1) pydicom logs an ERROR for every
+    plugin that cannot handle a stream even when the next one succeeds, which IT staff would read
+    as failures, and (2) the Rust plugins (pylibjpeg-rle) *panic* on some corrupt streams, raising
+    a BaseException that pydicom does not catch and that would take the worker task down.
     """
-    plugins = list(decoder.available_plugins)
+    available = [name for name in decoder.available_plugins if name not in UNSAFE_PLUGINS]
+    plugins = sorted(available, key=lambda name: name != PREFERRED_PLUGIN)
+    messages: list[str] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if len(plugins) > 1 and PREFERRED_PLUGIN in plugins:
+        for name in plugins or [""]:  # native transfer syntaxes have no plugins
             try:
-                return decoder.as_array(ds, index=frame, raw=False, decoding_plugin=PREFERRED_PLUGIN)
-            except MemoryError:
+                return decoder.as_array(ds, index=frame, raw=False, decoding_plugin=name)
+            except (MemoryError, KeyboardInterrupt, SystemExit):
                 raise
-            except Exception:  # fall through to every plugin, which reports all their reasons
-                pass
-        return decoder.as_array(ds, index=frame, raw=False)
-
-
-def _decoder_message(exc: BaseException) -> str:
-    """The useful line of a decoder failure: pydicom lists every plugin; keep the first specific one."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if len(lines) > 1 and lines[0].startswith("Unable to decode"):
-        specific = [ln for ln in lines[1:] if "does not support" not in ln and "NoneType" not in ln]
-        return _short(specific[0] if specific else lines[1], 200)
-    return _short(f"{type(exc).__name__}: {exc}", 200)
+            except BaseException as exc:  # noqa: B036 - a Rust panic is a BaseException
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                messages.append(f"{name or 'pydicom'}: {first}" if name else first)
+                if not name or "less than expected" in first:
+                    break  # the same check runs before any plugin: no point trying the others
+    raise _DecodeFailed(messages)
 
 
 def _inflate_frame(ds: Dataset, frame: int) -> np.ndarray:
@@ -740,9 +799,9 @@ def _iter_files(root: Path) -> Iterator[Path]:
 
 
 def _describe(ds: Dataset) -> dict[str, str]:
-    ts = UID(str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""))
+    text = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
     return {
-        "transfer_syntax": ts.name if ts else "",
+        "transfer_syntax": UID(text).name if _UID_RE.match(text) else text[:64],
         "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
         "modality": str(ds.get("Modality", "") or ""),
         "frames": str(number_of_frames(ds)) if "PixelData" in ds else "",

@@ -226,6 +226,40 @@ def test_truncated_files_are_refused(keep: float) -> None:
     assert not err.value.transient
 
 
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG2000.dcm"])
+def test_every_cut_of_a_file_is_a_permanent_decode_error(name: str) -> None:
+    # Whatever byte a transfer stops at, the answer is a permanent DecodeError with a code: never
+    # a crash, never "not an image" (which would be silently ignored), never a pointless retry.
+    # A cut inside trailing elements or padding after complete pixel data may still decode: then
+    # it must be exactly the full image.
+    data = Path(wheel(name)).read_bytes()
+    full = pp.load_file(data)
+    for cut in range(0, len(data) - 1, max(1, len(data) // 150)):
+        try:
+            img = pp.load_file(data[:cut])
+        except DecodeError as err:
+            assert not err.transient, (cut, err)
+            assert err.code and err.reason
+        else:
+            np.testing.assert_array_equal(img, full, err_msg=f"cut at {cut}")
+
+
+def test_corrupted_bytes_never_escape_as_other_exceptions() -> None:
+    rng = np.random.default_rng(7)
+    for name in ("MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEG2000.dcm"):
+        data = Path(wheel(name)).read_bytes()
+        for _ in range(25):
+            buf = bytearray(data)
+            for pos in rng.integers(0, len(buf), size=6):
+                buf[int(pos)] = int(rng.integers(0, 256))
+            try:
+                img = pp.load_file(bytes(buf))
+            except (DecodeError, NotAnImage) as exc:
+                assert exc.code and exc.reason
+            else:
+                assert_sane(img)
+
+
 def test_io_errors_are_transient(tmp_path: Path) -> None:
     with pytest.raises(DecodeError) as err:
         pp.read_dataset(tmp_path / "gone.dcm")
@@ -272,14 +306,24 @@ def test_key_object_and_presentation_state_by_sop_class() -> None:
         assert err.value.code == code
 
 
-def test_no_pixel_data_and_reason_without_patient_data() -> None:
+def test_image_without_pixel_data_is_a_failure_not_ignored() -> None:
+    # A CT with its pixels cut off or stripped must show up as a failure, never be silently skipped.
     ds = pydicom.dcmread(wheel("CT_small.dcm"))
     name, pid = str(ds.PatientName), str(ds.PatientID)
     del ds.PixelData
+    with pytest.raises(DecodeError) as err:
+        pp.load_pixels(ds)
+    assert err.value.code == "missing_pixel_data" and not err.value.transient
+    assert name not in str(err.value) and pid not in str(err.value)
+
+
+def test_non_image_sop_class_without_pixel_data() -> None:
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.78.1"  # Lensometry Measurements
+    ds.SOPInstanceUID = generate_uid()
     with pytest.raises(NotAnImage) as err:
         pp.load_pixels(ds)
     assert err.value.code == "no_pixel_data"
-    assert name not in str(err.value) and pid not in str(err.value)
 
 
 def test_float_pixel_data_is_not_an_image() -> None:
