@@ -115,6 +115,7 @@ def worker_factory(redis_server, redis_client, tmp_path):
     yield start
     for w in started:
         w.stop()
+        print(f"--- {w.log_path.name} ---\n{w.log()[-6000:]}")  # shown by pytest when the test failed
 
 
 def app_for(redis_url: str, data_dir: Path, **overrides):
@@ -158,6 +159,10 @@ def test_celery_is_configured_for_no_loss_and_no_doubles(redis_server, tmp_path)
     assert app.amqp.router.route({}, "drh.pool_study")["queue"].name == "study"
     assert app.amqp.router.route({}, "drh.reindex_batch")["queue"].name == "maintenance"
     assert {"drh.index_instance", "drh.pool_study", "drh.reindex_plan"} <= set(app.tasks)
+    # each queue is bound under its own routing key only: a message goes to exactly one queue
+    assert {(q.name, q.exchange.name, q.routing_key) for q in conf.task_queues} == {
+        (n, n, n) for n in ("ingest", "study", "maintenance")
+    }
 
 
 def test_app_module_does_not_import_torch():

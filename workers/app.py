@@ -36,7 +36,7 @@ from typing import Any
 
 import redis
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from plugin.redis_embedded import resolve_redis_url
 from plugin.settings import Settings, SettingsError, load_settings
@@ -74,8 +74,12 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        task_queues=[Queue(name) for name in QUEUES],
+        # One direct exchange per queue, bound by its own name: a queue declared without one would
+        # share Celery's default binding and every message would land in all three queues.
+        task_queues=[Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         task_default_queue="ingest",
+        task_default_exchange="ingest",
+        task_default_routing_key="ingest",
         task_routes=TASK_ROUTES,
         task_serializer="json",
         accept_content=["json"],

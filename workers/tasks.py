@@ -366,6 +366,13 @@ def _already_indexed(store: CodeStore, versions: list[str], item: Item) -> bool:
     return all(store.r.hexists(store.keys.slot(v, "image"), item.sop_uid) for v in versions)
 
 
+def _pooled_before_indexed(store: CodeStore, version: str, item: Item) -> bool:
+    """True when no pooling of the item's study started after the item was indexed."""
+    indexed_at = float(store.r.hget(store.keys.instance(item.sop_uid), "indexed_at") or 0)
+    started = float(store.r.hget(store.keys.study(item.study_uid), f"pool_started:{version}") or 0)
+    return started < indexed_at
+
+
 def _index(task: ModelTask, own: Item) -> str:
     settings = task.app.drh_settings
     store = _store(task)
@@ -376,6 +383,9 @@ def _index(task: ModelTask, own: Item) -> str:
         r.hdel(payload_key(ns), own.sop_uid)
         r.zrem(pending_key(ns), own.sop_uid)
         r.hdel(claim_key(ns), own.sop_uid)
+        # The first run may have died between its writes and scheduling the study pooling.
+        if _pooled_before_indexed(store, versions[0][0], own):
+            schedule_pooling(task.app, r, own.study_uid)
         metrics.count_task(r, ns, "index_instance", "duplicate")
         return "duplicate"
 
@@ -558,6 +568,7 @@ def pool_study(self: ModelTask, study_uid: str, version: str = "") -> str:
         if not version:
             r.delete(pool_sched_key(ns, study_uid))
         versions = [(version, encoder_for_version(self, store, version))] if version else target_versions(self, store)
+        started = time.time()
         sops = store.study_instances(study_uid)
         outcome = "empty"
         for v, enc in versions:
@@ -567,7 +578,10 @@ def pool_study(self: ModelTask, study_uid: str, version: str = "") -> str:
             bag = np.stack([embs[s] for s in sorted(embs)]).astype(np.float32)
             code = enc.encode_study(bag)
             store.upsert_code(v, "study", study_uid, code)
-            r.hset(store.keys.study(study_uid), mapping={f"pooled_n:{v}": len(embs), f"pooled_at:{v}": time.time()})
+            r.hset(
+                store.keys.study(study_uid),
+                mapping={f"pooled_n:{v}": len(embs), f"pooled_at:{v}": time.time(), f"pool_started:{v}": started},
+            )
             outcome = "pooled"
         metrics.count_task(r, ns, "pool_study", "done")
         log.info("study %s pooled over %d instance(s)", study_uid, len(sops))
