@@ -1,0 +1,83 @@
+"""The failure ledger and `drh-pacs failures`, against a real Redis (the broker is the same Redis)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+
+from plugin.status import gather
+from workers.failures import FailureLedger
+
+NS = "drh"
+
+
+def _payload(n: int) -> dict:
+    return {
+        "sop_uid": f"1.2.3.{n}",
+        "study_uid": "1.2.3",
+        "path": f"/spool/1.2.3/1.2.3.{n}.dcm",
+        "source_ae": "PACS",
+        "received_at": 1000.0 + n,
+    }
+
+
+def test_ledger_counts_repeats_and_keeps_first_seen(redis_client):
+    ledger = FailureLedger(redis_client, NS)
+    first = ledger.record(_payload(1), "decode: unsupported transfer syntax", kind="permanent")
+    time.sleep(0.01)  # distinct timestamps (a unit test of the ledger, not a wait on a process)
+    again = ledger.record(_payload(1), "decode: unsupported transfer syntax (again)", kind="permanent")
+    assert again["count"] == 2 and again["first_seen"] == first["first_seen"]
+    assert again["last_seen"] > first["last_seen"] and again["reason"].endswith("(again)")
+    ledger.record(_payload(2), "file missing", kind="permanent")
+    assert [e["sop_uid"] for e in ledger.list()] == ["1.2.3.2", "1.2.3.1"]
+    assert ledger.count() == 2
+    assert ledger.resolve("1.2.3.1") and not ledger.resolve("1.2.3.1")
+    assert ledger.count() == 1 and [e["sop_uid"] for e in ledger.list()] == ["1.2.3.2"]
+
+
+def _cli(redis_url: str, tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRH_")}
+    env.update(DRH_REDIS_URL=redis_url, DRH_DATA_DIR=str(tmp_path))
+    return subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "failures", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_lists_and_retries(redis_server, redis_client, tmp_path):
+    ledger = FailureLedger(redis_client, NS)
+    for n in range(3):
+        ledger.record(_payload(n), f"decode: bad pixel data {n}", kind="permanent")
+
+    out = _cli(redis_server.url, tmp_path, "list")
+    assert out.returncode == 0, out.stderr
+    assert "3 failed instance(s)" in out.stdout and "bad pixel data 2" in out.stdout
+    listed = json.loads(_cli(redis_server.url, tmp_path, "list", "--json").stdout)
+    assert {e["sop_uid"] for e in listed} == {"1.2.3.0", "1.2.3.1", "1.2.3.2"}
+
+    out = _cli(redis_server.url, tmp_path, "retry", "1.2.3.1")
+    assert out.returncode == 0, out.stderr
+    assert ledger.get("1.2.3.1")["state"] == "retrying"
+    assert gather(redis_client, ns=NS)["queues"]["ingest"] == 1
+
+    out = _cli(redis_server.url, tmp_path, "retry", "9.9.9")
+    assert out.returncode == 1 and "not in the failure ledger" in out.stderr
+
+    out = _cli(redis_server.url, tmp_path, "retry", "--all")
+    assert out.returncode == 0 and "re-queued 3" in out.stdout
+    assert gather(redis_client, ns=NS)["queues"]["ingest"] == 4
+    # the queued tasks carry the original reception, so they are not mistaken for duplicates
+    msg = json.loads(redis_client.lindex("ingest", 0))
+    assert msg["headers"]["task"] == "drh.index_instance"
+    _args, kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
+    assert kwargs["received_at"] == 1000.0 + int(kwargs["sop_uid"].rsplit(".", 1)[1])
+
+
+def test_cli_reports_redis_down(tmp_path):
+    from plugin.redis_embedded import free_port
+
+    out = _cli(f"redis://127.0.0.1:{free_port()}/0", tmp_path, "list")
+    assert out.returncode == 1 and "unavailable" in out.stderr
