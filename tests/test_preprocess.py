@@ -260,6 +260,54 @@ def test_corrupted_bytes_never_escape_as_other_exceptions() -> None:
                 assert_sane(img)
 
 
+def rle_with_corrupt_segments() -> bytes:
+    """MR_small_RLE.dcm with 3 bytes of its RLE segments overwritten (seeded).
+
+    With pylibjpeg-rle 2.2 this exact stream makes the Rust decoder panic (index out of bounds),
+    which surfaces as a BaseException that pydicom does not catch.
+    """
+    data = Path(wheel("MR_small_RLE.dcm")).read_bytes()
+    start = data.find(bytes(pydicom.dcmread(wheel("MR_small_RLE.dcm")).PixelData[:16])) + 16
+    rng = np.random.default_rng(0)
+    for _ in range(13):
+        buf = bytearray(data)
+        for _ in range(3):
+            pos = int(rng.integers(start, len(buf)))
+            buf[pos] = int(rng.integers(0, 256))
+    return bytes(buf)
+
+
+def test_a_panicking_codec_is_a_decode_error() -> None:
+    try:
+        img = pp.load_file(rle_with_corrupt_segments())
+    except DecodeError as err:
+        assert err.code in {"corrupt_pixel_data", "truncated_pixel_data"} and not err.transient
+    else:  # pydicom's own RLE decoder may get through a corrupt segment: then the image must be sane
+        assert_sane(img)
+
+
+def test_run_decoder_falls_back_past_a_base_exception() -> None:
+    class Panic(BaseException):
+        pass
+
+    class FakeDecoder:
+        available_plugins = ("gdcm", "pydicom", "pylibjpeg")
+
+        def __init__(self) -> None:
+            self.tried: list[str] = []
+
+        def as_array(self, ds, *, index, raw, decoding_plugin):
+            self.tried.append(decoding_plugin)
+            if decoding_plugin == "pylibjpeg":
+                raise Panic("index out of bounds")
+            return np.zeros((4, 4)), {}
+
+    fake = FakeDecoder()
+    arr, _ = pp._run_decoder(fake, Dataset(), 0)
+    assert arr.shape == (4, 4)
+    assert fake.tried == ["pylibjpeg", "pydicom"]  # preferred first, then the next; never gdcm
+
+
 def test_io_errors_are_transient(tmp_path: Path) -> None:
     with pytest.raises(DecodeError) as err:
         pp.read_dataset(tmp_path / "gone.dcm")
