@@ -258,3 +258,29 @@ class Reconciler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+
+
+def with_source_ae(data: bytes, source_ae: str) -> list[bytes]:
+    """A Part 10 file's bytes with ``SourceApplicationEntityTitle`` set in its file meta.
+
+    The dataset after the meta group is kept byte for byte (compressed pixel data untouched). Data
+    without a preamble and meta group is returned as it is.
+    """
+    import io
+
+    from pydicom import dcmread
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00":
+        return [data]
+    group_length = int.from_bytes(data[140:144], "little")
+    end = 144 + group_length
+    meta = dcmread(io.BytesIO(data[:end]), force=True).file_meta
+    meta.SourceApplicationEntityTitle = source_ae
+    buffer = DicomBytesIO()
+    buffer.is_little_endian = True
+    buffer.is_implicit_VR = False
+    buffer.write(data[:128] + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return [buffer.getvalue(), data[end:]]

@@ -133,3 +133,95 @@ def findscu(
     proc = dcmtk("findscu", *args, "127.0.0.1", str(port))
     responses = [dcmread(p) for p in sorted(out_dir.glob("rsp*.dcm"))]
     return proc, responses
+
+
+DEPLOY_ORTHANC = Path(__file__).parents[1] / "deploy" / "orthanc"
+ORTHANC_USER = ("drh-pacs", "orthanc-test-password")
+
+
+class Orthanc:
+    """A real Orthanc (Debian package) built from deploy/orthanc/orthanc.json, on free ports in ``tmp``.
+
+    ``modalities``: AE -> port on 127.0.0.1 (DRHPACS, VIEWER...). ``forward``: load the shipped Lua
+    script (every stable study goes to DRHPACS), with ``StableAge`` 1 s so tests do not wait a minute.
+    """
+
+    def __init__(self, tmp: Path, modalities: Mapping[str, int], *, forward: bool = True, aet: str = "ORTHANC"):
+        import json
+
+        self.dir = tmp / "orthanc"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.aet = aet
+        config = json.loads((DEPLOY_ORTHANC / "orthanc.json").read_text())
+        config.update(
+            Name="test-orthanc",
+            StorageDirectory=str(self.dir / "db"),
+            IndexDirectory=str(self.dir / "db"),
+            DicomAet=aet,
+            DicomPort=self.dicom_port,
+            HttpPort=self.http_port,
+            RemoteAccessAllowed=False,
+            RegisteredUsers={ORTHANC_USER[0]: ORTHANC_USER[1]},
+            DicomModalities={ae: {"AET": ae, "Host": "127.0.0.1", "Port": p} for ae, p in modalities.items()},
+            StableAge=1,
+            LuaScripts=[str(DEPLOY_ORTHANC / "drh-pacs-forward.lua")] if forward else [],
+            Plugins=[],
+        )
+        self.config_path = self.dir / "orthanc.json"
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.log_path = self.dir / "orthanc.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, timeout: float = 60) -> Orthanc:
+        import time
+
+        import httpx
+
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                ["/usr/sbin/Orthanc", "--verbose", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited ({self.proc.returncode}): {self.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/system", auth=ORTHANC_USER, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"Orthanc did not answer in {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def get(self, path: str) -> Any:
+        import httpx
+
+        response = httpx.get(f"{self.url}{path}", auth=ORTHANC_USER, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Orthanc:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
