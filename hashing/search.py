@@ -213,7 +213,8 @@ class MultiIndexHash:
 
     The tables are static: :meth:`build` over rows ``[0, n)``. Rows added afterwards (``>= n``) and
     rows whose code changed (:meth:`invalidate`) are scanned exactly at each query; the replica
-    rebuilds the tables when that set grows (:attr:`pending`).
+    rebuilds the tables when that set grows (:attr:`pending`). One query at a time: a search
+    reuses a scratch array (the replica searches under its lock).
     """
 
     def __init__(self, nbits: int, m: int | None = None) -> None:
@@ -231,6 +232,7 @@ class MultiIndexHash:
         self.n = 0
         self._stale = np.zeros(0, dtype=bool)
         self._stale_rows: set[int] = set()
+        self._seen = np.zeros(0, dtype=bool)
         self._orders: list[np.ndarray] = []
         self._offsets: list[np.ndarray] = []
         self._masks: dict[tuple[int, int], np.ndarray] = {}
@@ -344,30 +346,43 @@ class MultiIndexHash:
                 d = d | exclude[er].astype(np.int64)
             keep = d <= cap
             found_rows, found_d = er[keep], d[keep]
-        seen = self._stale.copy()
+        # Rows already looked at, so that a code found in two tables counts once. The array is
+        # kept between queries and only the touched rows are cleared (a fresh one costs a pass).
+        if self._seen.shape[0] != self.n:
+            self._seen = np.zeros(self.n, dtype=bool)
+        seen = self._seen
+        touched: list[np.ndarray] = []
+        has_stale = bool(self._stale_rows)
         looked = 0
-        for s in range(max(self.sizes) + 1):
-            for j in range(self.m):
-                if s > self.sizes[j]:
-                    continue
-                rows = self._bucket_rows(j, int(qsub[j]), s)
-                looked += rows.size
-                if max_candidates is not None and looked > max_candidates:
-                    return None
-                if rows.size:
-                    rows = rows[~seen[rows]]
-                if rows.size:
-                    seen[rows] = True
-                    if exclude is not None:
-                        rows = rows[exclude[rows] == 0]
-                    d = distances(np.ascontiguousarray(planes[:, rows]), qw).astype(np.int64)
-                    keep = d <= cap
-                    found_rows = np.concatenate((found_rows, rows[keep]))
-                    found_d = np.concatenate((found_d, d[keep]))
-                # Every code within `guaranteed` has been seen (pigeonhole over the tables).
-                guaranteed = self.m * s + j
-                if guaranteed >= cap or (found_d.size >= k and np.partition(found_d, k - 1)[k - 1] <= guaranteed):
-                    r, d = _order(found_rows, found_d)
-                    return r[:k], d[:k]
+        try:
+            for s in range(max(self.sizes) + 1):
+                for j in range(self.m):
+                    if s > self.sizes[j]:
+                        continue
+                    rows = self._bucket_rows(j, int(qsub[j]), s)
+                    looked += rows.size
+                    if max_candidates is not None and looked > max_candidates:
+                        return None
+                    if rows.size:
+                        rows = rows[~seen[rows]]
+                    if rows.size:
+                        seen[rows] = True
+                        touched.append(rows)
+                        if has_stale:
+                            rows = rows[~self._stale[rows]]
+                        if exclude is not None:
+                            rows = rows[exclude[rows] == 0]
+                        d = distances(np.ascontiguousarray(planes[:, rows]), qw).astype(np.int64)
+                        keep = d <= cap
+                        found_rows = np.concatenate((found_rows, rows[keep]))
+                        found_d = np.concatenate((found_d, d[keep]))
+                    # Every code within `guaranteed` has been seen (pigeonhole over the tables).
+                    guaranteed = self.m * s + j
+                    if guaranteed >= cap or (found_d.size >= k and np.partition(found_d, k - 1)[k - 1] <= guaranteed):
+                        r, d = _order(found_rows, found_d)
+                        return r[:k], d[:k]
+        finally:
+            for rows in touched:
+                seen[rows] = False
         r, d = _order(found_rows, found_d)
         return r[:k], d[:k]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +70,33 @@ class SearchFilters:
         )
 
 
+class _Columns:
+    """Study filter records (:data:`plugin.store.ATTR_DTYPE`) as one array per field."""
+
+    FIELDS = ATTR_DTYPE.names
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.cols = {f: np.zeros(size, ATTR_DTYPE[f].newbyteorder("=")) for f in self.FIELDS}
+
+    def grown(self, size: int) -> _Columns:
+        out = _Columns(size)
+        for f in self.FIELDS:
+            out.cols[f][: self.size] = self.cols[f]
+        return out
+
+    def put(self, sn: np.ndarray | slice, records: np.ndarray) -> None:
+        for f in self.FIELDS:
+            self.cols[f][sn] = records[f]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cols.values())
+
+
 class _State:
     """One loaded (version, generation): arrays indexed by slot, grown by doubling."""
 
@@ -83,8 +110,12 @@ class _State:
         self.live = 0
         self.planes = np.zeros((n_words(nbits), 0), np.uint64)
         self.exclude = np.zeros(0, np.uint8)  # 0 live, 255 deleted / unknown
-        self.slot_sn = np.zeros(0, np.uint32)
-        self.attrs = np.zeros(1, ATTR_DTYPE)
+        self.slot_sn = np.zeros(0, np.intp)
+        # Study records as columns (a strided field of a 24-byte record compares several times slower).
+        self.attrs = _Columns(1)
+        # Study level only (one slot per study): study number -> slot, -1 for none. Lets a
+        # selective filter go from the few passing studies straight to their slots.
+        self.sn_slot = np.full(1, -1, np.int64)
         self.log_pos = "0-0"
         self.attr_pos = "0-0"
         self.mih: MultiIndexHash | None = None
@@ -99,16 +130,17 @@ class _State:
         planes[:, :cap] = self.planes
         exclude = np.full(new, NEVER, np.uint8)
         exclude[:cap] = self.exclude
-        slot_sn = np.zeros(new, np.uint32)
+        slot_sn = np.zeros(new, np.intp)
         slot_sn[:cap] = self.slot_sn
         self.planes, self.exclude, self.slot_sn = planes, exclude, slot_sn
 
     def reserve_studies(self, n: int) -> None:
-        if n <= self.attrs.shape[0]:
-            return
-        attrs = np.zeros(max(n, self.attrs.shape[0] * 2, 1024), ATTR_DTYPE)
-        attrs[: self.attrs.shape[0]] = self.attrs
-        self.attrs = attrs
+        if n > self.attrs.size:
+            size = max(n, self.attrs.size * 2, 1024)
+            self.attrs = self.attrs.grown(size)
+            sn_slot = np.full(size, -1, np.int64)
+            sn_slot[: self.sn_slot.shape[0]] = self.sn_slot
+            self.sn_slot = sn_slot
 
     def code(self, slot: int) -> bytes:
         return np.ascontiguousarray(self.planes[:, slot]).view(np.uint8)[: self.nbytes].tobytes()
@@ -127,8 +159,8 @@ class ReplicaIndex:
 
     ``mih_min``: from this many codes on, exact k-NN goes through multi-index hashing (built at
     load and rebuilt when ``mih_rebuild_fraction`` of the rows have changed since), falling back to
-    the scan when the table lookups pass ``mih_budget`` of the rows; below it, and for selective
-    filters, a full scan is faster.
+    the scan when the table lookups pass ``mih_budget`` of the rows (a table candidate costs about
+    50 times a scanned code); below it, and for selective filters, a full scan is faster.
     """
 
     def __init__(
@@ -136,9 +168,9 @@ class ReplicaIndex:
         store: CodeStore,
         level: str,
         *,
-        mih_min: int = 2_000_000,
+        mih_min: int = 300_000,
         mih_rebuild_fraction: float = 0.05,
-        mih_budget: float = 0.05,
+        mih_budget: float = 0.02,
         batch: int = 50_000,
     ) -> None:
         if level not in LEVELS:
@@ -153,6 +185,9 @@ class ReplicaIndex:
         self._lock = threading.RLock()  # state mutation and search
         self._refresh_lock = threading.Lock()  # one refresher at a time
         self._selector = Selector()
+        self._vocab: dict[tuple[str, str], int] = {}
+        self._mih_misses = 0
+        self._queries = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -185,7 +220,7 @@ class ReplicaIndex:
         st = self._state
         if st is None:
             return 0
-        arrays = (st.planes, st.exclude, st.slot_sn, st.attrs)
+        arrays = (st.planes, st.exclude, st.slot_sn, st.attrs, st.sn_slot)
         total = sum(a.nbytes for a in arrays)
         if st.mih is not None:
             total += sum(o.nbytes for o in st.mih._orders) + sum(o.nbytes for o in st.mih._offsets)
@@ -238,7 +273,10 @@ class ReplicaIndex:
         st.live = int(n - np.count_nonzero(snap.deleted))
         # Slots may name studies that have no record yet (no put_study): they stay zero (unknown).
         st.reserve_studies(max(len(snap.attrs), int(snap.slot_sn.max(initial=0)) + 1))
-        st.attrs[: len(snap.attrs)] = snap.attrs
+        st.attrs.put(slice(0, len(snap.attrs)), snap.attrs)
+        if self.level == "study" and n:
+            live = np.flatnonzero(~snap.deleted)
+            st.sn_slot[st.slot_sn[live]] = live
         st.log_pos, st.attr_pos = snap.log_pos, snap.attr_pos
         if n >= self.mih_min:
             st.mih = MultiIndexHash(st.nbits).build(np.frombuffer(snap.codes, np.uint8).reshape(n, st.nbytes))
@@ -284,6 +322,13 @@ class ReplicaIndex:
             before = int(np.count_nonzero(st.exclude[slots] == 0))
             st.exclude[slots] = np.where(np.fromiter(dead.values(), bool, len(dead)), NEVER, 0).astype(np.uint8)
             st.live += int(np.count_nonzero(st.exclude[slots] == 0)) - before
+        if self.level == "study":
+            for s in set(sns) | set(dead):
+                sn = int(st.slot_sn[s])
+                if st.exclude[s] == 0:
+                    st.sn_slot[sn] = s
+                elif st.sn_slot[sn] == s:
+                    st.sn_slot[sn] = -1
         if attr_entries:
             recs: dict[int, bytes] = {}
             for entry_id, f in attr_entries:
@@ -293,7 +338,7 @@ class ReplicaIndex:
             if recs:
                 sn = np.fromiter(recs, np.int64, len(recs))
                 st.reserve_studies(int(sn.max()) + 1)
-                st.attrs[sn] = np.frombuffer(b"".join(recs.values()), ATTR_DTYPE)
+                st.attrs.put(sn, np.frombuffer(b"".join(recs.values()), ATTR_DTYPE))
 
     def _maybe_rebuild_mih(self, st: _State) -> None:
         """Rebuild the multi-index tables aside when enough rows are scanned outside them."""
@@ -362,6 +407,7 @@ class ReplicaIndex:
         ``max_distance``, only codes within it. Filters and ``exclude_uids`` restrict the set
         *before* selection, so the answer is the k nearest among the codes that pass.
         """
+        excluded = set(exclude_uids)
         for attempt in range(3):
             st = self._state
             if st is None:
@@ -369,12 +415,16 @@ class ReplicaIndex:
             if len(query) != st.nbytes:
                 raise ValueError(f"query code of {len(query)} bytes for a {st.nbits}-bit model")
             with self._lock:
-                rows, dist = self._search_rows(st, bytes(query), k, max_distance, filters, exclude_uids)
+                # Excluded UIDs (the reference) are dropped after the UID lookup: asking for
+                # len(excluded) more keeps exactly the k nearest of the others, without a lookup
+                # of their slots first.
+                rows, dist = self._search_rows(st, bytes(query), k + len(excluded), max_distance, filters)
             gen, uids = self.store.resolve(st.version, self.level, rows.tolist())
             if gen == st.generation:
-                hits = [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
-                if len(hits) == len(uids) or attempt == 2:
-                    return hits
+                stale = any(u is None for u in uids)
+                if not stale or attempt == 2:
+                    hits = [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
+                    return [h for h in hits if h.uid not in excluded][:k]
             # Deleted or renumbered in Redis after our last refresh: catch up and search again.
             self.refresh()
         raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
@@ -385,27 +435,37 @@ class ReplicaIndex:
         if st is None:
             raise IndexNotReady(f"the {self.level} index is not loaded")
         with self._lock:
-            exclude = self._exclude_mask(st, filters, ())
+            exclude, _ = self._eligible(st, filters)
             rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
         gen, uids = self.store.resolve(st.version, self.level, rows.tolist())
         return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
 
-    def _exclude_mask(self, st: _State, filters: SearchFilters | None, exclude_uids: Collection[str]) -> np.ndarray:
-        """uint8 per slot, 0 where a slot may be returned: live, passing the filters, not excluded."""
-        exclude = st.exclude[: st.n]
-        owned = False
-        if filters is not None and not filters.is_empty():
-            passing = self._passing_studies(st, filters)
-            exclude = exclude | np.where(passing[st.slot_sn[: st.n]], 0, NEVER).astype(np.uint8)
-            owned = True
-        if exclude_uids:
-            slots = self.store.slots_of(st.version, self.level, list(exclude_uids))
-            slots = [s for s in slots if s is not None and s < st.n]
-            if slots:
-                if not owned:
-                    exclude = exclude.copy()
-                exclude[slots] = NEVER
-        return exclude
+    def _eligible(self, st: _State, filters: SearchFilters | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(exclude mask, rows) for a search: uint8 per slot, 0 where a slot may be returned.
+
+        ``rows``, when not None, lists every eligible slot (ascending): the filter is selective and
+        only those rows need a distance.
+        """
+        n = st.n
+        if filters is None or filters.is_empty():
+            return st.exclude[:n], None
+        studies = self._passing_studies(st, filters)
+        if isinstance(studies, np.ndarray) and studies.dtype != np.uint8:
+            # A few study numbers: go to their slots directly when the level allows it.
+            if self.level == "study":
+                rows = st.sn_slot[studies]
+                rows = rows[(rows >= 0) & (rows < n)]
+                rows = np.sort(rows[st.exclude[rows] == 0])
+                return st.exclude[:n], rows
+            ok = np.zeros(st.attrs.size, np.uint8)
+            ok[studies] = 1
+            studies = ok
+        # 1 -> 0 (eligible), 0 -> 255 (never), then OR with deletions: three byte passes.
+        mask = studies[st.slot_sn[:n]]
+        np.subtract(mask, 1, out=mask)
+        np.bitwise_or(mask, st.exclude[:n], out=mask)
+        rows = np.flatnonzero(mask == 0)
+        return mask, (rows if rows.size <= n // 16 else None)
 
     def _search_rows(
         self,
@@ -414,23 +474,20 @@ class ReplicaIndex:
         k: int,
         max_distance: int | None,
         filters: SearchFilters | None,
-        exclude_uids: Collection[str],
     ) -> tuple[np.ndarray, np.ndarray]:
         if st.n == 0 or k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.int64)
-        filtered = filters is not None and not filters.is_empty()
-        exclude = self._exclude_mask(st, filters, exclude_uids)
+        exclude, rows = self._eligible(st, filters)
         planes = st.planes[:, : st.n]
-        eligible = int(np.count_nonzero(exclude == 0)) if filtered else st.live
-        if filtered and eligible <= st.n // 16:
-            # Selective filter (one patient, a rare body part): scan only what passes.
-            rows = np.flatnonzero(exclude == 0)
+        if rows is not None:
+            # Selective filter (one patient, a rare body part): distances of those rows only.
             return knn_rows(planes, rows, query_words(query), k, max_distance=max_distance)
-        if st.mih is not None and eligible >= st.n // 2:
+        if st.mih is not None and self._mih_worth_trying():
             # Dense neighbourhoods (real images cluster) are answered from a few buckets; when the
             # lookups pass the budget the neighbourhood is sparse and the scan below is cheaper.
-            budget = max(10_000, int(self.mih_budget * st.n))
+            budget = max(2_000, int(self.mih_budget * st.n))
             found = st.mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance, max_candidates=budget)
+            self._mih_misses = 0 if found is not None else self._mih_misses + 1
             if found is not None:
                 return found
         return knn(
@@ -443,31 +500,69 @@ class ReplicaIndex:
             selector=self._selector,
         )
 
+    def _mih_worth_trying(self) -> bool:
+        """After a run of budget overruns (sparse data), try the tables only every 16th query."""
+        self._queries += 1
+        return self._mih_misses < 3 or self._queries % 16 == 0
+
+    def _vocabulary(self, field: str, terms: list[str]) -> list[int | None]:
+        """Vocabulary numbers, cached: a term's number never changes once given."""
+        missing = [t for t in terms if (field, t) not in self._vocab]
+        if missing:
+            for term, number in zip(missing, self.store.vocabulary(field, missing), strict=True):
+                if number is not None:
+                    self._vocab[(field, term)] = number
+        return [self._vocab.get((field, t)) for t in terms]
+
     def _passing_studies(self, st: _State, f: SearchFilters) -> np.ndarray:
-        """Bool per study number: the study's record satisfies every filter."""
+        """The studies whose record satisfies every filter: uint8 0/1 per study number, or, when
+        few pass, their study numbers (int64). The most selective tests run first, and once few
+        studies remain the others run on those only.
+        """
         a = st.attrs
-        ok = (a["flags"] & FLAG_KNOWN) != 0
+        tests: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
+        if f.patient_id:
+            key = np.uint64(patient_key(f.patient_id))
+            tests.append(("patient", lambda c: c == key))
+        if f.body_part:
+            (number,) = self._vocabulary("body_part", [f.body_part.strip().upper()])
+            body = number or -1
+            tests.append(("body", lambda c: c == body))
         if f.modalities:
-            numbers = self.store.vocabulary("modality", sorted({m.strip().upper() for m in f.modalities}))
+            numbers = self._vocabulary("modality", sorted({m.strip().upper() for m in f.modalities}))
             mask = 0
             for number in numbers:
                 if number is not None:
                     mask |= 1 << min(number - 1, MODALITY_BITS - 1)
-            ok &= (a["modmask"] & np.uint64(mask)) != 0
+            bits = np.uint64(mask)
+            tests.append(("modmask", lambda c: (c & bits) != 0))
         if f.date_from or f.date_to:
-            ok &= a["date"] > 0
-        if f.date_from:
-            ok &= a["date"] >= _filter_date(f.date_from)
-        if f.date_to:
-            ok &= a["date"] <= _filter_date(f.date_to)
-        if f.body_part:
-            (number,) = self.store.vocabulary("body_part", [f.body_part.strip().upper()])
-            ok &= a["body"] == (number or -1)
-        if f.patient_id:
-            ok &= a["patient"] == np.uint64(patient_key(f.patient_id))
+            lo = _filter_date(f.date_from) if f.date_from else 1
+            hi = _filter_date(f.date_to) if f.date_to else 99991231
+            span = np.uint32(max(hi - lo, 0)) if hi >= lo else None
+            # lo <= date <= hi in one unsigned comparison (unknown dates are 0 and fall outside).
+            tests.append(("date", lambda c: (c - np.int32(lo)).view(np.uint32) <= span if span is not None else c < 0))
         if f.exclude_patient_id:
-            ok &= a["patient"] != np.uint64(patient_key(f.exclude_patient_id))
-        return ok
+            key_out = np.uint64(patient_key(f.exclude_patient_id))
+            tests.append(("patient", lambda c: c != key_out))
+            tests.append(("flags", lambda c: (c & FLAG_KNOWN) != 0))
+        size = a.size
+        ok: np.ndarray | None = None
+        idx: np.ndarray | None = None
+        for field, test in tests:
+            col = a[field]
+            if idx is not None:
+                idx = idx[test(col[idx])]
+                continue
+            passed = test(col)
+            ok = passed if ok is None else np.logical_and(ok, passed, out=ok)
+            count = int(np.count_nonzero(ok))
+            if count <= size // 64:
+                idx = np.flatnonzero(ok)
+        if idx is not None:
+            return idx
+        assert ok is not None
+        return ok.view(np.uint8)
 
 
 def _filter_date(value: str) -> int:
