@@ -562,12 +562,18 @@ def _to_luminance(arr: np.ndarray, phot: str, ds: Dataset) -> np.ndarray:
             rgb = pydicom.pixels.apply_color_lut(arr, ds)
         except Exception as exc:
             raise DecodeError(f"palette colour lookup failed ({_short(exc)})", code="bad_palette") from exc
-        top = 65535.0 if rgb.dtype.itemsize > 1 and float(rgb.max()) > 255 else 255.0
-        return (rgb.astype(np.float32) @ LUMA) / np.float32(top)
+        try:
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        except (AttributeError, IndexError, TypeError, ValueError):
+            bits = 8 * rgb.dtype.itemsize
+        if bits > 8 and float(rgb.max()) <= 255:
+            bits = 8  # a known quirk: 16-bit descriptors over 8-bit palette entries
+        return ((rgb.astype(np.float64) @ LUMA.astype(np.float64)) / float(2**bits - 1)).astype(np.float32)
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise DecodeError(f"{phot} frame has shape {arr.shape}, expected 3 samples", code="bad_pixel_module")
-    if phot.startswith("YBR"):
-        # The decoder leaves YBR as YBR only when it could not convert; do it here.
+    if phot in ("YBR_FULL", "YBR_FULL_422"):
+        # pydicom converts these to RGB while decoding; should one come through unconverted, do it here.
+        # (YBR_ICT/YBR_RCT are undone by the JPEG 2000 codec itself.)
         arr = pydicom.pixels.convert_color_space(arr, "YBR_FULL", "RGB")
     bits = int(ds.get("BitsStored", ds.BitsAllocated) or ds.BitsAllocated)
     top = float(2**bits - 1)

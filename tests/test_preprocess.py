@@ -545,6 +545,21 @@ def test_rgb_becomes_bt601_luminance() -> None:
     assert img[92, 50] == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.parametrize("scale", [257, 1])  # true 16-bit entries; 8-bit entries under a 16-bit descriptor
+def test_palette_colour_luminance(scale: int) -> None:
+    idx = np.tile(np.arange(256, dtype=np.uint8), (32, 1))
+    ds = mono_dataset(ramp(32, 256))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = idx.tobytes()
+    entries = (np.arange(256) * scale).astype(np.uint16)
+    for colour, data in (("Red", entries), ("Green", np.zeros(256, np.uint16)), ("Blue", np.zeros(256, np.uint16))):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", data.tobytes())
+    img = pp.load_pixels(ds)
+    np.testing.assert_allclose(img[0], 0.299 * np.arange(256) / 255, atol=1e-5)
+
+
 def test_rgb_and_its_jpeg_ybr_versions_agree() -> None:
     rgb = pp.load_file(wheel("SC_rgb_rle.dcm"))
     for name in ("SC_rgb_jpeg_dcmtk.dcm", "SC_ybr_full_422_uncompressed.dcm", "SC_rgb_dcmtk_+eb+cy+n1.dcm"):
