@@ -24,7 +24,8 @@ Decisions, so that workers and training agree:
 :class:`NotAnImage` (valid DICOM, not to be indexed; the worker records it as ignored):
 ``no_pixel_data``, ``structured_report``, ``key_object_selection``, ``presentation_state``,
 ``segmentation``, ``non_image_object`` (raw data, registration), ``rt_dose``, ``rt_object``,
-``parametric_map``, ``encapsulated_document``, ``waveform``, ``float_pixel_data``, ``too_small``.
+``parametric_map``, ``encapsulated_document``, ``waveform``, ``float_pixel_data``, ``too_small``,
+``for_processing`` (raw DX/MG/IO detector data: the FOR PRESENTATION copy is the one indexed).
 
 :class:`DecodeError` (should be an image, is not; the worker records a failure, retried only when
 ``transient``): transient ``file_not_found``, ``io_error``, ``out_of_memory``; permanent
@@ -326,6 +327,11 @@ def check_is_image(ds: Dataset) -> None:
             if not code:
                 break
             raise NotAnImage(f"{what} (SOP class {sop})", code=code)
+    intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
+    if intent == "FOR PROCESSING" or "For Processing" in (UID_dictionary.get(sop) or ("",))[0]:
+        # Raw detector data, stored beside the FOR PRESENTATION image that radiologists read;
+        # indexing it would add a second, differently processed copy of every such image.
+        raise NotAnImage("FOR PROCESSING image (raw detector data, not for display)", code="for_processing")
     modality = str(ds.get("Modality", "") or "").upper()
     if modality in _NON_IMAGE_MODALITY and "PixelData" not in ds:
         raise NotAnImage(f"modality {modality} carries no image", code=_NON_IMAGE_MODALITY[modality])

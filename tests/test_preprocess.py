@@ -341,6 +341,21 @@ def test_non_images_are_refused_with_a_code(name: str, code: str) -> None:
     assert err.value.reason
 
 
+def test_for_processing_images_are_not_indexed() -> None:
+    image = fixture_images("normal")[0]
+    ds = make_instance(image, study_uid=generate_uid(), series_uid=generate_uid())
+    assert_sane(pp.load_pixels(ds))  # the FOR PRESENTATION original is indexed
+    ds.PresentationIntentType = "FOR PROCESSING"
+    with pytest.raises(NotAnImage) as err:
+        pp.load_pixels(ds)
+    assert err.value.code == "for_processing"
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2.1"  # Digital Mammography - For Processing
+    with pytest.raises(NotAnImage) as err:
+        pp.load_pixels(ds)
+    assert err.value.code == "for_processing"
+
+
 def test_key_object_and_presentation_state_by_sop_class() -> None:
     for sop, code in (
         ("1.2.840.10008.5.1.4.1.1.88.59", "key_object_selection"),
