@@ -613,17 +613,6 @@ def _lut_usable(item: Dataset | None) -> bool:
         return False
 
 
-def _lut_usable(item: Dataset | None) -> bool:
-    """Whether a Modality/VOI LUT item has a descriptor and data (empty items exist in the wild)."""
-    if item is None:
-        return False
-    desc, data = item.get("LUTDescriptor"), item.get("LUTData")
-    try:
-        return desc is not None and len(desc) == 3 and data is not None and len(data) > 0
-    except TypeError:
-        return False
-
-
 def _apply_voi_lut(values: np.ndarray, item: Dataset, ds: Dataset) -> np.ndarray | None:
     """The VOI LUT applied and normalised to [0, 1]; None when the LUT cannot be used."""
     holder = Dataset()
@@ -785,7 +774,7 @@ def fit_to_square(img: np.ndarray, size: int) -> np.ndarray:
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     src = np.ascontiguousarray(img, dtype=np.float32)
     if (nh, nw) != (h, w):
-        resized = Image.fromarray(src, mode="F").resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+        resized = Image.fromarray(src).resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
         src = np.asarray(resized, dtype=np.float32)
     out = np.zeros((size, size), dtype=np.float32)
     top, left = (size - nh) // 2, (size - nw) // 2
@@ -824,7 +813,7 @@ def _save_png(img: np.ndarray, path: Path, size: int) -> None:
     from PIL import Image
 
     sq = fit_to_square(img, size) if max(img.shape) > size else img
-    Image.fromarray((np.clip(sq, 0, 1) * 255).round().astype(np.uint8), mode="L").save(path)
+    Image.fromarray((np.clip(sq, 0, 1) * 255).round().astype(np.uint8)).save(path)
 
 
 def main(argv: list[str] | None = None) -> int:
