@@ -19,6 +19,8 @@ key                                         type     content
                                                      follow incrementally
 ``ns:gen:{v}:{lv}``                         string   generation; bumped by compaction (slots renumbered,
                                                      replicas must reload)
+``ns:lock:{v}:{lv}``                        string   held (with a TTL) while compaction runs; writes to
+                                                     that (version, level) wait for it
 ``ns:emb:{v}``                              hash     SOPInstanceUID -> float16 instance embedding
                                                      (input of the DMIH study pooling)
 ``ns:study:{uid}``                          hash     study metadata for C-FIND answers and filters
@@ -61,8 +63,9 @@ model's logs start with an ``init`` entry, so a replica's position is always a r
 from __future__ import annotations
 
 import hashlib
+import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +91,15 @@ FLAG_KNOWN = 1
 # Modalities past the 63rd distinct one share the last bit (a filter on them may over-include).
 MODALITY_BITS = 64
 
+# How long a compaction may hold its (version, level); writers wait at most this long.
+COMPACT_LOCK_SECONDS = 600
+
+# KEYS: lock. ARGV: token. Deletes the lock only when it is still ours.
+_UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # Lua helper: study number of ARGV study uid, allocated on first sight. Needs sno, snext keys.
 _SN_LUA = """
 local function study_number(sno, snext, suid)
@@ -105,12 +117,14 @@ local function slot_sn(key, s)
 end
 """
 
-# KEYS: codes, next, slot, uid, tomb, log, slotsn, sno, snext, instance.
+# KEYS: codes, next, slot, uid, tomb, log, slotsn, sno, snext, instance, lock.
 # ARGV: uid, code, nbytes, study uid ('' = look it up in the instance hash), log maxlen.
-# Returns {slot, changed}: changed is 0 when the same code (and study) was already stored.
+# Returns {slot, changed}: changed is 0 when the same code (and study) was already stored;
+# {-1, 0} while a compaction holds the lock (the caller waits and retries).
 _UPSERT_LUA = (
     _SN_LUA
     + """
+if redis.call('EXISTS', KEYS[11]) == 1 then return {-1, 0} end
 local nb = tonumber(ARGV[3])
 local suid = ARGV[4]
 if suid == '' then suid = redis.call('HGET', KEYS[10], 'study_uid') or '' end
@@ -140,8 +154,10 @@ return {s, 1}
 """
 )
 
-# KEYS: slot, uid, tomb, log. ARGV: uid, log maxlen. Returns the freed slot or -1.
+# KEYS: slot, uid, tomb, log, lock. ARGV: uid, log maxlen. Returns the freed slot, -1 when the
+# UID has no code, -2 while a compaction holds the lock.
 _DELETE_LUA = """
+if redis.call('EXISTS', KEYS[5]) == 1 then return -2 end
 local s = redis.call('HGET', KEYS[1], ARGV[1])
 if not s then return -1 end
 s = tonumber(s)
@@ -152,13 +168,19 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'op', 'del', 'slot', s,
 return s
 """
 
-# KEYS: sno, snext, then (slot, slotsn, log) for the image level of each model version.
+# KEYS: sno, snext, then (slot, slotsn, log, lock) for the image level of each model version.
 # ARGV: sop uid, study uid, log maxlen. Points the instance's image slots at its study.
+# Returns the study number, or -1 while a compaction holds a lock (nothing done).
 _LINK_LUA = (
     _SN_LUA
     + """
-local sn = study_number(KEYS[1], KEYS[2], ARGV[2])
 local i = 3
+while i <= #KEYS do
+  if redis.call('EXISTS', KEYS[i + 3]) == 1 then return -1 end
+  i = i + 4
+end
+local sn = study_number(KEYS[1], KEYS[2], ARGV[2])
+i = 3
 while i <= #KEYS do
   local s = redis.call('HGET', KEYS[i], ARGV[1])
   if s then
@@ -168,7 +190,7 @@ while i <= #KEYS do
       redis.call('XADD', KEYS[i + 2], 'MAXLEN', '~', ARGV[3], '*', 'op', 'link', 'slot', s, 'sn', sn)
     end
   end
-  i = i + 3
+  i = i + 4
 end
 return sn
 """
@@ -298,6 +320,9 @@ class Keys:
     def gen(self, v: str, lv: str) -> str:
         return f"{self.ns}:gen:{v}:{lv}"
 
+    def lock(self, v: str, lv: str) -> str:
+        return f"{self.ns}:lock:{v}:{lv}"
+
     def slotsn(self, v: str, lv: str) -> str:
         return f"{self.ns}:slotsn:{v}:{lv}"
 
@@ -340,6 +365,7 @@ class CodeStore:
         self._link = client.register_script(_LINK_LUA)
         self._study_number = client.register_script(_STUDY_NUMBER_LUA)
         self._vocab = client.register_script(_VOCAB_LUA)
+        self._unlock = client.register_script(_UNLOCK_LUA)
         self._infos: dict[str, ModelInfo] = {}
 
     # -- model versions ------------------------------------------------------------------------
@@ -438,15 +464,35 @@ class CodeStore:
             self.keys.sno(),
             self.keys.snext(),
             self.keys.instance(uid),
+            self.keys.lock(version, level),
         ]
-        slot, changed = self._upsert(keys=keys, args=[uid, data, nbytes, suid, LOG_MAXLEN])
-        return int(slot), bool(changed)
+        for _ in self._while_compacting(version, level):
+            slot, changed = self._upsert(keys=keys, args=[uid, data, nbytes, suid, LOG_MAXLEN])
+            if int(slot) >= 0:
+                return int(slot), bool(changed)
+        raise AssertionError("unreachable")
+
+    def _while_compacting(self, version: str, level: str) -> Iterator[int]:
+        """Attempts of a write that a compaction may turn away: waits, up to the lock's lifetime."""
+        deadline = time.monotonic() + COMPACT_LOCK_SECONDS
+        attempt = 0
+        while True:
+            yield attempt
+            attempt += 1
+            if time.monotonic() > deadline:
+                raise StoreError(f"{version}/{level} stayed locked by a compaction for {COMPACT_LOCK_SECONDS} s")
+            time.sleep(min(0.2, 0.01 * attempt))
 
     def delete_code(self, version: str, level: str, uid: str) -> int | None:
         """Tombstone ``uid``'s slot (a later upsert of the same UID takes a new slot)."""
         k = self._code_keys(version, level)
-        slot = int(self._delete(keys=[k[2], k[3], k[4], k[5]], args=[uid, LOG_MAXLEN]))
-        return None if slot < 0 else slot
+        for _ in self._while_compacting(version, level):
+            slot = int(
+                self._delete(keys=[k[2], k[3], k[4], k[5], self.keys.lock(version, level)], args=[uid, LOG_MAXLEN])
+            )
+            if slot != -2:
+                return None if slot < 0 else slot
+        raise AssertionError("unreachable")
 
     def get_code(self, version: str, level: str, uid: str) -> bytes | None:
         nbytes = self._nbytes(version)
@@ -487,44 +533,52 @@ class CodeStore:
         uids = [None if v is None else v.decode() for v in out[1]] if len(slots) else []
         return int(out[0] or 0), uids
 
-    def compact(self, version: str, level: str, attempts: int = 20) -> int:
+    def compact(self, version: str, level: str) -> int:
         """Renumber the live slots densely (keeping their order) and drop tombstones.
 
-        Returns the number of slots reclaimed. Runs as a WATCH/MULTI transaction on the change log:
-        any concurrent write to this (version, level) appends to the log, which aborts the attempt,
-        so nothing written meanwhile is lost. Replicas see the new generation and reload.
+        Returns the number of slots reclaimed. Writers to this (version, level) are held off by a
+        lock key for the duration (their upserts wait and retry, see :meth:`upsert_code`), so the
+        copy is of a quiet state and nothing written meanwhile is lost; the lock has a lifetime, so
+        a compaction that dies does not block ingest for good. Replicas see the new generation and
+        reload. Other versions and levels are not affected.
         """
         k = self.keys
         nbytes = self._nbytes(version)
         log = k.log(version, level)
-        for _ in range(attempts):
+        lock = k.lock(version, level)
+        token = f"{os.getpid()}-{time.time_ns()}"
+        if not self.r.set(lock, token, nx=True, ex=COMPACT_LOCK_SECONDS):
+            raise StoreError(f"a compaction of {version}/{level} is already running")
+        try:
             with self.r.pipeline() as pipe:
-                try:
-                    pipe.watch(log)
-                    codes = pipe.get(k.codes(version, level)) or b""
-                    slotsn = pipe.get(k.slotsn(version, level)) or b""
-                    uid_map = pipe.hgetall(k.uid(version, level))
-                    n_slots = int(pipe.get(k.next(version, level)) or 0)
-                    old = np.fromiter(sorted(int(s) for s in uid_map), np.int64, len(uid_map))
-                    code_arr = np.frombuffer(codes.ljust(n_slots * nbytes, b"\0"), np.uint8).reshape(n_slots, nbytes)
-                    sn_arr = np.frombuffer(slotsn.ljust(n_slots * 4, b"\0"), "<u4")[:n_slots]
-                    pipe.multi()
-                    pipe.set(k.codes(version, level), code_arr[old].tobytes())
-                    pipe.set(k.slotsn(version, level), sn_arr[old].astype("<u4").tobytes())
-                    pipe.delete(k.slot(version, level), k.uid(version, level), k.tomb(version, level), log)
-                    uids = [uid_map[str(s).encode()] for s in old.tolist()]
-                    for start in range(0, len(uids), 10_000):
-                        chunk = range(start, min(start + 10_000, len(uids)))
-                        pipe.hset(k.slot(version, level), mapping={uids[i]: i for i in chunk})
-                        pipe.hset(k.uid(version, level), mapping={i: uids[i] for i in chunk})
-                    pipe.set(k.next(version, level), len(uids))
-                    pipe.incr(k.gen(version, level))
-                    pipe.xadd(log, {"op": "init"}, maxlen=LOG_MAXLEN, approximate=True)
-                    pipe.execute()
-                    return n_slots - len(uids)
-                except redis.WatchError:
-                    continue
-        raise StoreError(f"compaction of {version}/{level} kept colliding with writers; try again later")
+                # Every write appends to the log; WATCH is the proof that none slipped in.
+                pipe.watch(log)
+                codes = pipe.get(k.codes(version, level)) or b""
+                slotsn = pipe.get(k.slotsn(version, level)) or b""
+                uid_map = pipe.hgetall(k.uid(version, level))
+                n_slots = int(pipe.get(k.next(version, level)) or 0)
+                old = np.fromiter(sorted(int(s) for s in uid_map), np.int64, len(uid_map))
+                code_arr = np.frombuffer(codes.ljust(n_slots * nbytes, b"\0"), np.uint8).reshape(n_slots, nbytes)
+                sn_arr = np.frombuffer(slotsn.ljust(n_slots * 4, b"\0"), "<u4")[:n_slots]
+                uids = [uid_map[str(s).encode()] for s in old.tolist()]
+                pipe.multi()
+                pipe.set(k.codes(version, level), code_arr[old].tobytes())
+                pipe.set(k.slotsn(version, level), sn_arr[old].astype("<u4").tobytes())
+                pipe.delete(k.slot(version, level), k.uid(version, level), k.tomb(version, level), log)
+                for start in range(0, len(uids), 10_000):
+                    chunk = range(start, min(start + 10_000, len(uids)))
+                    pipe.hset(k.slot(version, level), mapping={uids[i]: i for i in chunk})
+                    pipe.hset(k.uid(version, level), mapping={i: uids[i] for i in chunk})
+                pipe.set(k.next(version, level), len(uids))
+                pipe.incr(k.gen(version, level))
+                pipe.xadd(log, {"op": "init"}, maxlen=LOG_MAXLEN, approximate=True)
+                pipe.execute()
+                return n_slots - len(uids)
+        except redis.WatchError as exc:  # a write that ignored the lock: refuse rather than lose it
+            raise StoreError(f"{version}/{level} changed during compaction; nothing was changed") from exc
+        finally:
+            # Release only our own lock (it may have expired and been taken by another run).
+            self._unlock(keys=[lock], args=[token])
 
     # -- replica support -----------------------------------------------------------------------
     def snapshot(self, version: str, level: str) -> Snapshot:
@@ -618,8 +672,11 @@ class CodeStore:
         # one that came before is linked here.
         keys = [self.keys.sno(), self.keys.snext()]
         for v in self.models():
-            keys += [self.keys.slot(v, "image"), self.keys.slotsn(v, "image"), self.keys.log(v, "image")]
-        self._link(keys=keys, args=[sop_uid, study_uid, LOG_MAXLEN])
+            k = self.keys
+            keys += [k.slot(v, "image"), k.slotsn(v, "image"), k.log(v, "image"), k.lock(v, "image")]
+        for _ in self._while_compacting("*", "image"):
+            if int(self._link(keys=keys, args=[sop_uid, study_uid, LOG_MAXLEN])) >= 0:
+                break
         return bool(added)
 
     def instance(self, sop_uid: str) -> dict[str, str]:
