@@ -103,6 +103,9 @@ class FailureLedger:
         entry["state"] = "retrying"
         entry["retried_at"] = time.time()
         self.r.hset(self.key, sop_uid, json.dumps(entry))
+        # The worker treats a "failed" instance as settled (so a redelivery does not fail it twice):
+        # say that this one is to be done again.
+        self.r.hset(f"{self.ns}:instance:{sop_uid}", "state", "retrying")
         enqueue_instance(
             celery_app,
             sop_uid=sop_uid,

@@ -355,14 +355,15 @@ def _safe_client(task: Any) -> redis.Redis | None:
 
 
 def _already_indexed(store: CodeStore, versions: list[str], item: Item) -> bool:
-    """True when this arrival of the instance (or a later one) is settled for every target version."""
+    """True when this arrival of the instance (or a later one) is settled: ignored, failed (until
+    someone retries it) or indexed for every target version."""
     info = store.instance(item.sop_uid)
-    if not info or info.get("state") not in {"indexed", "ignored"}:
+    if not info or info.get("state") not in {"indexed", "ignored", "failed"}:
         return False
     if float(info.get("indexed_received_at", "0") or 0) < item.received_at:
         return False
-    if info.get("state") == "ignored":
-        return True
+    if info.get("state") in {"ignored", "failed"}:
+        return True  # settled; a retry from the ledger sets the state to "retrying" first
     return all(store.r.hexists(store.keys.slot(v, "image"), item.sop_uid) for v in versions)
 
 

@@ -1,0 +1,145 @@
+"""Status figures, `drh-pacs status`, Prometheus /metrics and the IT status page, from a real system:
+a real Redis, a real worker process that indexed real files, and the HTTP API app."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import wait_until
+from dicomgen import fixture_images, make_study
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.testclient import TestClient
+from test_workers import NS, app_for, indexed_count, send
+from test_workers import worker_factory as worker_factory  # the fixture
+
+from plugin import metrics
+from plugin.http_api import ApiContext, create_app
+from plugin.redis_embedded import free_port
+from plugin.settings import load_settings
+from plugin.status import gather, render_text
+from plugin.store import CodeStore
+from workers.failures import FailureLedger
+
+TOKEN = "test-token"
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def running(redis_server, redis_client, worker_factory, tmp_path):
+    """A worker that indexed two instances and failed on a truncated third; files in the spool."""
+    data = tmp_path / "data"
+    settings = load_settings(env={}, redis_url=redis_server.url, data_dir=data, api_token=TOKEN)
+    worker_factory("statusw")
+    study = make_study(settings.spool_dir, fixture_images("normal")[:3])
+    good = study.files[2].read_bytes()
+    study.files[2].write_bytes(good[:2000])
+    app = app_for(redis_server.url, data)
+    send(app, study)
+    ledger = FailureLedger(redis_client, NS)
+    wait_until(lambda: indexed_count(redis_client, study.sop_uids[:2]) == 2, 90, what="2 indexed")
+    wait_until(lambda: ledger.count() == 1, 60, what="1 failure")
+    wait_until(lambda: gather(redis_client, ns=NS)["queues"]["ingest"] == 0, 60, what="ingest queue drained")
+    ctx = ApiContext(settings=settings, store=CodeStore(redis_client, NS), celery=app)
+    return settings, study, good, ctx
+
+
+def test_figures_text_and_metrics_agree(running, redis_client, redis_server, tmp_path):
+    settings, study, _good, _ctx = running
+    f = gather(redis_client, ns=NS)
+    assert f["redis_ok"] and f["queues"] == {"ingest": 0, "study": 0, "maintenance": 0}
+    (model,) = f["models"]
+    assert model["active"] and model["image"] == 2 and model["nbits"] == 64
+    (w,) = f["workers"]
+    assert w["hostname"].startswith("statusw@") and w["device"] == "cpu" and w["concurrency"] == 1
+    assert f["tasks"]["index_instance"]["done"] == 2 and f["tasks"]["index_instance"]["failed"] == 1
+    assert f["latency"]["count"] == 2
+    assert f["failures"]["count"] == 1 and f["failures"]["recent"][0]["sop_uid"] == study.sop_uids[2]
+
+    text = render_text(f)
+    assert w["hostname"] in text and "device cpu" in text
+    assert model["version"] in text and "images         2" in text
+    assert study.sop_uids[2] in text and "1 failed" in text
+
+    samples = _samples(metrics.render(f).decode())
+    assert samples[("drh_redis_up", ())] == 1
+    assert samples[("drh_queue_depth", (("queue", "ingest"),))] == 0
+    assert samples[("drh_tasks_total", (("outcome", "done"), ("task", "index_instance")))] == 2
+    assert samples[("drh_ingest_latency_seconds_count", ())] == 2
+    assert samples[("drh_ingest_latency_seconds_bucket", (("le", "+Inf"),))] == 2
+    key = ("drh_index_codes", (("active", "1"), ("level", "image"), ("version", model["version"])))
+    assert samples[key] == 2
+    assert samples[("drh_worker_processes", (("device", "cpu"), ("worker", w["hostname"])))] == 1
+    assert samples[("drh_failed_instances", ())] == 1
+
+    # the terminal command prints the same figures
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRH_")}
+    env.update(DRH_REDIS_URL=redis_server.url, DRH_DATA_DIR=str(tmp_path / "cli"))
+    out = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert w["hostname"] in out.stdout and study.sop_uids[2] in out.stdout and model["version"] in out.stdout
+
+
+def test_http_ops_routes(running, redis_client):
+    settings, study, good, ctx = running
+    client = TestClient(create_app(ctx))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    assert client.get("/health").status_code == 200  # liveness needs no token
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/ready", headers=auth).json() == {"ready": True, "reasons": []}
+
+    m = client.get("/metrics", headers=auth)
+    assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
+    assert _samples(m.text)[("drh_failed_instances", ())] == 1
+
+    js = client.get("/api/status", headers=auth).json()
+    assert js["models"][0]["image"] == 2 and js["latency"]["buckets"][-1][0] == "+Inf"
+    page = client.get("/status", headers=auth)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert study.sop_uids[2] in page.text and f"retry('{study.sop_uids[2]}')" in page.text
+    assert "TEST001" not in page.text  # no patient identifiers on the IT page
+
+    # a spooled file for remote workers; never anything outside the spool
+    f = client.get(f"/api/instances/{study.sop_uids[0]}/file", headers=auth)
+    assert f.status_code == 200 and f.content == study.files[0].read_bytes()
+    assert client.get("/api/instances/1.2.3.4/file", headers=auth).status_code == 404
+    assert client.get("/api/instances/..%2F..%2Fetc/file", headers=auth).status_code in (400, 404)
+    redis_client.hset(f"{NS}:instance:1.2.3.5", "path", "/etc/hostname")
+    assert client.get("/api/instances/1.2.3.5/file", headers=auth).status_code == 404
+
+    # retry from the page's button: the fixed file is indexed and leaves the ledger
+    assert client.post("/api/failures/9.9.9/retry", headers=auth).status_code == 404
+    study.files[2].write_bytes(good)
+    r = client.post(f"/api/failures/{study.sop_uids[2]}/retry", headers=auth)
+    assert r.status_code == 200 and r.json()["retried"] == 1
+    wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 3, 60, what="retried instance indexed")
+    assert FailureLedger(redis_client, NS).count() == 0
+
+
+def test_status_when_redis_is_down(tmp_path):
+    import redis
+
+    dead = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    f = gather(dead, ns=NS)
+    assert not f["redis_ok"] and "Redis unavailable" in f["error"]
+    assert "Redis unavailable" in render_text(f)
+    assert _samples(metrics.render(f).decode())[("drh_redis_up", ())] == 0
+    settings = load_settings(env={}, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path, api_token=TOKEN)
+    client = TestClient(create_app(ApiContext(settings=settings, store=CodeStore(dead, NS))))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert client.get("/health").status_code == 200
+    r = client.get("/ready", headers=auth)
+    assert r.status_code == 503 and "Redis unavailable" in r.json()["reasons"][0]
+    assert client.get("/status", headers=auth).status_code == 503
