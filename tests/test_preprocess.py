@@ -308,6 +308,14 @@ def test_run_decoder_falls_back_past_a_base_exception() -> None:
     assert fake.tried == ["pylibjpeg", "pydicom"]  # preferred first, then the next; never gdcm
 
 
+def test_file_cut_right_after_its_meta_header() -> None:
+    data = Path(wheel("CT_small.dcm")).read_bytes()
+    meta_length = int.from_bytes(data[140:144], "little")  # (0002,0000) UL value after the preamble
+    with pytest.raises(DecodeError) as err:
+        pp.read_dataset(data[: 144 + meta_length])
+    assert err.value.code == "truncated_file"
+
+
 def test_io_errors_are_transient(tmp_path: Path) -> None:
     with pytest.raises(DecodeError) as err:
         pp.read_dataset(tmp_path / "gone.dcm")
