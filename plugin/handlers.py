@@ -290,7 +290,7 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
         return
     if not plan.local_files:
         raise move_mod.MoveRefused("nothing to retrieve: no source PACS and no stored file")
-    yield (node.host, node.port)
+    yield (node.host, node.port, {"contexts": move_mod.sub_operation_contexts(plan.local_files)})
     yield len(plan.local_files)
     for path in plan.local_files:
         if event.is_cancelled:

@@ -179,5 +179,35 @@ def forward(move_plan: MovePlan, identifier: Dataset, destination: str, settings
 
 
 def read_for_sending(path: Path) -> Dataset:
-    """A spooled file as a dataset for a C-STORE sub-operation (pixel data left as received)."""
-    return dcmread(path)
+    """A spooled file as an uncompressed dataset for a C-STORE sub-operation.
+
+    Every viewer accepts Explicit VR Little Endian (uncompressed is the one syntax all must take);
+    a compressed original is decompressed rather than risk a sub-operation the viewer refuses. When
+    decompression is impossible the original is sent and the viewer decides.
+    """
+    ds = dcmread(path)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed:
+        try:
+            ds.decompress(generate_instance_uid=False)  # same pixels, same instance
+        except Exception as exc:  # noqa: BLE001 - missing or failing codec: send what we have
+            log.warning("C-MOVE: cannot decompress %s (%s); sending it as received", path.stem, exc)
+    return ds
+
+
+def sub_operation_contexts(paths: list[Path]) -> list[Any]:
+    """Presentation contexts for sending ``paths``: their SOP classes, uncompressed and as stored."""
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom.presentation import build_context
+
+    syntaxes: dict[str, set[str]] = {}
+    for path in paths:
+        meta = read_file_meta_info(path)
+        syntaxes.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
+    contexts = []
+    for sop_class, stored in sorted(syntaxes.items()):
+        contexts.append(build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        for syntax in sorted(stored - {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
+            contexts.append(build_context(sop_class, [syntax]))
+    return contexts[:128]

@@ -107,9 +107,6 @@ def build_ae(settings: Settings) -> AE:
         PatientRootQueryRetrieveInformationModelMove,
     ):
         ae.add_supported_context(abstract, QUERY_TRANSFER_SYNTAXES)
-    # C-MOVE sub-operations from the spool: we request storage of what we send.
-    for context in AllStoragePresentationContexts[:120]:
-        ae.add_requested_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES[:2])
     return ae
 
 

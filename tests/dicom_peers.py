@@ -146,12 +146,20 @@ class Orthanc:
     script (every stable study goes to DRHPACS), with ``StableAge`` 1 s so tests do not wait a minute.
     """
 
-    def __init__(self, tmp: Path, modalities: Mapping[str, int], *, forward: bool = True, aet: str = "ORTHANC"):
+    def __init__(
+        self,
+        tmp: Path,
+        modalities: Mapping[str, int],
+        *,
+        forward: bool = True,
+        aet: str = "ORTHANC",
+        dicom_port: int | None = None,
+    ):
         import json
 
         self.dir = tmp / "orthanc"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.dicom_port = free_port()
+        self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.aet = aet
         config = json.loads((DEPLOY_ORTHANC / "orthanc.json").read_text())

@@ -1,0 +1,115 @@
+"""C-MOVE from a viewer (DCMTK movescu) through drh-pacs, into a viewer (DCMTK storescp).
+
+Forwarded: the study came from Orthanc, so drh-pacs asks Orthanc to move it to the viewer (the
+spooled copies are deleted first, so only Orthanc can have sent it). From the spool: a study from a
+sender that is not a known node is sent by drh-pacs itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+from dicom_peers import DCMTK, Orthanc, dcmtk, running_plugin
+from dicomgen import fixture_images, make_study
+from pydicom import dcmread
+
+from plugin.redis_embedded import free_port
+
+
+class Viewer:
+    """DCMTK storescp acting as the radiologist's viewer (AE VIEWER)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / "viewer"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-aet", "VIEWER", "-od", str(self.dir), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: dcmtk("echoscu", "-aec", "VIEWER", "127.0.0.1", str(self.port), timeout=10).returncode == 0,
+            20,
+            what="storescp to listen",
+        )
+
+    def received(self) -> set[str]:
+        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.dir.iterdir() if p.is_file()}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def viewer(tmp_path) -> Iterator[Viewer]:
+    v = Viewer(tmp_path)
+    yield v
+    v.stop()
+
+
+def movescu(port: int, study_uid: str, destination: str = "VIEWER") -> subprocess.CompletedProcess[str]:
+    return dcmtk(
+        "movescu", "-d", "-S", "-aet", "VIEWER", "-aec", "DRHPACS", "-aem", destination,
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid}",
+        "127.0.0.1", str(port), timeout=120,
+    )  # fmt: skip
+
+
+def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_client, redis_server, viewer):
+    study = make_study(tmp_path / "in", fixture_images()[0:2], patient_id="P-MOVE")
+    orthanc_port = free_port()
+    nodes = {"ORTHANC": f"127.0.0.1:{orthanc_port}", "VIEWER": f"127.0.0.1:{viewer.port}"}
+    with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin:
+        modalities = {"DRHPACS": plugin.port, "VIEWER": viewer.port}
+        with Orthanc(tmp_path, modalities, dicom_port=orthanc_port) as orthanc:
+            port = str(orthanc.dicom_port)
+            proc = dcmtk("storescu", "-aec", "ORTHANC", "127.0.0.1", port, *map(str, study.files))
+            assert proc.returncode == 0, proc.stderr
+            folder = plugin.settings.spool_dir / study.study_uid
+            wait_until(lambda: len(list(folder.glob("*.dcm"))) == 2, 60, what="Orthanc to forward the study")
+            # As after indexing with keep_files off: the metadata says where it came from, no local copy.
+            plugin.store.put_study(study.study_uid, {"source_ae": "ORTHANC", "patient_id": "P-MOVE"})
+            for path in folder.glob("*.dcm"):
+                path.unlink()
+
+            proc = movescu(plugin.port, study.study_uid)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert "Success" in proc.stdout + proc.stderr
+            wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
+            assert "DRHPACS" in orthanc.log()  # Orthanc served a C-MOVE asked by drh-pacs
+
+
+def test_move_from_the_spool_when_the_sender_is_not_a_known_node(tmp_path, redis_client, redis_server, viewer):
+    study = make_study(tmp_path / "in", fixture_images()[4:6], patient_id="P-SPOOL", rle=True)
+    nodes = {"VIEWER": f"127.0.0.1:{viewer.port}"}
+    with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin:
+        proc = dcmtk("storescu", "-aet", "MODALITY", "-aec", "DRHPACS", "-xr", "127.0.0.1", str(plugin.port),
+                     *map(str, study.files))  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        proc = movescu(plugin.port, study.study_uid)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
+
+
+def test_move_failures(tmp_path, redis_client, redis_server, viewer):
+    study = make_study(tmp_path / "in", fixture_images()[8:9], patient_id="P-FAIL")
+    nodes = {"VIEWER": f"127.0.0.1:{viewer.port}"}
+    with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin:
+        assert dcmtk("storescu", "-aec", "DRHPACS", "127.0.0.1", str(plugin.port), str(study.files[0])).returncode == 0
+        unknown_destination = movescu(plugin.port, study.study_uid, destination="NOBODY")
+        output = unknown_destination.stdout + unknown_destination.stderr
+        assert "0xa801" in output.lower() or "MoveDestinationUnknown" in output, output
+        unknown_study = movescu(plugin.port, "1.2.826.0.1.3680043.8.498.424242")
+        output = unknown_study.stdout + unknown_study.stderr
+        assert "Failed" in output or "Failure" in output, output
+        assert viewer.received() == set()
