@@ -47,6 +47,7 @@ import io
 import os
 import re
 import sys
+import threading
 import warnings
 import zlib
 from collections import Counter
@@ -240,6 +241,11 @@ def _read(fp: Any) -> Dataset:
     return ds
 
 
+_VALIDATION_LOCK = threading.Lock()
+_validation_holders = 0
+_validation_saved = 0
+
+
 @contextmanager
 def _values_unvalidated() -> Iterator[None]:
     """Read without pydicom's value validation.
@@ -247,15 +253,23 @@ def _values_unvalidated() -> Iterator[None]:
     pydicom logs invalid values *with the value* ("Invalid value for VR PN: ..."), which would put
     patient names and IDs in our logs; we have no use for VR validation here. Every element is
     converted inside this block (see ``iterall`` in :func:`_read`), so later accesses do not
-    validate either. Worker processes are single-threaded, so swapping the global is safe.
+    validate either. The setting is process-global: the first reader in switches it off, the last
+    one out restores it, so concurrent readers (the HTTP API's thread pool) stay consistent.
     """
+    global _validation_holders, _validation_saved
     settings = pydicom.config.settings
-    saved = settings.reading_validation_mode
-    settings.reading_validation_mode = pydicom.config.IGNORE
+    with _VALIDATION_LOCK:
+        if _validation_holders == 0:
+            _validation_saved = settings.reading_validation_mode
+            settings.reading_validation_mode = pydicom.config.IGNORE
+        _validation_holders += 1
     try:
         yield
     finally:
-        settings.reading_validation_mode = saved
+        with _VALIDATION_LOCK:
+            _validation_holders -= 1
+            if _validation_holders == 0:
+                settings.reading_validation_mode = _validation_saved
 
 
 def _looks_like_raw_dataset(head: bytes) -> bool:

@@ -416,6 +416,22 @@ def test_refusals_survive_pickling() -> None:
     assert (nai.code, nai.reason) == ("structured_report", "structured report")
 
 
+def test_reading_does_not_log_invalid_values(caplog: pytest.LogCaptureFixture) -> None:
+    # pydicom's value validation logs "Invalid value for VR UI: '<the value>'", quoting the value;
+    # reading skips it (leaving the global setting as it was), so no header value is logged.
+    ds = pydicom.dcmread(wheel("CT_small.dcm"))
+    with pydicom.config.disable_value_validation():
+        ds.StudyInstanceUID = "1.2.SECRET"
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    before = pydicom.config.settings.reading_validation_mode
+    with caplog.at_level("DEBUG"):
+        got = pp.read_dataset(buf.getvalue())
+        assert str(got.StudyInstanceUID) == "1.2.SECRET"
+    assert "SECRET" not in caplog.text
+    assert pydicom.config.settings.reading_validation_mode == before
+
+
 def test_decode_errors_never_carry_patient_data() -> None:
     ds = pydicom.dcmread(wheel("MR_truncated.dcm"))
     with pytest.raises(DecodeError) as err:
