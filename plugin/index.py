@@ -119,6 +119,7 @@ class _State:
         self.log_pos = "0-0"
         self.attr_pos = "0-0"
         self.mih: MultiIndexHash | None = None
+        self.building = False  # a rebuild of the tables is running
         self.changed_since_build: list[np.ndarray] = []
 
     def reserve(self, n: int) -> None:
@@ -170,6 +171,7 @@ class ReplicaIndex:
         *,
         mih_min: int = 300_000,
         mih_rebuild_fraction: float = 0.05,
+        mih_rebuild_min: int = 10_000,
         mih_budget: float = 0.02,
         batch: int = 50_000,
     ) -> None:
@@ -179,6 +181,7 @@ class ReplicaIndex:
         self.level = level
         self.mih_min = mih_min
         self.mih_rebuild_fraction = mih_rebuild_fraction
+        self.mih_rebuild_min = mih_rebuild_min
         self.mih_budget = mih_budget
         self.batch = batch
         self._state: _State | None = None
@@ -307,9 +310,9 @@ class ReplicaIndex:
             st.planes[:, slots] = _words_of(b"".join(codes.values()), st.nbytes)
             st.n = max(st.n, need)
             if st.mih is not None:
-                old = slots[slots < st.mih.n]
-                st.mih.invalidate(old)
-                st.changed_since_build.append(old)
+                st.mih.invalidate(slots)
+            if st.mih is not None or st.building:
+                st.changed_since_build.append(slots)
         if sns:
             slots = np.fromiter(sns, np.int64, len(sns))
             st.reserve(int(slots.max()) + 1)
@@ -341,21 +344,34 @@ class ReplicaIndex:
                 st.attrs.put(sn, np.frombuffer(b"".join(recs.values()), ATTR_DTYPE))
 
     def _maybe_rebuild_mih(self, st: _State) -> None:
-        """Rebuild the multi-index tables aside when enough rows are scanned outside them."""
+        """Rebuild the multi-index tables in a background thread when enough rows are scanned
+        outside them (added or changed since the last build); searches go on meanwhile."""
         n = st.n
-        if n < self.mih_min:
+        if n < self.mih_min or st.building:
             return
-        if st.mih is not None and st.mih.pending(n) <= max(10_000, self.mih_rebuild_fraction * n):
+        if st.mih is not None and st.mih.pending(n) <= max(self.mih_rebuild_min, self.mih_rebuild_fraction * n):
             return
         with self._lock:
+            st.building = True
             marker = len(st.changed_since_build)
             codes = np.ascontiguousarray(st.planes[:, :n].T).view(np.uint8)[:, : st.nbytes]
-        mih = MultiIndexHash(st.nbits).build(codes)
-        with self._lock:
-            for rows in st.changed_since_build[marker:]:
-                mih.invalidate(rows)
-            st.changed_since_build = []
-            st.mih = mih
+
+        def build() -> None:
+            try:
+                mih = MultiIndexHash(st.nbits).build(codes)
+                with self._lock:
+                    # Rows changed while building have stale entries in the new tables.
+                    for rows in st.changed_since_build[marker:]:
+                        mih.invalidate(rows)
+                    st.changed_since_build = []
+                    st.mih = mih
+                log.info("replica %s: multi-index tables rebuilt over %d rows", self.level, n)
+            except Exception:
+                log.exception("replica %s: multi-index rebuild failed; the scan answers meanwhile", self.level)
+            finally:
+                st.building = False
+
+        threading.Thread(target=build, name=f"mih-{self.level}", daemon=True).start()
 
     def start(self, interval: float = 0.5) -> None:
         """Refresh from a background thread every ``interval`` seconds (until :meth:`close`)."""
@@ -440,15 +456,17 @@ class ReplicaIndex:
         gen, uids = self.store.resolve(st.version, self.level, rows.tolist())
         return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
 
-    def _eligible(self, st: _State, filters: SearchFilters | None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(exclude mask, rows) for a search: uint8 per slot, 0 where a slot may be returned.
+    def _eligible(self, st: _State, filters: SearchFilters | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(exclude mask, rows) for a search: uint8 per slot, 0 where a slot may be returned
+        (None: every slot may).
 
         ``rows``, when not None, lists every eligible slot (ascending): the filter is selective and
         only those rows need a distance.
         """
         n = st.n
         if filters is None or filters.is_empty():
-            return st.exclude[:n], None
+            # Nothing deleted: no mask to OR into the distances.
+            return (st.exclude[:n] if st.live < n else None), None
         studies = self._passing_studies(st, filters)
         if isinstance(studies, np.ndarray) and studies.dtype != np.uint8:
             # A few study numbers: go to their slots directly when the level allows it.

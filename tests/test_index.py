@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import wait_until
 
 from hashing import bits
 from hashing.search import brute_force
@@ -306,6 +307,19 @@ def test_multi_index_path_equals_scan(store):
         assert as_pairs(mih.search(bytes(q), 25)) == expected(live, bytes(q), 25)
         f = SearchFilters(exclude_patient_id="nobody")  # no metadata: nothing passes
         assert mih.search(bytes(q), 5, filters=f) == []
+
+    # The tables are rebuilt in the background once enough rows sit outside them.
+    eager = ReplicaIndex(store, "study", mih_min=1000, mih_rebuild_min=50, mih_rebuild_fraction=0.0)
+    eager.refresh()
+    first = eager._state.mih
+    for uid in list(live)[300:400]:
+        c = bytes(rand_codes(rng, 1)[0])
+        live[uid] = (store.upsert_code("m1", "study", uid, c)[0], c)
+    eager.refresh()
+    wait_until(lambda: eager._state.mih is not first and not eager._state.building, 30, what="the MIH rebuild")
+    assert eager._state.mih.pending(eager._state.n) == 0
+    for q in queries:
+        assert as_pairs(eager.search(bytes(q), 25)) == expected(live, bytes(q), 25)
 
 
 def test_concurrent_writers_and_queries_match_brute_force(store):
