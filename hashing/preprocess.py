@@ -25,7 +25,8 @@ Decisions, so that workers and training agree:
 ``no_pixel_data``, ``structured_report``, ``key_object_selection``, ``presentation_state``,
 ``segmentation``, ``non_image_object`` (raw data, registration), ``rt_dose``, ``rt_object``,
 ``parametric_map``, ``encapsulated_document``, ``waveform``, ``float_pixel_data``, ``too_small``,
-``for_processing`` (raw DX/MG/IO detector data: the FOR PRESENTATION copy is the one indexed).
+``for_processing`` (raw DX/MG/IO detector data: the FOR PRESENTATION copy is the one indexed),
+``whole_slide_microscopy``.
 
 :class:`DecodeError` (should be an image, is not; the worker records a failure, retried only when
 ``transient``): transient ``file_not_found``, ``io_error``, ``out_of_memory``; permanent
@@ -108,6 +109,7 @@ _NON_IMAGE_SOP: tuple[tuple[str, str, str], ...] = (
     ("1.2.840.10008.5.1.4.1.1.30", "parametric_map", "parametric map (computed values)"),
     ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated_document", "encapsulated document"),
     ("1.2.840.10008.5.1.4.1.1.9.", "waveform", "waveform"),
+    ("1.2.840.10008.5.1.4.1.1.77.1.6", "whole_slide_microscopy", "tiled whole-slide image (one tile says nothing)"),
 )
 # Modalities that never carry a picture to index (used when the SOP class is missing).
 _NON_IMAGE_MODALITY = {

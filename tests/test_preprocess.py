@@ -368,6 +368,8 @@ def test_key_object_and_presentation_state_by_sop_class() -> None:
     for sop, code in (
         ("1.2.840.10008.5.1.4.1.1.88.59", "key_object_selection"),
         ("1.2.840.10008.5.1.4.1.1.11.1", "presentation_state"),
+        ("1.2.840.10008.5.1.4.1.1.77.1.6", "whole_slide_microscopy"),
+        ("1.2.840.10008.5.1.4.1.1.104.1", "encapsulated_document"),
     ):
         ds = Dataset()
         ds.SOPClassUID = sop
