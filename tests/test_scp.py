@@ -394,3 +394,62 @@ def test_spool_path_components_are_checked(tmp_path):
         Spool(tmp_path).write("../../etc", "1.2.3", b"x")
     entry = Spool(tmp_path).write("1.2.3", "1.2.3.4", [b"DI", b"CM"])
     assert Path(entry.path).read_bytes() == b"DICM"
+
+
+# -- transport: TLS and the association limit -------------------------------------------------------------
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A throw-away CA, and a server and a client certificate it signed (openssl)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=drh-test-ca")  # fmt: skip
+    for name in ("server", "client"):
+        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")  # fmt: skip
+        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "2")  # fmt: skip
+    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
+
+
+def test_tls_with_client_certificates(tmp_path, redis_client, redis_server):
+    certs = _certificates(tmp_path / "certs")
+    overrides = {
+        "tls_cert": str(certs["server.crt"]),
+        "tls_key": str(certs["server.key"]),
+        "tls_ca": str(certs["ca.crt"]),
+    }
+    with running_plugin(tmp_path, redis_server.url, **overrides) as running:
+        port = str(running.port)
+        tls = ["+tls", str(certs["client.key"]), str(certs["client.crt"]), "+cf", str(certs["ca.crt"])]
+        ok = dcmtk("echoscu", *tls, "-aec", "DRHPACS", "127.0.0.1", port)
+        assert ok.returncode == 0, ok.stderr
+        plain = dcmtk("echoscu", "-aec", "DRHPACS", "127.0.0.1", port, timeout=30)
+        assert plain.returncode != 0
+        anonymous = dcmtk("echoscu", "+tla", "+cf", str(certs["ca.crt"]), "-aec", "DRHPACS", "127.0.0.1", port)
+        assert anonymous.returncode != 0  # no client certificate: refused
+
+
+def test_association_limit(tmp_path, redis_client, redis_server):
+    with running_plugin(tmp_path, redis_server.url, max_associations=1) as running:
+        _, first = _scu(running.port)
+        try:
+            ae = AE(ae_title="STORESCU")
+            ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+            second = ae.associate("127.0.0.1", running.port, ae_title="DRHPACS")
+            assert second.is_rejected
+        finally:
+            first.release()
+
+        def slot_free_again() -> bool:
+            assoc = ae.associate("127.0.0.1", running.port, ae_title="DRHPACS")
+            if assoc.is_established:
+                assoc.release()
+                return True
+            return False
+
+        wait_until(slot_free_again, 10, what="the association slot to be free again")
