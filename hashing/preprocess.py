@@ -534,8 +534,12 @@ def _run_decoder(decoder: Any, ds: Dataset, frame: int) -> tuple[np.ndarray, dic
             except (MemoryError, KeyboardInterrupt, SystemExit):
                 raise
             except BaseException as exc:  # noqa: B036 - a Rust panic is a BaseException
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                messages.append(f"{name or 'pydicom'}: {first}" if name else first)
+                lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+                if lines[0].startswith("Unable to decode") and len(lines) > 1:
+                    first = lines[1]  # pydicom's wrapper; the next line is "<plugin>: <the reason>"
+                else:
+                    first = f"{name}: {lines[0]}" if name else lines[0]
+                messages.append(first)
                 if not name or "less than expected" in first:
                     break  # the same check runs before any plugin: no point trying the others
     raise _DecodeFailed(messages)

@@ -141,6 +141,14 @@ def test_deflated_image_frame_compression_is_inflated(tmp_path: Path) -> None:
     np.testing.assert_array_equal(pp.load_pixels(ds), reference)
 
 
+def test_corrupt_codestream_reason_names_the_codec_error() -> None:
+    ds = pydicom.dcmread(wheel("JPEG-lossy.dcm"))  # a 12-bit JPEG with a misplaced marker segment
+    with pytest.raises(DecodeError) as err:
+        pp.load_pixels(ds)
+    assert err.value.code == "corrupt_pixel_data" and not err.value.transient
+    assert "marker" in err.value.reason and "Unable to decode" not in err.value.reason
+
+
 def test_unsupported_transfer_syntax_is_refused_with_its_name() -> None:
     ds = pydicom.dcmread(wheel("MR_small_RLE.dcm"))
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video
