@@ -35,6 +35,10 @@ REQUEUE_SECONDS = 900.0
 FULL_SCAN_SECONDS = 3600.0
 
 
+# "Last queued" of a file whose queueing failed: due at the next pass, no grace period.
+_NEVER = float("-inf")
+
+
 class SpoolError(OSError):
     """The file could not be made durable; the sender must be told it failed."""
 
@@ -166,15 +170,17 @@ class Reconciler:
         self.grace = grace
         self.requeue_after = requeue_after
         self._lock = threading.Lock()
-        # sop uid -> (entry, monotonic time it was last queued, or None if queueing failed)
+        # sop uid -> (entry, monotonic time it was last queued; None: found by a scan, never queued
+        # by us; _NEVER: queueing failed)
         self._pending: dict[str, tuple[SpoolEntry, float | None]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_full_scan = 0.0
 
     def track(self, entry: SpoolEntry, enqueued: bool) -> None:
+        """A file the handler spooled: queued (retry only if still not indexed much later) or not (asap)."""
         with self._lock:
-            self._pending[entry.sop_uid] = (entry, time.monotonic() if enqueued else None)
+            self._pending[entry.sop_uid] = (entry, time.monotonic() if enqueued else _NEVER)
 
     @property
     def pending(self) -> int:

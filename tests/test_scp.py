@@ -453,3 +453,26 @@ def test_association_limit(tmp_path, redis_client, redis_server):
             return False
 
         wait_until(slot_free_again, 10, what="the association slot to be free again")
+
+
+def test_broker_down_file_is_answered_after_spooling_and_queued_when_the_broker_returns(
+    tmp_path, redis_client, redis_server
+):
+    """Redis as broker is down: the C-STORE still succeeds (the file is durable), the task waits."""
+    import redis as redis_lib
+
+    from plugin.redis_embedded import EmbeddedRedis, free_port
+
+    broker_port = free_port()
+    study = make_study(tmp_path / "in", fixture_images()[5:6], patient_id="P-BROKER")
+    broker_url = f"redis://127.0.0.1:{broker_port}/0"
+    with running_plugin(tmp_path, redis_server.url, broker_url=broker_url) as running:
+        proc = dcmtk("storescu", "-aec", "DRHPACS", "127.0.0.1", str(running.port), str(study.files[0]))
+        assert proc.returncode == 0, proc.stderr
+        assert (running.settings.spool_dir / study.study_uid / f"{study.sop_uids[0]}.dcm").exists()
+        reconciler = running.server.reconciler
+        wait_until(lambda: reconciler.pending == 1, 60, what="the failed enqueue to be handed to the reconciler")
+        assert reconciler.run_once() == 0  # still down: nothing queued, nothing lost
+        with EmbeddedRedis(tmp_path / "broker", port=broker_port):
+            assert reconciler.run_once() == 1
+            assert redis_lib.Redis(port=broker_port).llen("ingest") == 1
