@@ -467,14 +467,16 @@ class ReplicaIndex:
         if filters is None or filters.is_empty():
             # Nothing deleted: no mask to OR into the distances.
             return (st.exclude[:n] if st.live < n else None), None
-        studies = self._passing_studies(st, filters)
-        if isinstance(studies, np.ndarray) and studies.dtype != np.uint8:
-            # A few study numbers: go to their slots directly when the level allows it.
-            if self.level == "study":
-                rows = st.sn_slot[studies]
-                rows = rows[(rows >= 0) & (rows < n)]
-                rows = np.sort(rows[st.exclude[rows] == 0])
-                return st.exclude[:n], rows
+        kind, studies = self._passing_studies(st, filters)
+        if kind == "but":
+            # Every study but a few (another patient's priors): mark the slots of those few.
+            exclude = st.exclude[:n].copy()
+            exclude[self._slots_of_studies(st, studies)] = NEVER
+            return exclude, None
+        if kind == "only" and self.level == "study":
+            rows = self._slots_of_studies(st, studies)
+            return st.exclude[:n], np.sort(rows[st.exclude[rows] == 0])
+        if kind == "only":
             ok = np.zeros(st.attrs.size, np.uint8)
             ok[studies] = 1
             studies = ok
@@ -482,8 +484,16 @@ class ReplicaIndex:
         mask = studies[st.slot_sn[:n]]
         np.subtract(mask, 1, out=mask)
         np.bitwise_or(mask, st.exclude[:n], out=mask)
-        rows = np.flatnonzero(mask == 0)
-        return mask, (rows if rows.size <= n // 16 else None)
+        if np.count_nonzero(mask == 0) <= n // 16:
+            return mask, np.flatnonzero(mask == 0)
+        return mask, None
+
+    def _slots_of_studies(self, st: _State, sns: np.ndarray) -> np.ndarray:
+        """Slots (< n) whose study number is in ``sns`` (a short list)."""
+        if self.level == "study":
+            rows = st.sn_slot[sns]
+            return rows[(rows >= 0) & (rows < st.n)]
+        return np.flatnonzero(np.isin(st.slot_sn[: st.n], sns))
 
     def _search_rows(
         self,
@@ -532,10 +542,17 @@ class ReplicaIndex:
                     self._vocab[(field, term)] = number
         return [self._vocab.get((field, t)) for t in terms]
 
-    def _passing_studies(self, st: _State, f: SearchFilters) -> np.ndarray:
-        """The studies whose record satisfies every filter: uint8 0/1 per study number, or, when
-        few pass, their study numbers (int64). The most selective tests run first, and once few
-        studies remain the others run on those only.
+    def _passing_studies(self, st: _State, f: SearchFilters) -> tuple[str, np.ndarray]:
+        """The studies whose record satisfies every filter, in the cheapest form:
+
+        - ``("only", sns)``: few pass, their study numbers;
+        - ``("but", sns)``: all pass except a few (only exclusion filters);
+        - ``("mask", uint8 0/1 per study number)`` otherwise.
+
+        A study without a record (metadata not written yet, or an image not yet linked to its
+        study: study number 0) passes no filter, not even an exclusion: it cannot be shown not to be
+        the excluded patient's. The most selective tests run first; once few studies remain, the
+        others run on those only.
         """
         a = st.attrs
         tests: list[tuple[str, Callable[[np.ndarray], np.ndarray]]] = []
@@ -560,11 +577,19 @@ class ReplicaIndex:
             span = np.uint32(max(hi - lo, 0)) if hi >= lo else None
             # lo <= date <= hi in one unsigned comparison (unknown dates are 0 and fall outside).
             tests.append(("date", lambda c: (c - np.int32(lo)).view(np.uint32) <= span if span is not None else c < 0))
-        if f.exclude_patient_id:
-            key_out = np.uint64(patient_key(f.exclude_patient_id))
-            tests.append(("patient", lambda c: c != key_out))
-            tests.append(("flags", lambda c: (c & FLAG_KNOWN) != 0))
         size = a.size
+        key_out = np.uint64(patient_key(f.exclude_patient_id)) if f.exclude_patient_id else None
+        if not tests:
+            # Exclusion only: the excluded patient's studies and the unknown ones, usually few.
+            assert key_out is not None
+            out = np.logical_or(a["patient"] == key_out, (a["flags"] & FLAG_KNOWN) == 0)
+            out[0] = True
+            if np.count_nonzero(out) <= size // 64:
+                return "but", np.flatnonzero(out)
+            return "mask", np.logical_not(out, out=out).view(np.uint8)
+        if key_out is not None:
+            tests.append(("patient", lambda c: c != key_out))
+        # Every include test fails on an unknown record (zero fields), so no flag test is needed.
         ok: np.ndarray | None = None
         idx: np.ndarray | None = None
         for field, test in tests:
@@ -574,13 +599,12 @@ class ReplicaIndex:
                 continue
             passed = test(col)
             ok = passed if ok is None else np.logical_and(ok, passed, out=ok)
-            count = int(np.count_nonzero(ok))
-            if count <= size // 64:
+            if np.count_nonzero(ok) <= size // 64:
                 idx = np.flatnonzero(ok)
         if idx is not None:
-            return idx
+            return "only", idx
         assert ok is not None
-        return ok.view(np.uint8)
+        return "mask", ok.view(np.uint8)
 
 
 def _filter_date(value: str) -> int:

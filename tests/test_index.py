@@ -233,6 +233,7 @@ def test_filters_keep_the_k_nearest_among_passing_studies(store):
         SearchFilters(body_part="HAND"),
         SearchFilters(patient_id="P4"),
         SearchFilters(exclude_patient_id="P4", modalities={"CR"}),
+        SearchFilters(exclude_patient_id="P4"),
         SearchFilters(date_to="20200215"),
         SearchFilters(modalities={"MR"}),
         SearchFilters(body_part="KNEE"),
@@ -279,10 +280,14 @@ def test_image_level_filters_use_the_instance_study(store):
     for s in range(6):
         store.put_study(f"1.9.{s}", {"patient_id": f"P{s % 2}", "modalities": "CR", "study_date": "20210101"})
     idx.refresh()
-    f = SearchFilters(patient_id="P1")
     ok = {sop for sop, st in study_of.items() if int(st.rsplit(".", 1)[1]) % 2 == 1}
-    for q in codes[:5]:
-        assert as_pairs(idx.search(bytes(q), 7, filters=f)) == expected(live, bytes(q), 7, allowed=ok)
+    store.upsert_code("m1", "image", "1.8.unlinked", codes[0])  # no study known yet
+    live["1.8.unlinked"] = (store.slots_of("m1", "image", ["1.8.unlinked"])[0], bytes(codes[0]))
+    idx.refresh()
+    for f, allowed in ((SearchFilters(patient_id="P1"), ok), (SearchFilters(exclude_patient_id="P0"), ok)):
+        for q in codes[:5]:
+            assert as_pairs(idx.search(bytes(q), 7, filters=f)) == expected(live, bytes(q), 7, allowed=allowed)
+    assert idx.search(bytes(codes[0]), 1)[0].distance == 0
 
 
 def test_multi_index_path_equals_scan(store):
