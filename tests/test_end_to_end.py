@@ -33,11 +33,13 @@ class Server:
     token: str
     log: Path
 
+    redis_url: str = ""
+
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(runtime_url_file(self.data_dir).read_text().strip())
+        return redis.Redis.from_url(self.redis_url or runtime_url_file(self.data_dir).read_text().strip())
 
 
-def _start_serve(data_dir: Path, log: Path) -> Server:
+def _start_serve(data_dir: Path, log: Path, **env_extra: str) -> Server:
     dicom_port, http_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -49,11 +51,12 @@ def _start_serve(data_dir: Path, log: Path) -> Server:
         "DRH_DEVICE": "cpu",
     }
     env.pop("DRH_REDIS_URL", None)
+    env.update(env_extra)
     out = log.open("a")
     proc = subprocess.Popen(
         [sys.executable, "-m", "plugin.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT, text=True
     )
-    server = Server(proc, data_dir, dicom_port, http_port, "test-token", log)
+    server = Server(proc, data_dir, dicom_port, http_port, "test-token", log, env_extra.get("DRH_REDIS_URL", ""))
 
     def ready() -> bool:
         assert proc.poll() is None, f"serve exited early:\n{log.read_text()}"
@@ -220,4 +223,34 @@ def test_restart_keeps_the_index(tmp_path: Path) -> None:
         answers, out = findscu_similar(server, studies[2].study_uid, tmp_path / "rsp")
         assert sorted(ds.StudyInstanceUID for ds in answers) == sorted(s.study_uid for s in studies[:2]), out
     finally:
+        assert _stop_serve(server) == 0
+
+
+def test_external_redis_and_a_separate_worker(tmp_path: Path, redis_server, redis_client) -> None:
+    """With a Redis URL, serve uses that Redis and starts no worker of its own when told so; a
+    `drh-pacs worker` started apart (as on another machine) does the model work."""
+    server = _start_serve(
+        tmp_path / "data", tmp_path / "serve.log", DRH_REDIS_URL=redis_server.url, DRH_SERVE_WORKERS="0"
+    )
+    worker_log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", "worker"],
+        env={
+            **os.environ,
+            "DRH_REDIS_URL": redis_server.url,
+            "DRH_DATA_DIR": str(tmp_path / "worker-data"),
+            "DRH_STUDY_STABLE_SECONDS": "1",
+            "DRH_DEVICE": "cpu",
+        },
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert not runtime_url_file(server.data_dir).exists()  # no embedded Redis was started
+        studies = _send_studies(tmp_path, server)
+        answers, log = findscu_similar(server, studies[1].study_uid, tmp_path / "rsp")
+        assert sorted(ds.StudyInstanceUID for ds in answers) == sorted([studies[0].study_uid, studies[2].study_uid])
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
         assert _stop_serve(server) == 0
