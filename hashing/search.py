@@ -262,12 +262,13 @@ class MultiIndexHash:
         """Index rows ``0..n-1`` of packed ``codes``; rebuilding replaces the tables."""
         codes = np.asarray(codes, np.uint8)
         n = codes.shape[0]
-        subs = np.empty((self.m, n), dtype=np.int64)
+        subs = np.empty((self.m, n), dtype=np.int32)  # substrings are at most 24 bits
         for s in range(0, n, chunk):
             subs[:, s : s + chunk] = self.substrings(codes[s : s + chunk])
         self._orders, self._offsets = [], []
         for j in range(self.m):
-            order = np.argsort(subs[j], kind="stable").astype(np.uint32 if n < 2**32 else np.int64)
+            key = subs[j].astype(np.uint16) if self.sizes[j] <= 16 else subs[j]  # 16-bit: radix sort
+            order = np.argsort(key, kind="stable").astype(np.uint32 if n < 2**32 else np.int64)
             counts = np.bincount(subs[j], minlength=1 << self.sizes[j])
             offsets = np.zeros(counts.size + 1, dtype=np.int64)
             np.cumsum(counts, out=offsets[1:])
