@@ -730,6 +730,35 @@ class CodeStore:
             rec["body"] = min(int(number), 0xFFFF)
         return rec.tobytes()
 
+    def delete_study(self, study_uid: str) -> int:
+        """Remove a study everywhere (a retracted or misfiled study, an erasure request).
+
+        Tombstones its study code and its instances' image codes in every model version, drops
+        their embeddings, the instance records and the study's metadata, and blanks its filter
+        record. Returns the number of codes deleted. Replicas follow through the change logs.
+        """
+        sops = self.study_instances(study_uid)
+        removed = 0
+        for v in self.models():
+            removed += self.delete_code(v, "study", study_uid) is not None
+            for sop in sops:
+                removed += self.delete_code(v, "image", sop) is not None
+            if sops:
+                self.r.hdel(self.keys.emb(v), *sops)
+        pipe = self.r.pipeline(transaction=True)
+        for sop in sops:
+            pipe.delete(self.keys.instance(sop))
+        pipe.delete(self.keys.study(study_uid), self.keys.study_instances(study_uid))
+        pipe.execute()
+        sn = self.r.hget(self.keys.sno(), study_uid)
+        if sn is not None:
+            blank = bytes(ATTR_SIZE)
+            pipe = self.r.pipeline(transaction=True)
+            pipe.setrange(self.keys.sattr(), int(sn) * ATTR_SIZE, blank)
+            pipe.xadd(self.keys.attrlog(), {"sn": int(sn), "rec": blank}, maxlen=LOG_MAXLEN, approximate=True)
+            pipe.execute()
+        return int(removed)
+
     def study(self, study_uid: str) -> dict[str, str]:
         return _decode(self.r.hgetall(self.keys.study(study_uid)))
 

@@ -379,3 +379,33 @@ def test_concurrent_writers_and_queries_match_brute_force(store):
     assert not errors
     assert checked == 40
     assert store.r.xlen("t:log:m1:study") > 400, "the writers did not run concurrently"
+
+
+def test_delete_study_removes_it_from_every_level_and_version(store):
+    store.register_model("m2", 64)
+    rng = np.random.default_rng(11)
+    codes = rand_codes(rng, 8)
+    for i in range(3):
+        sop = f"3.1.{i}"
+        store.put_instance(sop, "3.1", {"modality": "CR"})
+        for v in ("m1", "m2"):
+            store.upsert_code(v, "image", sop, codes[i])
+        store.put_embedding("m1", sop, np.ones(4, np.float32))
+    store.put_study("3.1", {"patient_id": "P1", "modalities": "CR"})
+    for v in ("m1", "m2"):
+        store.upsert_code(v, "study", "3.1", codes[3])
+    store.upsert_code("m1", "study", "3.2", codes[4])
+    store.put_study("3.2", {"patient_id": "P2", "modalities": "CR"})
+    study_idx, image_idx = ReplicaIndex(store, "study"), ReplicaIndex(store, "image")
+    study_idx.refresh()
+    image_idx.refresh()
+    assert len(study_idx) == 2 and len(image_idx) == 3
+    assert store.delete_study("3.1") == 8
+    study_idx.refresh()
+    image_idx.refresh()
+    assert len(study_idx) == 1 and len(image_idx) == 0
+    assert [h.uid for h in study_idx.search(bytes(codes[3]), 5)] == ["3.2"]
+    assert study_idx.search(bytes(codes[3]), 5, filters=SearchFilters(patient_id="P1")) == []
+    assert store.study("3.1") == {} and store.instance("3.1.0") == {} and store.study_instances("3.1") == []
+    assert store.get_embeddings("m1", ["3.1.0"]) == {}
+    assert store.count("m2", "image") == 0 and store.count("m2", "study") == 0
