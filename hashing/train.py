@@ -224,7 +224,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[DRH | DMIH, DRH | N
     return dmih, drh, meta
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Run a training; returns the model checkpoint dictionary it wrote to ``cfg.out``."""
     if cfg.method not in METHODS:
         raise SystemExit(f"--method must be one of {METHODS}")
@@ -385,9 +385,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "validation_map_all": round(state["best_val"], 5),
         "history": state["history"],
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
-        "command": "drh-pacs train " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-        if len(sys.argv) > 1 and sys.argv[1] == "train"
-        else "",
+        "command": command,
         "seconds": round(elapsed, 1),
         "device": str(device),
         "torch": str(torch.__version__),
@@ -495,8 +493,9 @@ def parse_args(argv: list[str]) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("DRH_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(list(sys.argv[1:] if argv is None else argv))
-    train(cfg)
+    args = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(args)
+    train(cfg, command="drh-pacs train " + " ".join(shlex.quote(a) for a in args))
     return 0
 
 

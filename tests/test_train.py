@@ -61,6 +61,7 @@ def test_train_drh_writes_a_complete_checkpoint(data_dir: Path, tmp_path: Path) 
     assert tr["method"] == "drh" and tr["classes"] == ["bacterial", "normal", "viral"]
     assert len(tr["history"]) == 2 and 1 <= tr["selected_epoch"] <= 2
     assert tr["train_images"] + tr["validation_images"] == 9
+    assert tr["command"].startswith("drh-pacs train --data ") and tr["seconds"] > 0
     assert 0 < ck["normalization"]["std"] < 1
     enc = Encoder.load(str(out), device="cpu")
     img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
