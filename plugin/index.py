@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hashing.search import MultiIndexHash, Selector, knn, knn_rows, n_words, query_words, radius
+from hashing.search import MultiIndexHash, Selector, knn, knn_rows, n_words, query_words, radius, to_words
 from plugin.store import ATTR_DTYPE, FLAG_KNOWN, LEVELS, MODALITY_BITS, CodeStore, parse_date, patient_key
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,6 @@ class _State:
 
 def _words_of(codes: bytes, nbytes: int) -> np.ndarray:
     """Packed codes (concatenated bytes) to (W, n) word planes."""
-    from hashing.search import to_words
-
     n = len(codes) // nbytes
     return to_words(np.frombuffer(codes, np.uint8).reshape(n, nbytes))
 
@@ -447,14 +445,18 @@ class ReplicaIndex:
 
     def radius_search(self, query: bytes, r: int, *, filters: SearchFilters | None = None) -> list[Hit]:
         """Every code within distance ``r``, nearest first (for a bounded answer use search)."""
-        st = self._state
-        if st is None:
-            raise IndexNotReady(f"the {self.level} index is not loaded")
-        with self._lock:
-            exclude, _ = self._eligible(st, filters)
-            rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
-        gen, uids = self.store.resolve(st.version, self.level, rows.tolist())
-        return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
+        for _ in range(3):
+            st = self._state
+            if st is None:
+                raise IndexNotReady(f"the {self.level} index is not loaded")
+            with self._lock:
+                exclude, _ = self._eligible(st, filters)
+                rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
+            gen, uids = self.store.resolve(st.version, self.level, rows.tolist())
+            if gen == st.generation:
+                return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
+            self.refresh()
+        raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
 
     def _eligible(self, st: _State, filters: SearchFilters | None) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(exclude mask, rows) for a search: uint8 per slot, 0 where a slot may be returned

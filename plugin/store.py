@@ -622,7 +622,7 @@ class CodeStore:
         entries after it may be lost too, and the replica must reload.
         """
         k = self.keys
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.r.pipeline(transaction=True)  # one instant: generation and log agree
         pipe.get(k.active())
         pipe.get(k.gen(version, level))
         pipe.xrange(k.log(version, level), min=f"({log_pos}", count=count)

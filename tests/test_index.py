@@ -104,6 +104,8 @@ def test_bulk_load_then_incremental_sync_matches_brute_force(store):
     for q in rand_codes(rng, 10):
         for k, r in ((10, None), (1, None), (500, None), (50, 6)):
             assert as_pairs(idx.search(bytes(q), k, max_distance=r)) == expected(live, bytes(q), k, r)
+    q = live["1.3.5"][1]
+    assert as_pairs(idx.radius_search(q, 4)) == expected(live, q, 10**6, max_distance=4)
     assert idx.code_of("1.3.5") == live["1.3.5"][1]
     assert idx.code_of(list(store.r.hkeys("t:slot:m1:study"))[0].decode()) is not None
     assert idx.code_of("9.9.9") is None
