@@ -333,17 +333,24 @@ def search_code(
         exclude_patient_id=exclude_patient,
     )
     hits = index.search(code, query.k, max_distance=query.max_distance, filters=filters, exclude_uids=exclude_uids)
+    hits = [h for h in hits if h.uid not in exclude_uids]  # never, whatever the index does
     nbits = int(index.nbits)
+    instances: list[dict[str, str] | None] = [None] * len(hits)
+    if query.level == "STUDY":
+        study_uids = [h.uid for h in hits]
+    else:
+        instances = list(_hgetall_many(store, [store.keys.instance(h.uid) for h in hits]))
+        study_uids = [(i or {}).get("study_uid", "") for i in instances]
+    studies = list(_hgetall_many(store, [store.keys.study(u) for u in study_uids]))
+    missing = [n for n, st_ in enumerate(studies) if st_ and not st_.get("n_instances")]
+    if missing:  # older metadata without the count: one SCARD each, pipelined
+        pipe = store.r.pipeline(transaction=False)
+        for n in missing:
+            pipe.scard(store.keys.study_instances(study_uids[n]))
+        for n, count in zip(missing, pipe.execute(), strict=True):
+            studies[n] = {**studies[n], "n_instances": str(count)}
     results: list[SimilarResult] = []
-    for hit in hits:
-        if hit.uid in exclude_uids:
-            continue  # never, whatever the index does
-        study_uid, instance = _study_uid_of(query.level, hit.uid, store)
-        study = store.study(study_uid) if query.level == "IMAGE" and study_uid else instance
-        if query.level == "STUDY":
-            instance = None
-        if study and study_uid and not study.get("n_instances"):
-            study = {**study, "n_instances": str(len(store.study_instances(study_uid)))}
+    for hit, study_uid, study, instance in zip(hits, study_uids, studies, instances, strict=True):
         score = max(0.0, 1.0 - int(hit.distance) / nbits) if nbits else 0.0
         results.append(
             SimilarResult(
@@ -357,6 +364,17 @@ def search_code(
             )
         )
     return results
+
+
+def _hgetall_many(store: Any, keys: list[str]) -> Iterator[dict[str, str]]:
+    """HGETALL of several hashes in one round trip (answers stay in request order)."""
+    if not keys:
+        return
+    pipe = store.r.pipeline(transaction=False)
+    for key in keys:
+        pipe.hgetall(key)
+    for raw in pipe.execute():
+        yield {k.decode(): v.decode() for k, v in raw.items()}
 
 
 # -- answers ---------------------------------------------------------------------------------------
@@ -595,15 +613,39 @@ def iter_study_uids(store: Any) -> Iterator[str]:
 
 
 def store_studies(
-    store: Any, study_uids: Iterable[str], with_instances: bool
+    store: Any, study_uids: Iterable[str], with_instances: bool, batch: int = 500
 ) -> Iterator[tuple[str, dict[str, str], list[dict[str, str]]]]:
-    """(uid, metadata, instances) of each study that has metadata, for :func:`iter_plain`."""
+    """(uid, metadata, instances) of each study that has metadata, for :func:`iter_plain`.
+
+    Pipelined by ``batch`` studies, so a plain query over a large archive is a few round trips per
+    thousand studies rather than several per study.
+    """
+    pending: list[str] = []
     for uid in study_uids:
-        study = store.study(uid)
-        if not study:
-            continue
-        instances: list[dict[str, str]] = []
-        for sop_uid in store.study_instances(uid):
-            inst = store.instance(sop_uid) if with_instances else {}
-            instances.append({"sop_uid": sop_uid, **inst})
-        yield uid, study, instances
+        pending.append(uid)
+        if len(pending) >= batch:
+            yield from _store_batch(store, pending, with_instances)
+            pending = []
+    if pending:
+        yield from _store_batch(store, pending, with_instances)
+
+
+def _store_batch(
+    store: Any, uids: list[str], with_instances: bool
+) -> Iterator[tuple[str, dict[str, str], list[dict[str, str]]]]:
+    pipe = store.r.pipeline(transaction=False)
+    for uid in uids:
+        pipe.hgetall(store.keys.study(uid))
+        pipe.smembers(store.keys.study_instances(uid))
+    raw = pipe.execute()
+    rows = []
+    for n, uid in enumerate(uids):
+        study = {k.decode(): v.decode() for k, v in raw[2 * n].items()}
+        if study:
+            rows.append((uid, study, sorted(m.decode() for m in raw[2 * n + 1])))
+    sop_meta: dict[str, dict[str, str]] = {}
+    if with_instances:
+        all_sops = [sop for _, _, sops in rows for sop in sops]
+        sop_meta = dict(zip(all_sops, _hgetall_many(store, [store.keys.instance(s) for s in all_sops]), strict=True))
+    for uid, study, sops in rows:
+        yield uid, study, [{"sop_uid": sop, **sop_meta.get(sop, {})} for sop in sops]

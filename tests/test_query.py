@@ -156,37 +156,33 @@ class _Index:
         return hits[:k]  # deliberately does not exclude: run_similar must
 
 
-class _Store:
-    def __init__(self, studies: dict[str, dict[str, str]]) -> None:
-        self.studies = studies
+@pytest.fixture
+def store(redis_client):
+    from plugin.store import CodeStore
 
-    def study(self, uid: str) -> dict[str, str]:
-        return dict(self.studies.get(uid, {}))
-
-    def study_instances(self, uid: str) -> list[str]:
-        return ["1.2.3.1", "1.2.3.2"]
-
-    def instance(self, uid: str) -> dict[str, str]:
-        return {}
+    return CodeStore(redis_client, "drh")
 
 
-def test_run_similar_ranks_nearest_first_and_never_returns_the_reference():
+def test_run_similar_ranks_nearest_first_and_never_returns_the_reference(store):
     codes = {REF: b"\x00\x00", "1.2.3.10": b"\x00\x07", "1.2.3.11": b"\x00\x01", "1.2.3.12": b"\xff\xff"}
-    studies = {uid: {"patient_id": f"P{n}", "modalities": "CT,MR"} for n, uid in enumerate(codes)}
+    for n, uid in enumerate(codes):
+        store.put_study(uid, {"patient_id": f"P{n}", "modalities": "CT,MR"})
+    store.put_instance("1.2.3.11.1", "1.2.3.11", {})
     index = _Index(codes)
     query = q.parse_similar(with_private(identifier(), ref=REF, k="3", exclude="YES"), "X", SIMILAR, default_results=10)
-    results = q.run_similar(query, _Store(studies), {"study": index, "image": index})
+    results = q.run_similar(query, store, {"study": index, "image": index})
     assert [r.uid for r in results] == ["1.2.3.11", "1.2.3.10"]  # k=3 asked, the reference dropped
     assert [r.rank for r in results] == [1, 2]
     assert [r.distance for r in results] == [1, 3]
     assert results[0].score == pytest.approx(1 - 1 / 16, abs=1e-4)
+    assert results[0].study["patient_id"] == "P2" and results[0].study["n_instances"] == "1"
     call = index.calls[0]
     assert call["exclude"] == (REF,) and call["filters"].exclude_patient_id == "P0"
 
 
-def test_run_similar_failures_name_the_reason():
+def test_run_similar_failures_name_the_reason(store):
     index = _Index({REF: b"\x00\x00"})
-    store = _Store({"1.2.3.4": {"patient_id": "P"}})
+    store.put_study("1.2.3.4", {"patient_id": "P"})
 
     def run(uid: str, idx: _Index) -> q.QueryError:
         query = q.parse_similar(identifier(StudyInstanceUID=uid), SIMILAR, SIMILAR, 10)
