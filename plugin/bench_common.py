@@ -1,0 +1,399 @@
+"""What the ``drh-pacs bench ingest`` and ``bench query`` commands share.
+
+Latency summaries (p50/p99 over every measured call, and the spread of the per-repeat p50, so a
+reader can tell a real difference from run-to-run noise), synthetic study files (the package cannot
+use the tests' DICOM generator, which is not installed), and starting/stopping a private
+``drh-pacs serve`` on free ports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DCMTK_BIN = Path("/usr/bin")  # DCMTK's tools; pynetdicom installs same-named scripts on PATH
+DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def dcmtk(tool: str) -> str:
+    """Absolute path of a DCMTK tool, or a clear error (the benchmarks compare against DCMTK)."""
+    path = DCMTK_BIN / tool
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: install DCMTK (apt-get install dcmtk)")
+    return str(path)
+
+
+# -- latency summaries ---------------------------------------------------------------------------
+@dataclass
+class Latencies:
+    """Per-repeat latency arrays (seconds) of one measured case."""
+
+    name: str
+    repeats: list[np.ndarray] = field(default_factory=list)
+    errors: int = 0
+    note: str = ""
+
+    def add(self, values: Sequence[float]) -> None:
+        self.repeats.append(np.asarray(values, dtype=np.float64))
+
+    def summary(self) -> dict[str, float]:
+        allv = np.concatenate(self.repeats) if self.repeats else np.empty(0)
+        if allv.size == 0:
+            return {"n": 0}
+        p50s = [float(np.percentile(r, 50)) for r in self.repeats if r.size]
+        return {
+            "n": int(allv.size),
+            "p50_ms": float(np.percentile(allv, 50)) * 1e3,
+            "p99_ms": float(np.percentile(allv, 99)) * 1e3,
+            "mean_ms": float(allv.mean()) * 1e3,
+            "max_ms": float(allv.max()) * 1e3,
+            "p50_min_ms": min(p50s) * 1e3,
+            "p50_max_ms": max(p50s) * 1e3,
+            "errors": self.errors,
+        }
+
+
+def time_calls(
+    name: str, call: Callable[[int], None], count: int, warmup: int, repeats: int, progress: bool = True
+) -> Latencies:
+    """Run ``call(i)`` ``warmup`` times (discarded), then ``count`` times per repeat, each timed.
+
+    ``call`` gets a running index so each call can pick its own input; an exception counts as an
+    error (and its time is not kept) so one failed query does not abort a long benchmark.
+    """
+    out = Latencies(name)
+    i = 0
+    for _ in range(warmup):
+        try:
+            call(i)
+        except Exception:  # noqa: BLE001 - counted, reported
+            out.errors += 1
+        i += 1
+    for rep in range(repeats):
+        lat: list[float] = []
+        for _ in range(count):
+            start = time.perf_counter()
+            try:
+                call(i)
+            except Exception as exc:  # noqa: BLE001 - counted, reported
+                out.errors += 1
+                if out.errors <= 3:
+                    log(f"    {name}: call {i} failed: {exc}")
+            else:
+                lat.append(time.perf_counter() - start)
+            i += 1
+        out.add(lat)
+        if progress:
+            p50 = np.percentile(lat, 50) * 1e3 if lat else float("nan")
+            log(f"    {name}: repeat {rep + 1}/{repeats} done, p50 {p50:.2f} ms")
+    return out
+
+
+def latency_table(rows: Sequence[Latencies]) -> list[str]:
+    width = max([len(r.name) for r in rows] + [6])
+    lines = [f"  {'case':<{width}} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9} {'p50 spread':>19} {'n':>6} {'err':>4}"]
+    for r in rows:
+        s = r.summary()
+        if not s["n"]:
+            lines.append(f"  {r.name:<{width}} (no successful call, {r.errors} errors)")
+            continue
+        spread = f"{s['p50_min_ms']:.2f}-{s['p50_max_ms']:.2f}"
+        lines.append(
+            f"  {r.name:<{width}} {s['p50_ms']:9.2f} {s['p99_ms']:9.2f} {s['max_ms']:9.2f} {spread:>19}"
+            f" {s['n']:6d} {s['errors']:4d}" + (f"  {r.note}" if r.note else "")
+        )
+    return lines
+
+
+# -- synthetic studies ---------------------------------------------------------------------------
+def synthetic_radiograph(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A float image in [0, 1] with the low-frequency structure and noise of a radiograph.
+
+    A few Gaussian blobs (lung fields, mediastinum) over a vertical gradient plus noise: enough for
+    the model and the codecs to do their real work; nobody should read anything into its codes.
+    """
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    img = 0.2 + 0.3 * y
+    for _ in range(int(rng.integers(3, 7))):
+        cy, cx = rng.uniform(0.2, 0.8, 2)
+        sy, sx = rng.uniform(0.05, 0.25, 2)
+        img += float(rng.uniform(-0.4, 0.5)) * np.exp(-((y - cy) ** 2) / (2 * sy**2) - ((x - cx) ** 2) / (2 * sx**2))
+    img += rng.normal(0.0, 0.03, img.shape).astype(np.float32)
+    return np.clip(img, 0.0, 1.0)
+
+
+def image_files(data_dir: Path) -> list[Path]:
+    """Every JPEG/PNG under ``data_dir``, in a stable order."""
+    files = sorted(p for p in data_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no JPEG or PNG image under {data_dir}")
+    return files
+
+
+def load_image(path: Path, size: int | None) -> np.ndarray:
+    """A grey image file as float [0, 1], resized to ``size`` x ``size`` when given."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        grey = im.convert("L")
+        if size:
+            grey = grey.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+@dataclass
+class GeneratedStudy:
+    study_uid: str
+    files: list[Path]
+    nbytes: int
+
+
+def write_study(
+    out_dir: Path,
+    images: Sequence[np.ndarray],
+    *,
+    index: int,
+    modality: str = "DX",
+    bits: int = 12,
+) -> GeneratedStudy:
+    """One study (one series, one DX instance per image, Explicit VR Little Endian) under ``out_dir``.
+
+    UIDs are fresh (``2.25`` + random), so studies of different runs never collide in a store;
+    patient data are obviously synthetic.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    study_uid = generate_uid(prefix=None)
+    series_uid = generate_uid(prefix=None)
+    folder = out_dir / f"study{index:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    date = (datetime.date(2015, 1, 1) + datetime.timedelta(days=index % 3650)).strftime("%Y%m%d")
+    files: list[Path] = []
+    total = 0
+    for n, img in enumerate(images, start=1):
+        pixels = (np.clip(img, 0, 1) * (2**bits - 1)).round().astype(np.uint16)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = DX_IMAGE_STORAGE
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=None)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = DX_IMAGE_STORAGE
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.PatientID = f"BENCH{index:06d}"
+        ds.PatientName = f"Bench^{index:06d}"
+        ds.PatientBirthDate = "19700101"
+        ds.PatientSex = "O"
+        ds.StudyDate = date
+        ds.StudyTime = "101500"
+        ds.StudyDescription = "BENCH CHEST"
+        ds.AccessionNumber = f"B{index:08d}"
+        ds.StudyID = str(index)
+        ds.ReferringPhysicianName = ""
+        ds.Modality = modality
+        ds.BodyPartExamined = "CHEST"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = n
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.BitsAllocated = 16
+        ds.BitsStored = bits
+        ds.HighBit = bits - 1
+        ds.PixelRepresentation = 0
+        ds.WindowCenter = 2 ** (bits - 1)
+        ds.WindowWidth = 2**bits
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.PixelData = pixels.tobytes()
+        path = folder / f"img{n:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+        total += path.stat().st_size
+    return GeneratedStudy(study_uid, files, total)
+
+
+# -- a private drh-pacs serve --------------------------------------------------------------------
+@dataclass
+class ServeProcess:
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    dicom_port: int
+    http_port: int
+    token: str
+    log_path: Path
+    redis_url: str
+    started: float  # time.monotonic() at launch
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_serve(
+    data_dir: Path,
+    *,
+    redis_url: str = "",
+    workers: int = 1,
+    env_extra: dict[str, str] | None = None,
+    timeout: float = 180.0,
+) -> ServeProcess:
+    """``drh-pacs serve`` on free ports in ``data_dir``; returns once it printed ``ready``.
+
+    With an empty ``redis_url`` it starts its embedded Redis, whose URL is then read back from the
+    runtime file so the benchmark can watch the store.
+    """
+    from plugin.redis_embedded import free_port, runtime_url_file
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = free_port(), free_port()
+    token = "bench-" + os.urandom(8).hex()
+    env = {
+        **os.environ,
+        "DRH_DATA_DIR": str(data_dir),
+        "DRH_DICOM_PORT": str(dicom_port),
+        "DRH_DICOM_HOST": "127.0.0.1",
+        "DRH_HTTP_PORT": str(http_port),
+        "DRH_HTTP_HOST": "127.0.0.1",
+        "DRH_API_TOKEN": token,
+        "DRH_SERVE_WORKERS": str(workers),
+        "DRH_REDIS_URL": redis_url,
+    }
+    env.update(env_extra or {})
+    log_path = data_dir / "serve.log"
+    with log_path.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "plugin.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    serve = ServeProcess(proc, data_dir, dicom_port, http_port, token, log_path, redis_url, time.monotonic())
+    deadline = time.monotonic() + timeout
+    while "ready" not in serve.output():
+        if proc.poll() is not None:
+            raise RuntimeError(f"drh-pacs serve exited with {proc.returncode}:\n{serve.output()[-4000:]}")
+        if time.monotonic() > deadline:
+            stop_serve(serve)
+            raise RuntimeError(f"drh-pacs serve not ready in {timeout:.0f} s:\n{serve.output()[-4000:]}")
+        time.sleep(0.1)
+    if not redis_url:
+        serve.redis_url = runtime_url_file(data_dir).read_text().strip()
+    return serve
+
+
+def wait_http_ready(serve: ServeProcess, timeout: float = 300.0) -> float:
+    """Poll ``/ready`` (Redis answers, a model is active, the replicas are loaded); seconds waited."""
+    import httpx
+
+    start = time.monotonic()
+    deadline = start + timeout
+    url = f"http://127.0.0.1:{serve.http_port}/ready"
+    headers = {"Authorization": f"Bearer {serve.token}"}
+    while True:
+        try:
+            if httpx.get(url, headers=headers, timeout=10).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        if serve.proc.poll() is not None:
+            raise RuntimeError(f"drh-pacs serve exited with {serve.proc.returncode}:\n{serve.output()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"/ready not 200 within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def stop_serve(serve: ServeProcess, timeout: float = 90.0) -> int:
+    """Ctrl-C, as an operator would; killed if it does not stop in ``timeout`` seconds."""
+    if serve.proc.poll() is None:
+        serve.proc.send_signal(signal.SIGINT)
+        try:
+            serve.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            serve.proc.kill()
+            serve.proc.wait()
+    return serve.proc.returncode
+
+
+# -- a DICOM query client ------------------------------------------------------------------------
+class FindClient:
+    """A persistent pynetdicom association for similar-study C-FINDs: what a viewer keeps open.
+
+    ``similar`` sends a Study Root C-FIND to the similar AE title and drains every pending
+    response; it raises when the final status is not success, so a failed query is never timed
+    as a fast one.
+    """
+
+    def __init__(self, host: str, port: int, called_ae: str = "SIMILAR", calling_ae: str = "BENCH") -> None:
+        import logging
+
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        self._model = StudyRootQueryRetrieveInformationModelFind
+        self._ae = AE(ae_title=calling_ae)
+        self._ae.acse_timeout = 30
+        self._ae.dimse_timeout = 60
+        self._ae.network_timeout = 60
+        self._ae.add_requested_context(self._model)
+        self.assoc = self._ae.associate(host, port, ae_title=called_ae)
+        if not self.assoc.is_established:
+            raise RuntimeError(f"association to {called_ae}@{host}:{port} not established")
+
+    def similar(
+        self, study_uid: str, k: int = 10, modalities: str = "", date_range: str = ""
+    ) -> list[tuple[str, int | None]]:
+        """(StudyInstanceUID, rank) of each pending answer, in arrival order."""
+        from pydicom.dataset import Dataset
+
+        from plugin.dicom_status import PRIVATE_CREATOR, PRIVATE_GROUP, RANK
+
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = study_uid
+        ds.PatientID = ""
+        ds.StudyDate = date_range
+        ds.ModalitiesInStudy = modalities
+        ds.NumberOfStudyRelatedInstances = ""
+        block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+        block.add_new(0x02, "IS", str(k))
+        answers: list[tuple[str, int | None]] = []
+        final = None
+        for status, identifier in self.assoc.send_c_find(ds, self._model):
+            if status is None:
+                raise RuntimeError("C-FIND: no response (association aborted or timed out)")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                rank = None
+                if identifier is not None:
+                    try:
+                        rank = int(identifier.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)[RANK].value)
+                    except (KeyError, ValueError):
+                        rank = None
+                answers.append((str(identifier.StudyInstanceUID) if identifier is not None else "", rank))
+            else:
+                final = code
+                if code != 0x0000:
+                    comment = str(status.get("ErrorComment", ""))
+                    raise RuntimeError(f"C-FIND failed with status 0x{code:04X}: {comment}")
+        if final is None:
+            raise RuntimeError("C-FIND: no final response")
+        return answers
+
+    def close(self) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+        self._ae.shutdown()
