@@ -387,3 +387,42 @@ class MultiIndexHash:
                 seen[rows] = False
         r, d = _order(found_rows, found_d)
         return r[:k], d[:k]
+
+
+@dataclass
+class Planner:
+    """Per query, multi-index hashing or the scan, whichever is cheaper on this data.
+
+    Dense neighbourhoods (real images cluster) are answered from a few buckets; when the table
+    lookups pass ``budget_fraction`` of the rows (a table candidate costs about 50 scanned codes)
+    the neighbourhood is sparse and the query finishes with the scan. After a run of such
+    overruns (uniformly random codes) only every 16th query tries the tables, so the wasted work
+    stays small while the data can still prove itself clustered again.
+    """
+
+    budget_fraction: float = 0.02
+    misses: int = 0
+    queries: int = 0
+
+    def knn(
+        self,
+        planes: np.ndarray,
+        mih: MultiIndexHash | None,
+        query: bytes,
+        k: int,
+        *,
+        nbits: int,
+        exclude: np.ndarray | None = None,
+        max_distance: int | None = None,
+        selector: Selector | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        self.queries += 1
+        if mih is not None and (self.misses < 3 or self.queries % 16 == 0):
+            budget = max(2_000, int(self.budget_fraction * planes.shape[1]))
+            found = mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance, max_candidates=budget)
+            self.misses = 0 if found is not None else self.misses + 1
+            if found is not None:
+                return found
+        return knn(
+            planes, query_words(query), k, nbits=nbits, exclude=exclude, max_distance=max_distance, selector=selector
+        )

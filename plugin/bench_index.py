@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hashing.search import MultiIndexHash, Selector, knn, query_words, to_words
+from hashing.search import MultiIndexHash, Planner, Selector, knn, query_words, to_words
+from plugin.index import MIH_MIN
 
 MODALITIES = ["CR", "DX", "CT", "MR", "US", "MG"]
 BODY_PARTS = ["CHEST", "ABDOMEN", "HAND", "KNEE", "HEAD"]
@@ -120,39 +121,46 @@ class Timing:
         }
 
 
-def time_method(
-    name: str,
-    fn: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+def time_methods(
+    methods: list[tuple[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], bool]],
     queries: np.ndarray,
     warmup: int,
     repeats: int,
-    reference: list[np.ndarray] | None,
-    exact: bool,
-) -> tuple[Timing, list[np.ndarray]]:
-    """Time ``fn`` one query at a time; returns the timing and each measured query's distances."""
-    t = Timing(name)
+    reference: list[np.ndarray],
+) -> list[Timing]:
+    """Time every method one query at a time, interleaved query by query.
+
+    Interleaving matters on a shared machine: a burst of load from elsewhere hits every method
+    alike instead of whichever happened to be running. The order rotates from query to query.
+    ``reference`` holds the exact distances of each measured query; exact methods must match
+    them, approximate ones report recall@k.
+    """
+    timings = [Timing(name) for name, _, _ in methods]
     for q in queries[:warmup]:
-        fn(q)
+        for _, fn, _ in methods:
+            fn(q)
     measured = queries[warmup:]
-    dists: list[np.ndarray] = []
     for rep in range(repeats):
-        lat = np.empty(len(measured))
+        lat = np.empty((len(methods), len(measured)))
         for i, q in enumerate(measured):
-            start = time.perf_counter()
-            _, d = fn(q)
-            lat[i] = time.perf_counter() - start
-            if rep == 0:
-                d = np.asarray(d, np.int64).ravel()
-                dists.append(d)
-                if reference is not None:
+            # Rotate the order, so that no method always runs right after another's cache sweep.
+            for step in range(len(methods)):
+                m = (i + step) % len(methods)
+                _, fn, exact = methods[m]
+                start = time.perf_counter()
+                _, d = fn(q)
+                lat[m, i] = time.perf_counter() - start
+                if rep == 0:
+                    d = np.asarray(d, np.int64).ravel()
                     ref = reference[i]
                     if exact:
-                        t.mismatches += int(not np.array_equal(d, ref))
+                        timings[m].mismatches += int(not np.array_equal(d, ref))
                     else:
                         kth = ref[-1] if len(ref) else 0
-                        t.recall.append(float(np.count_nonzero(d[d >= 0] <= kth)) / max(1, len(ref)))
-        t.lat.append(lat)
-    return t, dists
+                        timings[m].recall.append(float(np.count_nonzero(d[d >= 0] <= kth)) / max(1, len(ref)))
+        for m in range(len(methods)):
+            timings[m].lat.append(lat[m])
+    return timings
 
 
 def _rss() -> int:
@@ -321,73 +329,66 @@ def run_case(n: int, kind: str, args: argparse.Namespace, faiss) -> dict:  # noq
     t0 = time.perf_counter()
     mih = MultiIndexHash(args.nbits).build(codes)
     mih_build = time.perf_counter() - t0
-    ours_bytes = planes.nbytes
     mih_bytes = sum(o.nbytes for o in mih._orders) + sum(o.nbytes for o in mih._offsets)
     _log(f"{label} our MIH tables built in {mih_build:.1f} s ({mih_bytes / n:.1f} bytes/code)")
+    planner = Planner()
+    use_mih = n >= MIH_MIN
 
     def ours_scan(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return knn(planes, query_words(q), args.k, nbits=args.nbits, selector=sel)
 
+    sel_auto = Selector()  # each method its own: the threshold carried over is per index
+
+    def ours_auto(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return planner.knn(planes, mih if use_mih else None, q.tobytes(), args.k, nbits=args.nbits, selector=sel_auto)
+
     def ours_mih(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return mih.knn(planes, q, args.k)  # type: ignore[return-value]
 
-    budget = max(2_000, int(0.02 * n))
-    misses = [0, 0]  # consecutive budget overruns, queries: the rule of ReplicaIndex._search_rows
-
-    def ours_auto(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        misses[1] += 1
-        if n >= 300_000 and (misses[0] < 3 or misses[1] % 16 == 0):
-            found = mih.knn(planes, q, args.k, max_candidates=budget)
-            misses[0] = 0 if found is not None else misses[0] + 1
-            if found is not None:
-                return found
-        return ours_scan(q)
-
-    reference: list[np.ndarray] | None = None
+    methods: list[tuple[str, Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], bool]] = []
+    notes = {
+        "ours scan": f"{planes.nbytes / n:.1f} B/code (word planes)",
+        "ours auto": "as ReplicaIndex: MIH with a budget, else scan" if use_mih else "as ReplicaIndex: scan",
+        "ours MIH": f"+{mih_bytes / n:.1f} B/code tables, built in {mih_build:.1f} s",
+    }
     if faiss is not None:
         faiss.omp_set_num_threads(args.threads)
         before = _rss()
         flat = faiss.IndexBinaryFlat(args.nbits)
         flat.add(codes)
-        flat_bytes = _rss() - before
+        notes["faiss flat"] = f"{(_rss() - before) / n:.1f} B/code (RSS growth)"
 
         def faiss_flat(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             d, i = flat.search(q.reshape(1, -1), args.k)
             return i[0], d[0]
 
-        t, reference = time_method("faiss flat", faiss_flat, queries, args.warmup, args.repeats, None, True)
-        t.note = f"{flat_bytes / n:.1f} B/code (RSS)"
-        timings.append(t)
-        _log(f"{label} faiss flat timed")
-
-    for name, fn in (("ours scan", ours_scan), ("ours auto", ours_auto), ("ours MIH", ours_mih)):
-        t, dists = time_method(name, fn, queries, args.warmup, args.repeats, reference, True)
-        if reference is None:
-            reference = dists
-        timings.append(t)
-        _log(f"{label} {name} timed")
-    timings[-3 if faiss is not None else 0].note = f"{ours_bytes / n:.1f} B/code (word planes)"
-    timings[-1].note = f"+{mih_bytes / n:.1f} B/code tables, built in {mih_build:.1f} s"
-
-    if faiss is not None:
         before = _rss()
         t0 = time.perf_counter()
         mh = faiss.IndexBinaryMultiHash(args.nbits, max(1, args.nbits // 16), 16)
         mh.nflip = args.faiss_nflip
         mh.add(codes)
-        build = time.perf_counter() - t0
-        mh_bytes = _rss() - before
+        mh_name = f"faiss MIH nflip={args.faiss_nflip}"
+        notes[mh_name] = f"{(_rss() - before) / n:.1f} B/code (RSS growth), built in {time.perf_counter() - t0:.1f} s"
+        _log(f"{label} FAISS indexes built")
 
         def faiss_mih(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             d, i = mh.search(q.reshape(1, -1), args.k)
             return i[0], np.where(i[0] >= 0, d[0], -1)
 
-        t, _ = time_method(
-            f"faiss MIH nflip={args.faiss_nflip}", faiss_mih, queries, args.warmup, args.repeats, reference, False
-        )
-        t.note = f"{mh_bytes / n:.1f} B/code (RSS), built in {build:.1f} s; approximate"
-        timings.append(t)
-        _log(f"{label} faiss MIH timed")
+        methods.append(("faiss flat", faiss_flat, True))
+    methods += [("ours scan", ours_scan, True), ("ours auto", ours_auto, True), ("ours MIH", ours_mih, True)]
+    if faiss is not None:
+        methods.append((mh_name, faiss_mih, False))
+    # The exact answer of each measured query, from a plain full sort (not from a timed method).
+    reference = []
+    for q in queries[args.warmup :]:
+        d = np.bitwise_count(codes ^ q[None, :]).sum(axis=1, dtype=np.int64)
+        reference.append(np.sort(np.partition(d, args.k - 1)[: args.k]) if n > args.k else np.sort(d))
+    _log(f"{label} timing {len(methods)} methods, interleaved query by query")
+    timings = time_methods(methods, queries, args.warmup, args.repeats, reference)
+    for t in timings:
+        t.note = notes.get(t.name, "")
+    if faiss is not None:
         del mh, flat
 
     _log(f"\n{label} k={args.k}, {args.queries} queries x {args.repeats} repeats, 1 thread")
@@ -399,9 +400,7 @@ def run_case(n: int, kind: str, args: argparse.Namespace, faiss) -> dict:  # noq
         result["methods"][t.name] = s | {"note": t.note}
         if t.name == "faiss flat":
             flat_p50 = s["p50_ms"]
-        check = (
-            f"recall {s['recall']:.3f}" if t.recall else ("-" if t.name == "faiss flat" else f"{s['mismatches']} diff")
-        )
+        check = f"recall {s['recall']:.3f}" if t.recall else f"{s['mismatches']} diff"
         _log(
             f"  {t.name:<20} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {s['p50_min_ms']:7.3f}-{s['p50_max_ms']:<7.3f}  "
             f"{s['qps']:8.0f} {check:>12}  {t.note}"

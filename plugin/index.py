@@ -26,12 +26,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hashing.search import MultiIndexHash, Selector, knn, knn_rows, n_words, query_words, radius, to_words
+from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, n_words, query_words, radius, to_words
 from plugin.store import ATTR_DTYPE, FLAG_KNOWN, LEVELS, MODALITY_BITS, CodeStore, parse_date, patient_key
 
 log = logging.getLogger(__name__)
 
 NEVER = np.uint8(255)
+
+# From this many codes on a replica keeps multi-index tables (below, the scan is as fast).
+MIH_MIN = 300_000
 
 
 class IndexNotReady(RuntimeError):
@@ -158,8 +161,8 @@ class ReplicaIndex:
 
     ``mih_min``: from this many codes on, exact k-NN goes through multi-index hashing (built at
     load and rebuilt when ``mih_rebuild_fraction`` of the rows have changed since), falling back to
-    the scan when the table lookups pass ``mih_budget`` of the rows (a table candidate costs about
-    50 times a scanned code); below it, and for selective filters, a full scan is faster.
+    the scan when the table lookups pass ``mih_budget`` of the rows (:class:`hashing.search.Planner`);
+    below it, and for selective filters, a full scan is faster.
     """
 
     def __init__(
@@ -167,7 +170,7 @@ class ReplicaIndex:
         store: CodeStore,
         level: str,
         *,
-        mih_min: int = 300_000,
+        mih_min: int = MIH_MIN,
         mih_rebuild_fraction: float = 0.05,
         mih_rebuild_min: int = 10_000,
         mih_budget: float = 0.02,
@@ -187,8 +190,7 @@ class ReplicaIndex:
         self._refresh_lock = threading.Lock()  # one refresher at a time
         self._selector = Selector()
         self._vocab: dict[tuple[str, str], int] = {}
-        self._mih_misses = 0
-        self._queries = 0
+        self._planner = Planner(budget_fraction=mih_budget)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -512,28 +514,16 @@ class ReplicaIndex:
         if rows is not None:
             # Selective filter (one patient, a rare body part): distances of those rows only.
             return knn_rows(planes, rows, query_words(query), k, max_distance=max_distance)
-        if st.mih is not None and self._mih_worth_trying():
-            # Dense neighbourhoods (real images cluster) are answered from a few buckets; when the
-            # lookups pass the budget the neighbourhood is sparse and the scan below is cheaper.
-            budget = max(2_000, int(self.mih_budget * st.n))
-            found = st.mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance, max_candidates=budget)
-            self._mih_misses = 0 if found is not None else self._mih_misses + 1
-            if found is not None:
-                return found
-        return knn(
+        return self._planner.knn(
             planes,
-            query_words(query),
+            st.mih,
+            query,
             k,
             nbits=st.nbits,
             exclude=exclude,
             max_distance=max_distance,
             selector=self._selector,
         )
-
-    def _mih_worth_trying(self) -> bool:
-        """After a run of budget overruns (sparse data), try the tables only every 16th query."""
-        self._queries += 1
-        return self._mih_misses < 3 or self._queries % 16 == 0
 
     def _vocabulary(self, field: str, terms: list[str]) -> list[int | None]:
         """Vocabulary numbers, cached: a term's number never changes once given."""
