@@ -79,8 +79,18 @@ class ScpServer:
     def port(self) -> int:
         return int(self.server.server_address[1])
 
-    def shutdown(self) -> None:
+    def shutdown(self, drain_seconds: float = 10.0) -> None:
+        """Stop accepting, let running associations finish (bounded), then stop the background work.
+
+        An association still open after ``drain_seconds`` is aborted: its sender gets no response for
+        the instance in flight and sends it again, which is harmless (storage is idempotent).
+        """
         self.server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        while any(a.is_alive() for a in self.ae.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
         self.executor.shutdown(wait=True)  # queued enqueues run (or fail into the reconciler)
         self.reconciler.stop()
 
