@@ -121,13 +121,14 @@ def findscu(
     calling: str = "VIEWER",
     model: str = "-S",
     debug: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.CompletedProcess[str], list[Dataset]]:
     """Run DCMTK findscu, extracting every pending response; returns them in the order received.
 
     ``debug`` (``-d``) makes findscu print whole response commands, ErrorComment included.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = ["-d" if debug else "-v", model, "-aet", calling, "-aec", called, "-X", "-od", str(out_dir)]
+    args = ["-d" if debug else "-v", model, *extra, "-aet", calling, "-aec", called, "-X", "-od", str(out_dir)]
     for key in keys:
         args += ["-k", key]
     proc = dcmtk("findscu", *args, "127.0.0.1", str(port))

@@ -274,6 +274,10 @@ def test_findscu_similar_by_private_key_with_filters(tmp_path, archive):
     assert proc.returncode == 0, proc.stderr
     assert [uid for uid, *_ in _distances(responses)] == [MID], proc.stdout + proc.stderr
 
+    # Implicit VR: the private keys are found by our dictionary, not by a VR on the wire.
+    proc, responses = findscu(archive.port, keys, tmp_path / "rsp-implicit", called="DRHPACS", extra=("-xi",))
+    assert [uid for uid, *_ in _distances(responses)] == [MID], proc.stdout + proc.stderr
+
     keys_k = ["QueryRetrieveLevel=STUDY", "(0099,0010)=DRH-PACS 1", f"(0099,1001)={REF}", "(0099,1002)=2"]
     keys_k.append("(0099,1003)=2")  # at most 2 bits apart
     _, responses = findscu(archive.port, keys_k, tmp_path / "rsp2", called="DRHPACS")
