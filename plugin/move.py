@@ -89,6 +89,14 @@ def requested_studies(identifier: Dataset, store: Any) -> list[str]:
     if level not in {"PATIENT", "STUDY", "SERIES", "IMAGE"}:
         raise QueryError("malformed", f"QueryRetrieveLevel {level or '(none)'!r} is not valid")
     studies = [u for u in _text(identifier, "StudyInstanceUID").split("\\") if u]
+    if not studies and level == "PATIENT":
+        patient_id = _text(identifier, "PatientID")
+        if not patient_id or "*" in patient_id or "?" in patient_id:
+            raise QueryError("malformed", "a PATIENT level C-MOVE needs one PatientID")
+        from plugin.query import iter_study_uids, store_studies
+
+        rows = store_studies(store, iter_study_uids(store), with_instances=False)
+        studies = [uid for uid, meta, _ in rows if meta.get("patient_id") == patient_id]
     if not studies and level == "IMAGE":
         for sop_uid in (u for u in _text(identifier, "SOPInstanceUID").split("\\") if u):
             study_uid = store.instance(sop_uid).get("study_uid")
@@ -153,6 +161,8 @@ def forward(move_plan: MovePlan, identifier: Dataset, destination: str, settings
     for keyword in ("QueryRetrieveLevel", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
         if keyword in identifier:
             setattr(forwarded, keyword, identifier.get(keyword))
+    if _text(forwarded, "QueryRetrieveLevel").upper() == "PATIENT":
+        forwarded.QueryRetrieveLevel = "STUDY"  # Study Root has no PATIENT level: name the studies
     if "StudyInstanceUID" not in forwarded or not forwarded.StudyInstanceUID:
         forwarded.StudyInstanceUID = move_plan.study_uids
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)

@@ -100,6 +100,17 @@ def test_move_from_the_spool_when_the_sender_is_not_a_known_node(tmp_path, redis
         assert proc.returncode == 0, proc.stdout + proc.stderr
         wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
 
+        # Patient Root, PATIENT level: every study of the patient (metadata as the workers write it).
+        for path in viewer.dir.iterdir():
+            path.unlink()
+        plugin.store.put_study(study.study_uid, {"patient_id": "P-SPOOL", "source_ae": "MODALITY"})
+        proc = dcmtk(
+            "movescu", "-P", "-aet", "VIEWER", "-aec", "DRHPACS", "-aem", "VIEWER",
+            "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=P-SPOOL", "127.0.0.1", str(plugin.port),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the patient's studies")
+
 
 def test_move_failures(tmp_path, redis_client, redis_server, viewer):
     study = make_study(tmp_path / "in", fixture_images()[8:9], patient_id="P-FAIL")
