@@ -381,9 +381,15 @@ def run_case(n: int, kind: str, args: argparse.Namespace, faiss) -> dict:  # noq
         methods.append((mh_name, faiss_mih, False))
     # The exact answer of each measured query, from a plain full sort (not from a timed method).
     reference = []
+    rows_words = np.zeros((n, (codes.shape[1] + 7) // 8 * 8), np.uint8)
+    rows_words[:, : codes.shape[1]] = codes
+    rows_words = rows_words.view(np.uint64)  # (n, W), row-major: another layout than the planes
     for q in queries[args.warmup :]:
-        d = np.bitwise_count(codes ^ q[None, :]).sum(axis=1, dtype=np.int64)
+        qw = np.zeros(rows_words.shape[1] * 8, np.uint8)
+        qw[: codes.shape[1]] = q
+        d = np.bitwise_count(rows_words ^ qw.view(np.uint64)[None, :]).sum(axis=1, dtype=np.int64)
         reference.append(np.sort(np.partition(d, args.k - 1)[: args.k]) if n > args.k else np.sort(d))
+    del rows_words
     _log(f"{label} timing {len(methods)} methods, interleaved query by query")
     timings = time_methods(methods, queries, args.warmup, args.repeats, reference)
     for t in timings:
