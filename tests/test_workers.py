@@ -352,3 +352,72 @@ def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client,
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_reindex_builds_a_new_version_in_the_background_then_switches(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    import torch
+
+    from hashing import checkpoint
+    from hashing.dmih import dmih_tiny
+    from hashing.drh import drh_tiny
+
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    hold = holds / "reindex_batch.hold"
+    # re-indexing on one worker (held mid-way by the test), ingest on another, as on two machines
+    worker_factory("maint", DRH_FAULT_HOLD_DIR=str(holds), DRH_WORKER_QUEUES="maintenance")
+    worker_factory("ingest", DRH_WORKER_QUEUES="ingest,study")
+    data = tmp_path / "data"
+    app = app_for(redis_server.url, data)
+    first = make_study(tmp_path / "in", fixture_images("normal")[:2])
+    send(app, first)
+    store = CodeStore(redis_client, NS)
+    wait_until(lambda: indexed_count(redis_client, first.sop_uids) == 2, 90, what="first study indexed")
+    old = active_version(redis_client)
+    wait_until(lambda: store.get_code(old, "study", first.study_uid), 30, what="first study pooled")
+
+    torch.manual_seed(7)
+    ckpt = tmp_path / "v2.pt"
+    checkpoint.save(
+        checkpoint.model_checkpoint(
+            version="test-v2", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25
+        ),
+        ckpt,
+    )
+    hold.write_text("")
+    env = worker_env(redis_server.url, data)
+    out = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "reindex", str(ckpt)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "test-v2 queued" in out.stdout and old in out.stdout
+    wait_until(lambda: (holds / "reindex_batch.reached").exists(), 60, what="re-index running")
+    # while it runs the old version answers, and a new arrival is written for both versions
+    assert active_version(redis_client) == old and store.model_info("test-v2").state == "building"
+    late = make_study(tmp_path / "in", fixture_images("viral")[:1])
+    send(app, late)
+    wait_until(lambda: indexed_count(redis_client, late.sop_uids) == 1, 60, what="new arrival indexed")
+    assert store.get_code("test-v2", "image", late.sop_uids[0]) is not None
+    assert store.get_code(old, "image", late.sop_uids[0]) is not None
+    assert active_version(redis_client) == old
+    hold.unlink()
+
+    wait_until(lambda: active_version(redis_client) == "test-v2", 90, what="switch to the new version")
+    job = {k.decode(): v.decode() for k, v in redis_client.hgetall(f"{NS}:reindex").items()}
+    assert job["state"] == "complete" and job["previous"] == old and job["failed"] == "0"
+    assert store.model_info("test-v2").state == "complete"
+    assert store.count("test-v2", "image") == 3 and store.count(old, "image") == 3
+    wait_until(lambda: store.count("test-v2", "study") == 2, 30, what="both studies pooled with test-v2")
+    assert len(store.get_code("test-v2", "image", first.sop_uids[0])) == 4  # 32 bits
+    status = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "reindex", "--status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert "complete, 2/2 instances" in status.stdout, status.stdout
+    # after the switch, arrivals are hashed with the new model only
+    after = make_study(tmp_path / "in", fixture_images("bacterial")[:1])
+    send(app, after)
+    wait_until(lambda: indexed_count(redis_client, after.sop_uids) == 1, 60, what="indexed after the switch")
+    assert store.get_code("test-v2", "image", after.sop_uids[0]) is not None
+    assert store.get_code(old, "image", after.sop_uids[0]) is None

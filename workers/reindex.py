@@ -159,6 +159,9 @@ def reindex_batch(self: ModelTask, version: str, sops: list[str]) -> int:
     job = _job(r, ns)
     if job.get("version") != version or job.get("state") not in ACTIVE_STATES:
         return 0
+    from workers.tasks import _hold
+
+    _hold(self.app.drh_settings, "reindex_batch")
     try:
         _encode_and_store(self, store, version, sops)
     except (TransientError, redis.exceptions.ConnectionError) as exc:
