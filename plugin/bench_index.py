@@ -160,6 +160,7 @@ def time_methods(
                         timings[m].recall.append(float(np.count_nonzero(d[d >= 0] <= kth)) / max(1, len(ref)))
         for m in range(len(methods)):
             timings[m].lat.append(lat[m])
+        _log(f"    repeat {rep + 1}/{repeats}: {len(measured)} queries x {len(methods)} methods")
     return timings
 
 

@@ -3,8 +3,9 @@
 Why a replica: a similar-studies query must scan every code of the active model; doing that in
 Redis would ship the whole code string per query. The replica holds the codes as 64-bit word
 planes (:mod:`hashing.search`), one row per store slot, plus per-slot the study number and per study
-the 24-byte filter record (:data:`plugin.store.ATTR_DTYPE`). No UID, and no patient identifier,
-sits in its memory: hits are turned back into UIDs with one HMGET to the store.
+the 24-byte filter record (:data:`plugin.store.ATTR_DTYPE`). No UID and no readable patient ID sit
+in its memory (no ten million Python strings either): hits are turned back into UIDs with one HMGET
+to the store.
 
 Sync. The first :meth:`ReplicaIndex.refresh` (and one after a model switch, a compaction, or a log
 trimmed past our position) loads a consistent snapshot in one MULTI; every later refresh reads the

@@ -49,8 +49,9 @@ built from) and, from the merged hash, the study's fixed-width record in ``ns:sa
 points at its study's record through ``ns:slotsn`` (for the image level, the study of the instance,
 learnt from ``put_instance`` or the ``study_uid`` argument of ``upsert_code``, whichever comes first).
 The record holds StudyDate as an integer, the modalities as a bitmask over a small vocabulary, the
-body part as an id and the PatientID as a 64-bit BLAKE2b hash (so no patient identifier sits in the
-replica's memory; two patients colliding has probability about 2**-64 per pair).
+body part as an id and the PatientID as a 64-bit BLAKE2b hash: fixed width, and no readable ID in
+the replica's memory or a core dump (a pseudonym, not anonymisation: an ID space can be searched).
+Two patients collide with probability about 2**-64 per pair.
 
 Change logs. Every write that a replica must see appends to a stream, in the same Lua script or
 transaction as the write: ``set`` (slot, uid, code, sn), ``del`` (slot, uid), ``link`` (slot, sn) to
