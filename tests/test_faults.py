@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pydicom
 import pytest
-from conftest import wait_until
+import redis
+from conftest import DCMTK, wait_until
 from dicomgen import fixture_images, make_study
 from test_workers import NS, active_version, app_for, indexed_count, send
 from test_workers import worker_factory as worker_factory  # the fixture
 
+from plugin.redis_embedded import EmbeddedRedis, free_port
 from plugin.store import CodeStore
 from workers.failures import FailureLedger
 
@@ -75,3 +80,133 @@ def test_whole_worker_killed_mid_task_is_redelivered_to_another(redis_server, re
     wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 1, 90, what="indexed by the second worker")
     store = CodeStore(redis_client, NS)
     assert store.count(active_version(redis_client), "image") == 1
+
+
+# -- the SCP side: `drh-pacs serve` as a real process, Redis that we stop and restart ------------
+
+
+class Serve:
+    """`drh-pacs serve` (SCP, API and one worker) against an external Redis, in its own session."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, name: str) -> None:
+        self.log = tmp_path / f"{name}.log"
+        self.dicom_port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DRH_")}
+        env.update(
+            DRH_DATA_DIR=str(tmp_path / "data"),
+            DRH_REDIS_URL=redis_url,
+            DRH_DICOM_PORT=str(self.dicom_port),
+            DRH_HTTP_PORT=str(free_port()),
+            DRH_STUDY_STABLE_SECONDS="1",
+            DRH_API_TOKEN="t",
+            DRH_DEVICE="cpu",
+            DRH_SERVE_WORKERS="1",
+            OMP_NUM_THREADS="1",
+        )
+        out = self.log.open("a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "plugin.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"serve exited early:\n{self.log.read_text()}"
+            return "ready" in self.log.read_text()
+
+        wait_until(ready, 90, what="drh-pacs serve ready")
+
+    def kill(self) -> None:
+        """SIGKILL the serve process and its workers: a crash or a power cut of the host."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        print(f"--- {self.log.name} ---\n{self.log.read_text()[-6000:]}")
+
+
+def storescu(port: int, files: list[Path]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(DCMTK / "storescu"), "-aet", "TESTPACS", "-aec", "DRHPACS", "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def outside_redis(tmp_path):
+    """A Redis we can stop and start again on the same port with the same data (AOF on)."""
+    servers: list[EmbeddedRedis] = []
+
+    def start(port: int | None = None) -> EmbeddedRedis:
+        server = EmbeddedRedis(tmp_path / "redis", port=port).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def _spooled(data: Path, study) -> list[Path]:
+    return [data / "spool" / study.study_uid / f"{sop}.dcm" for sop in study.sop_uids]
+
+
+def test_redis_stopped_during_ingest_files_kept_and_indexed_when_it_returns(outside_redis, tmp_path):
+    r1 = outside_redis()
+    serve = Serve(tmp_path, r1.url, "serve")
+    try:
+        study = make_study(tmp_path / "in", fixture_images("normal")[:3])
+        r1.stop()
+        sent = storescu(serve.dicom_port, study.files)
+        # the SCP answered success: every file is on the durable spool, byte for byte
+        assert sent.returncode == 0, sent.stderr
+        for original, spooled in zip(study.files, _spooled(tmp_path / "data", study), strict=True):
+            assert spooled.exists()
+            assert pydicom.dcmread(spooled).SOPInstanceUID == pydicom.dcmread(original).SOPInstanceUID
+        r2 = outside_redis(port=r1.port)
+        client = redis.Redis.from_url(r2.url)
+        wait_until(lambda: indexed_count(client, study.sop_uids) == 3, 150, what="indexed after Redis returned")
+        store = CodeStore(client, NS)
+        assert store.count(active_version(client), "image") == 3
+        assert store.study(study.study_uid)["n_instances"] == "3"
+    finally:
+        serve.stop()
+
+
+def test_scp_restarted_with_files_in_its_spool_reconciles_them(outside_redis, tmp_path):
+    r1 = outside_redis()
+    first = Serve(tmp_path, r1.url, "serve-1")
+    study = make_study(tmp_path / "in", fixture_images("viral")[:2])
+    try:
+        r1.stop()
+        assert storescu(first.dicom_port, study.files).returncode == 0
+        assert all(p.exists() for p in _spooled(tmp_path / "data", study))
+    finally:
+        first.kill()  # the host crashes: nothing was queued, the files are all there is
+        print(f"--- {first.log.name} ---\n{first.log.read_text()[-3000:]}")
+    r2 = outside_redis(port=r1.port)
+    client = redis.Redis.from_url(r2.url)
+    assert indexed_count(client, study.sop_uids) == 0
+    second = Serve(tmp_path, r2.url, "serve-2")
+    try:
+        wait_until(lambda: indexed_count(client, study.sop_uids) == 2, 90, what="spool reconciled at start")
+        assert CodeStore(client, NS).count(active_version(client), "image") == 2
+    finally:
+        second.stop()
