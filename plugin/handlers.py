@@ -207,6 +207,10 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
             log.info("similar C-FIND from %s refused (%s): %s", calling, err.reason, err.comment)
             yield status_with_comment(err.status, err.comment), None
             return
+        except Exception as exc:  # noqa: BLE001 - Redis unreachable, a bug: say so, never an empty success
+            log.exception("similar C-FIND from %s failed", calling)
+            yield status_with_comment(st.UNABLE_TO_PROCESS, f"search failed: {type(exc).__name__}"), None
+            return
         index = indexes["study" if query.level == "STUDY" else "image"]
         version = str(getattr(index, "version", "") or "")
         for result in results:
@@ -235,12 +239,17 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
     uids = study_filter.split("\\") if study_filter else q.iter_study_uids(store)
     records = q.iter_plain(plain, q.store_studies(store, uids, with_instances=plain.level in {"SERIES", "IMAGE"}))
     count = 0
-    for record in records:
-        if event.is_cancelled:
-            yield st.CANCEL, None
-            return
-        count += 1
-        yield st.PENDING, q.plain_answer(record, plain, settings.ae_title)
+    try:
+        for record in records:
+            if event.is_cancelled:
+                yield st.CANCEL, None
+                return
+            count += 1
+            yield st.PENDING, q.plain_answer(record, plain, settings.ae_title)
+    except Exception as exc:  # noqa: BLE001 - Redis unreachable mid-answer: a failure, not a short success
+        log.exception("C-FIND from %s failed after %d match(es)", calling, count)
+        yield status_with_comment(st.UNABLE_TO_PROCESS, f"query failed: {type(exc).__name__}"), None
+        return
     log.info("C-FIND from %s: %s level, %d match(es)", calling, plain.level, count)
 
 

@@ -20,6 +20,7 @@ PatientID (one patient's priors) and, in the private block, "exclude the referen
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pydicom.dataset import Dataset
 
 from plugin import dicom_status as st
 from plugin.dicom_meta import is_uid
+
+log = logging.getLogger("drh.query")
 
 # The most results one similar query may ask for: a viewer lists them, nobody reads 10 000 rows,
 # and each is a pending response on the wire.
@@ -292,8 +295,8 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
     if index is not None:
         try:
             index.refresh()  # one round trip when nothing changed; loads the replica the first time
-        except Exception:  # noqa: BLE001 - Redis away: answer from the replica we have, if any
-            pass
+        except Exception as exc:  # noqa: BLE001 - Redis away: answer from the replica we have, if any
+            log.warning("replica refresh failed (%s); answering from the replica as it is", type(exc).__name__)
     if index is None or not index.ready:
         raise QueryError("index-not-ready", "index not ready: try again shortly", st.OUT_OF_RESOURCES)
     code = index.code_of(query.reference_uid)
