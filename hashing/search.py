@@ -170,15 +170,21 @@ def knn_rows(
     *,
     max_distance: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest among the given ``rows`` only (a selective filter): gathers then scans."""
+    """Exact k nearest among the given ascending ``rows`` only (a selective filter).
+
+    Gathers those columns, then cuts at the k-th distance by counting before sorting the few
+    that remain, as :class:`Selector` does for a full scan.
+    """
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size == 0 or k <= 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    d = distances(np.ascontiguousarray(planes[:, rows]), query).astype(np.int64)
-    if max_distance is not None:
-        keep = d <= max_distance
-        rows, d = rows[keep], d[keep]
-    r, dd = _order(rows, d)
+    d = distances(np.ascontiguousarray(planes[:, rows]), query)
+    cap = int(d.max()) if max_distance is None else max_distance
+    if rows.size > k:
+        counts = np.cumsum(np.bincount(d, minlength=cap + 1)[: cap + 1])
+        cap = min(cap, int(np.searchsorted(counts, k)))
+    keep = np.flatnonzero(d <= cap)
+    r, dd = _order(rows[keep], d[keep])
     return r[:k], dd[:k]
 
 

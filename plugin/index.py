@@ -592,7 +592,7 @@ class ReplicaIndex:
                 continue
             passed = test(col)
             ok = passed if ok is None else np.logical_and(ok, passed, out=ok)
-            if np.count_nonzero(ok) <= size // 64:
+            if np.count_nonzero(ok) <= size // 16:
                 idx = np.flatnonzero(ok)
         if idx is not None:
             return "only", idx
