@@ -15,7 +15,14 @@ from dicom_peers import code, dcmtk, findscu, populate, running_plugin
 from dicomgen import fixture_images, make_instance, make_study
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, JPEGLSLossless, RLELossless, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, StudyRootQueryRetrieveInformationModelFind
 
@@ -67,8 +74,12 @@ def test_storescu_uncompressed_and_compressed_syntaxes_are_spooled_and_queued(tm
     jpeg_ls = tmp_path / "jpeg-ls.dcm"
     assert dcmtk("dcmcjpeg", str(plain.files[0]), str(jpeg)).returncode == 0
     assert dcmtk("dcmcjpls", str(plain.files[1]), str(jpeg_ls)).returncode == 0
-    # dcmcjpeg/dcmcjpls keep the SOP Instance UID: send the compressed copies as a second study.
-    for path in (jpeg, jpeg_ls):
+    j2k = tmp_path / "jpeg2000.dcm"  # DCMTK has no JPEG 2000 encoder: pydicom + openjpeg
+    j2k_ds = dcmread(plain.files[0])
+    j2k_ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    j2k_ds.save_as(j2k)
+    # The compressed copies keep the SOP Instance UID: send them as new instances of the study.
+    for path in (jpeg, jpeg_ls, j2k):
         ds = dcmread(path)
         ds.StudyInstanceUID = rle.study_uid
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -79,6 +90,7 @@ def test_storescu_uncompressed_and_compressed_syntaxes_are_spooled_and_queued(tm
         (["-xr"], rle.files, RLELossless),
         (["-xs"], [jpeg], JPEGLosslessSV1),
         (["-xt"], [jpeg_ls], JPEGLSLossless),
+        (["-xv"], [j2k], JPEG2000Lossless),
     ]
     for flags, files, _ in sends:
         proc = dcmtk("storescu", "-aet", "STORESCU", "-aec", "DRHPACS", *flags, "127.0.0.1", port, *map(str, files))
@@ -96,7 +108,7 @@ def test_storescu_uncompressed_and_compressed_syntaxes_are_spooled_and_queued(tm
             image = load_pixels(ds)  # what a worker will do with it: the file is complete and decodable
             assert image.ndim == 2 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert not list(spool.rglob("*.part")), "temp files left in the spool"
-    wait_until(lambda: _queued(redis_client) >= 5, 20, what="five indexing tasks in the ingest queue")
+    wait_until(lambda: _queued(redis_client) >= 6, 20, what="six indexing tasks in the ingest queue")
 
 
 def _scu(port: int, calling: str = "STORESCU") -> tuple[AE, object]:
