@@ -80,8 +80,10 @@ def time_calls(
     for _ in range(warmup):
         try:
             call(i)
-        except Exception:  # noqa: BLE001 - counted, reported
+        except Exception as exc:  # noqa: BLE001 - counted, reported
             out.errors += 1
+            if out.errors <= 3:
+                log(f"    {name}: warm-up call {i} failed: {exc}")
         i += 1
     for rep in range(repeats):
         lat: list[float] = []
@@ -340,7 +342,10 @@ class FindClient:
         import logging
 
         from pynetdicom import AE
-        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+            StudyRootQueryRetrieveInformationModelFind,
+            Verification,
+        )
 
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         self._model = StudyRootQueryRetrieveInformationModelFind
@@ -349,6 +354,7 @@ class FindClient:
         self._ae.dimse_timeout = 60
         self._ae.network_timeout = 60
         self._ae.add_requested_context(self._model)
+        self._ae.add_requested_context(Verification)
         self.assoc = self._ae.associate(host, port, ae_title=called_ae)
         if not self.assoc.is_established:
             raise RuntimeError(f"association to {called_ae}@{host}:{port} not established")
@@ -392,6 +398,12 @@ class FindClient:
         if final is None:
             raise RuntimeError("C-FIND: no final response")
         return answers
+
+    def echo(self) -> None:
+        """A C-ECHO on the same association: the DICOM round trip with no search behind it."""
+        status = self.assoc.send_c_echo()
+        if status is None or int(status.Status) != 0:
+            raise RuntimeError("C-ECHO failed")
 
     def close(self) -> None:
         if self.assoc.is_established:
