@@ -167,18 +167,6 @@ def _heartbeat_loop(app: Celery, record: dict[str, Any], stop: threading.Event) 
         pass
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda:0`` when a GPU is visible, else ``cpu``; anything else is kept."""
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     """``drh-pacs worker``: a prefork Celery worker on the configured queues."""
     from plugin.logs import setup_logging
@@ -210,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "pid": os.getpid(),
         "queues": settings.worker_queues,
         "concurrency": settings.worker_concurrency,
-        "device": resolve_device(settings.device) if set(settings.worker_queues) & {"ingest", "study"} else "none",
+        # As configured: the pool processes report the device they really use once the model is
+        # loaded (workers.model). Resolving "auto" here would initialise CUDA before the fork.
+        "device": settings.device,
         "started": time.time(),
     }
     stop = threading.Event()
