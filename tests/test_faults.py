@@ -39,7 +39,7 @@ def _hold(folder: Path, stage: str) -> Path:
 def test_pool_process_killed_mid_task_is_indexed_once(redis_server, redis_client, worker_factory, tmp_path, stage):
     holds = tmp_path / "holds"
     hold = _hold(holds, stage)
-    w = worker_factory(DRH_FAULT_HOLD_DIR=str(holds), DRH_BATCH_CLAIM_SECONDS="5")
+    w = worker_factory(DRH_FAULT_HOLD_DIR=str(holds), DRH_BATCH_CLAIM_SECONDS="2")
     app = app_for(redis_server.url, tmp_path / "data")
     study = make_study(tmp_path / "in", fixture_images("normal")[:2])
     send(app, study)

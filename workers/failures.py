@@ -3,9 +3,10 @@
 Kept in Redis so every worker writes to it and every status page reads it:
 
 ==============================  =====  ==========================================================
-``ns:failures``                 hash   SOPInstanceUID -> JSON {reason, kind (permanent|transient),
-                                       first_seen, last_seen, count, state (failed|retrying), and
-                                       the task payload: study_uid, path, source_ae, received_at}
+``ns:failures``                 hash   SOPInstanceUID -> JSON {reason, kind (permanent, transient
+                                       that outlived its retries, or error: a bug), first_seen,
+                                       last_seen, count, state (failed|retrying), and the task
+                                       payload: study_uid, path, source_ae, received_at}
 ``ns:failures:recent``          zset   SOPInstanceUID by last_seen (newest first for status pages)
 ``ns:ignored``                  hash   SOPInstanceUID -> JSON {reason, study_uid, when}: non-image
                                        objects, accepted and deliberately not indexed

@@ -332,15 +332,29 @@ def index_instance(
             reason = f"transient error persisted after {retries} retries: {exc}"
             log.error("instance %s failed: %s", sop_uid, reason)
             if client is not None:
-                item = Item(sop_uid, study_uid, path, source_ae, float(received_at))
-                FailureLedger(client, settings.redis_namespace).record(item.payload(), reason, kind="transient")
-                metrics.count_task(client, settings.redis_namespace, "index_instance", "failed")
+                _record_failure(
+                    self, Item(sop_uid, study_uid, path, source_ae, float(received_at)), reason, "transient"
+                )
             return "failed"
         delay = backoff(retries)
         log.warning("instance %s: %s; retry %d in %.0f s", sop_uid, exc, retries + 1, delay)
         if client is not None:
             metrics.count_task(client, settings.redis_namespace, "index_instance", "retried")
         raise self.retry(exc=exc, countdown=delay) from exc
+    except Exception as exc:
+        # A bug or an unexpected library error: never lose the instance silently. It goes to the
+        # ledger (retryable once fixed); if even that fails, the SCP's reconciler re-queues it.
+        log.exception("instance %s: unexpected error", sop_uid)
+        reason = f"internal error: {exc.__class__.__name__}: {exc}"[:500]
+        _record_failure(self, Item(sop_uid, study_uid, path, source_ae, float(received_at)), reason, "error")
+        return "failed"
+
+
+def _record_failure(task: Any, item: Item, reason: str, kind: str) -> None:
+    store = _store(task)
+    FailureLedger(store.r, store.keys.ns).record(item.payload(), reason, kind=kind)
+    _mark(store, item, "failed")
+    metrics.count_task(store.r, store.keys.ns, "index_instance", "failed")
 
 
 def _safe_client(task: Any) -> redis.Redis | None:
