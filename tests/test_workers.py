@@ -421,3 +421,19 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     wait_until(lambda: indexed_count(redis_client, after.sop_uids) == 1, 60, what="indexed after the switch")
     assert store.get_code("test-v2", "image", after.sop_uids[0]) is not None
     assert store.get_code(old, "image", after.sop_uids[0]) is None
+
+
+def test_an_unexpected_error_is_recorded_not_lost(redis_server, redis_client, worker_factory, tmp_path):
+    # A misconfiguration the code cannot anticipate: the model's version is already registered in
+    # Redis with another code length, so every write is refused by the store.
+    store = CodeStore(redis_client, NS)
+    store.register_model("drh-random-v0", 32)
+    store.activate("drh-random-v0")
+    worker_factory()
+    app = app_for(redis_server.url, tmp_path / "data")
+    study = make_study(tmp_path / "in", fixture_images("normal")[:1])
+    send(app, study)
+    ledger = FailureLedger(redis_client, NS)
+    entry = wait_until(lambda: ledger.get(study.sop_uids[0]), 60, what="failure recorded")
+    assert entry["kind"] == "error" and "StoreError" in entry["reason"] and "32 bits" in entry["reason"]
+    assert store.instance(study.sop_uids[0])["state"] == "failed"
