@@ -21,6 +21,7 @@ under us, the search refreshes and runs again rather than answer from stale slot
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -562,8 +563,7 @@ class ReplicaIndex:
             for number in numbers:
                 if number is not None:
                     mask |= 1 << min(number - 1, MODALITY_BITS - 1)
-            bits = np.uint64(mask)
-            tests.append(("modmask", lambda c: (c & bits) != 0))
+            tests.append(("modmask", lambda c: _any_bit(c, mask)))
         if f.date_from or f.date_to:
             lo = _filter_date(f.date_from) if f.date_from else 1
             hi = _filter_date(f.date_to) if f.date_to else 99991231
@@ -598,6 +598,24 @@ class ReplicaIndex:
             return "only", idx
         assert ok is not None
         return "mask", ok.view(np.uint8)
+
+
+def _any_bit(col: np.ndarray, mask: int) -> np.ndarray:
+    """``(col & mask) != 0`` for a uint64 column, testing only the bytes that hold mask bits.
+
+    Modality masks use a bit or two: a strided byte test reads the same memory but computes on a
+    byte per row instead of eight, about twice as fast at a million studies.
+    """
+    if sys.byteorder != "little" or col.ndim != 1 or not col.flags.c_contiguous:
+        return (col & np.uint64(mask)) != 0
+    rows = col.view(np.uint8).reshape(-1, 8)
+    out: np.ndarray | None = None
+    for byte in range(8):
+        m = (mask >> (8 * byte)) & 0xFF
+        if m:
+            hit = (rows[:, byte] & np.uint8(m)) != 0
+            out = hit if out is None else np.logical_or(out, hit, out=out)
+    return out if out is not None else np.zeros(col.shape[0], dtype=bool)
 
 
 def _filter_date(value: str) -> int:

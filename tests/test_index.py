@@ -411,3 +411,14 @@ def test_delete_study_removes_it_from_every_level_and_version(store):
     assert store.study("3.1") == {} and store.instance("3.1.0") == {} and store.study_instances("3.1") == []
     assert store.get_embeddings("m1", ["3.1.0"]) == {}
     assert store.count("m2", "image") == 0 and store.count("m2", "study") == 0
+
+
+def test_modality_bit_test_matches_the_plain_mask():
+    from plugin.index import _any_bit
+
+    rng = np.random.default_rng(12)
+    col = rng.integers(0, 2**64 - 1, size=3000, dtype=np.uint64, endpoint=True)
+    for mask in (1, 4, 1 << 9, (1 << 63) | 1, 0, (1 << 20) | (1 << 33) | 2):
+        assert np.array_equal(_any_bit(col, mask), (col & np.uint64(mask)) != 0)
+        picked = col[rng.integers(0, 3000, 50)]  # a gathered copy, as for the narrowed studies
+        assert np.array_equal(_any_bit(picked, mask), (picked & np.uint64(mask)) != 0)
