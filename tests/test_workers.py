@@ -437,3 +437,39 @@ def test_an_unexpected_error_is_recorded_not_lost(redis_server, redis_client, wo
     entry = wait_until(lambda: ledger.get(study.sop_uids[0]), 60, what="failure recorded")
     assert entry["kind"] == "error" and "StoreError" in entry["reason"] and "32 bits" in entry["reason"]
     assert store.instance(study.sop_uids[0])["state"] == "failed"
+
+
+def test_workers_write_the_active_version_whatever_their_configured_model(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    """DRH_MODEL_PATH only seeds an empty installation; changing models goes through reindex."""
+    import torch
+
+    from hashing import checkpoint
+    from hashing.dmih import dmih_tiny
+    from hashing.drh import drh_tiny
+
+    torch.manual_seed(1)
+    ckpt = tmp_path / "other.pt"
+    checkpoint.save(
+        checkpoint.model_checkpoint(
+            version="other-v1", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25
+        ),
+        ckpt,
+    )
+    app = app_for(redis_server.url, tmp_path / "data")
+    first = make_study(tmp_path / "in", fixture_images("normal")[:1])
+    worker_factory("configured", DRH_MODEL_PATH=str(ckpt))
+    send(app, first)
+    wait_until(lambda: indexed_count(redis_client, first.sop_uids) == 1, 60, what="first instance")
+    store = CodeStore(redis_client, NS)
+    assert active_version(redis_client) == "other-v1"  # an empty installation takes the configured model
+    assert len(store.get_code("other-v1", "image", first.sop_uids[0])) == 4
+    # a second worker configured with the shipped model still writes other-v1 codes
+    assert redis_client.hget(f"{NS}:model:other-v1", "path").decode() == str(ckpt)
+    worker_factory("shipped")
+    second = make_study(tmp_path / "in", fixture_images("viral")[:2])
+    send(app, second)
+    wait_until(lambda: indexed_count(redis_client, second.sop_uids) == 2, 60, what="second study")
+    assert active_version(redis_client) == "other-v1" and store.count("other-v1", "image") == 3
+    assert [m.decode() for m in redis_client.smembers(f"{NS}:models")] == ["other-v1"]

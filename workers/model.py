@@ -20,6 +20,10 @@ from celery import Task
 log = logging.getLogger("drh.workers.model")
 
 
+# Cache key of the seeded placeholder model (hashing.encoder.Encoder.random).
+RANDOM_KEY = "<random>"
+
+
 class ModelUnavailable(RuntimeError):
     """A model version is registered in Redis but its checkpoint cannot be loaded on this worker."""
 
@@ -33,9 +37,10 @@ class ModelTask(Task):
     _lock = threading.Lock()
 
     def encoder(self, path: str | None = None) -> Any:
-        """The encoder of checkpoint ``path`` ("" or None: ``Settings.model_path``), loaded once."""
+        """The encoder of checkpoint ``path`` (None: ``Settings.model_path``; "": the model shipped
+        with the package), loaded once per process."""
         settings = self.app.drh_settings
-        key = path if path else settings.model_path
+        key = settings.model_path if path is None else path
         with self._lock:
             enc = self._encoders.get(key)
             if enc is None:
@@ -43,7 +48,12 @@ class ModelTask(Task):
 
                 started = time.monotonic()
                 try:
-                    enc = Encoder.load(key or None, device=settings.device)
+                    if key == RANDOM_KEY:
+                        from hashing.encoder import resolve_device
+
+                        enc = Encoder.random(resolve_device(settings.device))
+                    else:
+                        enc = Encoder.load(key or None, device=settings.device)
                 except FileNotFoundError as exc:
                     raise ModelUnavailable(f"model checkpoint {key!r} not found on this worker: {exc}") from exc
                 self._encoders[key] = enc

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,8 +146,6 @@ def _encode_and_store(task: ModelTask, store: Any, version: str, sops: list[str]
             r.sadd(_done_key(ns), it.sop_uid)
     for it in items:
         if it.local_copy:
-            from pathlib import Path
-
             Path(it.local_copy).unlink(missing_ok=True)
 
 
@@ -193,7 +192,9 @@ def reindex_finish(self: ModelTask, version: str) -> str:
     size = max(1, self.app.drh_settings.batch_size)
     for start in range(0, len(missing), size):
         _encode_and_store(self, store, version, missing[start : start + size])
-    enc = self.encoder(r.hget(store.keys.model(version), "path").decode())
+    from workers.tasks import encoder_for_version
+
+    enc = encoder_for_version(self, store, version)
     studies = sorted({study for _, study in instances if study})
     for n, study in enumerate(studies, start=1):
         embs = store.get_embeddings(version, store.study_instances(study))
@@ -231,6 +232,8 @@ def start(app: Celery, model_path: str, *, force: bool = False) -> dict[str, str
     job = _job(r, ns)
     if job.get("state") in ACTIVE_STATES and not force:
         raise RuntimeError(f"a re-index to {job.get('version')} is already {job['state']} (use --force to restart)")
+    # Workers find the checkpoint by this path: make it absolute (the same path on every worker).
+    model_path = str(Path(model_path).resolve()) if model_path else ""
     enc = Encoder.load(model_path or None, device="cpu")
     if enc.version == store.active_version():
         raise RuntimeError(f"model {enc.version} is already the active version")
@@ -264,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="drh-pacs reindex", description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", help="checkpoint of the new model version")
+    parser.add_argument("--shipped", action="store_true", help="re-index to the model shipped with the package")
     parser.add_argument("--status", action="store_true", help="show the progress of the current job")
     parser.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     parser.add_argument("--force", action="store_true", help="restart even if a job is running")
@@ -275,15 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     r = redis_for(app)
     ns = app.drh_settings.redis_namespace
-    if args.model:
+    if args.model or args.shipped:
         try:
-            job = start(app, args.model, force=args.force)
+            job = start(app, "" if args.shipped else args.model, force=args.force)
         except (RuntimeError, OSError, ValueError) as exc:
             print(f"drh-pacs reindex: {exc}", file=sys.stderr)
             return 1
         print(f"re-index to {job['version']} queued; {job['previous'] or '(none)'} answers until it completes")
     elif not args.status:
-        parser.error("give a model checkpoint, or --status")
+        parser.error("give a model checkpoint, --shipped, or --status")
     job = _job(r, ns)
     if not job:
         print("no re-index job")

@@ -46,7 +46,7 @@ from plugin import metrics
 from plugin.dicom_meta import instance_meta, study_meta
 from plugin.store import CodeStore
 from workers.failures import FailureLedger
-from workers.model import ModelTask, ModelUnavailable
+from workers.model import RANDOM_KEY, ModelTask, ModelUnavailable
 
 log = logging.getLogger("drh.workers.tasks")
 
@@ -240,8 +240,16 @@ def encoder_for_version(task: ModelTask, store: CodeStore, version: str) -> Any:
     path = raw.decode() if raw is not None else settings.model_path
     enc = task.encoder(path)
     if enc.version != version:
+        from hashing.encoder import RANDOM_VERSION
+
+        if version == RANDOM_VERSION:
+            # The seeded placeholder used before trained weights shipped: reproducible at will, so
+            # an installation started with it keeps working after a package upgrade.
+            return task.encoder(RANDOM_KEY)
         raise ModelUnavailable(
-            f"model {version} is registered with checkpoint {path!r}, which holds version {enc.version} on this worker"
+            f"model {version} is registered with checkpoint {path or '(shipped default)'}, which holds"
+            f" version {enc.version} on this worker: restore that checkpoint, or move to the new model"
+            " with `drh-pacs reindex`"
         )
     return enc
 
@@ -252,7 +260,12 @@ def encoder_for_version(task: ModelTask, store: CodeStore, version: str) -> Any:
 def _fetch(settings: Any, item: Item) -> str:
     """Download a spooled file from the plugin's HTTP API (a worker on another machine)."""
     url = f"{settings.api_url.rstrip('/')}/api/instances/{item.sop_uid}/file"
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {settings.resolved_api_token()}"})
+    token = settings.api_token
+    if not token and (settings.data_dir / "api-token").exists():
+        token = settings.resolved_api_token()  # a worker on the plugin's machine shares its data dir
+    if not token:
+        raise PermanentError("api_url is set but no API token: set DRH_API_TOKEN on this worker")
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             fd, tmp = tempfile.mkstemp(suffix=".dcm", prefix="drh-fetch-")
@@ -262,6 +275,8 @@ def _fetch(settings: Any, item: Item) -> str:
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             raise PermanentError(f"file not on this worker and the API has none (404) for {item.sop_uid}") from exc
+        if exc.code in (401, 403):
+            raise PermanentError(f"the API refused this worker's token (HTTP {exc.code}): check DRH_API_TOKEN") from exc
         raise TransientError(f"fetching {item.sop_uid} over the API: HTTP {exc.code}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise TransientError(f"fetching {item.sop_uid} over the API: {exc}") from exc
