@@ -46,6 +46,7 @@ def save(obj: dict[str, Any], path: str | Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shipped or shared model must be readable
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
