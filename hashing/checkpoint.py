@@ -54,7 +54,13 @@ def save(obj: dict[str, Any], path: str | Path) -> None:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint without executing pickled code."""
+    """Read a checkpoint without executing pickled code.
+
+    A missing file raises ``FileNotFoundError`` (workers tell "not deployed here" apart from "damaged");
+    anything unreadable or foreign raises :class:`CheckpointError`.
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign or damaged files

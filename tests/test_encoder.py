@@ -33,6 +33,23 @@ def test_default_model_loads(encoder: Encoder) -> None:
     assert str(encoder.device) == "cpu"
 
 
+def test_shipped_model_is_trained_and_groups_classes(encoder: Encoder) -> None:
+    assert encoder.version == "drh64-cxr-pneumonia-v1" and encoder.input_size == 64
+    assert encoder.info["metrics"]["results"][0]["map_all"] > 0.5
+    names = sorted(FIXTURES.glob("*.jpeg"))
+    normal = np.array([p.name.startswith("normal") for p in names])
+    codes, _ = encoder.encode_images(_fixture_images())
+    d = bits.hamming(codes, codes).astype(float)
+    same = d[normal][:, normal].mean() + d[~normal][:, ~normal].mean()
+    across = 2 * d[normal][:, ~normal].mean()
+    assert same < across  # normal and pneumonia radiographs get codes far apart
+
+
+def test_missing_file_is_not_found() -> None:
+    with pytest.raises(FileNotFoundError):
+        Encoder.load("/nonexistent/model.pt", device="cpu")
+
+
 def test_encode_images_any_size(encoder: Encoder) -> None:
     rng = np.random.default_rng(0)
     images = [rng.random((37, 200), dtype=np.float32), rng.random((300, 90), dtype=np.float32)] + _fixture_images()
@@ -60,8 +77,10 @@ def test_encode_study_from_stored_embeddings(encoder: Encoder) -> None:
     _, embs = encoder.encode_images(_fixture_images()[:4])
     study = encoder.encode_study(embs)
     assert study.dtype == np.uint8 and study.shape == (encoder.nbits // 8,)
-    # Permutation invariant (a study's instances arrive in any order) and float16 storage is enough.
+    # Permutation invariant (a study's instances arrive in any order).
     np.testing.assert_array_equal(encoder.encode_study(embs[::-1]), study)
+    # The store keeps embeddings as float16: the study code must barely move.
+    assert int(bits.hamming(encoder.encode_study(embs.astype(np.float16)), study)[0, 0]) <= 2
     one = encoder.encode_study(embs[:1])
     assert one.shape == study.shape
     with pytest.raises(ValueError):
