@@ -462,6 +462,37 @@ class ReplicaIndex:
             self.refresh()
         raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
 
+    def _search_excluding_patient(
+        self, st: _State, query: bytes, k: int, max_distance: int | None, patient_id: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Everyone's studies but one patient's (the usual "priors of other patients" query).
+
+        Almost every study passes, so instead of a mask over all studies: ask for a few more than
+        k, drop the hits of that patient (and of studies without a record), and ask for four times
+        more while too few remain. Exact: the hits kept are in (distance, slot) order, and any
+        passing code not among the candidates comes after all of them.
+        """
+        key = np.uint64(patient_key(patient_id))
+        exclude = st.exclude[: st.n] if st.live < st.n else None
+        planes = st.planes[:, : st.n]
+        want = k + 8
+        while True:
+            rows, dist = self._planner.knn(
+                planes,
+                st.mih,
+                query,
+                want,
+                nbits=st.nbits,
+                exclude=exclude,
+                max_distance=max_distance,
+                selector=self._selector,
+            )
+            sn = st.slot_sn[rows]
+            ok = (st.attrs["patient"][sn] != key) & ((st.attrs["flags"][sn] & FLAG_KNOWN) != 0)
+            if int(np.count_nonzero(ok)) >= k or rows.size < want:
+                return rows[ok][:k], dist[ok][:k]
+            want *= 4
+
     def _eligible(self, st: _State, filters: SearchFilters | None) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(exclude mask, rows) for a search: uint8 per slot, 0 where a slot may be returned
         (None: every slot may).
@@ -511,6 +542,12 @@ class ReplicaIndex:
     ) -> tuple[np.ndarray, np.ndarray]:
         if st.n == 0 or k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.int64)
+        if (
+            filters is not None
+            and filters.exclude_patient_id
+            and SearchFilters(exclude_patient_id=filters.exclude_patient_id) == filters
+        ):
+            return self._search_excluding_patient(st, query, k, max_distance, filters.exclude_patient_id)
         exclude, rows = self._eligible(st, filters)
         planes = st.planes[:, : st.n]
         if rows is not None:

@@ -422,3 +422,27 @@ def test_modality_bit_test_matches_the_plain_mask():
         assert np.array_equal(_any_bit(col, mask), (col & np.uint64(mask)) != 0)
         picked = col[rng.integers(0, 3000, 50)]  # a gathered copy, as for the narrowed studies
         assert np.array_equal(_any_bit(picked, mask), (picked & np.uint64(mask)) != 0)
+
+
+def test_excluding_a_patient_with_many_nearest_studies_still_returns_the_k_nearest(store):
+    """The excluded patient owns the 60 nearest codes: the search must widen until k others pass."""
+    rng = np.random.default_rng(13)
+    q = rand_codes(rng, 1)[0]
+    live, allowed = {}, set()
+    for i in range(60):
+        uid = f"4.1.{i}"
+        live[uid] = (store.upsert_code("m1", "study", uid, q)[0], bytes(q))
+        store.put_study(uid, {"patient_id": "SAME"})
+    for i, c in enumerate(rand_codes(rng, 200)):
+        uid = f"4.2.{i}"
+        live[uid] = (store.upsert_code("m1", "study", uid, c)[0], bytes(c))
+        store.put_study(uid, {"patient_id": f"O{i}"})
+        allowed.add(uid)
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    f = SearchFilters(exclude_patient_id="SAME")
+    for k in (1, 5, 30):
+        got = as_pairs(idx.search(bytes(q), k, filters=f))
+        assert got == expected(live, bytes(q), k, allowed=allowed)
+        assert len(got) == k and not any(u.startswith("4.1.") for u, _ in got)
+    assert as_pairs(idx.search(bytes(q), 500, filters=f)) == expected(live, bytes(q), 500, allowed=allowed)
