@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import inspect
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -96,12 +97,22 @@ def load_image(path: Path, size: int) -> np.ndarray:
     return np.round(fit_to_square(arr, size) * 255.0).astype(np.uint8)
 
 
+def _fit_source() -> str:
+    try:
+        from hashing.preprocess import fit_to_square as fit
+    except ImportError:
+        from hashing.encoder import _fit_fallback as fit
+    return inspect.getsource(fit)
+
+
 def load_images(
     manifest: Manifest, rows: list[dict[str, str]], size: int, cache_dir: str | Path | None = None
 ) -> ImageSet:
     """Decode ``rows`` (cached as .npy in ``cache_dir`` keyed by manifest digest, size and rows)."""
     classes = manifest.classes
-    key = hashlib.sha256(("|".join(r["path"] for r in rows) + f"|{size}|{manifest.digest}").encode()).hexdigest()[:16]
+    # The key covers the resize code too: a changed fit_to_square must not reuse stale pixels.
+    text = "|".join(r["path"] for r in rows) + f"|{size}|{manifest.digest}|{_fit_source()}"
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"images-{key}.npy" if cache_dir else None
     if cache is not None and cache.exists():
         arr = np.load(cache)

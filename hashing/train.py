@@ -91,6 +91,9 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # On a GPU, cuDNN's autotuner picks kernels by timing and some are non-deterministic.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
