@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -330,15 +331,43 @@ def stop_serve(serve: ServeProcess, timeout: float = 90.0) -> int:
 
 
 # -- a DICOM query client ------------------------------------------------------------------------
+class _ParkedCheckpoint(threading.Event):
+    """Stands in for a pynetdicom requestor association's reactor checkpoint and keeps it parked.
+
+    pynetdicom 3.0's reactor thread sets ``_is_paused`` before waiting on the checkpoint and clears it
+    just after; ``send_c_find``/``send_c_echo`` clear the checkpoint and go on once ``_is_paused`` is
+    true. When the reactor has just left its wait, the flag is still true for a moment, the send goes
+    ahead, and under load the reactor then takes the peer's response off the DIMSE queue ("Received
+    unexpected C-FIND service message"): the client waits for a response that never comes, times
+    out and aborts. A query-only client needs no reactor, so it is kept waiting here for the whole
+    association; pynetdicom's own set()/clear() calls are ignored and ``release`` lets it exit.
+    """
+
+    def set(self) -> None:  # noqa: D102 - pynetdicom's calls are deliberately ignored
+        return
+
+    def clear(self) -> None:  # noqa: D102
+        return
+
+    def release(self) -> None:
+        super().set()
+
+    def has_waiter(self) -> bool:
+        return bool(getattr(self._cond, "_waiters", None))  # type: ignore[attr-defined]
+
+
 class FindClient:
     """A persistent pynetdicom association for similar-study C-FINDs: what a viewer keeps open.
 
     ``similar`` sends a Study Root C-FIND to the similar AE title and drains every pending
     response; it raises when the final status is not success, so a failed query is never timed
-    as a fast one.
+    as a fast one. When the association is lost, the next call re-associates (and the failure has
+    been counted by then).
     """
 
-    def __init__(self, host: str, port: int, called_ae: str = "SIMILAR", calling_ae: str = "BENCH") -> None:
+    def __init__(
+        self, host: str, port: int, called_ae: str = "SIMILAR", calling_ae: str = "BENCH", nodelay: bool = False
+    ) -> None:
         import logging
 
         from pynetdicom import AE
@@ -351,13 +380,48 @@ class FindClient:
         self._model = StudyRootQueryRetrieveInformationModelFind
         self._ae = AE(ae_title=calling_ae)
         self._ae.acse_timeout = 30
-        self._ae.dimse_timeout = 60
+        self._ae.dimse_timeout = 15
         self._ae.network_timeout = 60
         self._ae.add_requested_context(self._model)
         self._ae.add_requested_context(Verification)
+        self._peer = (host, port, called_ae)
+        self.nodelay = nodelay
+        self.reconnects = -1
+        self._parked: _ParkedCheckpoint | None = None
+        self._connect()
+
+    def _connect(self) -> None:
+        import socket
+
+        host, port, called_ae = self._peer
         self.assoc = self._ae.associate(host, port, ae_title=called_ae)
         if not self.assoc.is_established:
             raise RuntimeError(f"association to {called_ae}@{host}:{port} not established")
+        self.reconnects += 1
+        if self.nodelay:
+            # pynetdicom leaves Nagle's algorithm on: a request's command and data set go out as two
+            # small writes, and the second waits for the peer's delayed ACK (~40 ms on Linux).
+            # DCMTK turns Nagle off by default; this is how a pynetdicom viewer would.
+            self.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if hasattr(self.assoc, "_reactor_checkpoint") and hasattr(self.assoc, "_is_paused"):
+            parked = _ParkedCheckpoint()
+            self.assoc._reactor_checkpoint = parked
+            deadline = time.monotonic() + 5
+            while not parked.has_waiter() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self._parked = parked if parked.has_waiter() else None
+            if self._parked is None:  # never parked: let it run as pynetdicom intends
+                parked.release()
+
+    def _ensure(self) -> None:
+        if not self.assoc.is_established:
+            self._unpark()
+            self._connect()
+
+    def _unpark(self) -> None:
+        if self._parked is not None:
+            self._parked.release()
+            self._parked = None
 
     def similar(
         self, study_uid: str, k: int = 10, modalities: str = "", date_range: str = ""
@@ -367,6 +431,7 @@ class FindClient:
 
         from plugin.dicom_status import PRIVATE_CREATOR, PRIVATE_GROUP, RANK
 
+        self._ensure()
         ds = Dataset()
         ds.QueryRetrieveLevel = "STUDY"
         ds.StudyInstanceUID = study_uid
@@ -379,7 +444,7 @@ class FindClient:
         answers: list[tuple[str, int | None]] = []
         final = None
         for status, identifier in self.assoc.send_c_find(ds, self._model):
-            if status is None:
+            if status is None or "Status" not in status:
                 raise RuntimeError("C-FIND: no response (association aborted or timed out)")
             code = int(status.Status)
             if code in (0xFF00, 0xFF01):
@@ -401,11 +466,13 @@ class FindClient:
 
     def echo(self) -> None:
         """A C-ECHO on the same association: the DICOM round trip with no search behind it."""
+        self._ensure()
         status = self.assoc.send_c_echo()
-        if status is None or int(status.Status) != 0:
-            raise RuntimeError("C-ECHO failed")
+        if "Status" not in status or int(status.Status) != 0:
+            raise RuntimeError("C-ECHO: no success response (association aborted or timed out)")
 
     def close(self) -> None:
         if self.assoc.is_established:
             self.assoc.release()
+        self._unpark()
         self._ae.shutdown()

@@ -166,7 +166,16 @@ def _worker_info(store, namespace: str) -> str:  # noqa: ANN001
     ]
     version = figures.get("active_version")
     nbits = next((m["nbits"] for m in figures.get("models", []) if m["version"] == version), None)
-    return f"active model {version} ({nbits} bits); workers: " + ("; ".join(parts) if parts else "none seen")
+    tasks = ", ".join(
+        f"{task} " + " ".join(f"{outcome} {count}" for outcome, count in sorted(outcomes.items()))
+        for task, outcomes in sorted(figures.get("tasks", {}).items())
+    )
+    latency = figures.get("latency") or {}
+    mean = f"; received -> indexed mean {latency['sum'] / latency['count']:.2f} s" if latency.get("count") else ""
+    return (
+        f"active model {version} ({nbits} bits); workers: {'; '.join(parts) if parts else 'none seen'};"
+        f" tasks so far: {tasks or 'none recorded'}{mean}"
+    )
 
 
 def _fmt_send(label: str, r: SendResult) -> str:
@@ -273,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
                     }
                 )
                 shutil.rmtree(folder)
+            results["worker"] = _worker_info(store, args.namespace)
 
             # Searchable means a similar query answers: ask one over DICOM.
             finder = FindClient(host, port, called_ae=args.similar_ae, calling_ae=args.calling_ae)
@@ -305,9 +315,9 @@ def _report(args: argparse.Namespace, results: dict) -> None:
             vals.append(float(v))
         return f"{np.median(vals):8.2f} ({min(vals):.2f}-{max(vals):.2f})"
 
+    assoc = "all studies in one association" if args.per_assoc <= 0 else f"{args.per_assoc} study(ies) per association"
     log(
-        f"\n[ingest {args.studies} studies x {args.images} images of {args.size}x{args.size}, 12-bit;"
-        f" {'all studies in one association' if args.per_assoc <= 0 else f'{args.per_assoc} study per association'};"
+        f"\n[ingest {args.studies} studies x {args.images} images of {args.size}x{args.size}, 12-bit; {assoc};"
         f" {len(reps)} repeat(s): median (min-max)]"
     )
     log(f"  {'':<26} {'images/s':>24} {'MB/s':>24}")
@@ -319,7 +329,7 @@ def _report(args: argparse.Namespace, results: dict) -> None:
         f" (includes study_stable_seconds = {args.stable_seconds if not args.host else 'the server setting'})"
     )
     log(f"  per study, its last response -> searchable, median: {spread(('per_study_searchable_median_s',))} s")
-    log(f"  {results.get('worker', '')}")
+    log(f"  worker (whole run, warm-up included): {results.get('worker', '')}")
 
 
 def main(argv: list[str] | None = None) -> int:

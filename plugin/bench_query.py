@@ -8,6 +8,8 @@ in bulk, then starts ``drh-pacs serve`` against that Redis with no worker, waits
 
 - ``pynetdicom assoc``: one persistent association, one C-FIND after another: what a viewer that
   keeps its association open sees (request, search, k pending responses, final response);
+- ``pynetdicom assoc, TCP_NODELAY``: the same with Nagle's algorithm off on the client socket (as
+  DCMTK does by default), which removes the client's half of the delayed-ACK stalls;
 - ``findscu process``: DCMTK ``findscu`` run once per query, process start, association and release
   included: what a script or a viewer that opens an association per query sees;
 
@@ -235,6 +237,17 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
 
                 rows.append(time_calls_logged(name, viewer, args))
             rows.append(time_calls_logged("pynetdicom assoc, C-ECHO", lambda _i: finder.echo(), args))
+            finder.close()
+            finder = FindClient(
+                "127.0.0.1", serve.dicom_port, called_ae=args.similar_ae, calling_ae=args.calling_ae, nodelay=True
+            )
+
+            def viewer_nodelay(i: int) -> None:
+                answers = finder.similar(uids[i % len(uids)], k=args.k)
+                if len(answers) != args.k:
+                    raise RuntimeError(f"{len(answers)} answers, not {args.k}")
+
+            rows.append(time_calls_logged("pynetdicom assoc, TCP_NODELAY", viewer_nodelay, args))
             finder.close()
             finder = None
 
