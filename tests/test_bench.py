@@ -133,9 +133,9 @@ def test_bench_ingest_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert "drh-pacs / storescp throughput ratio" in out
     assert "last C-STORE response -> last study searchable" in out
     assert "device cpu" in out
+    # the other study and the warm-up one, never the reference itself
     assert "C-FIND similar on the last study: 2 answers (status success)" in out
     assert "tasks so far: " in out
-    # the other study and the warm-up one, never the reference itself
     (rep,) = figures["repeats"]
     assert rep["images"] == 4
     assert rep["storescp"]["images_per_s"] > 0 and rep["drh_pacs"]["images_per_s"] > 0
