@@ -35,11 +35,9 @@ def _models(client: redis.Redis, ns: str) -> list[dict[str, Any]]:
     active = client.get(f"{ns}:model:active")
     active_v = active.decode() if active else None
     out = []
-    for key in client.scan_iter(match=f"{ns}:model:*", count=1000):
-        version = key.decode()[len(f"{ns}:model:") :]
-        if version == "active" or ":" in version:
-            continue
-        info = {k.decode(): v.decode() for k, v in client.hgetall(key).items()}
+    for raw in client.smembers(f"{ns}:models"):
+        version = raw.decode()
+        info = {k.decode(): v.decode() for k, v in client.hgetall(f"{ns}:model:{version}").items()}
         if "nbits" not in info:
             continue
         out.append(
@@ -58,19 +56,27 @@ def _models(client: redis.Redis, ns: str) -> list[dict[str, Any]]:
 
 
 def _workers(client: redis.Redis, ns: str) -> list[dict[str, Any]]:
+    """Live workers (heartbeat within three periods) and the devices their processes loaded on.
+
+    Two hashes, read whole (never a key scan, which would walk every instance key): ``ns:workers``
+    (hostname -> heartbeat, see workers.app) and ``ns:workerprocs`` (hostname|pid -> the device
+    and model a pool process loaded, see workers.model).
+    """
+    from workers.app import HEARTBEAT_SECONDS
+
+    now = time.time()
+    beats = {k.decode(): json.loads(v) for k, v in client.hgetall(f"{ns}:workers").items()}
     procs: dict[str, list[dict[str, Any]]] = {}
-    for key in client.scan_iter(match=f"{ns}:workerproc:*", count=1000):
-        raw = client.get(key)
-        if not raw:
-            continue
-        host = key.decode()[len(f"{ns}:workerproc:") :].rsplit(":", 1)[0]
-        procs.setdefault(host, []).append(json.loads(raw))
+    for k, v in client.hgetall(f"{ns}:workerprocs").items():
+        host = k.decode().rsplit("|", 1)[0]
+        proc = json.loads(v)
+        started = float(beats.get(host, {}).get("started", now))
+        if proc.get("loaded", 0) >= started:  # processes of an earlier run of that worker are gone
+            procs.setdefault(host, []).append(proc)
     out = []
-    for key in client.scan_iter(match=f"{ns}:workers:*", count=1000):
-        raw = client.get(key)
-        if not raw:
+    for w in beats.values():
+        if now - float(w.get("last_seen", 0)) > 3 * HEARTBEAT_SECONDS:
             continue
-        w = json.loads(raw)
         loaded = procs.get(w["hostname"], [])
         devices = sorted({p["device"] for p in loaded})
         w["device"] = ",".join(devices) if devices else str(w.get("device", ""))

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import redis
@@ -115,8 +116,8 @@ def test_prometheus_config_scrapes_metrics_and_alerts_use_exported_names(redis_c
     used = set(re.findall(r"\b(drh_[a-z_]+)", exprs))
     # a system that has done something: one task outcome, one live worker (as its heartbeat says)
     metrics.count_task(redis_client, "drh", "index_instance", "done")
-    beat = {"hostname": "w@h", "pid": 1, "queues": ["ingest"], "concurrency": 1, "device": "cpu", "last_seen": 0}
-    redis_client.set("drh:workers:w@h", json.dumps(beat))
+    beat = {"hostname": "w@h", "pid": 1, "queues": ["ingest"], "concurrency": 1, "device": "cpu"}
+    redis_client.hset("drh:workers", "w@h", json.dumps({**beat, "started": time.time(), "last_seen": time.time()}))
     exported = set(re.findall(r"^(drh_[a-z_]+)", metrics.render(gather(redis_client)).decode(), re.M))
     assert used and used <= exported, used - exported
 

@@ -66,7 +66,10 @@ class WorkerProc:
         )
         log.close()
         wait_until(
-            lambda: self.proc.poll() is not None or any(client.scan_iter(match=f"{NS}:workers:{self.name}@*")),
+            lambda: (
+                self.proc.poll() is not None
+                or any(h.startswith(f"{self.name}@".encode()) for h in client.hkeys(f"{NS}:workers"))
+            ),
             timeout=60,
             what="worker heartbeat",
         )
@@ -310,7 +313,7 @@ def test_transient_errors_are_retried_with_backoff_then_recorded(redis_server, r
     from plugin.redis_embedded import free_port
 
     # The file is not on this worker and the API it should come from does not answer: transient.
-    worker_factory(DRH_API_URL=f"http://127.0.0.1:{free_port()}", DRH_TASK_MAX_RETRIES="1")
+    worker_factory(DRH_API_URL=f"http://127.0.0.1:{free_port()}", DRH_API_TOKEN="t", DRH_TASK_MAX_RETRIES="1")
     app = app_for(redis_server.url, tmp_path / "data")
     study = make_study(tmp_path / "in", fixture_images("bacterial")[:1])
     study.files[0] = tmp_path / "elsewhere" / "x.dcm"

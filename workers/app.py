@@ -150,21 +150,36 @@ def enqueue_instance(
 
 
 def _heartbeat_loop(app: Celery, record: dict[str, Any], stop: threading.Event) -> None:
-    """Publish this worker in Redis (with a TTL) so status pages see it, and forget it when it dies."""
+    """Publish this worker in the hash ``ns:workers`` so status pages see it (one HGETALL, no key
+    scan); readers drop entries not refreshed for three heartbeats. Removed on a clean exit."""
     settings: Settings = app.drh_settings  # type: ignore[attr-defined]
-    key = f"{settings.redis_namespace}:workers:{record['hostname']}"
+    key = f"{settings.redis_namespace}:workers"
+    _forget_old_processes(app, record["hostname"])
     while not stop.is_set():
         try:
             client = redis_for(app)
             record["last_seen"] = time.time()
-            client.set(key, json.dumps(record), ex=int(HEARTBEAT_SECONDS * 3))
+            client.hset(key, record["hostname"], json.dumps(record))
         except redis.exceptions.RedisError as exc:
             log.warning("worker heartbeat failed: %s", exc)
         stop.wait(HEARTBEAT_SECONDS)
     try:
-        redis_for(app).delete(key)
+        redis_for(app).hdel(key, record["hostname"])
     except redis.exceptions.RedisError:
         pass
+
+
+def _forget_old_processes(app: Celery, hostname: str) -> None:
+    """Drop the device records of this worker's previous run (its pool processes are gone)."""
+    settings: Settings = app.drh_settings  # type: ignore[attr-defined]
+    key = f"{settings.redis_namespace}:workerprocs"
+    try:
+        client = redis_for(app)
+        stale = [f for f in client.hkeys(key) if f.decode().rsplit("|", 1)[0] == hostname]
+        if stale:
+            client.hdel(key, *stale)
+    except redis.exceptions.RedisError as exc:
+        log.warning("could not prune old worker records: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,8 +75,8 @@ class ModelTask(Task):
         hostname = getattr(self.request, "hostname", None) or "unknown"
         record = {"device": str(enc.device), "model": enc.version, "pid": os.getpid(), "loaded": time.time()}
         try:
-            redis_for(self.app).set(
-                f"{settings.redis_namespace}:workerproc:{hostname}:{os.getpid()}", json.dumps(record), ex=3600
+            redis_for(self.app).hset(
+                f"{settings.redis_namespace}:workerprocs", f"{hostname}|{os.getpid()}", json.dumps(record)
             )
         except Exception as exc:  # status only: never fail a task for it
             log.warning("could not record the worker device: %s", exc)
