@@ -252,7 +252,8 @@ def render_html(f: dict[str, Any]) -> str:
                         x["count"],
                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["first_seen"])),
                         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(x["last_seen"])),
-                        f"<button onclick=\"retry('{e(x['sop_uid'])}')\">retry</button>",
+                        # a UID is digits and dots; anything else never reaches a script
+                        f"<button onclick=\"retry('{x['sop_uid']}')\">retry</button>" if is_uid(x["sop_uid"]) else "",
                     ]
                     for x in fl["recent"]
                 ],
