@@ -9,7 +9,10 @@ at ``/metrics``. Every scrape reads the same figures as the status page and ``dr
 ``ns:stats:tasks``          hash   ``<task>:<outcome>`` -> count (outcomes: done, failed, retried,
                                    ignored, duplicate, deferred)
 ``ns:stats:latency``        hash   ingest latency histogram, C-STORE to searchable: ``le:<bound>``
-                                   -> count in that bucket (not cumulative), ``sum``, ``count``
+                                   -> count in that bucket (not cumulative), ``sum``, ``count``.
+                                   Measured from the SCP's reception time to the moment the code is
+                                   in Redis; the query process's replica picks it up within its
+                                   refresh period (0.5 s in ``serve``).
 ==========================  =====  =================================================================
 """
 
