@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module, one-line help). Nested commands ("bench index") are written with a space.
+# name -> ("module" or "module:function", one-line help); the function defaults to ``main``. Nested
+# commands ("bench index") are written with a space.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("plugin.serve", "run the whole service: Redis (embedded if none), worker, DICOM SCP, HTTP API"),
     "worker": ("workers.app", "run a Celery worker against the configured Redis"),
@@ -19,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("hashing.evaluate", "score models and baselines: mAP, precision@k, PR curve"),
     "reindex": ("workers.reindex", "re-index every study with a new model version in the background"),
     "failures": ("workers.failures", "list or retry instances that failed permanently"),
+    "delete-study": ("plugin.maintenance:delete_study_main", "remove studies everywhere (misfiled, retracted, erased)"),
+    "compact": ("plugin.maintenance:compact_main", "reclaim the slots of deleted codes (renumbers; replicas reload)"),
     "backfill orthanc": ("plugin.orthanc", "index an existing Orthanc archive (resumable)"),
     "bench index": ("plugin.bench_index", "Hamming search latency at 1M/10M codes against FAISS"),
     "bench model": ("workers.bench_model", "model throughput: images/s by device and batch size"),
@@ -48,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"drh-pacs: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

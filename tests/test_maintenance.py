@@ -1,0 +1,76 @@
+"""delete-study and compact as IT staff run them, against a real Redis and the replica index."""
+
+import numpy as np
+import pytest
+
+from plugin.cli import main as cli
+from plugin.index import ReplicaIndex
+from plugin.store import CodeStore
+
+VERSION = "m-test"
+
+
+@pytest.fixture
+def populated(redis_server, redis_client, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRH_REDIS_URL", redis_server.url)
+    monkeypatch.setenv("DRH_DATA_DIR", str(tmp_path / "data"))
+    store = CodeStore(redis_client)
+    store.register_model(VERSION, 64)
+    store.activate(VERSION)
+    rng = np.random.default_rng(7)
+    studies = {}
+    for n in range(6):
+        study = f"1.2.3.{n + 1}"
+        sops = [f"{study}.{i + 1}" for i in range(2)]
+        for sop in sops:
+            store.put_instance(sop, study, {"modality": "DX"})
+            store.upsert_code(VERSION, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8), study_uid=study)
+            spooled = tmp_path / "data" / "spool" / study / f"{sop}.dcm"
+            spooled.parent.mkdir(parents=True, exist_ok=True)
+            spooled.write_bytes(b"DICM")
+        store.put_study(study, {"patient_id": f"P{n}", "study_date": "20240101", "modalities": "DX"})
+        code = rng.integers(0, 256, 8, dtype=np.uint8)
+        store.upsert_code(VERSION, "study", study, code)
+        studies[study] = bytes(code)
+    return store, studies, tmp_path / "data"
+
+
+def _brute_force(studies: dict[str, bytes], query: bytes) -> list[tuple[int, str]]:
+    q = np.frombuffer(query, np.uint8)
+    return sorted((int(np.unpackbits(q ^ np.frombuffer(c, np.uint8)).sum()), uid) for uid, c in studies.items())
+
+
+def test_deleted_study_is_gone_everywhere_and_compaction_keeps_answers_exact(populated, capsys):
+    store, studies, data_dir = populated
+    index = ReplicaIndex(store, "study")
+    index.refresh()
+    victim = "1.2.3.3"
+    assert index.code_of(victim) is not None
+
+    assert cli(["delete-study", victim]) == 0
+    assert "3 code(s) tombstoned" in capsys.readouterr().out
+    assert store.study(victim) == {} and store.study_instances(victim) == []
+    assert store.get_code(VERSION, "study", victim) is None
+    assert store.get_code(VERSION, "image", f"{victim}.1") is None
+    assert not (data_dir / "spool" / victim).exists()
+    assert (data_dir / "spool" / "1.2.3.4").exists()
+    index.refresh()
+    assert index.code_of(victim) is None
+    del studies[victim]
+
+    query = studies["1.2.3.1"]
+    expected = _brute_force(studies, query)
+    assert [(h.distance, h.uid) for h in index.search(query, k=10)] == expected
+
+    assert cli(["compact"]) == 0
+    out = capsys.readouterr().out
+    assert f"{VERSION}/study: 1 slot(s) reclaimed" in out and f"{VERSION}/image: 2 slot(s) reclaimed" in out
+    index.refresh()
+    assert sorted((h.distance, h.uid) for h in index.search(query, k=10)) == expected
+    assert cli(["compact"]) == 0
+    assert "nothing to compact" in capsys.readouterr().out
+
+
+def test_delete_study_refuses_a_malformed_uid(populated, capsys):
+    assert cli(["delete-study", "1.2.x"]) == 2
+    assert "not valid UIDs" in capsys.readouterr().err
