@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +33,22 @@ def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: floa
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int, timeout: float) -> None:
+    """Ask a process started with ``start_new_session=True`` to stop with ``sig``; after ``timeout``
+    s, or once it has exited, SIGKILL whatever is left of its group (pool children included)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
-from conftest import DCMTK, wait_until
+from conftest import DCMTK, stop_process_group, wait_until
 from dicomgen import fixture_images, make_study
 from test_workers import NS, active_version, app_for, indexed_count, send
 from test_workers import worker_factory as worker_factory  # the fixture
@@ -126,17 +126,7 @@ class Serve:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        stop_process_group(self.proc, signal.SIGINT, 90)
         print(f"--- {self.log.name} ---\n{self.log.read_text()[-6000:]}")
 
 

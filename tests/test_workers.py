@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from conftest import wait_until
+from conftest import stop_process_group, wait_until
 from dicomgen import fixture_images, make_instance, make_study
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -92,16 +92,7 @@ class WorkerProc:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
+        stop_process_group(self.proc, signal.SIGTERM, 30)
 
 
 @pytest.fixture
