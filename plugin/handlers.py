@@ -9,6 +9,7 @@ Dependencies arrive through the ``(evt.EVT_..., handler, [deps])`` binding made 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
@@ -106,6 +107,22 @@ def handle_requested(event: Any, settings: Settings) -> None:
         assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_USER, diagnostic)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
+
+
+def handle_conn_open(event: Any) -> None:
+    """Turn Nagle's algorithm off on every accepted connection.
+
+    pynetdicom writes a DIMSE message as several small PDUs; with Nagle on, each pending response
+    waits for the peer's delayed ACK (about 40 ms on Linux), which made a C-FIND similar take ~130 ms
+    where the search itself takes a few (measured with ``drh-pacs bench query``).
+    """
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError as exc:  # a closed or non-TCP socket: nothing to tune
+        log.debug("TCP_NODELAY not set: %s", exc)
 
 
 def handle_echo(event: Any) -> int:
@@ -312,6 +329,7 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
 def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps: StoreDeps) -> list[tuple[Any, ...]]:
     """The event bindings of the SCP: the one place handlers meet their dependencies."""
     return [
+        (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store_deps]),

@@ -542,3 +542,20 @@ def test_reconciler_requeues_a_queued_file_that_stays_unindexed(tmp_path):
     entry = spool.write("1.2.5", "1.2.5.1", b"x")
     rec.track(entry, enqueued=True)
     assert rec.run_once() == 1 and queued == ["1.2.5.1"]
+
+
+def test_accepted_connections_turn_nagle_off():
+    """Without TCP_NODELAY each C-FIND response waited for a delayed ACK (~40 ms per message)."""
+    import socket
+    from types import SimpleNamespace
+
+    from plugin.handlers import handle_conn_open
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        accepted, _ = server.accept()
+        with client, accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            event = SimpleNamespace(assoc=SimpleNamespace(dul=SimpleNamespace(socket=SimpleNamespace(socket=accepted))))
+            handle_conn_open(event)
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
