@@ -200,3 +200,32 @@ def test_scp_restarted_with_files_in_its_spool_reconciles_them(outside_redis, tm
         assert CodeStore(client, NS).count(active_version(client), "image") == 2
     finally:
         second.stop()
+
+
+def test_a_file_whose_decoding_kills_the_worker_is_failed_not_redelivered_for_ever(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    """A codec that crashes the process on one file must not crash workers for ever: after
+    MAX_DECODE_CRASHES deaths while decoding it, the instance is a permanent failure."""
+    from workers.tasks import MAX_DECODE_CRASHES, decoding_key
+
+    w = worker_factory(DRH_BATCH_CLAIM_SECONDS="2")
+    app = app_for(redis_server.url, tmp_path / "data")
+    study = make_study(tmp_path / "in", fixture_images("viral")[:1])
+    sop = study.sop_uids[0]
+    study.files[0].unlink()
+    os.mkfifo(study.files[0])  # opening it blocks inside the decode step until the process is killed
+    send(app, study)
+    for attempt in range(1, MAX_DECODE_CRASHES + 1):
+        wait_until(
+            lambda a=attempt: int(redis_client.hget(decoding_key(NS), sop) or 0) == a and w.pool_pids(),
+            60,
+            what=f"decode attempt {attempt}",
+        )
+        for pid in w.pool_pids():
+            os.kill(pid, signal.SIGKILL)  # as a codec's segfault would
+    ledger = FailureLedger(redis_client, NS)
+    entry = wait_until(lambda: ledger.get(sop), 90, what="the instance given up as failed")
+    assert entry["kind"] == "permanent" and f"killed the worker process {MAX_DECODE_CRASHES} times" in entry["reason"]
+    assert CodeStore(redis_client, NS).instance(sop)["state"] == "failed"
+    assert redis_client.hget(decoding_key(NS), sop) is None

@@ -165,6 +165,16 @@ def claim_key(ns: str) -> str:
     return f"{ns}:ingest:claim"
 
 
+def decoding_key(ns: str) -> str:
+    """Hash SOPInstanceUID -> decodes started and not finished: what a worker killed mid-decode leaves."""
+    return f"{ns}:ingest:decoding"
+
+
+# A file whose decoding killed the worker process this many times (a codec crashing hard on it) is
+# recorded as a permanent failure instead of being redelivered, and crashing workers, for ever.
+MAX_DECODE_CRASHES = 3
+
+
 def pool_sched_key(ns: str, study_uid: str) -> str:
     return f"{ns}:pool:scheduled:{study_uid}"
 
@@ -467,7 +477,12 @@ def _index_batch(task: ModelTask, store: CodeStore, versions: list[tuple[str, An
         if not it.own and _already_indexed(store, [v for v, _ in versions], it):
             r.hdel(payload_key(ns), it.sop_uid)
             continue
+        crashes = int(r.hincrby(decoding_key(ns), it.sop_uid, 1)) - 1
         try:
+            if crashes >= MAX_DECODE_CRASHES:
+                raise PermanentError(
+                    f"decoding this file killed the worker process {crashes} times (a codec crash); not tried again"
+                )
             not_image = load_item(settings, it)
         except TransientError:
             if it.own:
@@ -482,6 +497,8 @@ def _index_batch(task: ModelTask, store: CodeStore, versions: list[tuple[str, An
             if it.own:
                 own_outcome = "failed"
             continue
+        finally:
+            r.hdel(decoding_key(ns), it.sop_uid)  # not reached when the process dies while decoding
         if not_image:
             log.info("instance %s ignored: %s", it.sop_uid, not_image)
             ledger.record_ignored(it.payload(), not_image)
