@@ -214,7 +214,9 @@ def render_html(f: dict[str, Any]) -> str:
     lat = f["latency"]
     p50 = metrics.latency_quantile(lat, 0.5)
     p95 = metrics.latency_quantile(lat, 0.95)
-    rows = [[e(t), e(o), n] for t, outs in sorted(f["tasks"].items()) for o, n in sorted(outs.items())]
+    rows = [
+        [e(t), e(status.outcome_label(o)), n] for t, outs in sorted(f["tasks"].items()) for o, n in sorted(outs.items())
+    ]
     parts.append(_table(["task", "outcome", "count"], rows))
     if p50 is not None:
         parts.append(f"<p>C-STORE to searchable: median &le; {p50:g} s, 95th percentile &le; {p95:g} s.</p>")

@@ -20,6 +20,17 @@ import redis
 from plugin import metrics
 
 QUEUES = ("ingest", "study", "maintenance")
+
+# "duplicate" counts messages whose instance another task already hashed in its batch (or a re-sent
+# instance): normal with batching, so say so rather than let it read as a fault.
+_OUTCOME_LABELS = {"duplicate": "already done (batched or re-sent)"}
+
+
+def outcome_label(outcome: str) -> str:
+    """How a task outcome is shown to IT staff (terminal and status page alike)."""
+    return _OUTCOME_LABELS.get(outcome, outcome)
+
+
 # Kombu's Redis transport keeps priorities 3, 6 and 9 in separate lists next to the plain one.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
@@ -177,12 +188,9 @@ def render_text(f: dict[str, Any]) -> str:
     lat = f["latency"]
     p50 = metrics.latency_quantile(lat, 0.5)
     p95 = metrics.latency_quantile(lat, 0.95)
-    # "duplicate" counts messages whose instance another task already hashed in its batch (or a
-    # re-sent instance): normal with batching, so say so rather than let it read as a fault.
-    labels = {"duplicate": "already done (batched or re-sent)"}
     lines.append(
         "ingest      "
-        + ("  ".join(f"{labels.get(k, k)} {v}" for k, v in sorted(done.items())) or "no instance received yet")
+        + ("  ".join(f"{outcome_label(k)} {v}" for k, v in sorted(done.items())) or "no instance received yet")
         + (f"  latency p50 <= {p50:g} s, p95 <= {p95:g} s" if p50 is not None else "")
     )
     pool = f["tasks"].get("pool_study", {})
