@@ -105,6 +105,8 @@ def gather(client: redis.Redis, broker: redis.Redis | None = None, ns: str = "dr
     status page and ``/metrics`` still answer while Redis is down.
     """
     from workers.failures import FailureLedger
+    from workers.reindex import job_key
+    from workers.tasks import pending_key
 
     broker = broker or client
     figures: dict[str, Any] = {"time": time.time(), "redis_ok": False, "namespace": ns}
@@ -119,7 +121,7 @@ def gather(client: redis.Redis, broker: redis.Redis | None = None, ns: str = "dr
         figures["latency"] = metrics.read_latency(client, ns)
         figures["models"] = _models(client, ns)
         figures["active_version"] = next((m["version"] for m in figures["models"] if m["active"]), None)
-        job = {k.decode(): v.decode() for k, v in client.hgetall(f"{ns}:reindex").items()}
+        job = {k.decode(): v.decode() for k, v in client.hgetall(job_key(ns)).items()}
         if job:
             for k in ("done", "total", "failed"):
                 job[k] = int(job.get(k, 0) or 0)
@@ -131,7 +133,7 @@ def gather(client: redis.Redis, broker: redis.Redis | None = None, ns: str = "dr
             "ignored": ledger.ignored_count(),
             "recent": ledger.list(recent),
         }
-        figures["pending"] = int(client.zcard(f"{ns}:ingest:pending"))
+        figures["pending"] = int(client.zcard(pending_key(ns)))
         figures["redis_ok"] = True
     except redis.exceptions.RedisError as exc:
         figures["error"] = f"Redis unavailable: {exc}"

@@ -47,6 +47,7 @@ from plugin.dicom_meta import instance_meta, study_meta
 from plugin.store import CodeStore
 from workers.failures import FailureLedger
 from workers.model import RANDOM_KEY, ModelTask, ModelUnavailable
+from workers.reindex import job_key
 
 log = logging.getLogger("drh.workers.tasks")
 
@@ -179,10 +180,6 @@ def pool_sched_key(ns: str, study_uid: str) -> str:
     return f"{ns}:pool:scheduled:{study_uid}"
 
 
-def reindex_key(ns: str) -> str:
-    return f"{ns}:reindex"
-
-
 def pending_hint(app: Celery, payload: dict[str, Any]) -> None:
     """Record an enqueued instance for batching (see the module docstring)."""
     from workers.app import redis_for
@@ -232,7 +229,7 @@ def target_versions(task: ModelTask, store: CodeStore) -> list[tuple[str, Any]]:
             store.set_model_state(enc.version, "complete")  # the first version is built as studies arrive
         active = store.active_version() or enc.version
     versions = [active]
-    job = store.r.hgetall(reindex_key(store.keys.ns))
+    job = store.r.hgetall(job_key(store.keys.ns))
     if job.get(b"state", b"").decode() in {"planning", "running", "finishing"}:
         target = job[b"version"].decode()
         if target != active:
