@@ -174,25 +174,23 @@ def routes(ctx: Any) -> list[Route]:
     encoders = _Encoders(ctx)
     default_k = ctx.settings.default_results
 
-    async def by_study(request: Request) -> Response:
-        started = time.monotonic()
-        uid = request.path_params["study_uid"]
-        try:
-            query = _query(request.query_params, "STUDY", uid, default_k)
-            results = await run_in_threadpool(q.run_similar, query, ctx.store, ctx.index)
-        except q.QueryError as err:
-            return _error(err)
-        return _answer(query, results, ctx.index["study"], started, {"study_instance_uid": uid})
+    def by_reference(level: str, param: str, index_level: str, reference_key: str) -> Any:
+        """The handler of a search whose reference (a study or an instance UID) is in the path."""
 
-    async def by_instance(request: Request) -> Response:
-        started = time.monotonic()
-        uid = request.path_params["sop_uid"]
-        try:
-            query = _query(request.query_params, "IMAGE", uid, default_k)
-            results = await run_in_threadpool(q.run_similar, query, ctx.store, ctx.index)
-        except q.QueryError as err:
-            return _error(err)
-        return _answer(query, results, ctx.index["image"], started, {"sop_instance_uid": uid})
+        async def handler(request: Request) -> Response:
+            started = time.monotonic()
+            uid = request.path_params[param]
+            try:
+                query = _query(request.query_params, level, uid, default_k)
+                results = await run_in_threadpool(q.run_similar, query, ctx.store, ctx.index)
+            except q.QueryError as err:
+                return _error(err)
+            return _answer(query, results, ctx.index[index_level], started, {reference_key: uid})
+
+        return handler
+
+    by_study = by_reference("STUDY", "study_uid", "study", "study_instance_uid")
+    by_instance = by_reference("IMAGE", "sop_uid", "image", "sop_instance_uid")
 
     async def by_upload(request: Request) -> Response:
         started = time.monotonic()
