@@ -330,6 +330,13 @@ def stop_serve(serve: ServeProcess, timeout: float = 90.0) -> int:
     return serve.proc.returncode
 
 
+def close_serve(serve: ServeProcess) -> None:
+    """Stop a benchmark's serve; its log tail is shown when it did not stop cleanly."""
+    code = stop_serve(serve)
+    if code != 0:
+        log(f"  drh-pacs serve exited with {code}; its log:\n{serve.output()[-3000:]}")
+
+
 # -- a DICOM query client ------------------------------------------------------------------------
 class _ParkedCheckpoint(threading.Event):
     """Stands in for a pynetdicom requestor association's reactor checkpoint and keeps it parked.

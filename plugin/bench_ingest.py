@@ -39,12 +39,12 @@ from plugin.bench_common import (
     FindClient,
     GeneratedStudy,
     ServeProcess,
+    close_serve,
     dcmtk,
     image_files,
     load_image,
     log,
     start_serve,
-    stop_serve,
     synthetic_radiograph,
     write_study,
 )
@@ -294,9 +294,7 @@ def run(args: argparse.Namespace) -> dict:
             if finder is not None:
                 finder.close()
             if serve is not None:
-                code = stop_serve(serve)
-                if code != 0:
-                    log(f"  drh-pacs serve exited with {code}; its log:\n{serve.output()[-3000:]}")
+                close_serve(serve)
             storescp.terminate()
             storescp.wait(10)
             scp_log.close()

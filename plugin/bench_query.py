@@ -39,11 +39,11 @@ from plugin.bench_common import (
     FindClient,
     Latencies,
     ServeProcess,
+    close_serve,
     dcmtk,
     latency_table,
     log,
     start_serve,
-    stop_serve,
     wait_http_ready,
 )
 from plugin.bench_index import BODY_PARTS, MODALITIES, _fmt_size, _parse_size, make_codes, private_redis
@@ -275,9 +275,7 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
             if finder is not None:
                 finder.close()
             if serve is not None:
-                code = stop_serve(serve)
-                if code != 0:
-                    log(f"  drh-pacs serve exited with {code}; its log:\n{serve.output()[-3000:]}")
+                close_serve(serve)
             replica.close()
             client.close()
 
