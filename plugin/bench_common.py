@@ -18,10 +18,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 DCMTK_BIN = Path("/usr/bin")  # DCMTK's tools; pynetdicom installs same-named scripts on PATH
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
 DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
@@ -158,6 +162,74 @@ def load_image(path: Path, size: int | None) -> np.ndarray:
         return np.asarray(grey, dtype=np.float32) / 255.0
 
 
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+
+
+def radiograph_dataset(
+    pixels: np.ndarray,
+    *,
+    sop_uid: str,
+    study_uid: str,
+    series_uid: str,
+    patient_id: str,
+    patient_name: str,
+    birth_date: str,
+    study_date: str,
+    description: str,
+    accession: str,
+    study_id: str,
+    modality: str = "DX",
+    sop_class: str = DX_IMAGE_STORAGE,
+    instance_number: int = 1,
+    bits: int = 12,
+    monochrome1: bool = False,
+) -> Dataset:
+    """A radiograph (DX storage unless ``sop_class`` says otherwise), Explicit VR Little Endian,
+    from ``bits``-bit unsigned pixels.
+
+    The one generator of synthetic studies: the benchmarks use it, and so do the tests' fixtures.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.PatientBirthDate = birth_date
+    ds.PatientSex = "O"
+    ds.StudyDate = study_date
+    ds.StudyTime = "101500"
+    ds.StudyDescription = description
+    ds.AccessionNumber = accession
+    ds.StudyID = study_id
+    ds.ReferringPhysicianName = ""
+    ds.Modality = modality
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = 2 ** (bits - 1)
+    ds.WindowWidth = 2**bits
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    return ds
+
+
 @dataclass
 class GeneratedStudy:
     study_uid: str
@@ -178,8 +250,7 @@ def write_study(
     UIDs are fresh (``2.25`` + random), so studies of different runs never collide in a store;
     patient data are obviously synthetic.
     """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     study_uid = generate_uid(prefix=None)
     series_uid = generate_uid(prefix=None)
@@ -190,41 +261,22 @@ def write_study(
     total = 0
     for n, img in enumerate(images, start=1):
         pixels = (np.clip(img, 0, 1) * (2**bits - 1)).round().astype(np.uint16)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = DX_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix=None)
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = DX_IMAGE_STORAGE
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.PatientID = f"BENCH{index:06d}"
-        ds.PatientName = f"Bench^{index:06d}"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyDate = date
-        ds.StudyTime = "101500"
-        ds.StudyDescription = "BENCH CHEST"
-        ds.AccessionNumber = f"B{index:08d}"
-        ds.StudyID = str(index)
-        ds.ReferringPhysicianName = ""
-        ds.Modality = modality
-        ds.BodyPartExamined = "CHEST"
-        ds.SeriesNumber = 1
-        ds.InstanceNumber = n
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = pixels.shape
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits
-        ds.HighBit = bits - 1
-        ds.PixelRepresentation = 0
-        ds.WindowCenter = 2 ** (bits - 1)
-        ds.WindowWidth = 2**bits
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.ImageType = ["ORIGINAL", "PRIMARY"]
-        ds.PixelData = pixels.tobytes()
+        ds = radiograph_dataset(
+            pixels,
+            sop_uid=generate_uid(prefix=None),
+            study_uid=study_uid,
+            series_uid=series_uid,
+            patient_id=f"BENCH{index:06d}",
+            patient_name=f"Bench^{index:06d}",
+            birth_date="19700101",
+            study_date=date,
+            description="BENCH CHEST",
+            accession=f"B{index:08d}",
+            study_id=str(index),
+            modality=modality,
+            instance_number=n,
+            bits=bits,
+        )
         path = folder / f"img{n:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)

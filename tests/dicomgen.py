@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import RLELossless, generate_uid
+
+from plugin.bench_common import CR_IMAGE_STORAGE, DX_IMAGE_STORAGE, radiograph_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "cxr"
-DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 
 def fixture_images(label: str | None = None) -> list[Path]:
@@ -53,42 +53,24 @@ def make_instance(
     scaled = (pixels.astype(np.float32) / 255.0 * (2**bits - 1)).round().astype(np.uint16)
     if monochrome1:
         scaled = (2**bits - 1) - scaled
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    sop_class = DX_IMAGE_STORAGE if modality == "DX" else CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.PatientID = patient_id
-    ds.PatientName = patient_name
-    ds.PatientBirthDate = "20180101"
-    ds.PatientSex = "O"
-    ds.StudyDate = study_date
-    ds.StudyTime = "101500"
-    ds.StudyDescription = "CHEST AP"
-    ds.AccessionNumber = "ACC" + study_uid[-8:]
-    ds.StudyID = "1"
-    ds.ReferringPhysicianName = ""
-    ds.Modality = modality
-    ds.BodyPartExamined = "CHEST"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = instance_number
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.Rows, ds.Columns = scaled.shape
-    ds.BitsAllocated = 16
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.WindowCenter = 2 ** (bits - 1)
-    ds.WindowWidth = 2**bits
-    ds.PresentationIntentType = "FOR PRESENTATION"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.PixelData = scaled.tobytes()
+    ds = radiograph_dataset(
+        scaled,
+        sop_uid=sop_uid or generate_uid(),
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=patient_id,
+        patient_name=patient_name,
+        birth_date="20180101",
+        study_date=study_date,
+        description="CHEST AP",
+        accession="ACC" + study_uid[-8:],
+        study_id="1",
+        modality=modality,
+        sop_class=DX_IMAGE_STORAGE if modality == "DX" else CR_IMAGE_STORAGE,
+        instance_number=instance_number,
+        bits=bits,
+        monochrome1=monochrome1,
+    )
     if rle:
         ds.compress(RLELossless)
     return ds
