@@ -379,9 +379,16 @@ def test_plain_study_root_and_patient_root_find(tmp_path, archive):
 
 
 def test_cancel_stops_a_long_answer(archive):
-    """C-CANCEL during a plain answer: the SCP stops with Cancel instead of sending everything."""
-    for n in range(300):
-        archive.store.put_study(f"1.2.826.0.1.3680043.8.498.9{n:04d}", _meta("PX", "20200101"))
+    """C-CANCEL during a plain answer: the SCP stops with Cancel instead of sending everything.
+
+    The answer must be long enough that the server cannot finish it before the C-CANCEL sent after
+    the third response reaches it: with Nagle off, 300 answers could all be out first.
+    """
+    total = 2000
+    pipe = archive.store.r.pipeline(transaction=False)
+    for n in range(total):
+        pipe.hset(archive.store.keys.study(f"1.2.826.0.1.3680043.8.498.9{n:04d}"), mapping=_meta("PX", "20200101"))
+    pipe.execute()
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", archive.port, ae_title="DRHPACS")
@@ -397,7 +404,7 @@ def test_cancel_stops_a_long_answer(archive):
             if n == 2:
                 assoc.send_c_cancel(7, query_model=StudyRootQueryRetrieveInformationModelFind)
         assert statuses[-1] == st.CANCEL
-        assert len(statuses) < 300
+        assert len(statuses) < total
         assert time.monotonic() - started < 60
     finally:
         assoc.release()
