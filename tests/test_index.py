@@ -6,6 +6,7 @@ Every answer is checked against a brute-force scan of what the store holds (STYL
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -360,8 +361,12 @@ def test_concurrent_writers_and_queries_match_brute_force(store):
         t.start()
     idx = ReplicaIndex(store, "study", batch=100)
     checked = 0
+    positions: set[bytes | str] = set()
+    deadline = time.monotonic() + 120
     try:
-        for _ in range(40):
+        # Keep checking until the replica has caught the writers mid-stream many times: a count of
+        # queries alone would pass on a loaded machine where the writer threads barely got scheduled.
+        while checked < 40 or (len(positions) < 20 and time.monotonic() < deadline):
             idx.refresh()
             q = bytes(rand_codes(rng, 1)[0])
             got = as_pairs(idx.search(q, 10))
@@ -374,13 +379,13 @@ def test_concurrent_writers_and_queries_match_brute_force(store):
                     live.pop(f[b"uid"].decode(), None)
             assert got == expected(live, q, 10)
             checked += 1
+            positions.add(pos)
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert not errors
-    assert checked == 40
-    assert store.r.xlen("t:log:m1:study") > 400, "the writers did not run concurrently"
+    assert len(positions) >= 20, "the writers did not run while the replica was queried"
 
 
 def test_delete_study_removes_it_from_every_level_and_version(store):
