@@ -1,18 +1,22 @@
 """Hamming search over packed binary codes: exact k-NN, radius search, multi-index hashing.
 
-Pure numpy, no Redis: :mod:`plugin.index` keeps the replica of the store and calls these functions.
+numpy plus a few compiled loops (:mod:`hashing.kernels`), no Redis: :mod:`plugin.index` keeps the
+replica of the store and calls these functions.
 
 Layout. Codes arrive in the one format of :mod:`hashing.bits` (packed ``uint8``, ``(n, nbits // 8)``).
 For search they are held as *word planes*: a C-contiguous ``uint64`` array of shape ``(W, n)`` with
-``W = ceil(nbits / 64)``, so that one query is ``W`` streaming passes of XOR + popcount
-(``np.bitwise_count``) over contiguous memory. The byte order inside a word does not matter: the
+``W = ceil(nbits / 64)``, so that one query is ``W`` streaming passes of XOR + popcount over
+contiguous memory. The byte order inside a word does not matter: the
 popcount of a XOR is the same whichever way the bytes are grouped, as long as database and query are
 grouped alike.
 
 Selection. Distances are small integers (at most ``nbits``), so the k nearest are found by counting,
-not sorting: find the smallest threshold ``t`` with at least ``k`` distances ``<= t`` (a few
-``count_nonzero`` passes, starting from the previous query's threshold), take those rows, and sort
-only them. A full ``argpartition`` over a million distances costs ten times more.
+not sorting: find the smallest threshold ``t`` with at least ``k`` distances ``<= t`` (a count at
+the previous query's threshold, else one histogram pass), take those rows, and sort only them. A full
+``argpartition`` over a million distances costs ten times more.
+
+Kernels. Each pass over the codes is a compiled loop in :mod:`hashing.kernels`; numpy does the
+rest, on the few candidate rows.
 
 Order. Every result is ordered by ``(distance, row)``: ties go to the lower row. The replica's rows
 are store slots, allocated in arrival order, so ties go to the code that was indexed first, and the
@@ -30,6 +34,8 @@ from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
+
+from hashing import kernels
 
 NEVER = np.uint8(255)
 
@@ -58,33 +64,16 @@ def query_words(code: bytes | np.ndarray) -> np.ndarray:
     return to_words(arr.ravel())[:, 0].copy()
 
 
-# Columns per step of the scan: the XOR scratch (512 KiB) stays in cache, which makes the scan
-# about a third faster than one pass over the whole array at a million codes.
-CHUNK = 1 << 16
-
-
-def distances(
-    planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = None, tmp: np.ndarray | None = None
-) -> np.ndarray:
+def distances(planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Hamming distances (uint8) from ``query`` words to every column of ``planes (W, n)``."""
     w, n = planes.shape
     if out is None:
         out = np.empty(n, dtype=np.uint8)
-    if tmp is None or tmp.shape[0] < min(n, CHUNK):
-        tmp = np.empty(min(n, CHUNK), dtype=np.uint64)
-    part = np.empty(min(n, CHUNK), dtype=np.uint8) if w > 1 else None
-    for start in range(0, n, CHUNK):
-        stop = min(n, start + CHUNK)
-        t = tmp[: stop - start]
-        o = out[start:stop]
-        np.bitwise_xor(planes[0, start:stop], query[0], out=t)
-        np.bitwise_count(t, out=o)
-        for j in range(1, w):
-            assert part is not None
-            p = part[: stop - start]
-            np.bitwise_xor(planes[j, start:stop], query[j], out=t)
-            np.bitwise_count(t, out=p)
-            o += p
+    if not planes.flags.c_contiguous:
+        planes = np.ascontiguousarray(planes)
+    kernels.hamming_first(planes[0], np.uint64(query[0]), out)
+    for j in range(1, w):
+        kernels.hamming_add(planes[j], np.uint64(query[j]), out)
     return out
 
 
@@ -99,22 +88,30 @@ def _order(rows: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Selector:
     """Picks the k smallest distances by counting, reusing buffers between queries.
 
-    It starts from the previous query's k-th distance: usually one ``flatnonzero(dist <= t)`` pass
-    yields a few more than k candidates, and only those are sorted. Not thread-safe: one per
-    searching thread (the replica searches under its lock).
+    It starts from the previous query's k-th distance: usually one collecting pass at that
+    threshold yields a few more than k candidates, and only those are sorted. When it gives too
+    few (or more than 64 k), one histogram pass gives the exact k-th distance.
+    Not thread-safe: one per searching thread (the replica searches under its lock).
     """
 
     last_threshold: int = 8
     _dist: np.ndarray | None = None
-    _tmp: np.ndarray | None = None
+    _hist: np.ndarray | None = None
 
-    def dist_buffer(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 distances of n, uint64 scratch of a chunk) buffers; fresh pages cost page faults."""
+    def dist_buffer(self, n: int) -> np.ndarray:
+        """A uint8 distance buffer of n, kept between queries (fresh pages cost page faults)."""
         if self._dist is None or self._dist.shape[0] < n:
             self._dist = np.empty(max(n, 1024), np.uint8)
-        if self._tmp is None:
-            self._tmp = np.empty(CHUNK, np.uint64)
-        return self._dist[:n], self._tmp
+        return self._dist[:n]
+
+    def _kth(self, dist: np.ndarray, k: int, cap: int) -> tuple[int, int]:
+        """(smallest t <= cap with at least k distances <= t, or cap; how many are <= t)."""
+        if self._hist is None:
+            self._hist = np.zeros(256, np.int64)
+        kernels.histogram(dist, self._hist)
+        counts = np.cumsum(self._hist[: cap + 1])
+        t = min(cap, int(np.searchsorted(counts, k)))
+        return t, int(counts[t])
 
     def select(self, dist: np.ndarray, k: int, max_distance: int | None, nbits: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and distances of the k nearest in ``dist`` (255 = excluded), ordered by (distance, row)."""
@@ -123,17 +120,14 @@ class Selector:
         if k <= 0 or n == 0 or cap < 0:
             return np.empty(0, np.int64), np.empty(0, np.int64)
         t = min(max(self.last_threshold, 0), cap)
-        rows = np.flatnonzero(dist <= t)
-        while rows.size < k and t < cap:
-            t = min(cap, t + max(2, t // 2))
-            rows = np.flatnonzero(dist <= t)
-        d = dist[rows]
-        if rows.size > 64 * k:
-            # A loose threshold (this query is nearer than the last): cut at the exact k-th distance.
-            kth = int(np.searchsorted(np.cumsum(np.bincount(d)), k))
-            keep = d <= kth
-            rows, d = rows[keep], d[keep]
-        rows, d = _order(rows, d)
+        rows = np.empty(64 * k, np.int64)
+        found = kernels.rows_at_most(dist, np.uint8(t), rows)
+        if found < 0 or (found < k and t < cap):
+            # A loose threshold (this query is nearer than the last) or too tight (farther).
+            t, found = self._kth(dist, k, cap)
+            rows = np.empty(found, np.int64)
+            kernels.rows_at_most(dist, np.uint8(t), rows)
+        rows, d = _order(rows[:found], dist[rows[:found]])
         rows, d = rows[:k], d[:k]
         if rows.size == k:
             self.last_threshold = int(d[-1])
@@ -155,8 +149,7 @@ def knn(
     ``exclude``: uint8 per row, 0 eligible, 255 never returned. ``max_distance``: also a radius cap.
     """
     selector = selector or Selector()
-    dist, tmp = selector.dist_buffer(planes.shape[1])
-    distances(planes, query, out=dist, tmp=tmp)
+    dist = distances(planes, query, out=selector.dist_buffer(planes.shape[1]))
     if exclude is not None:
         np.bitwise_or(dist, exclude[: dist.shape[0]], out=dist)
     return selector.select(dist, k, max_distance, nbits)

@@ -97,6 +97,7 @@ def _spawn_worker(settings: Settings, n: int) -> subprocess.Popen[bytes]:
 
 def start(settings: Settings) -> Running:
     """Start every component; on any failure, stop what was started and re-raise."""
+    from hashing import kernels
     from plugin.http_api import ApiContext, create_app
     from plugin.index import ReplicaIndex
     from plugin.scp import start_scp
@@ -127,6 +128,7 @@ def start(settings: Settings) -> Running:
         else:
             print("workers   none started here (run `drh-pacs worker` against the same Redis)", flush=True)
 
+        kernels.warm_up()  # compile the scan now rather than on the first C-FIND
         indexes = {level: ReplicaIndex(store, level) for level in ("study", "image")}
         running.refresher = threading.Thread(
             target=_refresh_forever, args=(indexes, running.stop_event), name="index-refresh", daemon=True
