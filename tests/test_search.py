@@ -120,3 +120,21 @@ def test_multi_index_hashing_gives_up_past_its_budget():
     rows, d = mih.knn(planes, q, 10, max_candidates=10**9)
     er, ed = brute_force(codes, q, 10)
     assert np.array_equal(rows, er) and np.array_equal(d, ed)
+
+
+def test_kernels_histogram_and_row_collection_match_numpy():
+    from hashing import kernels
+
+    rng = np.random.default_rng(21)
+    dist = rng.integers(0, 65, size=10_003).astype(np.uint8)  # not a multiple of 4 nor of 64
+    dist[rng.random(dist.size) < 0.1] = 255
+    hist = np.zeros(256, np.int64)
+    kernels.histogram(dist, hist)
+    assert np.array_equal(hist, np.bincount(dist, minlength=256))
+    for t in (0, 3, 40, 64):
+        expected = np.flatnonzero(dist <= t)
+        out = np.empty(expected.size, np.int64)
+        assert kernels.rows_at_most(dist, np.uint8(t), out) == expected.size
+        assert np.array_equal(out, expected)
+        if expected.size:
+            assert kernels.rows_at_most(dist, np.uint8(t), np.empty(expected.size - 1, np.int64)) == -1
