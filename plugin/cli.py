@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "failures": ("workers.failures", "list or retry instances that failed permanently"),
     "delete-study": ("plugin.maintenance:delete_study_main", "remove studies everywhere (misfiled, retracted, erased)"),
     "compact": ("plugin.maintenance:compact_main", "reclaim the slots of deleted codes (renumbers; replicas reload)"),
+    "models": ("plugin.maintenance:models_main", "list the model versions in Redis, or drop one no longer active"),
     "backfill orthanc": ("plugin.orthanc", "index an existing Orthanc archive (resumable)"),
     "bench index": ("plugin.bench_index", "Hamming search latency at 1M/10M codes against FAISS"),
     "bench model": ("workers.bench_model", "model throughput: images/s by device and batch size"),

@@ -1,4 +1,4 @@
-"""``drh-pacs delete-study`` and ``drh-pacs compact``: the store's deletion and compaction, for IT staff.
+"""``drh-pacs delete-study``, ``compact`` and ``models``: the store's housekeeping, for IT staff.
 
 A study is deleted when it was misfiled (wrong patient), retracted, or must be erased: its codes are
 tombstoned in every model version, its metadata, embeddings and failure-ledger entries go, and its
@@ -6,6 +6,10 @@ spooled files are removed, so nothing of it can be answered or re-indexed afterw
 still take room in the code strings until ``compact`` renumbers the live ones; replicas notice the new
 generation and reload. Compaction holds writers of that (version, level) off for its duration, so run
 it in a quiet hour (e.g. weekly from cron) rather than after every deletion.
+
+A re-index keeps the previous model version in Redis (about 70 bytes per code and 256 per instance
+embedding) so that IT staff can switch back; ``models drop`` frees it once the new one has proved
+itself.
 """
 
 from __future__ import annotations
@@ -104,4 +108,76 @@ def compact_main(argv: list[str] | None = None) -> int:
         print(f"{pair}: {n} slot(s) reclaimed")
     if not reclaimed:
         print("nothing to compact")
+    return 0
+
+
+def model_rows(store: CodeStore) -> list[dict[str, object]]:
+    """One row per registered version: bits, state, whether active, live codes per level, embeddings."""
+    from workers.reindex import ACTIVE_STATES, job_key
+
+    active = store.active_version()
+    job = {k.decode(): v.decode() for k, v in store.r.hgetall(job_key(store.keys.ns)).items()}
+    rows: list[dict[str, object]] = []
+    for version in store.models():
+        try:
+            info = store.model_info(version)
+        except StoreError:
+            continue
+        building = job.get("version") == version and job.get("state") in ACTIVE_STATES
+        rows.append(
+            {
+                "version": version,
+                "bits": info.nbits,
+                "state": info.state,
+                "active": version == active,
+                "reindexing": building,
+                "image_codes": store.count(version, "image"),
+                "study_codes": store.count(version, "study"),
+                "embeddings": int(store.r.hlen(store.keys.emb(version))),
+            }
+        )
+    return rows
+
+
+def models_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="drh-pacs models", description="list the model versions in Redis, or drop one that no longer answers"
+    )
+    sub = parser.add_subparsers(dest="action")
+    sub.add_parser("list", help="versions, their state and sizes (the default)")
+    drop = sub.add_parser("drop", help="remove a version's codes and embeddings (never the active one)")
+    drop.add_argument("version")
+    args = parser.parse_args(argv)
+    connected = _connect("models")
+    if connected is None:
+        return 2
+    _, store = connected
+    rows = model_rows(store)
+    if args.action == "drop":
+        row = next((r for r in rows if r["version"] == args.version), None)
+        if row is None:
+            print(f"drh-pacs models: unknown model version {args.version!r}", file=sys.stderr)
+            return 1
+        if row["reindexing"]:
+            print(f"drh-pacs models: a re-index to {args.version} is running; it cannot be dropped", file=sys.stderr)
+            return 1
+        try:
+            counts = store.drop_model(args.version)
+        except StoreError as exc:
+            print(f"drh-pacs models: {exc}", file=sys.stderr)
+            return 1
+        log.info("dropped model version %s (%s)", args.version, counts)
+        print(f"dropped {args.version}: {counts['image']} image and {counts['study']} study code(s) removed")
+        return 0
+    if not rows:
+        print("no model version registered yet (the first worker registers the default model)")
+        return 0
+    header = f"{'version':<32} {'bits':>4}  {'state':<9} {'image codes':>11} {'study codes':>11} {'embeddings':>10}"
+    print(header)
+    for r in rows:
+        mark = " (active)" if r["active"] else " (re-indexing)" if r["reindexing"] else ""
+        print(
+            f"{r['version']:<32} {r['bits']:>4}  {r['state']:<9} {r['image_codes']:>11} {r['study_codes']:>11}"
+            f" {r['embeddings']:>10}{mark}"
+        )
     return 0

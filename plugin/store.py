@@ -426,6 +426,27 @@ class CodeStore:
         self.model_info(version)
         return bool(self.r.set(self.keys.active(), version, nx=True))
 
+    def drop_model(self, version: str) -> dict[str, int]:
+        """Remove a version that no longer answers: its codes, maps, logs and embeddings.
+
+        A re-index leaves the previous version in place (a way back while the new one proves
+        itself); this frees its memory once it is not needed. The active version is refused: a
+        replica and every worker depend on it. Returns the live codes removed per level.
+        """
+        self.model_info(version)
+        if version == self.active_version():
+            raise StoreError(f"model {version} is the active version; activate another one first")
+        counts = {level: self.count(version, level) for level in LEVELS}
+        k = self.keys
+        per_level = (k.codes, k.next, k.slot, k.uid, k.tomb, k.log, k.gen, k.lock, k.slotsn)
+        doomed = [key(version, level) for level in LEVELS for key in per_level] + [k.emb(version), k.model(version)]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.srem(k.models(), version)  # first: instance linking stops visiting its keys
+        pipe.unlink(*doomed)  # freed in the background: a big string does not stall Redis
+        pipe.execute()
+        self._infos.pop(version, None)
+        return counts
+
     # -- codes ---------------------------------------------------------------------------------
     def _code_keys(self, version: str, level: str) -> list[str]:
         if level not in LEVELS:

@@ -74,3 +74,43 @@ def test_deleted_study_is_gone_everywhere_and_compaction_keeps_answers_exact(pop
 def test_delete_study_refuses_a_malformed_uid(populated, capsys):
     assert cli(["delete-study", "1.2.x"]) == 2
     assert "not valid UIDs" in capsys.readouterr().err
+
+
+def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populated, capsys):
+    store, studies, _ = populated
+    old = "m-previous"
+    store.register_model(old, 64)
+    rng = np.random.default_rng(8)
+    for study in studies:
+        store.upsert_code(old, "study", study, rng.integers(0, 256, 8, dtype=np.uint8))
+        for sop in store.study_instances(study):
+            store.upsert_code(old, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8))
+            store.put_embedding(old, sop, np.ones(4, np.float32))
+
+    assert cli(["models"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    active_line = next(line for line in listing if line.startswith(VERSION))
+    old_line = next(line for line in listing if line.startswith(old))
+    assert active_line.endswith("(active)") and active_line.split()[3:5] == ["12", "6"]
+    assert old_line.split()[3:6] == ["12", "6", "12"] and "(active)" not in old_line
+
+    assert cli(["models", "drop", VERSION]) == 1
+    assert "active version" in capsys.readouterr().err
+    store.r.hset(f"{store.keys.ns}:reindex", mapping={"version": old, "state": "running"})
+    assert cli(["models", "drop", old]) == 1
+    assert "re-index" in capsys.readouterr().err
+    store.r.hset(f"{store.keys.ns}:reindex", "state", "complete")
+
+    assert cli(["models", "drop", old]) == 0
+    assert "12 image and 6 study code(s) removed" in capsys.readouterr().out
+    assert store.models() == [VERSION]
+    assert not list(store.r.scan_iter(match=f"*{old}*"))
+    # Later writes do not bring it back, and the active version still answers exactly.
+    store.put_instance("1.2.3.1.9", "1.2.3.1", {"modality": "DX"})
+    assert not list(store.r.scan_iter(match=f"*{old}*"))
+    index = ReplicaIndex(store, "study")
+    index.refresh()
+    query = studies["1.2.3.2"]
+    hits = index.search(query, 6)
+    assert [(h.distance, h.uid) for h in hits] == _brute_force(studies, query)
+    assert cli(["models", "drop", "no-such-version"]) == 1
