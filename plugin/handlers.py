@@ -109,6 +109,10 @@ def handle_requested(event: Any, settings: Settings) -> None:
         assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
 
 
+def _raw_socket(assoc: Any) -> socket.socket | None:
+    return getattr(getattr(assoc.dul, "socket", None), "socket", None)
+
+
 def handle_conn_open(event: Any) -> None:
     """Turn Nagle's algorithm off on every accepted connection.
 
@@ -116,13 +120,36 @@ def handle_conn_open(event: Any) -> None:
     waits for the peer's delayed ACK (about 40 ms on Linux), which made a C-FIND similar take ~130 ms
     where the search itself takes a few (measured with ``drh-pacs bench query``).
     """
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    sock = _raw_socket(event.assoc)
     if sock is None:
         return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as exc:  # a closed or non-TCP socket: nothing to tune
         log.debug("TCP_NODELAY not set: %s", exc)
+
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
+def handle_data_recv(event: Any) -> None:
+    """Acknowledge each received PDU at once (``TCP_QUICKACK``) instead of up to 40 ms later.
+
+    The other half of the Nagle problem above, on the client's side: a client that keeps Nagle on
+    (pynetdicom's default, and many viewers) sends a request as two writes, command then identifier,
+    and the second waits for our ACK of the first, which Linux delays. Acknowledging at once took a
+    pynetdicom client's C-FIND similar from ~55 to ~14 ms (k=1) and from ~90 to ~52 ms (k=10) at 20K
+    studies (``drh-pacs bench query``). Linux clears the flag by itself, hence once per PDU.
+    """
+    if _QUICKACK is None:
+        return
+    sock = _raw_socket(event.assoc)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except OSError:  # closed meanwhile: nothing to acknowledge
+        pass
 
 
 def handle_echo(event: Any) -> int:
@@ -330,6 +357,7 @@ def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps
     """The event bindings of the SCP: the one place handlers meet their dependencies."""
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_DATA_RECV, handle_data_recv),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store_deps]),
