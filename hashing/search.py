@@ -6,14 +6,13 @@ replica of the store and calls these functions.
 Layout. Codes arrive in the one format of :mod:`hashing.bits` (packed ``uint8``, ``(n, nbits // 8)``).
 For search they are held as *word planes*: a C-contiguous ``uint64`` array of shape ``(W, n)`` with
 ``W = ceil(nbits / 64)``, so that one query is ``W`` streaming passes of XOR + popcount over
-contiguous memory. The byte order inside a word does not matter: the
-popcount of a XOR is the same whichever way the bytes are grouped, as long as database and query are
-grouped alike.
+contiguous memory. The byte order inside a word does not matter: the popcount of a XOR is the same
+whichever way the bytes are grouped, as long as database and query are grouped alike.
 
 Selection. Distances are small integers (at most ``nbits``), so the k nearest are found by counting,
-not sorting: find the smallest threshold ``t`` with at least ``k`` distances ``<= t`` (a count at
-the previous query's threshold, else one histogram pass), take those rows, and sort only them. A full
-``argpartition`` over a million distances costs ten times more.
+not sorting: find the smallest threshold ``t`` with at least ``k`` distances ``<= t`` (one
+collecting pass at the previous query's threshold, else a histogram pass), take those rows, and sort
+only them. A full ``argpartition`` over a million distances costs ten times more.
 
 Kernels. Each pass over the codes is a compiled loop in :mod:`hashing.kernels`; numpy does the
 rest, on the few candidate rows.
