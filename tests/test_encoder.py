@@ -34,7 +34,7 @@ def test_default_model_loads(encoder: Encoder) -> None:
 
 
 def test_shipped_model_is_trained_and_groups_classes(encoder: Encoder) -> None:
-    assert encoder.version == "drh64-cxr-pneumonia-v1" and encoder.input_size == 64
+    assert encoder.version == "drh64-cxr-pneumonia-v2" and encoder.input_size == 64
     assert encoder.info["metrics"]["results"][0]["map_all"] > 0.5
     names = sorted(FIXTURES.glob("*.jpeg"))
     normal = np.array([p.name.startswith("normal") for p in names])
