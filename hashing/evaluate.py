@@ -181,14 +181,15 @@ def record_metrics(path: str, res: dict[str, Any]) -> None:
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the headline figures."""
     lines = [
-        "| method | bits | mAP@all | mAP@100 | P@10 | P(H<=2) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| method | bits | mAP@all | mAP@100 | P@10 | P(H<=2) | ties@10 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         h2 = f"{r['precision_hamming2']:.4f}" if "precision_hamming2" in r else "-"
+        ties = f"{r['ties_at_10']:.0f}" if "ties_at_10" in r else "-"
         lines.append(
             f"| {r['name']} | {r['nbits'] or 'float'} | {r['map_all']:.4f} | {r['map@100']:.4f} | "
-            f"{r['precision@10']:.4f} | {h2} |"
+            f"{r['precision@10']:.4f} | {h2} | {ties} |"
         )
     return "\n".join(lines)
 

@@ -51,6 +51,18 @@ def average_precision(rel: np.ndarray, k: int | None = None) -> np.ndarray:
     return np.where(n_rel > 0, ap, 0.0)
 
 
+def ties_at(dist: np.ndarray, k: int) -> float:
+    """Median, over queries, of how many database items lie at the query's k-th nearest distance.
+
+    mAP rewards codes that separate the labels even when they collapse onto a few values per label;
+    this says how many candidates the ranking cannot tell apart where a viewer's answer is cut (a
+    figure near k means a real order, hundreds mean the top k are picked by tie-breaking alone).
+    """
+    k = min(k, dist.shape[1])
+    kth = np.partition(dist, k - 1, axis=1)[:, k - 1]
+    return float(np.median((dist == kth[:, None]).sum(axis=1)))
+
+
 def retrieval_metrics(
     dist: np.ndarray,
     q_labels: np.ndarray,
@@ -76,6 +88,7 @@ def retrieval_metrics(
         n_hit = (within & relevant).sum(axis=1)
         out["precision_hamming2"] = float(np.where(n_ret > 0, n_hit / np.maximum(n_ret, 1), 0.0).mean())
         out["queries_with_hamming2_hits"] = float((n_ret > 0).mean())
+        out["ties_at_10"] = ties_at(dist, 10)
     total_rel = np.maximum(rel.sum(axis=1), 1)
     cut = np.unique(np.geomspace(1, rel.shape[1], pr_points).astype(int))
     hits = np.cumsum(rel, axis=1)[:, cut - 1]

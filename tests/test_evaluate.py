@@ -12,7 +12,7 @@ from test_train import fixture_args, make_fixture_dataset
 from hashing import baselines, checkpoint
 from hashing.bits import pack
 from hashing.evaluate import main as evaluate_main
-from hashing.metrics import average_precision, hamming_distances, retrieval_metrics
+from hashing.metrics import average_precision, hamming_distances, retrieval_metrics, ties_at
 from hashing.train import main as train_main
 
 
@@ -62,6 +62,16 @@ def test_perfect_codes_score_one() -> None:
     )
     m = retrieval_metrics(hamming_distances(codes, codes), labels, labels, hamming=True)
     assert m["map_all"] == 1.0 and m["precision@10"] == 1.0 and m["precision_hamming2"] == 1.0
+    # ...and yet every class collapsed onto one code: the ranking inside a class is tie-breaking.
+    assert m["ties_at_10"] == 10
+
+
+def test_ties_at_k_counts_the_candidates_at_the_cut() -> None:
+    dist = np.array([[0, 1, 2, 3, 3, 3, 9], [5, 5, 5, 5, 5, 5, 5], [0, 0, 1, 2, 4, 5, 6]])
+    # 3rd nearest: distance 2 (one item), 5 (all seven), 1 (one item); median of 1, 7, 1.
+    assert ties_at(dist, 3) == 1.0
+    assert ties_at(dist[1:2], 3) == 7.0
+    assert ties_at(dist, 100) == 1.0  # k past the database: the farthest distance
 
 
 def test_itq_beats_pca_signs_and_lsh_is_seeded() -> None:
