@@ -130,6 +130,7 @@ def handle_conn_open(event: Any) -> None:
 
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+_QUICKACK_MAX_PDU = 4096
 
 
 def handle_data_recv(event: Any) -> None:
@@ -139,9 +140,10 @@ def handle_data_recv(event: Any) -> None:
     (pynetdicom's default, and many viewers) sends a request as two writes, command then identifier,
     and the second waits for our ACK of the first, which Linux delays. Acknowledging at once took a
     pynetdicom client's C-FIND similar from ~55 to ~14 ms (k=1) and from ~90 to ~52 ms (k=10) at 20K
-    studies (``drh-pacs bench query``). Linux clears the flag by itself, hence once per PDU.
+    studies (``drh-pacs bench query``). Linux clears the flag by itself, hence once per PDU; only
+    after small PDUs (commands, identifiers), so that a stream of pixel data keeps delayed ACKs.
     """
-    if _QUICKACK is None:
+    if _QUICKACK is None or len(event.data) > _QUICKACK_MAX_PDU:
         return
     sock = _raw_socket(event.assoc)
     if sock is None:
