@@ -4,12 +4,13 @@ Why compiled: ``np.bitwise_count`` in numpy's portable build counts bits in soft
 per 64-bit word here), and every numpy step of a scan is a separate pass over memory. These loops
 are compiled for the host CPU, where LLVM turns the bit-count below into the hardware ``popcnt``
 and vectorises the loop: the distance pass over a million 64-bit codes drops from about 1.1 ms to
-0.35 ms. Each function is small enough to check against the numpy reference in the tests
-(``hashing.search.brute_force``), which is the only other place a distance is computed.
+0.35 ms. Each function is small enough to check against the numpy references in the tests
+(``hashing.search.brute_force``, ``hashing.bits.hamming``).
 
-Compilation happens once per process on first use (about a second for all of them); with a
-writable cache (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``) later processes load the
-machine code instead. :func:`warm_up` lets a server pay that cost at start, not on its first query.
+Compilation happens once per process on first use (about 2 s for all of them here); with a writable
+cache (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``) later processes load the machine
+code instead (about 1 s, most of it numba's own start). :func:`warm_up` lets a server pay that cost
+at start, not on its first query.
 """
 
 from __future__ import annotations
