@@ -5,7 +5,7 @@ tombstoned in every model version, its metadata, embeddings and failure-ledger e
 spooled files are removed, so nothing of it can be answered or re-indexed afterwards. Tombstoned slots
 still take room in the code strings until ``compact`` renumbers the live ones; replicas notice the new
 generation and reload. Compaction holds writers of that (version, level) off for its duration, so run
-it in a quiet hour (e.g. weekly from cron) rather than after every deletion.
+it in a quiet hour (`deploy/systemd/drh-pacs-compact.timer` runs it weekly) rather than after every deletion.
 
 A re-index keeps the previous model version in Redis (about 375 bytes per code, its UID maps and
 change-log entry included, and 370 per instance embedding, measured) so that IT staff can switch
