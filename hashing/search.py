@@ -68,11 +68,11 @@ def distances(planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = No
     w, n = planes.shape
     if out is None:
         out = np.empty(n, dtype=np.uint8)
-    if not planes.flags.c_contiguous:
-        planes = np.ascontiguousarray(planes)
-    kernels.hamming_first(planes[0], np.uint64(query[0]), out)
+    # Row by row: a replica's planes are a column slice of a larger buffer, not contiguous as a
+    # whole when W > 1, but each row is (ascontiguousarray is then a no-op, never a copy).
+    kernels.hamming_first(np.ascontiguousarray(planes[0]), np.uint64(query[0]), out)
     for j in range(1, w):
-        kernels.hamming_add(planes[j], np.uint64(query[j]), out)
+        kernels.hamming_add(np.ascontiguousarray(planes[j]), np.uint64(query[j]), out)
     return out
 
 
