@@ -111,34 +111,6 @@ def compact_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def model_rows(store: CodeStore) -> list[dict[str, object]]:
-    """One row per registered version: bits, state, whether active, live codes per level, embeddings."""
-    from workers.reindex import ACTIVE_STATES, job_key
-
-    active = store.active_version()
-    job = {k.decode(): v.decode() for k, v in store.r.hgetall(job_key(store.keys.ns)).items()}
-    rows: list[dict[str, object]] = []
-    for version in store.models():
-        try:
-            info = store.model_info(version)
-        except StoreError:
-            continue
-        building = job.get("version") == version and job.get("state") in ACTIVE_STATES
-        rows.append(
-            {
-                "version": version,
-                "bits": info.nbits,
-                "state": info.state,
-                "active": version == active,
-                "reindexing": building,
-                "image_codes": store.count(version, "image"),
-                "study_codes": store.count(version, "study"),
-                "embeddings": int(store.r.hlen(store.keys.emb(version))),
-            }
-        )
-    return rows
-
-
 def models_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="drh-pacs models", description="list the model versions in Redis, or drop one that no longer answers"
@@ -152,13 +124,17 @@ def models_main(argv: list[str] | None = None) -> int:
     if connected is None:
         return 2
     _, store = connected
-    rows = model_rows(store)
+    from plugin.status import model_versions
+    from workers.reindex import ACTIVE_STATES, job_key
+
+    job = {k.decode(): v.decode() for k, v in store.r.hgetall(job_key(store.keys.ns)).items()}
+    rebuilding = job.get("version") if job.get("state") in ACTIVE_STATES else None
+    rows = model_versions(store.r, store.keys.ns)
     if args.action == "drop":
-        row = next((r for r in rows if r["version"] == args.version), None)
-        if row is None:
+        if all(r["version"] != args.version for r in rows):
             print(f"drh-pacs models: unknown model version {args.version!r}", file=sys.stderr)
             return 1
-        if row["reindexing"]:
+        if args.version == rebuilding:
             print(f"drh-pacs models: a re-index to {args.version} is running; it cannot be dropped", file=sys.stderr)
             return 1
         try:
@@ -175,9 +151,9 @@ def models_main(argv: list[str] | None = None) -> int:
     header = f"{'version':<32} {'bits':>4}  {'state':<9} {'image codes':>11} {'study codes':>11} {'embeddings':>10}"
     print(header)
     for r in rows:
-        mark = " (active)" if r["active"] else " (re-indexing)" if r["reindexing"] else ""
+        mark = " (active)" if r["active"] else " (re-indexing)" if r["version"] == rebuilding else ""
         print(
-            f"{r['version']:<32} {r['bits']:>4}  {r['state']:<9} {r['image_codes']:>11} {r['study_codes']:>11}"
+            f"{r['version']:<32} {r['nbits']:>4}  {r['state']:<9} {r['image']:>11} {r['study']:>11}"
             f" {r['embeddings']:>10}{mark}"
         )
     return 0

@@ -42,7 +42,9 @@ def _queue_depth(broker: redis.Redis, name: str) -> int:
     return int(sum(pipe.execute()))
 
 
-def _models(client: redis.Redis, ns: str) -> list[dict[str, Any]]:
+def model_versions(client: redis.Redis, ns: str) -> list[dict[str, Any]]:
+    """Every registered model version, the active one first: bits, state, live codes per level and
+    instance embeddings (what an old version still costs in Redis)."""
     active = client.get(f"{ns}:model:active")
     active_v = active.decode() if active else None
     out = []
@@ -60,6 +62,7 @@ def _models(client: redis.Redis, ns: str) -> list[dict[str, Any]]:
                 "created": float(info.get("created", 0) or 0),
                 "image": int(client.hlen(f"{ns}:slot:{version}:image")),
                 "study": int(client.hlen(f"{ns}:slot:{version}:study")),
+                "embeddings": int(client.hlen(f"{ns}:emb:{version}")),
             }
         )
     out.sort(key=lambda m: (not m["active"], -m["created"]))
@@ -119,7 +122,7 @@ def gather(client: redis.Redis, broker: redis.Redis | None = None, ns: str = "dr
             tasks.setdefault(task, {})[outcome] = int(v)
         figures["tasks"] = tasks
         figures["latency"] = metrics.read_latency(client, ns)
-        figures["models"] = _models(client, ns)
+        figures["models"] = model_versions(client, ns)
         figures["active_version"] = next((m["version"] for m in figures["models"] if m["active"]), None)
         job = {k.decode(): v.decode() for k, v in client.hgetall(job_key(ns)).items()}
         if job:
