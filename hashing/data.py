@@ -3,7 +3,7 @@
 A data directory holds ``manifest.csv`` with columns ``path,label,patient,split`` (``patient`` and
 ``split`` optional): the layout of the project's data sets. Images are decoded once, fitted to the
 model's square input with the same function the serving encoder uses
-(:func:`hashing.encoder.fit_to_square`), and kept as one ``uint8`` tensor: the 5,808 chest
+(:func:`hashing.resize.fit_to_square`), and kept as one ``uint8`` tensor: the 5,808 chest
 radiographs at 64 px take 24 MB, so an epoch never touches the disk.
 
 The validation split is cut from the training split *by patient* (no patient on both sides) so
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hashing.encoder import fit_to_square
+from hashing.resize import fit_to_square
 
 
 @dataclass
@@ -98,11 +98,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
 
 def _fit_source() -> str:
-    try:
-        from hashing.preprocess import fit_to_square as fit
-    except ImportError:
-        from hashing.encoder import _fit_fallback as fit
-    return inspect.getsource(fit)
+    return inspect.getsource(fit_to_square)
 
 
 def load_images(

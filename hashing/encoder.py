@@ -25,6 +25,7 @@ from hashing import bits as bitcodes
 from hashing import checkpoint as ckpt_mod
 from hashing.dmih import DMIH, dmih_tiny
 from hashing.drh import DRH, drh_tiny
+from hashing.resize import fit_to_square
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +43,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _fit_fallback(img: np.ndarray, size: int) -> np.ndarray:
-    """Aspect-preserving resize into a zero-padded square (used only if hashing.preprocess lacks it)."""
-    h, w = img.shape
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    t = torch.nn.functional.interpolate(t, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    out = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = t[0, 0].clamp(0, 1).numpy()
-    return out
-
-
-def fit_to_square(img: np.ndarray, size: int) -> np.ndarray:
-    """``hashing.preprocess.fit_to_square`` when available (one definition for training and serving)."""
-    try:
-        from hashing.preprocess import fit_to_square as fit
-    except ImportError:
-        fit = _fit_fallback
-    return np.asarray(fit(np.asarray(img, dtype=np.float32), size), dtype=np.float32)
 
 
 class Encoder:

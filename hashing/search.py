@@ -1,6 +1,6 @@
 """Hamming search over packed binary codes: exact k-NN, radius search, multi-index hashing.
 
-numpy plus a few compiled loops (:mod:`hashing.kernels`), no Redis: :mod:`plugin.index` keeps the
+numpy plus a few compiled loops (:mod:`hashing.kernels`), no Redis: :mod:`plugin.search.replica` keeps the
 replica of the store and calls these functions.
 
 Layout. Codes arrive in the one format of :mod:`hashing.bits` (packed ``uint8``, ``(n, nbits // 8)``).
@@ -293,6 +293,11 @@ class MultiIndexHash:
         rows = rows[rows < self.n]
         self._stale[rows] = True
         self._stale_rows.update(rows.tolist())
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the tables."""
+        return sum(o.nbytes for o in self._orders) + sum(o.nbytes for o in self._offsets)
 
     def pending(self, n_total: int) -> int:
         """Rows scanned outside the tables at each query (added or changed since the build)."""

@@ -227,8 +227,31 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[DRH | DMIH, DRH | N
     return dmih, drh, meta
 
 
-def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
-    """Run a training; returns the model checkpoint dictionary it wrote to ``cfg.out``."""
+@dataclass
+class _Run:
+    """Everything one training holds: data, model, optimiser, schedule and resumable state."""
+
+    cfg: TrainConfig
+    device: torch.device
+    classes: list[str]
+    manifest_digest: str
+    model: DRH | DMIH
+    companion: DRH | None  # the DRH that ships with a DMIH
+    train_set: ImageSet
+    val_set: ImageSet
+    mean: float
+    std: float
+    opt: torch.optim.Optimizer
+    centers: torch.Tensor | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    last: Path
+    state: dict[str, Any]
+
+
+def _prepare(cfg: TrainConfig) -> _Run:
+    """Read the data, build the model and optimiser, and resume from the last epoch when asked."""
     if cfg.method not in METHODS:
         raise SystemExit(f"--method must be one of {METHODS}")
     if cfg.bits not in VALID_NBITS:
@@ -237,11 +260,9 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     _seed_everything(cfg.seed)
-    t_start = time.time()
-
     manifest = read_manifest(cfg.data, cfg.manifest or None)
     classes = manifest.classes
-    model, drh_companion, init_meta = build_model(cfg, len(classes))
+    model, companion, init_meta = build_model(cfg, len(classes))
     if init_meta:
         cfg.input_size = int(init_meta["input_size"])
         cfg.bits = model.nbits
@@ -265,18 +286,14 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     centers = losses.csq_centers(len(classes), cfg.bits, cfg.seed).to(device) if cfg.method == "csq" else None
-    train_bags = train_set.bags()
     if cfg.method == "dmih":
-        steps_per_epoch = max(1, len(train_bags) // cfg.bags_per_batch)
+        steps_per_epoch = max(1, len(train_set.bags()) // cfg.bags_per_batch)
     else:
         steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    warmup = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-
     work = Path(cfg.work_dir or (str(cfg.out) + ".work"))
-    last = work / "last.pt"
     state: dict[str, Any] = {
         "epoch": 0,
         "step": 0,
@@ -285,104 +302,131 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         "best_state": None,
         "history": [],
     }
+    last = work / "last.pt"
     if cfg.resume and last.exists():
         saved = torch.load(last, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log.info("resumed from %s at epoch %d (step %d)", last, state["epoch"], state["step"])
+    return _Run(
+        cfg=cfg,
+        device=device,
+        classes=classes,
+        manifest_digest=manifest.digest,
+        model=model,
+        companion=companion,
+        train_set=train_set,
+        val_set=val_set,
+        mean=mean,
+        std=std,
+        opt=opt,
+        centers=centers,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup=max(1, int(cfg.warmup_epochs * steps_per_epoch)),
+        last=last,
+        state=state,
+    )
 
-    step = state["step"]
-    for epoch in range(state["epoch"], cfg.epochs):
-        if step >= total_steps:
+
+def _loss_bags(run: _Run, batch: list[list[int]], gen: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+    """DMIH: the objective on bag codes, plus the instance arm with its decaying weight."""
+    cfg, model, ts = run.cfg, run.model, run.train_set
+    assert isinstance(model, DMIH)
+    flat = [i for b in batch for i in b]
+    x = augment(ts.images[torch.as_tensor(flat)], gen, run.mean, run.std).to(run.device)
+    m = max(len(b) for b in batch)
+    mask = torch.zeros(len(batch), m, dtype=torch.bool)
+    for i, b in enumerate(batch):
+        mask[i, : len(b)] = True
+    mask = mask.to(run.device)
+    feats_real = model.forward_features(x)
+    feats = feats_real.new_zeros(len(batch), m, feats_real.shape[1])
+    feats[mask] = feats_real
+    u_bag = torch.tanh(model.forward_bag(feats, mask))
+    u_inst = model.forward_instance_head(feats_real)
+    y_bag = ts.labels[torch.as_tensor([b[0] for b in batch])].to(run.device)
+    y_inst = ts.labels[torch.as_tensor(flat)].to(run.device)
+    loss_bag, parts = losses.drh_loss(u_bag, y_bag, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance)
+    lam = losses.instance_arm_weight(step / run.steps_per_epoch, cfg.epochs, cfg.inst_weight)
+    loss_inst, _ = losses.drh_loss(u_inst, y_inst, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance)
+    return loss_bag + lam * loss_inst, {**parts, "inst": float(loss_inst.detach()), "lam": lam}
+
+
+def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """DRH (NCA, quantization, bit balance) or the CSQ baseline, on one batch of images."""
+    cfg = run.cfg
+    x = augment(run.train_set.images[batch], gen, run.mean, run.std).to(run.device)
+    y = run.train_set.labels[batch].to(run.device)
+    u = run.model(x)
+    if cfg.method == "csq":
+        return losses.csq_loss(u, y, run.centers, w_quant=cfg.csq_w_quant)
+    return losses.drh_loss(u, y, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance)
+
+
+def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One epoch of optimisation from its own seeded generator; returns the mean of each loss part."""
+    cfg, state = run.cfg, run.state
+    gen = _epoch_generator(cfg.seed, epoch)
+    torch.manual_seed(cfg.seed * 7919 + epoch)  # dropout-free nets; keeps any torch RNG use reproducible
+    run.model.train()
+    if cfg.method == "dmih":
+        batches = _batches_bags(run.train_set.bags(), cfg.bags_per_batch, cfg.max_bag, gen)
+    else:
+        batches = _batches_instances(len(run.train_set), cfg.batch_size, gen)
+    bar = tqdm(batches, desc=f"{cfg.method}{cfg.bits} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
+    sums: dict[str, float] = {}
+    for batch in bar:
+        if state["step"] >= run.total_steps:
             break
-        gen = _epoch_generator(cfg.seed, epoch)
-        torch.manual_seed(cfg.seed * 7919 + epoch)  # dropout-free nets; keeps any torch RNG use reproducible
-        model.train()
+        for g in run.opt.param_groups:
+            g["lr"] = _lr_at(state["step"], run.total_steps, run.warmup, cfg.lr)
         if cfg.method == "dmih":
-            batches = _batches_bags(train_bags, cfg.bags_per_batch, cfg.max_bag, gen)
+            loss, parts = _loss_bags(run, batch, gen, state["step"])
         else:
-            batches = _batches_instances(len(train_set), cfg.batch_size, gen)
-        t_epoch = time.time()
-        bar = tqdm(batches, desc=f"{cfg.method}{cfg.bits} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
-        sums: dict[str, float] = {}
-        for batch in bar:
-            if step >= total_steps:
-                break
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total_steps, warmup, cfg.lr)
-            if cfg.method == "dmih":
-                assert isinstance(model, DMIH)
-                flat = [i for b in batch for i in b]
-                x = augment(train_set.images[torch.as_tensor(flat)], gen, mean, std).to(device)
-                m = max(len(b) for b in batch)
-                mask = torch.zeros(len(batch), m, dtype=torch.bool)
-                for i, b in enumerate(batch):
-                    mask[i, : len(b)] = True
-                mask = mask.to(device)
-                feats_real = model.forward_features(x)
-                feats = feats_real.new_zeros(len(batch), m, feats_real.shape[1])
-                feats[mask] = feats_real
-                u_bag = torch.tanh(model.forward_bag(feats, mask))
-                u_inst = model.forward_instance_head(feats_real)
-                y_bag = train_set.labels[torch.as_tensor([b[0] for b in batch])].to(device)
-                y_inst = train_set.labels[torch.as_tensor(flat)].to(device)
-                loss_bag, parts = losses.drh_loss(
-                    u_bag, y_bag, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance
-                )
-                lam = losses.instance_arm_weight(step / steps_per_epoch, cfg.epochs, cfg.inst_weight)
-                loss_inst, _ = losses.drh_loss(
-                    u_inst, y_inst, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance
-                )
-                loss = loss_bag + lam * loss_inst
-                parts = {**parts, "inst": float(loss_inst.detach()), "lam": lam}
-            else:
-                x = augment(train_set.images[batch], gen, mean, std).to(device)
-                y = train_set.labels[batch].to(device)
-                u = model(x)
-                if cfg.method == "csq":
-                    loss, parts = losses.csq_loss(u, y, centers, w_quant=cfg.csq_w_quant)
-                else:
-                    loss, parts = losses.drh_loss(u, y, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        n_done = max(1, len(batches))
-        val = validate(model, cfg, train_set, val_set, mean, std, device) if len(val_set) else 0.0
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "val_map": round(val, 5),
-            "seconds": round(time.time() - t_epoch, 1),
-            **{k: round(v / n_done, 5) for k, v in sums.items()},
-        }
-        state["history"].append(record)
-        log.info("epoch %d: %s", epoch + 1, record)
-        if val > state["best_val"]:
-            state["best_val"], state["best_epoch"] = val, epoch + 1
-            state["best_state"] = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
-        state["epoch"], state["step"] = epoch + 1, step
-        ckpt_mod.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "state": state}, last)
-        if cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
-            log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
-            return {}
+            loss, parts = _loss_images(run, batch, gen)
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.opt.step()
+        state["step"] += 1
+        for k, v in {"loss": float(loss.detach()), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+    return {k: round(v / max(1, len(batches)), 5) for k, v in sums.items()}
 
+
+def _select(run: _Run, epoch: int, means: dict[str, Any], seconds: float) -> None:
+    """Validate the epoch, keep its weights if it is the best so far, save the resumable state."""
+    state = run.state
+    val = 0.0
+    if len(run.val_set):
+        val = validate(run.model, run.cfg, run.train_set, run.val_set, run.mean, run.std, run.device)
+    record = {"epoch": epoch + 1, "step": state["step"], "val_map": round(val, 5), "seconds": round(seconds, 1)}
+    record.update(means)
+    state["history"].append(record)
+    log.info("epoch %d: %s", epoch + 1, record)
+    if val > state["best_val"]:
+        state["best_val"], state["best_epoch"] = val, epoch + 1
+        state["best_state"] = copy.deepcopy({k: v.cpu() for k, v in run.model.state_dict().items()})
+    state["epoch"] = epoch + 1
+    ckpt_mod.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "state": state}, run.last)
+
+
+def _model_checkpoint(run: _Run, command: str, elapsed: float) -> dict[str, Any]:
+    """The best epoch's model with everything needed to use it and to know how it was made."""
+    cfg, state = run.cfg, run.state
     if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
-    model = model.cpu().eval()
-    elapsed = time.time() - t_start
+        run.model.load_state_dict(state["best_state"])
+    model = run.model.cpu().eval()
     training = {
         "method": cfg.method,
         "data": str(cfg.data),
         "dataset": Path(cfg.data).resolve().name,
-        "manifest_sha256_16": manifest.digest,
-        "classes": classes,
-        "train_images": len(train_set),
-        "validation_images": len(val_set),
+        "manifest_sha256_16": run.manifest_digest,
+        "classes": run.classes,
+        "train_images": len(run.train_set),
+        "validation_images": len(run.val_set),
         "validation": f"{cfg.val_fraction:.0%} of training patients held out (seed {cfg.seed}), patient-disjoint",
         "selected_epoch": state["best_epoch"],
         "validation_map_all": round(state["best_val"], 5),
@@ -390,33 +434,39 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
         "command": command,
         "seconds": round(elapsed, 1),
-        "device": str(device),
+        "device": str(run.device),
         "torch": str(torch.__version__),
     }
     version = cfg.version or f"{cfg.method}{cfg.bits}-{training['dataset']}"
-    if isinstance(model, DMIH):
-        assert drh_companion is not None
-        out = ckpt_mod.model_checkpoint(
-            version=version,
-            drh=drh_companion,
-            dmih=model,
-            input_size=cfg.input_size,
-            mean=mean,
-            std=std,
-            training=training,
-        )
-    else:
-        assert isinstance(model, DRH)
-        out = ckpt_mod.model_checkpoint(
-            version=version, drh=model, dmih=None, input_size=cfg.input_size, mean=mean, std=std, training=training
-        )
+    drh, dmih = (run.companion, model) if isinstance(model, DMIH) else (model, None)
+    assert isinstance(drh, DRH)
+    return ckpt_mod.model_checkpoint(
+        version=version, drh=drh, dmih=dmih, input_size=cfg.input_size, mean=run.mean, std=run.std, training=training
+    )
+
+
+def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
+    """Run a training; returns the model checkpoint dictionary it wrote to ``cfg.out``."""
+    t_start = time.time()
+    run = _prepare(cfg)
+    for epoch in range(run.state["epoch"], cfg.epochs):
+        if run.state["step"] >= run.total_steps:
+            break
+        t_epoch = time.time()
+        means = _run_epoch(run, epoch)
+        _select(run, epoch, means, time.time() - t_epoch)
+        if cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
+            log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
+            return {}
+    elapsed = time.time() - t_start
+    out = _model_checkpoint(run, command, elapsed)
     ckpt_mod.save(out, cfg.out)
     log.info(
         "wrote %s (version %s, best epoch %d, val mAP %.4f, %.0f s)",
         cfg.out,
-        version,
-        state["best_epoch"],
-        state["best_val"],
+        out["version"],
+        run.state["best_epoch"],
+        run.state["best_val"],
         elapsed,
     )
     return out

@@ -23,9 +23,9 @@ from typing import Any
 
 import redis
 
-from plugin.logs import setup_logging
-from plugin.redis_embedded import EmbeddedRedis, runtime_url_file
-from plugin.settings import Settings, SettingsError, load_settings
+from plugin.core.logs import setup_logging
+from plugin.core.redis_server import EmbeddedRedis, runtime_url_file
+from plugin.core.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("drh.serve")
 
@@ -98,11 +98,11 @@ def _spawn_worker(settings: Settings, n: int) -> subprocess.Popen[bytes]:
 def start(settings: Settings) -> Running:
     """Start every component; on any failure, stop what was started and re-raise."""
     from hashing import kernels
-    from plugin.http_api import ApiContext, create_app
-    from plugin.index import ReplicaIndex
-    from plugin.scp import start_scp
-    from plugin.store import CodeStore
-    from workers.app import make_celery
+    from plugin.dicom.scp import start_scp
+    from plugin.http.app import ApiContext, create_app
+    from plugin.search.replica import ReplicaIndex
+    from plugin.store import Store
+    from workers.client import make_celery
 
     running = Running(settings)
     try:
@@ -119,7 +119,7 @@ def start(settings: Settings) -> Running:
 
         client = redis.Redis.from_url(settings.redis_url)
         client.ping()
-        store = CodeStore(client, settings.redis_namespace)
+        store = Store(client, settings.redis_namespace)
         celery_app = make_celery(settings)
 
         running.workers = [_spawn_worker(settings, n) for n in range(settings.serve_workers)]

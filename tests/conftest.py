@@ -1,54 +1,22 @@
-"""Shared test fixtures: a real Redis server per test session, free ports, condition waits."""
+"""Shared fixtures: a real Redis server per test session, a clean database per test, free ports,
+a Store on it, and real worker processes on demand. Helpers that are not fixtures live in
+``tests/helpers/``.
+
+Markers: ``slow`` for tests that start processes (workers, ``serve``, Orthanc, DCMTK peers,
+deployment tools) or train models; ``pytest -m "not slow"`` is the quick subset (README, Development).
+"""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 import redis
 
-from plugin.redis_embedded import EmbeddedRedis, free_port
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/dicomgen.py
-
-T = TypeVar("T")
-
-DCMTK = Path("/usr/bin")
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
-        time.sleep(interval)
-
-
-def stop_process_group(proc: subprocess.Popen, sig: int, timeout: float) -> None:
-    """Ask a process started with ``start_new_session=True`` to stop with ``sig``; after ``timeout``
-    s, or once it has exited, SIGKILL whatever is left of its group (pool children included)."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
+from plugin.core.redis_server import EmbeddedRedis, free_port
+from plugin.store import Store
+from tests.helpers.workers import NS, WorkerProc, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -70,5 +38,30 @@ def redis_client(redis_server: EmbeddedRedis) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def store(redis_client: redis.Redis) -> Store:
+    """The store of the default namespace on the clean database."""
+    return Store(redis_client, NS)
+
+
+@pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def worker_factory(
+    redis_server: EmbeddedRedis, redis_client: redis.Redis, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProc]]:
+    """Start `drh-pacs worker` processes on demand; every one is stopped at the end of the test."""
+    started: list[WorkerProc] = []
+
+    def start(name: str = "test", **extra: str) -> WorkerProc:
+        env = worker_env(redis_server.url, tmp_path / "data", **extra)
+        w = WorkerProc(env, tmp_path / f"worker-{name}-{len(started)}.log", name).start(redis_client)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop()
+        print(f"--- {w.log_path.name} ---\n{w.log()[-6000:]}")  # shown by pytest when the test failed

@@ -14,10 +14,11 @@ import httpx
 import numpy as np
 import pytest
 import redis
-from conftest import wait_until
-from dicom_peers import make_settings
-from dicomgen import fixture_images, make_instance, make_study
 from pydicom.uid import generate_uid
+
+from tests.helpers.dicomgen import fixture_images, make_instance, make_study
+from tests.helpers.peers import make_settings
+from tests.helpers.processes import wait_until
 
 TOKEN = "test-token"
 
@@ -36,8 +37,8 @@ class Archive:
         from hashing.preprocess import load_pixels, read_dataset
 
         self.version = encoder.version
-        store.register_model(encoder.version, encoder.nbits)
-        store.ensure_active(encoder.version)
+        store.models.register(encoder.version, encoder.nbits)
+        store.models.ensure_active(encoder.version)
         images = fixture_images()
         plan = [
             ("P1", [images[0]], "DX"),
@@ -51,11 +52,11 @@ class Archive:
             pixels = [load_pixels(read_dataset(f)) for f in study.files]
             codes, embeddings = encoder.encode_images(pixels)
             for path, sop, c in zip(study.files, study.sop_uids, codes, strict=True):
-                store.put_instance(
+                store.records.put_instance(
                     sop, study.study_uid, {"series_uid": "1.2.3", "modality": modality, "path": str(path)}
                 )
-                store.upsert_code(encoder.version, "image", sop, bytes(c))
-            store.put_study(
+                store.codes.upsert(encoder.version, "image", sop, bytes(c))
+            store.records.put_study(
                 study.study_uid,
                 {
                     "patient_id": pid,
@@ -66,7 +67,7 @@ class Archive:
                     "body_part": "CHEST",
                 },
             )
-            store.upsert_code(encoder.version, "study", study.study_uid, bytes(encoder.encode_study(embeddings)))
+            store.codes.upsert(encoder.version, "study", study.study_uid, bytes(encoder.encode_study(embeddings)))
             self.studies.append(study)
 
 
@@ -74,13 +75,13 @@ class Archive:
 def api(tmp_path, redis_client, redis_server) -> Iterator[tuple[httpx.Client, object]]:
     import uvicorn
 
-    from plugin.http_api import ApiContext, create_app
-    from plugin.index import ReplicaIndex
-    from plugin.redis_embedded import free_port
-    from plugin.store import CodeStore
+    from plugin.core.redis_server import free_port
+    from plugin.http.app import ApiContext, create_app
+    from plugin.search.replica import ReplicaIndex
+    from plugin.store import Store
 
     settings = make_settings(tmp_path, redis_server.url, http_port=free_port(), api_token=TOKEN)
-    store = CodeStore(redis.Redis.from_url(redis_server.url), settings.redis_namespace)
+    store = Store(redis.Redis.from_url(redis_server.url), settings.redis_namespace)
     ctx = ApiContext(settings=settings, store=store, index={lv: ReplicaIndex(store, lv) for lv in ("study", "image")})
     server = uvicorn.Server(
         uvicorn.Config(create_app(ctx), host="127.0.0.1", port=settings.http_port, log_level="warning", lifespan="off")
@@ -142,7 +143,7 @@ def test_similar_by_study_uid(api, archive):
 def test_similar_by_study_refusals(api, archive):
     client, store = api
     assert client.get("/api/similar/study/1.2.999").status_code == 404
-    store.put_study("1.2.998", {"patient_id": "P9"})
+    store.records.put_study("1.2.998", {"patient_id": "P9"})
     response = client.get("/api/similar/study/1.2.998")
     assert response.status_code == 409 and "not yet indexed" in response.json()["detail"]
     assert client.get(f"/api/similar/study/{archive.studies[0].study_uid}", params={"k": "0"}).status_code == 400

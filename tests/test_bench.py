@@ -15,12 +15,13 @@ import pydicom
 import pytest
 import redis
 
-from plugin.bench_common import Latencies, synthetic_radiograph, time_calls, write_study
-from plugin.bench_index import make_codes
-from plugin.bench_ingest import wait_searchable
-from plugin.bench_query import VERSION, populate, study_uid
-from plugin.index import ReplicaIndex, SearchFilters
-from plugin.store import CodeStore
+from plugin.bench.common import Latencies, synthetic_radiograph, time_calls, write_study
+from plugin.bench.index import make_codes
+from plugin.bench.ingest import wait_searchable
+from plugin.bench.query import VERSION, populate, study_uid
+from plugin.search.filters import Filters
+from plugin.search.replica import ReplicaIndex
+from plugin.store import Store
 
 
 def test_latency_summary_uses_every_call_and_reports_the_spread_of_repeat_medians() -> None:
@@ -68,38 +69,39 @@ def test_generated_studies_are_valid_dicom_with_the_pixels_given(tmp_path: Path)
 
 def test_populated_store_loads_in_the_replica_and_filters_agree_with_the_metadata(redis_client: redis.Redis) -> None:
     n = 3000
-    store = CodeStore(redis_client, namespace="benchtest")
+    store = Store(redis_client, namespace="benchtest")
     codes = make_codes(n, 64, "clustered", seed=1)
-    populate(store, codes, seed=1, step=700)
-    assert store.active_version() == VERSION
-    assert store.count(VERSION, "study") == n
-    assert store.get_code(VERSION, "study", study_uid(17)) == codes[17].tobytes()
+    populate(store, codes, seed=1)
+    assert store.models.active() == VERSION
+    assert store.codes.count(VERSION, "study") == n
+    assert store.codes.get(VERSION, "study", study_uid(17)) == codes[17].tobytes()
 
     replica = ReplicaIndex(store, "study")
     replica.refresh()
     assert len(replica) == n
-    f = SearchFilters(modalities={"CT"}, date_from="20100101", date_to="20141231")
+    f = Filters(modalities=("CT",), date_from="20100101", date_to="20141231")
     hits = replica.search(codes[5].tobytes(), 50, filters=f, exclude_uids=(study_uid(5),))
     assert hits, "a 3000-study store has CT studies from 2010-2014"
     for hit in hits:
-        meta = store.study(hit.uid)
+        meta = store.records.study(hit.uid)
         assert "CT" in meta["modalities"].split(",")
         assert "20100101" <= meta["study_date"] <= "20141231"
         assert meta["n_instances"].isdigit()
     # Without the filter, the studies it left out are found too.
     unfiltered = {h.uid for h in replica.search(codes[5].tobytes(), 200)}
     assert any(
-        "CT" not in store.study(u)["modalities"] or not "20100101" <= store.study(u)["study_date"] <= "20141231"
+        "CT" not in store.records.study(u)["modalities"]
+        or not "20100101" <= store.records.study(u)["study_date"] <= "20141231"
         for u in unfiltered
     )
     replica.close()
 
 
 def test_wait_searchable_sees_study_codes_and_gives_up_on_missing_ones(redis_client: redis.Redis) -> None:
-    store = CodeStore(redis_client, namespace="benchwait")
-    store.register_model("v1", 64)
-    store.activate("v1")
-    store.upsert_code("v1", "study", "1.2.3", bytes(8))
+    store = Store(redis_client, namespace="benchwait")
+    store.models.register("v1", 64)
+    store.models.activate("v1")
+    store.codes.upsert("v1", "study", "1.2.3", bytes(8))
     seen = wait_searchable(store, ["1.2.3"], timeout=5)
     assert set(seen) == {"1.2.3"}
     with pytest.raises(RuntimeError, match="1 of 2 studies not searchable"):
@@ -122,6 +124,7 @@ def _bench(args: list[str], tmp_path: Path, timeout: float) -> tuple[subprocess.
     return done, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_bench_ingest_runs_at_a_tiny_size(tmp_path: Path) -> None:
     done, figures = _bench(
         ["ingest", "--studies", "2", "--images", "2", "--size", "64", "--repeats", "1", "--device", "cpu"],
@@ -142,6 +145,7 @@ def test_bench_ingest_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert rep["last_searchable_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_query_runs_at_a_tiny_size(tmp_path: Path) -> None:
     done, figures = _bench(
         [

@@ -3,7 +3,6 @@ verify, the Prometheus rules name metrics we export, the backup script backs up 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -11,11 +10,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import redis
 import yaml
 
-from plugin import metrics
-from plugin.status import gather
+from plugin.ops import metrics
+from plugin.ops.status import gather
+from plugin.store import Store
+
+pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT_PREFIX = "/opt/drh-pacs/venv/bin/drh-pacs"
@@ -115,10 +118,11 @@ def test_prometheus_config_scrapes_metrics_and_alerts_use_exported_names(redis_c
     exprs = " ".join(r["expr"] for g in rules["groups"] for r in g["rules"])
     used = set(re.findall(r"\b(drh_[a-z_]+)", exprs))
     # a system that has done something: one task outcome, one live worker (as its heartbeat says)
-    metrics.count_task(redis_client, "drh", "index_instance", "done")
+    store = Store(redis_client)
+    store.stats.count_task("index_instance", "done")
     beat = {"hostname": "w@h", "pid": 1, "queues": ["ingest"], "concurrency": 1, "device": "cpu"}
-    redis_client.hset("drh:workers", "w@h", json.dumps({**beat, "started": time.time(), "last_seen": time.time()}))
-    exported = set(re.findall(r"^(drh_[a-z_]+)", metrics.render(gather(redis_client)).decode(), re.M))
+    store.workers.beat({**beat, "started": time.time(), "last_seen": time.time()})
+    exported = set(re.findall(r"^(drh_[a-z_]+)", metrics.render(gather(store)).decode(), re.M))
     assert used and used <= exported, used - exported
 
 
@@ -138,7 +142,7 @@ def test_redis_backup_script_snapshots_a_real_redis(redis_server, redis_client, 
     (dump,) = (tmp_path / "backups").glob("dump-*.rdb")
     assert dump.read_bytes().startswith(b"REDIS")
     # the snapshot really holds the data: load it in a fresh server
-    from plugin.redis_embedded import EmbeddedRedis
+    from plugin.core.redis_server import EmbeddedRedis
 
     restore_dir = tmp_path / "restore"
     restore_dir.mkdir()
@@ -150,7 +154,7 @@ def test_redis_backup_script_snapshots_a_real_redis(redis_server, redis_client, 
     )
     try:
         client = redis.Redis(port=probe.port)
-        from conftest import wait_until
+        from tests.helpers.processes import wait_until
 
         def loaded() -> bool:
             try:

@@ -16,12 +16,14 @@ import httpx
 import pydicom
 import pytest
 import redis
-from conftest import DCMTK, wait_until
-from dicomgen import Study, fixture_images, make_study
 
-from plugin.dicom_status import DISTANCE, PRIVATE_CREATOR, PRIVATE_GROUP, RANK
-from plugin.redis_embedded import free_port, runtime_url_file
-from plugin.store import CodeStore
+from plugin.core.redis_server import free_port, runtime_url_file
+from plugin.dicom.status import DISTANCE, PRIVATE_CREATOR, PRIVATE_GROUP, RANK
+from plugin.store import Store
+from tests.helpers.dicomgen import Study, fixture_images, make_study
+from tests.helpers.processes import DCMTK, wait_until
+
+pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
 
 @dataclass
@@ -129,9 +131,9 @@ def findscu_similar(server: Server, reference: str, out_dir: Path) -> tuple[list
 
 
 def _study_indexed(server: Server, study_uid: str) -> bool:
-    store = CodeStore(server.redis())
-    version = store.active_version()
-    return bool(version) and store.get_code(version, "study", study_uid) is not None
+    store = Store(server.redis())
+    version = store.models.active()
+    return bool(version) and store.codes.get(version, "study", study_uid) is not None
 
 
 def _private(ds: pydicom.Dataset, offset: int) -> int:
@@ -199,12 +201,14 @@ def test_a_study_sent_twice_is_one_entry(tmp_path: Path, served: Server) -> None
     studies = _send_studies(tmp_path, served)
     twice = studies[1]
     assert storescu(served, twice.files).returncode == 0
-    store = CodeStore(served.redis())
-    version = store.active_version()
+    store = Store(served.redis())
+    version = store.models.active()
     # The second copy is indexed (its task ran) without creating new codes.
-    wait_until(lambda: store.study(twice.study_uid).get("n_instances") == "3", what="the re-sent study's metadata")
-    assert store.count(version, "image") == sum(len(s.files) for s in studies)
-    assert store.count(version, "study") == len(studies)
+    wait_until(
+        lambda: store.records.study(twice.study_uid).get("n_instances") == "3", what="the re-sent study's metadata"
+    )
+    assert store.codes.count(version, "image") == sum(len(s.files) for s in studies)
+    assert store.codes.count(version, "study") == len(studies)
     answers, log = findscu_similar(served, studies[0].study_uid, tmp_path / "rsp")
     found = [ds.StudyInstanceUID for ds in answers]
     assert found.count(twice.study_uid) == 1, log

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import fixture_args, make_fixture_dataset
 
 from hashing import baselines, checkpoint
 from hashing.bits import pack
 from hashing.evaluate import main as evaluate_main
 from hashing.metrics import average_precision, hamming_distances, retrieval_metrics, ties_at
 from hashing.train import main as train_main
+from tests.helpers.datasets import fixture_args, make_fixture_dataset
 
 
 def test_average_precision_by_hand() -> None:

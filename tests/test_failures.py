@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
-from plugin.status import gather
-from workers.failures import FailureLedger
+import pytest
 
-NS = "drh"
+from plugin.ops.status import gather
+from plugin.store import Store
+from plugin.store.keys import Keys
+from tests.helpers.workers import NS
 
 
 def _payload(n: int) -> dict:
@@ -26,7 +28,7 @@ def _payload(n: int) -> dict:
 
 
 def test_ledger_counts_repeats_and_keeps_first_seen(redis_client):
-    ledger = FailureLedger(redis_client, NS)
+    ledger = Store(redis_client, NS).ledger
     first = ledger.record(_payload(1), "decode: unsupported transfer syntax", kind="permanent")
     time.sleep(0.01)  # distinct timestamps (a unit test of the ledger, not a wait on a process)
     again = ledger.record(_payload(1), "decode: unsupported transfer syntax (again)", kind="permanent")
@@ -47,8 +49,9 @@ def _cli(redis_url: str, tmp_path, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
+@pytest.mark.slow
 def test_cli_lists_and_retries(redis_server, redis_client, tmp_path):
-    ledger = FailureLedger(redis_client, NS)
+    ledger = Store(redis_client, NS).ledger
     for n in range(3):
         ledger.record(_payload(n), f"decode: bad pixel data {n}", kind="permanent")
 
@@ -61,23 +64,24 @@ def test_cli_lists_and_retries(redis_server, redis_client, tmp_path):
     out = _cli(redis_server.url, tmp_path, "retry", "1.2.3.1")
     assert out.returncode == 0, out.stderr
     assert ledger.get("1.2.3.1")["state"] == "retrying"
-    assert gather(redis_client, ns=NS)["queues"]["ingest"] == 1
+    assert gather(Store(redis_client, NS))["queues"]["ingest"] == 1
 
     out = _cli(redis_server.url, tmp_path, "retry", "9.9.9")
     assert out.returncode == 1 and "not in the failure ledger" in out.stderr
 
     out = _cli(redis_server.url, tmp_path, "retry", "--all")
     assert out.returncode == 0 and "re-queued 3" in out.stdout
-    assert gather(redis_client, ns=NS)["queues"]["ingest"] == 4
+    assert gather(Store(redis_client, NS))["queues"]["ingest"] == 4
     # the queued tasks carry the original reception, so they are not mistaken for duplicates
-    msg = json.loads(redis_client.lindex("ingest", 0))
+    msg = json.loads(redis_client.lindex(Keys.queue_lists("ingest")[0], 0))
     assert msg["headers"]["task"] == "drh.index_instance"
     _args, kwargs, _embed = json.loads(base64.b64decode(msg["body"]))
     assert kwargs["received_at"] == 1000.0 + int(kwargs["sop_uid"].rsplit(".", 1)[1])
 
 
+@pytest.mark.slow
 def test_cli_reports_redis_down(tmp_path):
-    from plugin.redis_embedded import free_port
+    from plugin.core.redis_server import free_port
 
     out = _cli(f"redis://127.0.0.1:{free_port()}/0", tmp_path, "list")
     assert out.returncode == 1 and "unavailable" in out.stderr

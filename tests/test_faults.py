@@ -18,14 +18,15 @@ from pathlib import Path
 import pydicom
 import pytest
 import redis
-from conftest import DCMTK, stop_process_group, wait_until
-from dicomgen import fixture_images, make_study
-from test_workers import NS, active_version, app_for, indexed_count, send
-from test_workers import worker_factory as worker_factory  # the fixture
 
-from plugin.redis_embedded import EmbeddedRedis, free_port
-from plugin.store import CodeStore
-from workers.failures import FailureLedger
+from plugin.core.redis_server import EmbeddedRedis, free_port
+from plugin.store import Store
+from plugin.store.broker import in_flight
+from tests.helpers.dicomgen import fixture_images, make_study
+from tests.helpers.processes import DCMTK, stop_process_group, wait_until
+from tests.helpers.workers import NS, active_version, app_for, indexed_count, send
+
+pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
 
 def _hold(folder: Path, stage: str) -> Path:
@@ -51,13 +52,13 @@ def test_pool_process_killed_mid_task_is_indexed_once(redis_server, redis_client
     wait_until(lambda: pid not in w.pool_pids() and w.pool_pids(), 30, what="pool process replaced")
     hold.unlink()
     wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 2, 90, what="indexed after the kill")
-    store = CodeStore(redis_client, NS)
+    store = Store(redis_client, NS)
     version = active_version(redis_client)
-    assert store.count(version, "image") == 2
-    assert sorted(store.slots_of(version, "image", study.sop_uids)) == [0, 1]
-    assert FailureLedger(redis_client, NS).count() == 0
-    wait_until(lambda: store.get_code(version, "study", study.study_uid), 30, what="study pooled")
-    assert store.count(version, "study") == 1
+    assert store.codes.count(version, "image") == 2
+    assert sorted(store.codes.slots_of(version, "image", study.sop_uids)) == [0, 1]
+    assert Store(redis_client, NS).ledger.count() == 0
+    wait_until(lambda: store.codes.get(version, "study", study.study_uid), 30, what="study pooled")
+    assert store.codes.count(version, "study") == 1
     assert "WorkerLostError" in w.log() or "SIGKILL" in w.log()
 
 
@@ -74,12 +75,12 @@ def test_whole_worker_killed_mid_task_is_redelivered_to_another(redis_server, re
     first.kill()
     hold.unlink()
     killed_at = time.monotonic()
-    assert redis_client.hlen("unacked") >= 1  # the message is still the broker's, not lost
+    assert in_flight(redis_client) >= 1  # the message is still the broker's, not lost
     wait_until(lambda: time.monotonic() - killed_at > 3.5, 10, what="visibility timeout")
     worker_factory("second", DRH_TASK_VISIBILITY_TIMEOUT="3")
     wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 1, 90, what="indexed by the second worker")
-    store = CodeStore(redis_client, NS)
-    assert store.count(active_version(redis_client), "image") == 1
+    store = Store(redis_client, NS)
+    assert store.codes.count(active_version(redis_client), "image") == 1
 
 
 # -- the SCP side: `drh-pacs serve` as a real process, Redis that we stop and restart ------------
@@ -173,9 +174,9 @@ def test_redis_stopped_during_ingest_files_kept_and_indexed_when_it_returns(outs
         r2 = outside_redis(port=r1.port)
         client = redis.Redis.from_url(r2.url)
         wait_until(lambda: indexed_count(client, study.sop_uids) == 3, 150, what="indexed after Redis returned")
-        store = CodeStore(client, NS)
-        assert store.count(active_version(client), "image") == 3
-        assert store.study(study.study_uid)["n_instances"] == "3"
+        store = Store(client, NS)
+        assert store.codes.count(active_version(client), "image") == 3
+        assert store.records.study(study.study_uid)["n_instances"] == "3"
     finally:
         serve.stop()
 
@@ -197,7 +198,7 @@ def test_scp_restarted_with_files_in_its_spool_reconciles_them(outside_redis, tm
     second = Serve(tmp_path, r2.url, "serve-2")
     try:
         wait_until(lambda: indexed_count(client, study.sop_uids) == 2, 90, what="spool reconciled at start")
-        assert CodeStore(client, NS).count(active_version(client), "image") == 2
+        assert Store(client, NS).codes.count(active_version(client), "image") == 2
     finally:
         second.stop()
 
@@ -207,7 +208,7 @@ def test_a_file_whose_decoding_kills_the_worker_is_failed_not_redelivered_for_ev
 ):
     """A codec that crashes the process on one file must not crash workers for ever: after
     MAX_DECODE_CRASHES deaths while decoding it, the instance is a permanent failure."""
-    from workers.tasks import MAX_DECODE_CRASHES, decoding_key
+    from workers.batching import MAX_DECODE_CRASHES
 
     w = worker_factory(DRH_BATCH_CLAIM_SECONDS="2")
     app = app_for(redis_server.url, tmp_path / "data")
@@ -218,14 +219,16 @@ def test_a_file_whose_decoding_kills_the_worker_is_failed_not_redelivered_for_ev
     send(app, study)
     for attempt in range(1, MAX_DECODE_CRASHES + 1):
         wait_until(
-            lambda a=attempt: int(redis_client.hget(decoding_key(NS), sop) or 0) == a and w.pool_pids(),
+            lambda a=attempt: (
+                int(redis_client.hget(Store(redis_client, NS).keys.ingest_decoding(), sop) or 0) == a and w.pool_pids()
+            ),
             60,
             what=f"decode attempt {attempt}",
         )
         for pid in w.pool_pids():
             os.kill(pid, signal.SIGKILL)  # as a codec's segfault would
-    ledger = FailureLedger(redis_client, NS)
+    ledger = Store(redis_client, NS).ledger
     entry = wait_until(lambda: ledger.get(sop), 90, what="the instance given up as failed")
     assert entry["kind"] == "permanent" and f"killed the worker process {MAX_DECODE_CRASHES} times" in entry["reason"]
-    assert CodeStore(redis_client, NS).instance(sop)["state"] == "failed"
-    assert redis_client.hget(decoding_key(NS), sop) is None
+    assert Store(redis_client, NS).records.instance(sop)["state"] == "failed"
+    assert redis_client.hget(Store(redis_client, NS).keys.ingest_decoding(), sop) is None

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from plugin.cli import main as cli
-from plugin.index import ReplicaIndex
-from plugin.store import CodeStore
+from plugin.search.replica import ReplicaIndex
+from plugin.store import Store
 
 VERSION = "m-test"
 
@@ -14,23 +14,23 @@ VERSION = "m-test"
 def populated(redis_server, redis_client, tmp_path, monkeypatch):
     monkeypatch.setenv("DRH_REDIS_URL", redis_server.url)
     monkeypatch.setenv("DRH_DATA_DIR", str(tmp_path / "data"))
-    store = CodeStore(redis_client)
-    store.register_model(VERSION, 64)
-    store.activate(VERSION)
+    store = Store(redis_client)
+    store.models.register(VERSION, 64)
+    store.models.activate(VERSION)
     rng = np.random.default_rng(7)
     studies = {}
     for n in range(6):
         study = f"1.2.3.{n + 1}"
         sops = [f"{study}.{i + 1}" for i in range(2)]
         for sop in sops:
-            store.put_instance(sop, study, {"modality": "DX"})
-            store.upsert_code(VERSION, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8), study_uid=study)
+            store.records.put_instance(sop, study, {"modality": "DX"})
+            store.codes.upsert(VERSION, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8), study_uid=study)
             spooled = tmp_path / "data" / "spool" / study / f"{sop}.dcm"
             spooled.parent.mkdir(parents=True, exist_ok=True)
             spooled.write_bytes(b"DICM")
-        store.put_study(study, {"patient_id": f"P{n}", "study_date": "20240101", "modalities": "DX"})
+        store.records.put_study(study, {"patient_id": f"P{n}", "study_date": "20240101", "modalities": "DX"})
         code = rng.integers(0, 256, 8, dtype=np.uint8)
-        store.upsert_code(VERSION, "study", study, code)
+        store.codes.upsert(VERSION, "study", study, code)
         studies[study] = bytes(code)
     return store, studies, tmp_path / "data"
 
@@ -49,9 +49,9 @@ def test_deleted_study_is_gone_everywhere_and_compaction_keeps_answers_exact(pop
 
     assert cli(["delete-study", victim]) == 0
     assert "3 code(s) tombstoned" in capsys.readouterr().out
-    assert store.study(victim) == {} and store.study_instances(victim) == []
-    assert store.get_code(VERSION, "study", victim) is None
-    assert store.get_code(VERSION, "image", f"{victim}.1") is None
+    assert store.records.study(victim) == {} and store.records.study_instances(victim) == []
+    assert store.codes.get(VERSION, "study", victim) is None
+    assert store.codes.get(VERSION, "image", f"{victim}.1") is None
     assert not (data_dir / "spool" / victim).exists()
     assert (data_dir / "spool" / "1.2.3.4").exists()
     index.refresh()
@@ -79,13 +79,13 @@ def test_delete_study_refuses_a_malformed_uid(populated, capsys):
 def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populated, capsys):
     store, studies, _ = populated
     old = "m-previous"
-    store.register_model(old, 64)
+    store.models.register(old, 64)
     rng = np.random.default_rng(8)
     for study in studies:
-        store.upsert_code(old, "study", study, rng.integers(0, 256, 8, dtype=np.uint8))
-        for sop in store.study_instances(study):
-            store.upsert_code(old, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8))
-            store.put_embedding(old, sop, np.ones(4, np.float32))
+        store.codes.upsert(old, "study", study, rng.integers(0, 256, 8, dtype=np.uint8))
+        for sop in store.records.study_instances(study):
+            store.codes.upsert(old, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8))
+            store.embeddings.put(old, sop, np.ones(4, np.float32))
 
     assert cli(["models"]) == 0
     listing = capsys.readouterr().out.splitlines()
@@ -96,18 +96,19 @@ def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populat
 
     assert cli(["models", "drop", VERSION]) == 1
     assert "active version" in capsys.readouterr().err
-    store.r.hset(f"{store.keys.ns}:reindex", mapping={"version": old, "state": "running"})
+    store.reindex.start(old, "", VERSION)
+    store.reindex.update({"state": "running"})
     assert cli(["models", "drop", old]) == 1
     assert "re-index" in capsys.readouterr().err
-    store.r.hset(f"{store.keys.ns}:reindex", "state", "complete")
+    store.reindex.update({"state": "complete"})
 
     assert cli(["models", "drop", old]) == 0
     assert "12 image and 6 study code(s) removed" in capsys.readouterr().out
-    assert store.models() == [VERSION]
-    assert not list(store.r.scan_iter(match=f"*{old}*"))
+    assert store.models.versions() == [VERSION]
+    assert not list(store.client.scan_iter(match=f"*{old}*"))
     # Later writes do not bring it back, and the active version still answers exactly.
-    store.put_instance("1.2.3.1.9", "1.2.3.1", {"modality": "DX"})
-    assert not list(store.r.scan_iter(match=f"*{old}*"))
+    store.records.put_instance("1.2.3.1.9", "1.2.3.1", {"modality": "DX"})
+    assert not list(store.client.scan_iter(match=f"*{old}*"))
     index = ReplicaIndex(store, "study")
     index.refresh()
     query = studies["1.2.3.2"]

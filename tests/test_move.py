@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
-from dicom_peers import DCMTK, Orthanc, dcmtk, running_plugin
-from dicomgen import fixture_images, make_study
 from pydicom import dcmread
 
-from plugin.redis_embedded import free_port
+from plugin.core.redis_server import free_port
+from tests.helpers.dicomgen import fixture_images, make_study
+from tests.helpers.peers import DCMTK, Orthanc, dcmtk, running_plugin
+from tests.helpers.processes import wait_until
+
+pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
 
 class Viewer:
@@ -78,7 +80,7 @@ def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_clien
             folder = plugin.settings.spool_dir / study.study_uid
             wait_until(lambda: len(list(folder.glob("*.dcm"))) == 2, 60, what="Orthanc to forward the study")
             # As after indexing with keep_files off: the metadata says where it came from, no local copy.
-            plugin.store.put_study(study.study_uid, {"source_ae": "ORTHANC", "patient_id": "P-MOVE"})
+            plugin.store.records.put_study(study.study_uid, {"source_ae": "ORTHANC", "patient_id": "P-MOVE"})
             for path in folder.glob("*.dcm"):
                 path.unlink()
 
@@ -103,7 +105,7 @@ def test_move_from_the_spool_when_the_sender_is_not_a_known_node(tmp_path, redis
         # Patient Root, PATIENT level: every study of the patient (metadata as the workers write it).
         for path in viewer.dir.iterdir():
             path.unlink()
-        plugin.store.put_study(study.study_uid, {"patient_id": "P-SPOOL", "source_ae": "MODALITY"})
+        plugin.store.records.put_study(study.study_uid, {"patient_id": "P-SPOOL", "source_ae": "MODALITY"})
         proc = dcmtk(
             "movescu", "-P", "-aet", "VIEWER", "-aec", "DRHPACS", "-aem", "VIEWER",
             "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientID=P-SPOOL", "127.0.0.1", str(plugin.port),

@@ -11,10 +11,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import wait_until
-from dicom_peers import ORTHANC_USER, Orthanc, dcmtk, running_plugin
-from dicomgen import fixture_images, make_study
 from pydicom import dcmread
+
+from plugin.store.broker import queue_depth
+from tests.helpers.dicomgen import fixture_images, make_study
+from tests.helpers.peers import ORTHANC_USER, Orthanc, dcmtk, running_plugin
+from tests.helpers.processes import wait_until
+
+pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
 
 def _source_ae(path) -> str:
@@ -53,7 +57,7 @@ def test_orthanc_forwards_every_stable_study_to_drh_pacs(tmp_path, redis_client,
                 assert (
                     dcmread(path, stop_before_pixels=True).file_meta.SourceApplicationEntityTitle.strip() == "ORTHANC"
                 )
-        wait_until(lambda: redis_client.llen("ingest") >= 3, 20, what="three indexing tasks")
+        wait_until(lambda: queue_depth(redis_client, "ingest") >= 3, 20, what="three indexing tasks")
 
 
 def _backfill(settings, orthanc, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -107,11 +111,11 @@ def test_backfill_indexes_an_existing_archive_and_resumes(tmp_path, redis_client
         for study in studies:
             (path,) = _spooled(plugin, study)
             assert _source_ae(path) == "ORTHANC"
-        assert redis_client.llen("ingest") == 3
+        assert queue_depth(redis_client, "ingest") == 3
 
 
 def test_backfill_says_when_orthanc_is_unreachable(tmp_path, redis_server):
-    from plugin.redis_embedded import free_port
+    from plugin.core.redis_server import free_port
 
     with running_plugin(tmp_path, redis_server.url) as plugin:
 
@@ -127,7 +131,7 @@ def test_backfill_says_when_orthanc_is_unreachable(tmp_path, redis_server):
 def test_shipped_orthanc_configuration_is_valid_json_with_forwarding(key):
     import json
 
-    from dicom_peers import DEPLOY_ORTHANC
+    from tests.helpers.peers import DEPLOY_ORTHANC
 
     config = json.loads((DEPLOY_ORTHANC / "orthanc.json").read_text())
     assert key in config

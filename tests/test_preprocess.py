@@ -19,9 +19,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
+from hashing import decode, decode_check, display
 from hashing import preprocess as pp
 from hashing.preprocess import DecodeError, NotAnImage
-from tests.dicomgen import fixture_images, make_instance
+from tests.helpers.dicomgen import fixture_images, make_instance
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dicom"
 
@@ -134,7 +135,7 @@ def test_deflated_image_frame_compression_is_inflated(tmp_path: Path) -> None:
     reference = pp.load_pixels(ds)
     deflater = zlib.compressobj(9, zlib.DEFLATED, -15)
     frame = deflater.compress(ds.PixelData) + deflater.flush()
-    ds.file_meta.TransferSyntaxUID = pp.DEFLATED_IMAGE_FRAME
+    ds.file_meta.TransferSyntaxUID = decode.DEFLATED_IMAGE_FRAME
     ds.PixelData = encapsulate([frame])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
@@ -311,7 +312,7 @@ def test_run_decoder_falls_back_past_a_base_exception() -> None:
             return np.zeros((4, 4)), {}
 
     fake = FakeDecoder()
-    arr, _ = pp._run_decoder(fake, Dataset(), 0)
+    arr, _ = decode._run_decoder(fake, Dataset(), 0)
     assert arr.shape == (4, 4)
     assert fake.tried == ["pylibjpeg", "pydicom"]  # preferred first, then the next; never gdcm
 
@@ -482,8 +483,8 @@ def test_first_window_is_used_when_several() -> None:
 
 def test_window_functions() -> None:
     values = np.tile(np.array([0.0, 50.0, 100.0]), (16, 16))
-    np.testing.assert_allclose(pp._window(values, 50, 100, "LINEAR_EXACT")[0, :3], [0.0, 0.5, 1.0])
-    sig = pp._window(values, 50, 100, "SIGMOID")[0]
+    np.testing.assert_allclose(display._window(values, 50, 100, "LINEAR_EXACT")[0, :3], [0.0, 0.5, 1.0])
+    sig = display._window(values, 50, 100, "SIGMOID")[0]
     assert sig[1] == pytest.approx(0.5) and 0 < sig[0] < 0.5 < sig[2] < 1
 
 
@@ -701,7 +702,7 @@ def test_decode_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (folder / "sub" / "notes.txt").write_text("not dicom at all\n")
     out_csv = tmp_path / "out.csv"
     png_dir = tmp_path / "png"
-    rc = pp.main([str(folder), "--csv", str(out_csv), "--png-dir", str(png_dir)])
+    rc = decode_check.main([str(folder), "--csv", str(out_csv), "--png-dir", str(png_dir)])
     assert rc == 0
     rows = {r["path"]: r for r in csv.DictReader(out_csv.open())}
     assert rows["MR_small_RLE.dcm"]["outcome"] == "ok"

@@ -10,9 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
-from dicom_peers import code, dcmtk, findscu, populate, running_plugin
-from dicomgen import fixture_images, make_instance, make_study
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -26,7 +23,13 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, StudyRootQueryRetrieveInformationModelFind
 
-from plugin import dicom_status as st
+from plugin.dicom import status as st
+from plugin.store.broker import queue_depth
+from tests.helpers.dicomgen import fixture_images, make_instance, make_study
+from tests.helpers.peers import code, dcmtk, findscu, populate, running_plugin
+from tests.helpers.processes import wait_until
+
+pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
 ALLOWED = ["VIEWER", "STORESCU", "PACS"]
 
@@ -38,7 +41,7 @@ def plugin(tmp_path, redis_client, redis_server):
 
 
 def _queued(redis_client) -> int:
-    return int(redis_client.llen("ingest"))
+    return queue_depth(redis_client, "ingest")
 
 
 # -- association rules --------------------------------------------------------------------------------
@@ -178,7 +181,7 @@ def test_non_image_objects_refused_at_negotiation_by_configuration(tmp_path, red
 
 def test_files_spooled_while_the_broker_is_down_are_queued_by_the_reconciler(tmp_path, redis_client, redis_server):
     """A file in the spool that no task covers (the broker was down) is queued at start-up."""
-    from plugin.spool import Spool
+    from plugin.dicom.spool import Spool
 
     ds = make_instance(fixture_images()[3], study_uid=generate_uid(), series_uid=generate_uid())
     settings_dir = tmp_path
@@ -227,7 +230,7 @@ def archive(plugin):
             OTHER_CT: (code("0000 0000 0000 0011"), _meta("P4", "20240101", "CT")),
         },
     )
-    plugin.store.put_study(PENDING_STUDY, _meta("P5", "20240102"))  # received, no study code yet
+    plugin.store.records.put_study(PENDING_STUDY, _meta("P5", "20240102"))  # received, no study code yet
     return plugin
 
 
@@ -344,10 +347,12 @@ def test_index_not_ready_is_a_failure_not_an_empty_success(tmp_path, plugin):
 def test_image_level_similar_by_sop_instance_uid(tmp_path, plugin):
     study_a, study_b = generate_uid(), generate_uid()
     sops = [generate_uid() for _ in range(3)]
-    plugin.store.put_study(study_a, _meta("P1", "20240101"))
-    plugin.store.put_study(study_b, _meta("P2", "20240101"))
+    plugin.store.records.put_study(study_a, _meta("P1", "20240101"))
+    plugin.store.records.put_study(study_b, _meta("P2", "20240101"))
     for sop, study in zip(sops, (study_a, study_b, study_b), strict=True):
-        plugin.store.put_instance(sop, study, {"series_uid": "1.2.3", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1"})
+        plugin.store.records.put_instance(
+            sop, study, {"series_uid": "1.2.3", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1.1"}
+        )
     populate(
         plugin.store,
         {sops[0]: (code("0" * 16), {}), sops[1]: (code("0" * 15 + "1"), {}), sops[2]: (code("1" * 16), {})},
@@ -381,14 +386,12 @@ def test_plain_study_root_and_patient_root_find(tmp_path, archive):
 def test_cancel_stops_a_long_answer(archive):
     """C-CANCEL during a plain answer: the SCP stops with Cancel instead of sending everything.
 
-    The answer must be long enough that the server cannot finish it before the C-CANCEL sent after
-    the third response reaches it: with Nagle off, 300 answers could all be out first.
+    The handler produces responses only as the peer takes them (back-pressure on the send queue),
+    so the C-CANCEL sent after the third response arrives while most of the answer is still unmade.
     """
-    total = 2000
-    pipe = archive.store.r.pipeline(transaction=False)
+    total = 300
     for n in range(total):
-        pipe.hset(archive.store.keys.study(f"1.2.826.0.1.3680043.8.498.9{n:04d}"), mapping=_meta("PX", "20200101"))
-    pipe.execute()
+        archive.store.records.put_study(f"1.2.826.0.1.3680043.8.498.9{n:04d}", _meta("PX", "20200101"))
     ae = AE(ae_title="VIEWER")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", archive.port, ae_title="DRHPACS")
@@ -408,15 +411,6 @@ def test_cancel_stops_a_long_answer(archive):
         assert time.monotonic() - started < 60
     finally:
         assoc.release()
-
-
-def test_spool_path_components_are_checked(tmp_path):
-    from plugin.spool import Spool, SpoolError
-
-    with pytest.raises(SpoolError):
-        Spool(tmp_path).write("../../etc", "1.2.3", b"x")
-    entry = Spool(tmp_path).write("1.2.3", "1.2.3.4", [b"DI", b"CM"])
-    assert Path(entry.path).read_bytes() == b"DICM"
 
 
 # -- transport: TLS and the association limit -------------------------------------------------------------
@@ -484,7 +478,7 @@ def test_broker_down_file_is_answered_after_spooling_and_queued_when_the_broker_
     """Redis as broker is down: the C-STORE still succeeds (the file is durable), the task waits."""
     import redis as redis_lib
 
-    from plugin.redis_embedded import EmbeddedRedis, free_port
+    from plugin.core.redis_server import EmbeddedRedis, free_port
 
     broker_port = free_port()
     study = make_study(tmp_path / "in", fixture_images()[5:6], patient_id="P-BROKER")
@@ -501,62 +495,12 @@ def test_broker_down_file_is_answered_after_spooling_and_queued_when_the_broker_
             assert redis_lib.Redis(port=broker_port).llen("ingest") == 1
 
 
-# -- the spool reconciler, one function at a time ------------------------------------------------------
-def _reconciler(tmp_path, done: set[str], fail: list[bool], **kwargs):
-    from plugin.spool import Reconciler, Spool
-
-    queued: list[str] = []
-
-    def enqueue(entry) -> None:
-        if fail and fail[0]:
-            raise ConnectionError("broker down")
-        queued.append(entry.sop_uid)
-
-    spool = Spool(tmp_path / "spool")
-    rec = Reconciler(spool, is_done=lambda entries: {e.sop_uid for e in entries} & done, enqueue=enqueue, **kwargs)
-    return spool, rec, queued
-
-
-def test_reconciler_full_pass_queues_what_is_neither_done_nor_tracked(tmp_path):
-    done: set[str] = {"1.2.3.2"}
-    spool, rec, queued = _reconciler(tmp_path, done, [])
-    for sop in ("1.2.3.1", "1.2.3.2", "1.2.3.3"):
-        spool.write("1.2.3", sop, b"x")
-    (spool.root / "1.2.3" / ".incoming-x.part").write_bytes(b"half")  # a write in progress: never queued
-    assert rec.run_once(full=True) == 2
-    assert sorted(queued) == ["1.2.3.1", "1.2.3.3"]
-    assert rec.run_once() == 0  # queued recently: not again
-    done |= {"1.2.3.1", "1.2.3.3"}
-    rec.run_once()
-    assert rec.pending == 0
-
-
-def test_reconciler_retries_failed_queueing_at_once_and_respects_the_grace_of_fresh_files(tmp_path):
-    fail = [True]
-    spool, rec, queued = _reconciler(tmp_path, set(), fail, grace=3600)
-    tracked = spool.write("1.2.4", "1.2.4.1", b"x")
-    rec.track(tracked, enqueued=False)  # the handler could not queue it
-    rec.full_scan()
-    spool.write("1.2.4", "1.2.4.2", b"x")  # a fresh file nobody told us about (its handler may be queueing it)
-    rec.full_scan()
-    assert rec.run_once() == 0 and rec.pending == 2  # broker still down: kept
-    fail[0] = False
-    assert rec.run_once() == 1 and queued == ["1.2.4.1"]  # the fresh untracked file waits out its grace
-
-
-def test_reconciler_requeues_a_queued_file_that_stays_unindexed(tmp_path):
-    spool, rec, queued = _reconciler(tmp_path, set(), [], requeue_after=0.0)
-    entry = spool.write("1.2.5", "1.2.5.1", b"x")
-    rec.track(entry, enqueued=True)
-    assert rec.run_once() == 1 and queued == ["1.2.5.1"]
-
-
 def test_accepted_connections_turn_nagle_off():
     """Without TCP_NODELAY each C-FIND response waited for a delayed ACK (~40 ms per message)."""
     import socket
     from types import SimpleNamespace
 
-    from plugin.handlers import handle_conn_open
+    from plugin.dicom.handlers import handle_conn_open
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         client = socket.create_connection(server.getsockname())

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.settings import Settings, SettingsError, load_settings, settings_table
+from plugin.core.settings import Settings, SettingsError, load_settings, settings_table
 
 README = Path(__file__).parents[1] / "README.md"
 

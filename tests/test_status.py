@@ -8,20 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import wait_until
-from dicomgen import fixture_images, make_study
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
-from test_workers import NS, app_for, indexed_count, send
-from test_workers import worker_factory as worker_factory  # the fixture
 
-from plugin import metrics
-from plugin.http_api import ApiContext, create_app
-from plugin.redis_embedded import free_port
-from plugin.settings import load_settings
-from plugin.status import gather, render_text
-from plugin.store import CodeStore
-from workers.failures import FailureLedger
+from plugin.core.redis_server import free_port
+from plugin.core.settings import load_settings
+from plugin.http.app import ApiContext, create_app
+from plugin.ops import metrics
+from plugin.ops.status import gather, render_text
+from plugin.store import Store
+from tests.helpers.dicomgen import fixture_images, make_study
+from tests.helpers.processes import wait_until
+from tests.helpers.workers import NS, app_for, indexed_count, send
 
 TOKEN = "test-token"
 
@@ -45,17 +43,18 @@ def running(redis_server, redis_client, worker_factory, tmp_path):
     study.files[2].write_bytes(good[:2000])
     app = app_for(redis_server.url, data)
     send(app, study)
-    ledger = FailureLedger(redis_client, NS)
+    ledger = Store(redis_client, NS).ledger
     wait_until(lambda: indexed_count(redis_client, study.sop_uids[:2]) == 2, 90, what="2 indexed")
     wait_until(lambda: ledger.count() == 1, 60, what="1 failure")
-    wait_until(lambda: gather(redis_client, ns=NS)["queues"]["ingest"] == 0, 60, what="ingest queue drained")
-    ctx = ApiContext(settings=settings, store=CodeStore(redis_client, NS), celery=app)
+    wait_until(lambda: gather(Store(redis_client, NS))["queues"]["ingest"] == 0, 60, what="ingest queue drained")
+    ctx = ApiContext(settings=settings, store=Store(redis_client, NS), celery=app)
     return settings, study, good, ctx
 
 
+@pytest.mark.slow
 def test_figures_text_and_metrics_agree(running, redis_client, redis_server, tmp_path):
     settings, study, _good, _ctx = running
-    f = gather(redis_client, ns=NS)
+    f = gather(Store(redis_client, NS))
     assert f["redis_ok"] and f["queues"] == {"ingest": 0, "study": 0, "maintenance": 0}
     (model,) = f["models"]
     assert model["active"] and model["image"] == 2 and model["nbits"] == 64
@@ -91,6 +90,7 @@ def test_figures_text_and_metrics_agree(running, redis_client, redis_server, tmp
     assert w["hostname"] in out.stdout and study.sop_uids[2] in out.stdout and model["version"] in out.stdout
 
 
+@pytest.mark.slow
 def test_http_ops_routes(running, redis_client):
     settings, study, good, ctx = running
     client = TestClient(create_app(ctx))
@@ -116,7 +116,7 @@ def test_http_ops_routes(running, redis_client):
     assert f.status_code == 200 and f.content == study.files[0].read_bytes()
     assert client.get("/api/instances/1.2.3.4/file", headers=auth).status_code == 404
     assert client.get("/api/instances/..%2F..%2Fetc/file", headers=auth).status_code in (400, 404)
-    redis_client.hset(f"{NS}:instance:1.2.3.5", "path", "/etc/hostname")
+    Store(redis_client, NS).records.update_instance("1.2.3.5", {"path": "/etc/hostname"})
     assert client.get("/api/instances/1.2.3.5/file", headers=auth).status_code == 404
 
     # retry from the page's button: the fixed file is indexed and leaves the ledger
@@ -125,19 +125,19 @@ def test_http_ops_routes(running, redis_client):
     r = client.post(f"/api/failures/{study.sop_uids[2]}/retry", headers=auth)
     assert r.status_code == 200 and r.json()["retried"] == 1
     wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 3, 60, what="retried instance indexed")
-    assert FailureLedger(redis_client, NS).count() == 0
+    assert Store(redis_client, NS).ledger.count() == 0
 
 
 def test_status_when_redis_is_down(tmp_path):
     import redis
 
     dead = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
-    f = gather(dead, ns=NS)
+    f = gather(Store(dead, NS))
     assert not f["redis_ok"] and "Redis unavailable" in f["error"]
     assert "Redis unavailable" in render_text(f)
     assert _samples(metrics.render(f).decode())[("drh_redis_up", ())] == 0
     settings = load_settings(env={}, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path, api_token=TOKEN)
-    client = TestClient(create_app(ApiContext(settings=settings, store=CodeStore(dead, NS))))
+    client = TestClient(create_app(ApiContext(settings=settings, store=Store(dead, NS))))
     auth = {"Authorization": f"Bearer {TOKEN}"}
     assert client.get("/health").status_code == 200
     r = client.get("/ready", headers=auth)

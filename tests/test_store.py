@@ -3,29 +3,29 @@
 import numpy as np
 import pytest
 
-from plugin.store import CodeStore, StoreError
+from plugin.store import Store, StoreError
 
 
 def test_upsert_is_idempotent_by_uid(redis_client):
-    store = CodeStore(redis_client)
-    store.register_model("m1", 64)
+    store = Store(redis_client)
+    store.models.register("m1", 64)
     code = np.arange(8, dtype=np.uint8)
-    slot, changed = store.upsert_code("m1", "image", "1.2.3", code)
+    slot, changed = store.codes.upsert("m1", "image", "1.2.3", code)
     assert (slot, changed) == (0, True)
-    assert store.upsert_code("m1", "image", "1.2.3", code) == (0, False)
-    slot2, _ = store.upsert_code("m1", "image", "1.2.4", code[::-1].copy())
+    assert store.codes.upsert("m1", "image", "1.2.3", code) == (0, False)
+    slot2, _ = store.codes.upsert("m1", "image", "1.2.4", code[::-1].copy())
     assert slot2 == 1
-    assert store.count("m1", "image") == 2
-    assert store.get_code("m1", "image", "1.2.4") == bytes(code[::-1])
+    assert store.codes.count("m1", "image") == 2
+    assert store.codes.get("m1", "image", "1.2.4") == bytes(code[::-1])
 
 
 def test_code_width_is_checked(redis_client):
-    store = CodeStore(redis_client)
-    store.register_model("m1", 64)
+    store = Store(redis_client)
+    store.models.register("m1", 64)
     with pytest.raises(StoreError):
-        store.upsert_code("m1", "image", "1.2.3", b"\x00" * 4)
+        store.codes.upsert("m1", "image", "1.2.3", b"\x00" * 4)
     with pytest.raises(StoreError):
-        store.register_model("m1", 32)
+        store.models.register("m1", 32)
 
 
 def test_slot_allocation_is_safe_with_concurrent_writers(redis_client):
@@ -34,16 +34,16 @@ def test_slot_allocation_is_safe_with_concurrent_writers(redis_client):
     import redis
 
     pool = redis_client.connection_pool
-    CodeStore(redis_client).register_model("m1", 64)
+    Store(redis_client).models.register("m1", 64)
     results: dict[str, set[int]] = {}
     lock = threading.Lock()
 
     def worker(w: int) -> None:
-        store = CodeStore(redis.Redis(connection_pool=pool))
+        store = Store(redis.Redis(connection_pool=pool))
         rng = np.random.default_rng(w)
         for i in range(150):
             uid = f"1.2.{i}" if i % 3 == 0 else f"1.3.{w}.{i}"  # every third UID written by all
-            slot, _ = store.upsert_code("m1", "study", uid, rng.integers(0, 256, 8, dtype=np.uint8))
+            slot, _ = store.codes.upsert("m1", "study", uid, rng.integers(0, 256, 8, dtype=np.uint8))
             with lock:
                 results.setdefault(uid, set()).add(slot)
 
@@ -52,36 +52,36 @@ def test_slot_allocation_is_safe_with_concurrent_writers(redis_client):
         t.start()
     for t in threads:
         t.join()
-    store = CodeStore(redis_client)
+    store = Store(redis_client)
     assert all(len(slots) == 1 for slots in results.values()), "one UID, one slot"
     slots = sorted(next(iter(s)) for s in results.values())
     assert slots == list(range(len(results))), "slots are dense and never shared"
-    assert store.count("m1", "study") == len(results) == 50 + 4 * 100
+    assert store.codes.count("m1", "study") == len(results) == 50 + 4 * 100
 
 
 def test_delete_tombstones_and_reinsert_takes_a_new_slot(redis_client):
-    store = CodeStore(redis_client)
-    store.register_model("m1", 32)
+    store = Store(redis_client)
+    store.models.register("m1", 32)
     for i in range(5):
-        store.upsert_code("m1", "image", f"1.{i}", bytes([i] * 4))
-    assert store.delete_code("m1", "image", "1.2") == 2
-    assert store.delete_code("m1", "image", "1.2") is None
-    assert store.get_code("m1", "image", "1.2") is None and store.count("m1", "image") == 4
-    snap = store.snapshot("m1", "image")
+        store.codes.upsert("m1", "image", f"1.{i}", bytes([i] * 4))
+    assert store.codes.delete("m1", "image", "1.2") == 2
+    assert store.codes.delete("m1", "image", "1.2") is None
+    assert store.codes.get("m1", "image", "1.2") is None and store.codes.count("m1", "image") == 4
+    snap = store.codes.snapshot("m1", "image")
     assert snap.n_slots == 5 and snap.deleted.tolist() == [False, False, True, False, False]
-    assert store.upsert_code("m1", "image", "1.2", bytes([9] * 4)) == (5, True)
-    assert store.uids_of("m1", "image", [2, 5]) == [None, "1.2"]
-    assert store.slots_of("m1", "image", ["1.2", "nope"]) == [5, None]
+    assert store.codes.upsert("m1", "image", "1.2", bytes([9] * 4)) == (5, True)
+    assert store.codes.uids_of("m1", "image", [2, 5]) == [None, "1.2"]
+    assert store.codes.slots_of("m1", "image", ["1.2", "nope"]) == [5, None]
 
 
 def test_change_log_carries_what_replicas_need(redis_client):
-    store = CodeStore(redis_client, namespace="x")
-    store.register_model("m1", 64)
+    store = Store(redis_client, namespace="x")
+    store.models.register("m1", 64)
     code = bytes(range(8))
-    store.upsert_code("m1", "study", "1.1", code)
-    store.upsert_code("m1", "study", "1.1", code)  # unchanged: not logged
-    store.delete_code("m1", "study", "1.1")
-    entries = [f for _, f in redis_client.xrange("x:log:m1:study")]
+    store.codes.upsert("m1", "study", "1.1", code)
+    store.codes.upsert("m1", "study", "1.1", code)  # unchanged: not logged
+    store.codes.delete("m1", "study", "1.1")
+    entries = [f for _, f in redis_client.xrange(store.keys.log("m1", "study"))]
     assert [f[b"op"] for f in entries] == [b"init", b"set", b"del"]
     assert entries[1][b"code"] == code and entries[1][b"uid"] == b"1.1" and int(entries[1][b"sn"]) >= 1
 
@@ -89,18 +89,18 @@ def test_change_log_carries_what_replicas_need(redis_client):
 def test_put_study_keeps_a_filter_record_from_the_merged_hash(redis_client):
     from plugin.store import ATTR_DTYPE, FLAG_KNOWN, patient_key
 
-    store = CodeStore(redis_client, namespace="x")
-    store.put_study("1.5", {"patient_id": "PID-1", "study_date": "20190304"})
-    store.put_study("1.5", {"modalities": "CR,dx", "body_part": "chest"})
-    store.put_study("1.5", {"modalities": "CR,dx", "body_part": "chest"})  # no change, no log entry
-    sn = store.study_number("1.5")
-    raw = redis_client.getrange("x:sattr", sn * ATTR_DTYPE.itemsize, (sn + 1) * ATTR_DTYPE.itemsize - 1)
+    store = Store(redis_client, namespace="x")
+    store.records.put_study("1.5", {"patient_id": "PID-1", "study_date": "20190304"})
+    store.records.put_study("1.5", {"modalities": "CR,dx", "body_part": "chest"})
+    store.records.put_study("1.5", {"modalities": "CR,dx", "body_part": "chest"})  # no change, no log entry
+    sn = store.records.study_number("1.5")
+    raw = redis_client.getrange(store.keys.sattr(), sn * ATTR_DTYPE.itemsize, (sn + 1) * ATTR_DTYPE.itemsize - 1)
     rec = np.frombuffer(raw, ATTR_DTYPE)[0]
     assert rec["flags"] == FLAG_KNOWN and rec["date"] == 20190304 and rec["patient"] == patient_key("PID-1")
-    assert store.vocabulary("modality", ["CR", "DX", "MR"]) == [1, 2, None]
-    assert rec["modmask"] == 0b11 and rec["body"] == store.vocabulary("body_part", ["CHEST"])[0]
-    assert redis_client.xlen("x:attrlog") == 2
-    assert store.study("1.5")["patient_id"] == "PID-1", "the C-FIND hash is kept as written"
+    assert store.records.vocabulary("modality", ["CR", "DX", "MR"]) == [1, 2, None]
+    assert rec["modmask"] == 0b11 and rec["body"] == store.records.vocabulary("body_part", ["CHEST"])[0]
+    assert redis_client.xlen(store.keys.attrlog()) == 2
+    assert store.records.study("1.5")["patient_id"] == "PID-1", "the C-FIND hash is kept as written"
     assert b"PID-1" not in raw
 
 
@@ -117,9 +117,9 @@ def test_concurrent_put_study_never_loses_a_field(redis_client):
         barrier = threading.Barrier(2)
 
         def write(meta: dict[str, str], uid: str = uid, barrier: threading.Barrier = barrier) -> None:
-            s = CodeStore(redis.Redis(connection_pool=pool))
+            s = Store(redis.Redis(connection_pool=pool))
             barrier.wait()
-            s.put_study(uid, meta)
+            s.records.put_study(uid, meta)
 
         a = threading.Thread(target=write, args=({"study_date": "20200101"},))
         b = threading.Thread(target=write, args=({"patient_id": "P9"},))
@@ -127,26 +127,28 @@ def test_concurrent_put_study_never_loses_a_field(redis_client):
         b.start()
         a.join()
         b.join()
-        sn = CodeStore(redis_client).study_number(uid)
-        rec = np.frombuffer(redis_client.getrange("drh:sattr", sn * 24, sn * 24 + 23), ATTR_DTYPE)[0]
+        sn = Store(redis_client).records.study_number(uid)
+        rec = np.frombuffer(redis_client.getrange(Store(redis_client).keys.sattr(), sn * 24, sn * 24 + 23), ATTR_DTYPE)[
+            0
+        ]
         assert rec["date"] == 20200101 and rec["patient"] != 0
 
 
 def test_image_slot_is_linked_to_its_study_in_either_order(redis_client):
-    store = CodeStore(redis_client)
-    store.register_model("m1", 64)
-    store.register_model("m2", 64)
-    slot_a, _ = store.upsert_code("m1", "image", "9.1", bytes(8))  # code first
-    store.upsert_code("m2", "image", "9.1", bytes(8))
-    store.put_instance("9.1", "8.1", {"modality": "CR"})
-    store.put_instance("9.2", "8.1", {"modality": "CR"})  # instance first
-    slot_b, _ = store.upsert_code("m1", "image", "9.2", bytes([1] * 8))
-    sn = store.study_number("8.1")
+    store = Store(redis_client)
+    store.models.register("m1", 64)
+    store.models.register("m2", 64)
+    slot_a, _ = store.codes.upsert("m1", "image", "9.1", bytes(8))  # code first
+    store.codes.upsert("m2", "image", "9.1", bytes(8))
+    store.records.put_instance("9.1", "8.1", {"modality": "CR"})
+    store.records.put_instance("9.2", "8.1", {"modality": "CR"})  # instance first
+    slot_b, _ = store.codes.upsert("m1", "image", "9.2", bytes([1] * 8))
+    sn = store.records.study_number("8.1")
     for v in ("m1", "m2"):
-        snap = store.snapshot(v, "image")
+        snap = store.codes.snapshot(v, "image")
         assert snap.slot_sn[slot_a] == sn
-    assert store.snapshot("m1", "image").slot_sn[slot_b] == sn
-    ops = [f[b"op"] for _, f in redis_client.xrange("drh:log:m1:image")]
+    assert store.codes.snapshot("m1", "image").slot_sn[slot_b] == sn
+    ops = [f[b"op"] for _, f in redis_client.xrange(store.keys.log("m1", "image"))]
     assert ops == [b"init", b"set", b"link", b"set"]
 
 
@@ -155,63 +157,63 @@ def test_compaction_renumbers_in_order_and_loses_no_concurrent_write(redis_clien
 
     import redis
 
-    store = CodeStore(redis_client)
-    store.register_model("m1", 64)
+    store = Store(redis_client)
+    store.models.register("m1", 64)
     rng = np.random.default_rng(0)
     expected: dict[str, bytes] = {}
     for i in range(400):
         c = bytes(rng.integers(0, 256, 8, dtype=np.uint8))
-        store.upsert_code("m1", "study", f"1.{i}", c)
+        store.codes.upsert("m1", "study", f"1.{i}", c)
         expected[f"1.{i}"] = c
     for i in range(0, 400, 3):
-        store.delete_code("m1", "study", f"1.{i}")
+        store.codes.delete("m1", "study", f"1.{i}")
         del expected[f"1.{i}"]
-    order_before = sorted(expected, key=lambda u: store.slots_of("m1", "study", [u])[0])
+    order_before = sorted(expected, key=lambda u: store.codes.slots_of("m1", "study", [u])[0])
     stop = threading.Event()
     written: dict[str, bytes] = {}
 
     def writer() -> None:
-        w = CodeStore(redis.Redis(connection_pool=redis_client.connection_pool))
+        w = Store(redis.Redis(connection_pool=redis_client.connection_pool))
         r = np.random.default_rng(1)
         i = 0
         while not stop.is_set() or i < 50:
             c = bytes(r.integers(0, 256, 8, dtype=np.uint8))
-            w.upsert_code("m1", "study", f"2.{i}", c)
+            w.codes.upsert("m1", "study", f"2.{i}", c)
             written[f"2.{i}"] = c
             i += 1
 
     t = threading.Thread(target=writer)
     t.start()
     try:
-        reclaimed = store.compact("m1", "study")
+        reclaimed = store.codes.compact("m1", "study")
     finally:
         stop.set()
         t.join()
     assert reclaimed == 134
     expected.update(written)
-    assert store.count("m1", "study") == len(expected)
+    assert store.codes.count("m1", "study") == len(expected)
     for uid, code in expected.items():
-        assert store.get_code("m1", "study", uid) == code, uid
-    order_after = sorted(order_before, key=lambda u: store.slots_of("m1", "study", [u])[0])
+        assert store.codes.get("m1", "study", uid) == code, uid
+    order_after = sorted(order_before, key=lambda u: store.codes.slots_of("m1", "study", [u])[0])
     assert order_after == order_before, "compaction keeps the slot order (and so the tie-break)"
-    snap = store.snapshot("m1", "study")
+    snap = store.codes.snapshot("m1", "study")
     assert snap.generation == 1 and not snap.deleted.any() and snap.n_slots == len(expected)
 
 
 def test_changes_detects_a_trimmed_log(redis_client):
-    store = CodeStore(redis_client)
-    store.register_model("m1", 64)
-    pos = store.snapshot("m1", "study").log_pos
+    store = Store(redis_client)
+    store.models.register("m1", 64)
+    pos = store.codes.snapshot("m1", "study").log_pos
     for i in range(10):
-        store.upsert_code("m1", "study", f"1.{i}", bytes([i] * 8))
-    ch = store.changes("m1", "study", pos, "0-0")
+        store.codes.upsert("m1", "study", f"1.{i}", bytes([i] * 8))
+    ch = store.codes.changes("m1", "study", pos, "0-0")
     assert len(ch.log) == 10 and not ch.log_lost
-    redis_client.xtrim("drh:log:m1:study", maxlen=3, approximate=False)
-    assert store.changes("m1", "study", pos, "0-0").log_lost
+    redis_client.xtrim(store.keys.log("m1", "study"), maxlen=3, approximate=False)
+    assert store.codes.changes("m1", "study", pos, "0-0").log_lost
 
 
 def test_value_helpers():
-    from plugin.store import parse_date, patient_key, split_modalities
+    from plugin.store.attributes import parse_date, patient_key, split_modalities
 
     assert parse_date("20200131") == 20200131 and parse_date("2020-01-31") == 20200131
     assert parse_date("") == 0 and parse_date("2020013") == 0 and parse_date(None) == 0

@@ -1,14 +1,7 @@
-"""Celery workers against a real Redis and a real `drh-pacs worker` process.
-
-Helpers here (``WorkerProc``, ``worker_env``, ``send_study``) are imported by the failure, status
-and fault tests too.
-"""
+"""Celery workers against a real Redis and a real `drh-pacs worker` process (tests/helpers/workers.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,133 +10,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from conftest import stop_process_group, wait_until
-from dicomgen import fixture_images, make_instance, make_study
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from plugin.settings import load_settings
-from plugin.store import CodeStore
-from workers.app import make_celery
-from workers.failures import FailureLedger
-from workers.tasks import _CLAIM_LUA, backoff, claim_key, payload_key, pending_hint, pending_key
-
-NS = "drh"
-
-
-def worker_env(redis_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    """Environment of a test worker: the session Redis, a private data dir, CPU, quick pooling."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRH_")}
-    env.update(
-        DRH_REDIS_URL=redis_url,
-        DRH_DATA_DIR=str(data_dir),
-        DRH_DEVICE="cpu",
-        DRH_STUDY_STABLE_SECONDS="1",
-        DRH_LOG_LEVEL="INFO",
-        OMP_NUM_THREADS="1",
-    )
-    env.update(extra)
-    return env
-
-
-class WorkerProc:
-    """A `drh-pacs worker` child process in its own session (so its pool children go with it)."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, name: str = "test") -> None:
-        self.env = env
-        self.log_path = log_path
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, client: redis.Redis) -> WorkerProc:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "plugin.cli", "worker", "--hostname", f"{self.name}@%h", "--concurrency", "1"],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        wait_until(
-            lambda: (
-                self.proc.poll() is not None
-                or any(h.startswith(f"{self.name}@".encode()) for h in client.hkeys(f"{NS}:workers"))
-            ),
-            timeout=60,
-            what="worker heartbeat",
-        )
-        assert self.proc.poll() is None, self.log()
-        return self
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def pool_pids(self) -> list[int]:
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(p) for p in out.stdout.split()]
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool), as a vanished machine would."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        stop_process_group(self.proc, signal.SIGTERM, 30)
-
-
-@pytest.fixture
-def worker_factory(redis_server, redis_client, tmp_path):
-    """Start workers on demand; every one is stopped at the end of the test."""
-    started: list[WorkerProc] = []
-
-    def start(name: str = "test", **extra: str) -> WorkerProc:
-        env = worker_env(redis_server.url, tmp_path / "data", **extra)
-        w = WorkerProc(env, tmp_path / f"worker-{name}-{len(started)}.log", name).start(redis_client)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        w.stop()
-        print(f"--- {w.log_path.name} ---\n{w.log()[-6000:]}")  # shown by pytest when the test failed
-
-
-def app_for(redis_url: str, data_dir: Path, **overrides):
-    return make_celery(load_settings(env={}, redis_url=redis_url, data_dir=data_dir, **overrides))
-
-
-def send(app, study, received_at: float | None = None, indices=None) -> None:
-    from workers.app import enqueue_instance
-
-    for n, (sop, path) in enumerate(zip(study.sop_uids, study.files, strict=True)):
-        if indices is not None and n not in indices:
-            continue
-        enqueue_instance(
-            app,
-            sop_uid=sop,
-            study_uid=study.study_uid,
-            path=str(path),
-            source_ae="MODALITY1",
-            received_at=received_at or time.time(),
-        )
-
-
-def indexed_count(client: redis.Redis, sops: list[str]) -> int:
-    store = CodeStore(client, NS)
-    return sum(store.instance(s).get("state") == "indexed" for s in sops)
-
-
-def active_version(client: redis.Redis) -> str:
-    v = client.get(f"{NS}:model:active")
-    return v.decode() if v else ""
+from plugin.core.settings import load_settings
+from plugin.store import Store
+from tests.helpers.dicomgen import fixture_images, make_instance, make_study
+from tests.helpers.processes import wait_until
+from tests.helpers.workers import NS, active_version, app_for, indexed_count, send, worker_env
+from workers.app import worker_app
+from workers.client import retry_failed
 
 
 def test_celery_is_configured_for_no_loss_and_no_doubles(redis_server, tmp_path):
-    app = app_for(redis_server.url, tmp_path)
+    app = worker_app(load_settings(env={}, redis_url=redis_server.url, data_dir=tmp_path))
     conf = app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1
@@ -159,14 +39,14 @@ def test_celery_is_configured_for_no_loss_and_no_doubles(redis_server, tmp_path)
     }
 
 
-def test_app_module_does_not_import_torch():
-    code = "import sys, workers.app, workers.tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
+def test_worker_modules_do_not_import_torch():
+    code = "import sys, workers.client, workers.app, workers.tasks; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_enqueue_raises_when_the_broker_is_down(tmp_path):
-    from plugin.redis_embedded import free_port
-    from workers.app import EnqueueError, enqueue_instance
+    from plugin.core.redis_server import free_port
+    from workers.client import EnqueueError, enqueue_instance
 
     app = app_for(f"redis://127.0.0.1:{free_port()}/0", tmp_path)
     t0 = time.monotonic()
@@ -175,33 +55,41 @@ def test_enqueue_raises_when_the_broker_is_down(tmp_path):
     assert time.monotonic() - t0 < 20
 
 
-def test_backoff_grows_and_is_capped():
-    assert 3.75 <= backoff(0) <= 6.25
-    assert 30 <= backoff(3) <= 50
-    assert backoff(30) <= 600 * 1.25
+def test_retry_policy_is_declared_on_the_tasks(redis_server, tmp_path):
+    from celery.utils.time import get_exponential_backoff_interval
+
+    from workers.batching import TransientError
+    from workers.model import ModelUnavailable
+
+    settings = load_settings(env={}, redis_url=redis_server.url, data_dir=tmp_path, task_max_retries=5)
+    app = worker_app(settings)
+    for name in ("drh.index_instance", "drh.pool_study", "drh.reindex_batch"):
+        task = app.tasks[name]
+        assert {TransientError, ModelUnavailable, redis.exceptions.ConnectionError} <= set(task.autoretry_for), name
+        assert (task.retry_backoff, task.retry_backoff_max, task.retry_jitter) == (5, 600, True), name
+        assert task.max_retries == 5, name
+    # what Celery computes from it: 5 s doubling, capped at 10 minutes (before the jitter)
+    delays = [get_exponential_backoff_interval(5, n, 600, full_jitter=False) for n in (0, 3, 30)]
+    assert delays == [5, 40, 600]
 
 
-def test_claim_takes_the_oldest_pending_and_respects_live_claims(redis_server, redis_client, tmp_path):
-    app = app_for(redis_server.url, tmp_path)
+def test_claim_takes_the_oldest_pending_and_respects_live_claims(store):
     for n in range(5):
-        pending_hint(app, {"sop_uid": f"1.{n}", "study_uid": "1", "path": "p", "source_ae": "", "received_at": n})
-    keys = (pending_key(NS), payload_key(NS), claim_key(NS))
+        store.ingest.hint({"sop_uid": f"1.{n}", "study_uid": "1", "path": "p", "source_ae": "", "received_at": n})
     now = time.time()
-    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.3", 2, now, now + 60, "task-a")
-    got = [json.loads(p)["sop_uid"] for p in res[1:]]
-    assert int(res[0]) == 1 and got == ["1.3", "1.0", "1.1"]
-    assert [m.decode() for m in redis_client.zrange(pending_key(NS), 0, -1)] == ["1.2", "1.4"]
+    claim = store.ingest.claim("1.3", 2, now, now + 60, "task-a")
+    assert claim.busy_until is None and [p["sop_uid"] for p in claim.payloads] == ["1.3", "1.0", "1.1"]
+    assert store.ingest.pending_count() == 2
     # 1.0 is claimed by a live batch: its own message must wait, not hash it a second time
-    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 2, now, now + 60, "task-b")
-    assert int(res[0]) == 0 and float(res[1]) == pytest.approx(now + 60)
+    claim = store.ingest.claim("1.0", 2, now, now + 60, "task-b")
+    assert claim.busy_until == pytest.approx(now + 60)
     # ...unless it is task-a's own message delivered again after its worker died
-    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.3", 0, now, now + 60, "task-a")
-    assert int(res[0]) == 1
+    assert store.ingest.claim("1.3", 0, now, now + 60, "task-a").busy_until is None
     # once the lease has run out (the claiming worker died), the instance can be claimed again
-    res = redis_client.eval(_CLAIM_LUA, 3, *keys, "1.0", 0, now + 61, now + 121, "task-b")
-    assert int(res[0]) == 1
+    assert store.ingest.claim("1.0", 0, now + 61, now + 121, "task-b").busy_until is None
 
 
+@pytest.mark.slow
 def test_a_study_is_indexed_once_pooled_and_a_late_instance_recomputes(
     redis_server, redis_client, worker_factory, tmp_path
 ):
@@ -213,16 +101,16 @@ def test_a_study_is_indexed_once_pooled_and_a_late_instance_recomputes(
     send(app, study, received_at=t0)
     send(app, study, received_at=t0)  # the PACS sends it all again: nothing doubles
     wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 3, 90, what="3 instances indexed")
-    store = CodeStore(redis_client, NS)
+    store = Store(redis_client, NS)
     version = active_version(redis_client)
     assert version
-    assert store.count(version, "image") == 3
-    meta = store.study(study.study_uid)
+    assert store.codes.count(version, "image") == 3
+    meta = store.records.study(study.study_uid)
     assert meta["modalities"] == "DX" and meta["n_instances"] == "3" and meta["source_ae"] == "MODALITY1"
     assert meta["patient_id"] == "TEST001"
-    wait_until(lambda: store.get_code(version, "study", study.study_uid), 30, what="study code")
-    wait_until(lambda: store.study(study.study_uid).get(f"pooled_n:{version}") == "3", 30, what="pooled over 3")
-    first = store.get_code(version, "study", study.study_uid)
+    wait_until(lambda: store.codes.get(version, "study", study.study_uid), 30, what="study code")
+    wait_until(lambda: store.records.study(study.study_uid).get(f"pooled_n:{version}") == "3", 30, what="pooled over 3")
+    first = store.codes.get(version, "study", study.study_uid)
 
     # a late instance (other image, same study) recomputes the study code from 4 embeddings
     late = make_instance(
@@ -237,22 +125,22 @@ def test_a_study_is_indexed_once_pooled_and_a_late_instance_recomputes(
     study.files.append(late_path)
     study.sop_uids.append(late.SOPInstanceUID)
     send(app, study, indices={3})
-    wait_until(lambda: store.study(study.study_uid).get(f"pooled_n:{version}") == "4", 60, what="re-pooled over 4")
-    assert store.count(version, "image") == 4 and store.count(version, "study") == 1
-    assert store.study(study.study_uid)["modalities"] == "CR,DX"
-    emb = store.get_embeddings(version, study.sop_uids)
+    wait_until(
+        lambda: store.records.study(study.study_uid).get(f"pooled_n:{version}") == "4", 60, what="re-pooled over 4"
+    )
+    assert store.codes.count(version, "image") == 4 and store.codes.count(version, "study") == 1
+    assert store.records.study(study.study_uid)["modalities"] == "CR,DX"
+    emb = store.embeddings.get_many(version, study.sop_uids)
     assert len(emb) == 4 and all(np.isfinite(e).all() for e in emb.values())
     # the code is the encoder's pooling of exactly those embeddings
     from hashing.encoder import Encoder
 
     enc = Encoder.load(None, device="cpu")
     bag = np.stack([emb[s] for s in sorted(emb)])
-    assert store.get_code(version, "study", study.study_uid) == bytes(enc.encode_study(bag))
+    assert store.codes.get(version, "study", study.study_uid) == bytes(enc.encode_study(bag))
     assert first is not None
-    stats = {k.decode(): int(v) for k, v in redis_client.hgetall(f"{NS}:stats:tasks").items()}
-    assert stats["index_instance:done"] == 4
-    lat = redis_client.hgetall(f"{NS}:stats:latency")
-    assert int(lat[b"count"]) == 4
+    assert store.stats.tasks()["index_instance"]["done"] == 4
+    assert store.stats.latency()["count"] == 4
 
 
 def _sr_dataset(study_uid: str) -> Dataset:
@@ -270,6 +158,7 @@ def _sr_dataset(study_uid: str) -> Dataset:
     return ds
 
 
+@pytest.mark.slow
 def test_non_image_is_ignored_and_a_corrupt_file_is_a_retryable_failure(
     redis_server, redis_client, worker_factory, tmp_path
 ):
@@ -284,24 +173,25 @@ def test_non_image_is_ignored_and_a_corrupt_file_is_a_retryable_failure(
     study.files.append(sr_path)
     study.sop_uids.append(sr.SOPInstanceUID)
     send(app, study)
-    ledger = FailureLedger(redis_client, NS)
+    ledger = Store(redis_client, NS).ledger
     entry = wait_until(lambda: ledger.get(study.sop_uids[0]), 90, what="failure recorded")
     assert entry["kind"] == "permanent" and entry["count"] == 1 and entry["reason"]
     assert "TEST001" not in entry["reason"] and "Test^Patient" not in entry["reason"]
-    store = CodeStore(redis_client, NS)
-    wait_until(lambda: store.instance(sr.SOPInstanceUID).get("state") == "ignored", 30, what="SR ignored")
+    store = Store(redis_client, NS)
+    wait_until(lambda: store.records.instance(sr.SOPInstanceUID).get("state") == "ignored", 30, what="SR ignored")
     assert ledger.get(sr.SOPInstanceUID) is None and ledger.ignored_count() == 1
-    assert store.instance(study.sop_uids[0])["state"] == "failed"
+    assert store.records.instance(study.sop_uids[0])["state"] == "failed"
 
     # IT staff fix the file and retry: indexed, and the ledger entry is gone
     study.files[0].write_bytes(good)
-    assert ledger.retry(app, study.sop_uids[0])
+    assert retry_failed(app, study.sop_uids[0])
     wait_until(lambda: indexed_count(redis_client, study.sop_uids[:1]) == 1, 60, what="indexed after retry")
     assert ledger.get(study.sop_uids[0]) is None and ledger.count() == 0
 
 
+@pytest.mark.slow
 def test_transient_errors_are_retried_with_backoff_then_recorded(redis_server, redis_client, worker_factory, tmp_path):
-    from plugin.redis_embedded import free_port
+    from plugin.core.redis_server import free_port
 
     # The file is not on this worker and the API it should come from does not answer: transient.
     worker_factory(DRH_API_URL=f"http://127.0.0.1:{free_port()}", DRH_API_TOKEN="t", DRH_TASK_MAX_RETRIES="1")
@@ -309,13 +199,14 @@ def test_transient_errors_are_retried_with_backoff_then_recorded(redis_server, r
     study = make_study(tmp_path / "in", fixture_images("bacterial")[:1])
     study.files[0] = tmp_path / "elsewhere" / "x.dcm"
     send(app, study)
-    ledger = FailureLedger(redis_client, NS)
-    entry = wait_until(lambda: ledger.get(study.sop_uids[0]), 60, what="failure after retries")
+    store = Store(redis_client, NS)
+    entry = wait_until(lambda: store.ledger.get(study.sop_uids[0]), 60, what="failure after retries")
     assert entry["kind"] == "transient" and "after 1 retries" in entry["reason"]
-    stats = {k.decode(): int(v) for k, v in redis_client.hgetall(f"{NS}:stats:tasks").items()}
-    assert stats["index_instance:retried"] == 1 and stats["index_instance:failed"] == 1
+    stats = store.stats.tasks()["index_instance"]
+    assert stats["retried"] == 1 and stats["failed"] == 1
 
 
+@pytest.mark.slow
 def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client, worker_factory, tmp_path, port):
     import threading
 
@@ -323,14 +214,14 @@ def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client,
     from starlette.applications import Starlette
     from starlette.middleware import Middleware
 
-    from plugin import api_ops
-    from plugin.http_api import ApiContext, TokenAuth
+    from plugin.http import ops
+    from plugin.http.app import ApiContext, TokenAuth
 
     data = tmp_path / "plugin-data"
     settings = load_settings(env={}, redis_url=redis_server.url, data_dir=data, api_token="s3cret")
     study = make_study(settings.spool_dir, fixture_images("normal")[:2])
-    ctx = ApiContext(settings=settings, store=CodeStore(redis_client, NS))
-    api = Starlette(routes=api_ops.routes(ctx), middleware=[Middleware(TokenAuth, token="s3cret", open_readonly=False)])
+    ctx = ApiContext(settings=settings, store=Store(redis_client, NS))
+    api = Starlette(routes=ops.routes(ctx), middleware=[Middleware(TokenAuth, token="s3cret", open_readonly=False)])
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -348,6 +239,7 @@ def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client,
         thread.join(10)
 
 
+@pytest.mark.slow
 def test_reindex_builds_a_new_version_in_the_background_then_switches(
     redis_server, redis_client, worker_factory, tmp_path
 ):
@@ -367,10 +259,10 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     app = app_for(redis_server.url, data)
     first = make_study(tmp_path / "in", fixture_images("normal")[:2])
     send(app, first)
-    store = CodeStore(redis_client, NS)
+    store = Store(redis_client, NS)
     wait_until(lambda: indexed_count(redis_client, first.sop_uids) == 2, 90, what="first study indexed")
     old = active_version(redis_client)
-    wait_until(lambda: store.get_code(old, "study", first.study_uid), 30, what="first study pooled")
+    wait_until(lambda: store.codes.get(old, "study", first.study_uid), 30, what="first study pooled")
 
     torch.manual_seed(7)
     ckpt = tmp_path / "v2.pt"
@@ -389,22 +281,22 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     assert "test-v2 queued" in out.stdout and old in out.stdout
     wait_until(lambda: (holds / "reindex_batch.reached").exists(), 60, what="re-index running")
     # while it runs the old version answers, and a new arrival is written for both versions
-    assert active_version(redis_client) == old and store.model_info("test-v2").state == "building"
+    assert active_version(redis_client) == old and store.models.info("test-v2").state == "building"
     late = make_study(tmp_path / "in", fixture_images("viral")[:1])
     send(app, late)
     wait_until(lambda: indexed_count(redis_client, late.sop_uids) == 1, 60, what="new arrival indexed")
-    assert store.get_code("test-v2", "image", late.sop_uids[0]) is not None
-    assert store.get_code(old, "image", late.sop_uids[0]) is not None
+    assert store.codes.get("test-v2", "image", late.sop_uids[0]) is not None
+    assert store.codes.get(old, "image", late.sop_uids[0]) is not None
     assert active_version(redis_client) == old
     hold.unlink()
 
     wait_until(lambda: active_version(redis_client) == "test-v2", 90, what="switch to the new version")
-    job = {k.decode(): v.decode() for k, v in redis_client.hgetall(f"{NS}:reindex").items()}
+    job = store.reindex.get()
     assert job["state"] == "complete" and job["previous"] == old and job["failed"] == "0"
-    assert store.model_info("test-v2").state == "complete"
-    assert store.count("test-v2", "image") == 3 and store.count(old, "image") == 3
-    wait_until(lambda: store.count("test-v2", "study") == 2, 30, what="both studies pooled with test-v2")
-    assert len(store.get_code("test-v2", "image", first.sop_uids[0])) == 4  # 32 bits
+    assert store.models.info("test-v2").state == "complete"
+    assert store.codes.count("test-v2", "image") == 3 and store.codes.count(old, "image") == 3
+    wait_until(lambda: store.codes.count("test-v2", "study") == 2, 30, what="both studies pooled with test-v2")
+    assert len(store.codes.get("test-v2", "image", first.sop_uids[0])) == 4  # 32 bits
     status = subprocess.run(
         [sys.executable, "-m", "plugin.cli", "reindex", "--status"], env=env, capture_output=True, text=True, timeout=60
     )
@@ -413,26 +305,27 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     after = make_study(tmp_path / "in", fixture_images("bacterial")[:1])
     send(app, after)
     wait_until(lambda: indexed_count(redis_client, after.sop_uids) == 1, 60, what="indexed after the switch")
-    assert store.get_code("test-v2", "image", after.sop_uids[0]) is not None
-    assert store.get_code(old, "image", after.sop_uids[0]) is None
+    assert store.codes.get("test-v2", "image", after.sop_uids[0]) is not None
+    assert store.codes.get(old, "image", after.sop_uids[0]) is None
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_is_recorded_not_lost(redis_server, redis_client, worker_factory, tmp_path):
     # A misconfiguration the code cannot anticipate: the model's version is already registered in
     # Redis with another code length, so every write is refused by the store.
-    store = CodeStore(redis_client, NS)
-    store.register_model("drh-random-v0", 32)
-    store.activate("drh-random-v0")
+    store = Store(redis_client, NS)
+    store.models.register("drh-random-v0", 32)
+    store.models.activate("drh-random-v0")
     worker_factory()
     app = app_for(redis_server.url, tmp_path / "data")
     study = make_study(tmp_path / "in", fixture_images("normal")[:1])
     send(app, study)
-    ledger = FailureLedger(redis_client, NS)
-    entry = wait_until(lambda: ledger.get(study.sop_uids[0]), 60, what="failure recorded")
+    entry = wait_until(lambda: store.ledger.get(study.sop_uids[0]), 60, what="failure recorded")
     assert entry["kind"] == "error" and "StoreError" in entry["reason"] and "32 bits" in entry["reason"]
-    assert store.instance(study.sop_uids[0])["state"] == "failed"
+    assert store.records.instance(study.sop_uids[0])["state"] == "failed"
 
 
+@pytest.mark.slow
 def test_workers_write_the_active_version_whatever_their_configured_model(
     redis_server, redis_client, worker_factory, tmp_path
 ):
@@ -456,14 +349,14 @@ def test_workers_write_the_active_version_whatever_their_configured_model(
     worker_factory("configured", DRH_MODEL_PATH=str(ckpt))
     send(app, first)
     wait_until(lambda: indexed_count(redis_client, first.sop_uids) == 1, 60, what="first instance")
-    store = CodeStore(redis_client, NS)
+    store = Store(redis_client, NS)
     assert active_version(redis_client) == "other-v1"  # an empty installation takes the configured model
-    assert len(store.get_code("other-v1", "image", first.sop_uids[0])) == 4
+    assert len(store.codes.get("other-v1", "image", first.sop_uids[0])) == 4
     # a second worker configured with the shipped model still writes other-v1 codes
-    assert redis_client.hget(f"{NS}:model:other-v1", "path").decode() == str(ckpt)
+    assert store.models.details("other-v1")["path"] == str(ckpt)
     worker_factory("shipped")
     second = make_study(tmp_path / "in", fixture_images("viral")[:2])
     send(app, second)
     wait_until(lambda: indexed_count(redis_client, second.sop_uids) == 2, 60, what="second study")
-    assert active_version(redis_client) == "other-v1" and store.count("other-v1", "image") == 3
-    assert [m.decode() for m in redis_client.smembers(f"{NS}:models")] == ["other-v1"]
+    assert active_version(redis_client) == "other-v1" and store.codes.count("other-v1", "image") == 3
+    assert store.models.versions() == ["other-v1"]

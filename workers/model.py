@@ -1,14 +1,13 @@
 """The model in a worker: loaded once per worker process, lazily, on the configured device.
 
 Celery's guide: expensive resources are cached on the ``Task`` base class and created on first use,
-not at import (the SCP imports the Celery app) and not in ``worker_process_init`` (which must not
-block). A process may hold more than one encoder while a re-index runs: the active model's and the
-new one's, both keyed by checkpoint path.
+not at import (the front processes import the Celery app) and not in ``worker_process_init`` (which
+must not block). A process may hold more than one encoder while a re-index runs: the active model's
+and the new one's, both keyed by checkpoint path.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -16,6 +15,9 @@ import time
 from typing import Any
 
 from celery import Task
+
+from plugin.store import Store
+from workers.client import store_for
 
 log = logging.getLogger("drh.workers.model")
 
@@ -36,6 +38,10 @@ class ModelTask(Task):
     _encoders: dict[str, Any] = {}
     _lock = threading.Lock()
 
+    @property
+    def store(self) -> Store:
+        return store_for(self.app)
+
     def encoder(self, path: str | None = None) -> Any:
         """The encoder of checkpoint ``path`` (None: ``Settings.model_path``; "": the model shipped
         with the package), loaded once per process."""
@@ -44,13 +50,11 @@ class ModelTask(Task):
         with self._lock:
             enc = self._encoders.get(key)
             if enc is None:
-                from hashing.encoder import Encoder
+                from hashing.encoder import Encoder, resolve_device
 
                 started = time.monotonic()
                 try:
                     if key == RANDOM_KEY:
-                        from hashing.encoder import resolve_device
-
                         enc = Encoder.random(resolve_device(settings.device))
                     else:
                         enc = Encoder.load(key or None, device=settings.device)
@@ -69,14 +73,47 @@ class ModelTask(Task):
 
     def _announce(self, enc: Any) -> None:
         """Tell the status page which device this process really uses (after ``auto`` is resolved)."""
-        from workers.app import redis_for
-
-        settings = self.app.drh_settings
         hostname = getattr(self.request, "hostname", None) or "unknown"
         record = {"device": str(enc.device), "model": enc.version, "pid": os.getpid(), "loaded": time.time()}
         try:
-            redis_for(self.app).hset(
-                f"{settings.redis_namespace}:workerprocs", f"{hostname}|{os.getpid()}", json.dumps(record)
-            )
+            self.store.workers.record_process(hostname, os.getpid(), record)
         except Exception as exc:  # status only: never fail a task for it
             log.warning("could not record the worker device: %s", exc)
+
+    def encoder_for_version(self, version: str) -> Any:
+        """The encoder of a registered version, from the checkpoint path recorded with it."""
+        settings = self.app.drh_settings
+        details = self.store.models.details(version)
+        path = details["path"] if "path" in details else settings.model_path
+        enc = self.encoder(path)
+        if enc.version != version:
+            from hashing.encoder import RANDOM_VERSION
+
+            if version == RANDOM_VERSION:
+                # The seeded placeholder used before trained weights shipped: reproducible at will, so
+                # an installation started with it keeps working after a package upgrade.
+                return self.encoder(RANDOM_KEY)
+            raise ModelUnavailable(
+                f"model {version} is registered with checkpoint {path or '(shipped default)'}, which holds"
+                f" version {enc.version} on this worker: restore that checkpoint, or move to the new model"
+                " with `drh-pacs reindex`"
+            )
+        return enc
+
+    def target_versions(self) -> list[tuple[str, Any]]:
+        """(version, encoder) pairs a new instance must be written for: the active model and, while a
+        re-index runs, the new one too (so it is complete when it takes over)."""
+        settings = self.app.drh_settings
+        store = self.store
+        active = store.models.active()
+        if active is None:
+            enc = self.encoder(settings.model_path)
+            store.models.register(enc.version, enc.nbits, path=settings.model_path, emb_dim=enc.emb_dim)
+            if store.models.ensure_active(enc.version):
+                store.models.set_state(enc.version, "complete")  # the first version is built as studies arrive
+            active = store.models.active() or enc.version
+        versions = [active]
+        target = store.reindex.running_version()
+        if target and target != active:
+            versions.append(target)
+        return [(version, self.encoder_for_version(version)) for version in versions]

@@ -1,0 +1,284 @@
+"""The one settings object of drh-pacs.
+
+Every process (``serve``, ``worker``, the CLI tools) builds one :class:`Settings` at start-up with
+:func:`load_settings` and passes it down explicitly; nothing reads the environment anywhere else.
+
+Precedence, highest first: environment variables ``DRH_<NAME>`` (upper case), then the optional
+TOML file named by ``DRH_CONFIG`` (keys are the field names below, lower case, no prefix), then the
+defaults written here. A value that cannot be parsed fails loudly at start-up with the setting's
+name, rather than half-working later.
+
+The defaults are chosen to be safe on a hospital network: the HTTP API listens on loopback only
+and always wants a token (generated and stored in the data directory when none is configured),
+and the DICOM SCP accepts any calling AE title only until ``allowed_calling_aes`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "DRH_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "drh-pacs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration. Each field's comment is its documentation (mirrored in the README)."""
+
+    # -- storage -------------------------------------------------------------------------------
+    # Where the embedded Redis keeps its data, the DICOM spool lives, and the API token is kept.
+    data_dir: Path = field(default_factory=_default_data_dir)
+    # Redis URL (redis://host:6379/0). Empty: `serve` starts an embedded Redis in data_dir.
+    redis_url: str = ""
+    # Celery broker URL. Empty: the same Redis as redis_url.
+    broker_url: str = ""
+    # Prefix of every Redis key we write, so one Redis can host several installations.
+    redis_namespace: str = "drh"
+    # Keep received DICOM files after indexing (needed to re-index with a new model locally;
+    # without them `reindex` fetches the pixels from Orthanc, which must then be configured).
+    keep_files: bool = True
+
+    # -- DICOM SCP -------------------------------------------------------------------------------
+    # Our AE title for storage, plain C-FIND and C-MOVE.
+    ae_title: str = "DRHPACS"
+    # Called AE title under which StudyInstanceUID / SOPInstanceUID name the *reference* object.
+    similar_ae_title: str = "SIMILAR"
+    # Address the DICOM SCP binds (all interfaces: the PACS and viewers must reach it).
+    dicom_host: str = "0.0.0.0"
+    # DICOM SCP port.
+    dicom_port: int = 11112
+    # Calling AE titles allowed to associate; empty list = any.
+    allowed_calling_aes: list[str] = field(default_factory=list)
+    # Peer IP addresses allowed to associate; empty list = any.
+    allowed_addresses: list[str] = field(default_factory=list)
+    # Concurrent DICOM associations; more are refused (busy) rather than slowing everyone.
+    max_associations: int = 16
+    # What to do with non-image objects (SR, PR, KO...): "ignore" (accept, don't index) or "reject".
+    non_image_policy: str = "ignore"
+    # TLS for DICOM: server certificate and key (PEM); with tls_ca, peers must present a client cert.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # CA bundle (PEM) that client certificates must chain to; empty: no client certificates asked.
+    tls_ca: str = ""
+    # Known DICOM nodes, "AE=host:port" comma separated: C-MOVE destinations and source PACS.
+    dicom_nodes: dict[str, str] = field(default_factory=dict)
+    # Results returned by a similar-studies query when the query does not say.
+    default_results: int = 10
+
+    # -- studies and model ---------------------------------------------------------------------
+    # A study is "stable" (its study-level code is computed) after this many seconds without a
+    # new instance.
+    study_stable_seconds: float = 60.0
+    # Model checkpoint. Empty: the default model shipped inside the package.
+    model_path: str = ""
+    # "auto" (cuda when present), "cpu" or "cuda:N".
+    device: str = "auto"
+    # Images per model forward pass in a worker.
+    batch_size: int = 16
+
+    # -- workers -------------------------------------------------------------------------------
+    # Worker processes started by `serve` (0: none, run `drh-pacs worker` elsewhere).
+    serve_workers: int = 1
+    # Concurrency of one `drh-pacs worker` (processes).
+    worker_concurrency: int = 1
+    # Queues a `drh-pacs worker` consumes, comma separated.
+    worker_queues: list[str] = field(default_factory=lambda: ["ingest", "study", "maintenance"])
+    # Retries of a transient task error (exponential back-off, 5 s doubling up to 10 min) before
+    # the instance goes to the failure ledger.
+    task_max_retries: int = 8
+    # Seconds before the broker hands the unacknowledged task of a vanished worker machine to
+    # another worker; must exceed the longest task and study_stable_seconds.
+    task_visibility_timeout: float = 3600.0
+    # Lease (s) on instances a worker claims for one model batch; if it dies they are free again.
+    batch_claim_seconds: float = 120.0
+    # Base URL of the plugin's HTTP API, for workers on other machines to fetch spooled files
+    # (empty: files are read from the shared path only).
+    api_url: str = ""
+    # Fault-injection hook for the fault tests only: a folder where a `<stage>.hold` file pauses
+    # tasks at that stage. Leave empty in production.
+    fault_hold_dir: str = ""
+
+    # -- HTTP API ------------------------------------------------------------------------------
+    # Address the HTTP API binds; loopback by default, put it behind TLS (deploy/) to open it.
+    http_host: str = "127.0.0.1"
+    # HTTP API port.
+    http_port: int = 8080
+    # Bearer token for the API. Empty: one is generated and kept in data_dir/api-token.
+    api_token: str = ""
+    # Let read-only endpoints (health, metrics, status) answer without the token.
+    api_open_readonly: bool = False
+
+    # -- Orthanc ---------------------------------------------------------------------------------
+    # Orthanc REST API (http://host:8042) for `backfill orthanc` and fetching pixels to re-index.
+    orthanc_url: str = ""
+    # Orthanc REST credentials.
+    orthanc_user: str = ""
+    orthanc_password: str = ""
+
+    # -- logging ---------------------------------------------------------------------------------
+    # DEBUG, INFO, WARNING or ERROR.
+    log_level: str = "INFO"
+
+    # Derived paths ----------------------------------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.data_dir / "redis"
+
+    def resolved_api_token(self) -> str:
+        """The configured token, else the one kept in data_dir (created on first use, mode 0600)."""
+        if self.api_token:
+            return self.api_token
+        path = self.data_dir / "api-token"
+        if path.exists():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        return token
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(name: str, kind: Any, raw: Any) -> Any:
+    """Turn an environment string (or a TOML value) into the field's type."""
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in {"1", "true", "yes", "on"}:
+                return True
+            if text in {"0", "false", "no", "off", ""}:
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(str(raw)).expanduser()
+        if kind == list[str]:
+            if isinstance(raw, list):
+                return [str(x).strip() for x in raw if str(x).strip()]
+            return [x.strip() for x in str(raw).split(",") if x.strip()]
+        if kind == dict[str, str]:
+            if isinstance(raw, dict):
+                return {str(k): str(v) for k, v in raw.items()}
+            out: dict[str, str] = {}
+            for item in str(raw).split(","):
+                if not item.strip():
+                    continue
+                key, sep, value = item.partition("=")
+                if not sep or not key.strip() or not value.strip():
+                    raise ValueError(f"expected AE=host:port, got {item!r}")
+                out[key.strip()] = value.strip()
+            return out
+        return str(raw)
+    except ValueError as exc:
+        raise SettingsError(f"setting {name} ({ENV_PREFIX}{name.upper()}): {exc}") from exc
+
+
+def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from environment, then the DRH_CONFIG file, then defaults.
+
+    ``overrides`` (from command-line flags) win over everything.
+    """
+    env = dict(os.environ if env is None else env)
+    file_values: dict[str, Any] = {}
+    config_path = env.get(ENV_PREFIX + "CONFIG", "")
+    if config_path:
+        try:
+            with open(config_path, "rb") as fh:
+                file_values = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"cannot read DRH_CONFIG={config_path}: {exc}") from exc
+    hints = get_type_hints(Settings)
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = set(file_values) - known
+    if unknown:
+        raise SettingsError(f"unknown settings in {config_path}: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name in known:
+        env_key = ENV_PREFIX + name.upper()
+        if name in overrides and overrides[name] is not None:
+            values[name] = overrides[name]
+        elif env_key in env:
+            values[name] = _parse(name, hints[name], env[env_key])
+        elif name in file_values:
+            values[name] = _parse(name, hints[name], file_values[name])
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def _validate(s: Settings) -> None:
+    if s.non_image_policy not in {"ignore", "reject"}:
+        raise SettingsError("setting non_image_policy must be 'ignore' or 'reject'")
+    for title in (s.ae_title, s.similar_ae_title):
+        if not 0 < len(title) <= 16:
+            raise SettingsError(f"AE title {title!r} must be 1 to 16 characters")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise SettingsError("settings tls_cert and tls_key go together")
+    if not (s.device == "auto" or s.device == "cpu" or s.device.startswith("cuda")):
+        raise SettingsError(f"setting device must be auto, cpu or cuda:N, got {s.device!r}")
+    if s.study_stable_seconds < 0:
+        raise SettingsError("setting study_stable_seconds must be >= 0")
+
+
+def settings_table() -> str:
+    """The README's settings table, read from the comments above each field of Settings.
+
+    ``python -m plugin.core.settings`` prints it, so the documentation is written once, here.
+    """
+    import inspect
+    import re
+
+    rows: list[str] = []
+    comment: list[str] = []
+    for line in inspect.getsource(Settings).splitlines():
+        text = line.strip()
+        if text.startswith("# --"):
+            comment = []
+        elif text.startswith("#"):
+            comment.append(text[1:].strip())
+        elif match := re.match(r"(\w+): [^=]+= ?(.*)$", text):
+            name = match.group(1)
+            default = getattr(Settings(), name)
+            if isinstance(default, list):
+                shown = ",".join(default) or "(empty)"
+            elif isinstance(default, dict):
+                shown = ",".join(f"{k}={v}" for k, v in default.items()) or "(empty)"
+            elif name == "data_dir":
+                shown = "~/.local/share/drh-pacs"
+            else:
+                shown = str(default) if str(default) != "" else "(empty)"
+            rows.append(f"| `{ENV_PREFIX}{name.upper()}` | `{shown}` | {' '.join(comment)} |")
+            comment = []
+        elif not text or text.startswith(("@", "def ", '"""')):
+            comment = []
+    return "\n".join(["| variable | default | meaning |", "| --- | --- | --- |", *rows])
+
+
+if __name__ == "__main__":
+    print(settings_table())

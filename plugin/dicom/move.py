@@ -1,0 +1,221 @@
+"""C-MOVE of a returned study to the viewer's AE, forwarded to the PACS that sent it.
+
+The plugin is not an archive: the PACS that sent a study (``source_ae`` recorded with the study, or
+the ``SourceApplicationEntityTitle`` of its spooled files) holds the authoritative copy, so a retrieve
+is forwarded there as a C-MOVE with the viewer's AE as destination; the PACS already knows how to
+reach its viewers. When the source is not a known node (``Settings.dicom_nodes``) or refuses, and the
+received files are still in the spool, they are sent to the destination directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+from plugin.core.header import is_uid
+from plugin.core.settings import Settings
+from plugin.dicom import status as st
+from plugin.dicom.spool import Spool, source_ae_of
+from plugin.search.errors import QueryError
+
+log = logging.getLogger("drh.move")
+
+FORWARD_TIMEOUT = 600.0
+
+
+class MoveRefused(RuntimeError):
+    """The move cannot be done; pynetdicom answers it with an "unable to process" failure."""
+
+
+@dataclass(frozen=True)
+class Node:
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class MovePlan:
+    study_uids: list[str]
+    forward_to: Node | None
+    local_files: list[Path] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ForwardOutcome:
+    status: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    comment: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (st.SUCCESS, st.MOVE_SUBOPS_WARNING) and not self.failed
+
+
+def lookup_node(settings: Settings, ae_title: str) -> Node | None:
+    """``Settings.dicom_nodes`` entry ``AE=host:port`` for ``ae_title``, or None."""
+    address = settings.dicom_nodes.get(ae_title.strip())
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        return Node(ae_title.strip(), host or "127.0.0.1", int(port))
+    except ValueError:
+        log.error("dicom_nodes entry for %s is not host:port: %r", ae_title, address)
+        return None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if not isinstance(value, str) and hasattr(value, "__iter__"):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def requested_studies(identifier: Dataset, store: Any) -> list[str]:
+    """The StudyInstanceUIDs a move identifier names (directly, or through its SOP instances)."""
+    level = _text(identifier, "QueryRetrieveLevel").upper()
+    if level not in {"PATIENT", "STUDY", "SERIES", "IMAGE"}:
+        raise QueryError("malformed", f"QueryRetrieveLevel {level or '(none)'!r} is not valid")
+    studies = [u for u in _text(identifier, "StudyInstanceUID").split("\\") if u]
+    if not studies and level == "PATIENT":
+        patient_id = _text(identifier, "PatientID")
+        if not patient_id or "*" in patient_id or "?" in patient_id:
+            raise QueryError("malformed", "a PATIENT level C-MOVE needs one PatientID")
+        rows = store.records.studies_with_instances(store.records.iter_study_uids(), with_instances=False)
+        studies = [uid for uid, meta, _ in rows if meta.get("patient_id") == patient_id]
+    if not studies and level == "IMAGE":
+        for sop_uid in (u for u in _text(identifier, "SOPInstanceUID").split("\\") if u):
+            study_uid = store.records.instance(sop_uid).get("study_uid")
+            if study_uid:
+                studies.append(study_uid)
+    if not studies:
+        raise QueryError("malformed", "C-MOVE needs a StudyInstanceUID")
+    if not all(is_uid(u) for u in studies):
+        raise QueryError("malformed", "StudyInstanceUID is not a UID list")
+    return sorted(set(studies))
+
+
+def source_of(study_uid: str, store: Any, spool: Spool) -> str:
+    """Which AE sent the study: the stored metadata first, else the spooled files' file meta."""
+    source = store.records.study(study_uid).get("source_ae", "")
+    if source:
+        return source
+    for path in spool.study_files(study_uid)[:1]:
+        return source_ae_of(path)
+    return ""
+
+
+def plan(identifier: Dataset, store: Any, spool: Spool, settings: Settings) -> MovePlan:
+    """Decide where a retrieve comes from: one known source PACS, else the spooled files."""
+    studies = requested_studies(identifier, store)
+    sources = {source_of(uid, store, spool) for uid in studies}
+    nodes = [lookup_node(settings, s) for s in sources if s]
+    forward_to = nodes[0] if len(sources) == 1 and nodes and nodes[0] is not None else None
+    if forward_to is not None and forward_to.ae_title.strip() == settings.ae_title.strip():
+        forward_to = None  # never forward to ourselves
+    files: list[Path] = []
+    level = _text(identifier, "QueryRetrieveLevel").upper()
+    wanted_sops = {u for u in _text(identifier, "SOPInstanceUID").split("\\") if u} if level == "IMAGE" else set()
+    wanted_series = {u for u in _text(identifier, "SeriesInstanceUID").split("\\") if u} if level == "SERIES" else set()
+    for uid in studies:
+        for path in spool.study_files(uid):
+            if wanted_sops and path.stem not in wanted_sops:
+                continue
+            if wanted_series:
+                series = store.records.instance(path.stem).get("series_uid")
+                if series is None or series not in wanted_series:
+                    try:
+                        series = str(dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+                    except Exception:  # noqa: BLE001 - unreadable file: not part of the answer
+                        continue
+                    if series not in wanted_series:
+                        continue
+            files.append(path)
+    return MovePlan(studies, forward_to, files)
+
+
+def forward(move_plan: MovePlan, identifier: Dataset, destination: str, settings: Settings) -> ForwardOutcome:
+    """Ask the source PACS to C-MOVE the same identifier to ``destination``; wait for its final answer."""
+    node = move_plan.forward_to
+    assert node is not None
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = FORWARD_TIMEOUT
+    ae.network_timeout = FORWARD_TIMEOUT
+    forwarded = Dataset()
+    for keyword in ("QueryRetrieveLevel", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if keyword in identifier:
+            setattr(forwarded, keyword, identifier.get(keyword))
+    if _text(forwarded, "QueryRetrieveLevel").upper() == "PATIENT":
+        forwarded.QueryRetrieveLevel = "STUDY"  # Study Root has no PATIENT level: name the studies
+    if "StudyInstanceUID" not in forwarded or not forwarded.StudyInstanceUID:
+        forwarded.StudyInstanceUID = move_plan.study_uids
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    if not assoc.is_established:
+        log.warning("C-MOVE forward: cannot associate with %s at %s:%d", node.ae_title, node.host, node.port)
+        return ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS unreachable")
+    last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="no answer from source PACS")
+    try:
+        for status, _ in assoc.send_c_move(forwarded, destination, StudyRootQueryRetrieveInformationModelMove):
+            if status is None or "Status" not in status:
+                last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS stopped answering")
+                break
+            last = ForwardOutcome(
+                int(status.Status),
+                completed=int(status.get("NumberOfCompletedSuboperations", 0) or 0),
+                failed=int(status.get("NumberOfFailedSuboperations", 0) or 0),
+                warning=int(status.get("NumberOfWarningSuboperations", 0) or 0),
+                comment=str(status.get("ErrorComment", "") or ""),
+            )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return last
+
+
+def read_for_sending(path: Path) -> Dataset:
+    """A spooled file as an uncompressed dataset for a C-STORE sub-operation.
+
+    Every viewer accepts Explicit VR Little Endian (uncompressed is the one syntax all must take);
+    a compressed original is decompressed rather than risk a sub-operation the viewer refuses. When
+    decompression is impossible the original is sent and the viewer decides.
+    """
+    ds = dcmread(path)
+    syntax = ds.file_meta.TransferSyntaxUID
+    if syntax.is_compressed:
+        try:
+            ds.decompress(generate_instance_uid=False)  # same pixels, same instance
+        except Exception as exc:  # noqa: BLE001 - missing or failing codec: send what we have
+            log.warning("C-MOVE: cannot decompress %s (%s); sending it as received", path.stem, exc)
+    return ds
+
+
+def sub_operation_contexts(paths: list[Path]) -> list[Any]:
+    """Presentation contexts for sending ``paths``: their SOP classes, uncompressed and as stored."""
+    from pydicom.filereader import read_file_meta_info
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom.presentation import build_context
+
+    syntaxes: dict[str, set[str]] = {}
+    for path in paths:
+        meta = read_file_meta_info(path)
+        syntaxes.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(str(meta.TransferSyntaxUID))
+    contexts = []
+    for sop_class, stored in sorted(syntaxes.items()):
+        contexts.append(build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        for syntax in sorted(stored - {ExplicitVRLittleEndian, ImplicitVRLittleEndian}):
+            contexts.append(build_context(sop_class, [syntax]))
+    return contexts[:128]

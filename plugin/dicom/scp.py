@@ -1,0 +1,206 @@
+"""The plugin's DICOM node: builds the pynetdicom AE from Settings and starts it, non-blocking.
+
+Wiring only (the qrscp pattern): presentation contexts, limits, TLS and the handler bindings; the
+DIMSE logic is in :mod:`plugin.dicom.handlers`. ``start_scp`` is self-sufficient, so ``drh-pacs serve`` and
+the integration tests start the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydicom import uid as tsuid
+from pynetdicom import AE, AllStoragePresentationContexts, _config
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from plugin.core.settings import Settings
+from plugin.dicom import handlers
+from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, source_ae_of
+from plugin.dicom.validate import is_image_sop_class
+from plugin.store import SETTLED_STATES, Store
+from workers.client import enqueue_instance
+
+log = logging.getLogger("drh.scp")
+
+# pynetdicom logs whole request/response identifiers (patient names and IDs) at INFO: never.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+# Transfer syntaxes we accept for storage: the ones our decoders (pydicom + pylibjpeg + gdcm) read.
+# Video (MPEG, HEVC) and JPIP-referenced syntaxes are left out, so a sender offering them alongside
+# an uncompressed syntax falls back to one we can index instead of storing what we cannot read.
+STORAGE_TRANSFER_SYNTAXES = [
+    tsuid.ExplicitVRLittleEndian,
+    tsuid.ImplicitVRLittleEndian,
+    tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.ExplicitVRBigEndian,
+    tsuid.JPEGBaseline8Bit,
+    tsuid.JPEGExtended12Bit,
+    tsuid.JPEGLossless,
+    tsuid.JPEGLosslessSV1,
+    tsuid.JPEGLSLossless,
+    tsuid.JPEGLSNearLossless,
+    tsuid.JPEG2000Lossless,
+    tsuid.JPEG2000,
+    tsuid.HTJ2KLossless,
+    tsuid.HTJ2KLosslessRPCL,
+    tsuid.HTJ2K,
+    tsuid.RLELossless,
+]
+QUERY_TRANSFER_SYNTAXES = [
+    tsuid.ExplicitVRLittleEndian,
+    tsuid.ImplicitVRLittleEndian,
+    tsuid.DeflatedExplicitVRLittleEndian,
+    tsuid.ExplicitVRBigEndian,
+]
+# How often the reconciler looks for spooled files that are neither indexed nor queued.
+RECONCILE_SECONDS = 30.0
+
+
+class ScpServer:
+    """The running SCP and its helpers; ``shutdown()`` stops accepting, then the background work."""
+
+    def __init__(self, server: Any, ae: AE, reconciler: Reconciler, executor: ThreadPoolExecutor) -> None:
+        self.server = server
+        self.ae = ae
+        self.reconciler = reconciler
+        self.executor = executor
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def shutdown(self, drain_seconds: float = 10.0) -> None:
+        """Stop accepting, let running associations finish (bounded), then stop the background work.
+
+        An association still open after ``drain_seconds`` is aborted: its sender gets no response for
+        the instance in flight and sends it again, which is harmless (storage is idempotent).
+        """
+        self.server.shutdown()
+        deadline = time.monotonic() + drain_seconds
+        while any(a.is_alive() for a in self.ae.active_associations) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            assoc.abort()
+        self.executor.shutdown(wait=True)  # queued enqueues run (or fail into the reconciler)
+        self.reconciler.stop()
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = max(1, settings.max_associations)
+    ae.maximum_pdu_size = 0  # no limit on what we receive
+    ae.network_timeout = 120
+    ae.dimse_timeout = 120
+    ae.acse_timeout = 30
+    # Called AE titles (ours and the similar-query one) and peers are checked in handle_requested.
+    ae.require_called_aet = False
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        abstract = context.abstract_syntax
+        if settings.non_image_policy == "reject" and not is_image_sop_class(abstract):
+            continue
+        ae.add_supported_context(abstract, STORAGE_TRANSFER_SYNTAXES)
+    for abstract in (
+        StudyRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+        PatientRootQueryRetrieveInformationModelMove,
+    ):
+        ae.add_supported_context(abstract, QUERY_TRANSFER_SYNTAXES)
+    return ae
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server-side TLS from Settings; with ``tls_ca`` set, peers must present a certificate it signed."""
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_ca:
+        ctx.load_verify_locations(settings.tls_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _done_checker(store: Store) -> Callable[[list[SpoolEntry]], set[str]]:
+    """Spooled files whose instance is settled: indexed, ignored or failed for this very reception.
+
+    An instance re-sent later (a corrected image) has a newer file: it is not done until a worker
+    settles that reception (``indexed_received_at`` >= the file's time). The failure ledger counts
+    as settled too: IT staff retry those, not the reconciler.
+    """
+
+    def is_done(entries: list[SpoolEntry]) -> set[str]:
+        uids = [e.sop_uid for e in entries]
+        states = store.records.settled_states(uids)
+        failed = store.ledger.contains(uids)
+        done = set()
+        for entry, (state, settled_at), in_ledger in zip(entries, states, failed, strict=True):
+            if in_ledger or (state in SETTLED_STATES and settled_at >= entry.received_at - 1.0):
+                done.add(entry.sop_uid)
+        return done
+
+    return is_done
+
+
+def _enqueuer(celery_app: Any) -> Callable[..., None]:
+    def enqueue(entry: SpoolEntry, source_ae: str | None = None) -> None:
+        enqueue_instance(
+            celery_app,
+            sop_uid=entry.sop_uid,
+            study_uid=entry.study_uid,
+            path=str(entry.path),
+            source_ae=source_ae if source_ae is not None else source_ae_of(entry.path),
+            received_at=entry.received_at,
+        )
+
+    return enqueue
+
+
+def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_app: Any) -> ScpServer:
+    """Start the DICOM SCP in background threads; the reconciler runs a full spool pass first."""
+    spool = Spool(settings.spool_dir)
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    enqueue = _enqueuer(celery_app)
+    reconciler = Reconciler(
+        spool,
+        is_done=_done_checker(store),
+        enqueue=lambda entry: enqueue(entry, None),
+        interval=RECONCILE_SECONDS,
+    )
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-enqueue")
+    store_deps = handlers.StoreDeps(
+        settings=settings, spool=spool, reconciler=reconciler, enqueue=enqueue, executor=executor
+    )
+    ae = build_ae(settings)
+    started = time.monotonic()
+    server = ae.start_server(
+        (settings.dicom_host, settings.dicom_port),
+        block=False,
+        evt_handlers=handlers.bindings(settings, store, indexes, store_deps),
+        ssl_context=tls_context(settings),
+    )
+    reconciler.start()
+    log.info(
+        "DICOM SCP %s listening on %s:%d (TLS %s, up to %d associations) in %.0f ms",
+        settings.ae_title,
+        settings.dicom_host,
+        server.server_address[1],
+        "on" if settings.tls_cert else "off",
+        ae.maximum_associations,
+        (time.monotonic() - started) * 1000,
+    )
+    return ScpServer(server, ae, reconciler, executor)

@@ -1,0 +1,255 @@
+"""HTTP/JSON similar search, for web viewers and scripts: the same query as the DICOM one.
+
+- ``GET /api/similar/study/{study_uid}``: studies like a stored study (DMIH study codes).
+- ``GET /api/similar/instance/{sop_uid}``: images like a stored image (DRH image codes).
+- ``POST /api/similar/upload``: a DICOM file (multipart field ``file``, or the raw body with
+  ``Content-Type: application/dicom``) hashed here, then searched; ``?level=study`` (default: the
+  file as a one-image study, against study codes) or ``?level=image``.
+
+Query parameters: ``k``, ``max_distance``, ``modality`` (repeatable or comma separated),
+``date_from``/``date_to`` (YYYYMMDD), ``body_part``, ``patient_id``, ``exclude_same_patient``.
+Refusals are JSON ``{"error": reason, "detail": ...}`` with 400 (malformed), 404 (unknown
+reference), 409 (not indexed yet, or the upload's model is not the one answering), 413 (too large),
+422 (not a decodable image) or 503 (index not ready). The bearer token is checked by
+:mod:`plugin.http.app` for every route here.
+
+The upload is hashed in the API process: the encoder of the version the index answers with is loaded
+once, on first use, and shared by requests (inference is serialised by a lock; it is one image).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from pydicom.dataset import Dataset
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from plugin.core.header import is_uid
+from plugin.search import query as q
+from plugin.search.errors import QueryError
+from plugin.search.filters import Filters
+
+log = logging.getLogger("drh.api")
+
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+_HTTP_STATUS = {
+    "malformed": 400,
+    "unknown-reference": 404,
+    "not-indexed": 409,
+    "model-mismatch": 409,
+    "too-large": 413,
+    "not-an-image": 422,
+    "index-not-ready": 503,
+}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class _Encoders:
+    """Encoders by model version, loaded lazily once per process (the model is the expensive part)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        self._lock = threading.Lock()
+        self._by_version: dict[str, Any] = {}
+
+    def for_version(self, version: str) -> Any:
+        with self._lock:
+            encoder = self._by_version.get(version)
+            if encoder is None:
+                from hashing.encoder import Encoder
+
+                path = self.ctx.store.models.details(version).get("path") or self.ctx.settings.model_path or None
+                encoder = Encoder.load(path, device=self.ctx.settings.device)
+                if encoder.version != version:
+                    raise QueryError(
+                        "model-mismatch",
+                        f"the index answers with model {version}; this process loads {encoder.version}",
+                    )
+                self._by_version[version] = encoder
+            return encoder
+
+    def lock(self) -> threading.Lock:
+        return self._lock
+
+
+def _error(err: QueryError) -> JSONResponse:
+    return JSONResponse({"error": err.reason, "detail": str(err)}, status_code=_HTTP_STATUS.get(err.reason, 400))
+
+
+def _int(params: Any, name: str, minimum: int) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise QueryError("malformed", f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise QueryError("malformed", f"{name} must be >= {minimum}")
+    return value
+
+
+def parse_filters(params: Any) -> Filters:
+    """Query parameters -> :class:`Filters` (the HTTP twin of :func:`plugin.dicom.similar.parse_similar`)."""
+    modalities: list[str] = []
+    for raw in params.getlist("modality"):
+        modalities += [m for m in raw.split(",") if m.strip()]
+    return Filters(
+        modalities=tuple(modalities),
+        date_from=(params.get("date_from") or "").strip() or None,
+        date_to=(params.get("date_to") or "").strip() or None,
+        body_part=(params.get("body_part") or "").strip() or None,
+        patient_id=(params.get("patient_id") or "").strip() or None,
+        exclude_reference_patient=(params.get("exclude_same_patient") or "").strip().lower() in _TRUE,
+    )
+
+
+def _query(params: Any, level: str, reference: str, default_k: int) -> q.SimilarQuery:
+    if not is_uid(reference):
+        raise QueryError("malformed", "the reference is not a valid UID")
+    return q.SimilarQuery(
+        level=level,
+        reference_uid=reference,
+        k=_int(params, "k", 1) or default_k,
+        max_distance=_int(params, "max_distance", 0),
+        filters=parse_filters(params),
+    )
+
+
+def _study_json(study_uid: str, study: dict[str, str]) -> dict[str, Any]:
+    return {
+        "study_instance_uid": study_uid,
+        "patient_id": study.get("patient_id", ""),
+        "patient_name": study.get("patient_name", ""),
+        "study_date": study.get("study_date", ""),
+        "study_description": study.get("study_description", ""),
+        "accession_number": study.get("accession_number", ""),
+        "modalities": q.modalities_of(study),
+        "body_part": study.get("body_part", ""),
+        "number_of_instances": int(study["n_instances"]) if str(study.get("n_instances", "")).isdigit() else None,
+    }
+
+
+def _answer(
+    query: q.SimilarQuery, results: list[q.SimilarResult], index: Any, started: float, reference: dict[str, Any]
+) -> JSONResponse:
+    items = []
+    for r in results:
+        item: dict[str, Any] = {"rank": r.rank, "distance": r.distance, "score": r.score}
+        if query.level == "IMAGE":
+            item["sop_instance_uid"] = r.uid
+            item["series_instance_uid"] = (r.instance or {}).get("series_uid", "")
+        item["study"] = _study_json(r.study_uid, r.study)
+        items.append(item)
+    return JSONResponse(
+        {
+            "level": query.level.lower(),
+            "reference": reference,
+            "model_version": index.version,
+            "nbits": index.nbits,
+            "k": query.k,
+            "max_distance": query.max_distance,
+            "results": items,
+            "elapsed_ms": round((time.monotonic() - started) * 1000, 2),
+        }
+    )
+
+
+def routes(ctx: Any) -> list[Route]:
+    """The similar-search routes, bound to ``ctx`` (a :class:`plugin.http.app.ApiContext`)."""
+    encoders = _Encoders(ctx)
+    default_k = ctx.settings.default_results
+
+    def by_reference(level: str, param: str, index_level: str, reference_key: str) -> Any:
+        """The handler of a search whose reference (a study or an instance UID) is in the path."""
+
+        async def handler(request: Request) -> Response:
+            started = time.monotonic()
+            uid = request.path_params[param]
+            try:
+                query = _query(request.query_params, level, uid, default_k)
+                results = await run_in_threadpool(q.run_similar, query, ctx.store, ctx.index)
+            except QueryError as err:
+                return _error(err)
+            return _answer(query, results, ctx.index[index_level], started, {reference_key: uid})
+
+        return handler
+
+    by_study = by_reference("STUDY", "study_uid", "study", "study_instance_uid")
+    by_instance = by_reference("IMAGE", "sop_uid", "image", "sop_instance_uid")
+
+    async def by_upload(request: Request) -> Response:
+        started = time.monotonic()
+        level = (request.query_params.get("level") or "study").upper()
+        if level not in q.LEVELS:
+            return _error(QueryError("malformed", "level is study or image"))
+        try:
+            data = await _read_upload(request)
+            query = _query(request.query_params, level, "1.2", default_k)
+            results, reference = await run_in_threadpool(_search_upload, ctx, encoders, data, query)
+        except QueryError as err:
+            return _error(err)
+        return _answer(query, results, ctx.index[query.index_level], started, reference)
+
+    return [
+        Route("/api/similar/study/{study_uid}", by_study, methods=["GET"]),
+        Route("/api/similar/instance/{sop_uid}", by_instance, methods=["GET"]),
+        Route("/api/similar/upload", by_upload, methods=["POST"]),
+    ]
+
+
+async def _read_upload(request: Request) -> bytes:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
+        raise QueryError("too-large", f"upload over {MAX_UPLOAD_BYTES // 2**20} MiB")
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise QueryError("malformed", "multipart upload without a 'file' field")
+        data = await upload.read()
+    else:
+        data = await request.body()
+    if not data:
+        raise QueryError("malformed", "empty upload")
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise QueryError("too-large", f"upload over {MAX_UPLOAD_BYTES // 2**20} MiB")
+    return data
+
+
+def _search_upload(
+    ctx: Any, encoders: _Encoders, data: bytes, query: q.SimilarQuery
+) -> tuple[list[q.SimilarResult], dict[str, Any]]:
+    """Decode, hash with the answering model, search; the upload's own study/image is left out."""
+    from hashing.preprocess import PreprocessError, load_pixels, read_dataset
+
+    try:
+        ds: Dataset = read_dataset(data)
+        image = load_pixels(ds)
+    except PreprocessError as err:
+        raise QueryError("not-an-image", f"cannot use the upload: {err}") from err
+    except Exception as err:  # noqa: BLE001 - anything pydicom raises on a non-DICOM upload
+        raise QueryError("not-an-image", f"not a readable DICOM file ({type(err).__name__})") from err
+    level = query.index_level
+    index = ctx.index.get(level)
+    if index is not None:
+        index.refresh()
+    if index is None or not index.ready:
+        raise QueryError("index-not-ready", "index not ready: try again shortly")
+    encoder = encoders.for_version(str(index.version))
+    with encoders.lock():
+        codes, embeddings = encoder.encode_images([image])
+        code = bytes(encoder.encode_study(embeddings)) if level == "study" else bytes(codes[0])
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    own = study_uid if level == "study" else sop_uid
+    results = q.search_code(code, query, ctx.store, index, exclude_uids=(own,) if own else ())
+    reference = {"study_instance_uid": study_uid, "sop_instance_uid": sop_uid, "code": code.hex()}
+    return results, reference

@@ -1,0 +1,139 @@
+"""The status page for IT staff: the figures of :func:`plugin.ops.status.gather` as HTML.
+
+One function per section (queues, workers, ingest, index, failures), so a new figure goes in the
+section it belongs to. Every value is escaped; a retry button is only written for a value that is a
+UID (digits and dots), so nothing from the store reaches a script.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+from plugin.core.header import is_uid
+from plugin.ops import metrics, status
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>drh-pacs status</title>
+<meta http-equiv="refresh" content="15">
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1.2em; }}
+th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
+th {{ background: #f0f0f0; }} .bad {{ color: #a00; font-weight: bold; }} .num {{ text-align: right; }}
+</style></head><body>
+<h1>drh-pacs status</h1><p>{when} &middot; namespace <code>{ns}</code> &middot; refreshes every 15 s</p>
+{body}
+<script>
+async function retry(uid) {{
+  let token = localStorage.getItem("drh-token");
+  if (!token) {{ token = prompt("API token (kept in this browser)"); if (!token) return;
+                 localStorage.setItem("drh-token", token); }}
+  const r = await fetch("/api/failures/" + encodeURIComponent(uid) + "/retry",
+                        {{method: "POST", headers: {{"Authorization": "Bearer " + token}}}});
+  if (r.status === 401) localStorage.removeItem("drh-token");
+  const j = await r.json(); alert(r.ok ? "re-queued " + (j.retried || 0) : (j.error || r.status));
+  location.reload();
+}}
+</script></body></html>"""
+
+e = html.escape
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _queues(f: dict[str, Any]) -> str:
+    rows = [[e(q), f"<span class='num'>{n}</span>"] for q, n in f["queues"].items()]
+    rows += [["in flight", f["in_flight"]], ["pending for the model", f["pending"]]]
+    return "<h2>Queues</h2>" + _table(["queue", "waiting"], rows)
+
+
+def _workers(f: dict[str, Any]) -> str:
+    if not f["workers"]:
+        return "<h2>Workers</h2><p class='bad'>No worker alive: nothing will be indexed.</p>"
+    rows = [
+        [
+            e(w["hostname"]),
+            e(w["device"]),
+            w["concurrency"],
+            e(",".join(w["queues"])),
+            e(",".join(w.get("models", []))),
+            f"{w['age']:.0f} s ago",
+        ]
+        for w in f["workers"]
+    ]
+    return "<h2>Workers</h2>" + _table(["worker", "device", "processes", "queues", "models", "last seen"], rows)
+
+
+def _ingest(f: dict[str, Any]) -> str:
+    rows = [
+        [e(t), e(status.outcome_label(o)), n] for t, outs in sorted(f["tasks"].items()) for o, n in sorted(outs.items())
+    ]
+    out = "<h2>Ingest</h2>" + _table(["task", "outcome", "count"], rows)
+    p50 = metrics.latency_quantile(f["latency"], 0.5)
+    p95 = metrics.latency_quantile(f["latency"], 0.95)
+    if p50 is not None:
+        out += f"<p>C-STORE to searchable: median &le; {p50:g} s, 95th percentile &le; {p95:g} s.</p>"
+    return out
+
+
+def _index(f: dict[str, Any]) -> str:
+    rows = [
+        [e(m["version"]), m["nbits"], e(m["state"]), "yes" if m["active"] else "", m["image"], m["study"]]
+        for m in f["models"]
+    ]
+    out = "<h2>Index</h2>" + _table(["model version", "bits", "state", "active", "image codes", "study codes"], rows)
+    job = f["reindex"]
+    if job:
+        out += (
+            f"<p>Re-index to <code>{e(job.get('version', ''))}</code>: {e(job.get('state', ''))},"
+            f" {job['done']} / {job['total']} instances, {job['failed']} failed.</p>"
+        )
+    return out
+
+
+def _failures(f: dict[str, Any]) -> str:
+    fl = f["failures"]
+    out = f"<h2>Failures</h2><p>{fl['count']} failed, {fl['ignored']} non-image objects ignored."
+    if fl["count"]:
+        out += " <button onclick=\"retry('all')\">retry all</button>"
+    out += "</p>"
+    if not fl["recent"]:
+        return out
+    rows = [
+        [
+            f"<code>{e(x['sop_uid'])}</code>",
+            e(x["reason"]),
+            e(x["kind"]),
+            e(x["state"]),
+            x["count"],
+            _when(x["first_seen"]),
+            _when(x["last_seen"]),
+            # a UID is digits and dots; anything else never reaches a script
+            f"<button onclick=\"retry('{x['sop_uid']}')\">retry</button>" if is_uid(x["sop_uid"]) else "",
+        ]
+        for x in fl["recent"]
+    ]
+    headers = ["SOP Instance UID", "reason", "kind", "state", "count", "first seen", "last seen", ""]
+    return out + _table(headers, rows)
+
+
+SECTIONS = (_queues, _workers, _ingest, _index, _failures)
+
+
+def render_html(f: dict[str, Any]) -> str:
+    """The whole page; with Redis down, only what is known: that it is down, and why."""
+    if not f["redis_ok"]:
+        body = f"<p class='bad'>{e(f.get('error', 'Redis unavailable'))}</p>"
+    else:
+        body = "".join(section(f) for section in SECTIONS)
+    return _PAGE.format(when=_when(f["time"]), ns=e(f["namespace"]), body=body)

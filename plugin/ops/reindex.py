@@ -1,0 +1,104 @@
+"""``drh-pacs reindex MODEL [--wait]``: move every stored instance to a new model version in the background.
+
+Starting a job loads the checkpoint here once, to learn its version and code length (and to fail now,
+not in every worker, if it is broken), registers the version, records the job
+(:mod:`plugin.store.reindex`) and queues its plan; the workers do the rest (:mod:`workers.reindex`)
+while the previous version keeps answering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from celery import Celery
+
+from plugin.core.settings import SettingsError, load_settings
+from plugin.store import ACTIVE_STATES
+from workers.client import REINDEX_PLAN, make_celery, send, store_for
+
+
+def start(app: Celery, model_path: str, *, force: bool = False) -> dict[str, str]:
+    """Register the new version and queue the plan; returns the job."""
+    from hashing.encoder import Encoder
+
+    store = store_for(app)
+    job = store.reindex.get()
+    if job.get("state") in ACTIVE_STATES and not force:
+        raise RuntimeError(f"a re-index to {job.get('version')} is already {job['state']} (use --force to restart)")
+    # Workers find the checkpoint by this path: make it absolute (the same path on every worker).
+    model_path = str(Path(model_path).resolve()) if model_path else ""
+    enc = Encoder.load(model_path or None, device="cpu")
+    if enc.version == store.models.active():
+        raise RuntimeError(f"model {enc.version} is already the active version")
+    store.models.register(enc.version, enc.nbits, path=model_path, emb_dim=enc.emb_dim)
+    store.models.set_state(enc.version, "building")
+    store.reindex.start(enc.version, model_path, store.models.active() or "")
+    send(app, REINDEX_PLAN, version=enc.version)
+    return store.reindex.get()
+
+
+def describe(job: dict[str, str]) -> str:
+    return (
+        f"re-index to {job.get('version')}: {job.get('state')}, {job.get('done', 0)}/{job.get('total', 0)} instances,"
+        f" {job.get('failed', 0)} failed, studies pooled {job.get('studies_done', 0)}"
+        f" (previous version {job.get('previous') or '(none)'})"
+    )
+
+
+def follow(app: Celery) -> dict[str, str]:
+    """A progress bar until the job ends; returns its final state."""
+    from tqdm import tqdm
+
+    store = store_for(app)
+    job = store.reindex.get()
+    with tqdm(total=int(job.get("total", 0)) or None, unit="img", desc=f"re-index {job['version']}") as bar:
+        while job.get("state") in ACTIVE_STATES:
+            total = int(job.get("total", 0))
+            if total and bar.total != total:
+                bar.total = total
+            bar.n = int(job.get("done", 0)) + int(job.get("failed", 0))
+            bar.set_postfix_str(job.get("state", ""))
+            bar.refresh()
+            time.sleep(1.0)
+            job = store.reindex.get()
+        bar.n = int(job.get("done", 0)) + int(job.get("failed", 0))
+        bar.refresh()
+    return job
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``drh-pacs reindex MODEL_PATH [--wait]`` or ``drh-pacs reindex --status``."""
+    parser = argparse.ArgumentParser(prog="drh-pacs reindex", description=__doc__.split("\n")[0])
+    parser.add_argument("model", nargs="?", help="checkpoint of the new model version")
+    parser.add_argument("--shipped", action="store_true", help="re-index to the model shipped with the package")
+    parser.add_argument("--status", action="store_true", help="show the progress of the current job")
+    parser.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
+    parser.add_argument("--force", action="store_true", help="restart even if a job is running")
+    args = parser.parse_args(argv)
+    try:
+        app = make_celery(load_settings())
+    except (SettingsError, RuntimeError) as exc:
+        print(f"drh-pacs reindex: {exc}", file=sys.stderr)
+        return 2
+    if args.model or args.shipped:
+        try:
+            job = start(app, "" if args.shipped else args.model, force=args.force)
+        except (RuntimeError, OSError, ValueError) as exc:
+            print(f"drh-pacs reindex: {exc}", file=sys.stderr)
+            return 1
+        print(f"re-index to {job['version']} queued; {job['previous'] or '(none)'} answers until it completes")
+    elif not args.status:
+        parser.error("give a model checkpoint, --shipped, or --status")
+    job = store_for(app).reindex.get()
+    if not job:
+        print("no re-index job")
+        return 0
+    if not args.wait:
+        print(describe(job))
+        return 0 if job.get("state") != "failed" else 1
+    job = follow(app)
+    print(describe(job))
+    return 0 if job.get("state") == "complete" else 1

@@ -1,0 +1,228 @@
+"""The operational figures, gathered once, shown three ways: `drh-pacs status`, the status page,
+and Prometheus ``/metrics``. One function (:func:`gather`) reads them so the three never disagree.
+
+Figures: queue depths per Celery queue and messages in flight; task outcomes; ingest latency
+(C-STORE to searchable); index size per model version and level, the active version and a running
+re-index; live workers (from their heartbeats) and the devices their processes loaded the model on;
+failure ledger size with the most recent failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import redis
+
+from plugin.core.redis_server import EmbeddedRedisError, resolve_redis_url
+from plugin.core.settings import Settings, SettingsError, load_settings
+from plugin.ops import metrics
+from plugin.store import HEARTBEAT_SECONDS, Store
+from plugin.store.broker import in_flight, queue_depth
+from workers.client import QUEUES
+
+# "duplicate" counts messages whose instance another task already hashed in its batch (or a re-sent
+# instance): normal with batching, so say so rather than let it read as a fault.
+_OUTCOME_LABELS = {"duplicate": "already done (batched or re-sent)"}
+
+
+def outcome_label(outcome: str) -> str:
+    """How a task outcome is shown to IT staff (terminal and status page alike)."""
+    return _OUTCOME_LABELS.get(outcome, outcome)
+
+
+def model_versions(store: Store) -> list[dict[str, Any]]:
+    """Every registered model version, the active one first: bits, state, live codes per level and
+    instance embeddings (what an old version still costs in Redis)."""
+    active = store.models.active()
+    out = []
+    for version in store.models.versions():
+        info = store.models.details(version)
+        if "nbits" not in info:
+            continue
+        out.append(
+            {
+                "version": version,
+                "nbits": int(info["nbits"]),
+                "state": info.get("state", ""),
+                "active": version == active,
+                "created": float(info.get("created", 0) or 0),
+                "image": store.codes.count(version, "image"),
+                "study": store.codes.count(version, "study"),
+                "embeddings": store.embeddings.count(version),
+            }
+        )
+    out.sort(key=lambda m: (not m["active"], -m["created"]))
+    return out
+
+
+def _workers(store: Store) -> list[dict[str, Any]]:
+    """Live workers (heartbeat within three periods) and the devices their processes loaded on."""
+    now = time.time()
+    beats = store.workers.heartbeats()
+    procs: dict[str, list[dict[str, Any]]] = {}
+    for host, records in store.workers.processes().items():
+        started = float(beats.get(host, {}).get("started", now))
+        # processes of an earlier run of that worker are gone
+        procs[host] = [p for p in records if p.get("loaded", 0) >= started]
+    out = []
+    for w in beats.values():
+        if now - float(w.get("last_seen", 0)) > 3 * HEARTBEAT_SECONDS:
+            continue
+        loaded = procs.get(w["hostname"], [])
+        devices = sorted({p["device"] for p in loaded})
+        w["device"] = ",".join(devices) if devices else str(w.get("device", ""))
+        w["models"] = sorted({p["model"] for p in loaded})
+        w["age"] = time.time() - float(w.get("last_seen", 0))
+        out.append(w)
+    out.sort(key=lambda w: w["hostname"])
+    return out
+
+
+def gather(store: Store, broker: redis.Redis | None = None, recent: int = 20) -> dict[str, Any]:
+    """Every figure, from the store and the broker (``broker``, default: the store's Redis).
+
+    Never raises for an unreachable Redis: ``redis_ok`` is False and ``error`` says why, so the
+    status page and ``/metrics`` still answer while Redis is down.
+    """
+    broker = broker or store.client
+    figures: dict[str, Any] = {"time": time.time(), "redis_ok": False, "namespace": store.namespace}
+    try:
+        figures["queues"] = {q: queue_depth(broker, q) for q in QUEUES}
+        figures["in_flight"] = in_flight(broker)
+        figures["tasks"] = store.stats.tasks()
+        figures["latency"] = store.stats.latency()
+        figures["models"] = model_versions(store)
+        figures["active_version"] = next((m["version"] for m in figures["models"] if m["active"]), None)
+        job: dict[str, Any] = store.reindex.get()
+        if job:
+            for k in ("done", "total", "failed"):
+                job[k] = int(job.get(k, 0) or 0)
+        figures["reindex"] = job
+        figures["workers"] = _workers(store)
+        figures["failures"] = {
+            "count": store.ledger.count(),
+            "ignored": store.ledger.ignored_count(),
+            "recent": store.ledger.list(recent),
+        }
+        figures["pending"] = store.ingest.pending_count()
+        figures["redis_ok"] = True
+    except redis.exceptions.RedisError as exc:
+        figures["error"] = f"Redis unavailable: {exc}"
+    return figures
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_text(f: dict[str, Any]) -> str:
+    """The figures for a terminal."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(f["time"]))
+    lines = [f"drh-pacs status at {when} (namespace {f['namespace']})"]
+    if not f["redis_ok"]:
+        lines.append(f"  {f.get('error', 'Redis unavailable')}")
+        return "\n".join(lines)
+    q = f["queues"]
+    lines.append("")
+    lines.append("queues      " + "  ".join(f"{name} {n}" for name, n in q.items()) + f"  (in flight {f['in_flight']})")
+    lines.append(f"batching    {f['pending']} instance(s) pending for the model")
+    lines.append("")
+    lines.append("workers")
+    if not f["workers"]:
+        lines.append("  none alive (start `drh-pacs worker` or `drh-pacs serve`)")
+    for w in f["workers"]:
+        lines.append(
+            f"  {w['hostname']:<32} device {w['device']:<10} x{w['concurrency']}  queues {','.join(w['queues'])}"
+            f"  seen {_ago(w['age'])} ago"
+        )
+    lines.append("")
+    lines.append("index")
+    if not f["models"]:
+        lines.append("  empty (no model version registered yet)")
+    for m in f["models"]:
+        mark = "*" if m["active"] else " "
+        lines.append(
+            f" {mark}{m['version']:<28} {m['nbits']:>3} bits  {m['state']:<9}"
+            f" images {m['image']:>9}  studies {m['study']:>8}"
+        )
+    job = f["reindex"]
+    if job:
+        total = max(1, job["total"])
+        lines.append(
+            f"  re-index to {job['version']}: {job.get('state', '?')}, {job['done']}/{job['total']} instances"
+            f" ({100 * job['done'] / total:.0f} %), {job['failed']} failed"
+        )
+    lines.append("")
+    done = f["tasks"].get("index_instance", {})
+    lat = f["latency"]
+    p50 = metrics.latency_quantile(lat, 0.5)
+    p95 = metrics.latency_quantile(lat, 0.95)
+    lines.append(
+        "ingest      "
+        + ("  ".join(f"{outcome_label(k)} {v}" for k, v in sorted(done.items())) or "no instance received yet")
+        + (f"  latency p50 <= {p50:g} s, p95 <= {p95:g} s" if p50 is not None else "")
+    )
+    pool = f["tasks"].get("pool_study", {})
+    if pool:
+        lines.append("pooling     " + "  ".join(f"{k} {v}" for k, v in sorted(pool.items())))
+    fl = f["failures"]
+    lines.append("")
+    lines.append(f"failures    {fl['count']} failed, {fl['ignored']} non-image ignored")
+    for e in fl["recent"]:
+        lines.append(f"  {e['sop_uid']}  {e['state']}  x{e['count']}  last {_ago(f['time'] - e['last_seen'])} ago")
+        lines.append(f"      {e['reason']}")
+    if fl["count"]:
+        lines.append("  retry with `drh-pacs failures retry UID` or `drh-pacs failures retry --all`")
+    return "\n".join(lines)
+
+
+def gather_for_settings(settings: Settings) -> dict[str, Any]:
+    """Connect with the settings (embedded Redis of a running `serve` included) and gather."""
+    url = resolve_redis_url(settings.redis_url, settings.data_dir)
+    store = Store.from_url(url, settings.redis_namespace, socket_timeout=5, socket_connect_timeout=5)
+    broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if settings.broker_url else store.client
+    try:
+        return gather(store, broker)
+    finally:
+        store.close()
+        if broker is not store.client:
+            broker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``drh-pacs status [--json] [--watch SECONDS]``."""
+    parser = argparse.ArgumentParser(prog="drh-pacs status", description="queues, workers, index, failures")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"drh-pacs status: {exc}", file=sys.stderr)
+        return 2
+    while True:
+        try:
+            figures = gather_for_settings(settings)
+        except EmbeddedRedisError as exc:
+            print(f"drh-pacs status: {exc}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps(figures, indent=2, default=str))
+        else:
+            if args.watch:
+                print("\x1b[2J\x1b[H", end="")
+            print(render_text(figures))
+        if not args.watch:
+            return 0 if figures["redis_ok"] else 1
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0

@@ -1,0 +1,63 @@
+"""The filters of a similar query: one type, whichever way the query arrived (DICOM or HTTP).
+
+A filter restricts the *study* attributes of what is returned (for image search, the image's study).
+Dates are DICOM ``YYYYMMDD``, inclusive; ``modalities``: the study has at least one of them. The
+reference patient to exclude is resolved at search time (:func:`plugin.search.query.run_similar`),
+since a request names it only indirectly.
+
+Adding a filter key: a field here, its test in :mod:`plugin.search.eligible` (and, for a new study
+attribute, a field of the record in :mod:`plugin.store.attributes`), and its two parsers:
+:func:`plugin.dicom.similar.parse_similar` and :func:`plugin.http.search.parse_filters`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from plugin.search.errors import QueryError
+
+_DATE_RE = re.compile(r"^\d{8}$")
+
+
+@dataclass(frozen=True)
+class Filters:
+    modalities: tuple[str, ...] = ()
+    date_from: str | None = None
+    date_to: str | None = None
+    body_part: str | None = None
+    patient_id: str | None = None
+    exclude_reference_patient: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", tuple(sorted({m.strip().upper() for m in self.modalities if m.strip()})))
+        if self.body_part:
+            object.__setattr__(self, "body_part", self.body_part.strip().upper() or None)
+        for name in ("date_from", "date_to"):
+            value = getattr(self, name)
+            if value and not _DATE_RE.match(value):
+                raise QueryError("malformed", f"{name} {value!r} is not YYYYMMDD")
+        if self.date_from and self.date_to and self.date_from > self.date_to:
+            raise QueryError("malformed", "the date range ends before it starts")
+
+    def restricts(self) -> bool:
+        """Whether any filter on the studies' own attributes is set (the patient exclusion aside)."""
+        return bool(self.modalities or self.date_from or self.date_to or self.body_part or self.patient_id)
+
+
+def parse_date_range(value: str) -> tuple[str | None, str | None]:
+    """``YYYYMMDD``, ``YYYYMMDD-``, ``-YYYYMMDD`` or ``YYYYMMDD-YYYYMMDD`` -> (from, to), inclusive."""
+    value = value.strip()
+    if not value:
+        return None, None
+    if "-" in value:
+        start, _, end = value.partition("-")
+        start, end = start.strip(), end.strip()
+        if (start and not _DATE_RE.match(start)) or (end and not _DATE_RE.match(end)) or not (start or end):
+            raise QueryError("malformed", f"StudyDate range {value!r} is not YYYYMMDD-YYYYMMDD")
+        if start and end and start > end:
+            raise QueryError("malformed", f"StudyDate range {value!r} ends before it starts")
+        return start or None, end or None
+    if not _DATE_RE.match(value):
+        raise QueryError("malformed", f"StudyDate {value!r} is not YYYYMMDD")
+    return value, value

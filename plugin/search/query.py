@@ -1,0 +1,144 @@
+"""The similar query, however it was asked: find the reference's code, search the replica, attach records.
+
+:mod:`plugin.dicom.similar` and :mod:`plugin.http.search` parse their requests into a
+:class:`SimilarQuery` and turn :class:`SimilarResult` rows into their answers; everything between
+is here, once. A reference that is unknown, not indexed yet, or an index that is not loaded raises
+:class:`~plugin.search.errors.QueryError` with a reason each protocol maps to its own status.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from plugin.search.errors import QueryError
+from plugin.search.filters import Filters
+
+log = logging.getLogger("drh.query")
+
+# The most results one similar query may ask for: a viewer lists them, nobody reads 10 000 rows,
+# and each is a pending response on the wire.
+MAX_RESULTS = 1000
+
+LEVELS = ("STUDY", "IMAGE")
+
+
+@dataclass(frozen=True)
+class SimilarQuery:
+    level: str  # STUDY or IMAGE
+    reference_uid: str
+    k: int
+    max_distance: int | None = None
+    filters: Filters = field(default_factory=Filters)
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise QueryError("malformed", f"level {self.level!r}: similar is STUDY or IMAGE")
+        if self.k < 1:
+            raise QueryError("malformed", "the number of results must be >= 1")
+        object.__setattr__(self, "k", min(self.k, MAX_RESULTS))
+
+    @property
+    def index_level(self) -> str:
+        """The replica that answers: study codes for STUDY, image codes for IMAGE."""
+        return "study" if self.level == "STUDY" else "image"
+
+
+@dataclass(frozen=True)
+class SimilarResult:
+    rank: int
+    uid: str
+    distance: int
+    score: float
+    study_uid: str
+    study: dict[str, str]
+    instance: dict[str, str] | None = None
+
+
+def modalities_of(study: Mapping[str, str]) -> list[str]:
+    """The modalities of a study record (stored comma separated)."""
+    raw = study.get("modalities", "") or ""
+    return [m for m in re.split(r"[\\,\s]+", raw) if m]
+
+
+def _reference_study(level: str, uid: str, store: Any) -> tuple[str | None, dict[str, str]]:
+    """(study UID, record) of a reference: the study itself, or an instance's study."""
+    if level == "STUDY":
+        return uid, store.records.study(uid)
+    instance = store.records.instance(uid)
+    return instance.get("study_uid"), instance
+
+
+def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> list[SimilarResult]:
+    """The k nearest studies (or images) to the reference, nearest first, reference excluded."""
+    index = indexes.get(query.index_level)
+    if index is None:
+        raise QueryError("index-not-ready", "index not ready: try again shortly")
+    # Catch up with Redis first (one round trip when nothing changed): what a worker has written
+    # before the query arrived is answered, not only what the background refresher has seen.
+    try:
+        index.refresh()  # loads the replica the first time
+    except Exception as exc:  # noqa: BLE001 - Redis away: answer from the replica we have, if any
+        log.warning("replica refresh failed (%s); answering from the replica as it is", type(exc).__name__)
+    if not index.ready:
+        raise QueryError("index-not-ready", "index not ready: try again shortly")
+    code = index.code_of(query.reference_uid)
+    what = "study" if query.level == "STUDY" else "instance"
+    if code is None:
+        _, known = _reference_study(query.level, query.reference_uid, store)
+        if known:
+            raise QueryError("not-indexed", f"reference {what} not yet indexed: try again later")
+        raise QueryError("unknown-reference", f"unknown reference {what}")
+
+    exclude_patient = None
+    if query.filters.exclude_reference_patient:
+        reference_study_uid, _ = _reference_study(query.level, query.reference_uid, store)
+        exclude_patient = store.records.study(reference_study_uid or "").get("patient_id") or None
+    return search_code(code, query, store, index, exclude_uids=(query.reference_uid,), exclude_patient=exclude_patient)
+
+
+def search_code(
+    code: bytes,
+    query: SimilarQuery,
+    store: Any,
+    index: Any,
+    *,
+    exclude_uids: tuple[str, ...] = (),
+    exclude_patient: str | None = None,
+) -> list[SimilarResult]:
+    """The k nearest to ``code`` in ``index`` with the query's filters, as ranked results with records."""
+    hits = index.search(
+        code,
+        query.k,
+        max_distance=query.max_distance,
+        filters=query.filters,
+        exclude_patient=exclude_patient,
+        exclude_uids=exclude_uids,
+    )
+    hits = [h for h in hits if h.uid not in exclude_uids]  # never, whatever the index does
+    nbits = int(index.nbits)
+    instances: list[dict[str, str] | None] = [None] * len(hits)
+    if query.level == "STUDY":
+        study_uids = [h.uid for h in hits]
+    else:
+        instances = list(store.records.instances([h.uid for h in hits]))
+        study_uids = [(i or {}).get("study_uid", "") for i in instances]
+    studies = store.records.studies(study_uids)
+    results: list[SimilarResult] = []
+    for hit, study_uid, study, instance in zip(hits, study_uids, studies, instances, strict=True):
+        score = max(0.0, 1.0 - int(hit.distance) / nbits) if nbits else 0.0
+        results.append(
+            SimilarResult(
+                rank=len(results) + 1,
+                uid=hit.uid,
+                distance=int(hit.distance),
+                score=round(score, 4),
+                study_uid=study_uid or "",
+                study=study or {},
+                instance=instance,
+            )
+        )
+    return results

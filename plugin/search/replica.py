@@ -1,0 +1,412 @@
+"""The query process's in-memory replica of the codes of one level, and search over it.
+
+Why a replica: a similar-studies query must scan every code of the active model; doing that in
+Redis would ship the whole code string per query. The replica holds the codes as 64-bit word
+planes, one row per store slot, with what filters need (:mod:`plugin.search.state`). No UID and no
+readable patient ID sit in its memory (no ten million Python strings either): hits are turned back
+into UIDs with one HMGET to the store. Which slots a filtered search may return is
+:mod:`plugin.search.eligible`.
+
+Sync. The first :meth:`ReplicaIndex.refresh` (and one after a model switch, a compaction, or a log
+trimmed past our position) loads a consistent snapshot in one MULTI; every later refresh reads the
+change-log entries after the replica's position in one round trip and applies them. With nothing
+new that is one pipelined round trip, cheap enough to do before every query. A reload builds the
+new state aside and swaps it in, so the old version answers until the new one is ready.
+
+Concurrency. Searches and the application of changes are serialised by a lock; reloads (the slow
+part) run outside it. When a hit's slot turns out to be deleted in Redis, or the store was compacted
+under us, the search refreshes and runs again rather than answer from stale slots.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import numpy as np
+
+from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, query_words, radius
+from plugin.search.eligible import Eligibility
+from plugin.search.filters import Filters
+from plugin.search.state import NEVER, State, words_of
+from plugin.store import ATTR_DTYPE, FLAG_KNOWN, LEVELS, Store, patient_key
+
+log = logging.getLogger(__name__)
+
+# From this many codes on a replica keeps multi-index tables (below, the scan is as fast).
+MIH_MIN = 300_000
+
+
+class IndexNotReady(RuntimeError):
+    """No model is active yet, or the replica has not loaded."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    uid: str
+    distance: int
+
+
+class ReplicaIndex:
+    """Replica of the codes of ``level`` for the store's active model version.
+
+    ``mih_min``: from this many codes on, exact k-NN goes through multi-index hashing (built at
+    load and rebuilt when ``mih_rebuild_fraction`` of the rows have changed since), falling back to
+    the scan when the table lookups pass ``mih_budget`` of the rows (:class:`hashing.search.Planner`);
+    below it, and for selective filters, a full scan is faster.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        level: str,
+        *,
+        mih_min: int = MIH_MIN,
+        mih_rebuild_fraction: float = 0.05,
+        mih_rebuild_min: int = 10_000,
+        mih_budget: float = 0.02,
+        batch: int = 50_000,
+    ) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"unknown level {level!r}")
+        self.store = store
+        self.level = level
+        self.mih_min = mih_min
+        self.mih_rebuild_fraction = mih_rebuild_fraction
+        self.mih_rebuild_min = mih_rebuild_min
+        self.mih_budget = mih_budget
+        self.batch = batch
+        self._state: State | None = None
+        self._lock = threading.RLock()  # state mutation and search
+        self._refresh_lock = threading.Lock()  # one refresher at a time
+        self._selector = Selector()
+        self._eligibility = Eligibility(level, store.records.vocabulary)
+        self._planner = Planner(budget_fraction=mih_budget)
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- properties ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._state is not None
+
+    @property
+    def version(self) -> str | None:
+        st = self._state
+        return st.version if st else None
+
+    @property
+    def nbits(self) -> int | None:
+        st = self._state
+        return st.nbits if st else None
+
+    @property
+    def generation(self) -> int | None:
+        st = self._state
+        return st.generation if st else None
+
+    def __len__(self) -> int:
+        st = self._state
+        return st.live if st else 0
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the replica's arrays (capacity, not just the live part)."""
+        st = self._state
+        return st.memory_bytes() if st is not None else 0
+
+    # -- sync ----------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Bring the replica up to date with the store (bulk load, or incremental)."""
+        with self._refresh_lock:
+            st = self._state
+            if st is None:
+                version = self.store.models.active()
+                if version is not None:
+                    self._load(version)
+                return
+            while True:
+                ch = self.store.codes.changes(st.version, self.level, st.log_pos, st.attr_pos, count=self.batch)
+                if ch.active is None:
+                    return
+                if ch.active != st.version or ch.generation != st.generation or ch.log_lost or ch.attr_lost:
+                    log.info(
+                        "replica %s reloads: version %s -> %s, generation %s -> %s, log trimmed %s",
+                        self.level,
+                        st.version,
+                        ch.active,
+                        st.generation,
+                        ch.generation,
+                        ch.log_lost or ch.attr_lost,
+                    )
+                    self._load(ch.active)
+                    return
+                if not ch.log and not ch.attrs:
+                    break
+                with self._lock:
+                    self._apply(st, ch.log, ch.attrs)
+                if len(ch.log) < self.batch and len(ch.attrs) < self.batch:
+                    break
+            self._maybe_rebuild_mih(st)
+
+    def _load(self, version: str) -> None:
+        snap = self.store.codes.snapshot(version, self.level)
+        st = State(version, self.level, snap.nbits, snap.generation)
+        n = snap.n_slots
+        st.reserve(n)
+        if n:
+            st.planes[:, :n] = words_of(snap.codes, st.nbytes)
+            st.exclude[:n] = np.where(snap.deleted, NEVER, 0).astype(np.uint8)
+            st.slot_sn[:n] = snap.slot_sn
+        st.n = n
+        st.live = int(n - np.count_nonzero(snap.deleted))
+        # Slots may name studies that have no record yet (no put_study): they stay zero (unknown).
+        st.reserve_studies(max(len(snap.attrs), int(snap.slot_sn.max(initial=0)) + 1))
+        st.attrs.put(slice(0, len(snap.attrs)), snap.attrs)
+        if self.level == "study" and n:
+            live = np.flatnonzero(~snap.deleted)
+            st.sn_slot[st.slot_sn[live]] = live
+        st.log_pos, st.attr_pos = snap.log_pos, snap.attr_pos
+        if n >= self.mih_min:
+            st.mih = MultiIndexHash(st.nbits).build(np.frombuffer(snap.codes, np.uint8).reshape(n, st.nbytes))
+        with self._lock:
+            self._state = st
+        log.info("replica %s loaded model %s: %d codes (%d slots)", self.level, version, st.live, n)
+
+    def _apply(self, st: State, entries: list, attr_entries: list) -> None:
+        codes: dict[int, bytes] = {}
+        sns: dict[int, int] = {}
+        dead: dict[int, bool] = {}
+        for entry_id, f in entries:
+            st.log_pos = entry_id
+            op = f.get(b"op")
+            if op == b"set":
+                s = int(f[b"slot"])
+                codes[s] = f[b"code"]
+                sns[s] = int(f[b"sn"])
+                dead[s] = False
+            elif op == b"del":
+                dead[int(f[b"slot"])] = True
+            elif op == b"link":
+                sns[int(f[b"slot"])] = int(f[b"sn"])
+        if codes:
+            slots = np.fromiter(codes, np.int64, len(codes))
+            need = int(slots.max()) + 1
+            st.reserve(need)
+            st.planes[:, slots] = words_of(b"".join(codes.values()), st.nbytes)
+            st.n = max(st.n, need)
+            if st.mih is not None:
+                st.mih.invalidate(slots)
+            if st.mih is not None or st.building:
+                st.changed_since_build.append(slots)
+        if sns:
+            slots = np.fromiter(sns, np.int64, len(sns))
+            st.reserve(int(slots.max()) + 1)
+            values = np.fromiter(sns.values(), np.uint32, len(sns))
+            st.slot_sn[slots] = values
+            st.reserve_studies(int(values.max()) + 1)
+        if dead:
+            slots = np.fromiter(dead, np.int64, len(dead))
+            st.reserve(int(slots.max()) + 1)
+            before = int(np.count_nonzero(st.exclude[slots] == 0))
+            st.exclude[slots] = np.where(np.fromiter(dead.values(), bool, len(dead)), NEVER, 0).astype(np.uint8)
+            st.live += int(np.count_nonzero(st.exclude[slots] == 0)) - before
+        if self.level == "study":
+            for s in set(sns) | set(dead):
+                sn = int(st.slot_sn[s])
+                if st.exclude[s] == 0:
+                    st.sn_slot[sn] = s
+                elif st.sn_slot[sn] == s:
+                    st.sn_slot[sn] = -1
+        if attr_entries:
+            recs: dict[int, bytes] = {}
+            for entry_id, f in attr_entries:
+                st.attr_pos = entry_id
+                if b"sn" in f:
+                    recs[int(f[b"sn"])] = f[b"rec"]
+            if recs:
+                sn = np.fromiter(recs, np.int64, len(recs))
+                st.reserve_studies(int(sn.max()) + 1)
+                st.attrs.put(sn, np.frombuffer(b"".join(recs.values()), ATTR_DTYPE))
+
+    def _maybe_rebuild_mih(self, st: State) -> None:
+        """Rebuild the multi-index tables in a background thread when enough rows are scanned
+        outside them (added or changed since the last build); searches go on meanwhile."""
+        n = st.n
+        if n < self.mih_min or st.building:
+            return
+        if st.mih is not None and st.mih.pending(n) <= max(self.mih_rebuild_min, self.mih_rebuild_fraction * n):
+            return
+        with self._lock:
+            st.building = True
+            marker = len(st.changed_since_build)
+            codes = np.ascontiguousarray(st.planes[:, :n].T).view(np.uint8)[:, : st.nbytes]
+
+        def build() -> None:
+            try:
+                mih = MultiIndexHash(st.nbits).build(codes)
+                with self._lock:
+                    # Rows changed while building have stale entries in the new tables.
+                    for rows in st.changed_since_build[marker:]:
+                        mih.invalidate(rows)
+                    st.changed_since_build = []
+                    st.mih = mih
+                log.info("replica %s: multi-index tables rebuilt over %d rows", self.level, n)
+            except Exception:
+                log.exception("replica %s: multi-index rebuild failed; the scan answers meanwhile", self.level)
+            finally:
+                st.building = False
+
+        threading.Thread(target=build, name=f"mih-{self.level}", daemon=True).start()
+
+    def start(self, interval: float = 0.5) -> None:
+        """Refresh from a background thread every ``interval`` seconds (until :meth:`close`)."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.refresh()
+                except Exception:  # keep following the store; the next round retries
+                    log.exception("replica %s refresh failed", self.level)
+                self._stop.wait(interval)
+
+        self._thread = threading.Thread(target=loop, name=f"replica-{self.level}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # -- queries -------------------------------------------------------------------------------
+    def code_of(self, uid: str) -> bytes | None:
+        """The code of ``uid`` in the replica (None when it has none, or it is deleted)."""
+        st = self._state
+        if st is None:
+            return None
+        (slot,) = self.store.codes.slots_of(st.version, self.level, [uid])
+        with self._lock:
+            if slot is None or slot >= st.n or st.exclude[slot]:
+                return None
+            return st.code(slot)
+
+    def search(
+        self,
+        query: bytes,
+        k: int,
+        *,
+        max_distance: int | None = None,
+        filters: Filters | None = None,
+        exclude_patient: str | None = None,
+        exclude_uids: Collection[str] = (),
+    ) -> list[Hit]:
+        """The k nearest codes by Hamming distance, ordered by (distance, slot).
+
+        Ties go to the code stored first (lower slot), the same in every replica. With
+        ``max_distance``, only codes within it. Filters, ``exclude_patient`` (a PatientID whose
+        studies are left out) and ``exclude_uids`` restrict the set *before* selection, so the
+        answer is the k nearest among the codes that pass.
+        """
+        excluded = set(exclude_uids)
+        for attempt in range(3):
+            st = self._state
+            if st is None:
+                raise IndexNotReady(f"the {self.level} index is not loaded (no active model yet?)")
+            if len(query) != st.nbytes:
+                raise ValueError(f"query code of {len(query)} bytes for a {st.nbits}-bit model")
+            with self._lock:
+                # Excluded UIDs (the reference) are dropped after the UID lookup: asking for
+                # len(excluded) more keeps exactly the k nearest of the others, without a lookup
+                # of their slots first.
+                rows, dist = self._search_rows(
+                    st, bytes(query), k + len(excluded), max_distance, filters, exclude_patient
+                )
+            gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
+            if gen == st.generation:
+                stale = any(u is None for u in uids)
+                if not stale or attempt == 2:
+                    hits = [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
+                    return [h for h in hits if h.uid not in excluded][:k]
+            # Deleted or renumbered in Redis after our last refresh: catch up and search again.
+            self.refresh()
+        raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
+
+    def radius_search(self, query: bytes, r: int, *, filters: Filters | None = None) -> list[Hit]:
+        """Every code within distance ``r``, nearest first (for a bounded answer use search)."""
+        for _ in range(3):
+            st = self._state
+            if st is None:
+                raise IndexNotReady(f"the {self.level} index is not loaded")
+            with self._lock:
+                exclude, _ = self._eligibility.rows(st, filters)
+                rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
+            gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
+            if gen == st.generation:
+                return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
+            self.refresh()
+        raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
+
+    def _search_excluding_patient(
+        self, st: State, query: bytes, k: int, max_distance: int | None, patient_id: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Everyone's studies but one patient's (the usual "priors of other patients" query).
+
+        Almost every study passes, so instead of a mask over all studies: ask for a few more than
+        k, drop the hits of that patient (and of studies without a record), and ask for four times
+        more while too few remain. Exact: the hits kept are in (distance, slot) order, and any
+        passing code not among the candidates comes after all of them.
+        """
+        key = np.uint64(patient_key(patient_id))
+        exclude = st.exclude[: st.n] if st.live < st.n else None
+        planes = st.planes[:, : st.n]
+        want = k + 8
+        while True:
+            rows, dist = self._planner.knn(
+                planes,
+                st.mih,
+                query,
+                want,
+                nbits=st.nbits,
+                exclude=exclude,
+                max_distance=max_distance,
+                selector=self._selector,
+            )
+            sn = st.slot_sn[rows]
+            ok = (st.attrs["patient"][sn] != key) & ((st.attrs["flags"][sn] & FLAG_KNOWN) != 0)
+            if int(np.count_nonzero(ok)) >= k or rows.size < want:
+                return rows[ok][:k], dist[ok][:k]
+            want *= 4
+
+    def _search_rows(
+        self,
+        st: State,
+        query: bytes,
+        k: int,
+        max_distance: int | None,
+        filters: Filters | None,
+        exclude_patient: str | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if st.n == 0 or k <= 0:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        if exclude_patient and (filters is None or not filters.restricts()):
+            return self._search_excluding_patient(st, query, k, max_distance, exclude_patient)
+        exclude, rows = self._eligibility.rows(st, filters, exclude_patient)
+        planes = st.planes[:, : st.n]
+        if rows is not None:
+            # Selective filter (one patient, a rare body part): distances of those rows only.
+            return knn_rows(planes, rows, query_words(query), k, max_distance=max_distance)
+        return self._planner.knn(
+            planes,
+            st.mih,
+            query,
+            k,
+            nbits=st.nbits,
+            exclude=exclude,
+            max_distance=max_distance,
+            selector=self._selector,
+        )

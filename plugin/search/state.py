@@ -1,0 +1,106 @@
+"""What a replica holds for one loaded (model version, generation): arrays indexed by slot.
+
+The codes as 64-bit word planes (:mod:`hashing.search`), a byte per slot saying whether it may be
+returned (0) or not (deleted or unknown: 255), each slot's study number, and per study number the
+filter record (:data:`plugin.store.ATTR_DTYPE`) kept as one array per field. No UID and no readable
+patient ID: hits are turned back into UIDs with one HMGET to the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hashing.search import MultiIndexHash, n_words, to_words
+from plugin.store import ATTR_DTYPE
+
+NEVER = np.uint8(255)
+
+
+class Columns:
+    """Study filter records as one array per field (a strided field of a 24-byte record compares
+    several times slower)."""
+
+    FIELDS = ATTR_DTYPE.names
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.cols = {f: np.zeros(size, ATTR_DTYPE[f].newbyteorder("=")) for f in self.FIELDS}
+
+    def grown(self, size: int) -> Columns:
+        out = Columns(size)
+        for f in self.FIELDS:
+            out.cols[f][: self.size] = self.cols[f]
+        return out
+
+    def put(self, sn: np.ndarray | slice, records: np.ndarray) -> None:
+        for f in self.FIELDS:
+            self.cols[f][sn] = records[f]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.cols.values())
+
+
+class State:
+    """One loaded (version, generation): arrays indexed by slot, grown by doubling."""
+
+    def __init__(self, version: str, level: str, nbits: int, generation: int) -> None:
+        self.version = version
+        self.level = level
+        self.nbits = nbits
+        self.nbytes = nbits // 8
+        self.generation = generation
+        self.n = 0  # slots known (allocated) so far
+        self.live = 0
+        self.planes = np.zeros((n_words(nbits), 0), np.uint64)
+        self.exclude = np.zeros(0, np.uint8)  # 0 live, 255 deleted / unknown
+        self.slot_sn = np.zeros(0, np.intp)
+        self.attrs = Columns(1)
+        # Study level only (one slot per study): study number -> slot, -1 for none. Lets a
+        # selective filter go from the few passing studies straight to their slots.
+        self.sn_slot = np.full(1, -1, np.int64)
+        self.log_pos = "0-0"
+        self.attr_pos = "0-0"
+        self.mih: MultiIndexHash | None = None
+        self.building = False  # a rebuild of the tables is running
+        self.changed_since_build: list[np.ndarray] = []
+
+    def reserve(self, n: int) -> None:
+        cap = self.exclude.shape[0]
+        if n <= cap:
+            return
+        new = max(n, cap * 2, 1024)
+        planes = np.zeros((self.planes.shape[0], new), np.uint64)
+        planes[:, :cap] = self.planes
+        exclude = np.full(new, NEVER, np.uint8)
+        exclude[:cap] = self.exclude
+        slot_sn = np.zeros(new, np.intp)
+        slot_sn[:cap] = self.slot_sn
+        self.planes, self.exclude, self.slot_sn = planes, exclude, slot_sn
+
+    def reserve_studies(self, n: int) -> None:
+        if n > self.attrs.size:
+            size = max(n, self.attrs.size * 2, 1024)
+            self.attrs = self.attrs.grown(size)
+            sn_slot = np.full(size, -1, np.int64)
+            sn_slot[: self.sn_slot.shape[0]] = self.sn_slot
+            self.sn_slot = sn_slot
+
+    def code(self, slot: int) -> bytes:
+        return np.ascontiguousarray(self.planes[:, slot]).view(np.uint8)[: self.nbytes].tobytes()
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the arrays (capacity, not just the live part)."""
+        total = sum(a.nbytes for a in (self.planes, self.exclude, self.slot_sn, self.attrs, self.sn_slot))
+        if self.mih is not None:
+            total += self.mih.nbytes
+        return total
+
+
+def words_of(codes: bytes, nbytes: int) -> np.ndarray:
+    """Packed codes (concatenated bytes) to (W, n) word planes."""
+    n = len(codes) // nbytes
+    return to_words(np.frombuffer(codes, np.uint8).reshape(n, nbytes))

@@ -1,0 +1,51 @@
+"""Which workers are alive, and which device and model each of their processes loaded.
+
+Two hashes, read whole by the status (never a key scan, which would walk every instance key):
+``ns:workers`` (hostname -> JSON heartbeat, refreshed every :data:`HEARTBEAT_SECONDS` by the worker's
+main process, see :mod:`workers.app`) and ``ns:workerprocs`` ("hostname|pid" -> the device and model
+a pool process loaded, see :mod:`workers.model`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from plugin.store.keys import Keys
+
+# Seconds between worker heartbeats; readers treat a worker silent for three periods as gone.
+HEARTBEAT_SECONDS = 10.0
+
+
+class WorkerRegistry:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.r = client
+        self.keys = keys
+
+    def beat(self, record: dict[str, Any]) -> None:
+        self.r.hset(self.keys.workers(), record["hostname"], json.dumps(record))
+
+    def remove(self, hostname: str) -> None:
+        self.r.hdel(self.keys.workers(), hostname)
+
+    def forget_processes(self, hostname: str) -> None:
+        """Drop the device records of a worker's previous run (its pool processes are gone)."""
+        key = self.keys.worker_procs()
+        stale = [f for f in self.r.hkeys(key) if f.decode().rsplit("|", 1)[0] == hostname]
+        if stale:
+            self.r.hdel(key, *stale)
+
+    def record_process(self, hostname: str, pid: int, record: dict[str, Any]) -> None:
+        self.r.hset(self.keys.worker_procs(), f"{hostname}|{pid}", json.dumps(record))
+
+    def heartbeats(self) -> dict[str, dict[str, Any]]:
+        return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self.keys.workers()).items()}
+
+    def processes(self) -> dict[str, list[dict[str, Any]]]:
+        """hostname -> the records of its pool processes."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for k, v in self.r.hgetall(self.keys.worker_procs()).items():
+            out.setdefault(k.decode().rsplit("|", 1)[0], []).append(json.loads(v))
+        return out

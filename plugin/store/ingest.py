@@ -1,0 +1,98 @@
+"""Ingest work in progress: the batching hint, model-batch claims, decode crash counts, pooling markers.
+
+Batching for the model (the GPU wants batches, Celery delivers one message per instance): each
+enqueued instance is also recorded here, oldest first, with its task payload. A task holding the
+message of instance X claims X plus up to ``batch_size - 1`` other pending instances in one script
+(:data:`plugin.store.scripts.CLAIM_BATCH`), with a lease deadline, and hashes them in one forward pass.
+The claimed instances' own messages are still in the broker: when one is delivered it finds its
+instance indexed and returns at once, or, while the lease is live, comes back when it ends. If the
+claiming worker dies its claims expire and the instances' own messages index them. The set is only a
+hint: losing it costs batching, never data.
+
+Decode crash counts: a decode that kills the worker process (a codec crashing hard) leaves its count
+behind; the worker refuses a file that did so too often (see :mod:`workers.batching`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from plugin.store import scripts
+from plugin.store.keys import Keys
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of a claim: the payloads claimed (the instance's own first, when its hint was
+    kept), or ``busy_until`` set when another task holds the instance."""
+
+    payloads: list[dict[str, Any]]
+    busy_until: float | None = None
+
+
+class IngestState:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.r = client
+        self.keys = keys
+        self._claim = client.register_script(scripts.CLAIM_BATCH)
+
+    def hint(self, payload: dict[str, Any]) -> None:
+        """Record an enqueued instance for batching."""
+        pipe = self.r.pipeline()
+        pipe.hset(self.keys.ingest_payload(), payload["sop_uid"], json.dumps(payload))
+        pipe.zadd(self.keys.ingest_pending(), {payload["sop_uid"]: payload["received_at"]})
+        pipe.execute()
+
+    def claim(self, sop_uid: str, others: int, now: float, lease_until: float, claimer: str) -> Claim:
+        """Claim ``sop_uid`` and up to ``others`` pending instances until ``lease_until``.
+
+        A claim made by the same ``claimer`` (the Celery task id) is this very message delivered
+        again after its worker died: taken over.
+        """
+        k = self.keys
+        res = self._claim(
+            keys=[k.ingest_pending(), k.ingest_payload(), k.ingest_claim()],
+            args=[sop_uid, max(0, others), now, lease_until, claimer],
+        )
+        if int(res[0]) == 0:
+            return Claim([], busy_until=float(res[1]))
+        # res[1] is the instance's own payload ("" when its hint was lost), then the others'.
+        return Claim([json.loads(raw) for raw in res[1:] if raw])
+
+    def release(self, sop_uids: list[str]) -> None:
+        if sop_uids:
+            self.r.hdel(self.keys.ingest_claim(), *sop_uids)
+
+    def done(self, sop_uid: str) -> None:
+        """Forget an instance's hint and payload (it is settled)."""
+        pipe = self.r.pipeline()
+        pipe.hdel(self.keys.ingest_payload(), sop_uid)
+        pipe.zrem(self.keys.ingest_pending(), sop_uid)
+        pipe.execute()
+
+    def payload(self, sop_uid: str) -> dict[str, Any] | None:
+        raw = self.r.hget(self.keys.ingest_payload(), sop_uid)
+        return json.loads(raw) if raw else None
+
+    def pending_count(self) -> int:
+        return int(self.r.zcard(self.keys.ingest_pending()))
+
+    # -- decode crash counts -----------------------------------------------------------------------
+    def decode_started(self, sop_uid: str) -> int:
+        """Count a decode as started; returns how many earlier ones never finished (crashes)."""
+        return int(self.r.hincrby(self.keys.ingest_decoding(), sop_uid, 1)) - 1
+
+    def decode_finished(self, sop_uid: str) -> None:
+        self.r.hdel(self.keys.ingest_decoding(), sop_uid)
+
+    # -- study pooling markers ---------------------------------------------------------------------
+    def mark_pool_scheduled(self, study_uid: str, ttl_seconds: int) -> bool:
+        """True when no pooling of the study was scheduled yet (this call schedules it)."""
+        return bool(self.r.set(self.keys.pool_scheduled(study_uid), "1", nx=True, ex=ttl_seconds))
+
+    def clear_pool_scheduled(self, study_uid: str) -> None:
+        self.r.delete(self.keys.pool_scheduled(study_uid))

@@ -1,0 +1,67 @@
+"""Counters that workers keep in Redis: task outcomes and the ingest latency histogram.
+
+Workers are separate processes, often on other machines, so their counts cannot live in a
+prometheus-client registry of one process: each increments counters here, and the API process
+renders them (:mod:`plugin.ops.metrics`) with the live figures of :mod:`plugin.ops.status`.
+
+``stats:tasks`` counts ``<task>:<outcome>`` (outcomes: done, failed, retried, ignored, duplicate,
+deferred). ``stats:latency`` is the C-STORE-to-searchable histogram: ``le:<bound>`` -> count in that
+bucket (not cumulative), ``sum``, ``count``, measured from the SCP's reception time to the moment the
+code is in Redis (the query process's replica picks it up within its refresh period).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from plugin.store.keys import Keys
+
+# Seconds. From "as fast as one model batch" to "a re-index backlog".
+LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+
+
+class Stats:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.r = client
+        self.keys = keys
+
+    def count_task(self, task: str, outcome: str, n: int = 1) -> None:
+        """Count one task outcome; never raises (metrics must not fail a task)."""
+        try:
+            self.r.hincrby(self.keys.stats_tasks(), f"{task}:{outcome}", n)
+        except redis.exceptions.RedisError:
+            pass
+
+    def observe_latency(self, seconds: float) -> None:
+        """Add one C-STORE-to-searchable latency to the histogram; never raises."""
+        seconds = max(0.0, seconds)
+        bound = next((b for b in LATENCY_BUCKETS if seconds <= b), float("inf"))
+        key = self.keys.stats_latency()
+        try:
+            pipe = self.r.pipeline()
+            pipe.hincrby(key, f"le:{bound}", 1)
+            pipe.hincrbyfloat(key, "sum", seconds)
+            pipe.hincrby(key, "count", 1)
+            pipe.execute()
+        except redis.exceptions.RedisError:
+            pass
+
+    def tasks(self) -> dict[str, dict[str, int]]:
+        """task -> outcome -> count."""
+        out: dict[str, dict[str, int]] = {}
+        for k, v in self.r.hgetall(self.keys.stats_tasks()).items():
+            task, _, outcome = k.decode().partition(":")
+            out.setdefault(task, {})[outcome] = int(v)
+        return out
+
+    def latency(self) -> dict[str, Any]:
+        """{"buckets": [(bound, cumulative count)...], "sum", "count"} with +Inf last."""
+        raw = {k.decode(): v.decode() for k, v in self.r.hgetall(self.keys.stats_latency()).items()}
+        cumulative = 0
+        buckets = []
+        for bound in (*LATENCY_BUCKETS, float("inf")):
+            cumulative += int(raw.get(f"le:{bound}", 0))
+            buckets.append((bound, cumulative))
+        return {"buckets": buckets, "sum": float(raw.get("sum", 0.0)), "count": int(raw.get("count", 0))}

@@ -1,0 +1,458 @@
+"""The replica index against a real Redis: bulk load, incremental sync, filters, concurrency.
+
+Every answer is checked against a brute-force scan of what the store holds (STYLE.md habit 8).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from hashing import bits
+from hashing.search import brute_force
+from plugin.search.errors import QueryError
+from plugin.search.filters import Filters
+from plugin.search.replica import IndexNotReady, ReplicaIndex
+from plugin.store import Store
+from tests.helpers.processes import wait_until
+
+NBITS = 64
+
+
+def rand_codes(rng: np.random.Generator, n: int, centres: int = 8, flip: float = 0.08) -> np.ndarray:
+    """Clustered codes with duplicates, so ties are common."""
+    c = rng.integers(0, 2, size=(centres, NBITS), dtype=np.uint8)
+    b = c[rng.integers(0, centres, size=n)] ^ (rng.random((n, NBITS)) < flip).astype(np.uint8)
+    return bits.pack(b)
+
+
+def expected(live: dict[str, tuple[int, bytes]], query: bytes, k: int, max_distance=None, allowed=None):
+    """Brute force over {uid: (slot, code)}: [(uid, distance)] by (distance, slot)."""
+    items = [(u, s, c) for u, (s, c) in live.items() if allowed is None or u in allowed]
+    if not items:
+        return []
+    items.sort(key=lambda t: t[1])
+    codes = np.frombuffer(b"".join(c for _, _, c in items), np.uint8).reshape(len(items), -1)
+    rows, d = brute_force(codes, np.frombuffer(query, np.uint8), len(items))
+    out = [(items[r][0], int(x)) for r, x in zip(rows, d, strict=True)]
+    if max_distance is not None:
+        out = [h for h in out if h[1] <= max_distance]
+    return out[:k]
+
+
+def as_pairs(hits):
+    return [(h.uid, h.distance) for h in hits]
+
+
+@pytest.fixture
+def store(redis_client):
+    s = Store(redis_client, namespace="t")
+    s.models.register("m1", NBITS)
+    s.models.activate("m1")
+    return s
+
+
+def fill(store: Store, codes: np.ndarray, level: str = "study", prefix: str = "1.2.") -> dict[str, tuple[int, bytes]]:
+    live = {}
+    for i, c in enumerate(codes):
+        uid = f"{prefix}{i}"
+        slot, _ = store.codes.upsert("m1", level, uid, c)
+        live[uid] = (slot, bytes(c))
+    return live
+
+
+def test_not_ready_without_active_model(redis_client):
+    idx = ReplicaIndex(Store(redis_client, namespace="t"), "study")
+    idx.refresh()
+    assert not idx.ready and len(idx) == 0
+    with pytest.raises(IndexNotReady):
+        idx.search(b"\0" * 8, 5)
+
+
+def test_bulk_load_then_incremental_sync_matches_brute_force(store):
+    rng = np.random.default_rng(1)
+    live = fill(store, rand_codes(rng, 400))
+    for uid in list(live)[::7]:
+        store.codes.delete("m1", "study", uid)
+        del live[uid]
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    assert idx.ready and idx.version == "m1" and idx.nbits == 64 and len(idx) == len(live)
+    loaded_state = idx._state
+    for q in rand_codes(rng, 10):
+        assert as_pairs(idx.search(bytes(q), 15)) == expected(live, bytes(q), 15)
+
+    # Incremental: new codes, changed codes, deletions, re-insertion of a deleted UID (new slot).
+    more = fill(store, rand_codes(rng, 150), prefix="1.3.")
+    live.update(more)
+    for uid in list(live)[:30:3]:
+        c = bytes(rand_codes(rng, 1)[0])
+        slot, changed = store.codes.upsert("m1", "study", uid, c)
+        live[uid] = (slot, c)
+    for uid in list(live)[40:60]:
+        store.codes.delete("m1", "study", uid)
+        del live[uid]
+    gone = "1.2.0"
+    assert gone not in live
+    c = bytes(rand_codes(rng, 1)[0])
+    live[gone] = (store.codes.upsert("m1", "study", gone, c)[0], c)
+    idx.refresh()
+    assert idx._state is loaded_state, "an incremental refresh must not reload"
+    assert len(idx) == len(live) == store.codes.count("m1", "study")
+    for q in rand_codes(rng, 10):
+        for k, r in ((10, None), (1, None), (500, None), (50, 6)):
+            assert as_pairs(idx.search(bytes(q), k, max_distance=r)) == expected(live, bytes(q), k, r)
+    q = live["1.3.5"][1]
+    assert as_pairs(idx.radius_search(q, 4)) == expected(live, q, 10**6, max_distance=4)
+    assert idx.code_of("1.3.5") == live["1.3.5"][1]
+    assert idx.code_of(list(store.client.hkeys(store.keys.slot("m1", "study")))[0].decode()) is not None
+    assert idx.code_of("9.9.9") is None
+
+
+def test_refresh_with_nothing_new_keeps_state(store):
+    fill(store, rand_codes(np.random.default_rng(2), 20))
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    st = idx._state
+    pos = st.log_pos
+    idx.refresh()
+    idx.refresh()
+    assert idx._state is st and st.log_pos == pos
+
+
+def test_stale_hit_is_not_returned(store):
+    """A code deleted in Redis after the last refresh never comes back as a hit."""
+    live = fill(store, rand_codes(np.random.default_rng(3), 50))
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    q = live["1.2.4"][1]
+    store.codes.delete("m1", "study", "1.2.4")
+    del live["1.2.4"]
+    assert as_pairs(idx.search(q, 10)) == expected(live, q, 10)
+
+
+def test_model_switch_and_compaction_reload(store):
+    rng = np.random.default_rng(4)
+    live = fill(store, rand_codes(rng, 300))
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    # Compaction: slots renumbered in the same order, generation bumped, replica reloads.
+    for uid in list(live)[::2]:
+        store.codes.delete("m1", "study", uid)
+        del live[uid]
+    old_state = idx._state
+    assert store.codes.compact("m1", "study") == 150
+    idx.refresh()
+    assert idx._state is not old_state and idx.generation == 1
+    live = {u: (store.codes.slots_of("m1", "study", [u])[0], c) for u, (_, c) in live.items()}
+    assert sorted(s for s, _ in live.values()) == list(range(150))
+    for q in rand_codes(rng, 5):
+        assert as_pairs(idx.search(bytes(q), 20)) == expected(live, bytes(q), 20)
+    # A write after compaction is followed incrementally.
+    c = bytes(rand_codes(rng, 1)[0])
+    live["1.5.1"] = (store.codes.upsert("m1", "study", "1.5.1", c)[0], c)
+    idx.refresh()
+    assert idx.search(c, 1)[0].distance == 0 and len(idx) == 151
+
+    # Model switch: a second model with a different code length takes over.
+    store.models.register("m2", 32)
+    codes2 = np.random.default_rng(5).integers(0, 256, size=(40, 4), dtype=np.uint8)
+    for i, c in enumerate(codes2):
+        store.codes.upsert("m2", "study", f"2.{i}", c)
+    idx.refresh()
+    assert idx.version == "m1"
+    store.models.activate("m2")
+    idx.refresh()
+    assert idx.version == "m2" and idx.nbits == 32 and len(idx) == 40
+    assert idx.search(bytes(codes2[3]), 1)[0].uid in {
+        f"2.{i}" for i in range(40) if bytes(codes2[i]) == bytes(codes2[3])
+    }
+
+
+def test_trimmed_log_forces_reload(store):
+    rng = np.random.default_rng(6)
+    live = fill(store, rand_codes(rng, 100))
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    first = idx._state
+    more = fill(store, rand_codes(rng, 30), prefix="1.4.")
+    live.update(more)
+    store.client.xtrim(store.keys.log("m1", "study"), maxlen=5, approximate=False)
+    idx.refresh()
+    assert idx._state is not first and len(idx) == 130
+    q = bytes(rand_codes(rng, 1)[0])
+    assert as_pairs(idx.search(q, 30)) == expected(live, q, 30)
+
+
+def test_filters_keep_the_k_nearest_among_passing_studies(store):
+    rng = np.random.default_rng(7)
+    codes = rand_codes(rng, 240)
+    live = {}
+    meta = {}
+    for i, c in enumerate(codes):
+        uid = f"1.7.{i}"
+        m = {
+            "patient_id": f"P{i % 9}",
+            "study_date": f"2020{1 + i % 12:02d}{1 + i % 28:02d}",
+            "modalities": ["CR", "DX", "CR,DX", "CT"][i % 4],
+            "body_part": ["CHEST", "ABDOMEN", "HAND"][i % 3],
+        }
+        # Half the studies get their metadata before the code, half after: both must link.
+        if i % 2:
+            store.records.put_study(uid, m)
+        live[uid] = (store.codes.upsert("m1", "study", uid, c)[0], bytes(c))
+        if not i % 2:
+            store.records.put_study(uid, m)
+        meta[uid] = m
+    live["1.7.nometa"] = (store.codes.upsert("m1", "study", "1.7.nometa", codes[0])[0], bytes(codes[0]))
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+
+    def allowed(f: Filters, excluded_patient: str | None = None) -> set[str]:
+        out = set()
+        for uid, m in meta.items():
+            mods = set(m["modalities"].split(","))
+            if f.modalities and not mods & {x.upper() for x in f.modalities}:
+                continue
+            if f.date_from and m["study_date"] < f.date_from:
+                continue
+            if f.date_to and m["study_date"] > f.date_to:
+                continue
+            if f.body_part and m["body_part"] != f.body_part:
+                continue
+            if f.patient_id and m["patient_id"] != f.patient_id:
+                continue
+            if excluded_patient and m["patient_id"] == excluded_patient:
+                continue
+            out.add(uid)
+        return out
+
+    cases = [
+        (Filters(modalities=("DX",)), None),
+        (Filters(modalities=("ct", "MR"), date_from="20200301", date_to="20200930"), None),
+        (Filters(body_part="HAND"), None),
+        (Filters(patient_id="P4"), None),
+        (Filters(modalities=("CR",)), "P4"),
+        (None, "P4"),
+        (Filters(date_to="20200215"), None),
+        (Filters(modalities=("MR",)), None),
+        (Filters(body_part="KNEE"), None),
+    ]
+    for f, out in cases:
+        ok = allowed(f or Filters(), out)
+        for q in codes[:6]:
+            got = as_pairs(idx.search(bytes(q), 12, filters=f, exclude_patient=out))
+            assert got == expected(live, bytes(q), 12, allowed=ok), (f, out)
+    assert idx.search(bytes(codes[0]), 10, filters=Filters(modalities=("MR",))) == []
+
+    # Exclusion by UID (the reference study) and a metadata change followed incrementally.
+    ref = "1.7.3"
+    got = as_pairs(idx.search(live[ref][1], 10, exclude_uids=[ref]))
+    assert got == expected(live, live[ref][1], 10, allowed=set(live) - {ref})
+    store.records.put_study("1.7.5", {"body_part": "KNEE"})
+    meta["1.7.5"]["body_part"] = "KNEE"
+    idx.refresh()
+    assert as_pairs(idx.search(bytes(codes[0]), 5, filters=Filters(body_part="KNEE"))) == [
+        ("1.7.5", expected(live, bytes(codes[0]), 300, allowed={"1.7.5"})[0][1])
+    ]
+    with pytest.raises(QueryError):
+        Filters(date_from="2020-13")
+
+
+def test_image_level_filters_use_the_instance_study(store):
+    rng = np.random.default_rng(8)
+    codes = rand_codes(rng, 60)
+    live = {}
+    study_of = {}
+    for i, c in enumerate(codes):
+        sop, study = f"1.8.{i}", f"1.9.{i % 6}"
+        study_of[sop] = study
+        if i % 3 == 0:  # worker order: code first, then the instance record
+            live[sop] = (store.codes.upsert("m1", "image", sop, c)[0], bytes(c))
+            store.records.put_instance(sop, study, {"modality": "CR"})
+        elif i % 3 == 1:  # re-index order: the instance record exists already
+            store.records.put_instance(sop, study, {"modality": "CR"})
+            live[sop] = (store.codes.upsert("m1", "image", sop, c)[0], bytes(c))
+        else:  # the caller names the study
+            live[sop] = (store.codes.upsert("m1", "image", sop, c, study_uid=study)[0], bytes(c))
+    idx = ReplicaIndex(store, "image")
+    idx.refresh()
+    for s in range(6):
+        store.records.put_study(f"1.9.{s}", {"patient_id": f"P{s % 2}", "modalities": "CR", "study_date": "20210101"})
+    idx.refresh()
+    ok = {sop for sop, st in study_of.items() if int(st.rsplit(".", 1)[1]) % 2 == 1}
+    store.codes.upsert("m1", "image", "1.8.unlinked", codes[0])  # no study known yet
+    live["1.8.unlinked"] = (store.codes.slots_of("m1", "image", ["1.8.unlinked"])[0], bytes(codes[0]))
+    idx.refresh()
+    for f, out in ((Filters(patient_id="P1"), None), (None, "P0")):
+        for q in codes[:5]:
+            got = idx.search(bytes(q), 7, filters=f, exclude_patient=out)
+            assert as_pairs(got) == expected(live, bytes(q), 7, allowed=ok)
+    assert idx.search(bytes(codes[0]), 1)[0].distance == 0
+
+
+def test_multi_index_path_equals_scan(store):
+    rng = np.random.default_rng(9)
+    live = fill(store, rand_codes(rng, 3000, centres=30))
+    mih = ReplicaIndex(store, "study", mih_min=1000)
+    scan = ReplicaIndex(store, "study", mih_min=10**9)
+    mih.refresh()
+    scan.refresh()
+    assert mih._state.mih is not None and scan._state.mih is None
+    queries = rand_codes(rng, 8)
+    for q in queries:
+        assert as_pairs(mih.search(bytes(q), 10)) == as_pairs(scan.search(bytes(q), 10)) == expected(live, bytes(q), 10)
+    # Changes after the build are scanned outside the tables until the rebuild.
+    for uid in list(live)[:200]:
+        c = bytes(rand_codes(rng, 1)[0])
+        live[uid] = (store.codes.upsert("m1", "study", uid, c)[0], c)
+    live.update(fill(store, rand_codes(rng, 100), prefix="1.6."))
+    mih.refresh()
+    scan.refresh()
+    for q in queries:
+        assert as_pairs(mih.search(bytes(q), 25)) == expected(live, bytes(q), 25)
+        # no metadata: nothing passes
+        assert mih.search(bytes(q), 5, exclude_patient="nobody") == []
+
+    # The tables are rebuilt in the background once enough rows sit outside them.
+    eager = ReplicaIndex(store, "study", mih_min=1000, mih_rebuild_min=50, mih_rebuild_fraction=0.0)
+    eager.refresh()
+    first = eager._state.mih
+    for uid in list(live)[300:400]:
+        c = bytes(rand_codes(rng, 1)[0])
+        live[uid] = (store.codes.upsert("m1", "study", uid, c)[0], c)
+    eager.refresh()
+    wait_until(lambda: eager._state.mih is not first and not eager._state.building, 30, what="the MIH rebuild")
+    assert eager._state.mih.pending(eager._state.n) == 0
+    for q in queries:
+        assert as_pairs(eager.search(bytes(q), 25)) == expected(live, bytes(q), 25)
+
+
+def test_concurrent_writers_and_queries_match_brute_force(store):
+    """Workers write while the query side refreshes and searches; every answer is checked.
+
+    The expected answer is rebuilt from the store's change log up to the position the replica had
+    reached (the log carries each code), so the check is exact even while writes continue.
+    """
+    rng = np.random.default_rng(10)
+    fill(store, rand_codes(rng, 200))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(seed: int) -> None:
+        w = Store(redis.Redis(connection_pool=store.client.connection_pool), namespace="t")
+        r = np.random.default_rng(seed)
+        i = 0
+        try:
+            while not stop.is_set():
+                uid = f"1.{seed}.{r.integers(0, 300)}"
+                if r.random() < 0.2:
+                    w.codes.delete("m1", "study", uid)
+                else:
+                    w.codes.upsert("m1", "study", uid, rand_codes(r, 1)[0])
+                i += 1
+        except BaseException as exc:  # surfaced by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s,)) for s in (21, 22)]
+    for t in threads:
+        t.start()
+    idx = ReplicaIndex(store, "study", batch=100)
+    checked = 0
+    positions: set[bytes | str] = set()
+    deadline = time.monotonic() + 120
+    try:
+        # Keep checking until the replica has caught the writers mid-stream many times: a count of
+        # queries alone would pass on a loaded machine where the writer threads barely got scheduled.
+        while checked < 40 or (len(positions) < 20 and time.monotonic() < deadline):
+            idx.refresh()
+            q = bytes(rand_codes(rng, 1)[0])
+            got = as_pairs(idx.search(q, 10))
+            pos = idx._state.log_pos
+            live: dict[str, tuple[int, bytes]] = {}
+            for _, f in store.client.xrange(store.keys.log("m1", "study"), max=pos):
+                if f[b"op"] == b"set":
+                    live[f[b"uid"].decode()] = (int(f[b"slot"]), f[b"code"])
+                elif f[b"op"] == b"del":
+                    live.pop(f[b"uid"].decode(), None)
+            assert got == expected(live, q, 10)
+            checked += 1
+            positions.add(pos)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert len(positions) >= 20, "the writers did not run while the replica was queried"
+
+
+def test_delete_study_removes_it_from_every_level_and_version(store):
+    store.models.register("m2", 64)
+    rng = np.random.default_rng(11)
+    codes = rand_codes(rng, 8)
+    for i in range(3):
+        sop = f"3.1.{i}"
+        store.records.put_instance(sop, "3.1", {"modality": "CR"})
+        for v in ("m1", "m2"):
+            store.codes.upsert(v, "image", sop, codes[i])
+        store.embeddings.put("m1", sop, np.ones(4, np.float32))
+    store.records.put_study("3.1", {"patient_id": "P1", "modalities": "CR"})
+    for v in ("m1", "m2"):
+        store.codes.upsert(v, "study", "3.1", codes[3])
+    store.codes.upsert("m1", "study", "3.2", codes[4])
+    store.records.put_study("3.2", {"patient_id": "P2", "modalities": "CR"})
+    study_idx, image_idx = ReplicaIndex(store, "study"), ReplicaIndex(store, "image")
+    study_idx.refresh()
+    image_idx.refresh()
+    assert len(study_idx) == 2 and len(image_idx) == 3
+    assert store.delete_study("3.1") == 8
+    study_idx.refresh()
+    image_idx.refresh()
+    assert len(study_idx) == 1 and len(image_idx) == 0
+    assert [h.uid for h in study_idx.search(bytes(codes[3]), 5)] == ["3.2"]
+    assert study_idx.search(bytes(codes[3]), 5, filters=Filters(patient_id="P1")) == []
+    assert (
+        store.records.study("3.1") == {}
+        and store.records.instance("3.1.0") == {}
+        and store.records.study_instances("3.1") == []
+    )
+    assert store.embeddings.get_many("m1", ["3.1.0"]) == {}
+    assert store.codes.count("m2", "image") == 0 and store.codes.count("m2", "study") == 0
+
+
+def test_modality_bit_test_matches_the_plain_mask():
+    from plugin.search.eligible import _any_bit
+
+    rng = np.random.default_rng(12)
+    col = rng.integers(0, 2**64 - 1, size=3000, dtype=np.uint64, endpoint=True)
+    for mask in (1, 4, 1 << 9, (1 << 63) | 1, 0, (1 << 20) | (1 << 33) | 2):
+        assert np.array_equal(_any_bit(col, mask), (col & np.uint64(mask)) != 0)
+        picked = col[rng.integers(0, 3000, 50)]  # a gathered copy, as for the narrowed studies
+        assert np.array_equal(_any_bit(picked, mask), (picked & np.uint64(mask)) != 0)
+
+
+def test_excluding_a_patient_with_many_nearest_studies_still_returns_the_k_nearest(store):
+    """The excluded patient owns the 60 nearest codes: the search must widen until k others pass."""
+    rng = np.random.default_rng(13)
+    q = rand_codes(rng, 1)[0]
+    live, allowed = {}, set()
+    for i in range(60):
+        uid = f"4.1.{i}"
+        live[uid] = (store.codes.upsert("m1", "study", uid, q)[0], bytes(q))
+        store.records.put_study(uid, {"patient_id": "SAME"})
+    for i, c in enumerate(rand_codes(rng, 200)):
+        uid = f"4.2.{i}"
+        live[uid] = (store.codes.upsert("m1", "study", uid, c)[0], bytes(c))
+        store.records.put_study(uid, {"patient_id": f"O{i}"})
+        allowed.add(uid)
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    for k in (1, 5, 30):
+        got = as_pairs(idx.search(bytes(q), k, exclude_patient="SAME"))
+        assert got == expected(live, bytes(q), k, allowed=allowed)
+        assert len(got) == k and not any(u.startswith("4.1.") for u, _ in got)
+    assert as_pairs(idx.search(bytes(q), 500, exclude_patient="SAME")) == expected(live, bytes(q), 500, allowed=allowed)

@@ -1,0 +1,66 @@
+"""The durable spool and its reconciler (plugin.dicom.spool), without a network or a broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plugin.dicom.spool import Reconciler, Spool, SpoolError
+
+
+def test_spool_path_components_are_checked(tmp_path):
+    with pytest.raises(SpoolError):
+        Spool(tmp_path).write("../../etc", "1.2.3", b"x")
+    entry = Spool(tmp_path).write("1.2.3", "1.2.3.4", [b"DI", b"CM"])
+    assert Path(entry.path).read_bytes() == b"DICM"
+
+
+# -- the spool reconciler, one function at a time ------------------------------------------------------
+def _reconciler(tmp_path, done: set[str], fail: list[bool], **kwargs):
+    from plugin.dicom.spool import Spool
+
+    queued: list[str] = []
+
+    def enqueue(entry) -> None:
+        if fail and fail[0]:
+            raise ConnectionError("broker down")
+        queued.append(entry.sop_uid)
+
+    spool = Spool(tmp_path / "spool")
+    rec = Reconciler(spool, is_done=lambda entries: {e.sop_uid for e in entries} & done, enqueue=enqueue, **kwargs)
+    return spool, rec, queued
+
+
+def test_reconciler_full_pass_queues_what_is_neither_done_nor_tracked(tmp_path):
+    done: set[str] = {"1.2.3.2"}
+    spool, rec, queued = _reconciler(tmp_path, done, [])
+    for sop in ("1.2.3.1", "1.2.3.2", "1.2.3.3"):
+        spool.write("1.2.3", sop, b"x")
+    (spool.root / "1.2.3" / ".incoming-x.part").write_bytes(b"half")  # a write in progress: never queued
+    assert rec.run_once(full=True) == 2
+    assert sorted(queued) == ["1.2.3.1", "1.2.3.3"]
+    assert rec.run_once() == 0  # queued recently: not again
+    done |= {"1.2.3.1", "1.2.3.3"}
+    rec.run_once()
+    assert rec.pending == 0
+
+
+def test_reconciler_retries_failed_queueing_at_once_and_respects_the_grace_of_fresh_files(tmp_path):
+    fail = [True]
+    spool, rec, queued = _reconciler(tmp_path, set(), fail, grace=3600)
+    tracked = spool.write("1.2.4", "1.2.4.1", b"x")
+    rec.track(tracked, enqueued=False)  # the handler could not queue it
+    rec.full_scan()
+    spool.write("1.2.4", "1.2.4.2", b"x")  # a fresh file nobody told us about (its handler may be queueing it)
+    rec.full_scan()
+    assert rec.run_once() == 0 and rec.pending == 2  # broker still down: kept
+    fail[0] = False
+    assert rec.run_once() == 1 and queued == ["1.2.4.1"]  # the fresh untracked file waits out its grace
+
+
+def test_reconciler_requeues_a_queued_file_that_stays_unindexed(tmp_path):
+    spool, rec, queued = _reconciler(tmp_path, set(), [], requeue_after=0.0)
+    entry = spool.write("1.2.5", "1.2.5.1", b"x")
+    rec.track(entry, enqueued=True)
+    assert rec.run_once() == 1 and queued == ["1.2.5.1"]

@@ -1,0 +1,319 @@
+"""Indexing a batch of instances: read and decode each, one model pass, then the Redis writes in order.
+
+A task holding the message of one instance claims other pending ones (:mod:`plugin.store.ingest`)
+and indexes them together. Each instance ends in one outcome: ``indexed``; ``ignored`` (a non-image
+object, :class:`hashing.preprocess.NotAnImage`: recorded, not a failure); ``failed`` (a permanent
+decode error: written to the failure ledger, from where IT staff retry it). A transient error of
+the task's own instance propagates, so the task's declared retries handle it; another claimed
+instance with a transient error is left to its own message.
+
+Write order, so that a worker killed at any point leaves a state a second run completes: records
+first (a code is never searchable before its instance and study records exist: the replica filters on
+the study record, C-FIND answers are built from the study hash), then embeddings and codes (upserts by
+UID: same slot, same code), then the idempotency record, last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from plugin.core.header import instance_meta, study_meta
+from plugin.core.settings import Settings
+from plugin.store import Store
+
+log = logging.getLogger("drh.workers.batching")
+
+# A file whose decoding killed the worker process this many times (a codec crashing hard on it) is
+# recorded as a permanent failure instead of being redelivered, and crashing workers, for ever.
+MAX_DECODE_CRASHES = 3
+
+
+class TransientError(RuntimeError):
+    """Worth retrying: Redis or the HTTP API briefly unreachable, a decode error flagged transient."""
+
+
+class PermanentError(RuntimeError):
+    """Retrying will not help until someone acts (a corrupt file, an unsupported encoding)."""
+
+
+@dataclass
+class Item:
+    """One instance of a model batch."""
+
+    sop_uid: str
+    study_uid: str
+    path: str
+    source_ae: str
+    received_at: float
+    own: bool = False
+    ds: Any = None
+    pixels: np.ndarray | None = None
+    local_copy: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_payload(cls, p: dict[str, Any], own: bool = False) -> Item:
+        return cls(p["sop_uid"], p["study_uid"], p["path"], p.get("source_ae", ""), float(p["received_at"]), own)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "sop_uid": self.sop_uid,
+            "study_uid": self.study_uid,
+            "path": self.path,
+            "source_ae": self.source_ae,
+            "received_at": self.received_at,
+        }
+
+    def forget_local_copy(self) -> None:
+        if self.local_copy:
+            Path(self.local_copy).unlink(missing_ok=True)
+
+
+def hold(settings: Settings, stage: str) -> None:
+    """Fault-injection hook for the fault tests: wait while ``<fault_hold_dir>/<stage>.hold`` exists.
+
+    Inert unless ``Settings.fault_hold_dir`` is set. It lets a test kill a worker at a known point of
+    a task (before or after the Redis writes) instead of hoping a sleep lands there.
+    """
+    if not settings.fault_hold_dir:
+        return
+    folder = Path(settings.fault_hold_dir)
+    marker = folder / f"{stage}.hold"
+    if not marker.exists():
+        return
+    (folder / f"{stage}.reached").write_text(str(os.getpid()))
+    while marker.exists():
+        time.sleep(0.05)
+
+
+# -- reading instances -----------------------------------------------------------------------------
+
+
+def fetch(settings: Settings, item: Item) -> str:
+    """Download a spooled file from the plugin's HTTP API (a worker on another machine)."""
+    url = f"{settings.api_url.rstrip('/')}/api/instances/{item.sop_uid}/file"
+    token = settings.api_token
+    if not token and (settings.data_dir / "api-token").exists():
+        token = settings.resolved_api_token()  # a worker on the plugin's machine shares its data dir
+    if not token:
+        raise PermanentError("api_url is set but no API token: set DRH_API_TOKEN on this worker")
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            fd, tmp = tempfile.mkstemp(suffix=".dcm", prefix="drh-fetch-")
+            with os.fdopen(fd, "wb") as fh:
+                while chunk := resp.read(1 << 20):
+                    fh.write(chunk)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise PermanentError(f"file not on this worker and the API has none (404) for {item.sop_uid}") from exc
+        if exc.code in (401, 403):
+            raise PermanentError(f"the API refused this worker's token (HTTP {exc.code}): check DRH_API_TOKEN") from exc
+        raise TransientError(f"fetching {item.sop_uid} over the API: HTTP {exc.code}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise TransientError(f"fetching {item.sop_uid} over the API: {exc}") from exc
+    return tmp
+
+
+def load_item(settings: Settings, item: Item) -> str:
+    """Read and decode one instance; returns "" or the reason it is not an image (to ignore).
+
+    Raises TransientError / PermanentError for failures.
+    """
+    from hashing.preprocess import DecodeError, NotAnImage, load_pixels, read_dataset
+
+    path = item.path
+    if not os.path.exists(path):
+        if not settings.api_url:
+            raise PermanentError(f"file {path} is missing and no api_url is set to fetch it")
+        path = item.local_copy = fetch(settings, item)
+    try:
+        item.ds = read_dataset(path)
+        item.pixels = load_pixels(item.ds)
+    except NotAnImage as exc:
+        return str(exc) or "not an image"
+    except DecodeError as exc:
+        if getattr(exc, "transient", False):
+            raise TransientError(f"decode: {exc}") from exc
+        raise PermanentError(f"decode: {exc}") from exc
+    except OSError as exc:
+        raise TransientError(f"reading {path}: {exc}") from exc
+    return ""
+
+
+# -- outcomes --------------------------------------------------------------------------------------
+
+
+def already_settled(store: Store, versions: list[str], item: Item) -> bool:
+    """True when this arrival of the instance (or a later one) is settled: ignored, failed (until
+    someone retries it) or indexed for every target version."""
+    info = store.records.instance(item.sop_uid)
+    if not info or info.get("state") not in {"indexed", "ignored", "failed"}:
+        return False
+    if float(info.get("indexed_received_at", "0") or 0) < item.received_at:
+        return False
+    if info.get("state") in {"ignored", "failed"}:
+        return True  # settled; a retry from the ledger sets the state to "retrying" first
+    return all(store.codes.has(v, "image", item.sop_uid) for v in versions)
+
+
+def pooled_before_indexed(store: Store, version: str, item: Item) -> bool:
+    """True when no pooling of the item's study started after the item was indexed."""
+    indexed_at = float(store.records.instance(item.sop_uid).get("indexed_at") or 0)
+    return store.records.pool_started(item.study_uid, version) < indexed_at
+
+
+def mark_settled(store: Store, it: Item, state: str) -> None:
+    """Record a settled instance that is not indexed (the SCP reconciler skips it)."""
+    store.records.update_instance(
+        it.sop_uid,
+        {
+            "study_uid": it.study_uid,
+            "path": it.path,
+            "source_ae": it.source_ae,
+            "received_at": str(it.received_at),
+            "state": state,
+            "indexed_received_at": str(it.received_at),
+        },
+    )
+
+
+def record_failure(store: Store, item: Item, reason: str, kind: str) -> None:
+    """An instance that will not be indexed without someone acting: ledger, state and counter."""
+    store.ledger.record(item.payload(), reason, kind=kind)
+    mark_settled(store, item, "failed")
+    store.ingest.done(item.sop_uid)
+    store.stats.count_task("index_instance", "failed")
+
+
+# -- the batch -------------------------------------------------------------------------------------
+
+
+def decode_items(settings: Settings, store: Store, versions: list[str], items: list[Item]) -> tuple[list[Item], str]:
+    """Decode every item; returns the images to encode and the outcome of the task's own item if it
+    is already decided here (ignored, failed) or ""."""
+    images: list[Item] = []
+    own_outcome = ""
+    for it in items:
+        if not it.own and already_settled(store, versions, it):
+            store.ingest.done(it.sop_uid)
+            continue
+        outcome = _decode_one(settings, store, it)
+        if outcome == "image":
+            images.append(it)
+        elif it.own:
+            own_outcome = outcome
+    return images, own_outcome
+
+
+def _decode_one(settings: Settings, store: Store, it: Item) -> str:
+    """ "image", "ignored", "failed" or "later" (another item's transient error: its own message retries)."""
+    crashes = store.ingest.decode_started(it.sop_uid)
+    try:
+        if crashes >= MAX_DECODE_CRASHES:
+            raise PermanentError(
+                f"decoding this file killed the worker process {crashes} times (a codec crash); not tried again"
+            )
+        not_image = load_item(settings, it)
+    except TransientError:
+        if it.own:
+            raise
+        return "later"
+    except PermanentError as exc:
+        log.error("instance %s failed: %s", it.sop_uid, exc)
+        record_failure(store, it, str(exc), "permanent")
+        return "failed"
+    finally:
+        store.ingest.decode_finished(it.sop_uid)  # not reached when the process dies while decoding
+    if not_image:
+        log.info("instance %s ignored: %s", it.sop_uid, not_image)
+        store.ledger.record_ignored(it.payload(), not_image)
+        mark_settled(store, it, "ignored")
+        store.ledger.resolve(it.sop_uid)
+        store.ingest.done(it.sop_uid)
+        store.stats.count_task("index_instance", "ignored")
+        return "ignored"
+    return "image"
+
+
+def encode(versions: list[tuple[str, Any]], images: list[Item], batch_size: int) -> list[tuple[str, Any, Any]]:
+    """(version, codes, embeddings) of the images for every target version: one model pass each."""
+    out = []
+    for version, enc in versions:
+        codes, emb = enc.encode_images([it.pixels for it in images], batch_size=batch_size)
+        out.append((version, codes, emb))
+    return out
+
+
+def write_records(store: Store, images: list[Item]) -> set[str]:
+    """Instance and study records of the images; returns their studies."""
+    studies: set[str] = set()
+    for it in images:
+        meta = instance_meta(it.ds)
+        meta.update(path=it.path, received_at=str(it.received_at), source_ae=it.source_ae)
+        store.records.put_instance(it.sop_uid, it.study_uid, meta)
+        fields = study_meta(it.ds)
+        fields["source_ae"] = it.source_ae
+        fields["study_uid"] = it.study_uid
+        modality = str(it.ds.get("Modality", "") or "").strip()
+        store.records.merge_instance_into_study(it.study_uid, modality, it.received_at, fields)
+        studies.add(it.study_uid)
+    return studies
+
+
+def write_codes(store: Store, encoded: list[tuple[str, Any, Any]], images: list[Item]) -> None:
+    for version, codes, emb in encoded:
+        for n, it in enumerate(images):
+            store.embeddings.put(version, it.sop_uid, emb[n])
+            store.codes.upsert(version, "image", it.sop_uid, codes[n], study_uid=it.study_uid)
+
+
+def mark_indexed(store: Store, settings: Settings, active: str, images: list[Item]) -> None:
+    """The idempotency record, last: a task killed before it is simply done again."""
+    for it in images:
+        store.records.update_instance(
+            it.sop_uid,
+            {
+                "state": "indexed",
+                "indexed_version": active,
+                "indexed_received_at": repr(it.received_at),
+                "indexed_at": repr(time.time()),
+            },
+        )
+        store.ledger.resolve(it.sop_uid)
+        store.ingest.done(it.sop_uid)
+        store.stats.observe_latency(time.time() - it.received_at)
+        store.stats.count_task("index_instance", "done")
+        if not settings.keep_files and not it.local_copy:
+            Path(it.path).unlink(missing_ok=True)
+
+
+def index_batch(
+    settings: Settings, store: Store, versions: list[tuple[str, Any]], items: list[Item]
+) -> tuple[str, set[str]]:
+    """Index the claimed items; returns the outcome of the task's own item and the studies to pool."""
+    images, own_outcome = decode_items(settings, store, [v for v, _ in versions], items)
+    if not images:
+        return own_outcome or "duplicate", set()
+    encoded = encode(versions, images, settings.batch_size)
+    for version, enc in versions:
+        store.models.register(version, enc.nbits)
+    studies = write_records(store, images)
+    hold(settings, "before_write")
+    write_codes(store, encoded, images)
+    mark_indexed(store, settings, versions[0][0], images)
+    hold(settings, "after_write")
+    log.info("indexed %d instance(s) with %s", len(images), ",".join(v for v, _ in versions))
+    if not own_outcome and any(it.own for it in images):
+        own_outcome = "indexed"
+    return own_outcome or "indexed", studies
