@@ -7,7 +7,9 @@ inverted, so that bone is bright in every image whatever the modality wrote.
 
 - Window: the first VOI LUT of the VOI LUT Sequence when present (the vendor's tuned, often
   non-linear, display curve of CR/DX), else the first Window Center/Width pair with its VOI LUT
-  Function, else a robust full-range fallback (0.5th to 99.5th percentile of the modality values).
+  Function; without either, an image of at most 8 stored bits (and no rescale) is shown as stored
+  (value / 255, as on an 8-bit display and in an exported PNG or JPEG), and deeper images get a
+  robust full-range fallback (0.5th to 99.5th percentile of the modality values).
   A window that saturates nearly the whole frame or squeezes it into a sliver of grey (a header that
   does not belong to these pixels) falls back the same way, except for projection radiographs
   whose window misses the pixels altogether: those are refused, since their polarity is in doubt.
@@ -216,6 +218,19 @@ def _window(values: np.ndarray, center: float, width: float, function: str) -> n
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def _stored_range(values: np.ndarray, p: _Display, ds: Dataset) -> np.ndarray | None:
+    """An image of at most 8 stored bits with no window and no rescale, shown as stored (value / 255).
+
+    That is what a viewer puts on an 8-bit display, and what an exported PNG or JPEG of it holds, so
+    the same picture gives the same model input whichever way it arrives. None when it does not apply.
+    """
+    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits > 8 or signed or p.modality_lut is not None or p.slope != 1.0 or p.intercept != 0.0:
+        return None
+    return np.clip(values / float(2**bits - 1), 0.0, 1.0).astype(np.float32)
+
+
 def _full_range(values: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(values, FALLBACK_PERCENTILES)
     if hi <= lo:
@@ -269,6 +284,8 @@ def _grey(arr: np.ndarray, p: _Display, ds: Dataset) -> np.ndarray:
         if not _usable(img):
             img = None
             _refuse_disjoint_window(values, p, ds)
+    if img is None:
+        img = _stored_range(values, p, ds)
     if img is None:
         img = _full_range(values)
     if p.invert:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hashing.bits import VALID_NBITS
-from hashing.resnet import ResNet
+from hashing.resnet import RESNET18_HALF, ResNet
 
 
 class DRH(nn.Module):
@@ -69,4 +69,14 @@ def drh_resnet10(nbits: int = 64, **backbone: Any) -> DRH:
     )
 
 
-MODELS = {"drh_tiny": drh_tiny, "drh_small": drh_small, "drh_resnet10": drh_resnet10}
+def drh_resnet18_half(nbits: int = 64, **backbone: Any) -> DRH:
+    """The default model: ResNet-18's layout at half width (:data:`hashing.resnet.RESNET18_HALF`)."""
+    return DRH(nbits=nbits, backbone={**RESNET18_HALF, **backbone})
+
+
+MODELS = {
+    "drh_tiny": drh_tiny,
+    "drh_small": drh_small,
+    "drh_resnet10": drh_resnet10,
+    "drh_resnet18_half": drh_resnet18_half,
+}

@@ -25,7 +25,7 @@ from hashing import bits as bitcodes
 from hashing import checkpoint as ckpt_mod
 from hashing.dmih import DMIH, dmih_tiny
 from hashing.drh import DRH, drh_tiny
-from hashing.resize import fit_to_square
+from hashing.resize import model_input
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def to_input(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Model inputs (uint8 grey levels from :func:`hashing.resize.model_input`) -> the network's input,
+    ``(x / 255 - mean) / std`` with the checkpoint's normalisation; training and serving alike."""
+    return (images_u8.float() / 255.0 - mean) / std
 
 
 class Encoder:
@@ -127,15 +133,23 @@ class Encoder:
 
     # -- encoding --------------------------------------------------------------------------------
     def prepare(self, images: list[np.ndarray]) -> torch.Tensor:
-        """2-D [0, 1] images of any size -> normalised ``(n, 1, S, S)`` tensor on the model's device."""
+        """2-D [0, 1] images of any size -> normalised ``(n, 1, S, S)`` tensor on the model's device.
+
+        Through :func:`hashing.resize.model_input`, the function training uses too.
+        """
         arrs = []
         for img in images:
             a = np.asarray(img, dtype=np.float32)
             if a.ndim != 2:
                 raise ValueError(f"expected a 2-D image, got shape {a.shape}")
-            arrs.append(fit_to_square(a, self.input_size))
-        x = torch.from_numpy(np.stack(arrs))[:, None] if arrs else torch.zeros(0, 1, self.input_size, self.input_size)
-        return ((x - self.mean) / self.std).to(self.device)
+            arrs.append(model_input(a, self.input_size))
+        if not arrs:
+            return torch.zeros(0, 1, self.input_size, self.input_size, device=self.device)
+        return self.normalize(torch.from_numpy(np.stack(arrs))[:, None])
+
+    def normalize(self, x_u8: torch.Tensor) -> torch.Tensor:
+        """Model inputs (uint8 grey levels) -> the network's input (:func:`to_input`)."""
+        return to_input(x_u8, self.mean, self.std).to(self.device)
 
     @torch.inference_mode()
     def encode_tensor(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

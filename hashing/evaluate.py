@@ -1,15 +1,20 @@
-"""``drh-pacs evaluate``: score trained models and baselines with one metric implementation.
+"""``drh-pacs evaluate``: do the answers look alike? Models, baselines that need no training, and chance,
+scored by one implementation (:mod:`hashing.scoring`) on one protocol.
 
-Protocol (also written into the JSON): the publisher's test split are the queries, the publisher's
-training split is the database (validation images included: they are training data), relevant =
-same label. Codes are ranked by Hamming distance, the float reference by cosine distance. For each
-DRH model given, its float features (before the hash layer) are scored as the no-hashing reference,
-and LSH and ITQ are fitted on its database features at the same code length. Any other model given
-(e.g. the CSQ baseline, trained by ``drh-pacs train --method csq``) is scored on its own codes.
+Protocol (also written into the JSON):
 
-With ``--studies``, models carrying a DMIH part are also scored at study level: bags are a patient's
-images of one label (:meth:`hashing.data.ImageSet.bags`), DMIH study codes are compared with DRH
-image codes pooled per bag (mean of the relaxed codes, then ``>= 0``).
+- with a ``test`` split: label queries are the test images, the label database the other images
+  (train and val); same-patient queries are the test images, the same-patient database every image
+  (train, val and test), the query itself left out;
+- without one (a DICOM folder, an unsplit manifest): a seeded sample of ``--max-queries`` images are
+  the queries, every image the database, the query itself left out.
+
+Rows: chance (a random ranking); 32x32 thumbnails compared by cosine and a 64-bit LSH of them (no
+training at all); then for each model (named by its version): its codes (Hamming distance, ties in
+random order), its codes as served (the Hamming shortlist re-ranked by the relaxed codes, what the
+query process does), its float features (cosine), and LSH and ITQ fitted on those features. Every
+figure has a bootstrap 95% interval over queries. With ``--studies`` the same at study level, bags
+being real studies (StudyInstanceUID from DICOM, the manifest's ``study`` column otherwise).
 
 Example::
 
@@ -24,6 +29,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +39,154 @@ import torch
 from hashing import baselines
 from hashing import checkpoint as ckpt_mod
 from hashing.bits import binarize, pack
-from hashing.data import load_images, read_manifest
+from hashing.data import DataError, ImageSet, Source, load_images, open_source
 from hashing.dmih import DMIH
 from hashing.drh import DRH
 from hashing.encoder import resolve_device
-from hashing.metrics import cosine_distances, hamming_distances, retrieval_metrics
-from hashing.train import encode_set, pool_bags
+from hashing.inference import encode_set, pool_bags
+from hashing.scoring import SHORTLIST, Protocol, Rep, score
 
 log = logging.getLogger("hashing.evaluate")
 
-PROTOCOL = (
-    "queries: the publisher's test split; database: the publisher's training split; relevant: same label; "
-    "ranking by Hamming distance (codes) or cosine distance (float reference), ties in database order"
-)
+THUMBNAIL = 32
+THUMBNAIL_BITS = 64
 
 
-def _row(name: str, kind: str, nbits: int | None, metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"name": name, "kind": kind, "nbits": nbits, **extra, **metrics}
+# -- the protocol ----------------------------------------------------------------------------------------
+
+
+def image_protocol(images: ImageSet, splits: list[str], max_queries: int, seed: int) -> Protocol:
+    """Queries and databases of the image-level measures (module docstring)."""
+    n = len(images)
+    everything = np.arange(n)
+    labels = images.labels.numpy()
+    patients = np.array(images.patients, dtype=object)
+    test = np.array([s == "test" for s in splits])
+    if test.any():
+        queries, label_db = everything[test], everything[~test]
+        how = "test split as queries; labels: against train + val; same patient: against every image"
+    else:
+        rng = np.random.default_rng(seed)
+        queries = np.sort(rng.choice(n, min(max_queries, n), replace=False))
+        label_db = everything
+        how = f"no test split: {len(queries)} images drawn at random (seed {seed}) as queries, every image the database"
+    return Protocol(
+        labels=labels,
+        patients=patients,
+        label_queries=queries,
+        label_database=label_db,
+        same_queries=queries,
+        same_database=everything,
+        description={"queries": int(len(queries)), "database": int(n), "how": how + "; the query itself left out"},
+    )
+
+
+def study_protocol(images: ImageSet, image_proto: Protocol) -> tuple[Protocol, list[list[int]]]:
+    """The same at study level: a study is a query when it holds a query image."""
+    bags = images.bags()
+    queries_set = set(image_proto.same_queries.tolist())
+    label_db_set = set(image_proto.label_database.tolist())
+    labels = []
+    for b in bags:
+        votes = Counter(int(images.labels[i]) for i in b if int(images.labels[i]) >= 0)
+        labels.append(votes.most_common(1)[0][0] if votes else -1)
+    patients = np.array([images.patients[b[0]] for b in bags], dtype=object)
+    is_query = np.array([any(i in queries_set for i in b) for b in bags])
+    in_label_db = np.array([all(i in label_db_set for i in b) for b in bags])
+    everything = np.arange(len(bags))
+    sizes = [len(b) for b in bags]
+    proto = Protocol(
+        labels=np.array(labels),
+        patients=patients,
+        label_queries=everything[is_query],
+        label_database=everything[in_label_db],
+        same_queries=everything[is_query],
+        same_database=everything,
+        description={
+            "studies": len(bags),
+            "query_studies": int(is_query.sum()),
+            "images_per_study": {"median": float(np.median(sizes)), "max": int(max(sizes))},
+            "one_image_studies": int(sum(s == 1 for s in sizes)),
+        },
+    )
+    return proto, bags
+
+
+# -- methods -----------------------------------------------------------------------------------------------
+
+
+def _thumbnails(images32: ImageSet) -> np.ndarray:
+    return images32.images.reshape(len(images32), -1).numpy().astype(np.float32) / 255.0
+
+
+def baseline_reps(images32: ImageSet, fit_on: np.ndarray, seed: int) -> list[Rep]:
+    """What needs no model: chance, and 32x32 thumbnails (cosine, and a 64-bit LSH of them)."""
+    thumbs = _thumbnails(images32)
+    lsh = baselines.fit_lsh(thumbs[fit_on], THUMBNAIL_BITS, seed)
+    return [
+        Rep("chance (random ranking)", "chance"),
+        Rep(f"thumbnail {THUMBNAIL}x{THUMBNAIL} cosine", "cosine", vectors=thumbs),
+        Rep(
+            f"thumbnail {THUMBNAIL}x{THUMBNAIL} LSH {THUMBNAIL_BITS}",
+            "hamming",
+            codes=lsh.encode(thumbs),
+            nbits=THUMBNAIL_BITS,
+        ),
+    ]
+
+
+def model_reps(
+    ck: dict[str, Any], images: ImageSet, fit_on: np.ndarray, dev: torch.device, with_baselines: bool, seed: int
+) -> tuple[list[Rep], dict[str, Any]]:
+    """A checkpoint's rows: its codes, as served, its features, and LSH / ITQ of its features."""
+    version = str(ck["version"])
+    mean, std = float(ck["normalization"]["mean"]), float(ck["normalization"]["std"])
+    drh = ckpt_mod.build_module(ck["drh"]).to(dev)
+    assert isinstance(drh, DRH)
+    feats, heads = encode_set(drh, images.images, mean, std, dev)
+    f, h = feats.numpy(), heads.numpy()
+    codes, relaxed = pack(binarize(h)), np.tanh(h)
+    info = {"model": version, "method": str(ck.get("training", {}).get("method", "drh"))}
+    reps = [
+        Rep(f"{version} codes", "hamming", codes=codes, nbits=drh.nbits, extra=info),
+        Rep(f"{version} served (codes, top {SHORTLIST} re-ranked)", "served", codes, relaxed, drh.nbits, info),
+    ]
+    if with_baselines:
+        reps.append(Rep(f"{version} features ({f.shape[1]}-d float, cosine)", "cosine", vectors=f, extra=info))
+        lsh = baselines.fit_lsh(f[fit_on], drh.nbits, seed)
+        reps.append(Rep(f"LSH {drh.nbits} on {version} features", "hamming", codes=lsh.encode(f), nbits=drh.nbits))
+        if drh.nbits <= f.shape[1]:
+            itq = baselines.fit_itq(f[fit_on], drh.nbits, seed=seed)
+            reps.append(Rep(f"ITQ {drh.nbits} on {version} features", "hamming", codes=itq.encode(f), nbits=drh.nbits))
+    return reps, {"drh": drh, "feats": feats, "heads": heads, "mean": mean, "std": std}
+
+
+def study_reps(ck: dict[str, Any], parts: dict[str, Any], bags: list[list[int]], dev: torch.device) -> list[Rep]:
+    """Study rows of a checkpoint: its DMIH study codes (when it has DMIH), and its image codes pooled
+    per study (mean of the relaxed codes, then the sign)."""
+    version = str(ck["version"])
+    relaxed = torch.tanh(parts["heads"]).numpy()
+    pooled = np.stack([relaxed[b].mean(axis=0) for b in bags])
+    nbits = pooled.shape[1]
+    reps = [Rep(f"{version} image codes pooled per study", "served", pack(binarize(pooled)), pooled, nbits)]
+    if ck.get("dmih") is not None:
+        dmih = ckpt_mod.build_module(ck["dmih"]).to(dev)
+        assert isinstance(dmih, DMIH)
+        feats, _ = encode_set(dmih, _images_of(parts), parts["mean"], parts["std"], dev)
+        h = pool_bags(dmih, feats, bags, dev).numpy()
+        reps.insert(0, Rep(f"{version} DMIH study codes", "served", pack(binarize(h)), np.tanh(h), nbits))
+    return reps
+
+
+def _images_of(parts: dict[str, Any]) -> torch.Tensor:
+    return parts["images"]
+
+
+# -- the command ---------------------------------------------------------------------------------------------
+
+
+def _load(source: Source, size: int, cache_dir: str, threads: int, progress: bool) -> ImageSet:
+    return load_images(source, source.items, size, cache_dir or None, threads=threads, progress=progress)
 
 
 def evaluate(
@@ -62,162 +199,149 @@ def evaluate(
     device: str = "auto",
     cache_dir: str = "",
     seed: int = 0,
+    threads: int = 0,
+    n_boot: int = 1000,
+    max_queries: int = 1000,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Figures for every model (and baselines) as a JSON-able dictionary."""
+    """Figures for every model, baseline and chance, as a JSON-able dictionary."""
+    if threads:
+        torch.set_num_threads(threads)
     dev = resolve_device(device)
-    man = read_manifest(data, manifest or None)
-    q_rows, d_rows = man.split("test"), man.split("train")
-    if not q_rows or not d_rows:
-        raise SystemExit("the manifest needs both a train and a test split")
-    results: list[dict[str, Any]] = []
-    study_results: list[dict[str, Any]] = []
-    sets: dict[int, tuple[Any, Any]] = {}
+    source = open_source(data, manifest or None)
+    by_path = {it.path: it for it in source.items}
+    images32 = _load(source, THUMBNAIL, cache_dir, threads or 2, progress)
+    splits = [by_path[p].split for p in images32.paths]
+    proto = image_protocol(images32, splits, max_queries, seed)
+    fit_on = proto.label_database if len(proto.label_database) else np.arange(len(images32))
+    reps = baseline_reps(images32, fit_on, seed)
+    loaded: dict[int, ImageSet] = {THUMBNAIL: images32}
+    model_parts = []
     for path in models:
         ck = ckpt_mod.load(path)
         size = int(ck["input_size"])
-        if size not in sets:
-            sets[size] = (
-                load_images(man, q_rows, size, cache_dir or None),
-                load_images(man, d_rows, size, cache_dir or None),
-            )
-        qs, ds = sets[size]
-        ql, dl = qs.labels.numpy(), ds.labels.numpy()
-        mean, std = float(ck["normalization"]["mean"]), float(ck["normalization"]["std"])
-        drh = ckpt_mod.build_module(ck["drh"]).to(dev)
-        assert isinstance(drh, DRH)
-        method = str(ck.get("training", {}).get("method", "drh"))
-        if method == "dmih":
-            method = "drh"
-        label = f"{method.upper()} {drh.nbits}"
+        if size not in loaded:
+            loaded[size] = _load(source, size, cache_dir, threads or 2, progress)
+        if loaded[size].paths != images32.paths:
+            raise SystemExit("the images that decode differ between input sizes; cannot compare")
         t0 = time.time()
-        fq, hq = encode_set(drh, qs.images, mean, std, dev)
-        fd, hd = encode_set(drh, ds.images, mean, std, dev)
-        cq, cd = pack(binarize(hq.numpy())), pack(binarize(hd.numpy()))
-        m = retrieval_metrics(hamming_distances(cq, cd), ql, dl, hamming=True)
-        results.append(_row(label, method, drh.nbits, m, model=ck["version"], path=str(path)))
-        log.info("%s: mAP@all %.4f (%.0f s)", label, m["map_all"], time.time() - t0)
-        if with_baselines and method == "drh":
-            fqn, fdn = fq.numpy(), fd.numpy()
-            m = retrieval_metrics(cosine_distances(fqn, fdn), ql, dl, hamming=False)
-            results.append(
-                _row(f"float ref ({label} features, {fqn.shape[1]}-d)", "float", None, m, model=ck["version"])
-            )
-            lsh = baselines.fit_lsh(fdn, drh.nbits, seed)
-            m = retrieval_metrics(hamming_distances(lsh.encode(fqn), lsh.encode(fdn)), ql, dl, hamming=True)
-            results.append(_row(f"LSH {drh.nbits} (on {label} features)", "lsh", drh.nbits, m, model=ck["version"]))
-            itq = baselines.fit_itq(fdn, drh.nbits, seed=seed)
-            m = retrieval_metrics(hamming_distances(itq.encode(fqn), itq.encode(fdn)), ql, dl, hamming=True)
-            results.append(_row(f"ITQ {drh.nbits} (on {label} features)", "itq", drh.nbits, m, model=ck["version"]))
-        if studies and ck.get("dmih") is not None:
-            dmih = ckpt_mod.build_module(ck["dmih"]).to(dev)
-            assert isinstance(dmih, DMIH)
-            qb, db = qs.bags(), ds.bags()
-            qbl = np.array([ql[b[0]] for b in qb])
-            dbl = np.array([dl[b[0]] for b in db])
-            gq, _ = encode_set(dmih, qs.images, mean, std, dev)
-            gd, _ = encode_set(dmih, ds.images, mean, std, dev)
-            sq, sd = pool_bags(dmih, gq, qb, dev), pool_bags(dmih, gd, db, dev)
-            m = retrieval_metrics(
-                hamming_distances(pack(binarize(sq.numpy())), pack(binarize(sd.numpy()))), qbl, dbl, hamming=True
-            )
-            study_results.append(_row(f"DMIH {dmih.nbits} study codes", "dmih", dmih.nbits, m, model=ck["version"]))
-
-            def pooled(h: torch.Tensor, bags: list[list[int]]) -> np.ndarray:
-                u = torch.tanh(h)
-                return pack(binarize(np.stack([u[b].mean(0).numpy() for b in bags])))
-
-            m = retrieval_metrics(hamming_distances(pooled(hq, qb), pooled(hd, db)), qbl, dbl, hamming=True)
-            study_results.append(
-                _row(f"DRH {drh.nbits} image codes pooled per bag", "drh-pooled", drh.nbits, m, model=ck["version"])
-            )
-            study_info = {"query_bags": len(qb), "database_bags": len(db)}
+        new, parts = model_reps(ck, loaded[size], fit_on, dev, with_baselines, seed)
+        parts["images"] = loaded[size].images
+        log.info("%s encoded in %.0f s", ck["version"], time.time() - t0)
+        reps += new
+        model_parts.append((ck, parts))
+    rows = [score(rep, proto, seed, n_boot) for rep in reps]
     out: dict[str, Any] = {
-        "protocol": PROTOCOL,
+        "protocol": proto.description,
+        "measures": {
+            "labels": "mAP@all, mAP@100, P@10; relevant = same label; ties in random order (seeded)",
+            "same_patient": "recall@1 and @10: another image of the query's patient in the top k, the query itself"
+            " left out; over the queries that have one",
+            "intervals": f"bootstrap 95% over queries ({n_boot} resamples)",
+        },
         "data": str(data),
-        "manifest_sha256_16": man.digest,
-        "queries": len(q_rows),
-        "database": len(d_rows),
-        "classes": man.classes,
-        "results": results,
+        "source": source.kind,
+        "manifest_sha256_16": source.digest,
+        "classes": source.classes,
+        "left_out": source.skipped,
+        "images": len(images32),
+        "results": rows,
     }
-    if study_results:
-        out["studies"] = {
-            "protocol": "bags = a patient's images of one label; queries: test bags; database: training bags; "
-            "relevant: same label",
-            **study_info,
-            "results": study_results,
-        }
+    if studies:
+        sproto, bags = study_protocol(images32, proto)
+        thumbs = _thumbnails(images32)
+        srows = [
+            score(Rep("chance (random ranking)", "chance"), sproto, seed, n_boot),
+            score(
+                Rep(
+                    "thumbnails averaged per study, cosine",
+                    "cosine",
+                    vectors=np.stack([thumbs[b].mean(0) for b in bags]),
+                ),
+                sproto,
+                seed,
+                n_boot,
+            ),
+        ]
+        for ck, parts in model_parts:
+            srows += [score(rep, sproto, seed, n_boot) for rep in study_reps(ck, parts, bags, dev)]
+        out["studies"] = {"protocol": sproto.description, "results": srows}
     return out
 
 
-def record_metrics(path: str, res: dict[str, Any]) -> None:
-    """Store the figures measured for ``path`` (its rows and its baselines) inside the checkpoint."""
-    ck = ckpt_mod.load(path)
-    rows = [
-        {k: v for k, v in r.items() if k not in ("pr_curve", "path")}
-        for r in res["results"]
-        if r.get("model") == ck["version"]
-    ]
-    ck["metrics"] = {
-        "protocol": res["protocol"],
-        "data": res["data"],
-        "manifest_sha256_16": res["manifest_sha256_16"],
-        "queries": res["queries"],
-        "database": res["database"],
-        "results": rows,
-    }
-    if "studies" in res:
-        ck["metrics"]["studies"] = {
-            **{k: v for k, v in res["studies"].items() if k != "results"},
-            "results": [
-                {k: v for k, v in r.items() if k != "pr_curve"}
-                for r in res["studies"]["results"]
-                if r.get("model") == ck["version"]
-            ],
-        }
-    ckpt_mod.save(ck, path)
+def _fmt(row: dict[str, Any], key: str) -> str:
+    if row.get(key) is None or (isinstance(row.get(key), float) and np.isnan(row[key])):
+        return "-"
+    lo, hi = row.get(f"{key}_ci", [None, None])
+    return f"{row[key]:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{row[key]:.3f}"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of the headline figures."""
+    """Markdown table of the headline figures, intervals in brackets."""
     lines = [
-        "| method | bits | mAP@all | mAP@100 | P@10 | P(H<=2) | ties@10 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | bits | same-patient R@1 | R@10 | mAP@all | mAP@100 | P@10 | ties@10 | distinct codes |",
+        "| --- | ---: | --- | --- | --- | --- | --- | ---: | ---: |",
     ]
     for r in rows:
-        h2 = f"{r['precision_hamming2']:.4f}" if "precision_hamming2" in r else "-"
-        ties = f"{r['ties_at_10']:.0f}" if "ties_at_10" in r else "-"
+        ties = f"{r['ties@10']:.0f}" if "ties@10" in r else "-"
+        distinct = f"{r['distinct_codes']} / {r['images']}" if "distinct_codes" in r else "-"
         lines.append(
-            f"| {r['name']} | {r['nbits'] or 'float'} | {r['map_all']:.4f} | {r['map@100']:.4f} | "
-            f"{r['precision@10']:.4f} | {h2} | {ties} |"
+            f"| {r['name']} | {r['nbits'] or '-'} | {_fmt(r, 'r@1')} | {_fmt(r, 'r@10')} | {_fmt(r, 'map_all')} |"
+            f" {_fmt(r, 'map@100')} | {_fmt(r, 'p@10')} | {ties} | {distinct} |"
         )
     return "\n".join(lines)
 
 
-def plot_pr(rows: list[dict[str, Any]], path: Path) -> None:
-    """Precision-recall curves (ranking cut-offs), one panel per code length; float reference on each."""
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Same-patient recall@10 and label mAP of every row, with their intervals: one look tells whether
+    a model beats the thumbnails and chance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({r["nbits"] for r in rows if r["nbits"]})
-    fig, axes = plt.subplots(1, max(1, len(lengths)), figsize=(5 * max(1, len(lengths)), 4.2), squeeze=False)
-    for ax, k in zip(axes[0], lengths or [None], strict=False):
-        for r in rows:
-            if r["nbits"] == k or (r["kind"] == "float" and f" {k} " in r["name"]):
-                style = "--" if r["kind"] == "float" else "-"
-                ax.plot(r["pr_curve"]["recall"], r["pr_curve"]["precision"], style, label=r["name"])
-        ax.set_title(f"{k} bits" if k else "")
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
+    panels = [
+        (k, t)
+        for k, t in (("r@10", "same-patient recall@10"), ("map_all", "label mAP@all"))
+        if any(k in r for r in rows)
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.45 * len(rows) + 1.6), squeeze=False)
+    names = [r["name"] for r in rows]
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        vals = [r.get(key, np.nan) for r in rows]
+        lo = [v - r.get(f"{key}_ci", [v, v])[0] for v, r in zip(vals, rows, strict=True)]
+        hi = [r.get(f"{key}_ci", [v, v])[1] - v for v, r in zip(vals, rows, strict=True)]
+        colours = ["#999999" if "chance" in n else "#c58b3c" if "thumbnail" in n else "#3b6ea5" for n in names]
+        ax.barh(range(len(rows)), vals, xerr=[lo, hi], color=colours, capsize=3)
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()
         ax.set_xlim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Test queries against the training database, relevant = same label", fontsize=9)
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def record_metrics(path: str, res: dict[str, Any]) -> None:
+    """Store the figures measured for ``path`` (its rows, the baselines and chance) inside the checkpoint."""
+    ck = ckpt_mod.load(path)
+    version = ck["version"]
+
+    def mine(row: dict[str, Any]) -> bool:
+        return (
+            row.get("model") == version
+            or version in row["name"]
+            or "chance" in row["name"]
+            or "thumbnail" in row["name"]
+        )
+
+    ck["metrics"] = {k: v for k, v in res.items() if k not in ("results", "studies")}
+    ck["metrics"]["results"] = [r for r in res["results"] if mine(r)]
+    if "studies" in res:
+        ck["metrics"]["studies"] = {**res["studies"], "results": [r for r in res["studies"]["results"] if mine(r)]}
+    ckpt_mod.save(ck, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,43 +349,59 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="drh-pacs evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", required=True, help="data directory with manifest.csv (train and test splits)")
-    p.add_argument("--manifest", default="")
-    p.add_argument("--model", action="append", required=True, help="model checkpoint (repeat for several)")
-    p.add_argument("--no-baselines", action="store_true", help="skip float reference, LSH and ITQ")
-    p.add_argument("--studies", action="store_true", help="also score DMIH study codes against pooled DRH codes")
-    p.add_argument("--out", required=True, help="folder for evaluation.json and pr.png")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--cache-dir", default="")
-    p.add_argument("--seed", type=int, default=0, help="seed of LSH projections and ITQ initial rotation")
     p.add_argument(
-        "--record", action="store_true", help="write each model's figures into its checkpoint's 'metrics' entry"
+        "--data", required=True, help="a folder with manifest.csv, a manifest CSV, or a folder of DICOM files"
     )
+    p.add_argument("--manifest", default="")
+    p.add_argument(
+        "--model", action="append", default=[], help="model checkpoint (repeat for several; none: baselines only)"
+    )
+    p.add_argument("--no-baselines", action="store_true", help="skip the features, LSH and ITQ rows of each model")
+    p.add_argument("--studies", action="store_true", help="also score at study level (bags = studies)")
+    p.add_argument("--out", required=True, help="folder for evaluation.json and evaluation.png")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch default)")
+    p.add_argument("--cache-dir", default="")
+    p.add_argument("--seed", type=int, default=0, help="seed of random ties, query sampling, LSH and ITQ")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--max-queries", type=int, default=1000, help="queries drawn when the data has no test split")
+    p.add_argument("--record", action="store_true", help="write each model's figures into its checkpoint")
+    p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    res = evaluate(
-        a.data,
-        a.model,
-        manifest=a.manifest,
-        with_baselines=not a.no_baselines,
-        studies=a.studies,
-        device=a.device,
-        cache_dir=a.cache_dir,
-        seed=a.seed,
-    )
+    try:
+        res = evaluate(
+            a.data,
+            a.model,
+            manifest=a.manifest,
+            with_baselines=not a.no_baselines,
+            studies=a.studies,
+            device=a.device,
+            cache_dir=a.cache_dir,
+            seed=a.seed,
+            threads=a.threads,
+            n_boot=a.bootstrap,
+            max_queries=a.max_queries,
+            progress=not a.no_progress,
+        )
+    except DataError as exc:
+        print(f"drh-pacs evaluate: {exc}", file=sys.stderr)
+        return 2
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(res, indent=1) + "\n")
-    plot_pr(res["results"], out / "pr.png")
-    print(f"Protocol: {res['protocol']} ({res['queries']} queries, {res['database']} database images)\n")
+    pr = res["protocol"]
+    plot(res["results"], out / "evaluation.png", f"{res['data']}: {pr['how']}")
+    print(f"Protocol: {pr['how']} ({pr['queries']} queries, {pr['database']} images)\n")
     print(table(res["results"]))
     if "studies" in res:
         s = res["studies"]
-        print(f"\nStudies: {s['protocol']} ({s['query_bags']} query bags, {s['database_bags']} database bags)\n")
+        print(f"\nStudies: {json.dumps(s['protocol'])}\n")
         print(table(s["results"]))
+        plot(s["results"], out / "evaluation-studies.png", "study level")
     if a.record:
         for path in a.model:
             record_metrics(path, res)
-    print(f"\nwrote {out / 'evaluation.json'} and {out / 'pr.png'}")
+    print(f"\nwrote {out / 'evaluation.json'} and {out / 'evaluation.png'}")
     return 0
 
 

@@ -1,8 +1,14 @@
 """Losses for deep hashing on relaxed codes ``u`` in (-1, 1)^K (``tanh`` of the hash layer).
 
-DRH's objective is ``L = L_nca + w_q * L_quant + w_b * L_balance`` (weights configurable in
-:mod:`hashing.train`). :func:`csq_loss` is the published baseline (Central Similarity Quantization,
-Yuan et al., CVPR 2020) trained on the same backbone in the same harness.
+DRH's objective (:func:`drh_loss`, weights configurable in :mod:`hashing.train`)::
+
+    L = w_nca L_nca + w_c L_contrast + w_q L_quant + w_b L_balance
+
+``L_nca`` uses labels where they exist; ``L_contrast`` is learned from the images alone (two random
+views of an image must be each other's nearest code among the batch), so an unlabelled archive can
+train the model and labelled training keeps the visual neighbourhoods within a class that NCA alone
+collapses. :func:`csq_loss` is the published baseline (Central Similarity Quantization, Yuan et al.,
+CVPR 2020) trained on the same backbone in the same harness.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ def nca_loss(u: torch.Tensor, labels: torch.Tensor, scale: float = 8.0) -> torch
     logits = -scale * relaxed_hamming(u) / k
     eye = torch.eye(n, dtype=torch.bool, device=u.device)
     logits = logits.masked_fill(eye, float("-inf"))
-    same = (labels[:, None] == labels[None, :]) & ~eye
+    # unlabelled samples (-1) take part as neighbours but never as anyone's same class
+    same = (labels[:, None] == labels[None, :]) & ~eye & (labels[:, None] >= 0)
     has_pos = same.any(dim=1)
     if not bool(has_pos.any()):
         return u.sum() * 0.0
@@ -60,15 +67,59 @@ def bit_balance_loss(u: torch.Tensor) -> torch.Tensor:
     return u.mean(dim=0).pow(2).mean()
 
 
+def contrastive_loss(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """Instance contrast on relaxed codes (NT-Xent, Chen et al. 2020, on the code geometry).
+
+    ``u`` and ``v`` are two views of the same N images. With ``s_ij = a_i . a_j / K`` for the 2N
+    codes ``a`` (1 - 2 d_ij / K when codes are exactly +/-1: a similarity in Hamming terms), each code
+    must pick its other view among the 2N - 1 others::
+
+        L_contrast = -(1 / 2N) sum_i log( exp(s_{i,i'} / t) / sum_{j != i} exp(s_ij / t) )
+
+    It needs no label: what makes two films alike (anatomy, habitus, positioning, devices) must
+    survive framing, exposure and noise, while every image stays apart from the others, which keeps
+    the codes from collapsing onto a few values.
+    """
+    a = torch.cat([u, v], dim=0)
+    n2, k = a.shape
+    n = n2 // 2
+    logits = (a @ a.T) / (k * temperature)
+    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=a.device), float("-inf"))
+    target = torch.cat([torch.arange(n, n2), torch.arange(0, n)]).to(a.device)
+    return F.cross_entropy(logits, target)
+
+
 def drh_loss(
-    u: torch.Tensor, labels: torch.Tensor, *, scale: float = 8.0, w_quant: float = 0.1, w_balance: float = 0.1
+    u: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    v: torch.Tensor | None = None,
+    scale: float = 8.0,
+    w_nca: float = 1.0,
+    w_contrast: float = 0.0,
+    temperature: float = 0.2,
+    w_quant: float = 0.1,
+    w_balance: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``L = L_nca + w_quant L_quant + w_balance L_balance``; also the parts, for logging."""
-    nca = nca_loss(u, labels, scale)
-    q = quantization_loss(u)
-    b = bit_balance_loss(u)
-    total = nca + w_quant * q + w_balance * b
-    return total, {"nca": float(nca.detach()), "quant": float(q.detach()), "balance": float(b.detach())}
+    """The DRH objective on relaxed codes ``u`` (and ``v``, a second view of the same images, for the
+    contrast term); returns the total and its parts, for logging. NCA sees both views."""
+    both = u if v is None else torch.cat([u, v], dim=0)
+    both_labels = labels if v is None else torch.cat([labels, labels], dim=0)
+    total = u.new_zeros(())
+    parts: dict[str, float] = {}
+    if w_nca > 0 and bool((both_labels >= 0).any()):
+        nca = nca_loss(both, both_labels, scale)
+        total = total + w_nca * nca
+        parts["nca"] = float(nca.detach())
+    if w_contrast > 0 and v is not None:
+        con = contrastive_loss(u, v, temperature)
+        total = total + w_contrast * con
+        parts["contrast"] = float(con.detach())
+    q = quantization_loss(both)
+    b = bit_balance_loss(both)
+    total = total + w_quant * q + w_balance * b
+    parts.update(quant=float(q.detach()), balance=float(b.detach()))
+    return total, parts
 
 
 # -- CSQ (baseline) -------------------------------------------------------------------------------

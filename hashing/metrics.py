@@ -98,3 +98,82 @@ def retrieval_metrics(
         "recall": (hits / total_rel[:, None]).mean(axis=0).round(5).tolist(),
     }
     return out
+
+
+# -- the evaluation protocol: rankings with random ties, per-query scores, intervals ---------------------
+
+
+def ranking(dist: np.ndarray, rng: np.random.Generator, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Database indices of each query, nearest first, ties in random (seeded) order.
+
+    ``exclude[i]`` (a database index, -1 for none) is put last for query ``i``: the query itself when
+    the database contains it. Random ties matter for short codes: in database order they would rank
+    the items indexed first, which flatters codes that collapse onto a few values.
+    """
+    key = dist.astype(np.float64, copy=True)
+    if np.issubdtype(dist.dtype, np.integer):
+        key += rng.random(dist.shape) * 0.5  # below the gap between two distances
+    else:
+        key += rng.random(dist.shape) * 1e-9  # float ties are rare; break them at random too
+    if exclude is not None:
+        rows = np.flatnonzero(exclude >= 0)
+        key[rows, exclude[rows]] = np.inf
+    return np.argsort(key, axis=1, kind="stable")
+
+
+def rerank(order: np.ndarray, similarity: np.ndarray, shortlist: int) -> np.ndarray:
+    """The served ranking: the first ``shortlist`` of ``order`` re-sorted by ``similarity`` (higher is
+    nearer), the rest kept in order. What the query process does with the stored relaxed codes."""
+    out = order.copy()
+    s = min(shortlist, order.shape[1])
+    top = order[:, :s]
+    sims = np.take_along_axis(similarity, top, axis=1)
+    out[:, :s] = np.take_along_axis(top, np.argsort(-sims, axis=1, kind="stable"), axis=1)
+    return out
+
+
+def label_scores(
+    order: np.ndarray, q_labels: np.ndarray, db_labels: np.ndarray, k: int = 100, exclude: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Per labelled query: AP over the whole ranking, AP@k and precision@10 (relevant = same label;
+    an unlabelled item (-1) is never relevant). ``exclude`` as for :func:`ranking`: the query itself,
+    ranked last, does not count."""
+    keep = np.asarray(q_labels) >= 0
+    ranked = db_labels[order[keep]]
+    rel = (ranked == np.asarray(q_labels)[keep][:, None]) & (ranked >= 0)
+    if exclude is not None:
+        rel[np.asarray(exclude)[keep] >= 0, -1] = False
+    return {"map_all": average_precision(rel), f"map@{k}": average_precision(rel, k), "p@10": rel[:, :10].mean(axis=1)}
+
+
+def same_patient_scores(
+    order: np.ndarray,
+    q_patients: np.ndarray,
+    db_patients: np.ndarray,
+    exclude: np.ndarray,
+    ks: tuple[int, ...] = (1, 10),
+) -> dict[str, np.ndarray]:
+    """For each query with at least one *other* image of its patient in the database: is one in the top
+    k? (the query itself, ``exclude``, is never counted). Needs no label: it measures whether the
+    answers look alike on any archive, the measure models are selected by."""
+    same = db_patients[None, :] == np.asarray(q_patients)[:, None]
+    rows = np.flatnonzero(exclude >= 0)
+    same[rows, exclude[rows]] = False
+    eligible = same.any(axis=1)
+    hits = np.take_along_axis(same, order, axis=1)[eligible]
+    return {f"r@{k}": hits[:, :k].any(axis=1).astype(np.float64) for k in ks}
+
+
+def bootstrap(values: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tuple[float, float, float]:
+    """Mean and 95% percentile-bootstrap interval over queries (resampled with replacement)."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    idx = rng.integers(0, values.size, size=(n, values.size))
+    means = values[idx].mean(axis=1)
+    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def distinct_codes(codes: np.ndarray) -> int:
+    """How many different codes a set of packed codes holds (collapse shows as far fewer than items)."""
+    return int(np.unique(np.ascontiguousarray(codes), axis=0).shape[0])

@@ -54,8 +54,9 @@ from pydicom.dataset import Dataset
 
 from hashing.display import check_sane, frame_to_image
 from hashing.errors import DecodeError, NotAnImage, PreprocessError
+from hashing.pictures import is_picture, picture_pixels, read_picture
 from hashing.reading import ensure_transfer_syntax, read_dataset
-from hashing.resize import fit_to_square
+from hashing.resize import fit_to_square, model_input
 from hashing.sopclass import check_is_image, number_of_frames
 
 __all__ = [
@@ -66,7 +67,9 @@ __all__ = [
     "fit_to_square",
     "load_file",
     "load_frames",
+    "load_image",
     "load_pixels",
+    "model_input",
     "read_dataset",
 ]
 
@@ -98,3 +101,33 @@ def load_frames(ds: pydicom.Dataset) -> list[np.ndarray]:
 def load_file(path: str | os.PathLike[str] | bytes, frame: int | None = None) -> np.ndarray:
     """:func:`read_dataset` then :func:`load_pixels`: the worker's one call."""
     return load_pixels(read_dataset(path), frame)
+
+
+def load_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Any image file, DICOM or picture (PNG, JPEG...), as the 2-D [0, 1] image the model input is made
+    from: what ``train`` and ``evaluate`` read, through the same steps as the workers."""
+    if is_picture(path):
+        return read_picture(path)
+    return load_file(path)
+
+
+# Magic numbers of the picture formats an upload may be in (a dropped PNG or JPEG export).
+_PICTURE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"II*\x00", b"MM\x00*", b"GIF8", b"BM")
+
+
+def load_bytes(data: bytes) -> tuple[Dataset | None, np.ndarray]:
+    """An uploaded file, DICOM or picture, as (its dataset or None, the 2-D [0, 1] image): the HTTP
+    upload's path, the same steps as a worker's and a training's."""
+    if data[:4].startswith(_PICTURE_MAGIC) or data[:3] == b"\xff\xd8\xff":
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                return None, picture_pixels(im)
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise DecodeError(f"not a readable picture ({type(exc).__name__})", code="not_a_picture") from exc
+    ds = read_dataset(data)
+    return ds, load_pixels(ds)

@@ -25,3 +25,14 @@ def fit_to_square(img: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - nh) // 2, (size - nw) // 2
     out[top : top + nh, left : left + nw] = np.clip(src, 0.0, 1.0)
     return out
+
+
+def model_input(img: np.ndarray, size: int) -> np.ndarray:
+    """The one function that turns a decoded image (2-D, [0, 1], higher is brighter) into model input.
+
+    Fitted into the ``size`` square (aspect kept, zero padded) and quantised to the 256 grey levels a
+    display shows: workers, the HTTP upload, ``train`` and ``evaluate`` all call it, so the network
+    is served exactly the pixels it was trained on. Returns ``uint8 (size, size)``; the network's
+    normalisation ((x / 255 - mean) / std, stored in the checkpoint) follows.
+    """
+    return np.round(fit_to_square(img, size) * 255.0).astype(np.uint8)

@@ -1,18 +1,26 @@
-"""``drh-pacs train``: train DRH, DMIH or the CSQ baseline on a data directory with a manifest.
+"""``drh-pacs train``: train DRH, DMIH or the CSQ baseline on a manifest or a folder of DICOM files.
 
 One training loop for every method (so the baselines get the same harness and budget); only the loss
-differs. Epochs are selected on a patient-disjoint validation split cut from the training split
-(mAP@all of validation queries against the training database); the test split is never read here.
+differs. The DRH objective (:func:`hashing.losses.drh_loss`) combines a term learned from the images
+alone (two random views of each image, :mod:`hashing.augment`, must be each other's nearest code) with
+NCA where labels exist, plus quantization and bit balance: an unlabelled archive trains the model,
+and labels, when given, add NCA.
 
-Deterministic for a given seed and device: every epoch draws its shuffling and augmentation from a
-generator seeded with ``(seed, epoch)``, so a run resumed from its last epoch checkpoint
-(``--resume``) continues exactly as an uninterrupted one would.
+Epochs are selected on a patient-disjoint validation set (the manifest's ``val`` rows, else a share of
+the training patients held out); the test split is never read here. The selection measure is the
+served ranking's same-patient recall@10 (codes re-ranked by the relaxed codes) when the validation set
+has enough patients with several images, else label mAP, else the loss (``--select``).
+
+Deterministic for a given seed and device: every epoch draws its shuffling and views from a generator
+seeded with ``(seed, epoch)``, so a run resumed from its last epoch (``--resume``) continues exactly
+as an uninterrupted one would. The checkpoint records the data, the command, the history, the
+selection and every warning (too few steps per epoch, a loss that does not move, collapsing codes).
 
 Examples::
 
-    drh-pacs train --data ../shared/data/cxr-pneumonia --method drh --bits 64 --epochs 30 --out drh64.pt
-    drh-pacs train --data ../shared/data/cxr-pneumonia --method csq --bits 64 --epochs 30 --out csq64.pt
-    drh-pacs train --data ../shared/data/cxr-pneumonia --method dmih --init drh64.pt --epochs 8 --lr 1e-3 --out model.pt
+    drh-pacs train --data ../shared/data/cxr-pneumonia --out drh64.pt
+    drh-pacs train --data /archive/mammo-dicom --out mg.pt          # a DICOM folder, no labels
+    drh-pacs train --data ../shared/data/cxr-pneumonia --method csq --out csq64.pt
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +44,24 @@ from tqdm import tqdm
 
 from hashing import checkpoint as ckpt_mod
 from hashing import losses
-from hashing.bits import VALID_NBITS, pack
-from hashing.bits import binarize as binarize_np
-from hashing.data import ImageSet, estimate_normalization, load_images, patient_split, read_manifest, to_input
+from hashing.augment import light_view, random_views
+from hashing.bits import VALID_NBITS, binarize, pack
+from hashing.data import DataError, ImageSet, Source, estimate_normalization, load_images, open_source, patient_split
 from hashing.dmih import DMIH
 from hashing.drh import DRH, MODELS
 from hashing.encoder import resolve_device
-from hashing.metrics import hamming_distances, retrieval_metrics
+from hashing.inference import encode_set, pool_bags
+from hashing.metrics import distinct_codes, hamming_distances, ties_at
+from hashing.scoring import Protocol, Rep, score
 
 log = logging.getLogger("hashing.train")
 
 METHODS = ("drh", "csq", "dmih")
+SELECT = ("auto", "recall", "map", "loss")
+# Below this many steps an epoch is mostly noise; below this many patients with several images a
+# validation recall is too.
+MIN_STEPS_PER_EPOCH = 10
+MIN_RECALL_QUERIES = 20
 
 
 @dataclass
@@ -56,23 +71,27 @@ class TrainConfig:
     method: str = "drh"
     manifest: str = ""
     bits: int = 64
-    arch: str = "drh_tiny"
-    input_size: int = 64
-    epochs: int = 30  # the shipped model's (hashing/weights/MODEL_CARD.md); 12 stopped while still improving
-    batch_size: int = 128
-    lr: float = 3e-3
+    arch: str = "drh_resnet18_half"
+    input_size: int = 128
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-3
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.5
+    warmup_epochs: float = 1.0
     scale: float = 8.0
+    w_nca: float = 1.0
+    w_contrast: float = 1.0
+    temperature: float = 0.2
     w_quant: float = 0.1
     w_balance: float = 0.1
     csq_w_quant: float = 1e-4
     # DMIH
     init: str = ""
-    bags_per_batch: int = 48
+    bags_per_batch: int = 32
     max_bag: int = 8
     inst_weight: float = 1.0
     # harness
+    select: str = "auto"
     val_fraction: float = 0.1
     val_db: int = 2000
     seed: int = 0
@@ -100,23 +119,6 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def augment(x_u8: torch.Tensor, gen: torch.Generator, mean: float, std: float, shift: int = 4) -> torch.Tensor:
-    """Random translation (+/- ``shift`` px, zero fill) and brightness/contrast jitter, then normalise.
-
-    Mild on purpose: radiographs are acquired in a standard position, and flips would mirror
-    anatomy (heart side) that a radiologist would not consider similar.
-    """
-    n, _, h, w = x_u8.shape
-    padded = torch.nn.functional.pad(x_u8.float() / 255.0, (shift, shift, shift, shift))
-    offs = torch.randint(0, 2 * shift + 1, (n, 2), generator=gen)
-    out = torch.stack([padded[i, :, oy : oy + h, ox : ox + w] for i, (oy, ox) in enumerate(offs.tolist())])
-    contrast = 1.0 + (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.3
-    bright = (torch.rand(n, 1, 1, 1, generator=gen) - 0.5) * 0.1
-    m = out.mean(dim=(2, 3), keepdim=True)
-    out = ((out - m) * contrast + m + bright).clamp(0, 1)
-    return (out - mean) / std
-
-
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -124,73 +126,13 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
-@torch.no_grad()
-def encode_set(model: DRH | DMIH, images: torch.Tensor, mean: float, std: float, device: torch.device, bs: int = 256):
-    """(features, hash-layer pre-activations) of a uint8 image tensor, in eval mode."""
-    model.eval()
-    feats, heads = [], []
-    for s in range(0, len(images), bs):
-        x = to_input(images[s : s + bs], mean, std).to(device)
-        f = model.forward_features(x)
-        feats.append(f.float().cpu())
-        if isinstance(model, DRH):
-            heads.append(model.forward_head(f).float().cpu())
-        else:
-            heads.append(model.instance_hash(f).float().cpu())
-    return torch.cat(feats), torch.cat(heads)
-
-
-@torch.no_grad()
-def pool_bags(model: DMIH, feats: torch.Tensor, bags: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Study-level pre-activations for each bag from instance features (padded + masked batches)."""
-    model.eval()
-    out = []
-    for s in range(0, len(bags), 256):
-        chunk = bags[s : s + 256]
-        m = max(len(b) for b in chunk)
-        x = torch.zeros(len(chunk), m, feats.shape[1])
-        mask = torch.zeros(len(chunk), m, dtype=torch.bool)
-        for i, b in enumerate(chunk):
-            x[i, : len(b)] = feats[b]
-            mask[i, : len(b)] = True
-        out.append(model.forward_bag(x.to(device), mask.to(device)).float().cpu())
-    return torch.cat(out)
-
-
-def _codes(h: torch.Tensor) -> np.ndarray:
-    return pack(binarize_np(h.numpy()))
-
-
-def validate(model, cfg: TrainConfig, train_set: ImageSet, val_set: ImageSet, mean, std, device) -> float:
-    """Validation mAP@all (Hamming ranking): validation queries against (a seeded sample of) training."""
-    g = np.random.default_rng(cfg.seed)
-    if isinstance(model, DMIH):
-        fq, _ = encode_set(model, val_set.images, mean, std, device)
-        fd, _ = encode_set(model, train_set.images, mean, std, device)
-        qb, db = val_set.bags(), train_set.bags()
-        if len(db) > cfg.val_db:
-            db = [db[i] for i in sorted(g.choice(len(db), cfg.val_db, replace=False))]
-        hq, hd = pool_bags(model, fq, qb, device), pool_bags(model, fd, db, device)
-        ql = np.array([int(val_set.labels[b[0]]) for b in qb])
-        dl = np.array([int(train_set.labels[b[0]]) for b in db])
-    else:
-        dbi = np.arange(len(train_set))
-        if len(dbi) > cfg.val_db:
-            dbi = np.sort(g.choice(len(dbi), cfg.val_db, replace=False))
-        _, hq = encode_set(model, val_set.images, mean, std, device)
-        _, hd = encode_set(model, train_set.images[torch.as_tensor(dbi)], mean, std, device)
-        ql, dl = val_set.labels.numpy(), train_set.labels.numpy()[dbi]
-    dist = hamming_distances(_codes(hq), _codes(hd))
-    return retrieval_metrics(dist, ql, dl, hamming=True)["map_all"]
-
-
 def _batches_instances(n: int, bs: int, gen: torch.Generator) -> list[torch.Tensor]:
     perm = torch.randperm(n, generator=gen)
-    nb = n // bs if n >= bs else 1  # drop the ragged last batch (batch-norm and NCA want full batches)
+    nb = n // bs if n >= bs else 1  # full batches (batch-norm and the contrast want them)
     return [perm[i * bs : (i + 1) * bs] for i in range(nb)]
 
 
-def _batches_bags(bags: list[list[int]], per_batch: int, max_bag: int, gen: torch.Generator):
+def _batches_bags(bags: list[list[int]], per_batch: int, max_bag: int, gen: torch.Generator) -> list:
     perm = torch.randperm(len(bags), generator=gen).tolist()
     nb = max(1, len(bags) // per_batch)
     out = []
@@ -206,7 +148,7 @@ def _batches_bags(bags: list[list[int]], per_batch: int, max_bag: int, gen: torc
     return out
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> tuple[DRH | DMIH, DRH | None, dict[str, Any]]:
+def build_model(cfg: TrainConfig) -> tuple[DRH | DMIH, DRH | None, dict[str, Any]]:
     """The network to train, the DRH that goes with a DMIH (from ``--init``), and init metadata."""
     if cfg.method in ("drh", "csq"):
         if cfg.arch not in MODELS:
@@ -227,14 +169,16 @@ def build_model(cfg: TrainConfig, num_classes: int) -> tuple[DRH | DMIH, DRH | N
     return dmih, drh, meta
 
 
+# -- one training run ------------------------------------------------------------------------------------
+
+
 @dataclass
 class _Run:
     """Everything one training holds: data, model, optimiser, schedule and resumable state."""
 
     cfg: TrainConfig
     device: torch.device
-    classes: list[str]
-    manifest_digest: str
+    source: Source
     model: DRH | DMIH
     companion: DRH | None  # the DRH that ships with a DMIH
     train_set: ImageSet
@@ -248,6 +192,32 @@ class _Run:
     warmup: int
     last: Path
     state: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, message: str) -> None:
+        if message not in self.warnings:
+            log.warning(message)
+            self.warnings.append(message)
+
+
+def _split(source: Source, full: ImageSet, items_split: list[str], cfg: TrainConfig) -> tuple[ImageSet, ImageSet]:
+    """Training and validation sets: the manifest's ``val`` rows, else held-out training patients."""
+    if "val" in items_split:
+        tr = [i for i, s in enumerate(items_split) if s == "train"]
+        va = [i for i, s in enumerate(items_split) if s == "val"]
+        return full.subset(tr), full.subset(va)
+    tr, va = patient_split(full.patients, cfg.val_fraction, cfg.seed)
+    return full.subset(tr), full.subset(va)
+
+
+def _check_labels(run_cfg: TrainConfig, train_set: ImageSet, warn: Any) -> None:
+    classes = {int(y) for y in train_set.labels.tolist() if y >= 0}
+    if run_cfg.method == "csq" and len(classes) < 2:
+        raise SystemExit("--method csq needs labels of at least two classes")
+    if len(classes) == 1:
+        warn("the labels name one class only: they add nothing, training uses the images alone")
+    if len(classes) < 2 and run_cfg.w_contrast <= 0:
+        raise SystemExit("no labels of two classes and --w-contrast 0: nothing to learn from")
 
 
 def _prepare(cfg: TrainConfig) -> _Run:
@@ -256,36 +226,42 @@ def _prepare(cfg: TrainConfig) -> _Run:
         raise SystemExit(f"--method must be one of {METHODS}")
     if cfg.bits not in VALID_NBITS:
         raise SystemExit(f"--bits must be one of {VALID_NBITS}")
+    if cfg.select not in SELECT:
+        raise SystemExit(f"--select must be one of {SELECT}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     _seed_everything(cfg.seed)
-    manifest = read_manifest(cfg.data, cfg.manifest or None)
-    classes = manifest.classes
-    model, companion, init_meta = build_model(cfg, len(classes))
+    source = open_source(cfg.data, cfg.manifest or None)
+    model, companion, init_meta = build_model(cfg)
     if init_meta:
         cfg.input_size = int(init_meta["input_size"])
         cfg.bits = model.nbits
-    rows = manifest.split("train")
-    tr_idx, va_idx = patient_split(rows, cfg.val_fraction, cfg.seed)
-    full = load_images(manifest, rows, cfg.input_size, cfg.cache_dir or None)
-    train_set, val_set = full.subset(tr_idx), full.subset(va_idx)
+    items = [it for it in source.items if it.split in ("train", "val")]
+    if not items:
+        raise SystemExit(f"{cfg.data}: no training rows (every row is in the test split)")
+    full = load_images(source, items, cfg.input_size, cfg.cache_dir or None, progress=cfg.progress)
+    kept = set(full.paths)  # a DICOM folder may have left some files out
+    kept_splits = [it.split for it in items if it.path in kept]
+    train_set, val_set = _split(source, full, kept_splits, cfg)
     if init_meta:
         mean, std = float(init_meta["normalization"]["mean"]), float(init_meta["normalization"]["std"])
     else:
         mean, std = estimate_normalization(train_set.images)
     log.info(
-        "train %d images (%d patients), validation %d images (%d patients), classes %s, device %s",
+        "train %d images (%d patients, %d studies), validation %d images (%d patients), classes %s, device %s",
         len(train_set),
         len(set(train_set.patients)),
+        len(set(train_set.studies)),
         len(val_set),
         len(set(val_set.patients)),
-        classes,
+        source.classes or "none (unlabelled)",
         device,
     )
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    centers = losses.csq_centers(len(classes), cfg.bits, cfg.seed).to(device) if cfg.method == "csq" else None
+    n_classes = len(source.classes)
+    centers = losses.csq_centers(n_classes, cfg.bits, cfg.seed).to(device) if cfg.method == "csq" else None
     if cfg.method == "dmih":
         steps_per_epoch = max(1, len(train_set.bags()) // cfg.bags_per_batch)
     else:
@@ -294,14 +270,7 @@ def _prepare(cfg: TrainConfig) -> _Run:
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     work = Path(cfg.work_dir or (str(cfg.out) + ".work"))
-    state: dict[str, Any] = {
-        "epoch": 0,
-        "step": 0,
-        "best_val": -1.0,
-        "best_epoch": 0,
-        "best_state": None,
-        "history": [],
-    }
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "best_state": None, "history": []}
     last = work / "last.pt"
     if cfg.resume and last.exists():
         saved = torch.load(last, map_location="cpu", weights_only=True)
@@ -309,11 +278,10 @@ def _prepare(cfg: TrainConfig) -> _Run:
         opt.load_state_dict(saved["optimizer"])
         state = saved["state"]
         log.info("resumed from %s at epoch %d (step %d)", last, state["epoch"], state["step"])
-    return _Run(
+    run = _Run(
         cfg=cfg,
         device=device,
-        classes=classes,
-        manifest_digest=manifest.digest,
+        source=source,
         model=model,
         companion=companion,
         train_set=train_set,
@@ -328,41 +296,85 @@ def _prepare(cfg: TrainConfig) -> _Run:
         last=last,
         state=state,
     )
+    _check_labels(cfg, train_set, run.warn)
+    _warn_about_batches(run)
+    return run
 
 
-def _loss_bags(run: _Run, batch: list[list[int]], gen: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
-    """DMIH: the objective on bag codes, plus the instance arm with its decaying weight."""
-    cfg, model, ts = run.cfg, run.model, run.train_set
+def _warn_about_batches(run: _Run) -> None:
+    cfg = run.cfg
+    if run.steps_per_epoch < MIN_STEPS_PER_EPOCH:
+        run.warn(
+            f"only {run.steps_per_epoch} step(s) per epoch ({len(run.train_set)} training images, batch"
+            f" {cfg.batch_size if cfg.method != 'dmih' else cfg.bags_per_batch}): lower --batch-size"
+        )
+    if cfg.method != "dmih" and len(run.train_set) >= cfg.batch_size:
+        left = len(run.train_set) % cfg.batch_size
+        if left > 0.1 * len(run.train_set):
+            run.warn(f"{left} training images are left out of each epoch (partial batch); lower --batch-size")
+
+
+def _normalised(run: _Run, x01: torch.Tensor) -> torch.Tensor:
+    return ((x01 - run.mean) / run.std).to(run.device)
+
+
+def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """DRH (contrast of two views, NCA, quantization, bit balance) or CSQ, on one batch of images."""
+    cfg, ts = run.cfg, run.train_set
+    x = ts.images[batch]
+    y = ts.labels[batch].to(run.device)
+    if cfg.method == "csq":
+        u = run.model(_normalised(run, light_view(x, gen)))
+        return losses.csq_loss(u, y, run.centers, w_quant=cfg.csq_w_quant)
+    if cfg.w_contrast > 0:
+        u = run.model(_normalised(run, random_views(x, gen)))
+        v = run.model(_normalised(run, random_views(x, gen)))
+    else:
+        u, v = run.model(_normalised(run, light_view(x, gen))), None
+    return losses.drh_loss(u, y, v=v, **_loss_weights(cfg))
+
+
+def _loss_weights(cfg: TrainConfig) -> dict[str, float]:
+    return {
+        "scale": cfg.scale,
+        "w_nca": cfg.w_nca,
+        "w_contrast": cfg.w_contrast,
+        "temperature": cfg.temperature,
+        "w_quant": cfg.w_quant,
+        "w_balance": cfg.w_balance,
+    }
+
+
+def _bag_codes(run: _Run, batch: list[list[int]], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relaxed study codes of a batch of bags (each instance one random view), and instance codes."""
+    model = run.model
     assert isinstance(model, DMIH)
     flat = [i for b in batch for i in b]
-    x = augment(ts.images[torch.as_tensor(flat)], gen, run.mean, run.std).to(run.device)
+    x = run.train_set.images[torch.as_tensor(flat)]
+    view = random_views(x, gen) if run.cfg.w_contrast > 0 else light_view(x, gen)
+    feats_real = model.forward_features(_normalised(run, view))
     m = max(len(b) for b in batch)
     mask = torch.zeros(len(batch), m, dtype=torch.bool)
     for i, b in enumerate(batch):
         mask[i, : len(b)] = True
     mask = mask.to(run.device)
-    feats_real = model.forward_features(x)
     feats = feats_real.new_zeros(len(batch), m, feats_real.shape[1])
     feats[mask] = feats_real
-    u_bag = torch.tanh(model.forward_bag(feats, mask))
-    u_inst = model.forward_instance_head(feats_real)
+    return torch.tanh(model.forward_bag(feats, mask)), model.forward_instance_head(feats_real)
+
+
+def _loss_bags(run: _Run, batch: list[list[int]], gen: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
+    """DMIH: the objective on study codes (two views of each study), plus the decaying instance arm."""
+    cfg, ts = run.cfg, run.train_set
+    u_bag, u_inst = _bag_codes(run, batch, gen)
+    v_bag = _bag_codes(run, batch, gen)[0] if cfg.w_contrast > 0 else None
     y_bag = ts.labels[torch.as_tensor([b[0] for b in batch])].to(run.device)
-    y_inst = ts.labels[torch.as_tensor(flat)].to(run.device)
-    loss_bag, parts = losses.drh_loss(u_bag, y_bag, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance)
+    y_inst = ts.labels[torch.as_tensor([i for b in batch for i in b])].to(run.device)
+    weights = _loss_weights(cfg)
+    loss_bag, parts = losses.drh_loss(u_bag, y_bag, v=v_bag, **weights)
     lam = losses.instance_arm_weight(step / run.steps_per_epoch, cfg.epochs, cfg.inst_weight)
-    loss_inst, _ = losses.drh_loss(u_inst, y_inst, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance)
+    loss_inst, _ = losses.drh_loss(u_inst, y_inst, **{**weights, "w_contrast": 0.0})
     return loss_bag + lam * loss_inst, {**parts, "inst": float(loss_inst.detach()), "lam": lam}
-
-
-def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """DRH (NCA, quantization, bit balance) or the CSQ baseline, on one batch of images."""
-    cfg = run.cfg
-    x = augment(run.train_set.images[batch], gen, run.mean, run.std).to(run.device)
-    y = run.train_set.labels[batch].to(run.device)
-    u = run.model(x)
-    if cfg.method == "csq":
-        return losses.csq_loss(u, y, run.centers, w_quant=cfg.csq_w_quant)
-    return losses.drh_loss(u, y, scale=cfg.scale, w_quant=cfg.w_quant, w_balance=cfg.w_balance)
 
 
 def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -372,7 +384,7 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     torch.manual_seed(cfg.seed * 7919 + epoch)  # dropout-free nets; keeps any torch RNG use reproducible
     run.model.train()
     if cfg.method == "dmih":
-        batches = _batches_bags(run.train_set.bags(), cfg.bags_per_batch, cfg.max_bag, gen)
+        batches: list = _batches_bags(run.train_set.bags(), cfg.bags_per_batch, cfg.max_bag, gen)
     else:
         batches = _batches_instances(len(run.train_set), cfg.batch_size, gen)
     bar = tqdm(batches, desc=f"{cfg.method}{cfg.bits} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
@@ -396,45 +408,142 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     return {k: round(v / max(1, len(batches)), 5) for k, v in sums.items()}
 
 
+# -- validation and selection ------------------------------------------------------------------------------
+
+
+def validate(run: _Run) -> dict[str, Any]:
+    """Validation figures of the current weights: validation queries against the validation images
+    and a seeded sample of the training images, under the evaluation protocol (:mod:`hashing.scoring`)."""
+    cfg = run.cfg
+    g = np.random.default_rng(cfg.seed)
+    ts, vs = run.train_set, run.val_set
+    sample = np.sort(g.choice(len(ts), min(cfg.val_db, len(ts)), replace=False))
+    both = ImageSet(
+        torch.cat([vs.images, ts.images[torch.as_tensor(sample)]]),
+        torch.cat([vs.labels, ts.labels[torch.as_tensor(sample)]]),
+        vs.patients + [ts.patients[i] for i in sample],
+        vs.studies + [ts.studies[i] for i in sample],
+        vs.paths + [ts.paths[i] for i in sample],
+        ts.classes,
+    )
+    feats, heads = encode_set(run.model, both.images, run.mean, run.std, run.device)
+    if isinstance(run.model, DMIH):  # study level: bags of the images
+        bags = both.bags()
+        heads = pool_bags(run.model, feats, bags, run.device)
+        labels = np.array([int(both.labels[b[0]]) for b in bags])
+        patients = np.array([both.patients[b[0]] for b in bags], dtype=object)
+        n_val = sum(1 for b in bags if b[0] < len(vs))
+        order = np.argsort([b[0] >= len(vs) for b in bags], kind="stable")
+        heads, labels, patients = heads[order], labels[order], patients[order]
+    else:
+        labels, patients, n_val = both.labels.numpy(), np.array(both.patients, dtype=object), len(vs)
+    relaxed = torch.tanh(heads).numpy()
+    codes = pack(binarize(heads.numpy()))
+    everything = np.arange(len(codes))
+    proto = Protocol(
+        labels=labels,
+        patients=patients,
+        label_queries=everything[:n_val],
+        label_database=everything[n_val:],
+        same_queries=everything[:n_val],
+        same_database=everything,
+    )
+    row = score(Rep("validation", "served", codes=codes, vectors=relaxed, nbits=run.model.nbits), proto, cfg.seed, 200)
+    return {
+        "val_map": row.get("map_all"),
+        "val_recall@10": row.get("r@10"),
+        "val_recall_queries": row.get("r@10_n", 0),
+        "val_ties@10": row.get("ties@10"),
+        "val_distinct": row.get("distinct_codes"),
+    }
+
+
+def _selection_measure(run: _Run, figures: dict[str, Any]) -> str:
+    cfg = run.cfg
+    if cfg.select != "auto":
+        return cfg.select
+    if (figures.get("val_recall_queries") or 0) >= MIN_RECALL_QUERIES:
+        return "recall"
+    if figures.get("val_map") is not None:
+        return "map"
+    return "loss"
+
+
 def _select(run: _Run, epoch: int, means: dict[str, Any], seconds: float) -> None:
     """Validate the epoch, keep its weights if it is the best so far, save the resumable state."""
     state = run.state
-    val = 0.0
-    if len(run.val_set):
-        val = validate(run.model, run.cfg, run.train_set, run.val_set, run.mean, run.std, run.device)
-    record = {"epoch": epoch + 1, "step": state["step"], "val_map": round(val, 5), "seconds": round(seconds, 1)}
-    record.update(means)
+    figures = validate(run) if len(run.val_set) else {}
+    measure = state.get("measure") or _selection_measure(run, figures)
+    state["measure"] = measure
+    value = {
+        "recall": figures.get("val_recall@10"),
+        "map": figures.get("val_map"),
+        "loss": -means.get("loss", 0.0),
+    }[measure]
+    if value is None:
+        raise SystemExit(f"--select {measure}: the validation set cannot measure it")
+    record = {"epoch": epoch + 1, "step": state["step"], "seconds": round(seconds, 1), **means}
+    record.update({k: (round(v, 5) if isinstance(v, float) else v) for k, v in figures.items()})
     state["history"].append(record)
     log.info("epoch %d: %s", epoch + 1, record)
-    if val > state["best_val"]:
-        state["best_val"], state["best_epoch"] = val, epoch + 1
+    if state["best"] is None or value > state["best"]:
+        state["best"], state["best_epoch"] = value, epoch + 1
         state["best_state"] = copy.deepcopy({k: v.cpu() for k, v in run.model.state_dict().items()})
     state["epoch"] = epoch + 1
     ckpt_mod.save({"model": run.model.state_dict(), "optimizer": run.opt.state_dict(), "state": state}, run.last)
 
 
-def _model_checkpoint(run: _Run, command: str, elapsed: float) -> dict[str, Any]:
+def _final_checks(run: _Run) -> dict[str, Any]:
+    """What the selected model does with the training images; warns about a loss that did not move
+    and about codes that collapse."""
+    history = run.state["history"]
+    if len(history) >= 2:
+        first, best = history[0]["loss"], min(h["loss"] for h in history)
+        if abs(first) > 1e-9 and (first - best) / abs(first) < 0.02:
+            run.warn(f"the loss stayed at its initial value ({first:.4f} -> best {best:.4f}): nothing was learnt")
+    _, heads = encode_set(run.model, run.train_set.images, run.mean, run.std, run.device)
+    codes = pack(binarize(heads.numpy()))
+    n = len(codes)
+    distinct = distinct_codes(codes)
+    sample = codes[: min(n, 1000)]
+    ties = ties_at(hamming_distances(sample, codes), 10) if n > 10 else 0.0
+    if distinct < max(2.0, 0.1 * n):  # one code for everything is a collapse at any size
+        run.warn(f"the codes collapse: {distinct} distinct codes for {n} training images")
+    val_ties = next((h.get("val_ties@10") for h in history if h["epoch"] == run.state["best_epoch"]), None)
+    if val_ties is not None and val_ties > 50:
+        run.warn(f"the codes collapse: ties@10 on validation is {val_ties:.0f} (more than 50)")
+    return {"train_distinct_codes": distinct, "train_images": n, "train_ties@10": ties}
+
+
+def _model_checkpoint(run: _Run, command: str, elapsed: float, checks: dict[str, Any]) -> dict[str, Any]:
     """The best epoch's model with everything needed to use it and to know how it was made."""
     cfg, state = run.cfg, run.state
-    if state["best_state"] is not None:
-        run.model.load_state_dict(state["best_state"])
     model = run.model.cpu().eval()
+    best = next((h for h in state["history"] if h["epoch"] == state["best_epoch"]), {})
     training = {
         "method": cfg.method,
         "data": str(cfg.data),
         "dataset": Path(cfg.data).resolve().name,
-        "manifest_sha256_16": run.manifest_digest,
-        "classes": run.classes,
+        "source": run.source.kind,
+        "manifest_sha256_16": run.source.digest,
+        "classes": run.source.classes,
+        "left_out": run.source.skipped,
         "train_images": len(run.train_set),
         "validation_images": len(run.val_set),
-        "validation": f"{cfg.val_fraction:.0%} of training patients held out (seed {cfg.seed}), patient-disjoint",
+        "validation": "the manifest's val rows"
+        if run.source.splits >= {"val"}
+        else f"{cfg.val_fraction:.0%} of training patients held out (seed {cfg.seed}), patient-disjoint",
+        "selected_by": state.get("measure"),
         "selected_epoch": state["best_epoch"],
-        "validation_map_all": round(state["best_val"], 5),
+        "selected": {k: v for k, v in best.items() if k.startswith("val_")},
         "history": state["history"],
+        "checks": checks,
+        "warnings": run.warnings,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
         "command": command,
         "seconds": round(elapsed, 1),
         "device": str(run.device),
+        "threads": torch.get_num_threads(),
         "torch": str(torch.__version__),
     }
     version = cfg.version or f"{cfg.method}{cfg.bits}-{training['dataset']}"
@@ -448,7 +557,10 @@ def _model_checkpoint(run: _Run, command: str, elapsed: float) -> dict[str, Any]
 def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Run a training; returns the model checkpoint dictionary it wrote to ``cfg.out``."""
     t_start = time.time()
-    run = _prepare(cfg)
+    try:
+        run = _prepare(cfg)
+    except DataError as exc:
+        raise SystemExit(f"drh-pacs train: {exc}") from None
     for epoch in range(run.state["epoch"], cfg.epochs):
         if run.state["step"] >= run.total_steps:
             break
@@ -458,90 +570,70 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         if cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
             log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
             return {}
+    if run.state["best_state"] is not None:
+        run.model.load_state_dict(run.state["best_state"])
+    checks = _final_checks(run)
     elapsed = time.time() - t_start
-    out = _model_checkpoint(run, command, elapsed)
+    out = _model_checkpoint(run, command, elapsed, checks)
     ckpt_mod.save(out, cfg.out)
     log.info(
-        "wrote %s (version %s, best epoch %d, val mAP %.4f, %.0f s)",
+        "wrote %s (version %s, epoch %d selected by %s, %.0f s)%s",
         cfg.out,
         out["version"],
         run.state["best_epoch"],
-        run.state["best_val"],
+        run.state.get("measure"),
         elapsed,
+        "".join(f"\n  warning: {w}" for w in run.warnings),
     )
     return out
 
 
+# -- command line --------------------------------------------------------------------------------------------
+
+_HELP = {
+    "data": "a folder with manifest.csv, a manifest CSV, or a folder of DICOM files",
+    "manifest": "manifest CSV (default DATA/manifest.csv): path[,label,patient,study,split]",
+    "out": "model checkpoint to write",
+    "arch": f"one of {', '.join(MODELS)}",
+    "scale": "NCA scale s (logits = -s d / K)",
+    "w_nca": "weight of NCA (used where labels exist)",
+    "w_contrast": "weight of the term learned from the images alone (0: labels only)",
+    "temperature": "temperature of the contrast term",
+    "w_quant": "quantization loss weight",
+    "w_balance": "bit-balance loss weight",
+    "init": "DMIH: DRH checkpoint to start from (ships with it)",
+    "max_bag": "DMIH: instances sampled per study in training",
+    "inst_weight": "DMIH: initial instance-arm weight",
+    "select": "what picks the epoch: auto (same-patient recall, else label mAP, else loss), recall, map, loss",
+    "device": "auto (GPU when present), cpu, cuda:N",
+    "threads": "CPU threads (0: torch default)",
+    "work_dir": "where epoch checkpoints go (default OUT.work)",
+    "resume": "continue from WORK_DIR/last.pt",
+    "max_steps": "stop after this many steps (smoke tests)",
+    "stop_after_epoch": "stop after this epoch (split a training into sessions)",
+    "cache_dir": "cache the decoded model inputs here (.npz)",
+    "version": "model version tag (default METHOD+BITS-DATASET)",
+}
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
-    d = TrainConfig(data="", out="")
     p = argparse.ArgumentParser(
         prog="drh-pacs train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--data", required=True, help="data directory holding the images and manifest.csv")
-    p.add_argument(
-        "--manifest", default="", help="manifest CSV (default DATA/manifest.csv): path,label[,patient,split]"
-    )
-    p.add_argument("--out", required=True, help="model checkpoint to write")
-    p.add_argument("--method", choices=METHODS, default=d.method)
-    p.add_argument("--bits", type=int, choices=VALID_NBITS, default=d.bits)
-    p.add_argument("--arch", default=d.arch, help=f"one of {', '.join(MODELS)}")
-    p.add_argument("--input-size", type=int, default=d.input_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--scale", type=float, default=d.scale, help="NCA scale s (logits = -s d / K)")
-    p.add_argument("--w-quant", type=float, default=d.w_quant, help="quantization loss weight")
-    p.add_argument("--w-balance", type=float, default=d.w_balance, help="bit-balance loss weight")
-    p.add_argument("--init", default=d.init, help="DMIH: DRH checkpoint to start from (ships with it)")
-    p.add_argument("--bags-per-batch", type=int, default=d.bags_per_batch)
-    p.add_argument("--max-bag", type=int, default=d.max_bag, help="DMIH: instances sampled per bag in training")
-    p.add_argument("--inst-weight", type=float, default=d.inst_weight, help="DMIH: initial instance-arm weight")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device, help="auto (GPU when present), cpu, cuda:N")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0: torch default)")
-    p.add_argument("--work-dir", default="", help="where epoch checkpoints go (default OUT.work)")
-    p.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
-    p.add_argument(
-        "--stop-after-epoch", type=int, default=0, help="stop after this epoch (split a training into sessions)"
-    )
-    p.add_argument("--cache-dir", default="", help="cache decoded images here (.npy)")
-    p.add_argument("--version", default="", help="model version tag (default METHOD+BITS-DATASET)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    return TrainConfig(
-        data=a.data,
-        out=a.out,
-        method=a.method,
-        manifest=a.manifest,
-        bits=a.bits,
-        arch=a.arch,
-        input_size=a.input_size,
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        weight_decay=a.weight_decay,
-        scale=a.scale,
-        w_quant=a.w_quant,
-        w_balance=a.w_balance,
-        init=a.init,
-        bags_per_batch=a.bags_per_batch,
-        max_bag=a.max_bag,
-        inst_weight=a.inst_weight,
-        val_fraction=a.val_fraction,
-        seed=a.seed,
-        device=a.device,
-        threads=a.threads,
-        work_dir=a.work_dir,
-        resume=a.resume,
-        max_steps=a.max_steps,
-        stop_after_epoch=a.stop_after_epoch,
-        cache_dir=a.cache_dir,
-        version=a.version,
-        progress=not a.no_progress,
-    )
+    defaults = TrainConfig(data="", out="")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in ("data", "out"):
+            p.add_argument(flag, required=True, help=_HELP[f.name])
+        elif f.name == "progress":
+            p.add_argument("--no-progress", dest="progress", action="store_false")
+        elif f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=_HELP.get(f.name))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            choices = {"method": METHODS, "bits": VALID_NBITS, "select": SELECT}.get(f.name)
+            p.add_argument(flag, type=kind, default=getattr(defaults, f.name), choices=choices, help=_HELP.get(f.name))
+    return TrainConfig(**vars(p.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

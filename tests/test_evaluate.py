@@ -87,27 +87,86 @@ def test_itq_beats_pca_signs_and_lsh_is_seeded() -> None:
         baselines.fit_itq(x, 64)
 
 
+def test_random_ties_do_not_flatter_collapsed_codes() -> None:
+    """Every database item ties: in database order the first ten would all be relevant (sorted by
+    label); at random they are relevant a third of the time, as for chance."""
+    from hashing.metrics import label_scores, ranking
+
+    db_labels = np.repeat(np.arange(3), 300)
+    q_labels = np.zeros(200, np.int64)
+    dist = np.zeros((200, 900), np.int32)
+    in_db_order = np.argsort(dist, axis=1, kind="stable")
+    assert label_scores(in_db_order, q_labels, db_labels)["p@10"].mean() == 1.0
+    random_order = ranking(dist, np.random.default_rng(0))
+    assert abs(label_scores(random_order, q_labels, db_labels)["p@10"].mean() - 1 / 3) < 0.05
+
+
+def test_same_patient_recall_by_hand() -> None:
+    from hashing.metrics import ranking, same_patient_scores
+
+    patients = np.array(["a", "a", "b", "c", "c", "d"])
+    # distances from the queries 0 (patient a), 2 (b, alone) and 3 (c) to the six images
+    dist = np.array([[0, 5, 1, 2, 3, 4], [1, 2, 0, 3, 4, 5], [3, 4, 1, 0, 2, 5]], np.float64)
+    exclude = np.array([0, 2, 3])
+    order = ranking(dist, np.random.default_rng(0), exclude)
+    s = same_patient_scores(order, patients[[0, 2, 3]], patients, exclude)
+    # query 0: its partner 1 is the 5th nearest other image; query 3: partner 4 is 2nd; b has no partner
+    assert s["r@1"].tolist() == [0.0, 0.0] and s["r@10"].tolist() == [1.0, 1.0]
+
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_queries() -> None:
+    from hashing.metrics import bootstrap
+
+    rng = np.random.default_rng(0)
+    few = bootstrap(rng.random(20) < 0.5, np.random.default_rng(1))
+    many = bootstrap(rng.random(2000) < 0.5, np.random.default_rng(1))
+    assert few[1] <= few[0] <= few[2] and many[1] <= many[0] <= many[2]
+    assert many[2] - many[1] < few[2] - few[1]
+
+
 def test_evaluate_command(tmp_path: Path) -> None:
     data = make_fixture_dataset(tmp_path / "cxr")
     drh, model, csq = tmp_path / "drh.pt", tmp_path / "model.pt", tmp_path / "csq.pt"
-    train_main(fixture_args(data, drh, "--epochs", "1"))
-    train_main(fixture_args(data, model, "--method", "dmih", "--init", str(drh), "--epochs", "1"))
-    train_main(fixture_args(data, csq, "--method", "csq", "--epochs", "1"))
+    train_main(fixture_args(data, drh, "--epochs", "1", "--version", "drh-a"))
+    train_main(
+        fixture_args(data, model, "--method", "dmih", "--init", str(drh), "--epochs", "1", "--version", "dmih-b")
+    )
+    train_main(fixture_args(data, csq, "--method", "csq", "--epochs", "1", "--version", "csq-c"))
     out = tmp_path / "eval"
     args = ["--data", str(data), "--model", str(model), "--model", str(csq), "--studies", "--record", "--out", str(out)]
-    assert evaluate_main([*args, "--device", "cpu"]) == 0
+    assert evaluate_main([*args, "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
     res = json.loads((out / "evaluation.json").read_text())
-    assert "test split" in res["protocol"] and res["queries"] == 3 and res["database"] == 9
-    kinds = [r["kind"] for r in res["results"]]
-    assert kinds == ["drh", "float", "lsh", "itq", "csq"]
+    assert "test split" in res["protocol"]["how"] and res["protocol"]["queries"] == 3 and res["images"] == 12
+    names = [r["name"] for r in res["results"]]
+    assert names[:3] == ["chance (random ranking)", "thumbnail 32x32 cosine", "thumbnail 32x32 LSH 64"]
+    assert any(n.startswith("dmih-b served") for n in names) and any(n.startswith("csq-c codes") for n in names)
+    assert any(n.startswith("ITQ 16 on dmih-b") for n in names), "row names carry the model's version"
     for r in res["results"]:
-        assert 0.0 <= r["map_all"] <= 1.0 and "map@100" in r and "precision@10" in r
-        assert ("precision_hamming2" in r) == (r["kind"] != "float")
-    assert [r["kind"] for r in res["studies"]["results"]] == ["dmih", "drh-pooled"]
-    assert res["studies"]["query_bags"] == 3
-    assert (out / "pr.png").stat().st_size > 1000
+        assert 0.0 <= r["map_all"] <= 1.0 and r["map_all_ci"][0] <= r["map_all"] <= r["map_all_ci"][1]
+        assert r["r@10_n"] == 0  # no test patient has a second image
+        assert ("ties@10" in r) == (r["kind"] in ("hamming", "served"))
+    assert [r["name"] for r in res["studies"]["results"]][2:] == [
+        "dmih-b DMIH study codes",
+        "dmih-b image codes pooled per study",
+        "csq-c image codes pooled per study",
+    ]
+    assert res["studies"]["protocol"]["studies"] == 10  # person100's three training images are one study
+    assert (out / "evaluation.png").stat().st_size > 1000
     recorded = checkpoint.load(model)["metrics"]
-    assert [r["kind"] for r in recorded["results"]] == ["drh", "float", "lsh", "itq"]
-    assert recorded["results"][0]["map_all"] == res["results"][0]["map_all"]
-    assert [r["kind"] for r in recorded["studies"]["results"]] == ["dmih", "drh-pooled"]
-    assert [r["kind"] for r in checkpoint.load(csq)["metrics"]["results"]] == ["csq"]
+    assert {r["name"] for r in recorded["results"]} >= {"chance (random ranking)", "thumbnail 32x32 cosine"}
+    assert not any("csq-c" in r["name"] for r in recorded["results"])
+
+
+def test_evaluate_a_dicom_folder_without_splits_or_labels(tmp_path: Path) -> None:
+    from tests.helpers.dicomgen import fixture_images, make_study
+
+    archive = tmp_path / "archive"
+    images = fixture_images()
+    for n in range(6):
+        make_study(archive / f"p{n}", images[2 * n : 2 * n + 2], patient_id=f"PAT{n}")
+    out = tmp_path / "eval"
+    assert evaluate_main(["--data", str(archive), "--out", str(out), "--max-queries", "8", "--no-progress"]) == 0
+    res = json.loads((out / "evaluation.json").read_text())
+    assert res["source"] == "dicom" and res["protocol"]["queries"] == 8 and res["images"] == 12
+    thumbs = next(r for r in res["results"] if r["name"] == "thumbnail 32x32 cosine")
+    assert thumbs["r@10_n"] == 8 and "map_all" not in thumbs  # every patient has two films; no labels

@@ -34,6 +34,8 @@ def test_train_drh_writes_a_complete_checkpoint(data_dir: Path, tmp_path: Path) 
     assert len(tr["history"]) == 2 and 1 <= tr["selected_epoch"] <= 2
     assert tr["train_images"] + tr["validation_images"] == 9
     assert tr["command"].startswith("drh-pacs train --data ") and tr["seconds"] > 0
+    assert tr["selected_by"] in ("recall", "map", "loss") and "val_map" in tr["history"][0]
+    assert any("step(s) per epoch" in w for w in tr["warnings"])  # 6 training images in batches of 4
     assert 0 < ck["normalization"]["std"] < 1
     enc = Encoder.load(str(out), device="cpu")
     img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
@@ -87,3 +89,53 @@ def test_bad_arguments(data_dir: Path, tmp_path: Path) -> None:
         train_main(fixture_args(data_dir, tmp_path / "x.pt", "--method", "dmih"))  # no --init
     with pytest.raises(SystemExit):
         train_main(fixture_args(data_dir, tmp_path / "x.pt", "--bits", "24"))
+
+
+def test_a_loss_that_does_not_move_and_collapsing_codes_are_warned_and_recorded(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "still.pt"
+    train_main(fixture_args(data_dir, out, "--lr", "0", "--epochs", "3"))
+    warnings = checkpoint.load(out)["training"]["warnings"]
+    assert any("loss stayed at its initial value" in w for w in warnings), warnings
+
+    from hashing.train import TrainConfig, _final_checks, _prepare
+
+    cfg = TrainConfig(data=str(data_dir), out=str(tmp_path / "c.pt"), input_size=32, bits=16, progress=False)
+    run = _prepare(cfg)
+    with torch.no_grad():  # every image gets the same code
+        run.model.hash.weight.zero_()
+        run.model.hash.bias.fill_(0.5)
+    checks = _final_checks(run)
+    assert checks["train_distinct_codes"] == 1
+    assert any("codes collapse" in w for w in run.warnings)
+
+
+def test_unlabelled_dicom_folder_trains_from_the_images_alone(tmp_path: Path) -> None:
+    from tests.helpers.dicomgen import fixture_images, make_study
+
+    archive = tmp_path / "archive"
+    images = fixture_images()
+    for n in range(6):  # six patients, two films each, plus a structured report nobody can index
+        make_study(archive / f"p{n}", images[2 * n : 2 * n + 2], patient_id=f"PAT{n}")
+    (archive / "notes.txt").write_text("not DICOM")
+    out = tmp_path / "mg.pt"
+    args = ["--data", str(archive), "--out", str(out), "--input-size", "32", "--batch-size", "4", "--epochs", "2"]
+    assert train_main([*args, "--bits", "16", "--threads", "1", "--no-progress", "--val-fraction", "0.34"]) == 0
+    tr = checkpoint.load(out)["training"]
+    assert tr["source"] == "dicom" and tr["classes"] == [] and tr["left_out"] == {"not DICOM": 1}
+    assert tr["train_images"] + tr["validation_images"] == 12
+    assert "contrast" in tr["history"][0] and "nca" not in tr["history"][0]
+    assert tr["selected_by"] == "loss"  # two validation patients: too few for a recall
+
+
+def test_a_bad_manifest_stops_before_training_and_names_its_rows(tmp_path: Path) -> None:
+    data = make_fixture_dataset(tmp_path / "cxr")
+    rows = (data / "manifest.csv").read_text().splitlines()
+    rows[3] = rows[3].replace(".jpeg", ".missing")
+    rows[5] = rows[5].rsplit(",", 1)[0] + ",holdout"
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SystemExit) as info:
+        train_main(fixture_args(data, tmp_path / "x.pt"))
+    message = str(info.value)
+    assert "row 4:" in message and "not found" in message
+    assert "row 6: unknown split 'holdout'" in message
+    assert not (tmp_path / "x.pt.work").exists()

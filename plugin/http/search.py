@@ -224,19 +224,24 @@ async def _read_upload(request: Request) -> bytes:
     return data
 
 
+def upload_pixels(data: bytes) -> tuple[Dataset | None, Any]:
+    """An uploaded DICOM file or picture as (dataset or None, the image the model input is made from),
+    through :func:`hashing.preprocess.load_bytes`, the workers' pixel path."""
+    from hashing.preprocess import PreprocessError, load_bytes
+
+    try:
+        return load_bytes(data)
+    except PreprocessError as err:
+        raise QueryError("not-an-image", f"cannot use the upload: {err}") from err
+    except Exception as err:  # noqa: BLE001 - anything pydicom raises on a non-DICOM upload
+        raise QueryError("not-an-image", f"not a readable DICOM file or picture ({type(err).__name__})") from err
+
+
 def _search_upload(
     ctx: Any, encoders: _Encoders, data: bytes, query: q.SimilarQuery
 ) -> tuple[list[q.SimilarResult], dict[str, Any]]:
     """Decode, hash with the answering model, search; the upload's own study/image is left out."""
-    from hashing.preprocess import PreprocessError, load_pixels, read_dataset
-
-    try:
-        ds: Dataset = read_dataset(data)
-        image = load_pixels(ds)
-    except PreprocessError as err:
-        raise QueryError("not-an-image", f"cannot use the upload: {err}") from err
-    except Exception as err:  # noqa: BLE001 - anything pydicom raises on a non-DICOM upload
-        raise QueryError("not-an-image", f"not a readable DICOM file ({type(err).__name__})") from err
+    ds, image = upload_pixels(data)
     level = query.index_level
     index = ctx.index.get(level)
     if index is not None:
@@ -247,8 +252,8 @@ def _search_upload(
     with encoders.lock():
         codes, embeddings = encoder.encode_images([image])
         code = bytes(encoder.encode_study(embeddings)) if level == "study" else bytes(codes[0])
-    study_uid = str(ds.get("StudyInstanceUID", "") or "")
-    sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    study_uid = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "") if ds is not None else ""
     own = study_uid if level == "study" else sop_uid
     results = q.search_code(code, query, ctx.store, index, exclude_uids=(own,) if own else ())
     reference = {"study_instance_uid": study_uid, "sop_instance_uid": sop_uid, "code": code.hex()}

@@ -10,7 +10,11 @@ FIXTURES = Path(__file__).parents[1] / "fixtures" / "cxr"
 
 
 def make_fixture_dataset(root: Path) -> Path:
-    """A data directory in the project's layout from tests/fixtures/cxr: per class 3 train, 1 test."""
+    """A data directory in the project's layout from tests/fixtures/cxr: per class 3 train, 1 test.
+
+    person100 (bacterial) has several images: one patient and one study of three in training, so
+    that DMIH has a bag of more than one image and same-patient recall has a pair.
+    """
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for label in ("bacterial", "normal", "viral"):
@@ -18,10 +22,13 @@ def make_fixture_dataset(root: Path) -> Path:
         for i, f in enumerate(files):
             split = "test" if i == len(files) - 1 else "train"
             shutil.copy(f, root / f.name)
-            patient = f.stem.split("_")[0] if label == "bacterial" else f.stem  # person100: a bag of 3
-            rows.append({"path": f.name, "label": label, "patient": f"{split}-{patient}", "split": split})
+            patient = f.stem.split("_")[0] if label == "bacterial" else f.stem
+            study = f"{split}-{patient}-study" if label == "bacterial" else ""
+            rows.append(
+                {"path": f.name, "label": label, "patient": f"{split}-{patient}", "study": study, "split": split}
+            )
     with open(root / "manifest.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["path", "label", "patient", "split"])
+        w = csv.DictWriter(fh, fieldnames=["path", "label", "patient", "study", "split"])
         w.writeheader()
         w.writerows(rows)
     return root

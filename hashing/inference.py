@@ -1,0 +1,53 @@
+"""Running a network over a whole image set, for training's validation and for ``drh-pacs evaluate``.
+
+Model inputs come as the uint8 tensor of :mod:`hashing.data` and are normalised with
+:func:`hashing.encoder.to_input`, the serving formula; batches are large and the network is in eval
+mode, as in a worker.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hashing.dmih import DMIH
+from hashing.drh import DRH
+from hashing.encoder import to_input
+
+
+@torch.no_grad()
+def encode_set(
+    model: DRH | DMIH, images: torch.Tensor, mean: float, std: float, device: torch.device, bs: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(backbone features, hash-layer pre-activations) of a uint8 image tensor, in eval mode.
+
+    For a DMIH the pre-activations are its instance arm's (``instance_hash``).
+    """
+    model.eval()
+    feats, heads = [], []
+    for s in range(0, len(images), bs):
+        x = to_input(images[s : s + bs], mean, std).to(device)
+        f = model.forward_features(x)
+        feats.append(f.float().cpu())
+        heads.append((model.forward_head(f) if isinstance(model, DRH) else model.instance_hash(f)).float().cpu())
+    if not feats:
+        return torch.zeros(0, model.num_features), torch.zeros(0, model.nbits)
+    return torch.cat(feats), torch.cat(heads)
+
+
+@torch.no_grad()
+def pool_bags(model: DMIH, feats: torch.Tensor, bags: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Study-level pre-activations for each bag from instance features (padded + masked batches)."""
+    model.eval()
+    out = []
+    for s in range(0, len(bags), 256):
+        chunk = bags[s : s + 256]
+        m = max(len(b) for b in chunk)
+        x = torch.zeros(len(chunk), m, feats.shape[1])
+        mask = torch.zeros(len(chunk), m, dtype=torch.bool)
+        for i, b in enumerate(chunk):
+            x[i, : len(b)] = feats[b]
+            mask[i, : len(b)] = True
+        out.append(model.forward_bag(x.to(device), mask.to(device)).float().cpu())
+    if not out:
+        return torch.zeros(0, model.nbits)
+    return torch.cat(out)
