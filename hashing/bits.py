@@ -52,3 +52,22 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         b = b[None, :]
     x = np.bitwise_xor(a[:, None, :], b[None, :, :])
     return np.bitwise_count(x).sum(axis=2, dtype=np.int32)
+
+
+# Re-ranking vectors: the relaxed code tanh(h) in (-1, 1), stored as int8 (one byte per bit of the
+# code). The Hamming shortlist is re-sorted by their cosine: the continuous version of the distance
+# the codes were trained for, so near-equal codes are told apart by how far each bit was from 0.
+RERANK_SCALE = 127
+
+
+def quantize_relaxed(relaxed: np.ndarray) -> np.ndarray:
+    """Relaxed codes ``(n, nbits)`` in [-1, 1] to int8 re-ranking vectors."""
+    return np.clip(np.rint(np.asarray(relaxed, np.float32) * RERANK_SCALE), -127, 127).astype(np.int8)
+
+
+def rerank_similarity(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Cosine between an int8 re-ranking vector and the rows of ``vectors`` (0 for a zero vector)."""
+    q = np.asarray(query, np.float32).ravel()
+    v = np.asarray(vectors, np.float32)
+    norms = np.linalg.norm(v, axis=1) * max(float(np.linalg.norm(q)), 1e-12)
+    return np.where(norms > 0, (v @ q) / np.maximum(norms, 1e-12), 0.0).astype(np.float32)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +43,14 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+class Encoded(NamedTuple):
+    """What a worker stores per image: the code, the embedding DMIH pools, the re-ranking vector."""
+
+    codes: np.ndarray  # uint8 (n, nbits // 8)
+    embeddings: np.ndarray  # float32 (n, emb_dim)
+    rerank: np.ndarray  # int8 (n, nbits)
 
 
 def to_input(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -152,27 +160,32 @@ class Encoder:
         return to_input(x_u8, self.mean, self.std).to(self.device)
 
     @torch.inference_mode()
-    def encode_tensor(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Already prepared ``(n, 1, S, S)`` -> packed codes ``(n, nbits // 8)`` and embeddings ``(n, emb_dim)``."""
+    def encode_tensor(self, x: torch.Tensor) -> Encoded:
+        """Already prepared ``(n, 1, S, S)`` -> codes, embeddings and re-ranking vectors."""
         feats = self.drh.forward_features(x)
-        h = self.drh.forward_head(feats)
+        h = self.drh.forward_head(feats).float().cpu().numpy()
         emb = feats if self._shared else self.dmih.forward_features(x)
-        codes = bitcodes.pack(bitcodes.binarize(h.float().cpu().numpy()))
-        return codes.reshape(len(x), self.nbits // 8), emb.float().cpu().numpy().astype(np.float32)
+        codes = bitcodes.pack(bitcodes.binarize(h)).reshape(len(x), self.nbits // 8)
+        return Encoded(codes, emb.float().cpu().numpy().astype(np.float32), bitcodes.quantize_relaxed(np.tanh(h)))
 
-    def encode_images(self, images: list[np.ndarray], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """2-D float32 images in [0, 1] -> (codes uint8 ``(n, nbits // 8)``, embeddings float32 ``(n, emb_dim)``)."""
-        codes = np.zeros((len(images), self.nbits // 8), dtype=np.uint8)
-        embs = np.zeros((len(images), self.emb_dim), dtype=np.float32)
+    def encode_images(self, images: list[np.ndarray], batch_size: int = 64) -> Encoded:
+        """2-D float32 images in [0, 1] -> codes ``(n, nbits // 8)``, embeddings ``(n, emb_dim)`` and
+        re-ranking vectors ``(n, nbits)``."""
+        out = Encoded(
+            np.zeros((len(images), self.nbits // 8), dtype=np.uint8),
+            np.zeros((len(images), self.emb_dim), dtype=np.float32),
+            np.zeros((len(images), self.nbits), dtype=np.int8),
+        )
         for start in range(0, len(images), batch_size):
-            c, e = self.encode_tensor(self.prepare(images[start : start + batch_size]))
-            codes[start : start + len(c)] = c
-            embs[start : start + len(e)] = e
-        return codes, embs
+            part = self.encode_tensor(self.prepare(images[start : start + batch_size]))
+            for whole, piece in zip(out, part, strict=True):
+                whole[start : start + len(piece)] = piece
+        return out
 
     @torch.inference_mode()
-    def encode_study(self, embeddings: np.ndarray) -> np.ndarray:
-        """Instance embeddings of one study ``(m, emb_dim)``, any m >= 1 -> study code uint8 ``(nbits // 8,)``."""
+    def encode_study(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Instance embeddings of one study ``(m, emb_dim)``, any m >= 1 -> (study code uint8
+        ``(nbits // 8,)``, its re-ranking vector int8 ``(nbits,)``)."""
         e = np.ascontiguousarray(embeddings, dtype=np.float32)
         if e.ndim == 1:
             e = e[None, :]
@@ -180,7 +193,8 @@ class Encoder:
             raise ValueError(f"expected (m >= 1, {self.emb_dim}) embeddings, got shape {e.shape}")
         feats = torch.from_numpy(e).to(self.device)[None]
         h = self.dmih.forward_bag(feats, torch.ones(1, len(e), dtype=torch.bool, device=self.device))
-        return bitcodes.pack(bitcodes.binarize(h.float().cpu().numpy()))[0]
+        h = h.float().cpu().numpy()
+        return bitcodes.pack(bitcodes.binarize(h))[0], bitcodes.quantize_relaxed(np.tanh(h))[0]
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -38,7 +38,7 @@ import torch
 
 from hashing import baselines
 from hashing import checkpoint as ckpt_mod
-from hashing.bits import binarize, pack
+from hashing.bits import binarize, pack, quantize_relaxed
 from hashing.data import DataError, ImageSet, Source, load_images, open_source
 from hashing.dmih import DMIH
 from hashing.drh import DRH
@@ -145,7 +145,7 @@ def model_reps(
     assert isinstance(drh, DRH)
     feats, heads = encode_set(drh, images.images, mean, std, dev)
     f, h = feats.numpy(), heads.numpy()
-    codes, relaxed = pack(binarize(h)), np.tanh(h)
+    codes, relaxed = pack(binarize(h)), quantize_relaxed(np.tanh(h)).astype(np.float32)
     info = {"model": version, "method": str(ck.get("training", {}).get("method", "drh"))}
     reps = [
         Rep(f"{version} codes", "hamming", codes=codes, nbits=drh.nbits, extra=info),
@@ -168,13 +168,15 @@ def study_reps(ck: dict[str, Any], parts: dict[str, Any], bags: list[list[int]],
     relaxed = torch.tanh(parts["heads"]).numpy()
     pooled = np.stack([relaxed[b].mean(axis=0) for b in bags])
     nbits = pooled.shape[1]
-    reps = [Rep(f"{version} image codes pooled per study", "served", pack(binarize(pooled)), pooled, nbits)]
+    vectors = quantize_relaxed(pooled).astype(np.float32)
+    reps = [Rep(f"{version} image codes pooled per study", "served", pack(binarize(pooled)), vectors, nbits)]
     if ck.get("dmih") is not None:
         dmih = ckpt_mod.build_module(ck["dmih"]).to(dev)
         assert isinstance(dmih, DMIH)
         feats, _ = encode_set(dmih, _images_of(parts), parts["mean"], parts["std"], dev)
         h = pool_bags(dmih, feats, bags, dev).numpy()
-        reps.insert(0, Rep(f"{version} DMIH study codes", "served", pack(binarize(h)), np.tanh(h), nbits))
+        vectors = quantize_relaxed(np.tanh(h)).astype(np.float32)
+        reps.insert(0, Rep(f"{version} DMIH study codes", "served", pack(binarize(h)), vectors, nbits))
     return reps
 
 

@@ -32,14 +32,7 @@ from hashing.metrics import (
     same_patient_scores,
     ties_at,
 )
-
-# How many Hamming neighbours the served ranking re-sorts by the relaxed codes (the query process uses
-# the same: plugin.search.query); at least 4 k for larger k.
-SHORTLIST = 100
-
-
-def shortlist_size(k: int) -> int:
-    return max(SHORTLIST, 4 * k)
+from hashing.search import SHORTLIST
 
 
 @dataclass

@@ -36,6 +36,16 @@ import numpy as np
 
 from hashing import kernels
 
+# The served ranking re-sorts this many Hamming neighbours by their re-ranking vectors
+# (hashing.bits.quantize_relaxed): at least 100, and 4 k for larger k.
+SHORTLIST = 100
+
+
+def shortlist_size(k: int) -> int:
+    """How many Hamming neighbours the re-ranking looks at for an answer of ``k``."""
+    return max(SHORTLIST, 4 * k)
+
+
 NEVER = np.uint8(255)
 
 

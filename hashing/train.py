@@ -45,7 +45,7 @@ from tqdm import tqdm
 from hashing import checkpoint as ckpt_mod
 from hashing import losses
 from hashing.augment import light_view, random_views
-from hashing.bits import VALID_NBITS, binarize, pack
+from hashing.bits import VALID_NBITS, binarize, pack, quantize_relaxed
 from hashing.data import DataError, ImageSet, Source, estimate_normalization, load_images, open_source, patient_split
 from hashing.dmih import DMIH
 from hashing.drh import DRH, MODELS
@@ -437,7 +437,7 @@ def validate(run: _Run) -> dict[str, Any]:
         heads, labels, patients = heads[order], labels[order], patients[order]
     else:
         labels, patients, n_val = both.labels.numpy(), np.array(both.patients, dtype=object), len(vs)
-    relaxed = torch.tanh(heads).numpy()
+    relaxed = quantize_relaxed(torch.tanh(heads).numpy()).astype(np.float32)
     codes = pack(binarize(heads.numpy()))
     everything = np.arange(len(codes))
     proto = Protocol(

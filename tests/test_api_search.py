@@ -50,12 +50,12 @@ class Archive:
         for n, (pid, files, modality) in enumerate(plan):
             study = make_study(tmp / "archive", files, patient_id=pid, modality=modality, study_date=f"2024010{n + 1}")
             pixels = [load_pixels(read_dataset(f)) for f in study.files]
-            codes, embeddings = encoder.encode_images(pixels)
-            for path, sop, c in zip(study.files, study.sop_uids, codes, strict=True):
+            codes, embeddings, reranks = encoder.encode_images(pixels)
+            for path, sop, c, rr in zip(study.files, study.sop_uids, codes, reranks, strict=True):
                 store.records.put_instance(
                     sop, study.study_uid, {"series_uid": "1.2.3", "modality": modality, "path": str(path)}
                 )
-                store.codes.upsert(encoder.version, "image", sop, bytes(c))
+                store.codes.upsert(encoder.version, "image", sop, bytes(c), rerank=rr)
             store.records.put_study(
                 study.study_uid,
                 {
@@ -67,7 +67,8 @@ class Archive:
                     "body_part": "CHEST",
                 },
             )
-            store.codes.upsert(encoder.version, "study", study.study_uid, bytes(encoder.encode_study(embeddings)))
+            study_code, study_rr = encoder.encode_study(embeddings)
+            store.codes.upsert(encoder.version, "study", study.study_uid, bytes(study_code), rerank=study_rr)
             self.studies.append(study)
 
 
@@ -126,11 +127,11 @@ def test_similar_by_study_uid(api, archive):
     uids = [r["study"]["study_instance_uid"] for r in body["results"]]
     assert ref.study_uid not in uids
     assert sorted(uids) == sorted(s.study_uid for s in archive.studies[1:])
-    distances = [r["distance"] for r in body["results"]]
-    assert distances == sorted(distances) and [r["rank"] for r in body["results"]] == [1, 2, 3]
+    # the Hamming shortlist re-ranked by the stored re-ranking vectors: scores fall, distances are carried
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and [r["rank"] for r in body["results"]] == [1, 2, 3]
+    assert all(r["reranked"] and 0 <= r["score"] <= 1 and 0 <= r["distance"] <= body["nbits"] for r in body["results"])
     assert body["model_version"] == archive.version and body["level"] == "study"
-    for r in body["results"]:
-        assert r["score"] == pytest.approx(1 - r["distance"] / body["nbits"], abs=1e-4)
 
     only_cr = client.get(f"/api/similar/study/{ref.study_uid}", params={"modality": "CR"}).json()
     assert [r["study"]["study_instance_uid"] for r in only_cr["results"]] == [archive.studies[2].study_uid]
@@ -205,6 +206,6 @@ def test_codes_of_the_archive_are_the_encoders(archive, encoder):
     from hashing.preprocess import load_pixels, read_dataset
 
     f = archive.studies[1].files[0]
-    a, _ = encoder.encode_images([load_pixels(read_dataset(f))])
-    b, _ = encoder.encode_images([load_pixels(read_dataset(f))])
+    a = encoder.encode_images([load_pixels(read_dataset(f))]).codes
+    b = encoder.encode_images([load_pixels(read_dataset(f))]).codes
     assert np.array_equal(a, b)

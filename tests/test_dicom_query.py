@@ -3,6 +3,7 @@ plugin.search.query), without a network."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
@@ -132,7 +133,7 @@ def test_date_ranges(text, expected):
 # -- similar: running against an index -----------------------------------------------------------------
 class _Hit:
     def __init__(self, uid: str, distance: int) -> None:
-        self.uid, self.distance = uid, distance
+        self.uid, self.distance, self.similarity = uid, distance, None
 
 
 class _Index:
@@ -145,10 +146,11 @@ class _Index:
     def refresh(self) -> None:
         pass
 
-    def code_of(self, uid: str) -> bytes | None:
-        return self.codes.get(uid)
+    def lookup(self, uid: str):
+        code = self.codes.get(uid)
+        return None if code is None else (code, np.zeros(16, np.int8))
 
-    def search(self, code, k, *, max_distance=None, filters=None, exclude_patient=None, exclude_uids=()):
+    def search(self, code, k, *, max_distance=None, filters=None, exclude_patient=None, exclude_uids=(), rerank=None):
         self.calls.append(
             {
                 "k": k,

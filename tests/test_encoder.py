@@ -38,7 +38,7 @@ def test_shipped_model_is_trained_and_groups_classes(encoder: Encoder) -> None:
     assert encoder.info["metrics"]["results"][0]["map_all"] > 0.5
     names = sorted(FIXTURES.glob("*.jpeg"))
     normal = np.array([p.name.startswith("normal") for p in names])
-    codes, _ = encoder.encode_images(_fixture_images())
+    codes = encoder.encode_images(_fixture_images()).codes
     d = bits.hamming(codes, codes).astype(float)
     same = d[normal][:, normal].mean() + d[~normal][:, ~normal].mean()
     across = 2 * d[normal][:, ~normal].mean()
@@ -53,18 +53,18 @@ def test_missing_file_is_not_found() -> None:
 def test_encode_images_any_size(encoder: Encoder) -> None:
     rng = np.random.default_rng(0)
     images = [rng.random((37, 200), dtype=np.float32), rng.random((300, 90), dtype=np.float32)] + _fixture_images()
-    codes, embs = encoder.encode_images(images, batch_size=5)
+    codes, embs, reranks = encoder.encode_images(images, batch_size=5)
     assert codes.dtype == np.uint8 and codes.shape == (len(images), encoder.nbits // 8)
     assert embs.dtype == np.float32 and embs.shape == (len(images), encoder.emb_dim)
     assert np.isfinite(embs).all()
     # Batching must not change results (eval-mode batch norm).
-    c1, e1 = encoder.encode_images(images[2:4])
+    c1, e1, _ = encoder.encode_images(images[2:4])
     np.testing.assert_array_equal(c1, codes[2:4])
     np.testing.assert_allclose(e1, embs[2:4], rtol=1e-4, atol=1e-5)
 
 
 def test_empty_batch(encoder: Encoder) -> None:
-    codes, embs = encoder.encode_images([])
+    codes, embs, _ = encoder.encode_images([])
     assert codes.shape == (0, encoder.nbits // 8) and embs.shape == (0, encoder.emb_dim)
 
 
@@ -74,14 +74,15 @@ def test_rejects_non_2d(encoder: Encoder) -> None:
 
 
 def test_encode_study_from_stored_embeddings(encoder: Encoder) -> None:
-    _, embs = encoder.encode_images(_fixture_images()[:4])
-    study = encoder.encode_study(embs)
+    embs = encoder.encode_images(_fixture_images()[:4]).embeddings
+    study, study_rerank = encoder.encode_study(embs)
+    assert study_rerank.dtype == np.int8 and study_rerank.shape == (encoder.nbits,)
     assert study.dtype == np.uint8 and study.shape == (encoder.nbits // 8,)
     # Permutation invariant (a study's instances arrive in any order).
-    np.testing.assert_array_equal(encoder.encode_study(embs[::-1]), study)
+    np.testing.assert_array_equal(encoder.encode_study(embs[::-1])[0], study)
     # The store keeps embeddings as float16: the study code must barely move.
-    assert int(bits.hamming(encoder.encode_study(embs.astype(np.float16)), study)[0, 0]) <= 2
-    one = encoder.encode_study(embs[:1])
+    assert int(bits.hamming(encoder.encode_study(embs.astype(np.float16))[0], study)[0, 0]) <= 2
+    one = encoder.encode_study(embs[:1])[0]
     assert one.shape == study.shape
     with pytest.raises(ValueError):
         encoder.encode_study(np.zeros((0, encoder.emb_dim), np.float32))
@@ -97,7 +98,7 @@ def test_checkpoint_round_trip_and_binarization(tmp_path: Path) -> None:
     enc = Encoder.load(str(path), device="cpu")
     assert (enc.version, enc.nbits, enc.input_size) == ("t-v1", 32, 48)
     images = _fixture_images()[:3]
-    codes, embs = enc.encode_images(images)
+    codes, embs, _ = enc.encode_images(images)
     # Codes are the x >= 0 bits of the DRH hash layer on the prepared input.
     with torch.no_grad():
         h = drh.eval().forward_head(drh.forward_features(enc.prepare(images)))

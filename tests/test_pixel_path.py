@@ -121,8 +121,8 @@ def test_every_variant_is_the_same_model_input_on_every_path(variants: dict[str,
 def test_every_variant_gets_the_same_code_on_every_path(variants: dict[str, Path], encoder: Encoder) -> None:
     names = list(variants)
     dicoms = [n for n in names if variants[n].suffix == ".dcm"]
-    worker_codes, _ = encoder.encode_images([_worker_pixels(variants[n]) for n in dicoms])
-    upload_codes, _ = encoder.encode_images([upload_pixels(variants[n].read_bytes())[1] for n in names])
+    worker_codes = encoder.encode_images([_worker_pixels(variants[n]) for n in dicoms]).codes
+    upload_codes = encoder.encode_images([upload_pixels(variants[n].read_bytes())[1] for n in names]).codes
     source = open_source(variants[names[0]].parent)
     train = load_images(source, source.items, SIZE, progress=False)
     order = [[Path(p).name for p in train.paths].index(variants[n].name) for n in names]

@@ -456,3 +456,33 @@ def test_excluding_a_patient_with_many_nearest_studies_still_returns_the_k_neare
         assert got == expected(live, bytes(q), k, allowed=allowed)
         assert len(got) == k and not any(u.startswith("4.1.") for u, _ in got)
     assert as_pairs(idx.search(bytes(q), 500, exclude_patient="SAME")) == expected(live, bytes(q), 500, allowed=allowed)
+
+
+def test_reranked_top_k_equals_brute_force_over_the_shortlist(store):
+    """With a re-ranking vector, the answer is the Hamming shortlist re-sorted by cosine, exactly."""
+    from hashing.bits import quantize_relaxed, rerank_similarity
+    from hashing.search import shortlist_size
+
+    rng = np.random.default_rng(14)
+    codes = rand_codes(rng, 600, centres=4, flip=0.03)  # heavy ties: the re-ranking decides
+    vectors = quantize_relaxed(np.tanh(rng.standard_normal((600, NBITS))))
+    live = {}
+    for i, (c, v) in enumerate(zip(codes, vectors, strict=True)):
+        live[f"1.9.{i}"] = (store.codes.upsert("m1", "study", f"1.9.{i}", c, rerank=v)[0], bytes(c))
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    later = quantize_relaxed(np.tanh(rng.standard_normal(NBITS)))
+    store.codes.upsert("m1", "study", "1.9.7", codes[7], rerank=later)  # a new vector, same code: followed
+    vectors[7] = later
+    idx.refresh()
+    for q in range(0, 600, 97):
+        query, qv = bytes(codes[q]), vectors[q]
+        for k in (1, 10, 40):
+            shortlist = expected(live, query, shortlist_size(k))
+            sims = rerank_similarity(qv, vectors[[int(u.rsplit(".", 1)[1]) for u, _ in shortlist]])
+            best = [shortlist[i] for i in np.argsort(-sims, kind="stable")[:k]]
+            got = idx.search(query, k, rerank=qv)
+            assert [(h.uid, h.distance) for h in got] == best
+            assert [h.similarity for h in got] == pytest.approx(sorted(sims, reverse=True)[:k], abs=1e-6)
+    found = idx.lookup("1.9.7")
+    assert found is not None and found[0] == bytes(codes[7]) and np.array_equal(found[1], later)

@@ -219,3 +219,21 @@ def test_value_helpers():
     assert parse_date("") == 0 and parse_date("2020013") == 0 and parse_date(None) == 0
     assert split_modalities("cr, DX\\CR") == ["CR", "DX"]
     assert patient_key("") == 0 and patient_key(" A ") == patient_key("A") != patient_key("B")
+
+
+def test_rerank_vectors_follow_their_slot_through_upsert_log_and_compaction(redis_client):
+    store = Store(redis_client)
+    store.models.register("m1", 16)
+    vec = np.arange(-8, 8, dtype=np.int8)
+    store.codes.upsert("m1", "study", "1.1", bytes(2), rerank=vec)
+    assert store.codes.upsert("m1", "study", "1.1", bytes(2), rerank=vec) == (0, False)
+    assert store.codes.upsert("m1", "study", "1.1", bytes(2), rerank=vec[::-1].copy())[1]  # same code, new vector
+    store.codes.upsert("m1", "study", "1.2", b"\x01\x00", rerank=vec)
+    store.codes.delete("m1", "study", "1.1")
+    store.codes.compact("m1", "study")
+    snap = store.codes.snapshot("m1", "study")
+    assert snap.n_slots == 1 and np.array_equal(snap.rerank[0], vec)
+    last = [f for _, f in redis_client.xrange(store.keys.log("m1", "study"))]
+    assert last[0][b"op"] == b"init"  # compaction restarts the log; replicas reload the snapshot
+    with pytest.raises(StoreError):
+        store.codes.upsert("m1", "study", "1.3", bytes(2), rerank=np.zeros(8, np.int8))

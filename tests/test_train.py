@@ -39,7 +39,7 @@ def test_train_drh_writes_a_complete_checkpoint(data_dir: Path, tmp_path: Path) 
     assert 0 < ck["normalization"]["std"] < 1
     enc = Encoder.load(str(out), device="cpu")
     img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
-    codes, _ = enc.encode_images([img])
+    codes = enc.encode_images([img]).codes
     assert codes.shape == (1, 2)
     assert (tmp_path / "drh.pt.work" / "last.pt").exists()
 
@@ -79,9 +79,9 @@ def test_train_dmih_from_drh(data_dir: Path, tmp_path: Path) -> None:
     assert lam[0] > lam[-1]
     enc = Encoder.load(str(out), device="cpu")
     imgs = [np.asarray(Image.open(p).convert("L"), np.float32) / 255 for p in sorted(FIXTURES.glob("*.jpeg"))[:3]]
-    _, emb = enc.encode_images(imgs)
-    assert enc.encode_study(emb).shape == (2,)
-    assert enc.encode_study(emb[:1]).shape == (2,)
+    emb = enc.encode_images(imgs).embeddings
+    assert enc.encode_study(emb)[0].shape == (2,)
+    assert enc.encode_study(emb[:1])[0].shape == (2,)
 
 
 def test_bad_arguments(data_dir: Path, tmp_path: Path) -> None:

@@ -246,13 +246,12 @@ def _decode_one(settings: Settings, store: Store, it: Item) -> str:
     return "image"
 
 
-def encode(versions: list[tuple[str, Any]], images: list[Item], batch_size: int) -> list[tuple[str, Any, Any]]:
-    """(version, codes, embeddings) of the images for every target version: one model pass each."""
-    out = []
-    for version, enc in versions:
-        codes, emb = enc.encode_images([it.pixels for it in images], batch_size=batch_size)
-        out.append((version, codes, emb))
-    return out
+def encode(versions: list[tuple[str, Any]], images: list[Item], batch_size: int) -> list[tuple[str, Any]]:
+    """(version, :class:`hashing.encoder.Encoded`) of the images for every target version: one model
+    pass each."""
+    return [
+        (version, enc.encode_images([it.pixels for it in images], batch_size=batch_size)) for version, enc in versions
+    ]
 
 
 def write_records(store: Store, images: list[Item]) -> set[str]:
@@ -271,11 +270,11 @@ def write_records(store: Store, images: list[Item]) -> set[str]:
     return studies
 
 
-def write_codes(store: Store, encoded: list[tuple[str, Any, Any]], images: list[Item]) -> None:
-    for version, codes, emb in encoded:
+def write_codes(store: Store, encoded: list[tuple[str, Any]], images: list[Item]) -> None:
+    for version, out in encoded:
         for n, it in enumerate(images):
-            store.embeddings.put(version, it.sop_uid, emb[n])
-            store.codes.upsert(version, "image", it.sop_uid, codes[n], study_uid=it.study_uid)
+            store.embeddings.put(version, it.sop_uid, out.embeddings[n])
+            store.codes.upsert(version, "image", it.sop_uid, out.codes[n], study_uid=it.study_uid, rerank=out.rerank[n])
 
 
 def mark_indexed(store: Store, settings: Settings, active: str, images: list[Item]) -> None:

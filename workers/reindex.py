@@ -106,10 +106,12 @@ def encode_and_store(task: RetryingTask, version: str, sops: list[str]) -> None:
         items.append(it)
     try:
         if items:
-            codes, emb = enc.encode_images([it.pixels for it in items], batch_size=settings.batch_size)
+            out = enc.encode_images([it.pixels for it in items], batch_size=settings.batch_size)
             for n, it in enumerate(items):
-                store.codes.upsert(version, "image", it.sop_uid, codes[n], study_uid=it.study_uid)
-                store.embeddings.put(version, it.sop_uid, emb[n])
+                store.codes.upsert(
+                    version, "image", it.sop_uid, out.codes[n], study_uid=it.study_uid, rerank=out.rerank[n]
+                )
+                store.embeddings.put(version, it.sop_uid, out.embeddings[n])
             store.reindex.mark_done(it.sop_uid for it in items)
     finally:
         for it in items:

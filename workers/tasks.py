@@ -195,6 +195,7 @@ def pool_one(store: Any, enc: Any, version: str, study_uid: str, sops: list[str]
     if not embs:
         return False
     bag = np.stack([embs[s] for s in sorted(embs)]).astype(np.float32)
-    store.codes.upsert(version, "study", study_uid, enc.encode_study(bag))
+    code, rerank = enc.encode_study(bag)
+    store.codes.upsert(version, "study", study_uid, code, rerank=rerank)
     store.records.record_pooling(study_uid, version, len(embs), started, time.time())
     return True

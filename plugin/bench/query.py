@@ -46,7 +46,7 @@ from plugin.bench.common import (
     start_serve,
     wait_http_ready,
 )
-from plugin.bench.index import BODY_PARTS, MODALITIES, _fmt_size, _parse_size, make_codes, private_redis
+from plugin.bench.index import BODY_PARTS, MODALITIES, _fmt_size, _parse_size, make_codes, private_redis, rerank_vectors
 from plugin.search.filters import Filters
 
 VERSION = "bench-query-v1"
@@ -105,7 +105,10 @@ def populate(store, codes: np.ndarray, seed: int) -> None:  # noqa: ANN001
 
     uids = [study_uid(i) for i in range(n)]
     vocab = {"modality": MODALITIES, "body_part": BODY_PARTS}
-    load_studies(store, VERSION, codes, uids, attrs, vocab, record=record, step=10_000, progress=progress)
+    reranks = rerank_vectors(codes, seed)
+    load_studies(
+        store, VERSION, codes, uids, attrs, vocab, record=record, rerank=reranks, step=10_000, progress=progress
+    )
 
 
 def findscu_call(port: int, calling_ae: str, called_ae: str, k: int, uids: list[str], filtered: bool):  # noqa: ANN201
@@ -199,17 +202,17 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
 
 
 def in_process_cases(replica, uids: list[str], args: argparse.Namespace) -> list[Latencies]:  # noqa: ANN001
-    """The reference: the replica's search in this process, without and with a filter."""
+    """The reference: the replica's search in this process (re-ranked, as served), without and with a filter."""
     rows = []
     filters = Filters(modalities=(FILTER_MODALITY,), date_from=FILTER_DATES[:8], date_to=FILTER_DATES[9:])
     for name, f in (("in-process search", None), ("in-process search, filter", filters)):
 
         def local(i: int, f: Filters | None = f) -> None:
             uid = uids[i % len(uids)]
-            code = replica.code_of(uid)
-            if code is None:
+            found = replica.lookup(uid)
+            if found is None:
                 raise RuntimeError(f"{uid} not in the replica")
-            hits = replica.search(code, args.k, filters=f, exclude_uids=(uid,))
+            hits = replica.search(found[0], args.k, filters=f, exclude_uids=(uid,), rerank=found[1])
             if len(hits) != args.k:
                 raise RuntimeError(f"{len(hits)} hits, not {args.k}")
 

@@ -141,7 +141,7 @@ def _answer(
 ) -> JSONResponse:
     items = []
     for r in results:
-        item: dict[str, Any] = {"rank": r.rank, "distance": r.distance, "score": r.score}
+        item: dict[str, Any] = {"rank": r.rank, "distance": r.distance, "score": r.score, "reranked": r.reranked}
         if query.level == "IMAGE":
             item["sop_instance_uid"] = r.uid
             item["series_instance_uid"] = (r.instance or {}).get("series_uid", "")
@@ -250,11 +250,15 @@ def _search_upload(
         raise QueryError("index-not-ready", "index not ready: try again shortly")
     encoder = encoders.for_version(str(index.version))
     with encoders.lock():
-        codes, embeddings = encoder.encode_images([image])
-        code = bytes(encoder.encode_study(embeddings)) if level == "study" else bytes(codes[0])
+        out = encoder.encode_images([image])
+        if level == "study":
+            study_code, rerank = encoder.encode_study(out.embeddings)
+            code = bytes(study_code)
+        else:
+            code, rerank = bytes(out.codes[0]), out.rerank[0]
     study_uid = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
     sop_uid = str(ds.get("SOPInstanceUID", "") or "") if ds is not None else ""
     own = study_uid if level == "study" else sop_uid
-    results = q.search_code(code, query, ctx.store, index, exclude_uids=(own,) if own else ())
+    results = q.search_code(code, query, ctx.store, index, exclude_uids=(own,) if own else (), rerank=rerank)
     reference = {"study_instance_uid": study_uid, "sop_instance_uid": sop_uid, "code": code.hex()}
     return results, reference

@@ -49,6 +49,9 @@ class SimilarQuery:
 
 @dataclass(frozen=True)
 class SimilarResult:
+    """One answer. ``score`` (0-1, higher is more alike) is the re-ranking score, (1 + cosine of the
+    re-ranking vectors) / 2, when the model stores them, else 1 - distance / nbits."""
+
     rank: int
     uid: str
     distance: int
@@ -56,6 +59,7 @@ class SimilarResult:
     study_uid: str
     study: dict[str, str]
     instance: dict[str, str] | None = None
+    reranked: bool = False
 
 
 def modalities_of(study: Mapping[str, str]) -> list[str]:
@@ -85,9 +89,9 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         log.warning("replica refresh failed (%s); answering from the replica as it is", type(exc).__name__)
     if not index.ready:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
-    code = index.code_of(query.reference_uid)
+    found = index.lookup(query.reference_uid)
     what = "study" if query.level == "STUDY" else "instance"
-    if code is None:
+    if found is None:
         _, known = _reference_study(query.level, query.reference_uid, store)
         if known:
             raise QueryError("not-indexed", f"reference {what} not yet indexed: try again later")
@@ -97,7 +101,16 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
     if query.filters.exclude_reference_patient:
         reference_study_uid, _ = _reference_study(query.level, query.reference_uid, store)
         exclude_patient = store.records.study(reference_study_uid or "").get("patient_id") or None
-    return search_code(code, query, store, index, exclude_uids=(query.reference_uid,), exclude_patient=exclude_patient)
+    code, rerank = found
+    return search_code(
+        code,
+        query,
+        store,
+        index,
+        exclude_uids=(query.reference_uid,),
+        exclude_patient=exclude_patient,
+        rerank=rerank if rerank.any() else None,  # a code stored without a vector is not re-ranked
+    )
 
 
 def search_code(
@@ -108,8 +121,10 @@ def search_code(
     *,
     exclude_uids: tuple[str, ...] = (),
     exclude_patient: str | None = None,
+    rerank: Any = None,
 ) -> list[SimilarResult]:
-    """The k nearest to ``code`` in ``index`` with the query's filters, as ranked results with records."""
+    """The k nearest to ``code`` in ``index`` with the query's filters, as ranked results with records;
+    with ``rerank`` (the reference's re-ranking vector) the Hamming shortlist is re-ranked by it."""
     hits = index.search(
         code,
         query.k,
@@ -117,6 +132,7 @@ def search_code(
         filters=query.filters,
         exclude_patient=exclude_patient,
         exclude_uids=exclude_uids,
+        rerank=rerank,
     )
     hits = [h for h in hits if h.uid not in exclude_uids]  # never, whatever the index does
     nbits = int(index.nbits)
@@ -129,7 +145,10 @@ def search_code(
     studies = store.records.studies(study_uids)
     results: list[SimilarResult] = []
     for hit, study_uid, study, instance in zip(hits, study_uids, studies, instances, strict=True):
-        score = max(0.0, 1.0 - int(hit.distance) / nbits) if nbits else 0.0
+        if hit.similarity is not None:
+            score = (1.0 + hit.similarity) / 2.0
+        else:
+            score = max(0.0, 1.0 - int(hit.distance) / nbits) if nbits else 0.0
         results.append(
             SimilarResult(
                 rank=len(results) + 1,
@@ -139,6 +158,7 @@ def search_code(
                 study_uid=study_uid or "",
                 study=study or {},
                 instance=instance,
+                reranked=hit.similarity is not None,
             )
         )
     return results

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, query_words, radius
+from hashing.bits import rerank_similarity
+from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, query_words, radius, shortlist_size
 from plugin.search.eligible import Eligibility
 from plugin.search.filters import Filters
 from plugin.search.state import NEVER, State, words_of
@@ -47,6 +48,7 @@ class IndexNotReady(RuntimeError):
 class Hit:
     uid: str
     distance: int
+    similarity: float | None = None  # the re-ranking score (cosine of the re-ranking vectors)
 
 
 class ReplicaIndex:
@@ -157,6 +159,7 @@ class ReplicaIndex:
         st.reserve(n)
         if n:
             st.planes[:, :n] = words_of(snap.codes, st.nbytes)
+            st.rerank[:n] = snap.rerank
             st.exclude[:n] = np.where(snap.deleted, NEVER, 0).astype(np.uint8)
             st.slot_sn[:n] = snap.slot_sn
         st.n = n
@@ -176,6 +179,7 @@ class ReplicaIndex:
 
     def _apply(self, st: State, entries: list, attr_entries: list) -> None:
         codes: dict[int, bytes] = {}
+        reranks: dict[int, bytes] = {}
         sns: dict[int, int] = {}
         dead: dict[int, bool] = {}
         for entry_id, f in entries:
@@ -184,6 +188,8 @@ class ReplicaIndex:
             if op == b"set":
                 s = int(f[b"slot"])
                 codes[s] = f[b"code"]
+                if f.get(b"rr"):
+                    reranks[s] = f[b"rr"]
                 sns[s] = int(f[b"sn"])
                 dead[s] = False
             elif op == b"del":
@@ -195,6 +201,9 @@ class ReplicaIndex:
             need = int(slots.max()) + 1
             st.reserve(need)
             st.planes[:, slots] = words_of(b"".join(codes.values()), st.nbytes)
+            if reranks:
+                rr_slots = np.fromiter(reranks, np.int64, len(reranks))
+                st.rerank[rr_slots] = np.frombuffer(b"".join(reranks.values()), np.int8).reshape(len(reranks), -1)
             st.n = max(st.n, need)
             if st.mih is not None:
                 st.mih.invalidate(slots)
@@ -286,6 +295,11 @@ class ReplicaIndex:
     # -- queries -------------------------------------------------------------------------------
     def code_of(self, uid: str) -> bytes | None:
         """The code of ``uid`` in the replica (None when it has none, or it is deleted)."""
+        found = self.lookup(uid)
+        return None if found is None else found[0]
+
+    def lookup(self, uid: str) -> tuple[bytes, np.ndarray] | None:
+        """The code and re-ranking vector of ``uid`` (None when it has none, or it is deleted)."""
         st = self._state
         if st is None:
             return None
@@ -293,7 +307,7 @@ class ReplicaIndex:
         with self._lock:
             if slot is None or slot >= st.n or st.exclude[slot]:
                 return None
-            return st.code(slot)
+            return st.code(slot), st.rerank[slot].copy()
 
     def search(
         self,
@@ -304,6 +318,7 @@ class ReplicaIndex:
         filters: Filters | None = None,
         exclude_patient: str | None = None,
         exclude_uids: Collection[str] = (),
+        rerank: np.ndarray | None = None,
     ) -> list[Hit]:
         """The k nearest codes by Hamming distance, ordered by (distance, slot).
 
@@ -311,27 +326,35 @@ class ReplicaIndex:
         ``max_distance``, only codes within it. Filters, ``exclude_patient`` (a PatientID whose
         studies are left out) and ``exclude_uids`` restrict the set *before* selection, so the
         answer is the k nearest among the codes that pass.
+
+        With ``rerank`` (the query's re-ranking vector), the :func:`hashing.search.shortlist_size`
+        nearest by (distance, slot) are re-sorted by the cosine of their re-ranking vectors, highest
+        first (equal scores keep their (distance, slot) order), and the first k returned: no answer is
+        decided by arrival order within a tie of Hamming distances.
         """
         excluded = set(exclude_uids)
+        want = k if rerank is None else shortlist_size(k)
         for attempt in range(3):
             st = self._state
             if st is None:
                 raise IndexNotReady(f"the {self.level} index is not loaded (no active model yet?)")
             if len(query) != st.nbytes:
                 raise ValueError(f"query code of {len(query)} bytes for a {st.nbits}-bit model")
+            if rerank is not None and np.asarray(rerank).size != st.nbits:
+                raise ValueError(f"re-ranking vector of {np.asarray(rerank).size} values for a {st.nbits}-bit model")
             with self._lock:
                 # Excluded UIDs (the reference) are dropped after the UID lookup: asking for
                 # len(excluded) more keeps exactly the k nearest of the others, without a lookup
                 # of their slots first.
                 rows, dist = self._search_rows(
-                    st, bytes(query), k + len(excluded), max_distance, filters, exclude_patient
+                    st, bytes(query), want + len(excluded), max_distance, filters, exclude_patient
                 )
+                sims = rerank_similarity(rerank, st.rerank[rows]) if rerank is not None else None
             gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
             if gen == st.generation:
                 stale = any(u is None for u in uids)
                 if not stale or attempt == 2:
-                    hits = [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
-                    return [h for h in hits if h.uid not in excluded][:k]
+                    return _hits(uids, dist, sims, excluded, k)
             # Deleted or renumbered in Redis after our last refresh: catch up and search again.
             self.refresh()
         raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
@@ -410,3 +433,17 @@ class ReplicaIndex:
             max_distance=max_distance,
             selector=self._selector,
         )
+
+
+def _hits(uids: list[str | None], dist: np.ndarray, sims: np.ndarray | None, excluded: set[str], k: int) -> list[Hit]:
+    """Candidates in answer order (re-ranked when ``sims`` is given), excluded and vanished ones left out."""
+    order = range(len(uids)) if sims is None else np.argsort(-sims, kind="stable").tolist()
+    out = []
+    for i in order:
+        uid = uids[i]
+        if uid is None or uid in excluded:
+            continue
+        out.append(Hit(uid, int(dist[i]), None if sims is None else float(sims[i])))
+        if len(out) == k:
+            break
+    return out

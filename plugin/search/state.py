@@ -1,7 +1,8 @@
 """What a replica holds for one loaded (model version, generation): arrays indexed by slot.
 
-The codes as 64-bit word planes (:mod:`hashing.search`), a byte per slot saying whether it may be
-returned (0) or not (deleted or unknown: 255), each slot's study number, and per study number the
+The codes as 64-bit word planes (:mod:`hashing.search`), the int8 re-ranking vectors (one byte per
+bit of the code), a byte per slot saying whether it may be returned (0) or not (deleted or unknown:
+255), each slot's study number, and per study number the
 filter record (:data:`plugin.store.ATTR_DTYPE`) kept as one array per field. No UID and no readable
 patient ID: hits are turned back into UIDs with one HMGET to the store.
 """
@@ -56,6 +57,7 @@ class State:
         self.n = 0  # slots known (allocated) so far
         self.live = 0
         self.planes = np.zeros((n_words(nbits), 0), np.uint64)
+        self.rerank = np.zeros((0, nbits), np.int8)  # per slot: the int8 re-ranking vector (zeros: none)
         self.exclude = np.zeros(0, np.uint8)  # 0 live, 255 deleted / unknown
         self.slot_sn = np.zeros(0, np.intp)
         self.attrs = Columns(1)
@@ -79,7 +81,9 @@ class State:
         exclude[:cap] = self.exclude
         slot_sn = np.zeros(new, np.intp)
         slot_sn[:cap] = self.slot_sn
-        self.planes, self.exclude, self.slot_sn = planes, exclude, slot_sn
+        rerank = np.zeros((new, self.nbits), np.int8)
+        rerank[:cap] = self.rerank
+        self.planes, self.exclude, self.slot_sn, self.rerank = planes, exclude, slot_sn, rerank
 
     def reserve_studies(self, n: int) -> None:
         if n > self.attrs.size:
@@ -94,7 +98,8 @@ class State:
 
     def memory_bytes(self) -> int:
         """Bytes held by the arrays (capacity, not just the live part)."""
-        total = sum(a.nbytes for a in (self.planes, self.exclude, self.slot_sn, self.attrs, self.sn_slot))
+        arrays = (self.planes, self.rerank, self.exclude, self.slot_sn, self.attrs, self.sn_slot)
+        total = sum(a.nbytes for a in arrays)
         if self.mih is not None:
             total += self.mih.nbytes
         return total

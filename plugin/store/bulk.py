@@ -23,12 +23,14 @@ def load_studies(
     attrs: np.ndarray,
     vocabularies: Mapping[str, Sequence[str]],
     record: Callable[[int], Mapping[str, str]] | None = None,
+    rerank: np.ndarray | None = None,
     step: int = 20_000,
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Study ``i`` gets slot ``i``, study number ``i + 1``, code ``codes[i]`` and filter record
     ``attrs[i + 1]`` (``attrs`` is :data:`ATTR_DTYPE`, row 0 unused); ``record(i)``, when given, is its
-    study hash. ``vocabularies`` lists the terms of each filter vocabulary in number order."""
+    study hash; ``rerank`` (int8 ``(n, nbits)``) their re-ranking vectors. ``vocabularies`` lists the
+    terms of each filter vocabulary in number order."""
     n, nbytes = codes.shape
     if attrs.dtype != ATTR_DTYPE or len(attrs) != n + 1 or len(uids) != n:
         raise ValueError("codes, uids and attrs (n + 1 records) must describe the same studies")
@@ -41,6 +43,8 @@ def load_studies(
     r.set(k.slotsn(version, "study"), np.arange(1, n + 1, dtype="<u4").tobytes())
     r.set(k.snext(), n)
     r.set(k.sattr(), attrs.tobytes())
+    if rerank is not None:
+        r.set(k.rerank(version, "study"), np.ascontiguousarray(rerank, np.int8).tobytes())
     for field, terms in vocabularies.items():
         r.hset(k.vocab(field), mapping={t: i + 1 for i, t in enumerate(terms)} | {"#next": len(terms)})
     for s in range(0, n, step):

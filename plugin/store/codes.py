@@ -47,6 +47,7 @@ class Snapshot:
     generation: int
     n_slots: int
     codes: bytes  # n_slots * nbytes
+    rerank: np.ndarray  # int8 (n_slots, nbits): the re-ranking vectors (zeros where none was stored)
     slot_sn: np.ndarray  # uint32 (n_slots,)
     deleted: np.ndarray  # bool (n_slots,)
     attrs: np.ndarray  # ATTR_DTYPE (n_studies + 1,), index = study number
@@ -111,16 +112,21 @@ class CodeStore:
         code: bytes | np.ndarray,
         *,
         study_uid: str | None = None,
+        rerank: bytes | np.ndarray | None = None,
     ) -> tuple[int, bool]:
         """Store ``code`` (packed bytes) for ``uid``; returns (slot, changed).
 
         ``study_uid`` (image level) links the slot to its study for filtering at once; without it
         the link comes from the instance record (``Records.put_instance``), before or after this call.
+        ``rerank`` is the slot's re-ranking vector, ``nbits`` int8 (:func:`hashing.bits.quantize_relaxed`).
         """
         nbytes = self.models.nbytes(version)
         data = bytes(np.asarray(code, dtype=np.uint8).ravel()) if not isinstance(code, bytes) else code
         if len(data) != nbytes:
             raise StoreError(f"code of {len(data)} bytes for a {nbytes * 8}-bit model {version}")
+        rr = b"" if rerank is None else (rerank if isinstance(rerank, bytes) else np.asarray(rerank, np.int8).tobytes())
+        if rr and len(rr) != nbytes * 8:
+            raise StoreError(f"re-ranking vector of {len(rr)} bytes for a {nbytes * 8}-bit model {version}")
         suid = uid if level == "study" else (study_uid or "")
         keys = [
             *self._code_keys(version, level),
@@ -129,9 +135,10 @@ class CodeStore:
             self.keys.snext(),
             self.keys.instance(uid),
             self.keys.lock(version, level),
+            self.keys.rerank(version, level),
         ]
         for _ in wait_while_compacting(f"{version}/{level}"):
-            slot, changed = self._upsert(keys=keys, args=[uid, data, nbytes, suid, LOG_MAXLEN])
+            slot, changed = self._upsert(keys=keys, args=[uid, data, nbytes, suid, LOG_MAXLEN, rr])
             if int(slot) >= 0:
                 return int(slot), bool(changed)
         raise AssertionError("unreachable")
@@ -220,15 +227,18 @@ class CodeStore:
                 pipe.watch(log)
                 codes = pipe.get(k.codes(version, level)) or b""
                 slotsn = pipe.get(k.slotsn(version, level)) or b""
+                rr = pipe.get(k.rerank(version, level)) or b""
                 uid_map = pipe.hgetall(k.uid(version, level))
                 n_slots = int(pipe.get(k.next(version, level)) or 0)
                 old = np.fromiter(sorted(int(s) for s in uid_map), np.int64, len(uid_map))
                 code_arr = np.frombuffer(codes.ljust(n_slots * nbytes, b"\0"), np.uint8).reshape(n_slots, nbytes)
                 sn_arr = np.frombuffer(slotsn.ljust(n_slots * 4, b"\0"), "<u4")[:n_slots]
+                rr_arr = _rerank_array(rr, n_slots, nbytes * 8)
                 uids = [uid_map[str(s).encode()] for s in old.tolist()]
                 pipe.multi()
                 pipe.set(k.codes(version, level), code_arr[old].tobytes())
                 pipe.set(k.slotsn(version, level), sn_arr[old].astype("<u4").tobytes())
+                pipe.set(k.rerank(version, level), rr_arr[old].tobytes())
                 pipe.delete(k.slot(version, level), k.uid(version, level), k.tomb(version, level), log)
                 for start in range(0, len(uids), 10_000):
                     chunk = range(start, min(start + 10_000, len(uids)))
@@ -259,7 +269,8 @@ class CodeStore:
         pipe.xrevrange(k.log(version, level), count=1)
         pipe.get(k.sattr())
         pipe.xrevrange(k.attrlog(), count=1)
-        gen, nxt, codes, slotsn, tomb, last, sattr, alast = pipe.execute()
+        pipe.get(k.rerank(version, level))
+        gen, nxt, codes, slotsn, tomb, last, sattr, alast, rr = pipe.execute()
         n = int(nxt or 0)
         codes = (codes or b"").ljust(n * nbytes, b"\0")[: n * nbytes]
         slot_sn = np.frombuffer((slotsn or b"").ljust(n * 4, b"\0")[: n * 4], "<u4").astype(np.uint32)
@@ -273,6 +284,7 @@ class CodeStore:
             generation=int(gen or 0),
             n_slots=n,
             codes=codes,
+            rerank=_rerank_array(rr or b"", n, nbytes * 8),
             slot_sn=slot_sn,
             deleted=deleted,
             attrs=attrs,
@@ -303,3 +315,8 @@ class CodeStore:
             log_lost=log_pos != "0-0" and not here,
             attr_lost=attr_pos != "0-0" and not ahere,
         )
+
+
+def _rerank_array(raw: bytes, n_slots: int, width: int) -> np.ndarray:
+    """The re-ranking vectors of ``n_slots`` slots as int8 ``(n_slots, width)``, zeros where none."""
+    return np.frombuffer(raw.ljust(n_slots * width, b"\0")[: n_slots * width], np.int8).reshape(n_slots, width)

@@ -23,6 +23,8 @@ Codes (:mod:`plugin.store.codes`, :mod:`plugin.store.models`)
                                                      renumbered, replicas must reload)
 ``ns:lock:{v}:{lv}``                        string   held (with a TTL) while compaction runs
 ``ns:slotsn:{v}:{lv}``                      string   per slot, uint32 LE: the slot's study number
+``ns:rr:{v}:{lv}``                          string   per slot, ``nbits`` int8: the relaxed code that
+                                                     re-ranks a Hamming shortlist (zeros: none)
 ``ns:emb:{v}``                              hash     SOPInstanceUID -> float16 instance embedding
 ==========================================  =======  =================================================
 
@@ -124,6 +126,9 @@ class Keys:
     def slotsn(self, v: str, lv: str) -> str:
         return f"{self.ns}:slotsn:{v}:{lv}"
 
+    def rerank(self, v: str, lv: str) -> str:
+        return f"{self.ns}:rr:{v}:{lv}"
+
     def code_keys(self, v: str, lv: str) -> list[str]:
         """Every key of one (version, level): what dropping a version removes."""
         return [
@@ -136,6 +141,7 @@ class Keys:
             self.gen(v, lv),
             self.lock(v, lv),
             self.slotsn(v, lv),
+            self.rerank(v, lv),
         ]
 
     def emb(self, v: str) -> str:

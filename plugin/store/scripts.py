@@ -31,22 +31,27 @@ local function slot_sn(key, s)
 end
 """
 
-# KEYS: codes, next, slot, uid, tomb, log, slotsn, sno, snext, instance, lock.
-# ARGV: uid, code, nbytes, study uid ('' = look it up in the instance hash), log maxlen.
-# Returns {slot, changed}: changed is 0 when the same code (and study) was already stored;
+# KEYS: codes, next, slot, uid, tomb, log, slotsn, sno, snext, instance, lock, rerank.
+# ARGV: uid, code, nbytes, study uid ('' = look it up in the instance hash), log maxlen, rerank vector
+# ('' = none: the slot's vector is left as it is).
+# Returns {slot, changed}: changed is 0 when the same code, vector (and study) were already stored;
 # {-1, 0} while a compaction holds the lock (the caller waits and retries).
 UPSERT_CODE = (
     _STUDY_NUMBER_FUNCTIONS
     + """
 if redis.call('EXISTS', KEYS[11]) == 1 then return {-1, 0} end
 local nb = tonumber(ARGV[3])
+local rr = ARGV[6]
+local rw = string.len(rr)
 local suid = ARGV[4]
 if suid == '' then suid = redis.call('HGET', KEYS[10], 'study_uid') or '' end
 local sn = study_number(KEYS[8], KEYS[9], suid)
 local s = redis.call('HGET', KEYS[3], ARGV[1])
 if s then
   s = tonumber(s)
-  if redis.call('GETRANGE', KEYS[1], s * nb, s * nb + nb - 1) == ARGV[2] then
+  local same = redis.call('GETRANGE', KEYS[1], s * nb, s * nb + nb - 1) == ARGV[2]
+  if same and rw > 0 then same = redis.call('GETRANGE', KEYS[12], s * rw, s * rw + rw - 1) == rr end
+  if same then
     if sn ~= 0 and slot_sn(KEYS[7], s) ~= sn then
       redis.call('SETRANGE', KEYS[7], s * 4, struct.pack('<I4', sn))
       redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[5], '*', 'op', 'link', 'slot', s, 'sn', sn)
@@ -60,10 +65,11 @@ else
   redis.call('HSET', KEYS[4], s, ARGV[1])
 end
 redis.call('SETRANGE', KEYS[1], s * nb, ARGV[2])
+if rw > 0 then redis.call('SETRANGE', KEYS[12], s * rw, rr) end
 redis.call('SETRANGE', KEYS[7], s * 4, struct.pack('<I4', sn))
 redis.call('SETBIT', KEYS[5], s, 0)
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[5], '*', 'op', 'set', 'slot', s, 'uid', ARGV[1],
-           'code', ARGV[2], 'sn', sn)
+           'code', ARGV[2], 'rr', rr, 'sn', sn)
 return {s, 1}
 """
 )
