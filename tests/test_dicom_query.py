@@ -311,3 +311,19 @@ def test_plain_malformed_identifiers():
         plain.parse_plain(identifier(StudyInstanceUID="1.2.*"))
     with pytest.raises(QueryError, match="StudyDate"):
         plain.parse_plain(identifier(StudyDate="yesterday"))
+
+
+def test_an_accession_number_names_its_study_and_patient_id_tells_duplicates_apart(store):
+    store.records.put_study("1.2.5.1", {"accession_number": "ACC7", "patient_id": "P1"})
+    store.records.put_study("1.2.5.2", {"accession_number": "ACC8", "patient_id": "P1"})
+    assert search.study_by_accession(store, "ACC7") == "1.2.5.1"
+    store.records.put_study("1.2.5.3", {"accession_number": "ACC7", "patient_id": "P2"})  # another issuer's
+    with pytest.raises(QueryError) as info:
+        search.study_by_accession(store, "ACC7")
+    assert info.value.reason == "ambiguous-reference" and len(info.value.comment) <= 64
+    assert search.study_by_accession(store, "ACC7", patient_id="P2") == "1.2.5.3"
+    store.records.put_study("1.2.5.3", {"accession_number": "ACC9"})  # corrected: the old number no longer names it
+    assert search.study_by_accession(store, "ACC7") == "1.2.5.1"
+    store.delete_study("1.2.5.1")
+    with pytest.raises(QueryError, match="no study"):
+        search.study_by_accession(store, "ACC7")

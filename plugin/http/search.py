@@ -41,6 +41,7 @@ MAX_UPLOAD_BYTES = 512 * 1024 * 1024
 _HTTP_STATUS = {
     "malformed": 400,
     "unknown-reference": 404,
+    "ambiguous-reference": 409,
     "not-indexed": 409,
     "model-mismatch": 409,
     "too-large": 413,

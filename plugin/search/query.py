@@ -68,6 +68,23 @@ def modalities_of(study: Mapping[str, str]) -> list[str]:
     return [m for m in re.split(r"[\\,\s]+", raw) if m]
 
 
+def study_by_accession(store: Any, accession: str, patient_id: str | None = None) -> str:
+    """The StudyInstanceUID an AccessionNumber (with the PatientID, when given) names.
+
+    Viewer forms (Orthanc Explorer, Slicer, most Q/R dialogs) have no StudyInstanceUID field, so a
+    radiologist names the reference by its accession number. Accession numbers are unique within
+    one issuer only: when several studies carry it, the PatientID must tell them apart.
+    """
+    studies = store.records.studies_by_accession(accession)
+    if patient_id:
+        studies = [(u, s) for u, s in studies if s.get("patient_id") == patient_id]
+    if not studies:
+        raise QueryError("unknown-reference", "no study with that accession number")
+    if len(studies) > 1:
+        raise QueryError("ambiguous-reference", f"{len(studies)} studies have that accession: add PatientID")
+    return studies[0][0]
+
+
 def _reference_study(level: str, uid: str, store: Any) -> tuple[str | None, dict[str, str]]:
     """(study UID, record) of a reference: the study itself, or an instance's study."""
     if level == "STUDY":

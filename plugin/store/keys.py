@@ -33,6 +33,8 @@ Records of studies and instances (:mod:`plugin.store.records`)
 ==========================================  =======  =================================================
 ``ns:study:{uid}``                          hash     study metadata for C-FIND answers and filters
 ``ns:study:{uid}:instances``                set      SOPInstanceUIDs received for the study
+``ns:accession:{number}``                   set      StudyInstanceUIDs with that AccessionNumber (viewer
+                                                     forms name a study by it; not unique everywhere)
 ``ns:instance:{uid}``                       hash     study_uid, series_uid, sop_class_uid, modality,
                                                      path, received_at, state, indexed_* fields
 ``ns:sno``                                  hash     StudyInstanceUID -> study number (1, 2, ...)
@@ -163,6 +165,9 @@ class Keys:
 
     def study_instances(self, uid: str) -> str:
         return f"{self.ns}:study:{uid}:instances"
+
+    def accession(self, number: str) -> str:
+        return f"{self.ns}:accession:{number}"
 
     def instance(self, uid: str) -> str:
         return f"{self.ns}:instance:{uid}"

@@ -142,14 +142,26 @@ class Records:
                     current = pipe.getrange(self.keys.sattr(), sn * ATTR_SIZE, (sn + 1) * ATTR_SIZE - 1)
                     if current == rec:
                         pipe.unwatch()
-                        return
+                        break
                     pipe.multi()
                     pipe.setrange(self.keys.sattr(), sn * ATTR_SIZE, rec)
                     pipe.xadd(self.keys.attrlog(), {"sn": sn, "rec": rec}, maxlen=LOG_MAXLEN, approximate=True)
                     pipe.execute()
-                    return
+                    break
                 except redis.WatchError:
                     continue
+        accession = (fields.get("accession_number") or "").strip()
+        if accession:
+            self.r.sadd(self.keys.accession(accession), study_uid)
+
+    def studies_by_accession(self, accession: str) -> list[tuple[str, dict[str, str]]]:
+        """(StudyInstanceUID, record) of the studies whose AccessionNumber is ``accession`` now."""
+        uids = sorted(m.decode() for m in self.r.smembers(self.keys.accession(accession.strip())))
+        return [
+            (u, s)
+            for u, s in zip(uids, self.studies(uids), strict=True)
+            if s.get("accession_number") == accession.strip()
+        ]
 
     def merge_instance_into_study(
         self, study_uid: str, modality: str, received_at: float, meta: Mapping[str, str]
@@ -272,10 +284,13 @@ class Records:
     # -- deletion ----------------------------------------------------------------------------------
     def delete_study(self, study_uid: str, sop_uids: Sequence[str]) -> None:
         """Drop the study's and its instances' records and blank its filter record (replicas follow)."""
+        accession = (self.study(study_uid).get("accession_number") or "").strip()
         pipe = self.r.pipeline(transaction=True)
         for sop in sop_uids:
             pipe.delete(self.keys.instance(sop))
         pipe.delete(self.keys.study(study_uid), self.keys.study_instances(study_uid))
+        if accession:
+            pipe.srem(self.keys.accession(accession), study_uid)
         pipe.execute()
         sn = self.r.hget(self.keys.sno(), study_uid)
         if sn is not None:
