@@ -102,11 +102,9 @@ class Encoder:
         drh = ckpt_mod.build_module(ckpt["drh"])
         if ckpt.get("dmih") is not None:
             dmih = ckpt_mod.build_module(ckpt["dmih"])
-        else:  # a DRH-only checkpoint: study codes pool the DRH encoder's features (untrained pooling)
-            log.warning("checkpoint %s has no DMIH part: study codes use an untrained pooling layer", path)
-            torch.manual_seed(0)
-            dmih = DMIH(nbits=drh.nbits, backbone=drh.backbone_args)
-            dmih.encoder.load_state_dict(drh.encoder.state_dict())
+        else:
+            log.warning("checkpoint %s has no DMIH part: study codes pool with an untrained attention", path)
+            dmih = dmih_from_drh(drh)
         if not isinstance(drh, DRH) or not isinstance(dmih, DMIH):
             raise ckpt_mod.CheckpointError(f"{path}: 'drh' and 'dmih' entries hold the wrong model types")
         norm = ckpt["normalization"]
@@ -195,6 +193,21 @@ class Encoder:
         h = self.dmih.forward_bag(feats, torch.ones(1, len(e), dtype=torch.bool, device=self.device))
         h = h.float().cpu().numpy()
         return bitcodes.pack(bitcodes.binarize(h))[0], bitcodes.quantize_relaxed(np.tanh(h))[0]
+
+
+def dmih_from_drh(drh: DRH, seed: int = 0) -> DMIH:
+    """A DMIH on DRH's encoder whose study hash layer is DRH's: a one-image study gets its image's
+    code, and a larger study the code of an attention-weighted mean of its images' features (the
+    attention itself untrained, seeded). What a DRH-only checkpoint serves studies with, and where
+    DMIH training starts."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    dmih = DMIH(nbits=drh.nbits, backbone=drh.backbone_args)
+    torch.random.set_rng_state(gen_state)
+    dmih.encoder.load_state_dict(drh.encoder.state_dict())
+    dmih.instance_hash.load_state_dict(drh.hash.state_dict())
+    dmih.bag_hash.load_state_dict(drh.hash.state_dict())
+    return dmih
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -49,7 +49,7 @@ from hashing.bits import VALID_NBITS, binarize, pack, quantize_relaxed
 from hashing.data import DataError, ImageSet, Source, estimate_normalization, load_images, open_source, patient_split
 from hashing.dmih import DMIH
 from hashing.drh import DRH, MODELS
-from hashing.encoder import resolve_device
+from hashing.encoder import dmih_from_drh, resolve_device
 from hashing.inference import encode_set, pool_bags
 from hashing.metrics import distinct_codes, hamming_distances, ties_at
 from hashing.scoring import Protocol, Rep, score
@@ -159,11 +159,8 @@ def build_model(cfg: TrainConfig) -> tuple[DRH | DMIH, DRH | None, dict[str, Any
     init = ckpt_mod.load(cfg.init)
     drh = ckpt_mod.build_module(init["drh"])
     assert isinstance(drh, DRH)
-    dmih = DMIH(nbits=drh.nbits, backbone=drh.backbone_args)
-    dmih.encoder.load_state_dict(drh.encoder.state_dict())
-    # Start both hash arms from DRH's trained hash layer: the instance arm *is* DRH at epoch 0.
-    dmih.instance_hash.load_state_dict(drh.hash.state_dict())
-    dmih.bag_hash.load_state_dict(drh.hash.state_dict())
+    # Both hash arms start from DRH's trained hash layer: the instance arm *is* DRH at epoch 0.
+    dmih = dmih_from_drh(drh, cfg.seed)
     meta = {"init": cfg.init, "init_version": init["version"], "normalization": init["normalization"]}
     meta["input_size"] = init["input_size"]
     return dmih, drh, meta
