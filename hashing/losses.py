@@ -67,26 +67,39 @@ def bit_balance_loss(u: torch.Tensor) -> torch.Tensor:
     return u.mean(dim=0).pow(2).mean()
 
 
-def contrastive_loss(u: torch.Tensor, v: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
-    """Instance contrast on relaxed codes (NT-Xent, Chen et al. 2020, on the code geometry).
+def contrastive_loss(
+    u: torch.Tensor, v: torch.Tensor, temperature: float = 0.2, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Contrast on relaxed codes (NT-Xent, Chen et al. 2020; several positives as in SupCon, Khosla
+    et al. 2020), on the code geometry.
 
     ``u`` and ``v`` are two views of the same N images. With ``s_ij = a_i . a_j / K`` for the 2N
     codes ``a`` (1 - 2 d_ij / K when codes are exactly +/-1: a similarity in Hamming terms), each code
-    must pick its other view among the 2N - 1 others::
+    must pick its positives among the 2N - 1 others::
 
-        L_contrast = -(1 / 2N) sum_i log( exp(s_{i,i'} / t) / sum_{j != i} exp(s_ij / t) )
+        L_contrast = -(1 / 2N) sum_i (1 / |P(i)|) sum_{p in P(i)} log( exp(s_ip / t) / sum_{j != i} exp(s_ij / t) )
 
-    It needs no label: what makes two films alike (anatomy, habitus, positioning, devices) must
-    survive framing, exposure and noise, while every image stays apart from the others, which keeps
-    the codes from collapsing onto a few values.
+    ``P(i)`` is the other view of the same image and, with ``groups`` (one id per image, e.g. its
+    patient), both views of every other image of the same group: what stays the same for one
+    patient across films (anatomy, habitus) must survive framing, exposure and noise, while every
+    patient stays apart from the others, which keeps the codes from collapsing onto a few values.
+    It needs no label, only what every archive records (MedAug, Vu et al. 2021, uses the same
+    patient metadata for chest radiograph representations).
     """
     a = torch.cat([u, v], dim=0)
     n2, k = a.shape
     n = n2 // 2
-    logits = (a @ a.T) / (k * temperature)
-    logits = logits.masked_fill(torch.eye(n2, dtype=torch.bool, device=a.device), float("-inf"))
-    target = torch.cat([torch.arange(n, n2), torch.arange(0, n)]).to(a.device)
-    return F.cross_entropy(logits, target)
+    eye = torch.eye(n2, dtype=torch.bool, device=a.device)
+    logits = ((a @ a.T) / (k * temperature)).masked_fill(eye, float("-inf"))
+    image = torch.arange(n, device=a.device).repeat(2)
+    positive = image[:, None] == image[None, :]
+    if groups is not None:
+        g = groups.to(a.device).repeat(2)
+        positive = positive | (g[:, None] == g[None, :])
+    positive &= ~eye
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    per_anchor = -(log_prob.masked_fill(~positive, 0.0).sum(dim=1)) / positive.sum(dim=1)
+    return per_anchor.mean()
 
 
 def drh_loss(
@@ -94,6 +107,7 @@ def drh_loss(
     labels: torch.Tensor,
     *,
     v: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None,
     scale: float = 8.0,
     w_nca: float = 1.0,
     w_contrast: float = 0.0,
@@ -102,7 +116,8 @@ def drh_loss(
     w_balance: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DRH objective on relaxed codes ``u`` (and ``v``, a second view of the same images, for the
-    contrast term); returns the total and its parts, for logging. NCA sees both views."""
+    contrast term, whose positives also join by ``groups``); returns the total and its parts, for
+    logging. NCA sees both views."""
     both = u if v is None else torch.cat([u, v], dim=0)
     both_labels = labels if v is None else torch.cat([labels, labels], dim=0)
     total = u.new_zeros(())
@@ -112,7 +127,7 @@ def drh_loss(
         total = total + w_nca * nca
         parts["nca"] = float(nca.detach())
     if w_contrast > 0 and v is not None:
-        con = contrastive_loss(u, v, temperature)
+        con = contrastive_loss(u, v, temperature, groups)
         total = total + w_contrast * con
         parts["contrast"] = float(con.detach())
     q = quantization_loss(both)

@@ -58,6 +58,7 @@ log = logging.getLogger("hashing.train")
 
 METHODS = ("drh", "csq", "dmih")
 SELECT = ("auto", "recall", "map", "loss")
+POSITIVES = ("patient", "views")
 # Below this many steps an epoch is mostly noise; below this many patients with several images a
 # validation recall is too.
 MIN_STEPS_PER_EPOCH = 10
@@ -82,6 +83,7 @@ class TrainConfig:
     w_nca: float = 1.0
     w_contrast: float = 1.0
     temperature: float = 0.2
+    positives: str = "patient"
     w_quant: float = 0.1
     w_balance: float = 0.1
     csq_w_quant: float = 1e-4
@@ -130,6 +132,24 @@ def _batches_instances(n: int, bs: int, gen: torch.Generator) -> list[torch.Tens
     perm = torch.randperm(n, generator=gen)
     nb = n // bs if n >= bs else 1  # full batches (batch-norm and the contrast want them)
     return [perm[i * bs : (i + 1) * bs] for i in range(nb)]
+
+
+def _batches_patients(patients: list[str], bs: int, gen: torch.Generator, per_patient: int = 2) -> list[torch.Tensor]:
+    """Batches in which patients come with up to ``per_patient`` of their images, so that the
+    contrast term sees films of one patient side by side; which images a patient brings changes
+    from epoch to epoch."""
+    by_patient: dict[str, list[int]] = {}
+    for i, p in enumerate(patients):
+        by_patient.setdefault(p, []).append(i)
+    names = sorted(by_patient)
+    stream: list[int] = []
+    for j in torch.randperm(len(names), generator=gen).tolist():
+        images = by_patient[names[j]]
+        pick = torch.randperm(len(images), generator=gen)[:per_patient].tolist()
+        stream += [images[i] for i in pick]
+    n = len(stream)
+    nb = n // bs if n >= bs else 1
+    return [torch.as_tensor(stream[i * bs : (i + 1) * bs]) for i in range(nb)]
 
 
 def _batches_bags(bags: list[list[int]], per_batch: int, max_bag: int, gen: torch.Generator) -> list:
@@ -225,6 +245,8 @@ def _prepare(cfg: TrainConfig) -> _Run:
         raise SystemExit(f"--bits must be one of {VALID_NBITS}")
     if cfg.select not in SELECT:
         raise SystemExit(f"--select must be one of {SELECT}")
+    if cfg.positives not in POSITIVES:
+        raise SystemExit(f"--positives must be one of {POSITIVES}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -261,6 +283,11 @@ def _prepare(cfg: TrainConfig) -> _Run:
     centers = losses.csq_centers(n_classes, cfg.bits, cfg.seed).to(device) if cfg.method == "csq" else None
     if cfg.method == "dmih":
         steps_per_epoch = max(1, len(train_set.bags()) // cfg.bags_per_batch)
+    elif cfg.method == "drh" and cfg.w_contrast > 0 and cfg.positives == "patient":
+        counts: dict[str, int] = {}
+        for p in train_set.patients:
+            counts[p] = counts.get(p, 0) + 1
+        steps_per_epoch = max(1, sum(min(2, c) for c in counts.values()) // cfg.batch_size)
     else:
         steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
@@ -323,12 +350,16 @@ def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[
     if cfg.method == "csq":
         u = run.model(_normalised(run, light_view(x, gen)))
         return losses.csq_loss(u, y, run.centers, w_quant=cfg.csq_w_quant)
+    groups = None
     if cfg.w_contrast > 0:
         u = run.model(_normalised(run, random_views(x, gen)))
         v = run.model(_normalised(run, random_views(x, gen)))
+        if cfg.positives == "patient":
+            names = [ts.patients[i] for i in batch.tolist()]
+            groups = torch.as_tensor([names.index(p) for p in names])
     else:
         u, v = run.model(_normalised(run, light_view(x, gen))), None
-    return losses.drh_loss(u, y, v=v, **_loss_weights(cfg))
+    return losses.drh_loss(u, y, v=v, groups=groups, **_loss_weights(cfg))
 
 
 def _loss_weights(cfg: TrainConfig) -> dict[str, float]:
@@ -382,6 +413,8 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     run.model.train()
     if cfg.method == "dmih":
         batches: list = _batches_bags(run.train_set.bags(), cfg.bags_per_batch, cfg.max_bag, gen)
+    elif cfg.method == "drh" and cfg.w_contrast > 0 and cfg.positives == "patient":
+        batches = _batches_patients(run.train_set.patients, cfg.batch_size, gen)
     else:
         batches = _batches_instances(len(run.train_set), cfg.batch_size, gen)
     bar = tqdm(batches, desc=f"{cfg.method}{cfg.bits} epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress)
@@ -596,6 +629,8 @@ _HELP = {
     "w_nca": "weight of NCA (used where labels exist)",
     "w_contrast": "weight of the term learned from the images alone (0: labels only)",
     "temperature": "temperature of the contrast term",
+    "positives": "the contrast term's positives: patient (two views of an image, and the other films of its"
+    " patient in the batch) or views (two views of an image only)",
     "w_quant": "quantization loss weight",
     "w_balance": "bit-balance loss weight",
     "init": "DMIH: DRH checkpoint to start from (ships with it)",
@@ -628,7 +663,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
             p.add_argument(flag, action="store_true", help=_HELP.get(f.name))
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            choices = {"method": METHODS, "bits": VALID_NBITS, "select": SELECT}.get(f.name)
+            choices = {"method": METHODS, "bits": VALID_NBITS, "select": SELECT, "positives": POSITIVES}.get(f.name)
             p.add_argument(flag, type=kind, default=getattr(defaults, f.name), choices=choices, help=_HELP.get(f.name))
     return TrainConfig(**vars(p.parse_args(argv)))
 

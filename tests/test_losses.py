@@ -80,3 +80,29 @@ def test_instance_arm_weight_decays_to_zero() -> None:
     w = [losses.instance_arm_weight(e, 10) for e in range(11)]
     assert w[0] == pytest.approx(1.0) and w[-1] == pytest.approx(0.0, abs=1e-12)
     assert all(a >= b for a, b in zip(w, w[1:], strict=False))
+
+
+def test_contrast_pulls_two_views_together_and_films_of_one_patient_with_groups() -> None:
+    torch.manual_seed(0)
+    base = torch.sign(torch.randn(6, 32))
+    views = base + 0.1 * torch.randn(6, 32)
+    # two views that agree cost less than two that do not
+    assert float(losses.contrastive_loss(base, views)) < float(losses.contrastive_loss(base, torch.randn(6, 32)))
+    # images 0 and 1 belong to one patient: with groups, codes that are close for them cost less
+    close = base.clone()
+    close[1] = close[0]
+    groups = torch.tensor([0, 0, 1, 2, 3, 4])
+    apart = base.clone()
+    assert float(losses.contrastive_loss(close, close, groups=groups)) < float(
+        losses.contrastive_loss(apart, apart, groups=groups)
+    )
+    # without groups the same closeness is a confusion, not a positive: it costs more
+    assert float(losses.contrastive_loss(close, close)) > float(losses.contrastive_loss(apart, apart))
+
+
+def test_drh_loss_without_labels_is_the_contrast_and_the_code_terms() -> None:
+    torch.manual_seed(1)
+    u, v = torch.tanh(torch.randn(8, 16)), torch.tanh(torch.randn(8, 16))
+    total, parts = losses.drh_loss(u, torch.full((8,), -1), v=v, w_contrast=1.0)
+    assert "nca" not in parts and set(parts) == {"contrast", "quant", "balance"}
+    assert float(total) == pytest.approx(parts["contrast"] + 0.1 * parts["quant"] + 0.1 * parts["balance"], rel=1e-5)
