@@ -12,6 +12,8 @@ A *model* checkpoint (what :class:`hashing.encoder.Encoder` loads, and what ship
     preprocessing  how pixels reach [0, 1] (windowing, inversion): documentation for the reader
     drh            {"factory": "DRH", "arch": {...}, "state_dict": {...}}      image codes
     dmih           {"factory": "DMIH", "arch": {...}, "state_dict": {...}} | None   study codes
+    route          what the model serves (:class:`hashing.route.Route`): name, modalities, body parts,
+                   photometric interpretations, general
     training       data set, manifest hash, command, seed, epochs, time, hyper-parameters
     metrics        evaluation figures (mAP...) with the protocol they were measured under
 
@@ -30,6 +32,7 @@ import torch
 
 from hashing.dmih import DMIH
 from hashing.drh import DRH
+from hashing.route import LEGACY, Route
 
 FORMAT = "drh-pacs-model/1"
 
@@ -105,6 +108,7 @@ def model_checkpoint(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     half: bool = False,
+    route: Route | None = None,
 ) -> dict[str, Any]:
     """Assemble a model checkpoint dictionary (see module docstring)."""
     return {
@@ -119,6 +123,13 @@ def model_checkpoint(
         },
         "drh": module_entry(drh, half=half),
         "dmih": module_entry(dmih, half=half) if dmih is not None else None,
+        "route": (route or LEGACY).as_dict(),
         "training": training or {},
         "metrics": metrics or {},
     }
+
+
+def route_of(ckpt: dict[str, Any]) -> Route:
+    """The route a checkpoint declares (one written before routes existed is general)."""
+    data = ckpt.get("route")
+    return Route.from_dict(data) if data else LEGACY

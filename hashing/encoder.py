@@ -26,6 +26,7 @@ from hashing import checkpoint as ckpt_mod
 from hashing.dmih import DMIH, dmih_tiny
 from hashing.drh import DRH, drh_tiny
 from hashing.resize import model_input
+from hashing.route import LEGACY, Route
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Encoder:
         std: float,
         device: torch.device,
         info: dict[str, Any] | None = None,
+        route: Route = LEGACY,
     ) -> None:
         if drh.nbits != dmih.nbits:
             raise ValueError(f"DRH has {drh.nbits} bits but DMIH {dmih.nbits}")
@@ -86,6 +88,7 @@ class Encoder:
         self.std = std
         self.device = device
         self.info = info or {}
+        self.route = route
         # One encoder when DMIH shares DRH's weights: skip the second forward pass.
         self._shared = _same_weights(drh.encoder, dmih.encoder)
 
@@ -117,6 +120,7 @@ class Encoder:
             std=float(norm["std"]),
             device=dev,
             info={k: ckpt.get(k) for k in ("training", "metrics", "preprocessing")},
+            route=ckpt_mod.route_of(ckpt),
         )
         log.info(
             "loaded model %s (%d bits, input %d px) from %s on %s", enc.version, enc.nbits, enc.input_size, path, dev

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -52,6 +53,7 @@ from hashing.drh import DRH, MODELS
 from hashing.encoder import dmih_from_drh, resolve_device
 from hashing.inference import encode_set, pool_bags
 from hashing.metrics import distinct_codes, hamming_distances, ties_at
+from hashing.route import Route
 from hashing.scoring import Protocol, Rep, score
 
 log = logging.getLogger("hashing.train")
@@ -87,6 +89,12 @@ class TrainConfig:
     w_quant: float = 0.1
     w_balance: float = 0.1
     csq_w_quant: float = 1e-4
+    # what the model serves (hashing.route.Route); the registration can override it
+    route: str = ""
+    route_modalities: str = ""
+    route_body_parts: str = ""
+    route_photometric: str = ""
+    general: bool = False
     # DMIH
     init: str = ""
     bags_per_batch: int = 32
@@ -580,7 +588,30 @@ def _model_checkpoint(run: _Run, command: str, elapsed: float, checks: dict[str,
     drh, dmih = (run.companion, model) if isinstance(model, DMIH) else (model, None)
     assert isinstance(drh, DRH)
     return ckpt_mod.model_checkpoint(
-        version=version, drh=drh, dmih=dmih, input_size=cfg.input_size, mean=run.mean, std=run.std, training=training
+        version=version,
+        drh=drh,
+        dmih=dmih,
+        input_size=cfg.input_size,
+        mean=run.mean,
+        std=run.std,
+        training=training,
+        route=route_for(cfg),
+    )
+
+
+def route_for(cfg: TrainConfig) -> Route:
+    """The route the checkpoint declares: as given, else named after the data set (any image)."""
+    if cfg.init:
+        init_route = ckpt_mod.route_of(ckpt_mod.load(cfg.init))
+        if not (cfg.route or cfg.route_modalities or cfg.route_body_parts or cfg.general):
+            return init_route  # a DMIH serves what its DRH serves
+    name = cfg.route or re.sub(r"[^a-z0-9-]+", "-", Path(cfg.data).resolve().name.lower()).strip("-")[:32] or "model"
+    return Route(
+        name=name,
+        modalities=tuple(cfg.route_modalities.split(",")),
+        body_parts=tuple(cfg.route_body_parts.split(",")),
+        photometric=tuple(cfg.route_photometric.split(",")),
+        general=cfg.general,
     )
 
 
@@ -645,6 +676,11 @@ _HELP = {
     "stop_after_epoch": "stop after this epoch (split a training into sessions)",
     "cache_dir": "cache the decoded model inputs here (.npz)",
     "version": "model version tag (default METHOD+BITS-DATASET)",
+    "route": "name of the route the model serves (default: the data set's folder name)",
+    "route_modalities": "modalities the model serves, comma separated (e.g. DX,CR; empty: any)",
+    "route_body_parts": "body parts the model serves, comma separated (e.g. CHEST; empty: any)",
+    "route_photometric": "photometric interpretations the model serves (empty: any)",
+    "general": "declare a general model: it takes every image no other route takes",
 }
 
 

@@ -1,0 +1,81 @@
+"""What a model serves: its route, declared in its checkpoint.
+
+A hospital PACS forwards everything (chest radiographs, mammograms, ultrasound, CT and MR series), and
+a model trained on one anatomy gives meaningless codes for another. Each model therefore says which
+images it is for: modalities, body parts and optionally photometric interpretations (an empty list
+means any). An instance is hashed by the model of the first route that matches its header, and a
+similar query searches only within its reference's route, so answers never mix anatomies. A
+*general* model (trained without labels on every kind of image) takes what no other route matches.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+
+
+def _terms(values: Any) -> tuple[str, ...]:
+    if isinstance(values, str):
+        values = values.replace("\\", ",").split(",")
+    return tuple(sorted({str(v).strip().upper() for v in values or () if str(v).strip()}))
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    modalities: tuple[str, ...] = ()
+    body_parts: tuple[str, ...] = ()
+    photometric: tuple[str, ...] = ()
+    general: bool = False
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"route name {self.name!r}: lower-case letters, digits and '-', at most 32")
+        for field in ("modalities", "body_parts", "photometric"):
+            object.__setattr__(self, field, _terms(getattr(self, field)))
+
+    def matches(self, modality: str, body_part: str, photometric: str = "") -> bool:
+        """Whether an image with this header belongs to the route (a general route takes anything)."""
+        if self.general:
+            return True
+        checks = ((self.modalities, modality), (self.body_parts, body_part), (self.photometric, photometric))
+        return all(not wanted or (value or "").strip().upper() in wanted for wanted, value in checks)
+
+    def describe(self) -> str:
+        if self.general:
+            return f"{self.name} (general: every image no other route takes)"
+        parts = [
+            "/".join(self.modalities) or "any modality",
+            "/".join(self.body_parts) or "any body part",
+        ]
+        if self.photometric:
+            parts.append("/".join(self.photometric))
+        return f"{self.name} ({', '.join(parts)})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Route:
+        return cls(
+            name=str(data["name"]),
+            modalities=tuple(data.get("modalities") or ()),
+            body_parts=tuple(data.get("body_parts") or ()),
+            photometric=tuple(data.get("photometric") or ()),
+            general=bool(data.get("general", False)),
+        )
+
+
+# A checkpoint written before routes existed served every image: it is read as a general route.
+LEGACY = Route("general", general=True)
+
+
+def first_match(routes: list[Route], modality: str, body_part: str, photometric: str = "") -> Route | None:
+    """The first specific route that takes the image, else a general route, else None."""
+    for route in routes:
+        if not route.general and route.matches(modality, body_part, photometric):
+            return route
+    return next((r for r in routes if r.general), None)
