@@ -54,15 +54,17 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(x).sum(axis=2, dtype=np.int32)
 
 
-# Re-ranking vectors: the relaxed code tanh(h) in (-1, 1), stored as int8 (one byte per bit of the
-# code). The Hamming shortlist is re-sorted by their cosine: the continuous version of the distance
-# the codes were trained for, so near-equal codes are told apart by how far each bit was from 0.
-RERANK_SCALE = 127
+# Re-ranking vectors: the model's float re-ranking key (hashing.drh.rerank_key) stored as int8, one
+# byte per value. The Hamming shortlist is re-sorted by their cosine, which a per-vector scale leaves
+# unchanged: each vector is scaled so its largest value is +/-127.
 
 
-def quantize_relaxed(relaxed: np.ndarray) -> np.ndarray:
-    """Relaxed codes ``(n, nbits)`` in [-1, 1] to int8 re-ranking vectors."""
-    return np.clip(np.rint(np.asarray(relaxed, np.float32) * RERANK_SCALE), -127, 127).astype(np.int8)
+def quantize_rerank(vectors: np.ndarray) -> np.ndarray:
+    """Float re-ranking keys ``(n, d)`` to int8 re-ranking vectors (each scaled to use +/-127)."""
+    v = np.asarray(vectors, np.float32)
+    peak = np.abs(v).max(axis=-1, keepdims=True) if v.size else np.ones(v.shape[:-1] + (1,), np.float32)
+    scaled = v * (127.0 / np.maximum(peak, 1e-12))
+    return np.clip(np.rint(scaled), -127, 127).astype(np.int8)
 
 
 def rerank_similarity(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:

@@ -119,7 +119,7 @@ def model_checkpoint(
         "normalization": {"mean": float(mean), "std": float(std)},
         "preprocessing": {
             "pixels": "hashing.preprocess.load_pixels: rescale, VOI LUT/window, MONOCHROME1 inverted, to [0, 1]",
-            "fit": "hashing.preprocess.fit_to_square: keep aspect ratio, zero padding, input_size square",
+            "fit": "hashing.resize.model_input: keep aspect ratio, zero padding, input_size square, uint8 levels",
         },
         "drh": module_entry(drh, half=half),
         "dmih": module_entry(dmih, half=half) if dmih is not None else None,

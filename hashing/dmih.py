@@ -73,8 +73,15 @@ class DMIH(nn.Module):
 
     def forward_bag(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-activation study codes from ``features (B, M, D)`` and ``mask (B, M)``; code = ``>= 0``."""
+        return self.forward_bag_pooled(features, mask)[0]
+
+    def forward_bag_pooled(
+        self, features: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-activation study codes and the pooled study features they come from (whose layout part
+        is the study's re-ranking key, :func:`hashing.drh.rerank_key`)."""
         pooled, _ = self.pool(features, mask)
-        return self.bag_hash(pooled)
+        return self.bag_hash(pooled), pooled
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, M, C, H, W)``, ``mask (B, M)`` -> relaxed bag codes ``(B, K)``, relaxed instance codes ``(n, K)``.

@@ -10,10 +10,48 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hashing.bits import VALID_NBITS
-from hashing.resnet import RESNET18_HALF, ResNet
+from hashing.resnet import RESNET18_HALF, RESNET18_HALF_LAYOUT, ResNet
+
+# The re-ranking key of a model with a layout path: the whitened layout alone (see rerank_key).
+RERANK_CODE_WEIGHT = 0.0
+
+
+def rerank_dim(nbits: int, layout_dims: int) -> int:
+    """Values per re-ranking vector of a model (what the store keeps per image)."""
+    if not layout_dims:
+        return nbits
+    return layout_dims + (nbits if RERANK_CODE_WEIGHT > 0 else 0)
+
+
+def rerank_key(h: torch.Tensor, features: torch.Tensor, layout_dims: int) -> torch.Tensor:
+    """The float vector a Hamming shortlist is re-sorted by (cosine), from the hash layer's
+    pre-activation ``h`` and the features it was computed from.
+
+    Without a layout path it is the relaxed code ``tanh(h)``: the continuous version of the distance
+    the codes were trained for. With one it is the whitened layout, the neighbourhood structure the
+    codes were trained to keep (:func:`hashing.losses.neighbourhood_distillation`): the codes find the
+    shortlist, and the teacher, which 64 bits only approximate, orders it (validation figures in
+    docs/MODEL_CARD.md). With ``RERANK_CODE_WEIGHT`` > 0 both are joined, each unit-normalised, so
+    the cosine is that weighted mean of the two cosines.
+    """
+    relaxed = torch.tanh(h)
+    if not layout_dims:
+        return relaxed
+    layout = F.normalize(features[..., -layout_dims:], dim=-1)
+    if RERANK_CODE_WEIGHT <= 0:
+        return layout
+    w = RERANK_CODE_WEIGHT
+    return torch.cat([F.normalize(relaxed, dim=-1) * w**0.5, layout * (1 - w) ** 0.5], dim=-1)
+
+
+def layout_dims(model: nn.Module) -> int:
+    """Width of a DRH's or DMIH's layout path (0: none)."""
+    layout = model.encoder.layout
+    return 0 if layout is None else int(layout.dims)
 
 
 class DRH(nn.Module):
@@ -70,8 +108,14 @@ def drh_resnet10(nbits: int = 64, **backbone: Any) -> DRH:
 
 
 def drh_resnet18_half(nbits: int = 64, **backbone: Any) -> DRH:
-    """The default model: ResNet-18's layout at half width (:data:`hashing.resnet.RESNET18_HALF`)."""
+    """ResNet-18's design at half width (:data:`hashing.resnet.RESNET18_HALF`)."""
     return DRH(nbits=nbits, backbone={**RESNET18_HALF, **backbone})
+
+
+def drh_resnet18_layout(nbits: int = 64, **backbone: Any) -> DRH:
+    """The default model: :func:`drh_resnet18_half` with the whitened layout path
+    (:class:`hashing.resnet.LayoutPath`) beside its pooled features."""
+    return DRH(nbits=nbits, backbone={**RESNET18_HALF_LAYOUT, **backbone})
 
 
 MODELS = {
@@ -79,4 +123,5 @@ MODELS = {
     "drh_small": drh_small,
     "drh_resnet10": drh_resnet10,
     "drh_resnet18_half": drh_resnet18_half,
+    "drh_resnet18_layout": drh_resnet18_layout,
 }

@@ -24,7 +24,7 @@ import torch
 from hashing import bits as bitcodes
 from hashing import checkpoint as ckpt_mod
 from hashing.dmih import DMIH, dmih_tiny
-from hashing.drh import DRH, drh_tiny
+from hashing.drh import DRH, drh_tiny, layout_dims, rerank_dim, rerank_key
 from hashing.resize import model_input
 from hashing.route import LEGACY, Route
 
@@ -51,7 +51,7 @@ class Encoded(NamedTuple):
 
     codes: np.ndarray  # uint8 (n, nbits // 8)
     embeddings: np.ndarray  # float32 (n, emb_dim)
-    rerank: np.ndarray  # int8 (n, nbits)
+    rerank: np.ndarray  # int8 (n, rerank_dim)
 
 
 def to_input(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -83,6 +83,11 @@ class Encoder:
         self.version = version
         self.nbits = drh.nbits
         self.emb_dim = dmih.num_features
+        self.layout_dims = layout_dims(drh)
+        if layout_dims(dmih) != self.layout_dims:
+            raise ValueError(f"DRH has a {self.layout_dims}-value layout path but DMIH {layout_dims(dmih)}")
+        # values per re-ranking vector (images and studies alike)
+        self.rerank_dim = rerank_dim(self.nbits, self.layout_dims)
         self.input_size = input_size
         self.mean = mean
         self.std = std
@@ -165,18 +170,20 @@ class Encoder:
     def encode_tensor(self, x: torch.Tensor) -> Encoded:
         """Already prepared ``(n, 1, S, S)`` -> codes, embeddings and re-ranking vectors."""
         feats = self.drh.forward_features(x)
-        h = self.drh.forward_head(feats).float().cpu().numpy()
+        h_t = self.drh.forward_head(feats)
+        key = rerank_key(h_t, feats, self.layout_dims).float().cpu().numpy()
+        h = h_t.float().cpu().numpy()
         emb = feats if self._shared else self.dmih.forward_features(x)
         codes = bitcodes.pack(bitcodes.binarize(h)).reshape(len(x), self.nbits // 8)
-        return Encoded(codes, emb.float().cpu().numpy().astype(np.float32), bitcodes.quantize_relaxed(np.tanh(h)))
+        return Encoded(codes, emb.float().cpu().numpy().astype(np.float32), bitcodes.quantize_rerank(key))
 
     def encode_images(self, images: list[np.ndarray], batch_size: int = 64) -> Encoded:
         """2-D float32 images in [0, 1] -> codes ``(n, nbits // 8)``, embeddings ``(n, emb_dim)`` and
-        re-ranking vectors ``(n, nbits)``."""
+        re-ranking vectors ``(n, rerank_dim)``."""
         out = Encoded(
             np.zeros((len(images), self.nbits // 8), dtype=np.uint8),
             np.zeros((len(images), self.emb_dim), dtype=np.float32),
-            np.zeros((len(images), self.nbits), dtype=np.int8),
+            np.zeros((len(images), self.rerank_dim), dtype=np.int8),
         )
         for start in range(0, len(images), batch_size):
             part = self.encode_tensor(self.prepare(images[start : start + batch_size]))
@@ -187,16 +194,17 @@ class Encoder:
     @torch.inference_mode()
     def encode_study(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Instance embeddings of one study ``(m, emb_dim)``, any m >= 1 -> (study code uint8
-        ``(nbits // 8,)``, its re-ranking vector int8 ``(nbits,)``)."""
+        ``(nbits // 8,)``, its re-ranking vector int8 ``(rerank_dim,)``)."""
         e = np.ascontiguousarray(embeddings, dtype=np.float32)
         if e.ndim == 1:
             e = e[None, :]
         if e.ndim != 2 or e.shape[1] != self.emb_dim or len(e) == 0:
             raise ValueError(f"expected (m >= 1, {self.emb_dim}) embeddings, got shape {e.shape}")
         feats = torch.from_numpy(e).to(self.device)[None]
-        h = self.dmih.forward_bag(feats, torch.ones(1, len(e), dtype=torch.bool, device=self.device))
-        h = h.float().cpu().numpy()
-        return bitcodes.pack(bitcodes.binarize(h))[0], bitcodes.quantize_relaxed(np.tanh(h))[0]
+        h_t, pooled = self.dmih.forward_bag_pooled(feats, torch.ones(1, len(e), dtype=torch.bool, device=self.device))
+        key = rerank_key(h_t, pooled, self.layout_dims).float().cpu().numpy()
+        h = h_t.float().cpu().numpy()
+        return bitcodes.pack(bitcodes.binarize(h))[0], bitcodes.quantize_rerank(key)[0]
 
 
 def dmih_from_drh(drh: DRH, seed: int = 0) -> DMIH:

@@ -38,13 +38,14 @@ import torch
 
 from hashing import baselines
 from hashing import checkpoint as ckpt_mod
-from hashing.bits import binarize, pack, quantize_relaxed
+from hashing.bits import binarize, pack, quantize_rerank
 from hashing.data import DataError, ImageSet, Source, load_images, open_source
 from hashing.dmih import DMIH
 from hashing.drh import DRH
 from hashing.encoder import resolve_device
-from hashing.inference import encode_set, pool_bags
-from hashing.scoring import SHORTLIST, Protocol, Rep, score
+from hashing.inference import encode_set, image_keys, pool_bags
+from hashing.scoring import Protocol, Rep, score
+from hashing.search import shortlist_size
 
 log = logging.getLogger("hashing.evaluate")
 
@@ -145,11 +146,12 @@ def model_reps(
     assert isinstance(drh, DRH)
     feats, heads = encode_set(drh, images.images, mean, std, dev)
     f, h = feats.numpy(), heads.numpy()
-    codes, relaxed = pack(binarize(h)), quantize_relaxed(np.tanh(h)).astype(np.float32)
+    keys = image_keys(drh, feats, heads).numpy()
+    codes, vectors = pack(binarize(h)), quantize_rerank(keys).astype(np.float32)
     info = {"model": version, "method": str(ck.get("training", {}).get("method", "drh"))}
     reps = [
         Rep(f"{version} codes", "hamming", codes=codes, nbits=drh.nbits, extra=info),
-        Rep(f"{version} served (codes, top {SHORTLIST} re-ranked)", "served", codes, relaxed, drh.nbits, info),
+        Rep(f"{version} served (codes, top {shortlist_size(10)} re-ranked)", "served", codes, vectors, drh.nbits, info),
     ]
     if with_baselines:
         reps.append(Rep(f"{version} features ({f.shape[1]}-d float, cosine)", "cosine", vectors=f, extra=info))
@@ -158,24 +160,24 @@ def model_reps(
         if drh.nbits <= f.shape[1]:
             itq = baselines.fit_itq(f[fit_on], drh.nbits, seed=seed)
             reps.append(Rep(f"ITQ {drh.nbits} on {version} features", "hamming", codes=itq.encode(f), nbits=drh.nbits))
-    return reps, {"drh": drh, "feats": feats, "heads": heads, "mean": mean, "std": std}
+    return reps, {"drh": drh, "feats": feats, "heads": heads, "keys": keys, "mean": mean, "std": std}
 
 
 def study_reps(ck: dict[str, Any], parts: dict[str, Any], bags: list[list[int]], dev: torch.device) -> list[Rep]:
     """Study rows of a checkpoint: its DMIH study codes (when it has DMIH), and its image codes pooled
-    per study (mean of the relaxed codes, then the sign)."""
+    per study (mean of the relaxed codes, then the sign; the mean of the images' re-ranking keys)."""
     version = str(ck["version"])
     relaxed = torch.tanh(parts["heads"]).numpy()
     pooled = np.stack([relaxed[b].mean(axis=0) for b in bags])
     nbits = pooled.shape[1]
-    vectors = quantize_relaxed(pooled).astype(np.float32)
+    vectors = quantize_rerank(np.stack([parts["keys"][b].mean(axis=0) for b in bags])).astype(np.float32)
     reps = [Rep(f"{version} image codes pooled per study", "served", pack(binarize(pooled)), vectors, nbits)]
     if ck.get("dmih") is not None:
         dmih = ckpt_mod.build_module(ck["dmih"]).to(dev)
         assert isinstance(dmih, DMIH)
         feats, _ = encode_set(dmih, _images_of(parts), parts["mean"], parts["std"], dev)
-        h = pool_bags(dmih, feats, bags, dev).numpy()
-        vectors = quantize_relaxed(np.tanh(h)).astype(np.float32)
+        h_t, study_keys = pool_bags(dmih, feats, bags, dev)
+        h, vectors = h_t.numpy(), quantize_rerank(study_keys.numpy()).astype(np.float32)
         reps.insert(0, Rep(f"{version} DMIH study codes", "served", pack(binarize(h)), vectors, nbits))
     return reps
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from hashing.dmih import DMIH
-from hashing.drh import DRH
+from hashing.drh import DRH, layout_dims, rerank_key
 from hashing.encoder import to_input
 
 
@@ -35,10 +35,13 @@ def encode_set(
 
 
 @torch.no_grad()
-def pool_bags(model: DMIH, feats: torch.Tensor, bags: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Study-level pre-activations for each bag from instance features (padded + masked batches)."""
+def pool_bags(
+    model: DMIH, feats: torch.Tensor, bags: list[list[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Study-level pre-activations for each bag from instance features (padded + masked batches), and
+    the studies' re-ranking keys."""
     model.eval()
-    out = []
+    out, keys = [], []
     for s in range(0, len(bags), 256):
         chunk = bags[s : s + 256]
         m = max(len(b) for b in chunk)
@@ -47,7 +50,14 @@ def pool_bags(model: DMIH, feats: torch.Tensor, bags: list[list[int]], device: t
         for i, b in enumerate(chunk):
             x[i, : len(b)] = feats[b]
             mask[i, : len(b)] = True
-        out.append(model.forward_bag(x.to(device), mask.to(device)).float().cpu())
+        h, pooled = model.forward_bag_pooled(x.to(device), mask.to(device))
+        out.append(h.float().cpu())
+        keys.append(rerank_key(h, pooled, layout_dims(model)).float().cpu())
     if not out:
-        return torch.zeros(0, model.nbits)
-    return torch.cat(out)
+        return torch.zeros(0, model.nbits), torch.zeros(0, 0)
+    return torch.cat(out), torch.cat(keys)
+
+
+def image_keys(model: DRH | DMIH, feats: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """Re-ranking keys of images from :func:`encode_set`'s output."""
+    return rerank_key(heads, feats, layout_dims(model))

@@ -73,9 +73,10 @@ def contrastive_loss(
     """Contrast on relaxed codes (NT-Xent, Chen et al. 2020; several positives as in SupCon, Khosla
     et al. 2020), on the code geometry.
 
-    ``u`` and ``v`` are two views of the same N images. With ``s_ij = a_i . a_j / K`` for the 2N
-    codes ``a`` (1 - 2 d_ij / K when codes are exactly +/-1: a similarity in Hamming terms), each code
-    must pick its positives among the 2N - 1 others::
+    ``u`` and ``v`` are two views of the same N images. With ``s_ij = cos(a_i, a_j)`` for the 2N
+    relaxed codes ``a`` (1 - 2 d_ij / K once the codes are +/-1: a similarity in Hamming terms; the
+    cosine keeps the temperature meaningful while the quantization term is still pulling the codes
+    to +/-1), each code must pick its positives among the 2N - 1 others::
 
         L_contrast = -(1 / 2N) sum_i (1 / |P(i)|) sum_{p in P(i)} log( exp(s_ip / t) / sum_{j != i} exp(s_ij / t) )
 
@@ -86,11 +87,11 @@ def contrastive_loss(
     It needs no label, only what every archive records (MedAug, Vu et al. 2021, uses the same
     patient metadata for chest radiograph representations).
     """
-    a = torch.cat([u, v], dim=0)
-    n2, k = a.shape
+    a = F.normalize(torch.cat([u, v], dim=0), dim=1)
+    n2 = a.shape[0]
     n = n2 // 2
     eye = torch.eye(n2, dtype=torch.bool, device=a.device)
-    logits = ((a @ a.T) / (k * temperature)).masked_fill(eye, float("-inf"))
+    logits = ((a @ a.T) / temperature).masked_fill(eye, float("-inf"))
     image = torch.arange(n, device=a.device).repeat(2)
     positive = image[:, None] == image[None, :]
     if groups is not None:
@@ -102,22 +103,47 @@ def contrastive_loss(
     return per_anchor.mean()
 
 
+def neighbourhood_distillation(
+    u: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.2, teacher_temperature: float = 0.05
+) -> torch.Tensor:
+    """Distil a neighbourhood structure into the codes (relational knowledge distillation, Park et al.
+    2019; as a softmax over the batch, Tian et al.'s CRD and SSKD use the same form).
+
+    For each image of the batch the teacher's cosines to the others, sharpened by
+    ``teacher_temperature``, give a distribution ``p_i`` over its neighbours; the relaxed codes' cosines
+    give ``q_i``; the loss is the cross-entropy ``-(1/N) sum_i sum_{j != i} p_ij log q_ij`` (KL up to
+    the teacher's entropy). It asks the codes to keep *who is whose neighbour*, not the teacher's
+    distances, so 64 bits can follow a 128-dimensional teacher. The teacher here is the whitened
+    layout (:class:`hashing.resnet.LayoutPath`): a structure computed from the images alone.
+    """
+    n = u.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=u.device)
+    t = F.normalize(teacher.detach(), dim=1)
+    p = ((t @ t.T) / teacher_temperature).masked_fill(eye, float("-inf")).softmax(dim=1)
+    a = F.normalize(u, dim=1)
+    log_q = ((a @ a.T) / temperature).masked_fill(eye, float("-inf")).log_softmax(dim=1)
+    return -(p * log_q.masked_fill(eye, 0.0)).sum(dim=1).mean()
+
+
 def drh_loss(
     u: torch.Tensor,
     labels: torch.Tensor,
     *,
     v: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
+    teacher: torch.Tensor | None = None,
     scale: float = 8.0,
     w_nca: float = 1.0,
     w_contrast: float = 0.0,
+    w_distill: float = 0.0,
     temperature: float = 0.2,
+    teacher_temperature: float = 0.05,
     w_quant: float = 0.1,
     w_balance: float = 0.1,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DRH objective on relaxed codes ``u`` (and ``v``, a second view of the same images, for the
-    contrast term, whose positives also join by ``groups``); returns the total and its parts, for
-    logging. NCA sees both views."""
+    contrast term, whose positives also join by ``groups``; ``teacher``, one row per row of ``u``, for
+    the distillation term); returns the total and its parts, for logging. NCA sees both views."""
     both = u if v is None else torch.cat([u, v], dim=0)
     both_labels = labels if v is None else torch.cat([labels, labels], dim=0)
     total = u.new_zeros(())
@@ -130,6 +156,10 @@ def drh_loss(
         con = contrastive_loss(u, v, temperature, groups)
         total = total + w_contrast * con
         parts["contrast"] = float(con.detach())
+    if w_distill > 0 and teacher is not None:
+        dis = neighbourhood_distillation(u, teacher, temperature, teacher_temperature)
+        total = total + w_distill * dis
+        parts["distill"] = float(dis.detach())
     q = quantization_loss(both)
     b = bit_balance_loss(both)
     total = total + w_quant * q + w_balance * b

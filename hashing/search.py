@@ -37,8 +37,9 @@ import numpy as np
 from hashing import kernels
 
 # The served ranking re-sorts this many Hamming neighbours by their re-ranking vectors
-# (hashing.bits.quantize_relaxed): at least 100, and 4 k for larger k.
-SHORTLIST = 100
+# (hashing.bits.quantize_rerank): at least 300 (chosen on validation, docs/MODEL_CARD.md), and 4 k
+# for larger k.
+SHORTLIST = 300
 
 
 def shortlist_size(k: int) -> int:

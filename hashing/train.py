@@ -2,9 +2,11 @@
 
 One training loop for every method (so the baselines get the same harness and budget); only the loss
 differs. The DRH objective (:func:`hashing.losses.drh_loss`) combines a term learned from the images
-alone (two random views of each image, :mod:`hashing.augment`, must be each other's nearest code) with
-NCA where labels exist, plus quantization and bit balance: an unlabelled archive trains the model,
-and labels, when given, add NCA.
+alone with NCA where labels exist, plus quantization and bit balance: an unlabelled archive trains the
+model, and labels, when given, add NCA. The term from the images alone is the distillation of the
+whitened layout's neighbourhoods into the codes (``--w-distill``, on by default: the layout path is
+fitted on the training images first); contrast of two random views (``--w-contrast``, with the
+patient's other films as positives) is there too, off by default (the ablation in the model card).
 
 Epochs are selected on a patient-disjoint validation set (the manifest's ``val`` rows, else a share of
 the training patients held out); the test split is never read here. The selection measure is the
@@ -46,13 +48,14 @@ from tqdm import tqdm
 from hashing import checkpoint as ckpt_mod
 from hashing import losses
 from hashing.augment import light_view, random_views
-from hashing.bits import VALID_NBITS, binarize, pack, quantize_relaxed
+from hashing.bits import VALID_NBITS, binarize, pack, quantize_rerank
 from hashing.data import DataError, ImageSet, Source, estimate_normalization, load_images, open_source, patient_split
 from hashing.dmih import DMIH
 from hashing.drh import DRH, MODELS
 from hashing.encoder import dmih_from_drh, resolve_device
-from hashing.inference import encode_set, pool_bags
+from hashing.inference import encode_set, image_keys, pool_bags
 from hashing.metrics import distinct_codes, hamming_distances, ties_at
+from hashing.resnet import LayoutPath
 from hashing.route import Route
 from hashing.scoring import Protocol, Rep, score
 
@@ -74,17 +77,19 @@ class TrainConfig:
     method: str = "drh"
     manifest: str = ""
     bits: int = 64
-    arch: str = "drh_resnet18_half"
+    arch: str = "drh_resnet18_layout"
     input_size: int = 128
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     scale: float = 8.0
     w_nca: float = 1.0
-    w_contrast: float = 1.0
+    w_contrast: float = 0.0
+    w_distill: float = 1.0
     temperature: float = 0.2
+    teacher_temperature: float = 0.05
     positives: str = "patient"
     w_quant: float = 0.1
     w_balance: float = 0.1
@@ -212,6 +217,7 @@ class _Run:
     std: float
     opt: torch.optim.Optimizer
     centers: torch.Tensor | None
+    teacher: LayoutPath | None  # the neighbourhood structure the distillation term keeps
     steps_per_epoch: int
     total_steps: int
     warmup: int
@@ -241,8 +247,8 @@ def _check_labels(run_cfg: TrainConfig, train_set: ImageSet, warn: Any) -> None:
         raise SystemExit("--method csq needs labels of at least two classes")
     if len(classes) == 1:
         warn("the labels name one class only: they add nothing, training uses the images alone")
-    if len(classes) < 2 and run_cfg.w_contrast <= 0:
-        raise SystemExit("no labels of two classes and --w-contrast 0: nothing to learn from")
+    if len(classes) < 2 and run_cfg.w_contrast <= 0 and run_cfg.w_distill <= 0:
+        raise SystemExit("no labels of two classes, --w-contrast 0 and --w-distill 0: nothing to learn from")
 
 
 def _prepare(cfg: TrainConfig) -> _Run:
@@ -291,7 +297,7 @@ def _prepare(cfg: TrainConfig) -> _Run:
     centers = losses.csq_centers(n_classes, cfg.bits, cfg.seed).to(device) if cfg.method == "csq" else None
     if cfg.method == "dmih":
         steps_per_epoch = max(1, len(train_set.bags()) // cfg.bags_per_batch)
-    elif cfg.method == "drh" and cfg.w_contrast > 0 and cfg.positives == "patient":
+    elif _patient_batches(cfg):
         counts: dict[str, int] = {}
         for p in train_set.patients:
             counts[p] = counts.get(p, 0) + 1
@@ -322,6 +328,7 @@ def _prepare(cfg: TrainConfig) -> _Run:
         std=std,
         opt=opt,
         centers=centers,
+        teacher=None,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         warmup=max(1, int(cfg.warmup_epochs * steps_per_epoch)),
@@ -330,7 +337,37 @@ def _prepare(cfg: TrainConfig) -> _Run:
     )
     _check_labels(cfg, train_set, run.warn)
     _warn_about_batches(run)
+    run.teacher = _fit_layout(run, resumed=cfg.resume and last.exists())
     return run
+
+
+def _fit_layout(run: _Run, *, resumed: bool) -> LayoutPath | None:
+    """Fit the model's layout path on the training images (a DMIH inherits DRH's; a resumed run has it
+    in its state) and return the distillation teacher: that path, or for a network without one a
+    path fitted here for training only."""
+    cfg = run.cfg
+    layout = run.model.encoder.layout
+    images = run.train_set.images
+
+    def batches() -> Any:
+        for i in range(0, len(images), 512):
+            yield _normalised(run, images[i : i + 512].float() / 255.0)
+
+    if layout is not None and cfg.method != "dmih" and not resumed:
+        layout.fit(batches())
+    if cfg.w_distill <= 0 or cfg.method == "csq":
+        return None
+    if layout is not None:
+        return layout
+    teacher = LayoutPath().to(run.device)
+    teacher.fit(batches())
+    return teacher
+
+
+def _patient_batches(cfg: TrainConfig) -> bool:
+    """Whether DRH batches bring films of one patient together (for the contrast's patient positives,
+    and so that the distilled neighbourhoods hold the neighbours that matter most)."""
+    return cfg.method == "drh" and cfg.positives == "patient" and (cfg.w_contrast > 0 or cfg.w_distill > 0)
 
 
 def _warn_about_batches(run: _Run) -> None:
@@ -351,23 +388,29 @@ def _normalised(run: _Run, x01: torch.Tensor) -> torch.Tensor:
 
 
 def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """DRH (contrast of two views, NCA, quantization, bit balance) or CSQ, on one batch of images."""
+    """DRH (NCA, distilled layout neighbourhoods, contrast of two views, quantization, bit balance) or
+    CSQ, on one batch of images."""
     cfg, ts = run.cfg, run.train_set
     x = ts.images[batch]
     y = ts.labels[batch].to(run.device)
     if cfg.method == "csq":
         u = run.model(_normalised(run, light_view(x, gen)))
         return losses.csq_loss(u, y, run.centers, w_quant=cfg.csq_w_quant)
-    groups = None
+    groups = teacher = v = None
+    if cfg.w_contrast > 0 or run.teacher is not None:
+        first = _normalised(run, random_views(x, gen))
+        u = run.model(first)
+        if run.teacher is not None:
+            with torch.no_grad():
+                teacher = run.teacher(first)
+    else:
+        u = run.model(_normalised(run, light_view(x, gen)))
     if cfg.w_contrast > 0:
-        u = run.model(_normalised(run, random_views(x, gen)))
         v = run.model(_normalised(run, random_views(x, gen)))
         if cfg.positives == "patient":
             names = [ts.patients[i] for i in batch.tolist()]
             groups = torch.as_tensor([names.index(p) for p in names])
-    else:
-        u, v = run.model(_normalised(run, light_view(x, gen))), None
-    return losses.drh_loss(u, y, v=v, groups=groups, **_loss_weights(cfg))
+    return losses.drh_loss(u, y, v=v, groups=groups, teacher=teacher, **_loss_weights(cfg))
 
 
 def _loss_weights(cfg: TrainConfig) -> dict[str, float]:
@@ -375,20 +418,31 @@ def _loss_weights(cfg: TrainConfig) -> dict[str, float]:
         "scale": cfg.scale,
         "w_nca": cfg.w_nca,
         "w_contrast": cfg.w_contrast,
+        "w_distill": cfg.w_distill,
         "temperature": cfg.temperature,
+        "teacher_temperature": cfg.teacher_temperature,
         "w_quant": cfg.w_quant,
         "w_balance": cfg.w_balance,
     }
 
 
-def _bag_codes(run: _Run, batch: list[list[int]], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relaxed study codes of a batch of bags (each instance one random view), and instance codes."""
+def _bag_codes(
+    run: _Run, batch: list[list[int]], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Relaxed study codes of a batch of bags (each instance one random view), instance codes, and the
+    studies' teacher vectors (the mean of their images' layouts) when distilling."""
     model = run.model
     assert isinstance(model, DMIH)
     flat = [i for b in batch for i in b]
     x = run.train_set.images[torch.as_tensor(flat)]
-    view = random_views(x, gen) if run.cfg.w_contrast > 0 else light_view(x, gen)
-    feats_real = model.forward_features(_normalised(run, view))
+    strong = run.cfg.w_contrast > 0 or run.teacher is not None
+    view = _normalised(run, random_views(x, gen) if strong else light_view(x, gen))
+    teacher = None
+    if run.teacher is not None:
+        with torch.no_grad():
+            per_image = run.teacher(view)
+        teacher = torch.stack([part.mean(dim=0) for part in per_image.split([len(b) for b in batch])])
+    feats_real = model.forward_features(view)
     m = max(len(b) for b in batch)
     mask = torch.zeros(len(batch), m, dtype=torch.bool)
     for i, b in enumerate(batch):
@@ -396,18 +450,18 @@ def _bag_codes(run: _Run, batch: list[list[int]], gen: torch.Generator) -> tuple
     mask = mask.to(run.device)
     feats = feats_real.new_zeros(len(batch), m, feats_real.shape[1])
     feats[mask] = feats_real
-    return torch.tanh(model.forward_bag(feats, mask)), model.forward_instance_head(feats_real)
+    return torch.tanh(model.forward_bag(feats, mask)), model.forward_instance_head(feats_real), teacher
 
 
 def _loss_bags(run: _Run, batch: list[list[int]], gen: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
     """DMIH: the objective on study codes (two views of each study), plus the decaying instance arm."""
     cfg, ts = run.cfg, run.train_set
-    u_bag, u_inst = _bag_codes(run, batch, gen)
+    u_bag, u_inst, teacher = _bag_codes(run, batch, gen)
     v_bag = _bag_codes(run, batch, gen)[0] if cfg.w_contrast > 0 else None
     y_bag = ts.labels[torch.as_tensor([b[0] for b in batch])].to(run.device)
     y_inst = ts.labels[torch.as_tensor([i for b in batch for i in b])].to(run.device)
     weights = _loss_weights(cfg)
-    loss_bag, parts = losses.drh_loss(u_bag, y_bag, v=v_bag, **weights)
+    loss_bag, parts = losses.drh_loss(u_bag, y_bag, v=v_bag, teacher=teacher, **weights)
     lam = losses.instance_arm_weight(step / run.steps_per_epoch, cfg.epochs, cfg.inst_weight)
     loss_inst, _ = losses.drh_loss(u_inst, y_inst, **{**weights, "w_contrast": 0.0})
     return loss_bag + lam * loss_inst, {**parts, "inst": float(loss_inst.detach()), "lam": lam}
@@ -421,7 +475,7 @@ def _run_epoch(run: _Run, epoch: int) -> dict[str, Any]:
     run.model.train()
     if cfg.method == "dmih":
         batches: list = _batches_bags(run.train_set.bags(), cfg.bags_per_batch, cfg.max_bag, gen)
-    elif cfg.method == "drh" and cfg.w_contrast > 0 and cfg.positives == "patient":
+    elif _patient_batches(cfg):
         batches = _batches_patients(run.train_set.patients, cfg.batch_size, gen)
     else:
         batches = _batches_instances(len(run.train_set), cfg.batch_size, gen)
@@ -467,15 +521,16 @@ def validate(run: _Run) -> dict[str, Any]:
     feats, heads = encode_set(run.model, both.images, run.mean, run.std, run.device)
     if isinstance(run.model, DMIH):  # study level: bags of the images
         bags = both.bags()
-        heads = pool_bags(run.model, feats, bags, run.device)
+        heads, keys = pool_bags(run.model, feats, bags, run.device)
         labels = np.array([int(both.labels[b[0]]) for b in bags])
         patients = np.array([both.patients[b[0]] for b in bags], dtype=object)
         n_val = sum(1 for b in bags if b[0] < len(vs))
         order = np.argsort([b[0] >= len(vs) for b in bags], kind="stable")
-        heads, labels, patients = heads[order], labels[order], patients[order]
+        heads, keys, labels, patients = heads[order], keys[order], labels[order], patients[order]
     else:
         labels, patients, n_val = both.labels.numpy(), np.array(both.patients, dtype=object), len(vs)
-    relaxed = quantize_relaxed(torch.tanh(heads).numpy()).astype(np.float32)
+        keys = image_keys(run.model, feats, heads)
+    relaxed = quantize_rerank(keys.numpy()).astype(np.float32)
     codes = pack(binarize(heads.numpy()))
     everything = np.arange(len(codes))
     proto = Protocol(
@@ -659,7 +714,9 @@ _HELP = {
     "scale": "NCA scale s (logits = -s d / K)",
     "w_nca": "weight of NCA (used where labels exist)",
     "w_contrast": "weight of the term learned from the images alone (0: labels only)",
-    "temperature": "temperature of the contrast term",
+    "w_distill": "weight of the distilled neighbourhoods of the whitened layout (images alone; 0: off)",
+    "temperature": "temperature of the codes' similarities in the contrast and distillation terms",
+    "teacher_temperature": "temperature of the layout's similarities (the distillation's teacher)",
     "positives": "the contrast term's positives: patient (two views of an image, and the other films of its"
     " patient in the batch) or views (two views of an image only)",
     "w_quant": "quantization loss weight",

@@ -37,7 +37,7 @@ class Archive:
         from hashing.preprocess import load_pixels, read_dataset
 
         self.version = encoder.version
-        store.models.register(encoder.version, encoder.nbits)
+        store.models.register(encoder.version, encoder.nbits, rerank_dim=encoder.rerank_dim)
         store.models.ensure_active(encoder.version)
         images = fixture_images()
         plan = [

@@ -76,7 +76,7 @@ def test_rejects_non_2d(encoder: Encoder) -> None:
 def test_encode_study_from_stored_embeddings(encoder: Encoder) -> None:
     embs = encoder.encode_images(_fixture_images()[:4]).embeddings
     study, study_rerank = encoder.encode_study(embs)
-    assert study_rerank.dtype == np.int8 and study_rerank.shape == (encoder.nbits,)
+    assert study_rerank.dtype == np.int8 and study_rerank.shape == (encoder.rerank_dim,)
     assert study.dtype == np.uint8 and study.shape == (encoder.nbits // 8,)
     # Permutation invariant (a study's instances arrive in any order).
     np.testing.assert_array_equal(encoder.encode_study(embs[::-1])[0], study)

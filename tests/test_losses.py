@@ -106,3 +106,27 @@ def test_drh_loss_without_labels_is_the_contrast_and_the_code_terms() -> None:
     total, parts = losses.drh_loss(u, torch.full((8,), -1), v=v, w_contrast=1.0)
     assert "nca" not in parts and set(parts) == {"contrast", "quant", "balance"}
     assert float(total) == pytest.approx(parts["contrast"] + 0.1 * parts["quant"] + 0.1 * parts["balance"], rel=1e-5)
+
+
+def test_distillation_is_lowest_when_the_codes_keep_the_teachers_neighbours() -> None:
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(16, 32, generator=gen)
+    projection = torch.randn(32, 64, generator=gen)
+    keeps = torch.tanh(teacher @ projection / 4)  # codes whose neighbourhoods follow the teacher's
+    shuffled = keeps[torch.randperm(16, generator=gen)]  # the same codes, given to the wrong images
+    good = losses.neighbourhood_distillation(keeps, teacher)
+    bad = losses.neighbourhood_distillation(shuffled, teacher)
+    assert good < bad
+    # The teacher gets no gradient: it is a target.
+    t = teacher.clone().requires_grad_(True)
+    u = keeps.clone().requires_grad_(True)
+    losses.neighbourhood_distillation(u, t).backward()
+    assert t.grad is None and u.grad is not None and torch.isfinite(u.grad).all()
+
+
+def test_drh_loss_distils_only_with_a_teacher() -> None:
+    u = torch.tanh(torch.randn(8, 16))
+    no_labels = torch.full((8,), -1)
+    _, without = losses.drh_loss(u, no_labels, w_distill=1.0)
+    _, with_teacher = losses.drh_loss(u, no_labels, w_distill=1.0, teacher=torch.randn(8, 32))
+    assert "distill" not in without and with_teacher["distill"] > 0

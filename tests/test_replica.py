@@ -18,6 +18,7 @@ from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
 from plugin.search.replica import IndexNotReady, ReplicaIndex
 from plugin.store import Store
+from plugin.store.models import StoreError
 from tests.helpers.processes import wait_until
 
 NBITS = 64
@@ -458,20 +459,29 @@ def test_excluding_a_patient_with_many_nearest_studies_still_returns_the_k_neare
     assert as_pairs(idx.search(bytes(q), 500, exclude_patient="SAME")) == expected(live, bytes(q), 500, allowed=allowed)
 
 
-def test_reranked_top_k_equals_brute_force_over_the_shortlist(store):
-    """With a re-ranking vector, the answer is the Hamming shortlist re-sorted by cosine, exactly."""
-    from hashing.bits import quantize_relaxed, rerank_similarity
+@pytest.mark.parametrize("width", [NBITS, 128])
+def test_reranked_top_k_equals_brute_force_over_the_shortlist(redis_client, width):
+    """With a re-ranking vector, the answer is the Hamming shortlist re-sorted by cosine, exactly;
+    the vectors may be wider than the code (a model's whitened layout: 128 values for 64 bits)."""
+    from hashing.bits import quantize_rerank, rerank_similarity
     from hashing.search import shortlist_size
 
+    store = Store(redis_client, namespace="t")
+    store.models.register("m1", NBITS, rerank_dim=width)
+    store.models.activate("m1")
     rng = np.random.default_rng(14)
     codes = rand_codes(rng, 600, centres=4, flip=0.03)  # heavy ties: the re-ranking decides
-    vectors = quantize_relaxed(np.tanh(rng.standard_normal((600, NBITS))))
+    vectors = quantize_rerank(rng.standard_normal((600, width)))
     live = {}
     for i, (c, v) in enumerate(zip(codes, vectors, strict=True)):
         live[f"1.9.{i}"] = (store.codes.upsert("m1", "study", f"1.9.{i}", c, rerank=v)[0], bytes(c))
     idx = ReplicaIndex(store, "study")
     idx.refresh()
-    later = quantize_relaxed(np.tanh(rng.standard_normal(NBITS)))
+    with pytest.raises(StoreError, match="re-ranking vector"):
+        store.codes.upsert("m1", "study", "1.9.0", codes[0], rerank=vectors[0][: width // 2])
+    with pytest.raises(ValueError, match="re-ranking vector"):
+        idx.search(bytes(codes[0]), 10, rerank=vectors[0][: width // 2])
+    later = quantize_rerank(rng.standard_normal(width))
     store.codes.upsert("m1", "study", "1.9.7", codes[7], rerank=later)  # a new vector, same code: followed
     vectors[7] = later
     idx.refresh()

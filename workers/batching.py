@@ -306,7 +306,7 @@ def index_batch(
         return own_outcome or "duplicate", set()
     encoded = encode(versions, images, settings.batch_size)
     for version, enc in versions:
-        store.models.register(version, enc.nbits)
+        store.models.register(version, enc.nbits, rerank_dim=enc.rerank_dim)
     studies = write_records(store, images)
     hold(settings, "before_write")
     write_codes(store, encoded, images)

@@ -108,7 +108,9 @@ class ModelTask(Task):
         active = store.models.active()
         if active is None:
             enc = self.encoder(settings.model_path)
-            store.models.register(enc.version, enc.nbits, path=settings.model_path, emb_dim=enc.emb_dim)
+            store.models.register(
+                enc.version, enc.nbits, rerank_dim=enc.rerank_dim, path=settings.model_path, emb_dim=enc.emb_dim
+            )
             if store.models.ensure_active(enc.version):
                 store.models.set_state(enc.version, "complete")  # the first version is built as studies arrive
             active = store.models.active() or enc.version

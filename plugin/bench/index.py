@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hashing.drh import rerank_dim
+from hashing.resnet import RESNET18_HALF_LAYOUT
 from hashing.search import MultiIndexHash, Planner, Selector, knn, query_words, to_words
 from plugin.search.replica import MIH_MIN
 
@@ -225,11 +227,15 @@ def populate_store(store, version: str, codes: np.ndarray, seed: int) -> None:  
     load_studies(store, version, codes, uids, attrs, vocab, rerank=rerank_vectors(codes, seed))
 
 
-def rerank_vectors(codes: np.ndarray, seed: int) -> np.ndarray:
-    """Re-ranking vectors that agree with the codes' bits (as a model's relaxed codes do), int8."""
+# The shipped model's re-ranking vectors are its whitened 16 x 16 layout (hashing.drh.rerank_key).
+RERANK_DIM = rerank_dim(64, int(RESNET18_HALF_LAYOUT["layout"]))
+
+
+def rerank_vectors(codes: np.ndarray, seed: int, width: int = RERANK_DIM) -> np.ndarray:
+    """int8 re-ranking vectors of the shipped model's width, one per code (random: the layout key
+    does not follow the bits, and re-ranking costs the same whatever the values)."""
     rng = np.random.default_rng(seed + 5)
-    signs = np.unpackbits(codes, axis=1).astype(np.int16) * 2 - 1
-    return np.clip(signs * rng.integers(1, 128, signs.shape), -127, 127).astype(np.int8)
+    return rng.integers(-127, 128, (len(codes), width), dtype=np.int8)
 
 
 def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespace, results: dict) -> None:
@@ -258,7 +264,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
         assert idx is not None
         results["load_s"] = {"median": float(np.median(loads)), "min": min(loads), "max": max(loads)}
         results["replica_bytes_per_code"] = idx.memory_bytes() / n
-        results["replica_rerank_bytes_per_code"] = codes.shape[1] * 8
+        results["replica_rerank_bytes_per_code"] = RERANK_DIM
         _log(
             f"    replica cold load from Redis: median {np.median(loads):.3f} s"
             f" (min {min(loads):.3f}, max {max(loads):.3f}); {idx.memory_bytes() / n:.1f} bytes/code in memory,"

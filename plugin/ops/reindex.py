@@ -33,7 +33,7 @@ def start(app: Celery, model_path: str, *, force: bool = False) -> dict[str, str
     enc = Encoder.load(model_path or None, device="cpu")
     if enc.version == store.models.active():
         raise RuntimeError(f"model {enc.version} is already the active version")
-    store.models.register(enc.version, enc.nbits, path=model_path, emb_dim=enc.emb_dim)
+    store.models.register(enc.version, enc.nbits, rerank_dim=enc.rerank_dim, path=model_path, emb_dim=enc.emb_dim)
     store.models.set_state(enc.version, "building")
     store.reindex.start(enc.version, model_path, store.models.active() or "")
     send(app, REINDEX_PLAN, version=enc.version)

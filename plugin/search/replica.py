@@ -154,7 +154,7 @@ class ReplicaIndex:
 
     def _load(self, version: str) -> None:
         snap = self.store.codes.snapshot(version, self.level)
-        st = State(version, self.level, snap.nbits, snap.generation)
+        st = State(version, self.level, snap.nbits, snap.generation, snap.rerank.shape[1])
         n = snap.n_slots
         st.reserve(n)
         if n:
@@ -340,8 +340,10 @@ class ReplicaIndex:
                 raise IndexNotReady(f"the {self.level} index is not loaded (no active model yet?)")
             if len(query) != st.nbytes:
                 raise ValueError(f"query code of {len(query)} bytes for a {st.nbits}-bit model")
-            if rerank is not None and np.asarray(rerank).size != st.nbits:
-                raise ValueError(f"re-ranking vector of {np.asarray(rerank).size} values for a {st.nbits}-bit model")
+            if rerank is not None and np.asarray(rerank).size != st.rerank_dim:
+                raise ValueError(
+                    f"re-ranking vector of {np.asarray(rerank).size} values; the model has {st.rerank_dim}"
+                )
             with self._lock:
                 # Excluded UIDs (the reference) are dropped after the UID lookup: asking for
                 # len(excluded) more keeps exactly the k nearest of the others, without a lookup

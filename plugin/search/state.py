@@ -48,16 +48,17 @@ class Columns:
 class State:
     """One loaded (version, generation): arrays indexed by slot, grown by doubling."""
 
-    def __init__(self, version: str, level: str, nbits: int, generation: int) -> None:
+    def __init__(self, version: str, level: str, nbits: int, generation: int, rerank_dim: int = 0) -> None:
         self.version = version
         self.level = level
         self.nbits = nbits
+        self.rerank_dim = rerank_dim or nbits
         self.nbytes = nbits // 8
         self.generation = generation
         self.n = 0  # slots known (allocated) so far
         self.live = 0
         self.planes = np.zeros((n_words(nbits), 0), np.uint64)
-        self.rerank = np.zeros((0, nbits), np.int8)  # per slot: the int8 re-ranking vector (zeros: none)
+        self.rerank = np.zeros((0, self.rerank_dim), np.int8)  # per slot: the int8 re-ranking vector (zeros: none)
         self.exclude = np.zeros(0, np.uint8)  # 0 live, 255 deleted / unknown
         self.slot_sn = np.zeros(0, np.intp)
         self.attrs = Columns(1)
@@ -81,7 +82,7 @@ class State:
         exclude[:cap] = self.exclude
         slot_sn = np.zeros(new, np.intp)
         slot_sn[:cap] = self.slot_sn
-        rerank = np.zeros((new, self.nbits), np.int8)
+        rerank = np.zeros((new, self.rerank_dim), np.int8)
         rerank[:cap] = self.rerank
         self.planes, self.exclude, self.slot_sn, self.rerank = planes, exclude, slot_sn, rerank
 

@@ -29,12 +29,12 @@ def load_studies(
 ) -> None:
     """Study ``i`` gets slot ``i``, study number ``i + 1``, code ``codes[i]`` and filter record
     ``attrs[i + 1]`` (``attrs`` is :data:`ATTR_DTYPE`, row 0 unused); ``record(i)``, when given, is its
-    study hash; ``rerank`` (int8 ``(n, nbits)``) their re-ranking vectors. ``vocabularies`` lists the
+    study hash; ``rerank`` (int8 ``(n, rerank_dim)``) their re-ranking vectors. ``vocabularies`` lists the
     terms of each filter vocabulary in number order."""
     n, nbytes = codes.shape
     if attrs.dtype != ATTR_DTYPE or len(attrs) != n + 1 or len(uids) != n:
         raise ValueError("codes, uids and attrs (n + 1 records) must describe the same studies")
-    store.models.register(version, nbytes * 8)
+    store.models.register(version, nbytes * 8, rerank_dim=0 if rerank is None else int(rerank.shape[1]))
     store.models.activate(version)
     store.models.set_state(version, "complete")
     k, r = store.keys, store.client

@@ -47,7 +47,7 @@ class Snapshot:
     generation: int
     n_slots: int
     codes: bytes  # n_slots * nbytes
-    rerank: np.ndarray  # int8 (n_slots, nbits): the re-ranking vectors (zeros where none was stored)
+    rerank: np.ndarray  # int8 (n_slots, rerank_dim): the re-ranking vectors (zeros where none was stored)
     slot_sn: np.ndarray  # uint32 (n_slots,)
     deleted: np.ndarray  # bool (n_slots,)
     attrs: np.ndarray  # ATTR_DTYPE (n_studies + 1,), index = study number
@@ -118,15 +118,18 @@ class CodeStore:
 
         ``study_uid`` (image level) links the slot to its study for filtering at once; without it
         the link comes from the instance record (``Records.put_instance``), before or after this call.
-        ``rerank`` is the slot's re-ranking vector, ``nbits`` int8 (:func:`hashing.bits.quantize_relaxed`).
+        ``rerank`` is the slot's re-ranking vector: the version's ``rerank_dim`` int8 values
+        (:func:`hashing.bits.quantize_rerank`).
         """
         nbytes = self.models.nbytes(version)
         data = bytes(np.asarray(code, dtype=np.uint8).ravel()) if not isinstance(code, bytes) else code
         if len(data) != nbytes:
             raise StoreError(f"code of {len(data)} bytes for a {nbytes * 8}-bit model {version}")
         rr = b"" if rerank is None else (rerank if isinstance(rerank, bytes) else np.asarray(rerank, np.int8).tobytes())
-        if rr and len(rr) != nbytes * 8:
-            raise StoreError(f"re-ranking vector of {len(rr)} bytes for a {nbytes * 8}-bit model {version}")
+        if rr and len(rr) != self.models.rerank_dim(version):
+            raise StoreError(
+                f"re-ranking vector of {len(rr)} values; model {version} has {self.models.rerank_dim(version)}"
+            )
         suid = uid if level == "study" else (study_uid or "")
         keys = [
             *self._code_keys(version, level),
@@ -233,7 +236,7 @@ class CodeStore:
                 old = np.fromiter(sorted(int(s) for s in uid_map), np.int64, len(uid_map))
                 code_arr = np.frombuffer(codes.ljust(n_slots * nbytes, b"\0"), np.uint8).reshape(n_slots, nbytes)
                 sn_arr = np.frombuffer(slotsn.ljust(n_slots * 4, b"\0"), "<u4")[:n_slots]
-                rr_arr = _rerank_array(rr, n_slots, nbytes * 8)
+                rr_arr = _rerank_array(rr, n_slots, self.models.rerank_dim(version))
                 uids = [uid_map[str(s).encode()] for s in old.tolist()]
                 pipe.multi()
                 pipe.set(k.codes(version, level), code_arr[old].tobytes())
@@ -284,7 +287,7 @@ class CodeStore:
             generation=int(gen or 0),
             n_slots=n,
             codes=codes,
-            rerank=_rerank_array(rr or b"", n, nbytes * 8),
+            rerank=_rerank_array(rr or b"", n, self.models.rerank_dim(version)),
             slot_sn=slot_sn,
             deleted=deleted,
             attrs=attrs,

@@ -30,6 +30,11 @@ class ModelInfo:
     nbits: int
     state: str
     path: str = ""
+    rerank_dim: int = 0  # values per re-ranking vector (0: the code width, as versions before it was recorded)
+
+    def __post_init__(self) -> None:
+        if not self.rerank_dim:
+            object.__setattr__(self, "rerank_dim", self.nbits)
 
     @property
     def nbytes(self) -> int:
@@ -44,10 +49,12 @@ class ModelRegistry:
         self.keys = keys
         self._infos: dict[str, ModelInfo] = {}
 
-    def register(self, version: str, nbits: int, **extra: str | int | float) -> ModelInfo:
-        """Declare a model version (idempotent); its code width can never change afterwards."""
+    def register(self, version: str, nbits: int, rerank_dim: int = 0, **extra: str | int | float) -> ModelInfo:
+        """Declare a model version (idempotent); its code width and the width of its re-ranking
+        vectors (``rerank_dim``, default the code width) can never change afterwards."""
         key = self.keys.model(version)
         self.r.hsetnx(key, "nbits", nbits)
+        self.r.hsetnx(key, "rerank_dim", rerank_dim or nbits)
         self.r.hsetnx(key, "created", time.time())
         self.r.hsetnx(key, "state", "building")
         if extra:
@@ -59,6 +66,10 @@ class ModelRegistry:
         info = self.info(version)
         if info.nbits != nbits:
             raise StoreError(f"model {version} is registered with {info.nbits} bits, not {nbits}")
+        if info.rerank_dim != (rerank_dim or nbits):
+            raise StoreError(
+                f"model {version} is registered with {info.rerank_dim}-value re-ranking vectors, not {rerank_dim}"
+            )
         return info
 
     def info(self, version: str) -> ModelInfo:
@@ -70,6 +81,7 @@ class ModelRegistry:
             int(data[b"nbits"]),
             data.get(b"state", b"building").decode(),
             data.get(b"path", b"").decode(),
+            int(data.get(b"rerank_dim", 0)),
         )
 
     def details(self, version: str) -> dict[str, str]:
@@ -83,6 +95,11 @@ class ModelRegistry:
             info = self.info(version)
             self._infos[version] = info
         return info.nbytes
+
+    def rerank_dim(self, version: str) -> int:
+        """Width of a version's re-ranking vectors (cached like :meth:`nbytes`)."""
+        self.nbytes(version)
+        return self._infos[version].rerank_dim
 
     def versions(self) -> list[str]:
         return sorted(m.decode() for m in self.r.smembers(self.keys.models()))
