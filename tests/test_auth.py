@@ -90,6 +90,7 @@ def test_login_with_the_token_or_a_user_and_what_a_session_opens(app, settings):
     assert browser.get("/api/session").json() == {"user": "alice", "kind": "user", "via": "session"}
     assert browser.get("/status").status_code == 200 and "drh-pacs status" in browser.get("/status").text
     assert browser.get("/api/status").status_code == 200
+    assert browser.get("/api/page").json()["user"] == "alice"
     # what only machines use stays token-only
     assert browser.get("/metrics").status_code == 401
     assert browser.get("/api/instances/1.2.3/file").status_code == 401
@@ -99,7 +100,7 @@ def test_login_with_the_token_or_a_user_and_what_a_session_opens(app, settings):
 
 def test_the_bearer_token_keeps_working_everywhere(app):
     client = TestClient(app, headers={"Authorization": f"Bearer {TOKEN}"})
-    for path in ("/api/status", "/status", "/metrics", "/api/session"):
+    for path in ("/api/status", "/status", "/metrics", "/api/page", "/similar", "/api/session"):
         assert client.get(path).status_code == 200, path
     wrong = TestClient(app, headers={"Authorization": "Bearer nope"})
     assert wrong.get("/api/status").status_code == 401
@@ -152,6 +153,7 @@ def test_open_readonly_opens_the_status_json_too(tmp_path, redis_server, store):
     client = TestClient(create_app(ApiContext(settings=settings, store=store)))
     assert client.get("/api/status").status_code == 200
     assert client.get("/status").status_code == 200
+    assert client.get("/dicom-web/studies", params={"StudyInstanceUID": "1.2.3"}).status_code == 401
 
 
 def test_users_command(tmp_path, monkeypatch, capsys):

@@ -3,11 +3,12 @@
 Routes come from the modules that own them: :mod:`plugin.http.search` (the similar search by study,
 instance or uploaded file), :mod:`plugin.http.dicomweb` (QIDO-RS similar search and plain queries
 for viewers), :mod:`plugin.http.rendered` (WADO-RS thumbnails and rendered frames),
-:mod:`plugin.http.auth` (login and sessions) and :mod:`plugin.http.ops` (health, readiness, metrics,
-status page, failure retry, spooled files for remote workers). This file only wires them and guards
-them: CORS outermost (a browser's preflight is answered before any credential is asked for), then
-:class:`plugin.http.auth.Auth`. A new route goes in the module of its concern, listed in that module's
-``routes``.
+:mod:`plugin.http.pages` (the similar-cases page), :mod:`plugin.http.retrieve` (its "send to"
+button), :mod:`plugin.http.auth` (login and sessions) and :mod:`plugin.http.ops` (health, readiness,
+metrics, status page, failure retry, spooled files for remote workers). This file only wires them
+and guards them: CORS outermost (a browser's preflight is answered before any credential is asked
+for), then :class:`plugin.http.auth.Auth`. A new route goes in the module of its concern, listed in
+that module's ``routes``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from plugin.core.settings import Settings
-from plugin.http import auth, dicomweb, ops, rendered, search
+from plugin.http import auth, dicomweb, ops, pages, rendered, retrieve, search
 
 
 @dataclass
@@ -47,6 +48,8 @@ def create_app(ctx: ApiContext) -> Starlette:
         *ops.routes(ctx),
         *search.routes(ctx),
         *auth.routes(settings, sessions),
+        *pages.routes(ctx),
+        *retrieve.routes(ctx),
         *dicomweb.routes(ctx, renderer),
     ]
     middleware = [
