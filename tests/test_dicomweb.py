@@ -167,6 +167,62 @@ def test_limit_offset_and_remaining(service, archive):
     assert _uids(paged) == everything
 
 
+def test_per_reference_roots_list_the_ranking_and_match_in_it(service, archive):
+    ref = archive[0]
+    ranked = _uids(service.client().search_for_studies(search_filters={"StudyInstanceUID": ref.study_uid}))
+    root = service.client(f"/dicom-web/similar/study/{ref.study_uid}")
+    assert _uids(root.search_for_studies()) == ranked  # the root's collection is the ranking
+    # a key matches in that list: a viewer opening a listed study finds that study, with its rank
+    (third,) = root.search_for_studies(search_filters={"StudyInstanceUID": ranked[2]})
+    assert _uids([third]) == [ranked[2]] and int(_value(third, RANK)) == 3
+    assert root.search_for_studies(search_filters={"StudyInstanceUID": ref.study_uid}) == []  # never the reference
+    assert _uids(root.search_for_studies(search_filters={"PatientID": "P1"})) == [archive[3].study_uid]
+    accession = service.store.records.study(ref.study_uid)["accession_number"]
+    by_accession = service.client(f"/dicom-web/similar/accession/{accession}")
+    assert _uids(by_accession.search_for_studies()) == ranked
+    named = service.client(f"/dicom-web/similar/accession/{accession}/patient/P1")
+    assert _uids(named.search_for_studies()) == ranked
+    (series,) = root.search_for_series(study_instance_uid=archive[3].study_uid)  # browsing works under it
+    assert _value(series, "00201209") == 2
+    image = archive[3].sop_uids[0]
+    images = service.client(f"/dicom-web/similar/instance/{image}").search_for_instances(limit=3)
+    assert len(images) == 3 and image not in [_value(i, "00080018") for i in images]
+    for unknown in ("/dicom-web/similar/study/1.2.999", "/dicom-web/similar/accession/NO-SUCH"):
+        with pytest.raises(requests.HTTPError) as excinfo:
+            service.client(unknown).search_for_studies()
+        assert _status(excinfo) == 404, unknown
+
+
+def test_the_requests_ohif_sends(service, archive):
+    """Exactly the parameters OHIF's DICOMweb data source writes (extensions/default/.../qido.js:
+    mapParams with supportsWildcard and supportsFuzzyMatching off), on the roots
+    deploy/viewers/ohif/app-config.js gives it."""
+    ref = archive[0]
+    ohif = {
+        "limit": "101",
+        "offset": "0",
+        "fuzzymatching": "false",
+        "includefield": "00081030,00080060,00080090,00100030",
+    }
+    worklist = service.http.get(f"/dicom-web/similar/study/{ref.study_uid}/studies", params=ohif)
+    assert worklist.status_code == 200 and len(worklist.json()) == 4
+    assert all("00081030" in a for a in worklist.json())  # includefield answered
+    opened = archive[3].study_uid
+    for root in (f"/dicom-web/similar/study/{ref.study_uid}", ""):  # the similar data source, then the plain one
+        current = service.http.get(f"/dicom-web{root.removeprefix('/dicom-web')}/studies",
+                                   params={**ohif, "StudyInstanceUID": opened})  # fmt: skip
+        assert current.status_code == 200 and _uids(current.json()) == [opened], root
+    priors = service.http.get(f"/dicom-web/similar/study/{ref.study_uid}/studies", params={**ohif, "00100020": "P1"})
+    assert _uids(priors.json()) == [opened]
+    by_accession = service.http.get(
+        "/dicom-web/similar/studies",
+        params={**ohif, "AccessionNumber": service.store.records.study(ref.study_uid)["accession_number"]},
+    )
+    assert by_accession.status_code == 200 and len(by_accession.json()) == 4
+    series = service.http.get(f"/dicom-web/studies/{opened}/series", params={"includefield": "0008103E,00080021"})
+    assert series.status_code == 200 and len(series.json()) == 1
+
+
 def test_refusals_are_http_errors_with_reasons(service, archive):
     client = service.client()
     for filters, status in [

@@ -22,6 +22,14 @@ standard keys name the *reference*, not a match.
 - Refusals: 400 malformed, 404 unknown reference, 409 not indexed yet or ambiguous accession number,
   503 index not ready (with ``Retry-After``); the body is JSON ``{"error", "detail"}``.
 
+**Per-reference roots**, for a viewer that is given a fixed QIDO root (OHIF, ``deploy/viewers/ohif``):
+``/dicom-web/similar/study/{StudyInstanceUID}``, ``/dicom-web/similar/accession/{AccessionNumber}``
+(``.../accession/{number}/patient/{PatientID}`` when the number is not unique) and
+``/dicom-web/similar/instance/{SOPInstanceUID}`` (``instances`` only). The root's collection is the
+reference's ranked list, and every key *matches in it*, as QIDO keys do: ``StudyInstanceUID=X``
+answers X (with its rank) when it is in the list, ``PatientID`` keeps one patient's studies. A viewer
+that opens a listed study and asks the root for it, as OHIF does, finds it.
+
 **The plain root, ``/dicom-web``**: ``studies?StudyInstanceUID=`` (a comma list) or
 ``studies?AccessionNumber=`` (+ ``PatientID``) from the study records, so a page or script can show
 the reference itself.
@@ -34,7 +42,9 @@ metadata and pixel data (WADO-RS retrieve) stay with the PACS: ``RetrieveURL`` p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
@@ -163,10 +173,46 @@ def _reference(params: Mapping[str, str], level: str, store: Any) -> tuple[str, 
     raise QueryError("malformed", "name the reference study: StudyInstanceUID or AccessionNumber")
 
 
-def similar_query(params: Mapping[str, str], level: str, store: Any, k: int) -> q.SimilarQuery:
-    """A QIDO request's matching parameters as the similar query (``k`` results)."""
-    reference, patient_names_reference = _reference(params, level, store)
-    uid_keys = {"SOPInstanceUID"} if level == "IMAGE" else {"StudyInstanceUID", "AccessionNumber"}
+@dataclass(frozen=True)
+class PathReference:
+    """The reference a per-reference root names in its path (``study/{uid}``, ``accession/{number}``
+    with an optional ``patient/{id}``, ``instance/{uid}``)."""
+
+    kind: str  # "study", "accession" or "instance"
+    value: str
+    patient_id: str | None = None
+
+    def resolve(self, store: Any) -> str:
+        if self.kind == "accession":
+            return q.study_by_accession(store, self.value, self.patient_id)
+        if not is_uid(self.value):
+            raise QueryError("malformed", f"the root's {self.kind} reference is not a valid UID")
+        return self.value
+
+
+def similar_query(
+    params: Mapping[str, str], level: str, store: Any, k: int, fixed: PathReference | None = None
+) -> tuple[q.SimilarQuery, set[str]]:
+    """A QIDO request as the similar query (``k`` results), and the UIDs the answers must match.
+
+    On the similar root the UID keys name the reference. Under a per-reference root (``fixed``) the
+    collection is the reference's ranked list, and every key matches in it as QIDO keys do: the
+    returned UID set (``StudyInstanceUID`` / ``SOPInstanceUID`` lists) restricts the answers, which is
+    how a viewer opening one of the listed studies finds it there.
+    """
+    uid_key = "SOPInstanceUID" if level == "IMAGE" else "StudyInstanceUID"
+    match: set[str] = set()
+    if fixed is None:
+        reference, patient_names_reference = _reference(params, level, store)
+        uid_keys = {uid_key} if level == "IMAGE" else {"StudyInstanceUID", "AccessionNumber"}
+    else:
+        reference, patient_names_reference = fixed.resolve(store), False
+        uid_keys = {uid_key}
+        # lists arrive comma separated, or backslash separated as OHIF writes them
+        raw = [u.strip() for u in re.split(r"[,\\]", params.get(uid_key) or "")]
+        match = {u for u in raw if u not in {"", "*"}}
+        if not all(is_uid(u) for u in match):
+            raise QueryError("malformed", f"{uid_key} is not a list of UIDs")
     _refuse_other_matching(params, {*uid_keys, *QIDO_FILTER_KEYS, QIDO_EXCLUDE_KEY, MAX_DISTANCE_KEY})
     filter_params = {k_: v for k_, v in params.items() if k_ in QIDO_FILTER_KEYS or k_ == QIDO_EXCLUDE_KEY}
     if patient_names_reference:
@@ -174,13 +220,14 @@ def similar_query(params: Mapping[str, str], level: str, store: Any, k: int) -> 
     raw_distance = (params.get(MAX_DISTANCE_KEY) or "").strip()
     if raw_distance and not raw_distance.isdigit():
         raise QueryError("malformed", f"{MAX_DISTANCE_KEY} must be an integer >= 0")
-    return q.SimilarQuery(
+    query = q.SimilarQuery(
         level=level,
         reference_uid=reference,
-        k=k,
+        k=q.MAX_RESULTS if match else k,  # the matching ones may sit anywhere in the ranking
         max_distance=int(raw_distance) if raw_distance else None,
         filters=qido_filters(filter_params),
     )
+    return query, match
 
 
 # -- answers --------------------------------------------------------------------------------------
@@ -306,18 +353,24 @@ def routes(ctx: Any, renderer: rendered.Renderer) -> list[BaseRoute]:
     def not_acceptable() -> Response:
         return JSONResponse({"error": "answers are application/dicom+json"}, status_code=406)
 
-    def similar_search(level: str) -> Any:
+    def similar_search(level: str, fixed: str | None = None) -> Any:
+        """A similar search on the similar root (``fixed`` None) or on a per-reference root."""
+
         async def handle(request: Request) -> Response:
             if not _accepts_json(request):
                 return not_acceptable()
             params, reserved = qido_params(request)
+            path = request.path_params
+            reference = PathReference(fixed, path["reference"], path.get("patient")) if fixed else None
             try:
                 limit, offset = _page(reserved, settings.default_results)
                 k = min(offset + limit, q.MAX_RESULTS)
-                query = await run_in_threadpool(similar_query, params, level, store, k)
+                query, match = await run_in_threadpool(similar_query, params, level, store, k, reference)
                 results = await run_in_threadpool(q.run_similar, query, store, ctx.index)
             except QueryError as err:
                 return error_response(err)
+            if match:
+                results = [r for r in results if r.uid in match]
             include = _include(reserved)
             version = str(getattr(ctx.index.get(query.index_level), "version", "") or "")
             answers = [similar_dataset(r, query, settings, include, version) for r in results[offset : offset + limit]]
@@ -393,6 +446,16 @@ def routes(ctx: Any, renderer: rendered.Renderer) -> list[BaseRoute]:
         Route("/instances", similar_search("IMAGE"), methods=["GET"]),
         *browse,
     ]
+    study_reference = [Route("/studies", similar_search("STUDY", "study"), methods=["GET"]), *browse]
+    accession_reference = [Route("/studies", similar_search("STUDY", "accession"), methods=["GET"]), *browse]
+    instance_reference = [Route("/instances", similar_search("IMAGE", "instance"), methods=["GET"]), *browse]
     plain_root = [Route("/studies", plain_studies, methods=["GET"]), *browse]
-    # The similar root first: the plain mount would otherwise claim /dicom-web/similar/... as its own.
-    return [Mount("/dicom-web/similar", routes=similar_root), Mount("/dicom-web", routes=plain_root)]
+    # Longest prefixes first: a mount claims every path under it, even one its routes do not answer.
+    return [
+        Mount("/dicom-web/similar/study/{reference}", routes=study_reference),
+        Mount("/dicom-web/similar/accession/{reference}/patient/{patient}", routes=accession_reference),
+        Mount("/dicom-web/similar/accession/{reference}", routes=accession_reference),
+        Mount("/dicom-web/similar/instance/{reference}", routes=instance_reference),
+        Mount("/dicom-web/similar", routes=similar_root),
+        Mount("/dicom-web", routes=plain_root),
+    ]
