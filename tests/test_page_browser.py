@@ -24,6 +24,7 @@ import redis
 
 from plugin.core.redis_server import free_port
 from tests.helpers.archive import Planned, index_archive
+from tests.helpers.browser import chromium
 from tests.helpers.dicomgen import Study, fixture_images, make_instance
 from tests.helpers.peers import StoreSCP
 from tests.helpers.processes import stop_process_group, wait_until
@@ -32,8 +33,6 @@ pytestmark = pytest.mark.slow  # serve, chromium, storescp
 
 TOKEN = "browser-test-token"
 NAMESPACE = "drh-page-test"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
 DOCS_SCREENSHOT = Path(__file__).parents[1] / "docs" / "similar-cases.png"
 USER, PASSWORD = "radiologist", "reading-room-2024"
 
@@ -120,27 +119,7 @@ def served(tmp_path_factory, redis_server) -> Iterator[Served]:
 
 @pytest.fixture
 def browser(served, tmp_path) -> Iterator:
-    """Headless chromium with a fresh profile and nothing that reaches for the internet."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--window-size=1920,1080",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(60)
+    driver = chromium(tmp_path / "profile")
     try:
         yield driver
     finally:
