@@ -104,6 +104,16 @@ def test_the_bearer_token_keeps_working_everywhere(app):
         assert client.get(path).status_code == 200, path
     wrong = TestClient(app, headers={"Authorization": "Bearer nope"})
     assert wrong.get("/api/status").status_code == 401
+    assert wrong.get("/api/status").json()["error"] == "wrong bearer token"
+
+
+def test_a_viewers_own_bearer_token_does_not_hide_the_session(app):
+    """OHIF with OpenID Connect sends its own token to every DICOMweb server: the session decides."""
+    browser = TestClient(app)
+    browser.post("/login", data={"password": TOKEN})
+    assert browser.get("/api/status", headers={"Authorization": "Bearer oidc-token"}).status_code == 200
+    browser.cookies.clear()
+    assert browser.get("/api/status", headers={"Authorization": "Bearer oidc-token"}).status_code == 401
     assert TestClient(app).get("/health").status_code == 200
 
 

@@ -285,10 +285,11 @@ class Auth(BaseHTTPMiddleware):
         header = request.headers.get("authorization", "")
         if header:
             scheme, _, given = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
-                return _unauthorized("wrong bearer token")
-            request.state.principal = Principal("token", TOKEN_PRINCIPAL, "bearer")
-            return await call_next(request)
+            if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token):
+                request.state.principal = Principal("token", TOKEN_PRINCIPAL, "bearer")
+                return await call_next(request)
+            # Not our token: maybe a viewer's own (OHIF sends its OpenID Connect token to every
+            # DICOMweb server). A valid session below still lets the request in; nothing else does.
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie and not _starts(path, SESSION_EXCLUDED):
             principal = self.sessions.check(cookie)
@@ -297,6 +298,8 @@ class Auth(BaseHTTPMiddleware):
                     return JSONResponse({"error": "cross-site request refused (Origin not allowed)"}, status_code=403)
                 request.state.principal = principal
                 return await call_next(request)
+        if header:
+            return _unauthorized("wrong bearer token")
         if self.open_readonly and request.method == "GET" and _starts(path, READONLY_OPEN_PREFIXES):
             request.state.principal = Principal("open", "", "open")
             return await call_next(request)

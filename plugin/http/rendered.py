@@ -13,7 +13,8 @@ from Orthanc's REST API (``Settings.orthanc_url``) by SOPInstanceUID and drawn h
 Rendered images are cached on disk under ``data_dir/cache/rendered`` (``Settings.render_cache_mb``,
 least recently used first out): a result list shows the same thumbnails over and over, and decoding a
 radiograph costs far more than reading a small JPEG. Renders run at most ``cpu_count`` at a time, so
-a page asking for sixty thumbnails at once does not hold sixty decoded radiographs in memory.
+a page asking for sixty thumbnails at once does not hold sixty decoded radiographs in memory (and at
+most ``MAX_CONCURRENT_RENDERS`` on a large server).
 
 Routes (under each DICOMweb root, see :mod:`plugin.http.dicomweb`)::
 
@@ -50,6 +51,9 @@ from plugin.core.settings import Settings
 log = logging.getLogger("drh.rendered")
 
 THUMBNAIL_SIZE = 192
+# Renders at once, at most (and at most one per core): a decoded radiograph and its intermediates
+# take a few hundred MB, a result page asks for dozens of thumbnails at once.
+MAX_CONCURRENT_RENDERS = 4
 MAX_VIEWPORT = 4096
 DEFAULT_QUALITY = 90
 FORMATS = {"image/jpeg": "jpeg", "image/jpg": "jpeg", "image/png": "png"}
@@ -197,7 +201,7 @@ class Renderer:
         self.store = store
         self.spool_root = settings.spool_dir.resolve()
         self.cache = DiskCache(settings.data_dir / "cache" / "rendered", settings.render_cache_mb * 2**20)
-        self._slots = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+        self._slots = threading.BoundedSemaphore(max(1, min(os.cpu_count() or 1, MAX_CONCURRENT_RENDERS)))
 
     # -- where the pixels are --------------------------------------------------------------------
     def _spooled(self, study_uid: str, sop_uid: str) -> Path | None:
