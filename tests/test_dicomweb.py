@@ -48,8 +48,13 @@ class Service:
         return DICOMwebClient(url=self.base + root, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
-@pytest.fixture
-def service(tmp_path, redis_client, redis_server) -> Iterator[Service]:
+NAMESPACE = "drh-dicomweb-test"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, redis_server) -> Iterator[Service]:
+    """The API over uvicorn, once for the module, in a namespace of its own (tests that change the
+    store add records of their own; none changes the archive's)."""
     import uvicorn
 
     from plugin.core.redis_server import free_port
@@ -57,11 +62,14 @@ def service(tmp_path, redis_client, redis_server) -> Iterator[Service]:
     from plugin.search.replica import ReplicaIndex
     from plugin.store import Store
 
+    client = redis.Redis.from_url(redis_server.url)
+    for key in client.scan_iter(match=f"{NAMESPACE}:*"):
+        client.delete(key)
     settings = make_settings(
-        tmp_path, redis_server.url, http_port=free_port(), api_token=TOKEN, pacs_wado_root=WADO,
-        cors_origins=["https://ohif.example.org"],
+        tmp_path_factory.mktemp("dicomweb"), redis_server.url, http_port=free_port(), api_token=TOKEN,
+        pacs_wado_root=WADO, cors_origins=["https://ohif.example.org"], redis_namespace=NAMESPACE,
     )  # fmt: skip
-    store = Store(redis.Redis.from_url(redis_server.url), settings.redis_namespace)
+    store = Store(client, settings.redis_namespace)
     ctx = ApiContext(settings=settings, store=store, index={lv: ReplicaIndex(store, lv) for lv in ("study", "image")})
     server = uvicorn.Server(
         uvicorn.Config(create_app(ctx), host="127.0.0.1", port=settings.http_port, log_level="warning", lifespan="off")
@@ -87,7 +95,7 @@ PLAN = [
 ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def archive(service, encoder):
     return index_archive(service.store, encoder, service.settings.spool_dir, PLAN)
 
@@ -131,14 +139,18 @@ def test_reference_by_accession_number_and_patient(service, archive):
     by_uid = service.client().search_for_studies(search_filters={"StudyInstanceUID": ref.study_uid})
     by_accession = service.client().search_for_studies(search_filters={"AccessionNumber": accession})
     assert _uids(by_accession) == _uids(by_uid)
-    # another patient's study with the same number: ambiguous until PatientID names the patient
-    service.store.records.put_study(archive[1].study_uid, {"accession_number": accession})
-    with pytest.raises(requests.HTTPError) as excinfo:
-        service.client().search_for_studies(search_filters={"AccessionNumber": accession})
-    assert _status(excinfo) == 409
-    named = service.client().search_for_studies(search_filters={"AccessionNumber": accession, "PatientID": "P1"})
-    # PatientID named the reference's patient here, it did not filter: other patients are answered
-    assert ref.study_uid not in _uids(named) and archive[2].study_uid in _uids(named)
+    # another patient's study (another issuer's) with the same number: ambiguous until PatientID says
+    other = "1.2.826.0.1.3680043.8.498.777"
+    service.store.records.put_study(other, {"accession_number": accession, "patient_id": "P-OTHER"})
+    try:
+        with pytest.raises(requests.HTTPError) as excinfo:
+            service.client().search_for_studies(search_filters={"AccessionNumber": accession})
+        assert _status(excinfo) == 409
+        named = service.client().search_for_studies(search_filters={"AccessionNumber": accession, "PatientID": "P1"})
+        # PatientID named the reference's patient here, it did not filter: other patients are answered
+        assert _uids(named) == _uids(by_uid)
+    finally:
+        service.store.records.delete_study(other, [])
 
 
 def test_qido_matching_parameters_filter(service, archive):
@@ -254,8 +266,30 @@ def test_refusals_are_http_errors_with_reasons(service, archive):
     assert xml.status_code == 406
 
 
-def test_index_not_ready_is_503_with_retry_after(service):
-    response = service.http.get("/dicom-web/similar/studies", params={"StudyInstanceUID": "1.2.3"})
+def _own_store(redis_server, namespace: str):
+    """A Store on a namespace of its own, emptied: not the ``store`` fixture, whose FLUSHALL would
+    empty the module's service too."""
+    from plugin.store import Store
+
+    client = redis.Redis.from_url(redis_server.url)
+    for key in client.scan_iter(match=f"{namespace}:*"):
+        client.delete(key)
+    return Store(client, namespace)
+
+
+def test_index_not_ready_is_503_with_retry_after(tmp_path, redis_server):
+    from starlette.testclient import TestClient
+
+    from plugin.http.app import ApiContext, create_app
+    from plugin.search.replica import ReplicaIndex
+
+    store = _own_store(redis_server, "drh-empty-test")  # no model yet: the index cannot load
+    settings = make_settings(tmp_path, redis_server.url, api_token=TOKEN)
+    indexes = {lv: ReplicaIndex(store, lv) for lv in ("study", "image")}
+    client = TestClient(create_app(ApiContext(settings=settings, store=store, index=indexes)))
+    response = client.get(
+        "/dicom-web/similar/studies", params={"StudyInstanceUID": "1.2.3"}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
     assert response.status_code == 503 and response.headers["retry-after"]
 
 
@@ -430,7 +464,7 @@ def test_spool_path_outside_the_spool_is_never_read(service, archive, tmp_path: 
 
 
 @pytest.mark.slow
-def test_instances_not_held_here_are_drawn_from_the_pacs(tmp_path, redis_server, store):
+def test_instances_not_held_here_are_drawn_from_the_pacs(tmp_path, redis_server):
     """A real Orthanc holds an image drh-pacs never received: its thumbnail comes from Orthanc's REST API,
     drawn by our display chain; an Orthanc that does not answer is a 502, not an empty image."""
     from starlette.testclient import TestClient
@@ -442,6 +476,7 @@ def test_instances_not_held_here_are_drawn_from_the_pacs(tmp_path, redis_server,
     from tests.helpers.dicomgen import make_study
     from tests.helpers.peers import ORTHANC_USER, Orthanc
 
+    store = _own_store(redis_server, "drh-pacs-only-test")
     study = make_study(tmp_path / "pacs-only", [fixture_images()[6]], patient_id="P9")
     with Orthanc(tmp_path, {}, forward=False) as orthanc:
         upload = httpx.post(f"{orthanc.url}/instances", content=study.files[0].read_bytes(), auth=ORTHANC_USER)
