@@ -403,6 +403,13 @@ def test_qido_values_we_cannot_match_are_refused(params):
     assert excinfo.value.reason == "malformed"
 
 
+def test_includefield_adds_attributes_but_never_bulk_data():
+    from plugin.http.dicomweb import _include
+
+    asked = {"includefield": "00081030,PixelData,all,Rows,NotAKeyword,RetrieveURL,7FE00010"}
+    assert _include(asked) == ("StudyDescription", "Rows")
+
+
 def test_a_thumbnail_cache_stays_within_its_limit(tmp_path):
     from plugin.http.rendered import DiskCache
 

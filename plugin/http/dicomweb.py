@@ -47,7 +47,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -65,6 +65,8 @@ from plugin.search.filters import QIDO_EXCLUDE_KEY, QIDO_FILTER_KEYS, qido_filte
 MEDIA_TYPE = "application/dicom+json"
 RESERVED = {"limit", "offset", "fuzzymatching", "includefield"}
 MAX_DISTANCE_KEY = "DRHMaximumDistance"
+# Value representations of bulk data: never in a query answer, whatever includefield asks.
+BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "OB or OW", "UN"}
 # The study attributes every study answer carries (PS3.18 table 10.6.3-3, those drh-pacs records).
 STUDY_KEYS = (
     "StudyDate",
@@ -124,9 +126,18 @@ def _page(reserved: Mapping[str, str], default_limit: int) -> tuple[int, int]:
 
 
 def _include(reserved: Mapping[str, str]) -> tuple[str, ...]:
-    """``includefield`` attributes (standard keywords; ``all`` and unknown names add nothing)."""
+    """``includefield`` attributes: standard keywords of attributes a query answers (``all``, unknown
+    names and bulk data such as PixelData add nothing)."""
     fields = [_keyword(f.strip()) for f in (reserved.get("includefield") or "").split(",") if f.strip()]
-    return tuple(f for f in fields if tag_for_keyword(f) is not None and f not in {"RetrieveURL", "QueryRetrieveLevel"})
+    out = []
+    for name in fields:
+        tag = tag_for_keyword(name)
+        if tag is None or name in {"RetrieveURL", "QueryRetrieveLevel"}:
+            continue
+        if dictionary_VR(tag) in BULK_VRS:
+            continue
+        out.append(name)
+    return tuple(out)
 
 
 def _refuse_other_matching(params: Mapping[str, str], allowed: Iterable[str]) -> None:
