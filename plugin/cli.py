@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compact": ("plugin.ops.maintenance:compact_main", "reclaim the slots of deleted codes (replicas reload)"),
     "models": ("plugin.ops.maintenance:models_main", "list the model versions in Redis, or drop one no longer active"),
     "backfill orthanc": ("plugin.ops.orthanc", "index an existing Orthanc archive (resumable)"),
+    "users": ("plugin.http.auth", "add, remove or list the people who may log in to the similar-cases page"),
     "bench index": ("plugin.bench.index", "Hamming search latency at 1M/10M codes against FAISS"),
     "bench model": ("plugin.bench.model", "model throughput: images/s by device and batch size"),
     "bench ingest": ("plugin.bench.ingest", "C-STORE throughput against DCMTK storescp"),

@@ -211,17 +211,14 @@ def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client,
     import threading
 
     import uvicorn
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
 
-    from plugin.http import ops
-    from plugin.http.app import ApiContext, TokenAuth
+    from plugin.http.app import ApiContext, create_app
 
     data = tmp_path / "plugin-data"
     settings = load_settings(env={}, redis_url=redis_server.url, data_dir=data, api_token="s3cret")
     study = make_study(settings.spool_dir, fixture_images("normal")[:2])
     ctx = ApiContext(settings=settings, store=Store(redis_client, NS))
-    api = Starlette(routes=ops.routes(ctx), middleware=[Middleware(TokenAuth, token="s3cret", open_readonly=False)])
+    api = create_app(ctx)
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import tomllib
 from dataclasses import dataclass, field
@@ -121,9 +122,32 @@ class Settings:
     api_token: str = ""
     # Let read-only endpoints (health, metrics, status) answer without the token.
     api_open_readonly: bool = False
+    # Browser users who may log in to the page besides the API token: a file of `name:hash` lines
+    # written by `drh-pacs users add NAME`. Empty: data_dir/http-users (no file: the token only).
+    http_users_file: str = ""
+    # Hours a browser session (the login cookie) stays valid: about a reading-room shift.
+    session_hours: float = 12.0
+    # Origins (scheme://host:port) whose web pages may call the API and DICOMweb from a browser
+    # (CORS), e.g. an OHIF viewer served from another host; empty: same origin only.
+    cors_origins: list[str] = field(default_factory=list)
+
+    # -- similar-cases page and DICOMweb -----------------------------------------------------------
+    # WADO-RS root of the PACS (https://pacs.example.org/dicom-web): each DICOMweb answer's
+    # RetrieveURL points there. Empty: answers carry no RetrieveURL.
+    pacs_wado_root: str = ""
+    # The page's "open in viewer" links, NAME=URL comma separated (a TOML table in the file); the URL
+    # may use {StudyInstanceUID}, {AccessionNumber}, {PatientID} and {StudyDate} (README, examples).
+    viewer_urls: dict[str, str] = field(default_factory=dict)
+    # AE titles (declared in dicom_nodes) the page offers to send a study to with a C-MOVE; empty:
+    # no send button.
+    move_destinations: list[str] = field(default_factory=list)
+    # Disk cache of rendered thumbnails and frames in data_dir/cache/rendered, in MiB; the least
+    # recently used files go first.
+    render_cache_mb: int = 256
 
     # -- Orthanc ---------------------------------------------------------------------------------
-    # Orthanc REST API (http://host:8042) for `backfill orthanc` and fetching pixels to re-index.
+    # Orthanc REST API (http://host:8042) for `backfill orthanc`, fetching pixels to re-index, and the
+    # page's thumbnails of studies drh-pacs does not hold.
     orthanc_url: str = ""
     # Orthanc REST credentials.
     orthanc_user: str = ""
@@ -155,6 +179,29 @@ class Settings:
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
         return token
+
+    @property
+    def users_path(self) -> Path:
+        """The file of browser users (``http_users_file``, else data_dir/http-users)."""
+        return Path(self.http_users_file).expanduser() if self.http_users_file else self.data_dir / "http-users"
+
+    def resolved_session_secret(self) -> bytes:
+        """The key that signs browser sessions, kept in data_dir/session-secret (mode 0600) so that
+        sessions survive a restart; deleting the file logs every browser out."""
+        path = self.data_dir / "session-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process created it first: use theirs
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(32) + "\n")
+        secret = path.read_text().strip()
+        if len(secret) < 32:
+            raise SettingsError(f"{path} holds no usable session secret: delete it to make a new one")
+        return secret.encode()
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -191,7 +238,7 @@ def _parse(name: str, kind: Any, raw: Any) -> Any:
                     continue
                 key, sep, value = item.partition("=")
                 if not sep or not key.strip() or not value.strip():
-                    raise ValueError(f"expected AE=host:port, got {item!r}")
+                    raise ValueError(f"expected NAME=VALUE (AE=host:port for nodes), got {item!r}")
                 out[key.strip()] = value.strip()
             return out
         return str(raw)
@@ -244,6 +291,27 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"setting device must be auto, cpu or cuda:N, got {s.device!r}")
     if s.study_stable_seconds < 0:
         raise SettingsError("setting study_stable_seconds must be >= 0")
+    if s.session_hours <= 0:
+        raise SettingsError("setting session_hours must be > 0")
+    if s.render_cache_mb < 0:
+        raise SettingsError("setting render_cache_mb must be >= 0")
+    for origin in s.cors_origins:
+        if origin != origin.rstrip("/") or not re.match(r"^https?://[^/\s]+$", origin):
+            raise SettingsError(f"setting cors_origins: {origin!r} is not scheme://host[:port]")
+    for ae in s.move_destinations:
+        if ae not in s.dicom_nodes:
+            raise SettingsError(f"setting move_destinations: {ae!r} is not declared in dicom_nodes")
+    for name, template in s.viewer_urls.items():
+        # The page writes these into links: only schemes a viewer uses, never javascript: or data:.
+        if not re.match(r"^(https?://|weasis://|/)", template):
+            raise SettingsError(f"setting viewer_urls: {name} must start with http(s)://, weasis:// or /")
+        unknown = set(re.findall(r"\{(\w*)\}", template)) - set(VIEWER_URL_FIELDS)
+        if unknown:
+            raise SettingsError(f"setting viewer_urls: {name} uses unknown field(s) {sorted(unknown)}")
+
+
+# The study fields a viewer_urls template may use (the page fills them in, URL-encoded).
+VIEWER_URL_FIELDS = ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate")
 
 
 def settings_table() -> str:
@@ -252,7 +320,6 @@ def settings_table() -> str:
     ``python -m plugin.core.settings`` prints it, so the documentation is written once, here.
     """
     import inspect
-    import re
 
     rows: list[str] = []
     comment: list[str] = []

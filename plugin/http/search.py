@@ -2,9 +2,11 @@
 
 - ``GET /api/similar/study/{study_uid}``: studies like a stored study (DMIH study codes).
 - ``GET /api/similar/instance/{sop_uid}``: images like a stored image (DRH image codes).
-- ``POST /api/similar/upload``: a DICOM file (multipart field ``file``, or the raw body with
-  ``Content-Type: application/dicom``) hashed here, then searched; ``?level=study`` (default: the
-  file as a one-image study, against study codes) or ``?level=image``.
+- ``POST /api/similar/upload``: a DICOM file or a picture (multipart field ``file``, or the raw body
+  with ``Content-Type: application/dicom``) hashed here, then searched; ``?level=study`` (default: the
+  file as a one-image study, against study codes) or ``?level=image``. The answer's ``reference``
+  carries a PNG thumbnail (a data URL) of what the model was given, so a page can show it, and the
+  file's PatientID, which ``exclude_same_patient`` uses (a picture names no patient: refused).
 
 Query parameters: ``k``, ``max_distance``, ``modality`` (repeatable or comma separated),
 ``date_from``/``date_to`` (YYYYMMDD), ``body_part``, ``patient_id``, ``exclude_same_patient``.
@@ -19,6 +21,7 @@ once, on first use, and shared by requests (inference is serialised by a lock; i
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -31,6 +34,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from plugin.core.header import is_uid
+from plugin.http.rendered import thumbnail_of, to_image_bytes
 from plugin.search import query as q
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
@@ -38,7 +42,8 @@ from plugin.search.filters import Filters
 log = logging.getLogger("drh.api")
 
 MAX_UPLOAD_BYTES = 512 * 1024 * 1024
-_HTTP_STATUS = {
+# QueryError reason -> HTTP status, for every HTTP route that runs a similar query (JSON and DICOMweb).
+HTTP_STATUS = {
     "malformed": 400,
     "unknown-reference": 404,
     "ambiguous-reference": 409,
@@ -79,8 +84,13 @@ class _Encoders:
         return self._lock
 
 
-def _error(err: QueryError) -> JSONResponse:
-    return JSONResponse({"error": err.reason, "detail": str(err)}, status_code=_HTTP_STATUS.get(err.reason, 400))
+def error_response(err: QueryError) -> JSONResponse:
+    """A refused query as JSON ``{"error": reason, "detail": ...}`` with the status of its reason; an
+    index still loading says when to ask again."""
+    headers = {"Retry-After": "5"} if err.reason == "index-not-ready" else None
+    return JSONResponse(
+        {"error": err.reason, "detail": str(err)}, status_code=HTTP_STATUS.get(err.reason, 400), headers=headers
+    )
 
 
 def _int(params: Any, name: str, minimum: int) -> int | None:
@@ -177,7 +187,7 @@ def routes(ctx: Any) -> list[Route]:
                 query = _query(request.query_params, level, uid, default_k)
                 results = await run_in_threadpool(q.run_similar, query, ctx.store, ctx.index)
             except QueryError as err:
-                return _error(err)
+                return error_response(err)
             return _answer(query, results, ctx.index[index_level], started, {reference_key: uid})
 
         return handler
@@ -189,13 +199,13 @@ def routes(ctx: Any) -> list[Route]:
         started = time.monotonic()
         level = (request.query_params.get("level") or "study").upper()
         if level not in q.LEVELS:
-            return _error(QueryError("malformed", "level is study or image"))
+            return error_response(QueryError("malformed", "level is study or image"))
         try:
             data = await _read_upload(request)
             query = _query(request.query_params, level, "1.2", default_k)
             results, reference = await run_in_threadpool(_search_upload, ctx, encoders, data, query)
         except QueryError as err:
-            return _error(err)
+            return error_response(err)
         return _answer(query, results, ctx.index[query.index_level], started, reference)
 
     return [
@@ -259,7 +269,25 @@ def _search_upload(
             code, rerank = bytes(out.codes[0]), out.rerank[0]
     study_uid = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
     sop_uid = str(ds.get("SOPInstanceUID", "") or "") if ds is not None else ""
+    patient_id = str(ds.get("PatientID", "") or "").strip() if ds is not None else ""
+    if query.filters.exclude_reference_patient and not patient_id:
+        raise QueryError("malformed", "exclude_same_patient needs a DICOM file with a PatientID")
     own = study_uid if level == "study" else sop_uid
-    results = q.search_code(code, query, ctx.store, index, exclude_uids=(own,) if own else (), rerank=rerank)
-    reference = {"study_instance_uid": study_uid, "sop_instance_uid": sop_uid, "code": code.hex()}
+    results = q.search_code(
+        code,
+        query,
+        ctx.store,
+        index,
+        exclude_uids=(own,) if own else (),
+        exclude_patient=patient_id if query.filters.exclude_reference_patient else None,
+        rerank=rerank,
+    )
+    thumbnail = base64.b64encode(to_image_bytes(thumbnail_of(image), "png")).decode()
+    reference = {
+        "study_instance_uid": study_uid,
+        "sop_instance_uid": sop_uid,
+        "patient_id": patient_id,
+        "code": code.hex(),
+        "thumbnail": "data:image/png;base64," + thumbnail,
+    }
     return results, reference

@@ -23,16 +23,21 @@ table {{ border-collapse: collapse; margin-bottom: 1.2em; }}
 th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
 th {{ background: #f0f0f0; }} .bad {{ color: #a00; font-weight: bold; }} .num {{ text-align: right; }}
 </style></head><body>
-<h1>drh-pacs status</h1><p>{when} &middot; namespace <code>{ns}</code> &middot; refreshes every 15 s</p>
+<h1>drh-pacs status</h1><p>{when} &middot; namespace <code>{ns}</code> &middot; refreshes every 15 s
+&middot; <a href="/similar">similar cases</a></p>
 {body}
 <script>
 async function retry(uid) {{
-  let token = localStorage.getItem("drh-token");
-  if (!token) {{ token = prompt("API token (kept in this browser)"); if (!token) return;
-                 localStorage.setItem("drh-token", token); }}
-  const r = await fetch("/api/failures/" + encodeURIComponent(uid) + "/retry",
-                        {{method: "POST", headers: {{"Authorization": "Bearer " + token}}}});
-  if (r.status === 401) localStorage.removeItem("drh-token");
+  // The browser's session (the login cookie) first; a page opened with DRH_API_OPEN_READONLY and no
+  // session asks for the API token, kept in this tab only.
+  const url = "/api/failures/" + encodeURIComponent(uid) + "/retry";
+  let r = await fetch(url, {{method: "POST", credentials: "same-origin"}});
+  if (r.status === 401) {{
+    let token = sessionStorage.getItem("drh-token") || prompt("API token");
+    if (!token) return;
+    r = await fetch(url, {{method: "POST", headers: {{"Authorization": "Bearer " + token}}}});
+    if (r.ok) sessionStorage.setItem("drh-token", token); else sessionStorage.removeItem("drh-token");
+  }}
   const j = await r.json(); alert(r.ok ? "re-queued " + (j.retried || 0) : (j.error || r.status));
   location.reload();
 }}

@@ -37,7 +37,8 @@ class BackfillError(RuntimeError):
     pass
 
 
-def _client(url: str, user: str, password: str) -> Any:
+def connect(url: str, user: str, password: str) -> Any:
+    """An orthanc-rest-client for the REST API at ``url`` (backfill here, thumbnails in the HTTP API)."""
     from orthanc_rest_client import Orthanc
     from requests.auth import HTTPBasicAuth
 
@@ -91,7 +92,7 @@ def run(settings: Settings, url: str, user: str, password: str, *, restart: bool
 
     redis_url = resolve_redis_url(settings.redis_url, settings.data_dir)
     settings = settings.replace(redis_url=redis_url)
-    client = _client(url, user, password)
+    client = connect(url, user, password)
     try:
         system = client.get_system()
         total = int(client.get_statistics().get("CountStudies", 0))

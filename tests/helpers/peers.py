@@ -234,3 +234,37 @@ class Orthanc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StoreSCP:
+    """DCMTK storescp as a viewer or a send destination (``ae`` on a free port), files under ``folder``."""
+
+    def __init__(self, folder: Path, ae: str = "VIEWER") -> None:
+        from tests.helpers.processes import wait_until
+
+        self.dir = folder
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ae = ae
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-aet", ae, "-od", str(self.dir), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: dcmtk("echoscu", "-aec", ae, "127.0.0.1", str(self.port), timeout=10).returncode == 0,
+            20,
+            what="storescp to listen",
+        )
+
+    def received(self) -> set[str]:
+        """SOPInstanceUIDs of the files received so far."""
+        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.dir.iterdir() if p.is_file()}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
