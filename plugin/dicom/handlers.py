@@ -259,7 +259,13 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
 
     if similar.is_similar_request(identifier, called, settings.similar_ae_title):
         try:
-            query = similar.parse_similar(identifier, called, settings.similar_ae_title, settings.default_results)
+            query = similar.parse_similar(
+                identifier,
+                called,
+                settings.similar_ae_title,
+                settings.default_results,
+                resolve_accession=lambda accession, patient_id: search.study_by_accession(store, accession, patient_id),
+            )
             results = search.run_similar(query, store, indexes)
         except QueryError as err:
             log.info("similar C-FIND from %s refused (%s): %s", calling, err.reason, err.comment)
@@ -276,7 +282,12 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
             if event.is_cancelled:
                 yield st.CANCEL, None
                 return
-            yield st.PENDING, similar.similar_answer(result, query, requested, settings.ae_title, version)
+            yield (
+                st.PENDING,
+                similar.similar_answer(
+                    result, query, requested, settings.ae_title, version, settings.similar_rank_in_description
+                ),
+            )
         log.info(
             "similar C-FIND from %s: %s reference %s, %d result(s) in %.1f ms",
             calling,
@@ -370,6 +381,38 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
     log.info("C-MOVE from %s to %s: %d file(s) sent from the spool", calling, destination, len(plan.local_files))
 
 
+def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iterator[Any]:
+    """C-GET: the spooled files of the study, series or instances named, sent back on the requester's
+    own association (its storage contexts with the SCP role, negotiated in :mod:`plugin.dicom.scp`).
+
+    pynetdicom wants the number of sub-operations first, then one (status, dataset) per instance.
+    Nothing to send is a failure that says why (the files are not kept here: C-MOVE reaches the
+    source PACS), never an empty success.
+    """
+    calling = str(event.assoc.requestor.ae_title or "").strip()
+    try:
+        identifier = event.identifier
+        studies = move_mod.requested_studies(identifier, store)
+        files = move_mod.local_files(identifier, studies, store, spool)
+    except QueryError as err:
+        comment = err.comment
+        files = []
+    else:
+        comment = "no stored copy here: retrieve it with C-MOVE (from its PACS)"
+    if not files:
+        log.info("C-GET from %s refused: %s", calling, comment)
+        yield 1  # pynetdicom sends a failure only after the count: one (refused) sub-operation
+        yield status_with_comment(st.UNABLE_TO_PROCESS, comment), None
+        return
+    yield len(files)
+    for path in files:
+        if event.is_cancelled:
+            yield st.CANCEL, None
+            return
+        yield st.PENDING, move_mod.read_for_sending(path)
+    log.info("C-GET from %s: %d file(s) of %d study(ies) sent", calling, len(files), len(studies))
+
+
 def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps: StoreDeps) -> list[tuple[Any, ...]]:
     """The event bindings of the SCP: the one place handlers meet their dependencies."""
     return [
@@ -380,4 +423,5 @@ def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps
         (evt.EVT_C_STORE, handle_store, [store_deps]),
         (evt.EVT_C_FIND, handle_find, [settings, store, indexes]),
         (evt.EVT_C_MOVE, handle_move, [settings, store, store_deps.spool]),
+        (evt.EVT_C_GET, handle_get, [settings, store, store_deps.spool]),
     ]

@@ -18,8 +18,10 @@ from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
@@ -111,12 +113,16 @@ def build_ae(settings: Settings) -> AE:
         abstract = context.abstract_syntax
         if settings.non_image_policy == "reject" and not is_image_sop_class(abstract):
             continue
-        ae.add_supported_context(abstract, STORAGE_TRANSFER_SYNTAXES)
+        # Both roles accepted as the requester proposes them: a PACS stores to us (we are SCP), a
+        # C-GET requester takes the SCP role for its sub-operations (we send them as SCU).
+        ae.add_supported_context(abstract, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for abstract in (
         StudyRootQueryRetrieveInformationModelFind,
         PatientRootQueryRetrieveInformationModelFind,
         StudyRootQueryRetrieveInformationModelMove,
         PatientRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelGet,
+        PatientRootQueryRetrieveInformationModelGet,
     ):
         ae.add_supported_context(abstract, QUERY_TRANSFER_SYNTAXES)
     return ae
