@@ -29,6 +29,7 @@ def _compose_copy(tmp_path: Path) -> Path:
     copy = tmp_path / "deploy"
     shutil.copytree(DEPLOY, copy)
     shutil.copy(copy / "env.example", copy / ".env.drh")
+    shutil.copy(copy / "orthanc" / "env.example", copy / ".env.orthanc")
     return copy
 
 

@@ -54,6 +54,9 @@ class StoreDeps:
     enqueue: Callable[[SpoolEntry, str], None]
     # Runs the enqueue after the response went out, so a slow broker never holds up the sender.
     executor: Executor
+    # record_refusal(sop_uid, study_uid, source_ae, reason, status): notes a refused C-STORE where
+    # IT staff look (the failure ledger's refusals); run on the executor, after the answer.
+    record_refusal: Callable[[str, str, str, str, int], None] | None = None
 
 
 def status_with_comment(status: int, comment: str) -> Dataset:
@@ -191,21 +194,20 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
         ds_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
         ds_class = str(ds.get("SOPClassUID", "") or "")
     except Exception as exc:  # noqa: BLE001 - any decoding error is the sender's malformed dataset
-        log.warning("C-STORE %s from %s: dataset cannot be decoded (%s)", sop_uid, calling, type(exc).__name__)
-        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, "dataset cannot be decoded")
+        reason = f"dataset cannot be decoded ({type(exc).__name__})"
+        return _refuse(deps, sop_uid, "", calling, st.STORE_CANNOT_UNDERSTAND, reason)
     problem = None
     if not (is_uid(study_uid) and is_uid(series_uid) and is_uid(ds_sop_uid)):
         problem = "missing or invalid Study/Series/SOP Instance UID"
     elif ds_sop_uid != sop_uid:
         problem = "SOPInstanceUID differs from the C-STORE request"
     elif ds_class and ds_class != sop_class:
-        log.warning("C-STORE %s from %s: SOPClassUID %s differs from request", sop_uid, calling, ds_class)
-        return status_with_comment(st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
+        reason = "SOPClassUID differs from request"
+        return _refuse(deps, sop_uid, study_uid, calling, st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason)
     else:
         problem = pixel_data_problem(ds)
     if problem:
-        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, problem)
-        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, problem)
+        return _refuse(deps, sop_uid, study_uid, calling, st.STORE_CANNOT_UNDERSTAND, problem)
     try:
         entry = deps.spool.write(study_uid, sop_uid, _file_bytes(event, calling))
     except SpoolError as exc:
@@ -213,6 +215,21 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
         return status_with_comment(st.STORE_OUT_OF_RESOURCES, "cannot store the file durably")
     deps.executor.submit(_enqueue_after_answer, deps, entry, calling)
     return st.SUCCESS
+
+
+def _refuse(deps: StoreDeps, sop_uid: str, study_uid: str, calling: str, status: int, reason: str) -> Dataset:
+    """Answer a C-STORE with a failure saying why, and note the refusal for IT staff once answered."""
+    log.warning("C-STORE %s from %s refused (%#06x): %s", sop_uid, calling, status, reason)
+    if deps.record_refusal is not None:
+        deps.executor.submit(_record_refusal, deps.record_refusal, sop_uid, study_uid, calling, reason, status)
+    return status_with_comment(status, reason)
+
+
+def _record_refusal(record: Callable[..., None], *args: Any) -> None:
+    try:
+        record(*args)
+    except Exception as exc:  # noqa: BLE001 - Redis away: the sender was told, the log says why
+        log.warning("refusal of %s not recorded (%s)", args[0], exc)
 
 
 def _file_bytes(event: Any, calling: str) -> list[bytes]:

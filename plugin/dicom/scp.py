@@ -189,7 +189,12 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-enqueue")
     store_deps = handlers.StoreDeps(
-        settings=settings, spool=spool, reconciler=reconciler, enqueue=enqueue, executor=executor
+        settings=settings,
+        spool=spool,
+        reconciler=reconciler,
+        enqueue=enqueue,
+        executor=executor,
+        record_refusal=store.ledger.record_refused,
     )
     ae = build_ae(settings)
     started = time.monotonic()
