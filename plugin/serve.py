@@ -155,6 +155,7 @@ def start(settings: Settings) -> Running:
             )
 
         ctx = ApiContext(settings=settings, store=store, index=indexes, celery=celery_app)
+        ctx.extra["dicom_counters"] = running.scp.counters  # the listener's counts, for /metrics and /status
         running.http, running.http_thread = _start_http(settings, create_app(ctx))
         token_note = "DRH_API_TOKEN" if settings.api_token else f"token in {settings.data_dir / 'api-token'}"
         print(f"http      http://{settings.http_host}:{settings.http_port}/ ({token_note})", flush=True)

@@ -28,6 +28,7 @@ from plugin.core.settings import Settings
 from plugin.dicom import move as move_mod
 from plugin.dicom import plain, similar
 from plugin.dicom import status as st
+from plugin.dicom.counters import DicomCounters, note_rejection
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, SpoolError
 from plugin.dicom.validate import is_image_sop_class, pixel_data_problem
 from plugin.search import query as search
@@ -88,14 +89,15 @@ def handle_requested(event: Any, settings: Settings) -> None:
     calling = str(primitive.calling_ae_title or "").strip()
     called = str(primitive.called_ae_title or "").strip()
     address = assoc.requestor.address
-    diagnostic = None
+    diagnostic = reason = None
     if called not in {settings.ae_title.strip(), settings.similar_ae_title.strip()}:
-        diagnostic = REJECT_CALLED_AE
+        diagnostic, reason = REJECT_CALLED_AE, "called-ae"
     elif settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
-        diagnostic = REJECT_CALLING_AE
+        diagnostic, reason = REJECT_CALLING_AE, "calling-ae"
     elif settings.allowed_addresses and address not in settings.allowed_addresses:
-        diagnostic = REJECT_NO_REASON
+        diagnostic, reason = REJECT_NO_REASON, "address"
     if diagnostic is not None:
+        note_rejection(assoc, str(reason))
         log.warning(
             "association rejected: calling AE %r, called AE %r, from %s (diagnostic %#04x)",
             calling,
@@ -430,15 +432,39 @@ def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iter
     log.info("C-GET from %s: %d file(s) of %d study(ies) sent", calling, len(files), len(studies))
 
 
-def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps: StoreDeps) -> list[tuple[Any, ...]]:
-    """The event bindings of the SCP: the one place handlers meet their dependencies."""
+def handle_accepted(event: Any, counters: DicomCounters) -> None:
+    counters.association("accepted")
+
+
+def handle_rejected(event: Any, counters: DicomCounters) -> None:
+    counters.rejected(event.assoc)
+
+
+def handle_aborted(event: Any, counters: DicomCounters) -> None:
+    counters.association("aborted")
+
+
+def bindings(
+    settings: Settings,
+    store: Any,
+    indexes: dict[str, Any],
+    store_deps: StoreDeps,
+    counters: DicomCounters | None = None,
+) -> list[tuple[Any, ...]]:
+    """The event bindings of the SCP: the one place handlers meet their dependencies. Every DIMSE
+    handler is counted and timed by ``counters`` (``/metrics``, the status page)."""
+    counters = counters or DicomCounters()
+    timed = counters.timed
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_DATA_RECV, handle_data_recv),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store_deps]),
-        (evt.EVT_C_FIND, handle_find, [settings, store, indexes]),
-        (evt.EVT_C_MOVE, handle_move, [settings, store, store_deps.spool]),
-        (evt.EVT_C_GET, handle_get, [settings, store, store_deps.spool]),
+        (evt.EVT_ACCEPTED, handle_accepted, [counters]),
+        (evt.EVT_REJECTED, handle_rejected, [counters]),
+        (evt.EVT_ABORTED, handle_aborted, [counters]),
+        (evt.EVT_C_ECHO, timed("C-ECHO", handle_echo)),
+        (evt.EVT_C_STORE, timed("C-STORE", handle_store), [store_deps]),
+        (evt.EVT_C_FIND, timed("C-FIND", handle_find), [settings, store, indexes]),
+        (evt.EVT_C_MOVE, timed("C-MOVE", handle_move), [settings, store, store_deps.spool]),
+        (evt.EVT_C_GET, timed("C-GET", handle_get), [settings, store, store_deps.spool]),
     ]

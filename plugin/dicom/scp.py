@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (
 
 from plugin.core.settings import Settings
 from plugin.dicom import handlers
+from plugin.dicom.counters import DicomCounters
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, source_ae_of
 from plugin.dicom.validate import is_image_sop_class
 from plugin.store import SETTLED_STATES, Store
@@ -73,11 +74,20 @@ RECONCILE_SECONDS = 30.0
 class ScpServer:
     """The running SCP and its helpers; ``shutdown()`` stops accepting, then the background work."""
 
-    def __init__(self, server: Any, ae: AE, reconciler: Reconciler, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        server: Any,
+        ae: AE,
+        reconciler: Reconciler,
+        executor: ThreadPoolExecutor,
+        counters: DicomCounters | None = None,
+    ) -> None:
         self.server = server
         self.ae = ae
         self.reconciler = reconciler
         self.executor = executor
+        # what the listener did since it started (plugin.dicom.counters), for /metrics and /status
+        self.counters = counters or DicomCounters()
 
     @property
     def port(self) -> int:
@@ -197,11 +207,13 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
         record_refusal=store.ledger.record_refused,
     )
     ae = build_ae(settings)
+    counters = DicomCounters()
+    counters.active = lambda: len(ae.active_associations)
     started = time.monotonic()
     server = ae.start_server(
         (settings.dicom_host, settings.dicom_port),
         block=False,
-        evt_handlers=handlers.bindings(settings, store, indexes, store_deps),
+        evt_handlers=handlers.bindings(settings, store, indexes, store_deps, counters),
         ssl_context=tls_context(settings),
     )
     reconciler.start()
@@ -214,4 +226,4 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
         ae.maximum_associations,
         (time.monotonic() - started) * 1000,
     )
-    return ScpServer(server, ae, reconciler, executor)
+    return ScpServer(server, ae, reconciler, executor, counters)
