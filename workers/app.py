@@ -99,6 +99,27 @@ def _wait_for_device(settings: Settings, record: dict[str, Any], wake: threading
             signal.signal(sig, handler)
 
 
+# Seconds a health check waits for the worker's answer to a Celery ping.
+HEALTH_PING_SECONDS = 5.0
+
+
+def health(app: Celery, hostname: str) -> tuple[bool, str]:
+    """Whether worker ``hostname`` takes tasks: its heartbeat says online (not refusing its device,
+    not silent) and its Celery consumer answers a ping. For container and systemd health checks."""
+    from plugin.store import worker_state
+
+    record = store_for(app).workers.heartbeats().get(hostname)
+    if record is None:
+        return False, f"{hostname}: no heartbeat (not started, or another --hostname)"
+    state = worker_state(record, time.time())
+    if state != "online":
+        return False, f"{hostname}: {state}" + (f" ({record['reason']})" if record.get("reason") else "")
+    answers = app.control.ping([hostname], timeout=HEALTH_PING_SECONDS)
+    if not any(hostname in answer for answer in answers):
+        return False, f"{hostname}: online by its heartbeat, but its Celery consumer does not answer"
+    return True, f"{hostname}: online, consuming {','.join(record.get('queues', []))} on {record.get('device')}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``drh-pacs worker``: a prefork Celery worker on the configured queues."""
     parser = argparse.ArgumentParser(prog="drh-pacs worker", description="run a Celery worker for drh-pacs")
@@ -107,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="auto, cpu or cuda:N (overrides DRH_DEVICE)")
     parser.add_argument("--hostname", default=f"drh-{os.getpid()}@{socket.gethostname()}", help="Celery node name")
     parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    parser.add_argument(
+        "--health",
+        action="store_true",
+        help="do not run a worker: exit 0 when the worker named by --hostname takes tasks, 1 otherwise",
+    )
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {"device": args.device, "worker_concurrency": args.concurrency}
     if args.queues:
@@ -123,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"drh-pacs worker: unknown queues {sorted(unknown)}; known: {', '.join(QUEUES)}", file=sys.stderr)
         return 2
     hostname = args.hostname.replace("%h", socket.gethostname())
+    if args.health:
+        try:
+            ok, why = health(app, hostname)
+        except Exception as exc:  # noqa: BLE001 - Redis or the broker away: not healthy, say why
+            ok, why = False, f"{hostname}: cannot ask ({type(exc).__name__}: {exc})"
+        print(why, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     record = {
         "hostname": hostname,
         "pid": os.getpid(),

@@ -177,7 +177,7 @@ def gather(
             "recent_refused": store.ledger.refused(recent),
         }
         figures["pending"] = store.ingest.pending_count()
-        if figures.get("orthanc"):
+        if figures.get("orthanc") and settings is not None and settings.orthanc_reconcile_seconds > 0:
             figures["orthanc"]["reconcile"] = reconcile_info(store, figures["orthanc"]["url"])
         figures["redis_ok"] = True
     except redis.exceptions.RedisError as exc:
