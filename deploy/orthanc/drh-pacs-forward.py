@@ -179,6 +179,7 @@ class Forwarder:
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.link_delay = 0.0  # while drh-pacs is unreachable: the current back-off
+        self.paused_until = 0.0  # nothing is sent before this time (drh-pacs unreachable)
         self.link_error = ""
         self.last_success = 0.0
         self.thread = threading.Thread(target=self.run, name="drh-pacs-forward", daemon=True)
@@ -262,6 +263,7 @@ class Forwarder:
         self.state.failed(study, attempt, time.time() + delay, outcome.details)
         self.link_error = outcome.details
         self.link_delay = min(float(self.drh["RetryMaxSeconds"]), max(self.link_delay * 2, self._retry_delay(1)))
+        self.paused_until = time.time() + self.link_delay
         orthanc.LogWarning(
             f"drh-pacs: study {study} NOT sent to {self.modality} (attempt {attempt}): {outcome.details};"
             f" {self.state.report(0)['pending_count']} study(ies) pending, next try in {self.link_delay:.0f} s"
@@ -269,6 +271,7 @@ class Forwarder:
 
     def _link_ok(self):
         self.link_delay = 0.0
+        self.paused_until = 0.0
         self.link_error = ""
         self.last_success = time.time()
 
@@ -277,11 +280,12 @@ class Forwarder:
         while not self.stop.is_set():
             try:
                 self._metrics()
-                if self.link_delay:
+                pause = self.paused_until - time.time()
+                if pause > 0:
                     # drh-pacs was unreachable: wait before touching it again (a new study does not
                     # shorten the wait; it is on record and goes with the others)
-                    if self.stop.wait(self.link_delay):
-                        return
+                    self.stop.wait(pause)
+                    continue
                 row = self.state.due(time.time())
                 if row is None:
                     next_try = self.state.next_due()
