@@ -45,10 +45,13 @@ class Running:
     http: Any = None
     http_thread: threading.Thread | None = None
     refresher: threading.Thread | None = None
+    reconcile: Any = None  # plugin.ops.orthanc.ScheduledReconcile, when Orthanc is configured
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.reconcile is not None:
+            self.reconcile.stop()
         if self.scp is not None:
             log.info("stopping DICOM SCP")
             self.scp.shutdown()
@@ -142,7 +145,17 @@ def start(settings: Settings) -> Running:
             flush=True,
         )
 
+        if settings.orthanc_url and settings.orthanc_reconcile_seconds > 0:
+            from plugin.ops.orthanc import ScheduledReconcile
+
+            running.reconcile = ScheduledReconcile(settings).start()
+            print(
+                f"orthanc   {settings.orthanc_url}: reconciled every {settings.orthanc_reconcile_seconds:g} s",
+                flush=True,
+            )
+
         ctx = ApiContext(settings=settings, store=store, index=indexes, celery=celery_app)
+        ctx.extra["dicom_counters"] = running.scp.counters  # the listener's counts, for /metrics and /status
         running.http, running.http_thread = _start_http(settings, create_app(ctx))
         token_note = "DRH_API_TOKEN" if settings.api_token else f"token in {settings.data_dir / 'api-token'}"
         print(f"http      http://{settings.http_host}:{settings.http_port}/ ({token_note})", flush=True)

@@ -56,7 +56,8 @@ class Settings:
     # -- DICOM SCP -------------------------------------------------------------------------------
     # Our AE title for storage, plain C-FIND and C-MOVE.
     ae_title: str = "DRHPACS"
-    # Called AE title under which StudyInstanceUID / SOPInstanceUID name the *reference* object.
+    # Called AE title under which StudyInstanceUID / SOPInstanceUID (or, from viewer forms,
+    # AccessionNumber with an optional PatientID) name the *reference* object.
     similar_ae_title: str = "SIMILAR"
     # Address the DICOM SCP binds (all interfaces: the PACS and viewers must reach it).
     dicom_host: str = "0.0.0.0"
@@ -79,6 +80,9 @@ class Settings:
     dicom_nodes: dict[str, str] = field(default_factory=dict)
     # Results returned by a similar-studies query when the query does not say.
     default_results: int = 10
+    # Also start each similar answer's StudyDescription with its rank and score ("#01 0.938 CHEST
+    # PA"): viewers and Orthanc hide or drop private elements and re-sort by their own columns.
+    similar_rank_in_description: bool = True
 
     # -- studies and model ---------------------------------------------------------------------
     # A study is "stable" (its study-level code is computed) after this many seconds without a
@@ -152,6 +156,9 @@ class Settings:
     # Orthanc REST credentials.
     orthanc_user: str = ""
     orthanc_password: str = ""
+    # Seconds between the reconciliations `serve` runs against Orthanc (its /changes log): studies
+    # Orthanc holds that drh-pacs lacks are indexed. 0: never. Needs orthanc_url.
+    orthanc_reconcile_seconds: float = 900.0
 
     # -- logging ---------------------------------------------------------------------------------
     # DEBUG, INFO, WARNING or ERROR.
@@ -308,6 +315,8 @@ def _validate(s: Settings) -> None:
         unknown = set(re.findall(r"\{(\w*)\}", template)) - set(VIEWER_URL_FIELDS)
         if unknown:
             raise SettingsError(f"setting viewer_urls: {name} uses unknown field(s) {sorted(unknown)}")
+    if s.orthanc_reconcile_seconds < 0:
+        raise SettingsError("setting orthanc_reconcile_seconds must be >= 0 (0: never)")
 
 
 # The study fields a viewer_urls template may use (the page fills them in, URL-encoded).

@@ -28,6 +28,7 @@ from plugin.core.settings import Settings
 from plugin.dicom import move as move_mod
 from plugin.dicom import plain, similar
 from plugin.dicom import status as st
+from plugin.dicom.counters import DicomCounters, note_rejection
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, SpoolError
 from plugin.dicom.validate import is_image_sop_class, pixel_data_problem
 from plugin.search import query as search
@@ -54,6 +55,9 @@ class StoreDeps:
     enqueue: Callable[[SpoolEntry, str], None]
     # Runs the enqueue after the response went out, so a slow broker never holds up the sender.
     executor: Executor
+    # record_refusal(sop_uid, study_uid, source_ae, reason, status): notes a refused C-STORE where
+    # IT staff look (the failure ledger's refusals); run on the executor, after the answer.
+    record_refusal: Callable[[str, str, str, str, int], None] | None = None
 
 
 def status_with_comment(status: int, comment: str) -> Dataset:
@@ -85,14 +89,15 @@ def handle_requested(event: Any, settings: Settings) -> None:
     calling = str(primitive.calling_ae_title or "").strip()
     called = str(primitive.called_ae_title or "").strip()
     address = assoc.requestor.address
-    diagnostic = None
+    diagnostic = reason = None
     if called not in {settings.ae_title.strip(), settings.similar_ae_title.strip()}:
-        diagnostic = REJECT_CALLED_AE
+        diagnostic, reason = REJECT_CALLED_AE, "called-ae"
     elif settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
-        diagnostic = REJECT_CALLING_AE
+        diagnostic, reason = REJECT_CALLING_AE, "calling-ae"
     elif settings.allowed_addresses and address not in settings.allowed_addresses:
-        diagnostic = REJECT_NO_REASON
+        diagnostic, reason = REJECT_NO_REASON, "address"
     if diagnostic is not None:
+        note_rejection(assoc, str(reason))
         log.warning(
             "association rejected: calling AE %r, called AE %r, from %s (diagnostic %#04x)",
             calling,
@@ -191,21 +196,20 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
         ds_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
         ds_class = str(ds.get("SOPClassUID", "") or "")
     except Exception as exc:  # noqa: BLE001 - any decoding error is the sender's malformed dataset
-        log.warning("C-STORE %s from %s: dataset cannot be decoded (%s)", sop_uid, calling, type(exc).__name__)
-        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, "dataset cannot be decoded")
+        reason = f"dataset cannot be decoded ({type(exc).__name__})"
+        return _refuse(deps, sop_uid, "", calling, st.STORE_CANNOT_UNDERSTAND, reason)
     problem = None
     if not (is_uid(study_uid) and is_uid(series_uid) and is_uid(ds_sop_uid)):
         problem = "missing or invalid Study/Series/SOP Instance UID"
     elif ds_sop_uid != sop_uid:
         problem = "SOPInstanceUID differs from the C-STORE request"
     elif ds_class and ds_class != sop_class:
-        log.warning("C-STORE %s from %s: SOPClassUID %s differs from request", sop_uid, calling, ds_class)
-        return status_with_comment(st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
+        reason = "SOPClassUID differs from request"
+        return _refuse(deps, sop_uid, study_uid, calling, st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason)
     else:
         problem = pixel_data_problem(ds)
     if problem:
-        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, problem)
-        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, problem)
+        return _refuse(deps, sop_uid, study_uid, calling, st.STORE_CANNOT_UNDERSTAND, problem)
     try:
         entry = deps.spool.write(study_uid, sop_uid, _file_bytes(event, calling))
     except SpoolError as exc:
@@ -213,6 +217,21 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
         return status_with_comment(st.STORE_OUT_OF_RESOURCES, "cannot store the file durably")
     deps.executor.submit(_enqueue_after_answer, deps, entry, calling)
     return st.SUCCESS
+
+
+def _refuse(deps: StoreDeps, sop_uid: str, study_uid: str, calling: str, status: int, reason: str) -> Dataset:
+    """Answer a C-STORE with a failure saying why, and note the refusal for IT staff once answered."""
+    log.warning("C-STORE %s from %s refused (%#06x): %s", sop_uid, calling, status, reason)
+    if deps.record_refusal is not None:
+        deps.executor.submit(_record_refusal, deps.record_refusal, sop_uid, study_uid, calling, reason, status)
+    return status_with_comment(status, reason)
+
+
+def _record_refusal(record: Callable[..., None], *args: Any) -> None:
+    try:
+        record(*args)
+    except Exception as exc:  # noqa: BLE001 - Redis away: the sender was told, the log says why
+        log.warning("refusal of %s not recorded (%s)", args[0], exc)
 
 
 def _file_bytes(event: Any, calling: str) -> list[bytes]:
@@ -259,7 +278,13 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
 
     if similar.is_similar_request(identifier, called, settings.similar_ae_title):
         try:
-            query = similar.parse_similar(identifier, called, settings.similar_ae_title, settings.default_results)
+            query = similar.parse_similar(
+                identifier,
+                called,
+                settings.similar_ae_title,
+                settings.default_results,
+                resolve_accession=lambda accession, patient_id: search.study_by_accession(store, accession, patient_id),
+            )
             results = search.run_similar(query, store, indexes)
         except QueryError as err:
             log.info("similar C-FIND from %s refused (%s): %s", calling, err.reason, err.comment)
@@ -276,7 +301,12 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
             if event.is_cancelled:
                 yield st.CANCEL, None
                 return
-            yield st.PENDING, similar.similar_answer(result, query, requested, settings.ae_title, version)
+            yield (
+                st.PENDING,
+                similar.similar_answer(
+                    result, query, requested, settings.ae_title, version, settings.similar_rank_in_description
+                ),
+            )
         log.info(
             "similar C-FIND from %s: %s reference %s, %d result(s) in %.1f ms",
             calling,
@@ -370,14 +400,71 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
     log.info("C-MOVE from %s to %s: %d file(s) sent from the spool", calling, destination, len(plan.local_files))
 
 
-def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps: StoreDeps) -> list[tuple[Any, ...]]:
-    """The event bindings of the SCP: the one place handlers meet their dependencies."""
+def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iterator[Any]:
+    """C-GET: the spooled files of the study, series or instances named, sent back on the requester's
+    own association (its storage contexts with the SCP role, negotiated in :mod:`plugin.dicom.scp`).
+
+    pynetdicom wants the number of sub-operations first, then one (status, dataset) per instance.
+    Nothing to send is a failure that says why (the files are not kept here: C-MOVE reaches the
+    source PACS), never an empty success.
+    """
+    calling = str(event.assoc.requestor.ae_title or "").strip()
+    try:
+        identifier = event.identifier
+        studies = move_mod.requested_studies(identifier, store)
+        files = move_mod.local_files(identifier, studies, store, spool)
+    except QueryError as err:
+        comment = err.comment
+        files = []
+    else:
+        comment = "no stored copy here: retrieve it with C-MOVE (from its PACS)"
+    if not files:
+        log.info("C-GET from %s refused: %s", calling, comment)
+        yield 1  # pynetdicom sends a failure only after the count: one (refused) sub-operation
+        yield status_with_comment(st.UNABLE_TO_PROCESS, comment), None
+        return
+    yield len(files)
+    for path in files:
+        if event.is_cancelled:
+            yield st.CANCEL, None
+            return
+        yield st.PENDING, move_mod.read_for_sending(path)
+    log.info("C-GET from %s: %d file(s) of %d study(ies) sent", calling, len(files), len(studies))
+
+
+def handle_accepted(event: Any, counters: DicomCounters) -> None:
+    counters.association("accepted")
+
+
+def handle_rejected(event: Any, counters: DicomCounters) -> None:
+    counters.rejected(event.assoc)
+
+
+def handle_aborted(event: Any, counters: DicomCounters) -> None:
+    counters.association("aborted")
+
+
+def bindings(
+    settings: Settings,
+    store: Any,
+    indexes: dict[str, Any],
+    store_deps: StoreDeps,
+    counters: DicomCounters | None = None,
+) -> list[tuple[Any, ...]]:
+    """The event bindings of the SCP: the one place handlers meet their dependencies. Every DIMSE
+    handler is counted and timed by ``counters`` (``/metrics``, the status page)."""
+    counters = counters or DicomCounters()
+    timed = counters.timed
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_DATA_RECV, handle_data_recv),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store_deps]),
-        (evt.EVT_C_FIND, handle_find, [settings, store, indexes]),
-        (evt.EVT_C_MOVE, handle_move, [settings, store, store_deps.spool]),
+        (evt.EVT_ACCEPTED, handle_accepted, [counters]),
+        (evt.EVT_REJECTED, handle_rejected, [counters]),
+        (evt.EVT_ABORTED, handle_aborted, [counters]),
+        (evt.EVT_C_ECHO, timed("C-ECHO", handle_echo)),
+        (evt.EVT_C_STORE, timed("C-STORE", handle_store), [store_deps]),
+        (evt.EVT_C_FIND, timed("C-FIND", handle_find), [settings, store, indexes]),
+        (evt.EVT_C_MOVE, timed("C-MOVE", handle_move), [settings, store, store_deps.spool]),
+        (evt.EVT_C_GET, timed("C-GET", handle_get), [settings, store, store_deps.spool]),
     ]

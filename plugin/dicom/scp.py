@@ -18,14 +18,17 @@ from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
 from plugin.core.settings import Settings
 from plugin.dicom import handlers
+from plugin.dicom.counters import DicomCounters
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, source_ae_of
 from plugin.dicom.validate import is_image_sop_class
 from plugin.store import SETTLED_STATES, Store
@@ -71,11 +74,20 @@ RECONCILE_SECONDS = 30.0
 class ScpServer:
     """The running SCP and its helpers; ``shutdown()`` stops accepting, then the background work."""
 
-    def __init__(self, server: Any, ae: AE, reconciler: Reconciler, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        server: Any,
+        ae: AE,
+        reconciler: Reconciler,
+        executor: ThreadPoolExecutor,
+        counters: DicomCounters | None = None,
+    ) -> None:
         self.server = server
         self.ae = ae
         self.reconciler = reconciler
         self.executor = executor
+        # what the listener did since it started (plugin.dicom.counters), for /metrics and /status
+        self.counters = counters or DicomCounters()
 
     @property
     def port(self) -> int:
@@ -111,12 +123,16 @@ def build_ae(settings: Settings) -> AE:
         abstract = context.abstract_syntax
         if settings.non_image_policy == "reject" and not is_image_sop_class(abstract):
             continue
-        ae.add_supported_context(abstract, STORAGE_TRANSFER_SYNTAXES)
+        # Both roles accepted as the requester proposes them: a PACS stores to us (we are SCP), a
+        # C-GET requester takes the SCP role for its sub-operations (we send them as SCU).
+        ae.add_supported_context(abstract, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for abstract in (
         StudyRootQueryRetrieveInformationModelFind,
         PatientRootQueryRetrieveInformationModelFind,
         StudyRootQueryRetrieveInformationModelMove,
         PatientRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelGet,
+        PatientRootQueryRetrieveInformationModelGet,
     ):
         ae.add_supported_context(abstract, QUERY_TRANSFER_SYNTAXES)
     return ae
@@ -183,14 +199,21 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-enqueue")
     store_deps = handlers.StoreDeps(
-        settings=settings, spool=spool, reconciler=reconciler, enqueue=enqueue, executor=executor
+        settings=settings,
+        spool=spool,
+        reconciler=reconciler,
+        enqueue=enqueue,
+        executor=executor,
+        record_refusal=store.ledger.record_refused,
     )
     ae = build_ae(settings)
+    counters = DicomCounters()
+    counters.active = lambda: len(ae.active_associations)
     started = time.monotonic()
     server = ae.start_server(
         (settings.dicom_host, settings.dicom_port),
         block=False,
-        evt_handlers=handlers.bindings(settings, store, indexes, store_deps),
+        evt_handlers=handlers.bindings(settings, store, indexes, store_deps, counters),
         ssl_context=tls_context(settings),
     )
     reconciler.start()
@@ -203,4 +226,4 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
         ae.maximum_associations,
         (time.monotonic() - started) * 1000,
     )
-    return ScpServer(server, ae, reconciler, executor)
+    return ScpServer(server, ae, reconciler, executor, counters)

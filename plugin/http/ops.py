@@ -38,7 +38,9 @@ def _broker(ctx: Any) -> redis.Redis:
 
 
 def _figures(ctx: Any) -> dict[str, Any]:
-    return status.gather(ctx.store, _broker(ctx))
+    """The figures, with this process's surroundings (spool disk, Orthanc) and, in ``serve``, the
+    DICOM listener's counters (``ctx.extra["dicom_counters"]``)."""
+    return status.gather(ctx.store, _broker(ctx), settings=ctx.settings, dicom=ctx.extra.get("dicom_counters"))
 
 
 def _jsonable(value: Any) -> Any:

@@ -227,10 +227,10 @@ class Renderer:
             raise RenderError(404, "instance not held here, and no PACS configured (DRH_ORTHANC_URL)")
         from apiron import Timeout
 
-        from plugin.ops.orthanc import connect
+        from plugin.ops.orthanc import rest_client
 
         s = self.settings
-        client = connect(s.orthanc_url, s.orthanc_user, s.orthanc_password)
+        client = rest_client(s.orthanc_url, s.orthanc_user, s.orthanc_password)
         try:
             # /tools/find, not /tools/lookup: the client JSON-quotes a lookup's body, which Orthanc
             # then matches against nothing.

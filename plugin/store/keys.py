@@ -69,6 +69,10 @@ Outcomes and operations (:mod:`plugin.store.ledger`, :mod:`plugin.store.stats`,
 ``ns:failures``                             hash     SOPInstanceUID -> JSON failure entry
 ``ns:failures:recent``                      zset     SOPInstanceUID by last failure time
 ``ns:ignored``                              hash     SOPInstanceUID -> JSON {reason, study_uid, when}
+``ns:refused``                              hash     SOPInstanceUID -> JSON C-STORE refusal {reason,
+                                                     status, study_uid, source_ae, first_seen,
+                                                     last_seen, count}
+``ns:refused:recent``                       zset     SOPInstanceUID by last refusal time
 ``ns:stats:tasks``                          hash     ``<task>:<outcome>`` -> count
 ``ns:stats:latency``                        hash     C-STORE-to-searchable histogram buckets
 ``ns:workers``                              hash     worker hostname -> JSON heartbeat
@@ -230,6 +234,12 @@ class Keys:
 
     def ignored(self) -> str:
         return f"{self.ns}:ignored"
+
+    def refused(self) -> str:
+        return f"{self.ns}:refused"
+
+    def refused_recent(self) -> str:
+        return f"{self.ns}:refused:recent"
 
     def stats_tasks(self) -> str:
         return f"{self.ns}:stats:tasks"
