@@ -50,12 +50,10 @@ def test_oe2_button_follows_the_documented_format_and_opens_the_page():
 def test_orthanc_merges_the_oe2_drop_in(tmp_path):
     """Debian's Orthanc reads its configuration folder with our file in it; a Python plugin reads the
     merged configuration back, as OE2 would see it."""
-    from tests.helpers.peers import ORTHANC_USER, Orthanc
+    from tests.helpers.peers import ORTHANC_USER, Orthanc, read_orthanc_json
 
-    orthanc = Orthanc(tmp_path, {}, forward=False)
-    folder = tmp_path / "orthanc-conf"
-    folder.mkdir()
-    base = json.loads(orthanc.config_path.read_text())
+    orthanc = Orthanc(tmp_path, {}, forward=False)  # its configuration folder is laid out as Debian's
+    folder = orthanc.config_path
     script = tmp_path / "expose.py"
     script.write_text(
         "import orthanc\n"
@@ -63,10 +61,10 @@ def test_orthanc_merges_the_oe2_drop_in(tmp_path):
         "    output.AnswerBuffer(orthanc.GetConfiguration(), 'application/json')\n"
         "orthanc.RegisterRestCallback('/drh-test/configuration', configuration)\n"
     )
-    base.update(Plugins=["/usr/share/orthanc/plugins/libOrthancPython.so"], PythonScript=str(script))
-    (folder / "orthanc.json").write_text(json.dumps(base))
+    python = read_orthanc_json(folder / "python.json")  # Debian's, from orthanc-python
+    python["PythonScript"] = str(script)
+    (folder / "python.json").write_text(json.dumps(python))
     (folder / "orthanc-explorer-2.json").write_text(OE2_FILE.read_text())
-    orthanc.config_path = folder
     with orthanc:
         merged = httpx.get(f"{orthanc.url}/drh-test/configuration", auth=ORTHANC_USER, timeout=30).json()
     (button,) = merged["OrthancExplorer2"]["UiOptions"]["CustomButtons"]["study"]
