@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from pynetdicom.sop_class import (
 
 from plugin.core.settings import Settings
 from plugin.dicom import handlers
+from plugin.dicom.admission import Admission, AdmissionServer, Limits
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, source_ae_of
 from plugin.dicom.validate import is_image_sop_class
 from plugin.store import SETTLED_STATES, Store
@@ -36,6 +38,9 @@ log = logging.getLogger("drh.scp")
 # pynetdicom logs whole request/response identifiers (patient names and IDs) at INFO: never.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# C-STORE datasets go to a temporary file as their fragments arrive (in TMPDIR, which `serve` points
+# at data_dir/tmp), never into memory: a 2 GB object costs disk, not RAM (handlers.handle_store).
+_config.STORE_RECV_CHUNKED_DATASET = True
 
 # Transfer syntaxes we accept for storage: the ones our decoders (pydicom + pylibjpeg + gdcm) read.
 # Video (MPEG, HEVC) and JPIP-referenced syntaxes are left out, so a sender offering them alongside
@@ -71,15 +76,31 @@ RECONCILE_SECONDS = 30.0
 class ScpServer:
     """The running SCP and its helpers; ``shutdown()`` stops accepting, then the background work."""
 
-    def __init__(self, server: Any, ae: AE, reconciler: Reconciler, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        server: AdmissionServer,
+        ae: AE,
+        reconciler: Reconciler,
+        executor: ThreadPoolExecutor,
+        thread: threading.Thread,
+    ) -> None:
         self.server = server
         self.ae = ae
         self.reconciler = reconciler
         self.executor = executor
+        self.thread = thread
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
+
+    @property
+    def admission(self) -> Admission:
+        return self.server.admission
+
+    def alive(self) -> bool:
+        """Whether the listener still accepts connections."""
+        return self.thread.is_alive()
 
     def shutdown(self, drain_seconds: float = 10.0) -> None:
         """Stop accepting, let running associations finish (bounded), then stop the background work.
@@ -99,11 +120,13 @@ class ScpServer:
 
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = max(1, settings.max_associations)
-    ae.maximum_pdu_size = 0  # no limit on what we receive
-    ae.network_timeout = 120
+    # The real limits (established associations, per address) are Admission.take_slot's; this one
+    # counts association threads, some of which are still closing, so it only has to stay out of the way.
+    ae.maximum_associations = 2 * settings.max_associations + 8
+    ae.maximum_pdu_size = settings.max_pdu_size  # announced to the peer, enforced by the admission socket
+    ae.network_timeout = settings.dicom_network_timeout
     ae.dimse_timeout = 120
-    ae.acse_timeout = 30
+    ae.acse_timeout = settings.dicom_request_timeout
     # Called AE titles (ours and the similar-query one) and peers are checked in handle_requested.
     ae.require_called_aet = False
     ae.add_supported_context(Verification)
@@ -183,24 +206,29 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-enqueue")
     store_deps = handlers.StoreDeps(
-        settings=settings, spool=spool, reconciler=reconciler, enqueue=enqueue, executor=executor
+        settings=settings, spool=spool, reconciler=reconciler, enqueue=enqueue, executor=executor, store=store
     )
     ae = build_ae(settings)
     started = time.monotonic()
-    server = ae.start_server(
+    admission = Admission(Limits.from_settings(settings), tls_context(settings))
+    server = ae.make_server(
         (settings.dicom_host, settings.dicom_port),
-        block=False,
-        evt_handlers=handlers.bindings(settings, store, indexes, store_deps),
-        ssl_context=tls_context(settings),
+        evt_handlers=handlers.bindings(settings, store, indexes, store_deps, admission),
+        server_class=AdmissionServer,
+        admission=admission,
     )
+    thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it from there
     reconciler.start()
     log.info(
-        "DICOM SCP %s listening on %s:%d (TLS %s, up to %d associations) in %.0f ms",
+        "DICOM SCP %s listening on %s:%d (TLS %s, up to %d associations, %d per address) in %.0f ms",
         settings.ae_title,
         settings.dicom_host,
         server.server_address[1],
         "on" if settings.tls_cert else "off",
-        ae.maximum_associations,
+        settings.max_associations,
+        settings.max_associations_per_address,
         (time.monotonic() - started) * 1000,
     )
-    return ScpServer(server, ae, reconciler, executor)
+    return ScpServer(server, ae, reconciler, executor, thread)
