@@ -1,9 +1,11 @@
 """``drh-pacs worker``: the worker process, the one wiring point on the workers' side.
 
 It reads the settings, builds the Celery application (:mod:`workers.client`), registers the tasks
-(:mod:`workers.tasks`, :mod:`workers.reindex`), publishes a heartbeat for the status page and runs a
-prefork Celery worker on ``Settings.worker_queues``. A GPU machine typically takes all queues, a
-CPU-only helper only ``maintenance``.
+(:mod:`workers.tasks`, :mod:`workers.reindex`), publishes a heartbeat for the status page, scans for
+studies due for pooling when it takes the ``study`` queue (:func:`workers.tasks.scan_due_studies`),
+and runs a prefork Celery worker on ``Settings.worker_queues``. Its pool processes die with it
+(``PR_SET_PDEATHSIG``): a worker killed by the OOM killer or SIGKILL leaves no orphan holding a
+model. A GPU machine typically takes all queues, a CPU-only helper only ``maintenance``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -18,7 +21,9 @@ import time
 from typing import Any
 
 import redis
+from billiard.util import set_pdeathsig
 from celery import Celery
+from celery.signals import worker_process_init
 
 from plugin.core.logs import setup_logging
 from plugin.core.settings import Settings, SettingsError, load_settings
@@ -55,6 +60,28 @@ def _heartbeat_loop(app: Celery, record: dict[str, Any], stop: threading.Event) 
         store_for(app).workers.remove(record["hostname"])
     except redis.exceptions.RedisError:
         pass
+
+
+def _pool_scan_loop(app: Celery, stop: threading.Event) -> None:
+    """Claim due studies every :data:`workers.tasks.POOL_SCAN_SECONDS`; a Redis outage is logged once
+    a minute at most, and the scan goes on when Redis is back."""
+    warned_at = float("-inf")
+    while not stop.wait(tasks.POOL_SCAN_SECONDS):
+        try:
+            tasks.scan_due_studies(app)
+        except Exception as exc:  # noqa: BLE001 - Redis or the broker away: the leases keep the studies
+            if time.monotonic() - warned_at >= 60.0:
+                warned_at = time.monotonic()
+                log.warning("scan for studies due for pooling failed (%s); retrying", exc)
+
+
+def _die_with_worker(**_: Any) -> None:
+    """In each pool process: SIGKILL when the worker's main process dies (it held the messages,
+    which the broker hands out again)."""
+    try:
+        set_pdeathsig(signal.SIGKILL)
+    except OSError as exc:  # not Linux
+        log.debug("pool process not bound to its parent: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat_loop, args=(app, record, stop), name="drh-heartbeat", daemon=True)
     beat.start()
+    if "study" in settings.worker_queues:
+        scan = threading.Thread(target=_pool_scan_loop, args=(app, stop), name="drh-pool-scan", daemon=True)
+        scan.start()
+    worker_process_init.connect(_die_with_worker, weak=False)
     log.info("worker %s on queues %s, device %s", hostname, ",".join(settings.worker_queues), record["device"])
     try:
         app.worker_main(
