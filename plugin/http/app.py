@@ -9,6 +9,7 @@ route goes in the module of its concern, listed in that module's ``routes``.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ class ApiContext:
     store: Any  # plugin.store.Store
     index: dict[str, Any] = field(default_factory=dict)  # level -> plugin.search.replica.ReplicaIndex
     celery: Any = None  # workers.client Celery application (for retries)
+    # The parts the process supervises (embedded Redis, workers, DICOM): name -> {"ok", "detail"}.
+    health: Callable[[], dict[str, dict[str, Any]]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
