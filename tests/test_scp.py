@@ -7,7 +7,6 @@ no model; the end-to-end test of issue 2 covers the path through a real worker.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -28,6 +27,7 @@ from plugin.store.broker import queue_depth
 from tests.helpers.dicomgen import fixture_images, make_instance, make_study
 from tests.helpers.peers import code, dcmtk, findscu, populate, running_plugin
 from tests.helpers.processes import wait_until
+from tests.helpers.tls import certificates
 
 pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
@@ -414,27 +414,8 @@ def test_cancel_stops_a_long_answer(archive):
 
 
 # -- transport: TLS and the association limit -------------------------------------------------------------
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A throw-away CA, and a server and a client certificate it signed (openssl)."""
-    import subprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=drh-test-ca")  # fmt: skip
-    for name in ("server", "client"):
-        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")  # fmt: skip
-        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2")  # fmt: skip
-    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
-
-
 def test_tls_with_client_certificates(tmp_path, redis_client, redis_server):
-    certs = _certificates(tmp_path / "certs")
+    certs = certificates(tmp_path / "certs")
     overrides = {
         "tls_cert": str(certs["server.crt"]),
         "tls_key": str(certs["server.key"]),

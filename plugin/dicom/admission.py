@@ -31,6 +31,7 @@ at most once a minute per reason and address (an attack must not flood the log).
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import ssl
@@ -171,14 +172,14 @@ class Admission:
         deadline = time.monotonic() + self.limits.request_timeout
         if self.ssl_context is not None:
             conn = _handshake(self.ssl_context, conn, deadline)
-        header = _recv_exactly(conn, 6, deadline, "its A-ASSOCIATE-RQ")
+        header = _recv_exactly(conn, 6, deadline, "A-ASSOCIATE-RQ")
         kind, length = struct.unpack(">BxL", header)
         if kind != A_ASSOCIATE_RQ:
             hint = " (a TLS client on a plain port?)" if kind == 0x16 else ""
             raise Refused("not-an-association-request", f"first PDU type {kind:#04x}, not A-ASSOCIATE-RQ{hint}")
         if length > MAX_REQUEST_PDU:
             raise Refused("request-too-large", f"A-ASSOCIATE-RQ of {length} bytes (at most {MAX_REQUEST_PDU})")
-        body = _recv_exactly(conn, length, deadline, "the rest of its A-ASSOCIATE-RQ")
+        body = _recv_exactly(conn, length, deadline, "A-ASSOCIATE-RQ")
         conn.settimeout(self.limits.pdu_timeout)  # sends too: a peer that stops reading is cut off
         return conn, header + body
 
@@ -210,10 +211,10 @@ def _holds_slot(assoc: Any) -> bool:
 def _wait(sock: socket.socket, deadline: float, write: bool, what: str) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise Refused("request-timeout", f"no complete {what} in time")
+        raise Refused("request-timeout", f"{what} not complete in time")
     readable, writable, _ = select.select([] if write else [sock], [sock] if write else [], [], remaining)
     if not (readable or writable):
-        raise Refused("request-timeout", f"no complete {what} in time")
+        raise Refused("request-timeout", f"{what} not complete in time")
 
 
 def _handshake(context: ssl.SSLContext, conn: socket.socket, deadline: float) -> socket.socket:
@@ -242,7 +243,7 @@ def _recv_exactly(conn: socket.socket, n: int, deadline: float, what: str) -> by
     while len(data) < n:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise Refused("request-timeout", f"no complete {what} in time ({len(data)} of {n} bytes)")
+            raise Refused("request-timeout", f"{what} not complete in time ({len(data)} of {n} bytes)")
         conn.settimeout(remaining)
         try:
             chunk = conn.recv(min(n - len(data), 65536))
@@ -359,6 +360,20 @@ class GuardedAssociationSocket(AssociationSocket):
         return bytearray()
 
 
+def discard_unfinished_dataset(event: Any) -> None:
+    """``EVT_CONN_CLOSE`` handler: remove the temporary file of a C-STORE dataset the closing cut off
+    (a refusal above, a peer gone mid-transfer); nobody will finish it, and pynetdicom deletes only
+    the files of complete requests. Unlinked, not closed: the association's thread may still be
+    writing its last queued fragment."""
+    message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+    path = getattr(message, "_data_set_path", None)  # pynetdicom's chunked-dataset file
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class AdmissionRequestHandler(RequestHandler):
     """Runs in the connection's own thread: admission first, then the association as pynetdicom
     would start it (:meth:`_create_association` follows pynetdicom 3.0's, with our socket)."""
@@ -414,6 +429,9 @@ class AdmissionServer(ThreadedAssociationServer):
     read in the connection's thread (:class:`AdmissionRequestHandler`)."""
 
     daemon_threads = True
+    # Connections the kernel queues before the accepting thread takes them (socketserver's default,
+    # 5, drops a burst of modalities connecting at once into SYN retries of a second or more).
+    request_queue_size = 128
 
     def __init__(self, *args: Any, admission: Admission, **kwargs: Any) -> None:
         self.admission = admission

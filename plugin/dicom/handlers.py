@@ -25,6 +25,7 @@ from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
 from plugin.core.header import is_uid
 from plugin.core.settings import Settings
+from plugin.dicom import admission as admission_mod
 from plugin.dicom import move as move_mod
 from plugin.dicom import plain, similar
 from plugin.dicom import status as st
@@ -431,6 +432,7 @@ def bindings(
     """The event bindings of the SCP: the one place handlers meet their dependencies."""
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_CONN_CLOSE, admission_mod.discard_unfinished_dataset),
         (evt.EVT_DATA_RECV, handle_data_recv),
         (evt.EVT_REQUESTED, handle_requested, [settings, admission]),
         (evt.EVT_C_ECHO, handle_echo),
