@@ -131,6 +131,10 @@ class Running:
             elif child.backoff.due(now):
                 child.start()
                 log.warning("%s restarted (pid %s)", child.name, _pid(child))
+                if self.scp is not None:
+                    # the dead worker held messages unacknowledged; without this they wait for the
+                    # broker's visibility timeout (an hour by default)
+                    self.scp.reconciler.requeue_soon()
 
     def stop(self) -> None:
         self.stop_event.set()
