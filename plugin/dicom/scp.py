@@ -42,9 +42,10 @@ _config.LOG_RESPONSE_IDENTIFIERS = False
 # at data_dir/tmp), never into memory: a 2 GB object costs disk, not RAM (handlers.handle_store).
 _config.STORE_RECV_CHUNKED_DATASET = True
 
-# Transfer syntaxes we accept for storage: the ones our decoders (pydicom + pylibjpeg + gdcm) read.
-# Video (MPEG, HEVC) and JPIP-referenced syntaxes are left out, so a sender offering them alongside
-# an uncompressed syntax falls back to one we can index instead of storing what we cannot read.
+# Transfer syntaxes we accept for storage: the ones hashing.decode reads (pydicom + pylibjpeg, and GDCM
+# in a child process for the JPEG-family greyscale streams libjpeg refuses, such as 12-bit JPEG
+# Extended). Video (MPEG, HEVC) and JPIP-referenced syntaxes are left out, so a sender offering them
+# alongside an uncompressed syntax falls back to one we can index instead of storing what we cannot read.
 STORAGE_TRANSFER_SYNTAXES = [
     tsuid.ExplicitVRLittleEndian,
     tsuid.ImplicitVRLittleEndian,
