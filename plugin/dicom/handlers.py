@@ -235,16 +235,18 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
         log.info("non-image object %s (class %s) from %s accepted and ignored", sop_uid, sop_class, calling)
         deps.executor.submit(_count_ignored, deps, sop_uid, study_uid, sop_class)
         return st.SUCCESS
+    # A cut transfer first: it is the cause of whatever else is missing (a truncated file was once
+    # refused as "missing UID").
     problem = received.pixel_problem
-    if problem and problem.startswith("dataset truncated"):
-        pass  # the UIDs may be missing because of the cut: say so rather than "missing UID"
-    elif not (is_uid(study_uid) and is_uid(series_uid) and is_uid(ds_sop_uid)):
-        problem = "missing or invalid Study/Series/SOP Instance UID"
-    elif ds_sop_uid != sop_uid:
-        problem = "SOPInstanceUID differs from the C-STORE request"
-    elif ds_class and ds_class != sop_class:
-        log.warning("C-STORE %s from %s: SOPClassUID %s differs from request", sop_uid, calling, ds_class)
-        return status_with_comment(st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
+    if problem is None:
+        if not (is_uid(study_uid) and is_uid(series_uid) and is_uid(ds_sop_uid)):
+            problem = "missing or invalid Study/Series/SOP Instance UID"
+        elif ds_sop_uid != sop_uid:
+            problem = "SOPInstanceUID differs from the C-STORE request"
+        elif ds_class and ds_class != sop_class:
+            log.warning("C-STORE %s from %s: SOPClassUID %s differs from request", sop_uid, calling, ds_class)
+            comment = "SOPClassUID differs from request"
+            return status_with_comment(st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, comment)
     if problem:
         log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, problem)
         return status_with_comment(st.STORE_CANNOT_UNDERSTAND, problem)
