@@ -53,8 +53,9 @@ from plugin.core.settings import Settings
 log = logging.getLogger("drh.scp.admission")
 
 # Connections accepted but not yet associated (TLS handshake, A-ASSOCIATE-RQ in flight). Each costs
-# a thread for at most dicom_request_timeout; the caps bound threads and file descriptors, and the
-# per-address one keeps a single host from taking them all.
+# a thread for at most dicom_request_timeout; the caps bound threads and file descriptors (keeping
+# them under 1024, since pynetdicom watches its sockets with select()), and the per-address one keeps
+# a single host from taking them all.
 MAX_PENDING = 512
 MAX_PENDING_PER_ADDRESS = 64
 # An A-ASSOCIATE-RQ proposing every storage SOP class with every transfer syntax is about 60 KB.
@@ -212,8 +213,9 @@ def _wait(sock: socket.socket, deadline: float, write: bool, what: str) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise Refused("request-timeout", f"{what} not complete in time")
-    readable, writable, _ = select.select([] if write else [sock], [sock] if write else [], [], remaining)
-    if not (readable or writable):
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if write else select.POLLIN)
+    if not poller.poll(remaining * 1000):
         raise Refused("request-timeout", f"{what} not complete in time")
 
 
