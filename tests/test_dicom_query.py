@@ -119,9 +119,13 @@ def test_image_level_reads_sop_instance_uid():
     assert query.level == "IMAGE" and query.reference_uid == REF and query.filters.modalities == ("DX",)
 
 
-def test_number_of_results_is_capped():
-    ds = with_private(identifier(), ref=REF, k="999999")
-    assert similar.parse_similar(ds, "X", SIMILAR, 10).k == search.MAX_RESULTS
+def test_a_number_of_results_over_the_maximum_is_refused_not_cut():
+    with pytest.raises(QueryError, match=f"over the maximum of {search.MAX_RESULTS}"):
+        similar.parse_similar(with_private(identifier(), ref=REF, k="999999999"), "X", SIMILAR, 10)
+    query = similar.parse_similar(with_private(identifier(), ref=REF, k="150"), "X", SIMILAR, 10)
+    with pytest.raises(QueryError, match="k=150 is over the maximum of 100"):
+        search.check_k(query, 100)
+    search.check_k(query, 150)  # at the maximum: fine
 
 
 @pytest.mark.parametrize(

@@ -192,7 +192,8 @@ def test_status_when_redis_is_down(tmp_path):
     settings = load_settings(env={}, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path, api_token=TOKEN)
     client = TestClient(create_app(ApiContext(settings=settings, store=Store(dead, NS))))
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert client.get("/health").status_code == 200
+    health = client.get("/health")  # Redis is a part the process depends on: unhealthy, and says why
+    assert health.status_code == 503 and health.json()["parts"]["redis"]["ok"] is False
     r = client.get("/ready", headers=auth)
     assert r.status_code == 503 and "Redis unavailable" in r.json()["reasons"][0]
     assert client.get("/status", headers=auth).status_code == 503

@@ -2,13 +2,15 @@
 
 It reads the settings, builds the Celery application (:mod:`workers.client`), registers the tasks
 (:mod:`workers.tasks`, :mod:`workers.reindex`), publishes a heartbeat for the status page, checks
-that it can use its device (:mod:`workers.device`) and only then runs a prefork Celery worker on
-``Settings.worker_queues``. A GPU machine typically takes all queues, a CPU-only helper only
-``maintenance``.
+that it can use its device (:mod:`workers.device`) and only then scans for studies due for pooling
+when it takes the ``study`` queue (:func:`workers.tasks.scan_due_studies`) and runs a prefork Celery
+worker on ``Settings.worker_queues``. Its pool processes die with it (``PR_SET_PDEATHSIG``): a worker
+killed by the OOM killer or SIGKILL leaves no orphan holding a model. A GPU machine typically takes
+all queues, a CPU-only helper only ``maintenance``.
 
-A worker whose device is unusable takes no task: it says why in its heartbeat (state ``refused``,
-shown on the status page and in ``drh_worker_up``), checks again every
-:data:`DEVICE_RECHECK_SECONDS`, and starts consuming once the device works.
+A worker whose device is unusable takes no task (and claims no study for pooling): it says why in
+its heartbeat (state ``refused``, shown on the status page and in ``drh_worker_up``), checks again
+every :data:`DEVICE_RECHECK_SECONDS`, and starts consuming once the device works.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import time
 from typing import Any
 
 import redis
+from billiard.util import set_pdeathsig
 from celery import Celery
+from celery.signals import worker_process_init
 
 from plugin.core.logs import setup_logging
 from plugin.core.settings import Settings, SettingsError, load_settings
@@ -120,6 +124,28 @@ def health(app: Celery, hostname: str) -> tuple[bool, str]:
     return True, f"{hostname}: online, consuming {','.join(record.get('queues', []))} on {record.get('device')}"
 
 
+def _pool_scan_loop(app: Celery, stop: threading.Event) -> None:
+    """Claim due studies every :data:`workers.tasks.POOL_SCAN_SECONDS`; a Redis outage is logged once
+    a minute at most, and the scan goes on when Redis is back."""
+    warned_at = float("-inf")
+    while not stop.wait(tasks.POOL_SCAN_SECONDS):
+        try:
+            tasks.scan_due_studies(app)
+        except Exception as exc:  # noqa: BLE001 - Redis or the broker away: the leases keep the studies
+            if time.monotonic() - warned_at >= 60.0:
+                warned_at = time.monotonic()
+                log.warning("scan for studies due for pooling failed (%s); retrying", exc)
+
+
+def _die_with_worker(**_: Any) -> None:
+    """In each pool process: SIGKILL when the worker's main process dies (it held the messages,
+    which the broker hands out again)."""
+    try:
+        set_pdeathsig(signal.SIGKILL)
+    except OSError as exc:  # not Linux
+        log.debug("pool process not bound to its parent: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``drh-pacs worker``: a prefork Celery worker on the configured queues."""
     parser = argparse.ArgumentParser(prog="drh-pacs worker", description="run a Celery worker for drh-pacs")
@@ -172,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     wake = threading.Event()
     beat = threading.Thread(target=_heartbeat_loop, args=(app, record, stop, wake), name="drh-heartbeat", daemon=True)
     beat.start()
+    worker_process_init.connect(_die_with_worker, weak=False)
     try:
         check = _wait_for_device(settings, record, wake)
         if check is None:
@@ -185,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             check.device,
             check.detail,
         )
+        if "study" in settings.worker_queues:
+            scan = threading.Thread(target=_pool_scan_loop, args=(app, stop), name="drh-pool-scan", daemon=True)
+            scan.start()
         app.worker_main(
             [
                 "worker",

@@ -65,8 +65,8 @@ class ForwardOutcome:
 
 
 def lookup_node(settings: Settings, ae_title: str) -> Node | None:
-    """``Settings.dicom_nodes`` entry ``AE=host:port`` for ``ae_title``, or None."""
-    address = settings.dicom_nodes.get(ae_title.strip())
+    """The address (``AE=host:port``) of a declared viewer or node for ``ae_title``, or None."""
+    address = settings.move_destination(ae_title)
     if not address:
         return None
     host, _, port = address.rpartition(":")

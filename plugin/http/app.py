@@ -13,6 +13,7 @@ that module's ``routes``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,8 @@ class ApiContext:
     store: Any  # plugin.store.Store
     index: dict[str, Any] = field(default_factory=dict)  # level -> plugin.search.replica.ReplicaIndex
     celery: Any = None  # workers.client Celery application (for retries)
+    # The parts the process supervises (embedded Redis, workers, DICOM): name -> {"ok", "detail"}.
+    health: Callable[[], dict[str, dict[str, Any]]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -53,7 +53,12 @@ Work in progress (:mod:`plugin.store.ingest`, :mod:`plugin.store.reindex`, :mod:
 ``ns:ingest:payload``                       hash     SOPInstanceUID -> JSON task payload
 ``ns:ingest:claim``                         hash     SOPInstanceUID -> "deadline|task id" lease
 ``ns:ingest:decoding``                      hash     SOPInstanceUID -> decodes started, not finished
-``ns:pool:scheduled:{study uid}``           string   a study pooling is scheduled (with a TTL)
+``ns:pool:due``                             zset     StudyInstanceUID by the time it is stable (its
+                                                     last instance + study_stable_seconds): studies
+                                                     to pool; a late instance moves it later
+``ns:pool:running``                         zset     StudyInstanceUID by the end of its pooling's
+                                                     lease: claimed by a worker's scan, due again if
+                                                     the lease runs out
 ``ns:reindex``                              hash     the re-index job: version, path, previous, state,
                                                      started, finished, total, done, failed, planned
 ``ns:reindex:done``                         set      SOPInstanceUIDs re-encoded
@@ -207,8 +212,11 @@ class Keys:
     def ingest_decoding(self) -> str:
         return f"{self.ns}:ingest:decoding"
 
-    def pool_scheduled(self, study_uid: str) -> str:
-        return f"{self.ns}:pool:scheduled:{study_uid}"
+    def pool_due(self) -> str:
+        return f"{self.ns}:pool:due"
+
+    def pool_running(self) -> str:
+        return f"{self.ns}:pool:running"
 
     def reindex(self) -> str:
         return f"{self.ns}:reindex"

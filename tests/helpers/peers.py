@@ -49,6 +49,8 @@ def make_settings(tmp: Path, redis_url: str, **overrides: Any) -> Settings:
         "dicom_port": free_port(),
         "api_token": "test-token",
         "study_stable_seconds": 1.0,
+        # Tests of query behaviour query from several AE titles; access control has its own tests.
+        "dicom_query_open": True,
     }
     values.update(overrides)
     return load_settings(env={}, **values)
