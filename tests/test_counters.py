@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 
+from plugin.dicom.admission import REFUSAL_REASONS, Refusals
 from plugin.dicom.counters import OPERATIONS, OUTCOMES, DicomCounters, note_rejection
 from plugin.ops import metrics
 
@@ -29,6 +30,21 @@ def test_every_series_exists_at_zero_before_the_first_event():
     for reason in ("called-ae", "calling-ae", "address", "busy", "other"):
         assert samples[("drh_dicom_association_rejections_total", (("reason", reason),))] == 0
     assert samples[("drh_dicom_associations_total", (("outcome", "accepted"),))] == 0
+    for reason in REFUSAL_REASONS:  # admission control's refusals (plugin.dicom.admission)
+        assert samples[("drh_dicom_admission_refusals_total", (("reason", reason),))] == 0
+
+
+def test_admission_refusals_are_exported_next_to_the_dicom_counters():
+    refusals = Refusals()
+    counters = DicomCounters()
+    counters.admission_refusals = refusals.snapshot  # as the SCP wires them
+    refusals.count("request-timeout", "10.0.0.1", "A-ASSOCIATE-RQ not complete in time")
+    refusals.count("request-timeout", "10.0.0.1", "A-ASSOCIATE-RQ not complete in time")
+    refusals.count("dataset-too-large", "10.0.0.2", "dataset over max_dataset_size")
+    samples = _samples({"time": 0, "redis_ok": False, "namespace": "drh", "dicom": counters.snapshot()})
+    assert samples[("drh_dicom_admission_refusals_total", (("reason", "request-timeout"),))] == 2
+    assert samples[("drh_dicom_admission_refusals_total", (("reason", "dataset-too-large"),))] == 1
+    assert samples[("drh_dicom_admission_refusals_total", (("reason", "busy"),))] == 0
 
 
 def test_handlers_are_counted_by_their_final_status():

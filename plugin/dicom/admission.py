@@ -24,8 +24,10 @@ things:
    over :data:`MAX_REQUEST_PDU`, or a C-STORE dataset over ``max_dataset_size`` aborts the
    association (A-ABORT) before more is read.
 
-Each refusal is counted by reason (:attr:`Admission.refusals`) and logged with the peer's address,
-at most once a minute per reason and address (an attack must not flood the log).
+Each refusal is counted by reason (:attr:`Admission.refusals`, every reason of
+:data:`REFUSAL_REASONS` from zero; exported in ``/metrics`` as ``drh_dicom_admission_refusals_total``
+through :mod:`plugin.dicom.counters`) and logged with the peer's address, at most once a minute per
+reason and address (an attack must not flood the log).
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ log = logging.getLogger("drh.scp.admission")
 # a single host from taking them all.
 MAX_PENDING = 512
 MAX_PENDING_PER_ADDRESS = 64
+# Why admission refused a connection or aborted an association (the counters' names).
+REFUSAL_REASONS = (
+    "too-many-pending",
+    "request-timeout",
+    "not-an-association-request",
+    "request-too-large",
+    "tls-failed",
+    "connection-lost",
+    "busy",
+    "pdu-too-large",
+    "pdu-timeout",
+    "dataset-too-large",
+)
 # An A-ASSOCIATE-RQ proposing every storage SOP class with every transfer syntax is about 60 KB.
 MAX_REQUEST_PDU = 1024 * 1024
 # Other PDUs an acceptor receives (release, abort) are a few bytes; P-DATA-TF is bounded by
@@ -110,7 +125,7 @@ class Refusals:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter(dict.fromkeys(REFUSAL_REASONS, 0))
         self._logged: dict[tuple[str, str], tuple[float, int]] = {}
 
     def count(self, reason: str, address: str, detail: str) -> None:

@@ -21,8 +21,9 @@ from typing import Any
 OPERATIONS = ("C-ECHO", "C-STORE", "C-FIND", "C-MOVE", "C-GET")
 OUTCOMES = ("success", "warning", "failure", "cancel")
 ASSOCIATION_OUTCOMES = ("accepted", "rejected", "aborted")
-# Why an association was rejected: our checks (handlers.handle_requested), pynetdicom's limit on
-# concurrent associations ("busy"), anything else.
+# Why an association was rejected: our checks (handlers.handle_requested), no free association slot
+# ("busy": plugin.dicom.admission's limits, or pynetdicom's own), anything else. Connections refused
+# before their A-ASSOCIATE-RQ was read (admission control) are counted by plugin.dicom.admission.
 REJECT_REASONS = ("called-ae", "calling-ae", "address", "busy", "other")
 # Seconds: from a C-ECHO (milliseconds) to a C-MOVE of a large study (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -62,6 +63,13 @@ def _status_in(item: Any) -> int | None:
     return int(status) if status is not None else None
 
 
+def _no_admission_refusals() -> dict[str, int]:
+    """Every admission refusal reason at zero (counters not attached to a running SCP)."""
+    from plugin.dicom.admission import REFUSAL_REASONS
+
+    return dict.fromkeys(REFUSAL_REASONS, 0)
+
+
 class DicomCounters:
     """Thread-safe counters of one SCP process; :meth:`snapshot` is what the exporters read."""
 
@@ -75,6 +83,9 @@ class DicomCounters:
         self.started = time.time()
         # len(active associations), set by the SCP that owns these counters
         self.active: Callable[[], int] = lambda: 0
+        # the admission control's refusals by reason (plugin.dicom.admission.Refusals.snapshot), set
+        # by the SCP: connections refused before or outside an association's own checks
+        self.admission_refusals: Callable[[], dict[str, int]] = _no_admission_refusals
 
     # -- recording -------------------------------------------------------------------------------
     def association(self, outcome: str) -> None:
@@ -152,4 +163,5 @@ class DicomCounters:
                 "requests": {f"{op}|{outcome}": n for (op, outcome), n in self._requests.items()},
                 "latency": latency,
                 "active_associations": self.active(),
+                "admission_refusals": self.admission_refusals(),
             }

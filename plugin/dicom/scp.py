@@ -230,6 +230,7 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
     admission = Admission(Limits.from_settings(settings), tls_context(settings))
     counters = DicomCounters()
     counters.active = admission.established  # the associations holding a slot (what the limit counts)
+    counters.admission_refusals = admission.refusals.snapshot
     server = ae.make_server(
         (settings.dicom_host, settings.dicom_port),
         evt_handlers=handlers.bindings(settings, store, indexes, store_deps, admission, counters),

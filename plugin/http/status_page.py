@@ -100,6 +100,8 @@ def _dicom(f: dict[str, Any]) -> str:
         assoc = ", ".join(f"{e(k)} {v}" for k, v in d["associations"].items())
         rejected = ", ".join(f"{e(k)} {v}" for k, v in d["rejections"].items() if v) or "none"
         out += f"<p>{d['active_associations']} association(s) open; {assoc}; rejected by reason: {rejected}.</p>"
+        admission = ", ".join(f"{e(k)} {v}" for k, v in d.get("admission_refusals", {}).items() if v) or "none"
+        out += f"<p>Refused by admission control: {admission}.</p>"
         rows = []
         for op, lat in d["latency"].items():
             counts = {o: d["requests"][f"{op}|{o}"] for o in ("success", "warning", "failure", "cancel")}

@@ -40,6 +40,14 @@ def _dicom(d: dict[str, Any]) -> Any:
     for reason, n in d["rejections"].items():
         rejected.add_metric([reason], n)
     yield rejected
+    refused = CounterMetricFamily(
+        "drh_dicom_admission_refusals",
+        "connections refused or associations aborted by admission control (pending, timeouts, sizes, slots), by reason",
+        labels=["reason"],
+    )
+    for reason, n in sorted(d.get("admission_refusals", {}).items()):
+        refused.add_metric([reason], n)
+    yield refused
     active = GaugeMetricFamily("drh_dicom_active_associations", "DICOM associations open now")
     active.add_metric([], d["active_associations"])
     yield active

@@ -292,6 +292,9 @@ def _text_surroundings(f: dict[str, Any]) -> list[str]:
             + "  ".join(f"{k} {v}" for k, v in dicom["associations"].items())
             + ("  " + "  ".join(f"{k.replace('|', ' ')} {v}" for k, v in sorted(done.items())) if done else "")
         )
+        refused = {k: v for k, v in dicom.get("admission_refusals", {}).items() if v}
+        if refused:
+            lines.append("      refused by admission control: " + "  ".join(f"{k} {v}" for k, v in refused.items()))
     return lines
 
 
