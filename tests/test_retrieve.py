@@ -31,7 +31,8 @@ def test_send_is_forwarded_to_the_pacs_that_holds_the_study(tmp_path, redis_serv
             store.records.put_study(study.study_uid, {"source_ae": "ORTHANC", "patient_id": "P-SEND"})
             settings = make_settings(
                 tmp_path, redis_server.url, api_token=TOKEN, move_destinations=["VIEWER"],
-                dicom_nodes={"ORTHANC": f"127.0.0.1:{orthanc.dicom_port}", "VIEWER": f"127.0.0.1:{viewer.port}"},
+                dicom_nodes={"ORTHANC": f"127.0.0.1:{orthanc.dicom_port}"},
+                dicom_viewers={"VIEWER": f"127.0.0.1:{viewer.port}"},  # a viewer is declared once
             )  # fmt: skip
             client = TestClient(
                 create_app(ApiContext(settings=settings, store=store)), headers={"Authorization": f"Bearer {TOKEN}"}

@@ -176,8 +176,8 @@ class Settings:
     # The page's "open in viewer" links, NAME=URL comma separated (a TOML table in the file); the URL
     # may use {StudyInstanceUID}, {AccessionNumber}, {PatientID} and {StudyDate} (README, examples).
     viewer_urls: dict[str, str] = field(default_factory=dict)
-    # AE titles (declared in dicom_nodes) the page offers to send a study to with a C-MOVE; empty:
-    # no send button.
+    # AE titles (declared in dicom_viewers or dicom_nodes) the page offers to send a study to with a
+    # C-MOVE; empty: no send button.
     move_destinations: list[str] = field(default_factory=list)
     # Disk cache of rendered thumbnails and frames in data_dir/cache/rendered, in MiB; the least
     # recently used files go first.
@@ -365,8 +365,8 @@ def _validate(s: Settings) -> None:
         if origin != origin.rstrip("/") or not re.match(r"^https?://[^/\s]+$", origin):
             raise SettingsError(f"setting cors_origins: {origin!r} is not scheme://host[:port]")
     for ae in s.move_destinations:
-        if ae not in s.dicom_nodes:
-            raise SettingsError(f"setting move_destinations: {ae!r} is not declared in dicom_nodes")
+        if ae not in s.dicom_viewers and ae not in s.dicom_nodes:
+            raise SettingsError(f"setting move_destinations: {ae!r} is not a declared viewer or node")
     for name, template in s.viewer_urls.items():
         # The page writes these into links: only schemes a viewer uses, never javascript: or data:.
         if not re.match(r"^(https?://|weasis://|/)", template):

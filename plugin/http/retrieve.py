@@ -5,7 +5,7 @@ as a viewer's C-MOVE to drh-pacs (:mod:`plugin.dicom.move`): forwarded as a C-MO
 sent the study (it holds the authoritative copy and knows its viewers), else, when the source is not
 a known node or refuses and the files are still in the spool, sent from the spool by C-STORE.
 
-Only the AE titles of ``Settings.move_destinations`` (each declared in ``dicom_nodes``) are
+Only the AE titles of ``Settings.move_destinations`` (each a declared viewer or node) are
 accepted: a browser session cannot send studies to an arbitrary address. The answer says how it went
 (``via`` pacs or spool, completed / failed / warning sub-operations); a failure is an HTTP error with
 the reason, logged with UIDs and AE titles only.
@@ -45,7 +45,7 @@ def send_study(settings: Settings, store: Any, study_uid: str, destination: str)
         raise SendError(403, f"{destination!r} is not one of the page's destinations (DRH_MOVE_DESTINATIONS)")
     node = move.lookup_node(settings, destination)
     if node is None:
-        raise SendError(500, f"{destination} is not declared in DRH_DICOM_NODES")
+        raise SendError(500, f"{destination} is declared in neither DRH_DICOM_VIEWERS nor DRH_DICOM_NODES")
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "STUDY"
     identifier.StudyInstanceUID = study_uid
