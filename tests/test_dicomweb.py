@@ -179,6 +179,29 @@ def test_limit_offset_and_remaining(service, archive):
     assert _uids(paged) == everything
 
 
+def test_the_ranking_is_at_most_max_results_deep(service, archive):
+    """Settings.max_results bounds DICOMweb too: a larger limit answers fewer (QIDO lets a server),
+    and a per-reference root matches only within that depth."""
+    from starlette.testclient import TestClient
+
+    from plugin.http.app import ApiContext, create_app
+    from plugin.search.replica import ReplicaIndex
+
+    ref = archive[0].study_uid
+    ranked = _uids(service.client().search_for_studies(search_filters={"StudyInstanceUID": ref}))
+    settings = service.settings.replace(max_results=2)
+    index = {lv: ReplicaIndex(service.store, lv) for lv in ("study", "image")}
+    client = TestClient(
+        create_app(ApiContext(settings=settings, store=service.store, index=index)),
+        headers={"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"},
+    )
+    answers = client.get("/dicom-web/similar/studies", params={"StudyInstanceUID": ref, "limit": "101"})
+    assert answers.status_code == 200 and _uids(answers.json()) == ranked[:2]
+    root = f"/dicom-web/similar/study/{ref}/studies"
+    assert _uids(client.get(root, params={"StudyInstanceUID": ranked[1]}).json()) == [ranked[1]]
+    assert client.get(root, params={"StudyInstanceUID": ranked[2]}).json() == []  # third: beyond the depth
+
+
 def test_per_reference_roots_list_the_ranking_and_match_in_it(service, archive):
     ref = archive[0]
     ranked = _uids(service.client().search_for_studies(search_filters={"StudyInstanceUID": ref.study_uid}))

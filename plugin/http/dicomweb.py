@@ -12,7 +12,8 @@ standard keys name the *reference*, not a match.
   ``ModalitiesInStudy``, ``StudyDate`` (range), ``BodyPartExamined``, ``PatientID`` (one patient's
   priors) and ``DRHExcludeReferencePatient=YES``; ``DRHMaximumDistance`` bounds the Hamming distance.
   Attributes may be keywords or tags (``00080061``). ``limit`` (default ``Settings.default_results``)
-  and ``offset`` page through the ranking; ``includefield`` adds attributes; ``fuzzymatching`` is not
+  and ``offset`` page through the ranking, which is at most ``Settings.max_results`` deep (a larger
+  ``limit`` answers fewer, as QIDO lets a server); ``includefield`` adds attributes; ``fuzzymatching`` is not
   supported (the standard ``Warning`` header says so). Matching on any other attribute is refused
   (400), never ignored: a list that silently dropped a filter would mislead.
 - Each answer is ``application/dicom+json``: the usual study attributes (instance attributes too for
@@ -202,9 +203,15 @@ class PathReference:
 
 
 def similar_query(
-    params: Mapping[str, str], level: str, store: Any, k: int, fixed: PathReference | None = None
+    params: Mapping[str, str],
+    level: str,
+    store: Any,
+    k: int,
+    fixed: PathReference | None = None,
+    depth: int = q.MAX_RESULTS,
 ) -> tuple[q.SimilarQuery, set[str]]:
-    """A QIDO request as the similar query (``k`` results), and the UIDs the answers must match.
+    """A QIDO request as the similar query (``k`` results), and the UIDs the answers must match
+    (within the first ``depth`` of the ranking, ``Settings.max_results``).
 
     On the similar root the UID keys name the reference. Under a per-reference root (``fixed``) the
     collection is the reference's ranked list, and every key matches in it as QIDO keys do: the
@@ -234,7 +241,7 @@ def similar_query(
     query = q.SimilarQuery(
         level=level,
         reference_uid=reference,
-        k=q.MAX_RESULTS if match else k,  # the matching ones may sit anywhere in the ranking
+        k=depth if match else k,  # the matching ones may sit anywhere in the ranking
         max_distance=int(raw_distance) if raw_distance else None,
         filters=qido_filters(filter_params),
     )
@@ -375,8 +382,9 @@ def routes(ctx: Any, renderer: rendered.Renderer) -> list[BaseRoute]:
             reference = PathReference(fixed, path["reference"], path.get("patient")) if fixed else None
             try:
                 limit, offset = _page(reserved, settings.default_results)
-                k = min(offset + limit, q.MAX_RESULTS)
-                query, match = await run_in_threadpool(similar_query, params, level, store, k, reference)
+                depth = settings.max_results  # the ranking a site lets one query read
+                k = min(offset + limit, depth)
+                query, match = await run_in_threadpool(similar_query, params, level, store, k, reference, depth)
                 results = await run_in_threadpool(q.run_similar, query, store, ctx.index)
             except QueryError as err:
                 return error_response(err)

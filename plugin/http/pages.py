@@ -30,7 +30,6 @@ from starlette.staticfiles import StaticFiles
 
 from plugin.core.settings import VIEWER_URL_FIELDS
 from plugin.http.auth import principal_of
-from plugin.search.query import MAX_RESULTS
 
 # Everything the page loads comes from this origin; it cannot be framed by another site.
 SECURITY_HEADERS = {
@@ -66,7 +65,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
                 "user": principal.name if principal else "",
                 "kind": principal.kind if principal else "",
                 "default_k": settings.default_results,
-                "max_k": MAX_RESULTS,
+                "max_k": settings.max_results,
                 "viewers": [{"name": n, "url": u} for n, u in settings.viewer_urls.items()],
                 "viewer_fields": list(VIEWER_URL_FIELDS),
                 "move_destinations": list(settings.move_destinations),
