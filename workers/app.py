@@ -28,7 +28,7 @@ from typing import Any
 import redis
 from billiard.util import set_pdeathsig
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from plugin.core.logs import setup_logging
 from plugin.core.settings import Settings, SettingsError, load_settings
@@ -118,9 +118,12 @@ def health(app: Celery, hostname: str) -> tuple[bool, str]:
     state = worker_state(record, time.time())
     if state != "online":
         return False, f"{hostname}: {state}" + (f" ({record['reason']})" if record.get("reason") else "")
-    answers = app.control.ping([hostname], timeout=HEALTH_PING_SECONDS)
-    if not any(hostname in answer for answer in answers):
-        return False, f"{hostname}: online by its heartbeat, but its Celery consumer does not answer"
+    # A ping is a broadcast, which the broker does not keep for a consumer that is (re)connecting:
+    # ask again, within the same time, rather than call a worker that missed one message unhealthy.
+    deadline = time.monotonic() + HEALTH_PING_SECONDS
+    while not any(hostname in answer for answer in app.control.ping([hostname], timeout=1.0)):
+        if time.monotonic() >= deadline:
+            return False, f"{hostname}: online by its heartbeat, but its Celery consumer does not answer"
     return True, f"{hostname}: online, consuming {','.join(record.get('queues', []))} on {record.get('device')}"
 
 
@@ -203,8 +206,16 @@ def main(argv: list[str] | None = None) -> int:
         check = _wait_for_device(settings, record, wake)
         if check is None:
             return EXIT_DEVICE_UNUSABLE
-        record.update(state="online", reason="", device=check.device, device_name=check.detail)
+        # "online" once the Celery consumer is ready (worker_ready), not before: a health check that
+        # sees "online" may ping it at once
+        record.update(reason="", device=check.device, device_name=check.detail)
         wake.set()
+
+        def online(**_: Any) -> None:
+            record["state"] = "online"
+            wake.set()
+
+        worker_ready.connect(online, weak=False)
         log.info(
             "worker %s on queues %s, device %s (%s)",
             hostname,
