@@ -169,9 +169,14 @@ def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its
 
 def test_similar_query_from_orthanc_s_rest_api_and_its_forms(tmp_path, redis_client, redis_server):
     """The README's Orthanc REST call, and Orthanc Explorer's query form (AccessionNumber), through the
-    SIMILAR modality the drop-in declares: ranked studies, rank and score readable in the answer."""
+    SIMILAR modality the drop-in declares: ranked studies, rank and score readable in the answer.
+    Queries closed to undeclared AEs, as in production: Orthanc is declared a viewer (deploy/orthanc)."""
     ref, near, mid, far = (f"1.2.826.0.1.3680043.8.498.30{n}" for n in range(4))
-    with running_plugin(tmp_path, redis_server.url, allowed_calling_aes=["ORTHANC"]) as plugin:
+    orthanc_port = free_port()
+    with running_plugin(
+        tmp_path, redis_server.url, allowed_calling_aes=["ORTHANC"], dicom_query_open=False,
+        dicom_viewers={"ORTHANC": f"127.0.0.1:{orthanc_port}"},
+    ) as plugin:  # fmt: skip
         meta = {"study_date": "20240101", "modalities": "DX", "study_description": "CHEST PA", "n_instances": "1"}
         populate(
             plugin.store,
@@ -183,7 +188,7 @@ def test_similar_query_from_orthanc_s_rest_api_and_its_forms(tmp_path, redis_cli
             },
         )
         plugin.store.records.put_instance(near + ".1.1", near, {"series_uid": near + ".1", "modality": "DX"})
-        with Orthanc(tmp_path, drh_port=plugin.port) as orthanc:
+        with Orthanc(tmp_path, drh_port=plugin.port, dicom_port=orthanc_port) as orthanc:
             query = orthanc.post("/modalities/SIMILAR/query", {"Level": "Study", "Query": {"StudyInstanceUID": ref}})
             answers = orthanc.get(f"/queries/{query['ID']}/answers?expand&simplify")
             assert [a["StudyInstanceUID"] for a in answers] == [near, mid, far]
