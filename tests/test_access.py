@@ -1,5 +1,5 @@
 """Who may do what over DICOM, with the secure defaults: anyone (or the allow-list) stores, only the
-viewers declared in ``dicom_viewers`` query and retrieve, and that one declaration is also the
+viewers declared in ``dicom_viewers`` query and retrieve (C-FIND, C-MOVE, C-GET), and that one declaration is also the
 viewer's C-MOVE address. Real DCMTK peers against the SCP of `drh-pacs serve`."""
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ def test_secure_defaults_store_from_anyone_and_answer_queries_to_nobody(tmp_path
                       "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_uid}",
                       "127.0.0.1", port)  # fmt: skip
         assert moved.returncode != 0 and "No Acceptable Presentation Contexts" in moved.stdout + moved.stderr
+        (tmp_path / "get").mkdir()
+        got = dcmtk("getscu", "-S", "-aet", "ANYONE", "-aec", "DRHPACS", "-od", str(tmp_path / "get"),
+                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_uid}",
+                    "127.0.0.1", port)  # fmt: skip
+        assert got.returncode != 0 and "No adequate Presentation Contexts for sending C-GET" in got.stderr
+        assert not list((tmp_path / "get").iterdir())
 
 
 def test_one_declaration_lets_a_viewer_query_and_receive_its_c_move(tmp_path, redis_client, redis_server):
@@ -84,6 +90,13 @@ def test_one_declaration_lets_a_viewer_query_and_receive_its_c_move(tmp_path, re
                           "127.0.0.1", port, timeout=120)  # fmt: skip
             assert moved.returncode == 0, moved.stdout + moved.stderr
             wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
+            # and it may pull with C-GET, on its own association
+            (tmp_path / "get").mkdir()
+            got = dcmtk("getscu", "-S", "-aet", "VIEWER", "-aec", "DRHPACS", "-od", str(tmp_path / "get"),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study_uid}",
+                        "127.0.0.1", port, timeout=120)  # fmt: skip
+            assert got.returncode == 0, got.stdout + got.stderr
+            assert len([p for p in (tmp_path / "get").iterdir() if p.is_file()]) == len(study.files)
 
             # a maximum k per query: more is refused with the reason, not cut silently
             keys = ["QueryRetrieveLevel=STUDY", "(0099,0010)=DRH-PACS 1", f"(0099,1001)={REF}", "(0099,1002)=500"]
