@@ -1,6 +1,7 @@
 """The external Redis locked down as deploy/redis/drh-pacs.conf says (ACL users, no anonymous access),
 on Debian's redis-server: the whole service works as user `drh` (SCP, worker, pooling, similar
-query, status), the dangerous commands are refused to it, and the backup script works as `backup`."""
+query, status, the worker's health check), the dangerous commands are refused to it, and the backup
+script works as `backup`."""
 
 from __future__ import annotations
 
@@ -105,6 +106,15 @@ def test_the_service_runs_on_the_documented_acl_and_nothing_dangerous_is_allowed
             timeout=120,
         )
         assert status.returncode == 0 and '"redis_ok": true' in status.stdout, status.stderr
+        # the worker's health check (a Celery ping: publish and reply through Redis) works as user drh
+        health = subprocess.run(
+            [sys.executable, "-m", "plugin.cli", "worker", "--health", "--hostname", "serve0@%h"],
+            env={**env, "DRH_REDIS_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert health.returncode == 0, health.stderr
         assert "NOPERM" not in serve.log()
     finally:
         serve.stop()
