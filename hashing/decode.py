@@ -4,10 +4,24 @@ pydicom's pixel decoders with the pylibjpeg plugins (JPEG, JPEG-LS, JPEG 2000, H
 inflater for Deflated Image Frame Compression. A new transfer syntax is either a pydicom decoder
 plugin (nothing to change here) or a branch in :func:`decode_frame`; the SCP accepts only what this
 module decodes (:data:`plugin.dicom.scp.STORAGE_TRANSFER_SYNTAXES`).
+
+GDCM as a second opinion: libjpeg (pylibjpeg) refuses some valid streams that DCMTK and GDCM read,
+notably 12-bit JPEG Extended with a marker segment where it does not expect one ("misplaced marker
+segment", found in real NM and CR archives). A greyscale frame of a JPEG-family syntax that the
+plugins fail on is decoded again by GDCM's own reader (pydicom's gdcm plugin refuses 12-bit JPEG
+Extended), **in a child process** (:func:`_gdcm_in_child`): GDCM aborts the whole process on some
+corrupt streams, which must cost a child, not a worker. Refusing these syntaxes at negotiation
+instead would turn away every image of a PACS that cannot transcode them, including the majority
+that pylibjpeg reads.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -27,6 +41,17 @@ PREFERRED_PLUGIN = "pylibjpeg"
 # std::terminate) on some corrupt JPEG streams, which would kill a worker on one bad file.
 # Every sample in the project's test corpus decodes without it (pylibjpeg, pillow, pydicom).
 UNSAFE_PLUGINS = ("gdcm",)
+# Syntaxes whose failures GDCM gets a second try at (greyscale only: GDCM's colour output is not
+# converted the way pydicom's is), and how long its child process may take.
+GDCM_FALLBACK_SYNTAXES = {
+    pydicom.uid.JPEGBaseline8Bit,
+    pydicom.uid.JPEGExtended12Bit,
+    pydicom.uid.JPEGLossless,
+    pydicom.uid.JPEGLosslessSV1,
+    pydicom.uid.JPEGLSLossless,
+    pydicom.uid.JPEGLSNearLossless,
+}
+GDCM_TIMEOUT_SECONDS = 120.0
 # Deflated Image Frame Compression (PS3.5 A.4.11, 2023): each frame is raw-deflated native pixels.
 # pydicom 3.0 has no decoder for it, so we inflate the frames ourselves.
 DEFLATED_IMAGE_FRAME = UID("1.2.840.10008.1.2.8.1")
@@ -62,9 +87,94 @@ def decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:
         if any(hint in low for hint in ("less than expected", "too short", "insufficient", "truncat")):
             reason = f"pixel data shorter than the header says ({exc.summary})"
             raise DecodeError(reason, code="truncated_pixel_data") from exc
+        if ts in GDCM_FALLBACK_SYNTAXES and int(ds.get("SamplesPerPixel", 1) or 1) == 1 and gdcm_available():
+            return _gdcm_in_child(ds, frame, first_failure=f"{ts.name}: {exc.summary}")
         raise DecodeError(f"{ts.name}: {exc.summary}", code="corrupt_pixel_data") from exc
     phot = str(meta.get("photometric_interpretation", ds.PhotometricInterpretation)).strip().upper()
     return arr, phot
+
+
+def gdcm_available() -> bool:
+    """Whether python-gdcm is installed (it is not imported here: only the child process loads it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("gdcm") is not None
+
+
+def _gdcm_in_child(ds: Dataset, frame: int, first_failure: str) -> tuple[np.ndarray, str]:
+    """One frame decoded by GDCM in a child process (see the module docstring); its crash or
+    refusal is a :class:`DecodeError` that names both decoders' reasons."""
+    path = getattr(ds, "filename", None)
+    temporary = None
+    if not (isinstance(path, str) and os.path.exists(path)):
+        fd, temporary = tempfile.mkstemp(suffix=".dcm", prefix="drh-gdcm-")
+        os.close(fd)
+        ds.save_as(temporary, enforce_file_format=False)
+        path = temporary
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "hashing.decode", path, str(frame)],
+            capture_output=True,
+            timeout=GDCM_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        reason = f"{first_failure}; GDCM took over {GDCM_TIMEOUT_SECONDS:.0f} s"
+        raise DecodeError(reason, code="corrupt_pixel_data") from exc
+    finally:
+        if temporary:
+            os.unlink(temporary)
+    if proc.returncode != 0:
+        why = "crashed" if proc.returncode < 0 else "refused it"
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        detail = short(lines[-1] if lines else f"exit status {proc.returncode}", 120)
+        raise DecodeError(f"{first_failure}; GDCM {why} ({detail})", code="corrupt_pixel_data")
+    header, _, data = proc.stdout.partition(b"\n")
+    info = json.loads(header)
+    arr = np.frombuffer(data, dtype=np.dtype(info["dtype"])).reshape(info["shape"])
+    return arr, str(info["photometric"]).strip().upper()
+
+
+_GDCM_DTYPES = {"UINT8": "u1", "INT8": "i1", "UINT12": "<u2", "INT12": "<i2", "UINT16": "<u2", "INT16": "<i2",
+                "UINT32": "<u4", "INT32": "<i4", "FLOAT32": "<f4", "FLOAT64": "<f8"}  # fmt: skip
+
+
+def _gdcm_child(path: str, frame: int) -> int:
+    """The child's side: decode with GDCM's ImageReader, write a JSON header line and the frame's
+    raw values to stdout."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(path)
+    if not reader.Read():
+        print("GDCM cannot read the file", file=sys.stderr)
+        return 2
+    image = reader.GetImage()
+    fmt = image.GetPixelFormat()
+    dtype = _GDCM_DTYPES.get(fmt.GetScalarTypeAsString())
+    if dtype is None or fmt.GetSamplesPerPixel() != 1:
+        print(f"GDCM pixel format {fmt.GetScalarTypeAsString()} not supported here", file=sys.stderr)
+        return 2
+    dims = list(image.GetDimensions())
+    cols, rows = int(dims[0]), int(dims[1])
+    frames = int(dims[2]) if len(dims) > 2 else 1
+    raw = image.GetBuffer()
+    if not raw:
+        print("GDCM cannot decode the pixel data either", file=sys.stderr)
+        return 2
+    buffer = raw.encode("utf-8", "surrogateescape")  # SWIG hands the bytes over as str
+    values = np.frombuffer(buffer, dtype=np.dtype(dtype))
+    if values.size != frames * rows * cols or not 0 <= frame < frames:
+        print(f"GDCM gave {values.size} values for {frames} frame(s) of {rows}x{cols}", file=sys.stderr)
+        return 2
+    chosen = values.reshape(frames, rows, cols)[frame]
+    header = {
+        "dtype": chosen.dtype.str,
+        "shape": [rows, cols],
+        "photometric": image.GetPhotometricInterpretation().GetString(),
+    }
+    sys.stdout.buffer.write(json.dumps(header).encode() + b"\n" + chosen.tobytes())
+    return 0
 
 
 class _DecodeFailed(Exception):
@@ -137,3 +247,7 @@ def _nth(it: Iterator[bytes], n: int) -> Iterator[bytes]:
         if i == n:
             yield item
             return
+
+
+if __name__ == "__main__":  # the GDCM child process of _gdcm_in_child
+    sys.exit(_gdcm_child(sys.argv[1], int(sys.argv[2])))

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compact": ("plugin.ops.maintenance:compact_main", "reclaim the slots of deleted codes (replicas reload)"),
     "models": ("plugin.ops.maintenance:models_main", "list the model versions in Redis, or drop one no longer active"),
     "backfill orthanc": ("plugin.ops.orthanc", "index an existing Orthanc archive (resumable)"),
+    "users": ("plugin.http.auth", "add, remove or list the people who may log in to the similar-cases page"),
     "bench index": ("plugin.bench.index", "Hamming search latency at 1M/10M codes against FAISS"),
     "bench model": ("plugin.bench.model", "model throughput: images/s by device and batch size"),
     "bench ingest": ("plugin.bench.ingest", "C-STORE throughput against DCMTK storescp"),
@@ -40,15 +41,40 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _group_usage(group: str) -> str:
+    """The sub-commands of a two-word command group (``bench``, ``backfill``)."""
+    members = {n: h for n, (_, h) in COMMANDS.items() if n.startswith(group + " ")}
+    width = max(len(n) for n in members)
+    lines = [f"usage: drh-pacs {group} <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, help_ in members.items()]
+    lines += ["", f"`drh-pacs {group} <command> --help` describes the options of each."]
+    return "\n".join(lines)
+
+
+def _is_group(name: str) -> bool:
+    return any(n.startswith(name + " ") for n in COMMANDS)
+
+
+HELP_FLAGS = {"-h", "--help", "help"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help", "help"}:
+    if not argv or argv[0] in HELP_FLAGS:
         print(_usage())
         return 0
     name = argv[0]
     rest = argv[1:]
     if name not in COMMANDS and rest and f"{name} {rest[0]}" in COMMANDS:
         name, rest = f"{name} {rest[0]}", rest[1:]
+    elif name not in COMMANDS and _is_group(name):
+        # `drh-pacs bench --help` lists the benchmarks; a missing or unknown one says which exist
+        if rest and rest[0] in HELP_FLAGS:
+            print(_group_usage(name))
+            return 0
+        what = f"unknown command {' '.join(argv[:2])!r}" if rest else f"{name!r} needs a command"
+        print(f"drh-pacs: {what}\n\n{_group_usage(name)}", file=sys.stderr)
+        return 2
     if name not in COMMANDS:
         print(f"drh-pacs: unknown command {' '.join(argv[:2])!r}\n\n{_usage()}", file=sys.stderr)
         return 2

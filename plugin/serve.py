@@ -1,10 +1,13 @@
-"""``drh-pacs serve``: the wiring point of the front process.
+"""``drh-pacs serve``: the wiring point of the front process, and the supervisor of its children.
 
-It reads the settings, starts (in this order) an embedded Redis when no ``redis_url`` is configured,
-``serve_workers`` Celery worker processes, the replica indexes, the DICOM SCP and the HTTP API; prints
-where each listens; and on SIGINT/SIGTERM stops them in the reverse order, so nothing a peer was told
-is stored can be lost: the SCP stops accepting first, workers finish (or hand back) their task,
-Redis writes its data last.
+It reads the settings, takes the data directory's lock (one ``serve`` per data dir), starts (in this
+order) an embedded Redis when no ``redis_url`` is configured, ``serve_workers`` Celery worker
+processes, the replica indexes, the DICOM SCP and the HTTP API; prints where each listens; then
+watches its children: a dead embedded Redis or worker is restarted with back-off
+(:class:`plugin.core.processes.Backoff`), and ``/health`` says unhealthy meanwhile. Children cannot
+outlive it (:func:`plugin.core.processes.die_with_parent`). On SIGINT/SIGTERM it stops them in the
+reverse order, so nothing a peer was told is stored can be lost: the SCP stops accepting first,
+workers finish (or hand back) their task, Redis writes its data last.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,7 +29,8 @@ from typing import Any
 import redis
 
 from plugin.core.logs import setup_logging
-from plugin.core.redis_server import EmbeddedRedis, runtime_url_file
+from plugin.core.processes import Backoff, DataDirLock, DataDirLocked, die_with_parent
+from plugin.core.redis_server import EmbeddedRedis, EmbeddedRedisError, runtime_url_file, write_runtime_url
 from plugin.core.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("drh.serve")
@@ -32,23 +38,109 @@ log = logging.getLogger("drh.serve")
 # How often the replica indexes pull changes from Redis. Queries also refresh on demand, so this
 # only bounds how stale an idle index can get.
 INDEX_REFRESH_SECONDS = 0.5
+# How often the main thread checks its children.
+SUPERVISE_SECONDS = 1.0
+# A failing refresh is logged once, then at most this often while it keeps failing.
+REPEAT_WARNING_SECONDS = 60.0
+# What serve's own files (spool, temporary uploads) are created with: the service user and its
+# group (workers on the same machine) read them, nobody else.
+UMASK = 0o027
+
+
+@dataclass
+class Child:
+    """One supervised child process and its restart back-off."""
+
+    name: str
+    spawn: Any  # () -> subprocess.Popen
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    backoff: Backoff = field(default_factory=Backoff)
+    down_since: float | None = None
+
+    def start(self) -> None:
+        self.proc = self.spawn()
+        self.started_at = time.monotonic()
+        self.down_since = None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
 
 @dataclass
 class Running:
-    """Everything `serve` started, so it can be stopped in the right order."""
+    """Everything `serve` started, so it can be supervised and stopped in the right order."""
 
     settings: Settings
+    lock: DataDirLock | None = None
     redis: EmbeddedRedis | None = None
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    redis_backoff: Backoff = field(default_factory=Backoff)
+    redis_down_since: float | None = None
+    workers: list[Child] = field(default_factory=list)
     scp: Any = None
     http: Any = None
     http_thread: threading.Thread | None = None
     refresher: threading.Thread | None = None
+    reconcile: Any = None  # plugin.ops.orthanc.ScheduledReconcile, when Orthanc is configured
     stop_event: threading.Event = field(default_factory=threading.Event)
+
+    def parts(self) -> dict[str, dict[str, Any]]:
+        """The state of each supervised part, for ``/health`` (which adds Redis's own answer)."""
+        out: dict[str, dict[str, Any]] = {}
+        if self.redis is not None:
+            up = self.redis.alive()
+            out["embedded_redis"] = {"ok": up, "detail": "running" if up else _down("restarting", self.redis_backoff)}
+        if self.settings.serve_workers:
+            alive = sum(c.alive() for c in self.workers)
+            detail = f"{alive} of {len(self.workers)} running"
+            if alive < len(self.workers):
+                detail += "; restarting the others"
+            out["workers"] = {"ok": alive == len(self.workers), "detail": detail}
+        if self.scp is not None:
+            up = self.scp.alive()
+            out["dicom"] = {"ok": up, "detail": "accepting" if up else "not accepting"}
+        return out
+
+    def supervise(self, now: float | None = None) -> None:
+        """Restart what died, each with its own back-off. Called from the main thread only, since a
+        child's parent-death signal follows the thread that started it."""
+        now = time.monotonic() if now is None else now
+        if self.redis is not None and not self.redis.alive():
+            if self.redis_down_since is None:
+                self.redis_down_since = now
+                code = self.redis.proc.returncode if self.redis.proc else None
+                delay = self.redis_backoff.failed(now - self.redis.started_at, now)
+                log.error("embedded Redis exited (code %s); restarting it in %.0f s", code, delay)
+            elif self.redis_backoff.due(now):
+                try:
+                    self.redis.start()
+                except EmbeddedRedisError as exc:
+                    delay = self.redis_backoff.failed(0.0, now)
+                    log.error("embedded Redis did not restart (%s); next try in %.0f s", exc, delay)
+                else:
+                    down = now - self.redis_down_since
+                    log.warning("embedded Redis restarted on port %d after %.0f s down", self.redis.port, down)
+                    self.redis_down_since = None
+        for child in self.workers:
+            if child.alive():
+                continue
+            if child.down_since is None:
+                child.down_since = now
+                code = child.proc.returncode if child.proc else None
+                delay = child.backoff.failed(now - child.started_at, now)
+                log.error("%s (pid %s) exited with %s; restarting it in %.0f s", child.name, _pid(child), code, delay)
+            elif child.backoff.due(now):
+                child.start()
+                log.warning("%s restarted (pid %s)", child.name, _pid(child))
+                if self.scp is not None:
+                    # the dead worker held messages unacknowledged; without this they wait for the
+                    # broker's visibility timeout (an hour by default)
+                    self.scp.reconciler.requeue_soon()
 
     def stop(self) -> None:
         self.stop_event.set()
+        if self.reconcile is not None:
+            self.reconcile.stop()
         if self.scp is not None:
             log.info("stopping DICOM SCP")
             self.scp.shutdown()
@@ -57,22 +149,35 @@ class Running:
             self.http.should_exit = True
             if self.http_thread is not None:
                 self.http_thread.join(10)
-        for proc in self.workers:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # Celery warm shutdown: finish or hand back the task
-        for proc in self.workers:
+        for child in self.workers:
+            if child.alive():
+                child.proc.send_signal(signal.SIGTERM)  # Celery warm shutdown: finish or hand back the task
+        for child in self.workers:
+            if child.proc is None:
+                continue
             try:
-                proc.wait(60)
+                child.proc.wait(60)
             except subprocess.TimeoutExpired:
-                log.warning("worker %s did not stop in 60 s; killing it (its task is redelivered)", proc.pid)
-                proc.kill()
-                proc.wait()
+                log.warning("%s did not stop in 60 s; killing it (its task is redelivered)", child.name)
+                child.proc.kill()  # its pool processes follow it (PR_SET_PDEATHSIG)
+                child.proc.wait()
         if self.refresher is not None:
             self.refresher.join(5)
         if self.redis is not None:
             log.info("stopping embedded Redis")
             self.redis.stop()
             runtime_url_file(self.settings.data_dir).unlink(missing_ok=True)
+        if self.lock is not None:
+            self.lock.release()
+
+
+def _down(what: str, backoff: Backoff) -> str:
+    wait = max(0.0, backoff.next_at - time.monotonic())
+    return f"down; {what} in {wait:.0f} s" if wait else f"down; {what}"
+
+
+def _pid(child: Child) -> str:
+    return str(child.proc.pid) if child.proc is not None else "-"
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
@@ -91,8 +196,10 @@ def _worker_env(settings: Settings) -> dict[str, str]:
 
 
 def _spawn_worker(settings: Settings, n: int) -> subprocess.Popen[bytes]:
+    """A ``drh-pacs worker`` child: leader of its own process group (so its pool can be killed with
+    it) and signalled SIGTERM (warm shutdown) if ``serve`` dies."""
     cmd = [sys.executable, "-m", "plugin.cli", "worker", "--hostname", f"serve{n}@%h"]
-    return subprocess.Popen(cmd, env=_worker_env(settings))
+    return subprocess.Popen(cmd, env=_worker_env(settings), preexec_fn=die_with_parent(signal.SIGTERM), process_group=0)
 
 
 def start(settings: Settings) -> Running:
@@ -106,14 +213,16 @@ def start(settings: Settings) -> Running:
 
     running = Running(settings)
     try:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        running.lock = DataDirLock(settings.data_dir).acquire(on_wait=lambda m: print(f"data dir  {m}", flush=True))
+        _fresh_tmp_dir(settings)
         if not settings.redis_url:
-            running.redis = EmbeddedRedis(settings.redis_dir).start()
+            running.redis = EmbeddedRedis(
+                settings.redis_dir, password=settings.embedded_redis_password(), keep_fds=(running.lock.fd,)
+            ).start()
             settings = running.settings = settings.replace(redis_url=running.redis.url)
-            url_file = runtime_url_file(settings.data_dir)
-            url_file.parent.mkdir(parents=True, exist_ok=True)
-            url_file.write_text(settings.redis_url + "\n")
-            print(f"redis     {settings.redis_url} (embedded, data in {settings.redis_dir})", flush=True)
+            write_runtime_url(settings.data_dir, settings.redis_url)
+            print(f"redis     {_redacted(settings.redis_url)} (embedded, data in {settings.redis_dir})", flush=True)
         else:
             print(f"redis     {_redacted(settings.redis_url)}", flush=True)
 
@@ -122,7 +231,10 @@ def start(settings: Settings) -> Running:
         store = Store(client, settings.redis_namespace)
         celery_app = make_celery(settings)
 
-        running.workers = [_spawn_worker(settings, n) for n in range(settings.serve_workers)]
+        for n in range(settings.serve_workers):
+            child = Child(f"worker {n}", spawn=lambda n=n: _spawn_worker(running.settings, n))
+            child.start()
+            running.workers.append(child)
         if settings.serve_workers:
             print(f"workers   {settings.serve_workers} Celery worker process(es), device {settings.device}", flush=True)
         else:
@@ -142,7 +254,17 @@ def start(settings: Settings) -> Running:
             flush=True,
         )
 
-        ctx = ApiContext(settings=settings, store=store, index=indexes, celery=celery_app)
+        if settings.orthanc_url and settings.orthanc_reconcile_seconds > 0:
+            from plugin.ops.orthanc import ScheduledReconcile
+
+            running.reconcile = ScheduledReconcile(settings).start()
+            print(
+                f"orthanc   {settings.orthanc_url}: reconciled every {settings.orthanc_reconcile_seconds:g} s",
+                flush=True,
+            )
+
+        ctx = ApiContext(settings=settings, store=store, index=indexes, celery=celery_app, health=running.parts)
+        ctx.extra["dicom_counters"] = running.scp.counters  # the listener's counts, for /metrics and /status
         running.http, running.http_thread = _start_http(settings, create_app(ctx))
         token_note = "DRH_API_TOKEN" if settings.api_token else f"token in {settings.data_dir / 'api-token'}"
         print(f"http      http://{settings.http_host}:{settings.http_port}/ ({token_note})", flush=True)
@@ -153,12 +275,25 @@ def start(settings: Settings) -> Running:
 
 
 def _refresh_forever(indexes: dict[str, Any], stop: threading.Event) -> None:
+    """Keep the replicas fresh; while Redis is away, say so once a minute rather than twice a second."""
+    failing_since: float | None = None
+    warned_at = 0.0
     while not stop.is_set():
-        for index in indexes.values():
-            try:
+        try:
+            for index in indexes.values():
                 index.refresh()
-            except redis.exceptions.RedisError as exc:
+        except redis.exceptions.RedisError as exc:
+            now = time.monotonic()
+            if failing_since is None:
+                failing_since = warned_at = now
                 log.warning("index refresh failed (%s); retrying", exc)
+            elif now - warned_at >= REPEAT_WARNING_SECONDS:
+                warned_at = now
+                log.warning("index refresh still failing after %.0f s (%s)", now - failing_since, exc)
+        else:
+            if failing_since is not None:
+                log.info("index refresh works again after %.0f s", time.monotonic() - failing_since)
+                failing_since = None
         stop.wait(INDEX_REFRESH_SECONDS)
 
 
@@ -177,6 +312,14 @@ def _start_http(settings: Settings, app: Any) -> tuple[Any, threading.Thread]:
             raise RuntimeError("HTTP API did not start in 15 s")
         time.sleep(0.05)
     return server, thread
+
+
+def _fresh_tmp_dir(settings: Settings) -> None:
+    """Empty data_dir/tmp: what is there is left from a previous run (only ``serve`` writes there,
+    and it owns the data dir: :class:`plugin.core.processes.DataDirLock`)."""
+    if settings.tmp_dir.exists():
+        shutil.rmtree(settings.tmp_dir, ignore_errors=True)
+    settings.tmp_dir.mkdir(mode=0o700)
 
 
 def _redacted(url: str) -> str:
@@ -210,14 +353,20 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    running = start(settings)
+    os.umask(UMASK)
+    # Temporary files (received datasets, uploads) on the data disk, private (/tmp may be RAM);
+    # the documented knobs: TMPDIR for the children, tempfile.tempdir for this process.
+    os.environ["TMPDIR"] = str(settings.tmp_dir)
+    tempfile.tempdir = str(settings.tmp_dir)
+    try:
+        running = start(settings)
+    except (DataDirLocked, EmbeddedRedisError) as exc:
+        print(f"drh-pacs serve: {exc}", file=sys.stderr)
+        return 1
     print("ready     press Ctrl-C to stop", flush=True)
     try:
-        while not stop.wait(1.0):
-            for n, proc in enumerate(running.workers):
-                if proc.poll() is not None:
-                    log.error("worker process %s exited with %s; restarting it", proc.pid, proc.returncode)
-                    running.workers[n] = _spawn_worker(running.settings, n)
+        while not stop.wait(SUPERVISE_SECONDS):
+            running.supervise()
     finally:
         running.stop()
         print("stopped", flush=True)

@@ -209,3 +209,29 @@ def test_codes_of_the_archive_are_the_encoders(archive, encoder):
     a = encoder.encode_images([load_pixels(read_dataset(f))]).codes
     b = encoder.encode_images([load_pixels(read_dataset(f))]).codes
     assert np.array_equal(a, b)
+
+
+def test_upload_answers_what_the_model_saw_and_can_leave_the_files_patient_out(api, archive, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    client, _ = api
+    own = archive.studies[0]  # patient P1, who has another study in the archive
+    body = client.post(
+        "/api/similar/upload",
+        params={"exclude_same_patient": "yes"},
+        files={"file": ("a.dcm", own.files[0].read_bytes())},
+    ).json()
+    assert body["reference"]["patient_id"] == "P1"
+    assert archive.studies[3].study_uid not in [r["study"]["study_instance_uid"] for r in body["results"]]
+    header, _, data = body["reference"]["thumbnail"].partition(",")
+    assert header == "data:image/png;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).size == (192, 192)
+    picture = io.BytesIO()
+    Image.open(fixture_images()[0]).save(picture, format="PNG")
+    refused = client.post(
+        "/api/similar/upload", params={"exclude_same_patient": "yes"}, files={"file": ("a.png", picture.getvalue())}
+    )
+    assert refused.status_code == 400 and "PatientID" in refused.json()["detail"]

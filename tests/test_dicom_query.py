@@ -57,6 +57,41 @@ def test_similar_ae_reads_study_uid_as_reference_with_filters():
     assert "PatientName" in similar.requested_keys(ds)
 
 
+def test_accession_number_names_the_reference_and_its_patient_id_is_not_a_filter():
+    asked = []
+
+    def resolve(accession: str, patient_id: str | None) -> str:
+        asked.append((accession, patient_id))
+        return REF
+
+    ds = identifier(StudyInstanceUID="", AccessionNumber="A1", PatientID="P9", ModalitiesInStudy="DX")
+    query = similar.parse_similar(ds, SIMILAR, SIMILAR, 10, resolve_accession=resolve)
+    assert query.reference_uid == REF and asked == [("A1", "P9")]
+    assert query.filters.patient_id is None and query.filters.modalities == ("DX",)
+    # a StudyInstanceUID wins over the accession; PatientID is then the usual filter
+    query = similar.parse_similar(
+        identifier(StudyInstanceUID=REF, AccessionNumber="A1", PatientID="P9"), SIMILAR, SIMILAR, 10, resolve
+    )
+    assert asked == [("A1", "P9")] and query.filters.patient_id == "P9"
+    for bad in ("A*", "A1\\A2"):
+        with pytest.raises(QueryError, match="AccessionNumber must name one study"):
+            similar.parse_similar(identifier(AccessionNumber=bad), SIMILAR, SIMILAR, 10, resolve)
+
+
+@pytest.mark.parametrize(
+    ("ds", "is_similar"),
+    [
+        (identifier("STUDY", StudyInstanceUID=REF), True),
+        (identifier("IMAGE", SOPInstanceUID=REF), True),
+        (identifier("SERIES", StudyInstanceUID=REF, SeriesInstanceUID=""), False),
+        (identifier("IMAGE", StudyInstanceUID=REF, SeriesInstanceUID="1.2.3", SOPInstanceUID=""), False),
+        (identifier("PATIENT", PatientID="P1"), False),
+    ],
+)
+def test_drill_down_on_the_similar_title_is_a_plain_query(ds, is_similar):
+    assert similar.is_similar_request(ds, SIMILAR, SIMILAR) is is_similar
+
+
 def test_private_key_works_on_any_ae_in_any_block():
     ds = with_private(identifier(StudyInstanceUID=""), block=0x42, ref=REF, k="3", maxd="12", exclude="YES")
     assert similar.is_similar_request(ds, "DRHPACS", SIMILAR)
@@ -84,9 +119,13 @@ def test_image_level_reads_sop_instance_uid():
     assert query.level == "IMAGE" and query.reference_uid == REF and query.filters.modalities == ("DX",)
 
 
-def test_number_of_results_is_capped():
-    ds = with_private(identifier(), ref=REF, k="999999")
-    assert similar.parse_similar(ds, "X", SIMILAR, 10).k == search.MAX_RESULTS
+def test_a_number_of_results_over_the_maximum_is_refused_not_cut():
+    with pytest.raises(QueryError, match=f"over the maximum of {search.MAX_RESULTS}"):
+        similar.parse_similar(with_private(identifier(), ref=REF, k="999999999"), "X", SIMILAR, 10)
+    query = similar.parse_similar(with_private(identifier(), ref=REF, k="150"), "X", SIMILAR, 10)
+    with pytest.raises(QueryError, match="k=150 is over the maximum of 100"):
+        search.check_k(query, 100)
+    search.check_k(query, 150)  # at the maximum: fine
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,7 @@ def _start_serve(data_dir: Path, log: Path, **env_extra: str) -> Server:
         "DRH_STUDY_STABLE_SECONDS": "1",
         "DRH_API_TOKEN": "test-token",
         "DRH_DEVICE": "cpu",
+        "DRH_DICOM_VIEWERS": "VIEWER=127.0.0.1:104",  # the findscu below queries as VIEWER
     }
     env.pop("DRH_REDIS_URL", None)
     env.update(env_extra)

@@ -79,6 +79,29 @@ def test_cli_lists_and_retries(redis_server, redis_client, tmp_path):
     assert kwargs["received_at"] == 1000.0 + int(kwargs["sop_uid"].rsplit(".", 1)[1])
 
 
+def test_refused_c_stores_are_listed_with_their_reason_and_go_once_a_copy_is_indexed(
+    redis_server, redis_client, tmp_path
+):
+    ledger = Store(redis_client, NS).ledger
+    ledger.record_refused("1.2.3.7", "1.2.3", "ORTHANC", "pixel data truncated (100 of 100352 bytes)", 0xC000)
+    ledger.record_refused("1.2.3.7", "1.2.3", "ORTHANC", "pixel data truncated (100 of 100352 bytes)", 0xC000)
+    (entry,) = ledger.refused()
+    assert entry["count"] == 2 and entry["status"] == "0xc000" and entry["source_ae"] == "ORTHANC"
+    assert ledger.refused_among(["1.2.3.7", "1.2.3.8"]) == {"1.2.3.7"}
+
+    listed = _cli(redis_server.url, tmp_path, "list")
+    assert "1 refused at reception (`drh-pacs failures refused`)" in listed.stdout
+    out = _cli(redis_server.url, tmp_path, "refused")
+    assert out.returncode == 0, out.stderr
+    assert "1.2.3.7  status 0xc000  from ORTHANC" in out.stdout and "pixel data truncated" in out.stdout
+    assert json.loads(_cli(redis_server.url, tmp_path, "refused", "--json").stdout)[0]["sop_uid"] == "1.2.3.7"
+    retry = _cli(redis_server.url, tmp_path, "retry", "1.2.3.7")
+    assert retry.returncode == 1 and "refused at reception" in retry.stderr and "send it again" in retry.stderr
+
+    ledger.resolve("1.2.3.7")  # what a worker does once a (corrected) copy is indexed
+    assert ledger.refused_count() == 0
+
+
 @pytest.mark.slow
 def test_cli_reports_redis_down(tmp_path):
     from plugin.core.redis_server import free_port

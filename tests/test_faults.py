@@ -232,3 +232,63 @@ def test_a_file_whose_decoding_kills_the_worker_is_failed_not_redelivered_for_ev
     assert entry["kind"] == "permanent" and f"killed the worker process {MAX_DECODE_CRASHES} times" in entry["reason"]
     assert Store(redis_client, NS).records.instance(sop)["state"] == "failed"
     assert redis_client.hget(Store(redis_client, NS).keys.ingest_decoding(), sop) is None
+
+
+# -- a crash of the worker, then of serve, inside the stability window --------------------------
+STABLE = 30.0  # study_stable_seconds of this test
+
+
+def _searchable(port: int, study_uid: str) -> bool:
+    """A viewer's similar query with this study as the reference is answered (not "not yet indexed")."""
+    proc = subprocess.run(
+        [str(DCMTK / "findscu"), "-v", "-S", "-aet", "VIEWER", "-aec", "SIMILAR", "-k", "QueryRetrieveLevel=STUDY",
+         "-k", f"StudyInstanceUID={study_uid}", "127.0.0.1", str(port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    return proc.returncode == 0 and "Success" in output and "Failed" not in output
+
+
+def test_search_is_back_within_minutes_of_a_crash_of_the_worker_then_serve(tmp_path):
+    from tests.helpers.serve import ServeProc
+
+    data = tmp_path / "data"
+    settings = {"DRH_STUDY_STABLE_SECONDS": str(STABLE), "DRH_DICOM_VIEWERS": "VIEWER=127.0.0.1:104"}
+    first = ServeProc(data, tmp_path / "serve-1.log", workers=1, **settings)
+    studies = [make_study(tmp_path / f"in{n}", fixture_images()[2 * n : 2 * n + 2]) for n in range(3)]
+    try:
+        for study in studies:
+            sent = storescu(first.dicom_port, study.files)
+            assert sent.returncode == 0, sent.stderr  # acknowledged: may never be lost
+        acknowledged = time.monotonic()
+        (worker,) = first.worker_pids()
+        os.kill(worker, signal.SIGKILL)  # the worker's main process: its pool follows it
+        first.kill_main()  # then serve itself, before any study was stable
+        assert time.monotonic() - acknowledged < STABLE
+    finally:
+        first.stop()
+    second = ServeProc(data, tmp_path / "serve-2.log", workers=1, **settings)
+    try:
+        client = redis.Redis.from_url(runtime_url(data))
+        sops = [sop for study in studies for sop in study.sop_uids]
+        wait_until(
+            lambda: all(_searchable(second.dicom_port, s.study_uid) for s in studies),
+            acknowledged + 2 * STABLE + 60 - time.monotonic(),
+            interval=2,
+            what="every study searchable at study level within 2 x the stability window + 60 s",
+        )
+        wait_until(
+            lambda: indexed_count(client, sops) == len(sops),
+            acknowledged + 300 - time.monotonic(),
+            interval=1,
+            what="every acknowledged instance indexed within 5 minutes",
+        )
+        assert Store(client, NS).codes.count(active_version(client), "study") == len(studies)
+    finally:
+        second.stop()
+
+
+def runtime_url(data: Path) -> str:
+    from plugin.core.redis_server import runtime_url_file
+
+    return runtime_url_file(data).read_text().strip()

@@ -9,47 +9,16 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from pydicom import dcmread
 
 from plugin.core.redis_server import free_port
 from tests.helpers.dicomgen import fixture_images, make_study
-from tests.helpers.peers import DCMTK, Orthanc, dcmtk, running_plugin
+from tests.helpers.peers import Orthanc, dcmtk, running_plugin
 from tests.helpers.processes import wait_until
+from tests.helpers.viewer import Viewer
 
 pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
-
-
-class Viewer:
-    """DCMTK storescp acting as the radiologist's viewer (AE VIEWER)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.dir = tmp / "viewer"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [str(DCMTK / "storescp"), "-aet", "VIEWER", "-od", str(self.dir), str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(
-            lambda: dcmtk("echoscu", "-aec", "VIEWER", "127.0.0.1", str(self.port), timeout=10).returncode == 0,
-            20,
-            what="storescp to listen",
-        )
-
-    def received(self) -> set[str]:
-        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.dir.iterdir() if p.is_file()}
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture

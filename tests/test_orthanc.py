@@ -1,7 +1,9 @@
-"""Orthanc (the Debian package) as the hospital PACS: automatic forwarding, and the backfill command.
+"""Orthanc (the Debian package) as the hospital PACS: the drop-in forwarder, queries from Orthanc, and
+the backfill/reconciliation command.
 
-Orthanc runs with the shipped deploy/orthanc/orthanc.json (ports, storage and modalities rewritten
-for the test) and the shipped Lua script; studies reach it with DCMTK storescu.
+Orthanc runs on a configuration directory laid out as Debian's ``/etc/orthanc`` (its own files, the
+site's ``orthanc.json`` and ``credentials.json``) with the drop-in of ``deploy/orthanc`` beside them
+(:class:`tests.helpers.peers.Orthanc`); studies reach it with DCMTK storescu.
 """
 
 from __future__ import annotations
@@ -13,10 +15,24 @@ import sys
 import pytest
 from pydicom import dcmread
 
+from plugin.core.redis_server import free_port
 from plugin.store.broker import queue_depth
 from tests.helpers.dicomgen import fixture_images, make_study
-from tests.helpers.peers import ORTHANC_USER, Orthanc, dcmtk, running_plugin
+from tests.helpers.peers import (
+    DEBIAN_ORTHANC,
+    DEPLOY_ORTHANC,
+    DROP_IN,
+    ORTHANC_USER,
+    Orthanc,
+    code,
+    dcmtk,
+    findscu,
+    populate,
+    read_orthanc_json,
+    running_plugin,
+)
 from tests.helpers.processes import wait_until
+from tests.helpers.workers import active_version
 
 pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
@@ -30,6 +46,36 @@ def _spooled(plugin, study) -> list:
     return sorted(folder.glob("*.dcm")) if folder.exists() else []
 
 
+def _store_to_orthanc(orthanc: Orthanc, *studies) -> None:
+    for study in studies:
+        files = [str(f) for f in study.files]
+        proc = dcmtk("storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *files)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("drop_in", [name for name in DROP_IN if name.endswith(".json")])
+def test_the_drop_in_defines_nothing_debian_s_files_define(drop_in):
+    """Orthanc refuses to start when two files of its directory define the same key ("defined in 2
+    different configuration files"): the drop-in may only add keys (python.json replaces Debian's
+    sample of the same name, the one file the Python plugin reads)."""
+    ours = set(read_orthanc_json(DEPLOY_ORTHANC / drop_in))
+    for debian in DEBIAN_ORTHANC.glob("*.json"):
+        if debian.name == drop_in:
+            continue
+        assert not ours & set(read_orthanc_json(debian)), f"{drop_in} redefines keys of {debian.name}"
+
+
+def test_orthanc_starts_with_the_drop_in_beside_debian_s_files_and_declares_drh_pacs(tmp_path):
+    with Orthanc(tmp_path, {"VIEWER": free_port()}, drh_port=free_port()) as orthanc:
+        modalities = orthanc.get("/modalities?expand")
+        assert modalities["DRHPACS"]["AET"] == "DRHPACS" and modalities["SIMILAR"]["AET"] == "SIMILAR"
+        assert "VIEWER" in modalities  # the site's own modalities stay
+        assert orthanc.forwarding()["pending_count"] == 0
+        log = orthanc.log()
+    assert "defined in 2 different configuration files" not in log
+    assert "drh-pacs: forwarding stable studies to DRHPACS" in log
+
+
 def test_orthanc_forwards_every_stable_study_to_drh_pacs(tmp_path, redis_client, redis_server):
     images = fixture_images()
     studies = [
@@ -37,11 +83,12 @@ def test_orthanc_forwards_every_stable_study_to_drh_pacs(tmp_path, redis_client,
         make_study(tmp_path / "in", images[4:5], patient_id="P-ORTH-2", rle=True),
     ]
     with running_plugin(tmp_path, redis_server.url, allowed_calling_aes=["ORTHANC"]) as plugin:
-        with Orthanc(tmp_path, {"DRHPACS": plugin.port}) as orthanc:
+        with Orthanc(tmp_path, drh_port=plugin.port) as orthanc:
             for study in studies:
+                files = map(str, study.files)
                 proc = dcmtk(
                     "storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "-xr", "127.0.0.1", str(orthanc.dicom_port),
-                    *map(str, study.files),
+                    *files,
                 )  # fmt: skip
                 assert proc.returncode == 0, proc.stderr
             for study in studies:
@@ -50,24 +97,125 @@ def test_orthanc_forwards_every_stable_study_to_drh_pacs(tmp_path, redis_client,
                     60,
                     what=f"Orthanc to forward study {study.study_uid}",
                 )
-            assert "forwarded to DRHPACS" in orthanc.log()
+            wait_until(lambda: orthanc.log().count("forwarded to DRHPACS") == 2, 30, what="two forwarded studies")
+            assert orthanc.forwarding()["forwarded_count"] == 2
         for study in studies:
             for path in _spooled(plugin, study):
                 assert path.stem in study.sop_uids
-                assert (
-                    dcmread(path, stop_before_pixels=True).file_meta.SourceApplicationEntityTitle.strip() == "ORTHANC"
-                )
+                assert _source_ae(path) == "ORTHANC"
         wait_until(lambda: queue_depth(redis_client, "ingest") >= 3, 20, what="three indexing tasks")
 
 
-def _backfill(settings, orthanc, *extra: str) -> subprocess.CompletedProcess[str]:
+def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its_reason(
+    tmp_path, redis_client, redis_server, worker_factory
+):
+    """drh-pacs stopped while two studies arrive, Orthanc restarted meanwhile, then one instance that
+    drh-pacs refuses: every study ends searchable or listed as refused with its reason, and Orthanc
+    never logs "forwarded" for a send that failed."""
+    images = fixture_images()
+    good = make_study(tmp_path / "in", images[0:2], patient_id="P-FWD-1")
+    mixed = make_study(tmp_path / "in", images[4:6], patient_id="P-FWD-2")
+    broken = dcmread(mixed.files[1])
+    broken.PixelData = broken.PixelData[:100]  # Orthanc keeps it; drh-pacs refuses it (truncated pixel data)
+    broken.save_as(mixed.files[1])
+    drh_port = free_port()
+    orthanc = Orthanc(tmp_path, drh_port=drh_port).start()
+    try:
+        _store_to_orthanc(orthanc, good, mixed)
+        ids = {uid: orthanc.study_id(uid) for uid in (good.study_uid, mixed.study_uid)}
+
+        def pending() -> dict[str, int]:
+            return {p["study"]: p["attempts"] for p in orthanc.forwarding()["pending"]}
+
+        wait_until(lambda: len(pending()) == 2 and min(pending().values()) >= 1, 60, what="two studies pending")
+        assert "NOT sent to DRHPACS" in orthanc.log() and "forwarded to DRHPACS" not in orthanc.log()
+        assert "Connection refused" in orthanc.forwarding()["pending"][0]["last_error"]
+
+        orthanc.stop()  # the record is durable: both are still pending after a restart
+        orthanc.start()
+        assert set(pending()) == set(ids.values())
+
+        with running_plugin(tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"]) as plugin:
+            worker_factory("fwd")
+            wait_until(lambda: orthanc.forwarding()["pending_count"] == 0, 60, what="Orthanc to catch up")
+            report = orthanc.forwarding()
+            (refused,) = report["refused"]
+            assert refused["study"] == ids[mixed.study_uid] and refused["status"] == "0xC000"
+
+            def searchable(uid: str) -> bool:
+                version = active_version(redis_client)
+                return bool(version) and plugin.store.codes.has(version, "study", uid)
+
+            wait_until(lambda: searchable(good.study_uid), 240, what="the good study searchable")
+            wait_until(lambda: searchable(mixed.study_uid), 120, what="the mixed study searchable from its good image")
+            (why,) = plugin.store.ledger.refused()
+            assert why["sop_uid"] == mixed.sop_uids[1] and "pixel data truncated" in why["reason"]
+            assert why["source_ae"] == "ORTHANC" and why["status"] == "0xc000"
+            keys = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={good.study_uid}"]
+            proc, answers = findscu(plugin.port, keys, tmp_path / "rsp", called="SIMILAR", calling="ORTHANC")
+            assert proc.returncode == 0 and [str(a.StudyInstanceUID) for a in answers] == [mixed.study_uid]
+    finally:
+        orthanc.stop()
+    log = orthanc.log()
+    assert log.count("forwarded to DRHPACS") == 1
+    assert f"study {ids[good.study_uid]} forwarded to DRHPACS" in log
+    assert f"study {ids[mixed.study_uid]} forwarded" not in log
+    assert f"study {ids[mixed.study_uid]}: 1 instance(s) REFUSED by DRHPACS (DIMSE status 0xC000), 1 sent" in log
+    # every failed attempt was logged as such, before the one success
+    lines = [line for line in log.splitlines() if f"drh-pacs: study {ids[good.study_uid]}" in line]
+    assert lines[-1].endswith(f"forwarded to DRHPACS (2 instance(s), attempt {len(lines)})")
+    assert all("NOT sent" in line for line in lines[:-1])
+
+
+def test_similar_query_from_orthanc_s_rest_api_and_its_forms(tmp_path, redis_client, redis_server):
+    """The README's Orthanc REST call, and Orthanc Explorer's query form (AccessionNumber), through the
+    SIMILAR modality the drop-in declares: ranked studies, rank and score readable in the answer.
+    Queries closed to undeclared AEs, as in production: Orthanc is declared a viewer (deploy/orthanc)."""
+    ref, near, mid, far = (f"1.2.826.0.1.3680043.8.498.30{n}" for n in range(4))
+    orthanc_port = free_port()
+    with running_plugin(
+        tmp_path, redis_server.url, allowed_calling_aes=["ORTHANC"], dicom_query_open=False,
+        dicom_viewers={"ORTHANC": f"127.0.0.1:{orthanc_port}"},
+    ) as plugin:  # fmt: skip
+        meta = {"study_date": "20240101", "modalities": "DX", "study_description": "CHEST PA", "n_instances": "1"}
+        populate(
+            plugin.store,
+            {
+                ref: (code("0000 0000 0000 0000"), {**meta, "patient_id": "P1", "accession_number": "A-REF"}),
+                near: (code("0000 0000 0000 0001"), {**meta, "patient_id": "P2", "accession_number": "A-NEAR"}),
+                mid: (code("0000 0000 0000 0111"), {**meta, "patient_id": "P3", "accession_number": "A-MID"}),
+                far: (code("1111 1111 0000 0000"), {**meta, "patient_id": "P4", "accession_number": "A-FAR"}),
+            },
+        )
+        plugin.store.records.put_instance(near + ".1.1", near, {"series_uid": near + ".1", "modality": "DX"})
+        with Orthanc(tmp_path, drh_port=plugin.port, dicom_port=orthanc_port) as orthanc:
+            query = orthanc.post("/modalities/SIMILAR/query", {"Level": "Study", "Query": {"StudyInstanceUID": ref}})
+            answers = orthanc.get(f"/queries/{query['ID']}/answers?expand&simplify")
+            assert [a["StudyInstanceUID"] for a in answers] == [near, mid, far]
+            assert [a["StudyDescription"] for a in answers] == [
+                "#01 0.938 CHEST PA",
+                "#02 0.812 CHEST PA",
+                "#03 0.500 CHEST PA",
+            ]
+
+            form = orthanc.post("/modalities/SIMILAR/query", {"Level": "Study", "Query": {"AccessionNumber": "A-REF"}})
+            answers = orthanc.get(f"/queries/{form['ID']}/answers?expand&simplify")
+            assert [a["StudyInstanceUID"] for a in answers] == [near, mid, far]
+
+            # opening the first answer: Orthanc asks SIMILAR for its series, answered as a plain query
+            series = orthanc.post(f"/queries/{form['ID']}/answers/0/query-series", {})
+            answers = orthanc.get(f"/queries/{series['ID']}/answers?expand&simplify")
+            assert [a["SeriesInstanceUID"] for a in answers] == [near + ".1"]
+
+
+def _backfill(settings, orthanc, *extra: str, password: str = ORTHANC_USER[1]) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "DRH_REDIS_URL": settings.redis_url,
         "DRH_DATA_DIR": str(settings.data_dir),
         "DRH_ORTHANC_URL": orthanc.url,
         "DRH_ORTHANC_USER": ORTHANC_USER[0],
-        "DRH_ORTHANC_PASSWORD": ORTHANC_USER[1],
+        "DRH_ORTHANC_PASSWORD": password,
     }
     return subprocess.run(
         [sys.executable, "-m", "plugin.cli", "backfill", "orthanc", *extra],
@@ -79,16 +227,14 @@ def _backfill(settings, orthanc, *extra: str) -> subprocess.CompletedProcess[str
     )
 
 
-def test_backfill_indexes_an_existing_archive_and_resumes(tmp_path, redis_client, redis_server):
+def test_backfill_walks_an_existing_archive_resumably_then_follows_orthanc_s_changes(
+    tmp_path, redis_client, redis_server
+):
     images = fixture_images()
-    studies = [make_study(tmp_path / "in", images[n : n + 1], patient_id=f"P-BF-{n}") for n in range(3)]
+    studies = [make_study(tmp_path / "in", images[n : n + 1], patient_id=f"P-BF-{n}") for n in range(4)]
     with running_plugin(tmp_path, redis_server.url) as plugin:
-        with Orthanc(tmp_path, {"DRHPACS": plugin.port}, forward=False) as orthanc:
-            files = [str(f) for s in studies for f in s.files]
-            proc = dcmtk(
-                "storescu", "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *files
-            )
-            assert proc.returncode == 0, proc.stderr
+        with Orthanc(tmp_path, forward=False) as orthanc:
+            _store_to_orthanc(orthanc, *studies[:3])
             wait_until(lambda: len(orthanc.get("/studies")) == 3, 30, what="Orthanc to hold three studies")
 
             first = _backfill(plugin.settings, orthanc, "--limit", "1")
@@ -102,21 +248,52 @@ def test_backfill_indexes_an_existing_archive_and_resumes(tmp_path, redis_client
             assert "1 study(ies) done in earlier runs" in second.stdout
             assert "backfill orthanc" in second.stderr  # the progress bar
 
+            # the walk is done: from now on only Orthanc's change log is read
             third = _backfill(plugin.settings, orthanc)
-            assert "0 new study(ies)" in third.stdout and "3 study(ies) done in earlier runs" in third.stdout
+            assert third.returncode == 0, third.stderr
+            assert "0 study(ies) changed in Orthanc since change" in third.stdout
+            _store_to_orthanc(orthanc, studies[3])
+            fourth = _backfill(plugin.settings, orthanc)
+            assert "1 study(ies) changed in Orthanc" in fourth.stdout and "1 instance(s) queued" in fourth.stdout
 
             again = _backfill(plugin.settings, orthanc, "--restart")
-            assert "3 new study(ies), 0 instance(s) queued, 3 already present" in again.stdout
+            assert "4 new study(ies), 0 instance(s) queued, 4 already present" in again.stdout
 
         for study in studies:
             (path,) = _spooled(plugin, study)
             assert _source_ae(path) == "ORTHANC"
-        assert queue_depth(redis_client, "ingest") == 3
+        assert queue_depth(redis_client, "ingest") == 4
 
 
-def test_backfill_says_when_orthanc_is_unreachable(tmp_path, redis_server):
-    from plugin.core.redis_server import free_port
+def test_serve_s_scheduled_reconciliation_indexes_what_orthanc_did_not_forward(tmp_path, redis_client, redis_server):
+    from plugin.ops.orthanc import ScheduledReconcile
 
+    images = fixture_images()
+    before, missed = (make_study(tmp_path / "in", images[n : n + 1], patient_id=f"P-SR-{n}") for n in range(2))
+    with running_plugin(tmp_path, redis_server.url) as plugin:
+        with Orthanc(tmp_path, forward=False) as orthanc:  # no forwarder: only the reconciliation brings studies
+            _store_to_orthanc(orthanc, before)
+            settings = plugin.settings.replace(
+                orthanc_url=orthanc.url,
+                orthanc_user=ORTHANC_USER[0],
+                orthanc_password=ORTHANC_USER[1],
+                orthanc_reconcile_seconds=0.5,
+            )
+            schedule = ScheduledReconcile(settings).start()
+            try:
+                progress = plugin.store.backfill(orthanc.url)
+                wait_until(lambda: progress.since() is not None, 30, what="the schedule to follow Orthanc's changes")
+                _store_to_orthanc(orthanc, missed)
+                wait_until(lambda: _spooled(plugin, missed), 60, what="the missed study to be reconciled")
+            finally:
+                schedule.stop()
+            assert progress.info()["last_error"] == "" and float(progress.info()["last_ok"]) > 0
+            # the schedule never walks the archive by itself: what Orthanc held before is the command's job
+            assert not _spooled(plugin, before)
+        assert queue_depth(redis_client, "ingest") == 1
+
+
+def test_backfill_says_when_orthanc_is_unreachable_or_refuses_the_password(tmp_path, redis_server):
     with running_plugin(tmp_path, redis_server.url) as plugin:
 
         class Nowhere:
@@ -124,15 +301,11 @@ def test_backfill_says_when_orthanc_is_unreachable(tmp_path, redis_server):
 
         proc = _backfill(plugin.settings, Nowhere)
         assert proc.returncode == 1
-        assert "cannot reach Orthanc" in proc.stderr
+        assert "cannot reach Orthanc" in proc.stderr and "run it again to resume" in proc.stderr
 
-
-@pytest.mark.parametrize("key", ["DicomModalities", "LuaScripts", "StableAge", "DrhPacs"])
-def test_shipped_orthanc_configuration_is_valid_json_with_forwarding(key):
-    import json
-
-    from tests.helpers.peers import DEPLOY_ORTHANC
-
-    config = json.loads((DEPLOY_ORTHANC / "orthanc.json").read_text())
-    assert key in config
-    assert config["DicomModalities"][config["DrhPacs"]["Modality"]]["AET"] == "DRHPACS"
+        with Orthanc(tmp_path, forward=False) as orthanc:
+            proc = _backfill(plugin.settings, orthanc, password="wrong-password")
+        assert proc.returncode == 1
+        assert "refused the credentials (user 'drh-pacs', HTTP 401)" in proc.stderr
+        assert "run it again" not in proc.stderr
+        assert plugin.store.backfill(orthanc.url).info()["last_error"].startswith("Orthanc at")

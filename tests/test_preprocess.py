@@ -143,7 +143,10 @@ def test_deflated_image_frame_compression_is_inflated(tmp_path: Path) -> None:
 
 
 def test_corrupt_codestream_reason_names_the_codec_error() -> None:
-    ds = pydicom.dcmread(wheel("JPEG-lossy.dcm"))  # a 12-bit JPEG with a misplaced marker segment
+    with open(wheel("JPEG-lossy.dcm"), "rb") as fh:  # a 12-bit JPEG (GDCM reads it; libjpeg does not)
+        data = fh.read()
+    start = data.find(b"\xff\xd8")
+    ds = pydicom.dcmread(io.BytesIO(data[: start + 2] + b"\0" * 200 + data[start + 202 :]))  # now unreadable
     with pytest.raises(DecodeError) as err:
         pp.load_pixels(ds)
     assert err.value.code == "corrupt_pixel_data" and not err.value.transient

@@ -7,7 +7,6 @@ no model; the end-to-end test of issue 2 covers the path through a real worker.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -20,7 +19,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, StudyRootQueryRetrieveInformationModelFind
 
 from plugin.dicom import status as st
@@ -28,6 +27,7 @@ from plugin.store.broker import queue_depth
 from tests.helpers.dicomgen import fixture_images, make_instance, make_study
 from tests.helpers.peers import code, dcmtk, findscu, populate, running_plugin
 from tests.helpers.processes import wait_until
+from tests.helpers.tls import certificates
 
 pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
@@ -414,27 +414,8 @@ def test_cancel_stops_a_long_answer(archive):
 
 
 # -- transport: TLS and the association limit -------------------------------------------------------------
-def _certificates(folder: Path) -> dict[str, Path]:
-    """A throw-away CA, and a server and a client certificate it signed (openssl)."""
-    import subprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-        "-subj", "/CN=drh-test-ca")  # fmt: skip
-    for name in ("server", "client"):
-        ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", f"/CN={name}")  # fmt: skip
-        ssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.crt", "-days", "2")  # fmt: skip
-    return {n: folder / n for n in ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}
-
-
 def test_tls_with_client_certificates(tmp_path, redis_client, redis_server):
-    certs = _certificates(tmp_path / "certs")
+    certs = certificates(tmp_path / "certs")
     overrides = {
         "tls_cert": str(certs["server.crt"]),
         "tls_key": str(certs["server.key"]),
@@ -510,3 +491,37 @@ def test_accepted_connections_turn_nagle_off():
             event = SimpleNamespace(assoc=SimpleNamespace(dul=SimpleNamespace(socket=SimpleNamespace(socket=accepted))))
             handle_conn_open(event)
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_truncated_rle_and_dropped_non_images_are_told_apart_and_counted(tmp_path, plugin, redis_client):
+    """A truncated RLE file is refused as truncated (it was once "missing UID"); an accepted
+    non-image object is counted with the ignored instances, so nothing is dropped silently."""
+    study = make_study(tmp_path / "in", fixture_images()[:1], rle=True)
+    data = study.files[0].read_bytes()
+    cut = tmp_path / "cut-rle.dcm"
+    cut.write_bytes(data[: len(data) - 3000])
+    _, assoc = _scu(plugin.port)
+    try:
+        ae_rle = AE(ae_title="STORESCU")
+        ae_rle.add_requested_context(DigitalXRayImageStorageForPresentation, [RLELossless])
+        rle_assoc = ae_rle.associate("127.0.0.1", plugin.port, ae_title="DRHPACS")
+        _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes as they are, unread
+        try:
+            status = rle_assoc.send_c_store(cut)
+            assert status.Status == st.STORE_CANNOT_UNDERSTAND
+            assert "truncated" in status.ErrorComment, status.ErrorComment
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = False
+            rle_assoc.release()
+        sr = Dataset()
+        sr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+        sr.SOPInstanceUID = generate_uid()
+        sr.StudyInstanceUID = generate_uid()
+        sr.SeriesInstanceUID = generate_uid()
+        sr.file_meta = FileMetaDataset()
+        sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assert assoc.send_c_store(sr).Status == st.SUCCESS
+    finally:
+        assoc.release()
+    ignored = wait_until(lambda: plugin.store.ledger.ignored_count(), 10, what="the SR counted as ignored")
+    assert ignored == 1

@@ -54,11 +54,34 @@ def test_lists_maps_and_booleans_from_environment():
         ({"DRH_AE_TITLE": "A_TITLE_FAR_TOO_LONG"}, "AE title"),
         ({"DRH_DEVICE": "tpu"}, "device"),
         ({"DRH_CONFIG": "/nonexistent/drh.toml"}, "DRH_CONFIG"),
+        ({"DRH_MOVE_DESTINATIONS": "VIEWER"}, "move_destinations"),  # not a declared viewer or node
+        ({"DRH_VIEWER_URLS": "X=javascript:alert(1)"}, "viewer_urls"),  # the page writes these into links
+        ({"DRH_VIEWER_URLS": "X=https://v/{PatientName}"}, "viewer_urls"),  # not a field the page fills
+        ({"DRH_CORS_ORIGINS": "https://ohif.example.org/app"}, "cors_origins"),  # an origin has no path
+        ({"DRH_SESSION_HOURS": "0"}, "session_hours"),
     ],
 )
 def test_bad_values_fail_loudly_naming_the_setting(env, needle):
     with pytest.raises(SettingsError, match=needle):
         load_settings(env=env)
+
+
+def test_page_settings_from_environment():
+    s = load_settings(
+        env={
+            "DRH_DICOM_NODES": "VIEWER=10.0.0.5:104",
+            "DRH_MOVE_DESTINATIONS": "VIEWER",
+            "DRH_VIEWER_URLS": "OHIF=https://ohif.example.org/viewer?StudyInstanceUIDs={StudyInstanceUID},"
+            "Weasis=weasis://%24dicom%3Ars%20-r%20%22studyUID%3D{StudyInstanceUID}%22",
+            "DRH_CORS_ORIGINS": "https://ohif.example.org",
+        }
+    )
+    assert list(s.viewer_urls) == ["OHIF", "Weasis"]  # the page shows them in this order
+    assert s.viewer_urls["OHIF"].endswith("StudyInstanceUIDs={StudyInstanceUID}")
+    assert s.move_destinations == ["VIEWER"] and s.cors_origins == ["https://ohif.example.org"]
+    # a viewer declared once (dicom_viewers, where its C-MOVE goes) may be a destination too
+    both = load_settings(env={"DRH_DICOM_VIEWERS": "OHIF=10.0.0.6:104", "DRH_MOVE_DESTINATIONS": "OHIF"})
+    assert both.move_destinations == ["OHIF"] and both.move_destination("OHIF") == "10.0.0.6:104"
 
 
 def test_unknown_key_in_file_is_refused(tmp_path):

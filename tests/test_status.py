@@ -128,6 +128,68 @@ def test_http_ops_routes(running, redis_client):
     assert Store(redis_client, NS).ledger.count() == 0
 
 
+@pytest.mark.slow
+def test_it_sees_the_dicom_listener_the_spool_orthanc_and_workers_that_are_down(tmp_path, redis_client, redis_server):
+    import socket
+    import time
+
+    from plugin.http.status_page import render_html
+    from tests.helpers.dicomwire import closed_by_peer
+    from tests.helpers.peers import dcmtk, findscu, running_plugin
+
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with running_plugin(tmp_path, redis_server.url, allowed_calling_aes=["VIEWER"], orthanc_url=nowhere) as plugin:
+        store, counters = plugin.store, plugin.server.counters
+
+        def figures() -> dict:
+            return gather(store, settings=plugin.settings, dicom=counters)
+
+        # before anything happened, every counter is there at zero (an alert on increase() sees the first burst)
+        first = _samples(metrics.render(figures()).decode())
+        assert first[("drh_dicom_requests_total", (("operation", "C-FIND"), ("outcome", "failure")))] == 0
+        assert first[("drh_dicom_association_rejections_total", (("reason", "calling-ae"),))] == 0
+        assert first[("drh_tasks_total", (("outcome", "failed"), ("task", "index_instance")))] == 0
+
+        port = str(plugin.port)
+        assert dcmtk("echoscu", "-aet", "VIEWER", "-aec", "DRHPACS", "127.0.0.1", port).returncode == 0
+        assert dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "DRHPACS", "127.0.0.1", port).returncode != 0
+        keys = ["QueryRetrieveLevel=STUDY", "StudyInstanceUID=1.2.3.4"]
+        findscu(plugin.port, keys, tmp_path / "rsp", called="SIMILAR")  # refused: the index is empty
+        with socket.create_connection(("127.0.0.1", plugin.port), timeout=10) as garbage:
+            garbage.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not DICOM: refused by admission control
+            wait_until(lambda: closed_by_peer(garbage), 10, what="the connection refused")
+        # a worker killed five minutes ago (its last heartbeat), and one refusing its device
+        beat = {"queues": ["ingest"], "concurrency": 1, "device": "cuda:0", "started": time.time() - 600}
+        store.workers.beat({**beat, "hostname": "gone@gpu1", "state": "online", "last_seen": time.time() - 300})
+        store.workers.beat({**beat, "hostname": "nogpu@gpu2", "state": "refused", "last_seen": time.time(),
+                            "reason": "device cuda:0 unusable: CUDA is not available"})  # fmt: skip
+
+        f = figures()
+        samples = _samples(metrics.render(f).decode())
+        assert samples[("drh_dicom_associations_total", (("outcome", "accepted"),))] == 2
+        assert samples[("drh_dicom_association_rejections_total", (("reason", "calling-ae"),))] == 1
+        assert samples[("drh_dicom_requests_total", (("operation", "C-ECHO"), ("outcome", "success")))] == 1
+        assert samples[("drh_dicom_requests_total", (("operation", "C-FIND"), ("outcome", "failure")))] == 1
+        assert samples[("drh_dicom_request_duration_seconds_count", (("operation", "C-FIND"),))] == 1
+        refused = ("drh_dicom_admission_refusals_total", (("reason", "not-an-association-request"),))
+        assert first[refused] == 0 and samples[refused] == 1
+        assert samples[("drh_spool_free_bytes", ())] > 0 and samples[("drh_spool_size_bytes", ())] > 0
+        assert samples[("drh_orthanc_up", ())] == 0 and f["orthanc"]["error"].startswith("unreachable")
+        assert samples[("drh_orthanc_reconcile_last_success_timestamp_seconds", ())] == 0
+        assert samples[("drh_worker_up", (("device", "cuda:0"), ("worker", "gone@gpu1")))] == 0
+        assert samples[("drh_worker_up", (("device", "cuda:0"), ("worker", "nogpu@gpu2")))] == 0
+        assert samples[("drh_worker_last_seen_timestamp_seconds", (("worker", "gone@gpu1"),))] < time.time() - 299
+
+        text = render_text(f)
+        assert "gone@gpu1" in text and "OFFLINE" in text and "seen 5 min ago" in text
+        assert "REFUSED" in text and "CUDA is not available" in text and "NONE ONLINE" in text
+        assert "orthanc" in text and "DOWN: unreachable" in text and "GB free" in text
+        assert "refused by admission control: not-an-association-request 1" in text
+        page = render_html(f)
+        assert "OFFLINE" in page and "REFUSED" in page and "<h2>DICOM</h2>" in page and "is DOWN" in page
+        assert "Refused by admission control: not-an-association-request 1." in page
+
+
 def test_status_when_redis_is_down(tmp_path):
     import redis
 
@@ -139,7 +201,8 @@ def test_status_when_redis_is_down(tmp_path):
     settings = load_settings(env={}, redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path, api_token=TOKEN)
     client = TestClient(create_app(ApiContext(settings=settings, store=Store(dead, NS))))
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    assert client.get("/health").status_code == 200
+    health = client.get("/health")  # Redis is a part the process depends on: unhealthy, and says why
+    assert health.status_code == 503 and health.json()["parts"]["redis"]["ok"] is False
     r = client.get("/ready", headers=auth)
     assert r.status_code == 503 and "Redis unavailable" in r.json()["reasons"][0]
     assert client.get("/status", headers=auth).status_code == 503

@@ -189,6 +189,66 @@ def test_non_image_is_ignored_and_a_corrupt_file_is_a_retryable_failure(
     assert ledger.get(study.sop_uids[0]) is None and ledger.count() == 0
 
 
+def _health(env: dict[str, str], hostname: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "worker", "--health", "--hostname", hostname],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.slow
+def test_a_healthy_worker_passes_its_health_check(redis_server, redis_client, worker_factory):
+    worker = worker_factory("healthy")
+    wait_until(
+        lambda: Store(redis_client, NS).workers.heartbeats().get(next(iter(_names(redis_client, "healthy@"))), {})
+        .get("state") == "online",
+        60,
+        what="the worker online",
+    )  # fmt: skip
+    check = _health(worker.env, "healthy@%h")
+    assert check.returncode == 0, check.stderr
+    assert "online, consuming ingest,study,maintenance on cpu" in check.stdout
+    assert _health(worker.env, "nobody@%h").returncode == 1
+
+
+def _names(client: redis.Redis, prefix: str) -> list[str]:
+    return [h for h in Store(client, NS).workers.heartbeats() if h.startswith(prefix)]
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_use_its_device_takes_no_task_and_says_why(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    from plugin.ops.status import gather
+    from plugin.store.broker import queue_depth
+
+    app = app_for(redis_server.url, tmp_path / "data")
+    send(app, make_study(tmp_path / "in", fixture_images("normal")[:1]))
+    # a GPU that is not there (on a CPU machine: no CUDA at all; on a GPU machine: no 100th GPU)
+    worker = worker_factory("nogpu", DRH_DEVICE="cuda:99")
+    store = Store(redis_client, NS)
+
+    def heartbeat() -> dict:
+        return next((w for h, w in store.workers.heartbeats().items() if h.startswith("nogpu@")), {})
+
+    wait_until(lambda: heartbeat().get("state") == "refused", 120, what="the worker to refuse its device")
+    assert "device cuda:99 unusable" in heartbeat()["reason"]
+    (listed,) = [w for w in gather(store)["workers"] if w["hostname"].startswith("nogpu@")]
+    assert listed["state"] == "refused" and "unusable" in listed["reason"]
+    assert queue_depth(redis_client, "ingest") == 1  # the instance waits for a worker that can hash it
+    assert worker.proc.poll() is None  # it stays, checking its device again, visible as refusing
+    assert "takes no task" in worker.log()
+    check = _health(worker.env, "nogpu@%h")  # what a container or systemd health check runs
+    assert check.returncode == 1 and "refused" in check.stderr and "unusable" in check.stderr
+
+    worker.stop()
+    assert worker.proc.returncode == 3
+    assert heartbeat()["state"] == "stopped"  # marked, not vanished
+
+
 @pytest.mark.slow
 def test_transient_errors_are_retried_with_backoff_then_recorded(redis_server, redis_client, worker_factory, tmp_path):
     from plugin.core.redis_server import free_port
@@ -211,17 +271,14 @@ def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client,
     import threading
 
     import uvicorn
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
 
-    from plugin.http import ops
-    from plugin.http.app import ApiContext, TokenAuth
+    from plugin.http.app import ApiContext, create_app
 
     data = tmp_path / "plugin-data"
     settings = load_settings(env={}, redis_url=redis_server.url, data_dir=data, api_token="s3cret")
     study = make_study(settings.spool_dir, fixture_images("normal")[:2])
     ctx = ApiContext(settings=settings, store=Store(redis_client, NS))
-    api = Starlette(routes=ops.routes(ctx), middleware=[Middleware(TokenAuth, token="s3cret", open_readonly=False)])
+    api = create_app(ctx)
     server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -13,6 +13,13 @@ Idempotency (late acknowledgement redelivers a task whose worker died, possibly 
   so a task killed halfway and run again ends in the same state as one that ran once.
 - ``drh.pool_study`` recomputes the study code from the stored embeddings; running it twice writes
   the same code into the same slot.
+
+Study pooling is not scheduled with a countdown (an ETA message sits unacknowledged in one worker,
+and waited for the visibility timeout, an hour, when that worker died). An indexed instance makes
+its study due in Redis (:meth:`plugin.store.ingest.IngestState.pool_due`); every worker that takes
+the ``study`` queue scans for due studies (:func:`scan_due_studies`, from its main process) and
+sends one ``drh.pool_study`` per claimed study, under a lease: if the worker dies the study is due
+again when the lease ends.
 """
 
 from __future__ import annotations
@@ -38,6 +45,20 @@ RETRY_ON = (TransientError, ModelUnavailable, redis.exceptions.ConnectionError, 
 # First retry after up to 5 s, doubling up to 10 minutes; full jitter spreads a burst of retries.
 RETRY_BACKOFF_SECONDS = 5
 RETRY_BACKOFF_MAX_SECONDS = 600
+# How often a worker's main process looks for studies due for pooling.
+POOL_SCAN_SECONDS = 2.0
+# Studies claimed per scan (the rest wait for the next one, two seconds later).
+POOL_CLAIM_LIMIT = 100
+# A study whose pooling failed for good is tried again after this long.
+POOL_FAILURE_RETRY_SECONDS = 900.0
+
+
+def pool_lease_seconds(stable_seconds: float) -> float:
+    """How long a claimed study waits for its pooling before it is due again: a pooling takes
+    seconds; the lease also covers the wait in the ``study`` queue, and stays within the stability
+    window plus half a minute, so a study claimed just before a crash is searchable within
+    2 x study_stable_seconds + 60 s of its last instance."""
+    return max(30.0, stable_seconds) + 30.0
 
 
 class RetryingTask(ModelTask):
@@ -86,10 +107,21 @@ class PoolStudyTask(RetryingTask):
     abstract = True
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """Counted, logged, and tried again later: the study stays leased for
+        :data:`POOL_FAILURE_RETRY_SECONDS`, then the scan claims it again."""
+        study_uid = kwargs.get("study_uid", "")
         log.error(
-            "study %s pooling failed after %d retries: %s", kwargs.get("study_uid"), self.request.retries or 0, exc
+            "study %s pooling failed after %d retries: %s; trying again in %.0f s",
+            study_uid,
+            self.request.retries or 0,
+            exc,
+            POOL_FAILURE_RETRY_SECONDS,
         )
         self._count("failed")
+        try:
+            self.store.ingest.pool_retry_later(study_uid, time.time() + POOL_FAILURE_RETRY_SECONDS)
+        except redis.exceptions.RedisError:
+            pass  # its lease ends anyway: the scan claims it again
 
 
 def _subject(kwargs: dict[str, Any]) -> str:
@@ -152,31 +184,42 @@ def index_instance(
 
 
 def schedule_pooling(app: Celery, study_uid: str) -> None:
-    """Schedule one pooling of the study for when it will be stable (at most one pending per study).
+    """Make the study due for pooling once it is stable: ``study_stable_seconds`` after its last
+    instance's arrival. Idempotent, and a late instance only moves the time later."""
+    settings = app.drh_settings  # type: ignore[attr-defined]
+    store = store_for(app)
+    last = float(store.records.study(study_uid).get("last_instance_at", "0") or 0) or time.time()
+    store.ingest.pool_due(study_uid, last + settings.study_stable_seconds)
 
-    The marker is cleared by ``pool_study`` *before* it reads the study's instances, so an instance
-    indexed after that read schedules a new pooling: a late instance always recomputes.
+
+def scan_due_studies(app: Celery, now: float | None = None) -> int:
+    """Claim the studies due for pooling and send one ``drh.pool_study`` each; returns how many.
+
+    Run by every worker that takes the ``study`` queue, from its main process (:mod:`workers.app`):
+    no beat process to keep alive, no message held for an hour by a dead worker. The claim is one
+    script, so concurrent scanners never send the same study twice; a message that is lost (the
+    broker down, the worker killed) leaves the study leased, due again when the lease ends.
     """
     settings = app.drh_settings  # type: ignore[attr-defined]
-    ttl = int(settings.study_stable_seconds + settings.task_visibility_timeout + 60)
-    if store_for(app).ingest.mark_pool_scheduled(study_uid, ttl):
-        app.send_task(
-            POOL_STUDY, kwargs={"study_uid": study_uid}, queue="study", countdown=settings.study_stable_seconds
-        )
+    now = time.time() if now is None else now
+    lease = pool_lease_seconds(settings.study_stable_seconds)
+    claimed = store_for(app).ingest.claim_due_studies(now, lease, POOL_CLAIM_LIMIT)
+    for study_uid in claimed:
+        app.send_task(POOL_STUDY, kwargs={"study_uid": study_uid}, queue="study")
+    return len(claimed)
 
 
 def pool_study(self: PoolStudyTask, study_uid: str, version: str = "") -> str:
-    """Compute the DMIH study code once the study is stable; re-schedule itself otherwise."""
+    """Compute the DMIH study code of a stable study; a study made unstable again by a late instance
+    is left to the scan, which claims it when it is due."""
     settings = self.app.drh_settings
     store = self.store
     last = float(store.records.study(study_uid).get("last_instance_at", "0") or 0)
-    wait = last + settings.study_stable_seconds - time.time()
-    if wait > 0.05:
-        self.apply_async(kwargs={"study_uid": study_uid, "version": version}, countdown=wait)
+    if not version and last + settings.study_stable_seconds - time.time() > 0.05:
+        store.ingest.pool_due(study_uid, last + settings.study_stable_seconds)
+        store.ingest.pool_finished(study_uid)
         store.stats.count_task("pool_study", "deferred")
         return "deferred"
-    if not version:
-        store.ingest.clear_pool_scheduled(study_uid)
     versions = [(version, self.encoder_for_version(version))] if version else self.target_versions()
     started = time.time()
     sops = store.records.study_instances(study_uid)
@@ -184,6 +227,8 @@ def pool_study(self: PoolStudyTask, study_uid: str, version: str = "") -> str:
     for v, enc in versions:
         if pool_one(store, enc, v, study_uid, sops, started):
             outcome = "pooled"
+    if not version:
+        store.ingest.pool_finished(study_uid)
     store.stats.count_task("pool_study", "done")
     log.info("study %s pooled over %d instance(s)", study_uid, len(sops))
     return outcome

@@ -188,6 +188,8 @@ def _start_drh(args: argparse.Namespace, tmp: Path) -> tuple[ServeProcess | None
         log(f"  drh-pacs: the running server {args.called_ae}@{args.host}:{args.port}")
         return None, args.host, args.port, args.redis_url
     env = {"DRH_STUDY_STABLE_SECONDS": str(args.stable_seconds), "DRH_DEVICE": args.device}
+    # it asks similar queries to see when a study is searchable: a declared viewer, as a real one must be
+    env["DRH_DICOM_VIEWERS"] = f"{args.calling_ae}=127.0.0.1:104"
     if args.model_path:
         env["DRH_MODEL_PATH"] = str(args.model_path)
     t0 = time.monotonic()

@@ -181,7 +181,13 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
                 Path(tmp) / "serve",
                 redis_url=url,
                 workers=0,
-                env_extra={"DRH_REDIS_NAMESPACE": args.namespace, "DRH_DEFAULT_RESULTS": str(args.k)},
+                env_extra={
+                    "DRH_REDIS_NAMESPACE": args.namespace,
+                    "DRH_DEFAULT_RESULTS": str(args.k),
+                    "DRH_MAX_RESULTS": str(max(args.k, 100)),
+                    # the benchmark's client is a declared viewer, as a real one must be
+                    "DRH_DICOM_VIEWERS": f"{args.calling_ae}=127.0.0.1:104",
+                },
             )
             started = time.monotonic() - t0
             ready = wait_http_ready(serve, timeout=args.timeout)

@@ -9,14 +9,18 @@ defaults written here. A value that cannot be parsed fails loudly at start-up wi
 name, rather than half-working later.
 
 The defaults are chosen to be safe on a hospital network: the HTTP API listens on loopback only
-and always wants a token (generated and stored in the data directory when none is configured),
-and the DICOM SCP accepts any calling AE title only until ``allowed_calling_aes`` is set.
+and always wants a token (generated and stored in the data directory when none is configured); the
+embedded Redis wants a generated password; the DICOM SCP stores from any calling AE until
+``allowed_calling_aes`` is set, but answers queries and retrieves (which hand out patient names and
+IDs) only to the viewers declared in ``dicom_viewers``, unless ``dicom_query_open`` says otherwise;
+and every size an outside peer chooses (PDUs, datasets, uploads, k) has a bound.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import tomllib
 from dataclasses import dataclass, field
@@ -55,18 +59,41 @@ class Settings:
     # -- DICOM SCP -------------------------------------------------------------------------------
     # Our AE title for storage, plain C-FIND and C-MOVE.
     ae_title: str = "DRHPACS"
-    # Called AE title under which StudyInstanceUID / SOPInstanceUID name the *reference* object.
+    # Called AE title under which StudyInstanceUID / SOPInstanceUID (or, from viewer forms,
+    # AccessionNumber with an optional PatientID) name the *reference* object.
     similar_ae_title: str = "SIMILAR"
     # Address the DICOM SCP binds (all interfaces: the PACS and viewers must reach it).
     dicom_host: str = "0.0.0.0"
     # DICOM SCP port.
     dicom_port: int = 11112
-    # Calling AE titles allowed to associate; empty list = any.
+    # Calling AE titles allowed to store and echo (the PACS, modalities); empty list = any. Viewers
+    # (dicom_viewers) are always allowed.
     allowed_calling_aes: list[str] = field(default_factory=list)
     # Peer IP addresses allowed to associate; empty list = any.
     allowed_addresses: list[str] = field(default_factory=list)
-    # Concurrent DICOM associations; more are refused (busy) rather than slowing everyone.
+    # Viewers, "AE=host:port" comma separated: each may query (plain and similar C-FIND), retrieve
+    # (C-MOVE, C-GET) and receive a C-MOVE. Other calling AEs may only store and echo.
+    dicom_viewers: dict[str, str] = field(default_factory=dict)
+    # Let any calling AE query and retrieve, not only dicom_viewers: anyone who reaches the port then
+    # reads patient names and IDs. Only for a closed test network.
+    dicom_query_open: bool = False
+    # Concurrent established DICOM associations; more are refused (busy) rather than slowing everyone.
     max_associations: int = 16
+    # Concurrent established associations from one IP address, so that one host never takes every slot.
+    max_associations_per_address: int = 8
+    # Seconds a new connection has to finish its TLS handshake and send its whole A-ASSOCIATE-RQ;
+    # an idle or slow peer is disconnected then, without ever holding an association slot.
+    dicom_request_timeout: float = 10.0
+    # Seconds an association may stay silent, and the most one PDU may take to arrive, before the
+    # association is aborted.
+    dicom_network_timeout: float = 60.0
+    # Largest PDU we receive (bytes), announced to the peer, which splits its messages to fit; a
+    # larger one aborts the association. Bounds the memory one read takes.
+    max_pdu_size: int = 262144
+    # Largest dataset one C-STORE may carry (bytes); a larger one aborts the association. Datasets
+    # are written to data_dir/tmp as they arrive, not held in memory, so this bounds disk, not RAM:
+    # 2 GiB holds breast tomosynthesis and large enhanced CT/MR objects.
+    max_dataset_size: int = 2 * 1024**3
     # What to do with non-image objects (SR, PR, KO...): "ignore" (accept, don't index) or "reject".
     non_image_policy: str = "ignore"
     # TLS for DICOM: server certificate and key (PEM); with tls_ca, peers must present a client cert.
@@ -74,10 +101,17 @@ class Settings:
     tls_key: str = ""
     # CA bundle (PEM) that client certificates must chain to; empty: no client certificates asked.
     tls_ca: str = ""
-    # Known DICOM nodes, "AE=host:port" comma separated: C-MOVE destinations and source PACS.
+    # Other DICOM nodes, "AE=host:port" comma separated: source PACS (C-MOVE is forwarded to the
+    # one that sent the study) and C-MOVE destinations that do not query.
     dicom_nodes: dict[str, str] = field(default_factory=dict)
     # Results returned by a similar-studies query when the query does not say.
     default_results: int = 10
+    # The most results one similar query may ask for (at most 1000); a larger k is refused with a
+    # reason.
+    max_results: int = 100
+    # Also start each similar answer's StudyDescription with its rank and score ("#01 0.938 CHEST
+    # PA"): viewers and Orthanc hide or drop private elements and re-sort by their own columns.
+    similar_rank_in_description: bool = True
 
     # -- studies and model ---------------------------------------------------------------------
     # A study is "stable" (its study-level code is computed) after this many seconds without a
@@ -121,13 +155,44 @@ class Settings:
     api_token: str = ""
     # Let read-only endpoints (health, metrics, status) answer without the token.
     api_open_readonly: bool = False
+    # Browser users who may log in to the page besides the API token: a file of `name:hash` lines
+    # written by `drh-pacs users add NAME`. Empty: data_dir/http-users (no file: the token only).
+    http_users_file: str = ""
+    # Hours a browser session (the login cookie) stays valid: about a reading-room shift.
+    session_hours: float = 12.0
+    # Origins (scheme://host:port) whose web pages may call the API and DICOMweb from a browser
+    # (CORS), e.g. an OHIF viewer served from another host; empty: same origin only.
+    cors_origins: list[str] = field(default_factory=list)
+    # Largest file POST /api/similar/upload accepts (bytes); it is streamed to data_dir/tmp, never
+    # held whole in memory before decoding. One image: search big multi-frame objects by their UID.
+    max_upload_size: int = 256 * 1024**2
+    # Uploads decoded and hashed at once; more are refused (503, Retry-After) so memory stays bounded.
+    max_concurrent_uploads: int = 2
+
+    # -- similar-cases page and DICOMweb -----------------------------------------------------------
+    # WADO-RS root of the PACS (https://pacs.example.org/dicom-web): each DICOMweb answer's
+    # RetrieveURL points there. Empty: answers carry no RetrieveURL.
+    pacs_wado_root: str = ""
+    # The page's "open in viewer" links, NAME=URL comma separated (a TOML table in the file); the URL
+    # may use {StudyInstanceUID}, {AccessionNumber}, {PatientID} and {StudyDate} (README, examples).
+    viewer_urls: dict[str, str] = field(default_factory=dict)
+    # AE titles (declared in dicom_viewers or dicom_nodes) the page offers to send a study to with a
+    # C-MOVE; empty: no send button.
+    move_destinations: list[str] = field(default_factory=list)
+    # Disk cache of rendered thumbnails and frames in data_dir/cache/rendered, in MiB; the least
+    # recently used files go first.
+    render_cache_mb: int = 256
 
     # -- Orthanc ---------------------------------------------------------------------------------
-    # Orthanc REST API (http://host:8042) for `backfill orthanc` and fetching pixels to re-index.
+    # Orthanc REST API (http://host:8042) for `backfill orthanc`, fetching pixels to re-index, and the
+    # page's thumbnails of studies drh-pacs does not hold.
     orthanc_url: str = ""
     # Orthanc REST credentials.
     orthanc_user: str = ""
     orthanc_password: str = ""
+    # Seconds between the reconciliations `serve` runs against Orthanc (its /changes log): studies
+    # Orthanc holds that drh-pacs lacks are indexed. 0: never. Needs orthanc_url.
+    orthanc_reconcile_seconds: float = 900.0
 
     # -- logging ---------------------------------------------------------------------------------
     # DEBUG, INFO, WARNING or ERROR.
@@ -142,22 +207,70 @@ class Settings:
     def redis_dir(self) -> Path:
         return self.data_dir / "redis"
 
+    @property
+    def tmp_dir(self) -> Path:
+        """Received datasets and uploads in transit: on the data disk (``/tmp`` may be RAM)."""
+        return self.data_dir / "tmp"
+
     def resolved_api_token(self) -> str:
         """The configured token, else the one kept in data_dir (created on first use, mode 0600)."""
         if self.api_token:
             return self.api_token
-        path = self.data_dir / "api-token"
-        if path.exists():
-            return path.read_text().strip()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        return token
+        return _kept_secret(self.data_dir / "api-token")
+
+    def embedded_redis_password(self) -> str:
+        """The embedded Redis's password, kept like the API token (data_dir/redis-password, 0600)."""
+        return _kept_secret(self.data_dir / "redis-password")
+
+    def may_query(self, calling_ae: str) -> bool:
+        """Whether a calling AE may query and retrieve (patient data leaves through these)."""
+        return self.dicom_query_open or calling_ae.strip() in self.dicom_viewers
+
+    def move_destination(self, ae_title: str) -> str | None:
+        """``host:port`` of a C-MOVE destination: a declared viewer or another node."""
+        title = ae_title.strip()
+        return self.dicom_viewers.get(title) or self.dicom_nodes.get(title)
+
+    @property
+    def users_path(self) -> Path:
+        """The file of browser users (``http_users_file``, else data_dir/http-users)."""
+        return Path(self.http_users_file).expanduser() if self.http_users_file else self.data_dir / "http-users"
+
+    def resolved_session_secret(self) -> bytes:
+        """The key that signs browser sessions, kept in data_dir/session-secret (mode 0600) so that
+        sessions survive a restart; deleting the file logs every browser out."""
+        path = self.data_dir / "session-secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process created it first: use theirs
+                pass
+            else:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(secrets.token_hex(32) + "\n")
+        secret = path.read_text().strip()
+        if len(secret) < 32:
+            raise SettingsError(f"{path} holds no usable session secret: delete it to make a new one")
+        return secret.encode()
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def _kept_secret(path: Path) -> str:
+    """A secret kept in a file readable by its owner only, generated on first use."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it meanwhile: use theirs
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    return secret
 
 
 def _parse(name: str, kind: Any, raw: Any) -> Any:
@@ -191,7 +304,7 @@ def _parse(name: str, kind: Any, raw: Any) -> Any:
                     continue
                 key, sep, value = item.partition("=")
                 if not sep or not key.strip() or not value.strip():
-                    raise ValueError(f"expected AE=host:port, got {item!r}")
+                    raise ValueError(f"expected NAME=VALUE (AE=host:port for nodes), got {item!r}")
                 out[key.strip()] = value.strip()
             return out
         return str(raw)
@@ -244,6 +357,54 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"setting device must be auto, cpu or cuda:N, got {s.device!r}")
     if s.study_stable_seconds < 0:
         raise SettingsError("setting study_stable_seconds must be >= 0")
+    if s.session_hours <= 0:
+        raise SettingsError("setting session_hours must be > 0")
+    if s.render_cache_mb < 0:
+        raise SettingsError("setting render_cache_mb must be >= 0")
+    for origin in s.cors_origins:
+        if origin != origin.rstrip("/") or not re.match(r"^https?://[^/\s]+$", origin):
+            raise SettingsError(f"setting cors_origins: {origin!r} is not scheme://host[:port]")
+    for ae in s.move_destinations:
+        if ae not in s.dicom_viewers and ae not in s.dicom_nodes:
+            raise SettingsError(f"setting move_destinations: {ae!r} is not a declared viewer or node")
+    for name, template in s.viewer_urls.items():
+        # The page writes these into links: only schemes a viewer uses, never javascript: or data:.
+        if not re.match(r"^(https?://|weasis://|/)", template):
+            raise SettingsError(f"setting viewer_urls: {name} must start with http(s)://, weasis:// or /")
+        unknown = set(re.findall(r"\{(\w*)\}", template)) - set(VIEWER_URL_FIELDS)
+        if unknown:
+            raise SettingsError(f"setting viewer_urls: {name} uses unknown field(s) {sorted(unknown)}")
+    if s.orthanc_reconcile_seconds < 0:
+        raise SettingsError("setting orthanc_reconcile_seconds must be >= 0 (0: never)")
+
+    for name in ("dicom_viewers", "dicom_nodes"):
+        for title, address in getattr(s, name).items():
+            if not 0 < len(title) <= 16:
+                raise SettingsError(f"setting {name}: AE title {title!r} must be 1 to 16 characters")
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise SettingsError(f"setting {name}: {title}={address!r} is not host:port")
+    for title in set(s.dicom_viewers) & set(s.dicom_nodes):
+        if s.dicom_viewers[title] != s.dicom_nodes[title]:
+            raise SettingsError(f"AE {title} has two addresses: in dicom_viewers and in dicom_nodes")
+    positive = ("max_associations", "max_associations_per_address", "max_results", "default_results")
+    positive += ("max_dataset_size", "max_upload_size", "max_concurrent_uploads")
+    for name in positive:
+        if getattr(s, name) < 1:
+            raise SettingsError(f"setting {name} must be >= 1")
+    if s.max_results > 1000:  # plugin.search.query.MAX_RESULTS, the bound of every query
+        raise SettingsError("setting max_results must be <= 1000")
+    if s.default_results > s.max_results:
+        raise SettingsError("setting default_results must not exceed max_results")
+    if not 4096 <= s.max_pdu_size <= 2**31:
+        raise SettingsError("setting max_pdu_size must be between 4096 and 2**31 bytes")
+    for name in ("dicom_request_timeout", "dicom_network_timeout"):
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"setting {name} must be > 0")
+
+
+# The study fields a viewer_urls template may use (the page fills them in, URL-encoded).
+VIEWER_URL_FIELDS = ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate")
 
 
 def settings_table() -> str:
@@ -252,7 +413,6 @@ def settings_table() -> str:
     ``python -m plugin.core.settings`` prints it, so the documentation is written once, here.
     """
     import inspect
-    import re
 
     rows: list[str] = []
     comment: list[str] = []

@@ -25,11 +25,13 @@ from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
 from plugin.core.header import is_uid
 from plugin.core.settings import Settings
+from plugin.dicom import admission as admission_mod
 from plugin.dicom import move as move_mod
 from plugin.dicom import plain, similar
 from plugin.dicom import status as st
+from plugin.dicom.counters import DicomCounters, note_rejection
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, SpoolError
-from plugin.dicom.validate import is_image_sop_class, pixel_data_problem
+from plugin.dicom.validate import is_image_sop_class, read_received
 from plugin.search import query as search
 from plugin.search.errors import QueryError
 
@@ -54,6 +56,11 @@ class StoreDeps:
     enqueue: Callable[[SpoolEntry, str], None]
     # Runs the enqueue after the response went out, so a slow broker never holds up the sender.
     executor: Executor
+    # record_refusal(sop_uid, study_uid, source_ae, reason, status): notes a refused C-STORE where
+    # IT staff look (the failure ledger's refusals); run on the executor, after the answer.
+    record_refusal: Callable[[str, str, str, str, int], None] | None = None
+    # Where dropped non-image objects are counted (None: not counted, e.g. a test without Redis).
+    store: Any = None
 
 
 def status_with_comment(status: int, comment: str) -> Dataset:
@@ -74,25 +81,44 @@ def called_ae_title(assoc: Any) -> str:
 
 
 # -- association -----------------------------------------------------------------------------------
-def handle_requested(event: Any, settings: Settings) -> None:
-    """Reject an association from an unknown calling AE, to a wrong called AE, or from a refused address.
+# Every Query/Retrieve information model (Patient/Study Root FIND, MOVE, GET...) is under this root:
+# they hand out patient data, so only viewers (Settings.may_query) get these contexts.
+QUERY_RETRIEVE_ROOT = "1.2.840.10008.5.1.4.1.2."
+# A-ASSOCIATE-RJ for a full server: rejected-transient by the service provider, local limit exceeded.
+REJECT_TRANSIENT = 0x02
+REJECT_SOURCE_PROVIDER = 0x03
+REJECT_LOCAL_LIMIT = 0x02
 
-    The called AE check is ours (not pynetdicom's ``require_called_aet``) because two titles are
-    valid: ours and the similar-query title.
+
+def handle_requested(event: Any, settings: Settings, admission: Any) -> None:
+    """Admit or reject a complete A-ASSOCIATE-RQ: titles, address, access, then a free slot.
+
+    - called AE: ours or the similar-query one (our check, not pynetdicom's ``require_called_aet``,
+      because two titles are valid);
+    - calling AE: storage is open to ``allowed_calling_aes`` (any when empty) and the viewers;
+      the similar-query AE serves queries only, so it wants a calling AE that may query;
+    - address: ``allowed_addresses`` when set;
+    - access: a calling AE that may not query (:meth:`Settings.may_query`) is offered no
+      Query/Retrieve context, so C-FIND, C-MOVE and C-GET are refused at negotiation;
+    - slots: :meth:`plugin.dicom.admission.Admission.take_slot` (busy: a transient rejection).
     """
     assoc = event.assoc
     primitive = assoc.requestor.primitive
     calling = str(primitive.calling_ae_title or "").strip()
     called = str(primitive.called_ae_title or "").strip()
     address = assoc.requestor.address
-    diagnostic = None
+    queries = settings.may_query(calling)
+    diagnostic = reason = None
     if called not in {settings.ae_title.strip(), settings.similar_ae_title.strip()}:
-        diagnostic = REJECT_CALLED_AE
-    elif settings.allowed_calling_aes and calling not in settings.allowed_calling_aes:
-        diagnostic = REJECT_CALLING_AE
+        diagnostic, reason = REJECT_CALLED_AE, "called-ae"
+    elif settings.allowed_calling_aes and calling not in {*settings.allowed_calling_aes, *settings.dicom_viewers}:
+        diagnostic, reason = REJECT_CALLING_AE, "calling-ae"
+    elif called == settings.similar_ae_title.strip() and not queries:
+        diagnostic, reason = REJECT_CALLING_AE, "calling-ae"
     elif settings.allowed_addresses and address not in settings.allowed_addresses:
-        diagnostic = REJECT_NO_REASON
+        diagnostic, reason = REJECT_NO_REASON, "address"
     if diagnostic is not None:
+        note_rejection(assoc, str(reason))
         log.warning(
             "association rejected: calling AE %r, called AE %r, from %s (diagnostic %#04x)",
             calling,
@@ -100,9 +126,27 @@ def handle_requested(event: Any, settings: Settings) -> None:
             address,
             diagnostic,
         )
-        assoc.acse.send_reject(REJECT_PERMANENT, REJECT_SOURCE_USER, diagnostic)
-        evt.trigger(assoc, evt.EVT_REJECTED, {})
-        assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
+        _reject(assoc, REJECT_PERMANENT, REJECT_SOURCE_USER, diagnostic)
+        return
+    busy = admission.take_slot(assoc, address)
+    if busy is not None:
+        note_rejection(assoc, "busy")
+        _reject(assoc, REJECT_TRANSIENT, REJECT_SOURCE_PROVIDER, REJECT_LOCAL_LIMIT)
+        return
+    if not queries:
+        contexts = assoc.acceptor.supported_contexts
+        kept = [cx for cx in contexts if not str(cx.abstract_syntax).startswith(QUERY_RETRIEVE_ROOT)]
+        if len(kept) < len(contexts):
+            assoc.acceptor.supported_contexts = kept
+            log.info(
+                "calling AE %r from %s may store but not query or retrieve (not in dicom_viewers)", calling, address
+            )
+
+
+def _reject(assoc: Any, result: int, source: int, diagnostic: int) -> None:
+    assoc.acse.send_reject(result, source, diagnostic)
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()  # as pynetdicom does after its own rejections: lets the DUL send the A-ASSOCIATE-RJ
 
 
 def _raw_socket(assoc: Any) -> socket.socket | None:
@@ -172,42 +216,46 @@ def handle_echo(event: Any) -> int:
 
 # -- storage ---------------------------------------------------------------------------------------
 def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
-    """Validate, make durable, answer; the task is queued afterwards (never before the file is safe)."""
+    """Validate, make durable, answer; the task is queued afterwards (never before the file is safe).
+
+    The dataset is on disk already (pynetdicom writes C-STORE datasets to a temporary file as they
+    arrive, ``STORE_RECV_CHUNKED_DATASET``): it is checked there and copied to the spool as received,
+    so memory does not grow with the object's size.
+    """
     request = event.request
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     sop_class = str(request.AffectedSOPClassUID or "")
     calling = str(event.assoc.requestor.ae_title or "").strip()
-    if not is_image_sop_class(sop_class):
-        # Only reachable with non_image_policy "ignore": "reject" does not negotiate these classes.
-        log.info("non-image object %s (class %s) from %s accepted and ignored", sop_uid, sop_class, calling)
-        return st.SUCCESS
     try:
-        ds = event.dataset
-        ds.file_meta = event.file_meta  # the negotiated transfer syntax, for the pixel data checks
-        for _ in ds.iterall():  # convert every element now: a truncated value fails here, not in a worker
-            pass
+        received = read_received(event.dataset_path)
+        ds = received.dataset
         study_uid = str(ds.get("StudyInstanceUID", "") or "")
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         ds_sop_uid = str(ds.get("SOPInstanceUID", "") or "")
         ds_class = str(ds.get("SOPClassUID", "") or "")
     except Exception as exc:  # noqa: BLE001 - any decoding error is the sender's malformed dataset
-        log.warning("C-STORE %s from %s: dataset cannot be decoded (%s)", sop_uid, calling, type(exc).__name__)
-        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, "dataset cannot be decoded")
-    problem = None
-    if not (is_uid(study_uid) and is_uid(series_uid) and is_uid(ds_sop_uid)):
-        problem = "missing or invalid Study/Series/SOP Instance UID"
-    elif ds_sop_uid != sop_uid:
-        problem = "SOPInstanceUID differs from the C-STORE request"
-    elif ds_class and ds_class != sop_class:
-        log.warning("C-STORE %s from %s: SOPClassUID %s differs from request", sop_uid, calling, ds_class)
-        return status_with_comment(st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from request")
-    else:
-        problem = pixel_data_problem(ds)
+        reason = f"dataset cannot be decoded ({type(exc).__name__})"
+        return _refuse(deps, sop_uid, "", calling, st.STORE_CANNOT_UNDERSTAND, reason)
+    if not is_image_sop_class(sop_class):
+        # Only reachable with non_image_policy "ignore": "reject" does not negotiate these classes.
+        log.info("non-image object %s (class %s) from %s accepted and ignored", sop_uid, sop_class, calling)
+        deps.executor.submit(_count_ignored, deps, sop_uid, study_uid, sop_class)
+        return st.SUCCESS
+    # A cut transfer first: it is the cause of whatever else is missing (a truncated file was once
+    # refused as "missing UID").
+    problem = received.pixel_problem
+    if problem is None:
+        if not (is_uid(study_uid) and is_uid(series_uid) and is_uid(ds_sop_uid)):
+            problem = "missing or invalid Study/Series/SOP Instance UID"
+        elif ds_sop_uid != sop_uid:
+            problem = "SOPInstanceUID differs from the C-STORE request"
+        elif ds_class and ds_class != sop_class:
+            reason = "SOPClassUID differs from request"
+            return _refuse(deps, sop_uid, study_uid, calling, st.STORE_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason)
     if problem:
-        log.warning("C-STORE %s from %s refused: %s", sop_uid, calling, problem)
-        return status_with_comment(st.STORE_CANNOT_UNDERSTAND, problem)
+        return _refuse(deps, sop_uid, study_uid, calling, st.STORE_CANNOT_UNDERSTAND, problem)
     try:
-        entry = deps.spool.write(study_uid, sop_uid, _file_bytes(event, calling))
+        entry = deps.spool.write(study_uid, sop_uid, _file_chunks(event, calling, received))
     except SpoolError as exc:
         log.error("C-STORE %s from %s: cannot spool (%s)", sop_uid, calling, exc)
         return status_with_comment(st.STORE_OUT_OF_RESOURCES, "cannot store the file durably")
@@ -215,7 +263,22 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
     return st.SUCCESS
 
 
-def _file_bytes(event: Any, calling: str) -> list[bytes]:
+def _refuse(deps: StoreDeps, sop_uid: str, study_uid: str, calling: str, status: int, reason: str) -> Dataset:
+    """Answer a C-STORE with a failure saying why, and note the refusal for IT staff once answered."""
+    log.warning("C-STORE %s from %s refused (%#06x): %s", sop_uid, calling, status, reason)
+    if deps.record_refusal is not None:
+        deps.executor.submit(_record_refusal, deps.record_refusal, sop_uid, study_uid, calling, reason, status)
+    return status_with_comment(status, reason)
+
+
+def _record_refusal(record: Callable[..., None], *args: Any) -> None:
+    try:
+        record(*args)
+    except Exception as exc:  # noqa: BLE001 - Redis away: the sender was told, the log says why
+        log.warning("refusal of %s not recorded (%s)", args[0], exc)
+
+
+def _file_chunks(event: Any, calling: str, received: Any) -> Iterator[bytes]:
     """Preamble, file meta (with the sender's AE title) and the dataset exactly as received.
 
     The sender's title in the file meta lets the spool alone say where a study came from (for the
@@ -229,7 +292,20 @@ def _file_bytes(event: Any, calling: str) -> list[bytes]:
     buffer.is_implicit_VR = False
     buffer.write(b"\x00" * 128 + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)
-    return [buffer.getvalue(), event.encoded_dataset(include_meta=False)]
+    yield buffer.getvalue()
+    yield from received.dataset_bytes()
+
+
+def _count_ignored(deps: StoreDeps, sop_uid: str, study_uid: str, sop_class: str) -> None:
+    """A non-image object accepted and dropped by policy is counted with the ignored instances
+    (the status page, ``drh_ignored_instances``), like the ones a worker finds."""
+    if deps.store is None:
+        return
+    try:
+        reason = f"non-image object (SOP class {sop_class}) not indexed: non_image_policy is ignore"
+        deps.store.ledger.record_ignored({"sop_uid": sop_uid, "study_uid": study_uid}, reason)
+    except Exception as exc:  # noqa: BLE001 - Redis down: the object is not ours to keep; say so
+        log.warning("non-image object %s ignored but not counted (%s)", sop_uid, exc)
 
 
 def _enqueue_after_answer(deps: StoreDeps, entry: SpoolEntry, source_ae: str) -> None:
@@ -259,7 +335,14 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
 
     if similar.is_similar_request(identifier, called, settings.similar_ae_title):
         try:
-            query = similar.parse_similar(identifier, called, settings.similar_ae_title, settings.default_results)
+            query = similar.parse_similar(
+                identifier,
+                called,
+                settings.similar_ae_title,
+                settings.default_results,
+                resolve_accession=lambda accession, patient_id: search.study_by_accession(store, accession, patient_id),
+            )
+            search.check_k(query, settings.max_results)
             results = search.run_similar(query, store, indexes)
         except QueryError as err:
             log.info("similar C-FIND from %s refused (%s): %s", calling, err.reason, err.comment)
@@ -276,7 +359,12 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
             if event.is_cancelled:
                 yield st.CANCEL, None
                 return
-            yield st.PENDING, similar.similar_answer(result, query, requested, settings.ae_title, version)
+            yield (
+                st.PENDING,
+                similar.similar_answer(
+                    result, query, requested, settings.ae_title, version, settings.similar_rank_in_description
+                ),
+            )
         log.info(
             "similar C-FIND from %s: %s reference %s, %d result(s) in %.1f ms",
             calling,
@@ -370,14 +458,73 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
     log.info("C-MOVE from %s to %s: %d file(s) sent from the spool", calling, destination, len(plan.local_files))
 
 
-def bindings(settings: Settings, store: Any, indexes: dict[str, Any], store_deps: StoreDeps) -> list[tuple[Any, ...]]:
-    """The event bindings of the SCP: the one place handlers meet their dependencies."""
+def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iterator[Any]:
+    """C-GET: the spooled files of the study, series or instances named, sent back on the requester's
+    own association (its storage contexts with the SCP role, negotiated in :mod:`plugin.dicom.scp`).
+
+    pynetdicom wants the number of sub-operations first, then one (status, dataset) per instance.
+    Nothing to send is a failure that says why (the files are not kept here: C-MOVE reaches the
+    source PACS), never an empty success.
+    """
+    calling = str(event.assoc.requestor.ae_title or "").strip()
+    try:
+        identifier = event.identifier
+        studies = move_mod.requested_studies(identifier, store)
+        files = move_mod.local_files(identifier, studies, store, spool)
+    except QueryError as err:
+        comment = err.comment
+        files = []
+    else:
+        comment = "no stored copy here: retrieve it with C-MOVE (from its PACS)"
+    if not files:
+        log.info("C-GET from %s refused: %s", calling, comment)
+        yield 1  # pynetdicom sends a failure only after the count: one (refused) sub-operation
+        yield status_with_comment(st.UNABLE_TO_PROCESS, comment), None
+        return
+    yield len(files)
+    for path in files:
+        if event.is_cancelled:
+            yield st.CANCEL, None
+            return
+        yield st.PENDING, move_mod.read_for_sending(path)
+    log.info("C-GET from %s: %d file(s) of %d study(ies) sent", calling, len(files), len(studies))
+
+
+def handle_accepted(event: Any, counters: DicomCounters) -> None:
+    counters.association("accepted")
+
+
+def handle_rejected(event: Any, counters: DicomCounters) -> None:
+    counters.rejected(event.assoc)
+
+
+def handle_aborted(event: Any, counters: DicomCounters) -> None:
+    counters.association("aborted")
+
+
+def bindings(
+    settings: Settings,
+    store: Any,
+    indexes: dict[str, Any],
+    store_deps: StoreDeps,
+    admission: Any,
+    counters: DicomCounters | None = None,
+) -> list[tuple[Any, ...]]:
+    """The event bindings of the SCP: the one place handlers meet their dependencies. Every DIMSE
+    handler is counted and timed by ``counters`` (``/metrics``, the status page)."""
+    counters = counters or DicomCounters()
+    timed = counters.timed
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_CONN_CLOSE, admission_mod.discard_unfinished_dataset),
         (evt.EVT_DATA_RECV, handle_data_recv),
-        (evt.EVT_REQUESTED, handle_requested, [settings]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [store_deps]),
-        (evt.EVT_C_FIND, handle_find, [settings, store, indexes]),
-        (evt.EVT_C_MOVE, handle_move, [settings, store, store_deps.spool]),
+        (evt.EVT_REQUESTED, handle_requested, [settings, admission]),
+        (evt.EVT_ACCEPTED, handle_accepted, [counters]),
+        (evt.EVT_REJECTED, handle_rejected, [counters]),
+        (evt.EVT_ABORTED, handle_aborted, [counters]),
+        (evt.EVT_C_ECHO, timed("C-ECHO", handle_echo)),
+        (evt.EVT_C_STORE, timed("C-STORE", handle_store), [store_deps]),
+        (evt.EVT_C_FIND, timed("C-FIND", handle_find), [settings, store, indexes]),
+        (evt.EVT_C_MOVE, timed("C-MOVE", handle_move), [settings, store, store_deps.spool]),
+        (evt.EVT_C_GET, timed("C-GET", handle_get), [settings, store, store_deps.spool]),
     ]

@@ -1,10 +1,13 @@
-"""C-MOVE of a returned study to the viewer's AE, forwarded to the PACS that sent it.
+"""C-MOVE of a returned study to the viewer's AE, forwarded to the PACS that sent it; C-GET from the spool.
 
 The plugin is not an archive: the PACS that sent a study (``source_ae`` recorded with the study, or
 the ``SourceApplicationEntityTitle`` of its spooled files) holds the authoritative copy, so a retrieve
 is forwarded there as a C-MOVE with the viewer's AE as destination; the PACS already knows how to
 reach its viewers. When the source is not a known node (``Settings.dicom_nodes``) or refuses, and the
 received files are still in the spool, they are sent to the destination directly.
+
+C-GET (a viewer that pulls over its own association instead of naming a destination) can only be
+answered from the spool: the files go back as C-STORE sub-operations on the viewer's association.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ class ForwardOutcome:
 
 
 def lookup_node(settings: Settings, ae_title: str) -> Node | None:
-    """``Settings.dicom_nodes`` entry ``AE=host:port`` for ``ae_title``, or None."""
-    address = settings.dicom_nodes.get(ae_title.strip())
+    """The address (``AE=host:port``) of a declared viewer or node for ``ae_title``, or None."""
+    address = settings.move_destination(ae_title)
     if not address:
         return None
     host, _, port = address.rpartition(":")
@@ -125,6 +128,11 @@ def plan(identifier: Dataset, store: Any, spool: Spool, settings: Settings) -> M
     forward_to = nodes[0] if len(sources) == 1 and nodes and nodes[0] is not None else None
     if forward_to is not None and forward_to.ae_title.strip() == settings.ae_title.strip():
         forward_to = None  # never forward to ourselves
+    return MovePlan(studies, forward_to, local_files(identifier, studies, store, spool))
+
+
+def local_files(identifier: Dataset, studies: list[str], store: Any, spool: Spool) -> list[Path]:
+    """The spooled files a retrieve identifier names within ``studies`` (its series or instances)."""
     files: list[Path] = []
     level = _text(identifier, "QueryRetrieveLevel").upper()
     wanted_sops = {u for u in _text(identifier, "SOPInstanceUID").split("\\") if u} if level == "IMAGE" else set()
@@ -143,7 +151,7 @@ def plan(identifier: Dataset, store: Any, spool: Spool, settings: Settings) -> M
                     if series not in wanted_series:
                         continue
             files.append(path)
-    return MovePlan(studies, forward_to, files)
+    return files
 
 
 def forward(move_plan: MovePlan, identifier: Dataset, destination: str, settings: Settings) -> ForwardOutcome:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,14 +19,18 @@ from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
 
 from plugin.core.settings import Settings
 from plugin.dicom import handlers
+from plugin.dicom.admission import Admission, AdmissionServer, Limits
+from plugin.dicom.counters import DicomCounters
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, source_ae_of
 from plugin.dicom.validate import is_image_sop_class
 from plugin.store import SETTLED_STATES, Store
@@ -36,10 +41,14 @@ log = logging.getLogger("drh.scp")
 # pynetdicom logs whole request/response identifiers (patient names and IDs) at INFO: never.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
+# C-STORE datasets go to a temporary file as their fragments arrive (in TMPDIR, which `serve` points
+# at data_dir/tmp), never into memory: a 2 GB object costs disk, not RAM (handlers.handle_store).
+_config.STORE_RECV_CHUNKED_DATASET = True
 
-# Transfer syntaxes we accept for storage: the ones our decoders (pydicom + pylibjpeg + gdcm) read.
-# Video (MPEG, HEVC) and JPIP-referenced syntaxes are left out, so a sender offering them alongside
-# an uncompressed syntax falls back to one we can index instead of storing what we cannot read.
+# Transfer syntaxes we accept for storage: the ones hashing.decode reads (pydicom + pylibjpeg, and GDCM
+# in a child process for the JPEG-family greyscale streams libjpeg refuses, such as 12-bit JPEG
+# Extended). Video (MPEG, HEVC) and JPIP-referenced syntaxes are left out, so a sender offering them
+# alongside an uncompressed syntax falls back to one we can index instead of storing what we cannot read.
 STORAGE_TRANSFER_SYNTAXES = [
     tsuid.ExplicitVRLittleEndian,
     tsuid.ImplicitVRLittleEndian,
@@ -71,15 +80,34 @@ RECONCILE_SECONDS = 30.0
 class ScpServer:
     """The running SCP and its helpers; ``shutdown()`` stops accepting, then the background work."""
 
-    def __init__(self, server: Any, ae: AE, reconciler: Reconciler, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self,
+        server: AdmissionServer,
+        ae: AE,
+        reconciler: Reconciler,
+        executor: ThreadPoolExecutor,
+        thread: threading.Thread,
+        counters: DicomCounters | None = None,
+    ) -> None:
         self.server = server
         self.ae = ae
         self.reconciler = reconciler
         self.executor = executor
+        self.thread = thread
+        # what the listener did since it started (plugin.dicom.counters), for /metrics and /status
+        self.counters = counters or DicomCounters()
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
+
+    @property
+    def admission(self) -> Admission:
+        return self.server.admission
+
+    def alive(self) -> bool:
+        """Whether the listener still accepts connections."""
+        return self.thread.is_alive()
 
     def shutdown(self, drain_seconds: float = 10.0) -> None:
         """Stop accepting, let running associations finish (bounded), then stop the background work.
@@ -99,11 +127,13 @@ class ScpServer:
 
 def build_ae(settings: Settings) -> AE:
     ae = AE(ae_title=settings.ae_title)
-    ae.maximum_associations = max(1, settings.max_associations)
-    ae.maximum_pdu_size = 0  # no limit on what we receive
-    ae.network_timeout = 120
+    # The real limits (established associations, per address) are Admission.take_slot's; this one
+    # counts association threads, some of which are still closing, so it only has to stay out of the way.
+    ae.maximum_associations = 2 * settings.max_associations + 8
+    ae.maximum_pdu_size = settings.max_pdu_size  # announced to the peer, enforced by the admission socket
+    ae.network_timeout = settings.dicom_network_timeout
     ae.dimse_timeout = 120
-    ae.acse_timeout = 30
+    ae.acse_timeout = settings.dicom_request_timeout
     # Called AE titles (ours and the similar-query one) and peers are checked in handle_requested.
     ae.require_called_aet = False
     ae.add_supported_context(Verification)
@@ -111,12 +141,16 @@ def build_ae(settings: Settings) -> AE:
         abstract = context.abstract_syntax
         if settings.non_image_policy == "reject" and not is_image_sop_class(abstract):
             continue
-        ae.add_supported_context(abstract, STORAGE_TRANSFER_SYNTAXES)
+        # Both roles accepted as the requester proposes them: a PACS stores to us (we are SCP), a
+        # C-GET requester takes the SCP role for its sub-operations (we send them as SCU).
+        ae.add_supported_context(abstract, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for abstract in (
         StudyRootQueryRetrieveInformationModelFind,
         PatientRootQueryRetrieveInformationModelFind,
         StudyRootQueryRetrieveInformationModelMove,
         PatientRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelGet,
+        PatientRootQueryRetrieveInformationModelGet,
     ):
         ae.add_supported_context(abstract, QUERY_TRANSFER_SYNTAXES)
     return ae
@@ -183,24 +217,38 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-enqueue")
     store_deps = handlers.StoreDeps(
-        settings=settings, spool=spool, reconciler=reconciler, enqueue=enqueue, executor=executor
+        settings=settings,
+        spool=spool,
+        reconciler=reconciler,
+        enqueue=enqueue,
+        executor=executor,
+        record_refusal=store.ledger.record_refused,
+        store=store,
     )
     ae = build_ae(settings)
     started = time.monotonic()
-    server = ae.start_server(
+    admission = Admission(Limits.from_settings(settings), tls_context(settings))
+    counters = DicomCounters()
+    counters.active = admission.established  # the associations holding a slot (what the limit counts)
+    counters.admission_refusals = admission.refusals.snapshot
+    server = ae.make_server(
         (settings.dicom_host, settings.dicom_port),
-        block=False,
-        evt_handlers=handlers.bindings(settings, store, indexes, store_deps),
-        ssl_context=tls_context(settings),
+        evt_handlers=handlers.bindings(settings, store, indexes, store_deps, admission, counters),
+        server_class=AdmissionServer,
+        admission=admission,
     )
+    thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() removes it from there
     reconciler.start()
     log.info(
-        "DICOM SCP %s listening on %s:%d (TLS %s, up to %d associations) in %.0f ms",
+        "DICOM SCP %s listening on %s:%d (TLS %s, up to %d associations, %d per address) in %.0f ms",
         settings.ae_title,
         settings.dicom_host,
         server.server_address[1],
         "on" if settings.tls_cert else "off",
-        ae.maximum_associations,
+        settings.max_associations,
+        settings.max_associations_per_address,
         (time.monotonic() - started) * 1000,
     )
-    return ScpServer(server, ae, reconciler, executor)
+    return ScpServer(server, ae, reconciler, executor, thread, counters)

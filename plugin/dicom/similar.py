@@ -10,11 +10,23 @@ Two ways to ask (SPEC "The similar-studies query over DICOM"):
 
 Filters come from standard matching keys: ModalitiesInStudy, a StudyDate (range), BodyPartExamined,
 PatientID (one patient's priors) and, in the private block, "exclude the reference patient".
+
+Viewer forms rarely have a StudyInstanceUID field, so on the ``SIMILAR`` title a STUDY-level query
+may name its reference by AccessionNumber instead (with PatientID when the number is not unique);
+PatientID then says whose accession it is and is not a filter. SERIES and IMAGE queries that drill
+down into a returned study (IMAGE with its SeriesInstanceUID) are plain queries on either title
+(:func:`is_drill_down`).
+
+Private elements do not survive every viewer (Orthanc drops their values, most lists hide them and
+re-sort by their own columns), so each answer's StudyDescription also starts with the rank and the
+score, ``#01 0.938 CHEST PA``: the one free-text study column every query list shows, and sorting by
+it keeps the similarity order (see :func:`ranked_description`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 
 from pydicom.dataset import Dataset
 
@@ -85,11 +97,22 @@ def has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
 
+def is_drill_down(ds: Dataset) -> bool:
+    """A query below STUDY level inside a known study: a viewer browsing a returned study.
+
+    SERIES level always; IMAGE level when it names the series (hierarchical drill-down), which an
+    image-to-image similar query never does (it names only the reference SOPInstanceUID). PATIENT
+    level has no similar meaning either.
+    """
+    level = text(ds, "QueryRetrieveLevel").upper()
+    return level in {"PATIENT", "SERIES"} or (level == "IMAGE" and bool(text(ds, "SeriesInstanceUID")))
+
+
 def is_similar_request(ds: Dataset, called_ae: str, similar_ae_title: str) -> bool:
     """True when this C-FIND asks for similar studies rather than plain matching."""
-    if called_ae.strip() == similar_ae_title.strip():
+    if st.private_text(ds, st.REFERENCE_UID) is not None:
         return True
-    return st.private_text(ds, st.REFERENCE_UID) is not None
+    return called_ae.strip() == similar_ae_title.strip() and not is_drill_down(ds)
 
 
 def _positive_int(value: str, what: str, minimum: int) -> int:
@@ -128,17 +151,55 @@ def _filters(ds: Dataset, level: str) -> Filters:
     )
 
 
-def parse_similar(ds: Dataset, called_ae: str, similar_ae_title: str, default_results: int) -> SimilarQuery:
-    """Read a similar-studies identifier; raise :class:`QueryError` when it is malformed."""
+# resolve(accession, patient_id or None) -> StudyInstanceUID; raises QueryError (unknown, ambiguous)
+AccessionResolver = Callable[[str, str | None], str]
+
+
+def _accession_reference(ds: Dataset, resolve: AccessionResolver | None) -> str | None:
+    """The study a STUDY-level query names by AccessionNumber (and PatientID), or None if it names none."""
+    accession = text(ds, "AccessionNumber")
+    if not accession or accession == "*":
+        return None
+    if "\\" in accession or has_wildcard(accession):
+        raise QueryError("malformed", "AccessionNumber must name one study (no wildcard or list)")
+    if resolve is None:
+        raise QueryError("malformed", "no reference: give StudyInstanceUID")
+    patient_id = text(ds, "PatientID")
+    if has_wildcard(patient_id):
+        raise QueryError("malformed", "PatientID with an AccessionNumber must be one patient")
+    return resolve(accession, patient_id or None)
+
+
+def parse_similar(
+    ds: Dataset,
+    called_ae: str,
+    similar_ae_title: str,
+    default_results: int,
+    resolve_accession: AccessionResolver | None = None,
+) -> SimilarQuery:
+    """Read a similar-studies identifier; raise :class:`QueryError` when it is malformed.
+
+    ``resolve_accession`` turns an AccessionNumber reference into its StudyInstanceUID (it reads
+    the store, which parsing otherwise does not need); without it only UIDs name a reference.
+    """
     level = text(ds, "QueryRetrieveLevel").upper()
     if level not in ("STUDY", "IMAGE"):
         raise QueryError("malformed", f"QueryRetrieveLevel {level or '(none)'!r}: similar is STUDY or IMAGE")
     reference = st.private_text(ds, st.REFERENCE_UID)
     uid_key = "StudyInstanceUID" if level == "STUDY" else "SOPInstanceUID"
+    by_accession = False
     if not reference and called_ae.strip() == similar_ae_title.strip():
         reference = text(ds, uid_key)
+        if reference == "*":
+            reference = ""
+        if not reference and level == "STUDY":
+            reference = _accession_reference(ds, resolve_accession)
+            by_accession = reference is not None
     if not reference:
-        raise QueryError("malformed", f"no reference: give {uid_key} or DRH-PACS 1 reference key")
+        if called_ae.strip() != similar_ae_title.strip():
+            raise QueryError("malformed", "no reference: the DRH-PACS 1 reference key is empty")
+        also = " or AccessionNumber" if level == "STUDY" else ""
+        raise QueryError("malformed", f"no reference: give {uid_key}{also}")
     if "\\" in reference or has_wildcard(reference) or not is_uid(reference):
         raise QueryError("malformed", f"reference {uid_key} is not a single valid UID")
     k = default_results
@@ -149,7 +210,10 @@ def parse_similar(ds: Dataset, called_ae: str, similar_ae_title: str, default_re
     distance_text = st.private_text(ds, st.MAX_DISTANCE)
     if distance_text:
         max_distance = _positive_int(distance_text, "maximum distance", 0)
-    return SimilarQuery(level, reference, k, max_distance, _filters(ds, level))
+    filters = _filters(ds, level)
+    if by_accession:
+        filters = replace(filters, patient_id=None)  # it said whose accession number, not whose priors
+    return SimilarQuery(level, reference, k, max_distance, filters)
 
 
 # -- answers ---------------------------------------------------------------------------------------
@@ -173,10 +237,23 @@ def _study_value(keyword: str, study_uid: str, study: Mapping[str, str]) -> obje
     return None
 
 
+def ranked_description(rank: int, score: float, k: int, description: str) -> str:
+    """``#01 0.938 CHEST PA``: the rank (zero-padded to the width of k, so a text sort keeps the
+    order), the score, then the study's own description, within LO's 64 characters."""
+    width = len(str(max(k, rank)))
+    return f"#{rank:0{width}d} {score:.3f} {description}".strip()[:64]
+
+
 def similar_answer(
-    result: SimilarResult, query: SimilarQuery, requested: tuple[str, ...], retrieve_ae: str, model_version: str = ""
+    result: SimilarResult,
+    query: SimilarQuery,
+    requested: tuple[str, ...],
+    retrieve_ae: str,
+    model_version: str = "",
+    rank_in_description: bool = True,
 ) -> Dataset:
-    """One pending response: the usual study-level keys, what was asked, and rank/distance/score."""
+    """One pending response: the usual study-level keys, what was asked, and rank/distance/score
+    (private elements; also in StudyDescription unless ``rank_in_description`` is False)."""
     ds = Dataset()
     ds.QueryRetrieveLevel = query.level
     set_value(ds, "StudyInstanceUID", result.study_uid)
@@ -198,6 +275,9 @@ def similar_answer(
             continue
         set_value(ds, keyword, value)
     ds.RetrieveAETitle = retrieve_ae
+    if rank_in_description:
+        own = str(result.study.get(STUDY_META_KEYS["StudyDescription"], "") or "")
+        ds.StudyDescription = ranked_description(result.rank, result.score, query.k, own)
     if needs_utf8(result.study.values()):
         ds.SpecificCharacterSet = "ISO_IR 192"
     st.set_private(ds, st.REFERENCE_UID, query.reference_uid)
@@ -210,5 +290,10 @@ def similar_answer(
 
 
 def failure_status(error: QueryError) -> int:
-    """The DIMSE failure status of a refused query."""
+    """The DIMSE failure status of a refused query.
+
+    "Index not ready" is out of resources (ask again shortly); everything else, including an
+    accession number that several studies share ("ambiguous-reference": the ErrorComment asks for
+    the PatientID), is "unable to process" with the comment saying why.
+    """
     return st.OUT_OF_RESOURCES if error.reason == "index-not-ready" else st.UNABLE_TO_PROCESS

@@ -182,6 +182,12 @@ class Reconciler:
         with self._lock:
             self._pending[entry.sop_uid] = (entry, time.monotonic() if enqueued else _NEVER)
 
+    def requeue_soon(self) -> None:
+        """Queue every pending file again at the next pass (still-unsettled ones only): a worker died
+        holding messages the broker will only hand out again after its visibility timeout."""
+        with self._lock:
+            self._pending = {uid: (entry, _NEVER) for uid, (entry, _) in self._pending.items()}
+
     @property
     def pending(self) -> int:
         with self._lock:

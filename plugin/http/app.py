@@ -1,30 +1,28 @@
-"""The HTTP API: one Starlette application, authenticated by a bearer token.
+"""The HTTP API: one Starlette application, guarded by a bearer token or a browser session.
 
 Routes come from the modules that own them: :mod:`plugin.http.search` (the similar search by study,
-instance or uploaded file) and :mod:`plugin.http.ops` (health, readiness, metrics, status page,
-failure retry, spooled files for remote workers). This file only wires them and guards them. A new
-route goes in the module of its concern, listed in that module's ``routes``.
+instance or uploaded file), :mod:`plugin.http.dicomweb` (QIDO-RS similar search and plain queries
+for viewers), :mod:`plugin.http.rendered` (WADO-RS thumbnails and rendered frames),
+:mod:`plugin.http.pages` (the similar-cases page), :mod:`plugin.http.retrieve` (its "send to"
+button), :mod:`plugin.http.auth` (login and sessions) and :mod:`plugin.http.ops` (health, readiness,
+metrics, status page, failure retry, spooled files for remote workers). This file only wires them
+and guards them: CORS outermost (a browser's preflight is answered before any credential is asked
+for), then :class:`plugin.http.auth.Auth`. A new route goes in the module of its concern, listed in
+that module's ``routes``.
 """
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
 from plugin.core.settings import Settings
-from plugin.http import ops, search
-
-# Paths that answer without a token when Settings.api_open_readonly is set. /health always does:
-# a load balancer or systemd watchdog has no token.
-ALWAYS_OPEN = {"/health"}
-READONLY_OPEN_PREFIXES = ("/ready", "/metrics", "/status")
+from plugin.http import auth, dicomweb, ops, pages, rendered, retrieve, search
 
 
 @dataclass
@@ -35,32 +33,39 @@ class ApiContext:
     store: Any  # plugin.store.Store
     index: dict[str, Any] = field(default_factory=dict)  # level -> plugin.search.replica.ReplicaIndex
     celery: Any = None  # workers.client Celery application (for retries)
+    # The parts the process supervises (embedded Redis, workers, DICOM): name -> {"ok", "detail"}.
+    health: Callable[[], dict[str, dict[str, Any]]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class TokenAuth(BaseHTTPMiddleware):
-    def __init__(self, app: Any, token: str, open_readonly: bool) -> None:
-        super().__init__(app)
-        self.token = token.encode()
-        self.open_readonly = open_readonly
-
-    async def dispatch(self, request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if path in ALWAYS_OPEN or (
-            self.open_readonly and request.method == "GET" and path.startswith(READONLY_OPEN_PREFIXES)
-        ):
-            return await call_next(request)
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
-            return JSONResponse({"error": "missing or wrong bearer token"}, status_code=401)
-        return await call_next(request)
-
-
 def create_app(ctx: ApiContext) -> Starlette:
-    routes = [*ops.routes(ctx), *search.routes(ctx)]
+    settings = ctx.settings
+    sessions = auth.Sessions(
+        settings.resolved_session_secret(),
+        settings.resolved_api_token(),
+        auth.Users(settings.users_path),
+        settings.session_hours,
+    )
+    renderer = rendered.Renderer(settings, ctx.store)
+    routes = [
+        *ops.routes(ctx),
+        *search.routes(ctx),
+        *auth.routes(settings, sessions),
+        *pages.routes(ctx),
+        *retrieve.routes(ctx),
+        *dicomweb.routes(ctx, renderer),
+    ]
     middleware = [
-        Middleware(TokenAuth, token=ctx.settings.resolved_api_token(), open_readonly=ctx.settings.api_open_readonly)
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Accept", "Content-Type"],
+            expose_headers=["Warning", "Content-Location", "Retry-After"],
+            allow_credentials=True,
+            max_age=600,
+        ),
+        Middleware(auth.Auth, settings=settings, sessions=sessions),
     ]
     app = Starlette(routes=routes, middleware=middleware)
     app.state.ctx = ctx

@@ -1,6 +1,8 @@
 """HTTP routes for IT staff and for remote workers: health, readiness, metrics, status, retries, files.
 
-- ``GET /health``: liveness (the process answers); always open, for load balancers and watchdogs.
+- ``GET /health``: 200 when every part this process depends on is up (Redis answers; the embedded
+  Redis, the workers and the DICOM listener that ``serve`` supervises are running), else 503 with
+  each part's state; always open, for load balancers and watchdogs.
 - ``GET /ready``: 200 when Redis answers and a model version is active, else 503 with the reason.
 - ``GET /metrics``: Prometheus text, from :func:`plugin.ops.status.gather` (the same figures as below).
 - ``GET /status``: the HTML status page (:mod:`plugin.http.status_page`: queues, workers and devices,
@@ -37,8 +39,30 @@ def _broker(ctx: Any) -> redis.Redis:
     return client
 
 
+def _redis_part(ctx: Any) -> dict[str, Any]:
+    """Whether the store's Redis answers a PING within a second (a dedicated client: the shared
+    one may wait up to its own, longer, timeout)."""
+    client = ctx.extra.get("health_client")
+    if client is None:
+        kwargs = ctx.store.client.connection_pool.connection_kwargs
+        client = redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=ctx.store.client.connection_pool.connection_class,
+                **{**kwargs, "socket_timeout": 1.0, "socket_connect_timeout": 1.0},
+            )
+        )
+        ctx.extra["health_client"] = client
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as exc:
+        return {"ok": False, "detail": f"not answering: {type(exc).__name__}"}
+    return {"ok": True, "detail": "answering"}
+
+
 def _figures(ctx: Any) -> dict[str, Any]:
-    return status.gather(ctx.store, _broker(ctx))
+    """The figures, with this process's surroundings (spool disk, Orthanc) and, in ``serve``, the
+    DICOM listener's counters (``ctx.extra["dicom_counters"]``)."""
+    return status.gather(ctx.store, _broker(ctx), settings=ctx.settings, dicom=ctx.extra.get("dicom_counters"))
 
 
 def _jsonable(value: Any) -> Any:
@@ -56,7 +80,12 @@ def routes(ctx: Any) -> list[Route]:
     """The routes of this module, bound to ``ctx`` (a :class:`plugin.http.app.ApiContext`)."""
 
     def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "time": time.time()})
+        parts = {"redis": _redis_part(ctx)}
+        if ctx.health is not None:
+            parts.update(ctx.health())
+        ok = all(p["ok"] for p in parts.values())
+        body = {"status": "ok" if ok else "unhealthy", "parts": parts, "time": time.time()}
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     def ready(request: Request) -> Response:
         reasons = []

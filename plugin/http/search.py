@@ -2,12 +2,19 @@
 
 - ``GET /api/similar/study/{study_uid}``: studies like a stored study (DMIH study codes).
 - ``GET /api/similar/instance/{sop_uid}``: images like a stored image (DRH image codes).
-- ``POST /api/similar/upload``: a DICOM file (multipart field ``file``, or the raw body with
-  ``Content-Type: application/dicom``) hashed here, then searched; ``?level=study`` (default: the
-  file as a one-image study, against study codes) or ``?level=image``.
+- ``POST /api/similar/upload``: a DICOM file or a picture (multipart field ``file``, or the raw body
+  with ``Content-Type: application/dicom``) hashed here, then searched; ``?level=study`` (default: the
+  file as a one-image study, against study codes) or ``?level=image``. The answer's ``reference``
+  carries a PNG thumbnail (a data URL) of what the model was given, so a page can show it, and the
+  file's PatientID, which ``exclude_same_patient`` uses (a picture names no patient: refused). The
+  body is streamed to a private temporary file in ``data_dir/tmp`` (python-multipart's parser,
+  written to disk as it arrives) and refused (413) once it passes ``Settings.max_upload_size``; at
+  most ``Settings.max_concurrent_uploads`` are received and decoded at once (503 with Retry-After
+  beyond), so a burst of large uploads cannot exhaust memory.
 
-Query parameters: ``k``, ``max_distance``, ``modality`` (repeatable or comma separated),
-``date_from``/``date_to`` (YYYYMMDD), ``body_part``, ``patient_id``, ``exclude_same_patient``.
+Query parameters: ``k`` (at most ``Settings.max_results``), ``max_distance``, ``modality``
+(repeatable or comma separated), ``date_from``/``date_to`` (YYYYMMDD), ``body_part``,
+``patient_id``, ``exclude_same_patient``.
 Refusals are JSON ``{"error": reason, "detail": ...}`` with 400 (malformed), 404 (unknown
 reference), 409 (not indexed yet, or the upload's model is not the one answering), 413 (too large),
 422 (not a decodable image) or 503 (index not ready). The bearer token is checked by
@@ -19,32 +26,42 @@ once, on first use, and shared by requests (inference is serialised by a lock; i
 
 from __future__ import annotations
 
+import base64
 import logging
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import File, FormParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from plugin.core.header import is_uid
+from plugin.http.rendered import thumbnail_of, to_image_bytes
 from plugin.search import query as q
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
 
 log = logging.getLogger("drh.api")
 
-MAX_UPLOAD_BYTES = 512 * 1024 * 1024
-_HTTP_STATUS = {
+# A busy upload slot: when to try again (seconds), told in Retry-After.
+UPLOAD_RETRY_AFTER = 5
+# QueryError reason -> HTTP status, for every HTTP route that runs a similar query (JSON and DICOMweb).
+HTTP_STATUS = {
     "malformed": 400,
     "unknown-reference": 404,
     "ambiguous-reference": 409,
     "not-indexed": 409,
     "model-mismatch": 409,
     "too-large": 413,
+    "busy": 503,
     "not-an-image": 422,
     "index-not-ready": 503,
 }
@@ -79,8 +96,13 @@ class _Encoders:
         return self._lock
 
 
-def _error(err: QueryError) -> JSONResponse:
-    return JSONResponse({"error": err.reason, "detail": str(err)}, status_code=_HTTP_STATUS.get(err.reason, 400))
+def error_response(err: QueryError) -> JSONResponse:
+    """A refused query as JSON ``{"error": reason, "detail": ...}`` with the status of its reason; an
+    index still loading says when to ask again."""
+    headers = {"Retry-After": "5"} if err.reason == "index-not-ready" else None
+    return JSONResponse(
+        {"error": err.reason, "detail": str(err)}, status_code=HTTP_STATUS.get(err.reason, 400), headers=headers
+    )
 
 
 def _int(params: Any, name: str, minimum: int) -> int | None:
@@ -111,16 +133,18 @@ def parse_filters(params: Any) -> Filters:
     )
 
 
-def _query(params: Any, level: str, reference: str, default_k: int) -> q.SimilarQuery:
+def _query(params: Any, level: str, reference: str, default_k: int, max_k: int) -> q.SimilarQuery:
     if not is_uid(reference):
         raise QueryError("malformed", "the reference is not a valid UID")
-    return q.SimilarQuery(
+    query = q.SimilarQuery(
         level=level,
         reference_uid=reference,
         k=_int(params, "k", 1) or default_k,
         max_distance=_int(params, "max_distance", 0),
         filters=parse_filters(params),
     )
+    q.check_k(query, max_k)
+    return query
 
 
 def _study_json(study_uid: str, study: dict[str, str]) -> dict[str, Any]:
@@ -166,6 +190,8 @@ def routes(ctx: Any) -> list[Route]:
     """The similar-search routes, bound to ``ctx`` (a :class:`plugin.http.app.ApiContext`)."""
     encoders = _Encoders(ctx)
     default_k = ctx.settings.default_results
+    max_k = ctx.settings.max_results
+    uploads = _UploadSlots(ctx.settings.max_concurrent_uploads)
 
     def by_reference(level: str, param: str, index_level: str, reference_key: str) -> Any:
         """The handler of a search whose reference (a study or an instance UID) is in the path."""
@@ -174,10 +200,10 @@ def routes(ctx: Any) -> list[Route]:
             started = time.monotonic()
             uid = request.path_params[param]
             try:
-                query = _query(request.query_params, level, uid, default_k)
+                query = _query(request.query_params, level, uid, default_k, max_k)
                 results = await run_in_threadpool(q.run_similar, query, ctx.store, ctx.index)
             except QueryError as err:
-                return _error(err)
+                return error_response(err)
             return _answer(query, results, ctx.index[index_level], started, {reference_key: uid})
 
         return handler
@@ -189,13 +215,25 @@ def routes(ctx: Any) -> list[Route]:
         started = time.monotonic()
         level = (request.query_params.get("level") or "study").upper()
         if level not in q.LEVELS:
-            return _error(QueryError("malformed", "level is study or image"))
+            return error_response(QueryError("malformed", "level is study or image"))
         try:
-            data = await _read_upload(request)
-            query = _query(request.query_params, level, "1.2", default_k)
-            results, reference = await run_in_threadpool(_search_upload, ctx, encoders, data, query)
+            query = _query(request.query_params, level, "1.2", default_k, max_k)
         except QueryError as err:
-            return _error(err)
+            return error_response(err)
+        if not uploads.take():
+            log.warning("upload refused: %d already in progress", uploads.limit)
+            response = error_response(QueryError("busy", f"{uploads.limit} uploads in progress: try again shortly"))
+            response.headers["Retry-After"] = str(UPLOAD_RETRY_AFTER)
+            return response
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=_tmp_dir(ctx.settings)))
+        try:
+            path = await _receive_upload(request, ctx.settings, folder)
+            results, reference = await run_in_threadpool(_search_upload, ctx, encoders, path, query)
+        except QueryError as err:
+            return error_response(err)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # complete or cut off, nothing stays behind
+            uploads.release()
         return _answer(query, results, ctx.index[query.index_level], started, reference)
 
     return [
@@ -205,33 +243,93 @@ def routes(ctx: Any) -> list[Route]:
     ]
 
 
-async def _read_upload(request: Request) -> bytes:
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > MAX_UPLOAD_BYTES:
-        raise QueryError("too-large", f"upload over {MAX_UPLOAD_BYTES // 2**20} MiB")
-    content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        form = await request.form(max_part_size=MAX_UPLOAD_BYTES)
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise QueryError("malformed", "multipart upload without a 'file' field")
-        data = await upload.read()
-    else:
-        data = await request.body()
-    if not data:
+class _UploadSlots:
+    """How many uploads are being received or decoded; only touched from the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.busy = 0
+
+    def take(self) -> bool:
+        if self.busy >= self.limit:
+            return False
+        self.busy += 1
+        return True
+
+    def release(self) -> None:
+        self.busy -= 1
+
+
+def _tmp_dir(settings: Any) -> Path:
+    settings.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return settings.tmp_dir
+
+
+async def _receive_upload(request: Request, settings: Any, folder: Path) -> Path:
+    """Stream the upload (the multipart ``file`` field, or the raw body) to a file in ``folder`` (the
+    caller removes the folder, whatever happens); refuse it once it is over ``max_upload_size``,
+    before reading the rest."""
+    limit = settings.max_upload_size
+    too_large = QueryError("too-large", f"upload over {limit} bytes (max_upload_size)")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    content_type, options = parse_options_header(request.headers.get("content-type", ""))
+    multipart = content_type == b"multipart/form-data"
+    if multipart and not options.get(b"boundary"):
+        raise QueryError("malformed", "multipart upload without a boundary")
+    files: list[File] = []
+    parser = FormParser(
+        "multipart/form-data" if multipart else "application/octet-stream",
+        on_field=None,
+        on_file=files.append,
+        boundary=options.get(b"boundary"),
+        file_name=b"upload",
+        config={
+            "UPLOAD_DIR": str(folder),
+            "MAX_MEMORY_FILE_SIZE": 0,  # straight to disk
+            "UPLOAD_DELETE_TMP": False,  # the folder goes as a whole
+            "MAX_FIELDS": 16,
+            "MAX_FIELD_SIZE": 64 * 1024,
+        },
+    )
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise too_large
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError as exc:
+        raise QueryError("malformed", f"unreadable multipart upload: {exc}") from exc
+    finally:
+        for f in files:
+            f.close()
+    wanted = [f for f in files if not multipart or f.field_name == b"file"]
+    if not wanted:
+        raise QueryError("malformed", "multipart upload without a 'file' field")
+    if wanted[0].size == 0 or not wanted[0].actual_file_name:
         raise QueryError("malformed", "empty upload")
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise QueryError("too-large", f"upload over {MAX_UPLOAD_BYTES // 2**20} MiB")
-    return data
+    return Path(wanted[0].actual_file_name.decode())
 
 
-def upload_pixels(data: bytes) -> tuple[Dataset | None, Any]:
+def upload_pixels(source: bytes | Path) -> tuple[Dataset | None, Any]:
     """An uploaded DICOM file or picture as (dataset or None, the image the model input is made from),
-    through :func:`hashing.preprocess.load_bytes`, the workers' pixel path."""
-    from hashing.preprocess import PreprocessError, load_bytes
+    through :mod:`hashing.preprocess`, the workers' pixel path. A DICOM file on disk is read from
+    there (the file is never copied into memory first); other uploads (pictures, DICOM without a
+    preamble) through :func:`hashing.preprocess.load_bytes`."""
+    from hashing.preprocess import PreprocessError, load_bytes, load_pixels, read_dataset
 
     try:
-        return load_bytes(data)
+        if isinstance(source, bytes):
+            return load_bytes(source)
+        with open(source, "rb") as fh:
+            head = fh.read(132)
+        if head[128:132] == b"DICM":
+            ds = read_dataset(source)
+            return ds, load_pixels(ds)
+        return load_bytes(source.read_bytes())
     except PreprocessError as err:
         raise QueryError("not-an-image", f"cannot use the upload: {err}") from err
     except Exception as err:  # noqa: BLE001 - anything pydicom raises on a non-DICOM upload
@@ -239,10 +337,10 @@ def upload_pixels(data: bytes) -> tuple[Dataset | None, Any]:
 
 
 def _search_upload(
-    ctx: Any, encoders: _Encoders, data: bytes, query: q.SimilarQuery
+    ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQuery
 ) -> tuple[list[q.SimilarResult], dict[str, Any]]:
     """Decode, hash with the answering model, search; the upload's own study/image is left out."""
-    ds, image = upload_pixels(data)
+    ds, image = upload_pixels(path)
     level = query.index_level
     index = ctx.index.get(level)
     if index is not None:
@@ -259,7 +357,25 @@ def _search_upload(
             code, rerank = bytes(out.codes[0]), out.rerank[0]
     study_uid = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
     sop_uid = str(ds.get("SOPInstanceUID", "") or "") if ds is not None else ""
+    patient_id = str(ds.get("PatientID", "") or "").strip() if ds is not None else ""
+    if query.filters.exclude_reference_patient and not patient_id:
+        raise QueryError("malformed", "exclude_same_patient needs a DICOM file with a PatientID")
     own = study_uid if level == "study" else sop_uid
-    results = q.search_code(code, query, ctx.store, index, exclude_uids=(own,) if own else (), rerank=rerank)
-    reference = {"study_instance_uid": study_uid, "sop_instance_uid": sop_uid, "code": code.hex()}
+    results = q.search_code(
+        code,
+        query,
+        ctx.store,
+        index,
+        exclude_uids=(own,) if own else (),
+        exclude_patient=patient_id if query.filters.exclude_reference_patient else None,
+        rerank=rerank,
+    )
+    thumbnail = base64.b64encode(to_image_bytes(thumbnail_of(image), "png")).decode()
+    reference = {
+        "study_instance_uid": study_uid,
+        "sop_instance_uid": sop_uid,
+        "patient_id": patient_id,
+        "code": code.hex(),
+        "thumbnail": "data:image/png;base64," + thumbnail,
+    }
     return results, reference

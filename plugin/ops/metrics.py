@@ -1,7 +1,10 @@
 """Prometheus ``/metrics``: the figures of :func:`plugin.ops.status.gather` in the text exposition format.
 
 Workers count in Redis (:mod:`plugin.store.stats`), since they are separate processes, often on
-other machines; every scrape renders the same figures as the status page and ``drh-pacs status``.
+other machines; the DICOM listener counts in its own process (:mod:`plugin.dicom.counters`); every
+scrape renders the same figures as the status page and ``drh-pacs status``. Every counter is
+exported from the start at zero (all task outcomes, every DIMSE service and outcome, every
+rejection reason), so that ``increase()`` in an alert sees the first events too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,72 @@ def latency_quantile(latency: dict[str, Any], q: float) -> float | None:
     return float("inf")
 
 
+def _dicom(d: dict[str, Any]) -> Any:
+    """The SCP process's counters (plugin.dicom.counters): associations, rejections, DIMSE requests."""
+    assoc = CounterMetricFamily("drh_dicom_associations", "DICOM associations by outcome", labels=["outcome"])
+    for outcome, n in d["associations"].items():
+        assoc.add_metric([outcome], n)
+    yield assoc
+    rejected = CounterMetricFamily(
+        "drh_dicom_association_rejections", "associations rejected, by reason", labels=["reason"]
+    )
+    for reason, n in d["rejections"].items():
+        rejected.add_metric([reason], n)
+    yield rejected
+    refused = CounterMetricFamily(
+        "drh_dicom_admission_refusals",
+        "connections refused or associations aborted by admission control (pending, timeouts, sizes, slots), by reason",
+        labels=["reason"],
+    )
+    for reason, n in sorted(d.get("admission_refusals", {}).items()):
+        refused.add_metric([reason], n)
+    yield refused
+    active = GaugeMetricFamily("drh_dicom_active_associations", "DICOM associations open now")
+    active.add_metric([], d["active_associations"])
+    yield active
+    requests = CounterMetricFamily(
+        "drh_dicom_requests", "DIMSE requests answered, by service and outcome", labels=["operation", "outcome"]
+    )
+    for key, n in d["requests"].items():
+        operation, _, outcome = key.partition("|")
+        requests.add_metric([operation, outcome], n)
+    yield requests
+    duration = HistogramMetricFamily(
+        "drh_dicom_request_duration_seconds",
+        "time from a DIMSE request to its final response (C-MOVE and C-GET: all sub-operations)",
+        labels=["operation"],
+    )
+    for operation, lat in d["latency"].items():
+        buckets = [("+Inf" if b == float("inf") else repr(b), c) for b, c in lat["buckets"]]
+        duration.add_metric([operation], buckets, sum_value=lat["sum"])
+    yield duration
+
+
+def _surroundings(f: dict[str, Any]) -> Any:
+    """What the process sees around it: the spool's disk, Orthanc."""
+    spool = f.get("spool")
+    if spool and spool.get("ok"):
+        free = GaugeMetricFamily("drh_spool_free_bytes", "free bytes on the file system of the DICOM spool")
+        free.add_metric([], spool["free"])
+        yield free
+        size = GaugeMetricFamily("drh_spool_size_bytes", "size in bytes of the file system of the DICOM spool")
+        size.add_metric([], spool["total"])
+        yield size
+    orthanc = f.get("orthanc")
+    if orthanc:
+        up = GaugeMetricFamily("drh_orthanc_up", "1 when Orthanc's REST API answered drh-pacs (credentials accepted)")
+        up.add_metric([], 1.0 if orthanc["up"] else 0.0)
+        yield up
+        rec = orthanc.get("reconcile")
+        if rec is not None:
+            ok = GaugeMetricFamily(
+                "drh_orthanc_reconcile_last_success_timestamp_seconds",
+                "when a reconciliation with Orthanc last succeeded (0: never)",
+            )
+            ok.add_metric([], rec["last_ok"])
+            yield ok
+
+
 class _FiguresCollector:
     def __init__(self, figures: dict[str, Any]) -> None:
         self.f = figures
@@ -34,6 +103,9 @@ class _FiguresCollector:
         up = GaugeMetricFamily("drh_redis_up", "1 when Redis (store and broker) answered this scrape")
         up.add_metric([], 1.0 if f.get("redis_ok") else 0.0)
         yield up
+        if f.get("dicom"):
+            yield from _dicom(f["dicom"])
+        yield from _surroundings(f)
         if not f.get("redis_ok"):
             return
         depth = GaugeMetricFamily("drh_queue_depth", "messages waiting in a Celery queue", labels=["queue"])
@@ -68,12 +140,30 @@ class _FiguresCollector:
         workers = GaugeMetricFamily(
             "drh_worker_processes", "Celery worker processes alive, by worker and device", labels=["worker", "device"]
         )
+        worker_up = GaugeMetricFamily(
+            "drh_worker_up",
+            "1 when the worker is online; 0 when it stopped beating (offline) or refuses its unusable device",
+            labels=["worker", "device"],
+        )
+        seen = GaugeMetricFamily(
+            "drh_worker_last_seen_timestamp_seconds", "the worker's last heartbeat", labels=["worker"]
+        )
         for w in f["workers"]:
-            workers.add_metric([w["hostname"], w["device"]], w["concurrency"])
+            if w.get("state", "online") == "stopped":
+                continue  # stopped on purpose: not a part that is down
+            if w.get("state", "online") == "online":
+                workers.add_metric([w["hostname"], w["device"]], w["concurrency"])
+            worker_up.add_metric([w["hostname"], w["device"]], 1.0 if w.get("state", "online") == "online" else 0.0)
+            seen.add_metric([w["hostname"]], float(w.get("last_seen", 0)))
         yield workers
+        yield worker_up
+        yield seen
         failures = GaugeMetricFamily("drh_failed_instances", "instances in the failure ledger")
         failures.add_metric([], f["failures"]["count"])
         yield failures
+        refused = GaugeMetricFamily("drh_refused_instances", "C-STOREs refused at reception (malformed data)")
+        refused.add_metric([], f["failures"].get("refused", 0))
+        yield refused
         ignored = GaugeMetricFamily("drh_ignored_instances", "non-image objects accepted and not indexed")
         ignored.add_metric([], f["failures"]["ignored"])
         yield ignored

@@ -1,15 +1,24 @@
-"""``drh-pacs backfill orthanc``: index an existing Orthanc archive, resumable, with progress.
+"""Reconciling with Orthanc: ``drh-pacs backfill orthanc``, and the same on a schedule inside ``serve``.
 
-New studies reach drh-pacs through Orthanc's Lua script (``deploy/orthanc/drh-pacs-forward.lua``);
-this command is for what Orthanc held before, and for catching up after an outage. It walks Orthanc's
-studies page by page over the REST API (orthanc-rest-client), downloads each instance drh-pacs does
-not have yet into the spool (the same durable write as a C-STORE), and queues it for the workers
-with Orthanc's AE title as its source, so a later C-MOVE is forwarded to Orthanc.
+New studies reach drh-pacs through the Orthanc drop-in (``deploy/orthanc/drh-pacs-forward.py``),
+which retries until drh-pacs has them. This is the safety net behind it, and the way to index what
+Orthanc held before: it asks Orthanc's REST API (orthanc-rest-client) which studies exist, downloads
+each instance drh-pacs does not have yet into the spool (the same durable write as a C-STORE), and
+queues it for the workers with Orthanc's AE title as its source, so a later C-MOVE is forwarded to
+Orthanc. Instances drh-pacs refused at reception (``drh-pacs failures refused``) are left alone: a
+corrected copy must come from the PACS.
 
-Resumable: each finished Orthanc study is recorded in Redis (:mod:`plugin.store.backfill`), so an
-interrupted run (Ctrl-C, a crash, a broker outage) starts again where it stopped; ``--restart``
-forgets it.
-Run it on the machine of ``drh-pacs serve`` (it writes into the same spool).
+The command's first run walks the whole archive, page by page, resumable: each finished Orthanc
+study is recorded in Redis (:mod:`plugin.store.backfill`), so an interrupted run (Ctrl-C, a crash, a
+broker outage) starts again where it stopped. Once a walk has finished, later runs are incremental:
+they read Orthanc's change log (``/changes``) from the last change reconciled, and look only at
+studies that appeared, grew or became stable since. ``--restart`` forgets all of it.
+
+``serve`` runs the incremental part every ``Settings.orthanc_reconcile_seconds`` when
+``orthanc_url`` is set (:class:`ScheduledReconcile`): the first time it starts following the change
+log from its current end and never walks the archive by itself (a years-long archive queued ahead
+of new studies is a decision for IT staff, made by running the command). Run the command on the
+machine of ``drh-pacs serve``: it writes into the same spool.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,18 +41,49 @@ from workers.client import enqueue_instance, make_celery
 log = logging.getLogger("drh.backfill")
 
 PAGE = 500
+CHANGES_PAGE = 1000
+# Changes that name a study whose content may be new to drh-pacs.
+STUDY_CHANGES = {"NewStudy", "StableStudy"}
 
 
 class BackfillError(RuntimeError):
-    pass
+    """The run stopped. ``resumable``: running it again continues (Orthanc or the broker was away);
+    otherwise something must be fixed first (the credentials)."""
+
+    def __init__(self, message: str, resumable: bool = True) -> None:
+        super().__init__(message)
+        self.resumable = resumable
 
 
-def _client(url: str, user: str, password: str) -> Any:
+def rest_client(url: str, user: str, password: str) -> Any:
+    """An orthanc-rest-client for the REST API at ``url`` (backfill here, thumbnails in the HTTP API)."""
     from orthanc_rest_client import Orthanc
     from requests.auth import HTTPBasicAuth
 
     auth = HTTPBasicAuth(user, password) if user else None
     return Orthanc(url.rstrip("/"), auth=auth, warn_insecure=False)
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def connect(url: str, user: str, password: str) -> tuple[Any, dict[str, Any]]:
+    """An Orthanc client and its ``/system``; BackfillError naming the cause when it cannot be used."""
+    client = rest_client(url, user, password)
+    try:
+        return client, client.get_system()
+    except Exception as exc:  # noqa: BLE001 - requests/apiron raise many kinds
+        status = _http_status(exc)
+        if status in (401, 403):
+            who = f"user {user!r}" if user else "no user"
+            raise BackfillError(
+                f"Orthanc at {url} refused the credentials ({who}, HTTP {status}): check --user/--password"
+                " (DRH_ORTHANC_USER, DRH_ORTHANC_PASSWORD) against Orthanc's RegisteredUsers",
+                resumable=False,
+            ) from exc
+        raise BackfillError(f"cannot reach Orthanc at {url}: {exc}") from exc
 
 
 def iter_studies(client: Any, page: int = PAGE) -> Iterator[str]:
@@ -58,10 +99,45 @@ def iter_studies(client: Any, page: int = PAGE) -> Iterator[str]:
         since += len(batch)
 
 
-def _settled(store: Store, sop_uids: list[str]) -> set[str]:
-    """Instances drh-pacs already has: settled by a worker."""
+def last_change(client: Any) -> int:
+    """The sequence number of Orthanc's newest change (``/changes?last``; 0 when there is none)."""
+    import warnings
+
+    with warnings.catch_warnings():  # apiron warns about "?last", which has no value by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return int(client.get_changes(last=True).get("Last", 0) or 0)
+
+
+def iter_changed_studies(client: Any, since: int, page: int = CHANGES_PAGE) -> Iterator[tuple[list[str], int]]:
+    """(study IDs a page of Orthanc's change log names, the last change of that page), from ``since``.
+
+    A new series names its study too (an instance arriving in an existing study after Orthanc
+    restarted is not announced as a stable study again).
+    """
+    while True:
+        page_of = client.get_changes(since=since, limit=page)
+        studies: list[str] = []
+        for change in page_of.get("Changes", []):
+            kind, resource = change.get("ChangeType"), change.get("ID", "")
+            if kind in STUDY_CHANGES and change.get("ResourceType") == "Study":
+                studies.append(resource)
+            elif kind == "NewSeries":
+                try:
+                    studies.append(client.get_one_series(resource)["ParentStudy"])
+                except Exception as exc:  # noqa: BLE001 - deleted meanwhile: nothing to index
+                    log.debug("series %s gone: %s", resource, exc)
+        last = int(page_of.get("Last", since) or since)
+        yield list(dict.fromkeys(studies)), last
+        if page_of.get("Done", True) or last <= since:
+            return
+        since = last
+
+
+def _have(store: Store, sop_uids: list[str]) -> set[str]:
+    """Instances drh-pacs already has (settled by a worker) or refused at reception (its sender's to fix)."""
     states = store.records.settled_states(sop_uids)
-    return {uid for uid, (state, _) in zip(sop_uids, states, strict=True) if state in SETTLED_STATES}
+    have = {uid for uid, (state, _) in zip(sop_uids, states, strict=True) if state in SETTLED_STATES}
+    return have | store.ledger.refused_among(sop_uids)
 
 
 def backfill_study(
@@ -72,11 +148,11 @@ def backfill_study(
     study_uid = study["MainDicomTags"]["StudyInstanceUID"]
     instances = client.get_study_instances(orthanc_id)
     by_sop = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in instances}
-    have = _settled(store, list(by_sop))
+    have = _have(store, list(by_sop))
     queued = skipped = 0
     for sop_uid, instance_id in sorted(by_sop.items()):
         if sop_uid in have or spool.find(sop_uid, study_uid) is not None:
-            skipped += 1  # indexed already, or in the spool (forwarded; the reconciler covers it)
+            skipped += 1  # indexed already, refused, or in the spool (forwarded; the reconciler covers it)
             continue
         data = b"".join(client.get_instance_file(instance_id))
         entry = spool.write(study_uid, sop_uid, with_source_ae(data, source_ae))
@@ -85,23 +161,54 @@ def backfill_study(
     return queued, skipped
 
 
-def run(settings: Settings, url: str, user: str, password: str, *, restart: bool, limit: int | None) -> dict[str, int]:
-    """The whole backfill; returns counts. Raises BackfillError when Orthanc or the broker fails."""
-    from tqdm import tqdm
+def run(
+    settings: Settings,
+    url: str,
+    user: str,
+    password: str,
+    *,
+    restart: bool = False,
+    limit: int | None = None,
+    progress_bar: bool = True,
+    walk: bool = True,
+) -> dict[str, int]:
+    """One reconciliation (the whole walk, or the changes since the last one); returns counts.
 
+    ``walk`` False (the schedule): never walk the archive; the first run only starts following the
+    change log. Raises BackfillError when Orthanc or the broker fails; the outcome is recorded.
+    """
     redis_url = resolve_redis_url(settings.redis_url, settings.data_dir)
     settings = settings.replace(redis_url=redis_url)
-    client = _client(url, user, password)
-    try:
-        system = client.get_system()
-        total = int(client.get_statistics().get("CountStudies", 0))
-    except Exception as exc:  # noqa: BLE001 - requests/apiron raise many kinds
-        raise BackfillError(f"cannot reach Orthanc at {url}: {exc}") from exc
-    source_ae = str(system.get("DicomAet") or "ORTHANC")
     store = Store(redis.Redis.from_url(redis_url), settings.redis_namespace)
+    progress = store.backfill(url)
+    try:
+        counts = _run(settings, store, progress, url, user, password, restart, limit, progress_bar, walk)
+    except BackfillError as exc:
+        progress.outcome(str(exc))
+        raise
+    finally:
+        store.close()
+    return counts
+
+
+def _run(
+    settings: Settings,
+    store: Store,
+    progress: Any,
+    url: str,
+    user: str,
+    password: str,
+    restart: bool,
+    limit: int | None,
+    progress_bar: bool,
+    walk: bool,
+) -> dict[str, int]:
+    from tqdm import tqdm
+
+    client, system = connect(url, user, password)
+    source_ae = str(system.get("DicomAet") or "ORTHANC")
     spool = Spool(settings.spool_dir)
     celery_app = make_celery(settings)
-    progress = store.backfill(url)
     if restart:
         progress.restart()
     progress.started(source_ae)
@@ -116,45 +223,121 @@ def run(settings: Settings, url: str, user: str, password: str, *, restart: bool
             received_at=entry.received_at,
         )
 
-    done_before = progress.done_count()
-    counts = {"studies": 0, "queued": 0, "skipped": 0, "already_done": 0}
-    bar = tqdm(total=total, initial=0, unit="study", desc="backfill orthanc", file=sys.stderr)
+    def one(orthanc_id: str, counts: dict[str, int]) -> None:
+        try:
+            queued, skipped = backfill_study(
+                client, orthanc_id, store=store, spool=spool, enqueue=enqueue, source_ae=source_ae
+            )
+        except Exception as exc:  # noqa: BLE001 - stop: a rerun resumes from this study
+            raise BackfillError(f"stopped at Orthanc study {orthanc_id}: {exc}") from exc
+        progress.mark_done(orthanc_id)
+        counts["studies"] += 1
+        counts["queued"] += queued
+        counts["skipped"] += skipped
+
+    counts = {"studies": 0, "queued": 0, "skipped": 0, "already_done": 0, "incremental": 0, "since": 0}
     try:
-        for orthanc_id in iter_studies(client):
-            if limit is not None and counts["studies"] >= limit:
-                break
-            if progress.is_done(orthanc_id):
-                counts["already_done"] += 1
-                bar.update(1)
-                continue
+        since = progress.since()
+        newest = last_change(client)
+        if since is not None and newest < since:
+            log.warning("Orthanc's change log restarted (%d < %d): following it from its start", newest, since)
+            since = 0
+        if since is None and not walk:
+            log.warning(
+                "following Orthanc's changes from change %d on; `drh-pacs backfill orthanc` indexes what"
+                " Orthanc held before",
+                newest,
+            )
+            progress.set_since(newest)
+            since = newest
+        if since is not None and (progress.walked() or not walk):
+            counts.update(incremental=1, since=since)
+            for studies, last in iter_changed_studies(client, since):
+                for orthanc_id in studies:
+                    one(orthanc_id, counts)
+                progress.set_since(last)
+        else:
+            total = int(client.get_statistics().get("CountStudies", 0))
+            bar = tqdm(total=total, unit="study", desc="backfill orthanc", file=sys.stderr, disable=not progress_bar)
+            complete = True
             try:
-                queued, skipped = backfill_study(
-                    client, orthanc_id, store=store, spool=spool, enqueue=enqueue, source_ae=source_ae
-                )
-            except Exception as exc:  # noqa: BLE001 - stop: a rerun resumes from this study
-                raise BackfillError(f"stopped at Orthanc study {orthanc_id}: {exc}") from exc
-            progress.mark_done(orthanc_id)
-            counts["studies"] += 1
-            counts["queued"] += queued
-            counts["skipped"] += skipped
-            bar.update(1)
-            bar.set_postfix(queued=counts["queued"], skipped=counts["skipped"])
+                for orthanc_id in iter_studies(client):
+                    if limit is not None and counts["studies"] >= limit:
+                        complete = False
+                        break
+                    if progress.is_done(orthanc_id):
+                        counts["already_done"] += 1
+                    else:
+                        one(orthanc_id, counts)
+                    bar.update(1)
+                    bar.set_postfix(queued=counts["queued"], skipped=counts["skipped"])
+            finally:
+                bar.close()
+            if complete:
+                progress.set_walked()
+                if since is None:
+                    progress.set_since(newest)  # changes from the walk's start on are read incrementally
+    except BackfillError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Orthanc went away mid-run
+        raise BackfillError(f"Orthanc at {url} failed mid-run: {exc}") from exc
     finally:
-        bar.close()
         progress.finished()
-    log.info("backfill: %d done before this run", done_before)
+    progress.outcome()
     return counts
+
+
+class ScheduledReconcile:
+    """``serve``'s reconciliation with Orthanc every ``orthanc_reconcile_seconds``, in a thread.
+
+    A failed run is logged and recorded (the status page and ``drh_orthanc_reconcile_*`` metrics
+    show it) and tried again at the next period; it never stops the service.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="orthanc-reconcile", daemon=True)
+
+    def start(self) -> ScheduledReconcile:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(30)
+
+    def _loop(self) -> None:
+        s = self.settings
+        while not self.stop_event.wait(s.orthanc_reconcile_seconds):
+            try:
+                counts = run(s, s.orthanc_url, s.orthanc_user, s.orthanc_password, progress_bar=False, walk=False)
+            except BackfillError as exc:
+                log.error("reconciliation with Orthanc failed: %s", exc)
+                continue
+            except Exception:  # noqa: BLE001 - a bug or Redis away: log, try again next period
+                log.exception("reconciliation with Orthanc failed")
+                continue
+            if counts["queued"]:
+                log.warning(
+                    "reconciliation with Orthanc: %d instance(s) of %d study(ies) were missing and are now queued",
+                    counts["queued"],
+                    counts["studies"],
+                )
+            else:
+                log.info("reconciliation with Orthanc: %d study(ies) checked, nothing missing", counts["studies"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="drh-pacs backfill orthanc",
-        description="Index every study of an Orthanc archive that drh-pacs does not have yet (resumable).",
+        description="Index every study of an Orthanc archive that drh-pacs does not have yet (resumable;"
+        " after a first complete walk, only what changed in Orthanc since).",
     )
     parser.add_argument("--url", help="Orthanc REST URL (default: setting orthanc_url)")
     parser.add_argument("--user", help="Orthanc user (default: setting orthanc_user)")
     parser.add_argument("--password", help="Orthanc password (default: setting orthanc_password)")
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many new studies")
+    parser.add_argument("--limit", type=int, default=None, help="stop after this many new studies (first walk)")
     parser.add_argument("--restart", action="store_true", help="forget the recorded progress and walk everything")
     args = parser.parse_args(argv)
     try:
@@ -171,13 +354,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         counts = run(settings, url, user, password, restart=args.restart, limit=args.limit)
     except BackfillError as exc:
-        print(f"drh-pacs backfill orthanc: {exc}; run it again to resume", file=sys.stderr)
+        hint = "; run it again to resume" if exc.resumable else ""
+        print(f"drh-pacs backfill orthanc: {exc}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("drh-pacs backfill orthanc: interrupted; run it again to resume", file=sys.stderr)
         return 130
-    print(
-        f"backfill orthanc: {counts['studies']} new study(ies), {counts['queued']} instance(s) queued,"
-        f" {counts['skipped']} already present, {counts['already_done']} study(ies) done in earlier runs"
-    )
+    if counts["incremental"]:
+        print(
+            f"backfill orthanc: {counts['studies']} study(ies) changed in Orthanc since change {counts['since']},"
+            f" {counts['queued']} instance(s) queued, {counts['skipped']} already present"
+        )
+    else:
+        print(
+            f"backfill orthanc: {counts['studies']} new study(ies), {counts['queued']} instance(s) queued,"
+            f" {counts['skipped']} already present, {counts['already_done']} study(ies) done in earlier runs"
+        )
     return 0

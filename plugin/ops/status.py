@@ -3,14 +3,17 @@ and Prometheus ``/metrics``. One function (:func:`gather`) reads them so the thr
 
 Figures: queue depths per Celery queue and messages in flight; task outcomes; ingest latency
 (C-STORE to searchable); index size per model version and level, the active version and a running
-re-index; live workers (from their heartbeats) and the devices their processes loaded the model on;
-failure ledger size with the most recent failures.
+re-index; workers (from their heartbeats: online, refusing their device, offline, stopped) and the
+devices their processes loaded the model on; failure ledger size with the most recent failures and
+C-STORE refusals; and, with the settings of the process, the spool's disk and whether Orthanc
+answers; with the SCP's counters (in ``serve``), what the DICOM listener did.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from typing import Any
@@ -20,7 +23,7 @@ import redis
 from plugin.core.redis_server import EmbeddedRedisError, resolve_redis_url
 from plugin.core.settings import Settings, SettingsError, load_settings
 from plugin.ops import metrics
-from plugin.store import HEARTBEAT_SECONDS, Store
+from plugin.store import Store, worker_state
 from plugin.store.broker import in_flight, queue_depth
 from workers.client import QUEUES
 
@@ -60,7 +63,10 @@ def model_versions(store: Store) -> list[dict[str, Any]]:
 
 
 def _workers(store: Store) -> list[dict[str, Any]]:
-    """Live workers (heartbeat within three periods) and the devices their processes loaded on."""
+    """Every worker heard of in the last week, with its ``state`` (online, starting, refused: its
+    device is unusable, offline: silent for three heartbeats, stopped: exited cleanly), its last-seen
+    time and the devices its processes loaded the model on. A worker that dies is marked, not dropped.
+    """
     now = time.time()
     beats = store.workers.heartbeats()
     procs: dict[str, list[dict[str, Any]]] = {}
@@ -70,26 +76,86 @@ def _workers(store: Store) -> list[dict[str, Any]]:
         procs[host] = [p for p in records if p.get("loaded", 0) >= started]
     out = []
     for w in beats.values():
-        if now - float(w.get("last_seen", 0)) > 3 * HEARTBEAT_SECONDS:
-            continue
-        loaded = procs.get(w["hostname"], [])
+        w["state"] = worker_state(w, now)
+        w["reason"] = str(w.get("reason") or "")
+        loaded = procs.get(w["hostname"], []) if w["state"] == "online" else []
         devices = sorted({p["device"] for p in loaded})
         w["device"] = ",".join(devices) if devices else str(w.get("device", ""))
         w["models"] = sorted({p["model"] for p in loaded})
-        w["age"] = time.time() - float(w.get("last_seen", 0))
+        w["age"] = now - float(w.get("last_seen", 0))
         out.append(w)
-    out.sort(key=lambda w: w["hostname"])
+    out.sort(key=lambda w: (w["state"] == "stopped", w["hostname"]))
     return out
 
 
-def gather(store: Store, broker: redis.Redis | None = None, recent: int = 20) -> dict[str, Any]:
-    """Every figure, from the store and the broker (``broker``, default: the store's Redis).
+# Seconds the status waits for Orthanc's answer (a scrape must not hang on a PACS that is down).
+ORTHANC_PROBE_SECONDS = 2.0
+
+
+def spool_disk(settings: Settings) -> dict[str, Any]:
+    """Free and total bytes of the file system holding the spool (where C-STOREs are written)."""
+    path = settings.spool_dir if settings.spool_dir.exists() else settings.data_dir
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError as exc:
+        return {"path": str(path), "ok": False, "error": str(exc)}
+    return {"path": str(path), "ok": True, "free": usage.free, "total": usage.total}
+
+
+def orthanc_reachability(settings: Settings) -> dict[str, Any] | None:
+    """Whether Orthanc's REST API answers drh-pacs (None when no Orthanc is configured). ``up`` means
+    usable: a refused password is down, with the reason."""
+    if not settings.orthanc_url:
+        return None
+    import requests
+
+    url = settings.orthanc_url.rstrip("/")
+    auth = (settings.orthanc_user, settings.orthanc_password) if settings.orthanc_user else None
+    out: dict[str, Any] = {"url": url, "up": False, "error": ""}
+    try:
+        answer = requests.get(f"{url}/system", auth=auth, timeout=ORTHANC_PROBE_SECONDS)
+        out["up"] = answer.status_code == 200
+        if answer.status_code in (401, 403):
+            out["error"] = f"credentials refused (HTTP {answer.status_code})"
+        elif answer.status_code != 200:
+            out["error"] = f"HTTP {answer.status_code}"
+    except requests.RequestException as exc:
+        out["error"] = f"unreachable: {type(exc).__name__}"
+    return out
+
+
+def reconcile_info(store: Store, url: str) -> dict[str, Any]:
+    """How the last reconciliation with Orthanc went (``last_ok`` 0: never)."""
+    info = store.backfill(url).info()
+    return {
+        "last_ok": float(info.get("last_ok", 0) or 0),
+        "last_error": info.get("last_error", ""),
+        "since": int(info["since"]) if info.get("since") else None,
+    }
+
+
+def gather(
+    store: Store,
+    broker: redis.Redis | None = None,
+    recent: int = 20,
+    *,
+    settings: Settings | None = None,
+    dicom: Any = None,
+) -> dict[str, Any]:
+    """Every figure, from the store and the broker (``broker``, default: the store's Redis); with
+    ``settings``, the spool's disk and Orthanc; with ``dicom`` (the SCP's
+    :class:`~plugin.dicom.counters.DicomCounters`), the DICOM listener's counts.
 
     Never raises for an unreachable Redis: ``redis_ok`` is False and ``error`` says why, so the
     status page and ``/metrics`` still answer while Redis is down.
     """
     broker = broker or store.client
     figures: dict[str, Any] = {"time": time.time(), "redis_ok": False, "namespace": store.namespace}
+    if dicom is not None:
+        figures["dicom"] = dicom.snapshot()
+    if settings is not None:
+        figures["spool"] = spool_disk(settings)
+        figures["orthanc"] = orthanc_reachability(settings)
     try:
         figures["queues"] = {q: queue_depth(broker, q) for q in QUEUES}
         figures["in_flight"] = in_flight(broker)
@@ -107,8 +173,12 @@ def gather(store: Store, broker: redis.Redis | None = None, recent: int = 20) ->
             "count": store.ledger.count(),
             "ignored": store.ledger.ignored_count(),
             "recent": store.ledger.list(recent),
+            "refused": store.ledger.refused_count(),
+            "recent_refused": store.ledger.refused(recent),
         }
         figures["pending"] = store.ingest.pending_count()
+        if figures.get("orthanc") and settings is not None and settings.orthanc_reconcile_seconds > 0:
+            figures["orthanc"]["reconcile"] = reconcile_info(store, figures["orthanc"]["url"])
         figures["redis_ok"] = True
     except redis.exceptions.RedisError as exc:
         figures["error"] = f"Redis unavailable: {exc}"
@@ -136,13 +206,16 @@ def render_text(f: dict[str, Any]) -> str:
     lines.append(f"batching    {f['pending']} instance(s) pending for the model")
     lines.append("")
     lines.append("workers")
-    if not f["workers"]:
-        lines.append("  none alive (start `drh-pacs worker` or `drh-pacs serve`)")
+    if not any(w["state"] == "online" for w in f["workers"]):
+        lines.append("  NONE ONLINE: nothing is being indexed (start `drh-pacs worker` or `drh-pacs serve`)")
     for w in f["workers"]:
+        mark = w["state"].upper() if w["state"] in ("offline", "refused") else w["state"]
         lines.append(
-            f"  {w['hostname']:<32} device {w['device']:<10} x{w['concurrency']}  queues {','.join(w['queues'])}"
-            f"  seen {_ago(w['age'])} ago"
+            f"  {w['hostname']:<32} {mark:<8} device {w['device']:<10} x{w['concurrency']}"
+            f"  queues {','.join(w['queues'])}  seen {_ago(w['age'])} ago"
         )
+        if w["reason"]:
+            lines.append(f"      {w['reason']}")
     lines.append("")
     lines.append("index")
     if not f["models"]:
@@ -167,21 +240,62 @@ def render_text(f: dict[str, Any]) -> str:
     p95 = metrics.latency_quantile(lat, 0.95)
     lines.append(
         "ingest      "
-        + ("  ".join(f"{outcome_label(k)} {v}" for k, v in sorted(done.items())) or "no instance received yet")
+        + ("  ".join(f"{outcome_label(k)} {v}" for k, v in sorted(done.items()) if v) or "no instance received yet")
         + (f"  latency p50 <= {p50:g} s, p95 <= {p95:g} s" if p50 is not None else "")
     )
     pool = f["tasks"].get("pool_study", {})
-    if pool:
-        lines.append("pooling     " + "  ".join(f"{k} {v}" for k, v in sorted(pool.items())))
+    if any(pool.values()):
+        lines.append("pooling     " + "  ".join(f"{k} {v}" for k, v in sorted(pool.items()) if v))
     fl = f["failures"]
     lines.append("")
-    lines.append(f"failures    {fl['count']} failed, {fl['ignored']} non-image ignored")
+    lines.append(
+        f"failures    {fl['count']} failed, {fl['ignored']} non-image ignored,"
+        f" {fl['refused']} refused at reception (`drh-pacs failures refused`)"
+    )
     for e in fl["recent"]:
         lines.append(f"  {e['sop_uid']}  {e['state']}  x{e['count']}  last {_ago(f['time'] - e['last_seen'])} ago")
         lines.append(f"      {e['reason']}")
     if fl["count"]:
         lines.append("  retry with `drh-pacs failures retry UID` or `drh-pacs failures retry --all`")
+    lines += _text_surroundings(f)
     return "\n".join(lines)
+
+
+def _text_surroundings(f: dict[str, Any]) -> list[str]:
+    """The spool's disk and Orthanc, when the figures have them (``drh-pacs status`` runs on the
+    machine of ``serve``); the DICOM listener's counts are on /status and /metrics (its process)."""
+    lines: list[str] = []
+    spool = f.get("spool")
+    if spool:
+        lines.append("")
+        if spool["ok"]:
+            pct = 100 * spool["free"] / max(1, spool["total"])
+            lines.append(
+                f"spool       {spool['free'] / 1e9:.1f} GB free of {spool['total'] / 1e9:.1f} GB ({pct:.0f} %)"
+            )
+        else:
+            lines.append(f"spool       UNREADABLE: {spool['error']}")
+    orthanc = f.get("orthanc")
+    if orthanc:
+        state = "answers" if orthanc["up"] else f"DOWN: {orthanc['error']}"
+        lines.append(f"orthanc     {orthanc['url']} {state}")
+        rec = orthanc.get("reconcile") or {}
+        if rec.get("last_error"):
+            lines.append(f"      last reconciliation failed: {rec['last_error']}")
+        elif rec.get("last_ok"):
+            lines.append(f"      last reconciliation {_ago(f['time'] - rec['last_ok'])} ago")
+    dicom = f.get("dicom")
+    if dicom:
+        done = {k: v for k, v in dicom["requests"].items() if v}
+        lines.append(
+            f"dicom       {dicom['active_associations']} association(s) open, "
+            + "  ".join(f"{k} {v}" for k, v in dicom["associations"].items())
+            + ("  " + "  ".join(f"{k.replace('|', ' ')} {v}" for k, v in sorted(done.items())) if done else "")
+        )
+        refused = {k: v for k, v in dicom.get("admission_refusals", {}).items() if v}
+        if refused:
+            lines.append("      refused by admission control: " + "  ".join(f"{k} {v}" for k, v in refused.items()))
+    return lines
 
 
 def gather_for_settings(settings: Settings) -> dict[str, Any]:
@@ -190,7 +304,7 @@ def gather_for_settings(settings: Settings) -> dict[str, Any]:
     store = Store.from_url(url, settings.redis_namespace, socket_timeout=5, socket_connect_timeout=5)
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if settings.broker_url else store.client
     try:
-        return gather(store, broker)
+        return gather(store, broker, settings=settings)
     finally:
         store.close()
         if broker is not store.client:

@@ -6,13 +6,15 @@ reference patient to exclude is resolved at search time (:func:`plugin.search.qu
 since a request names it only indirectly.
 
 Adding a filter key: a field here, its test in :mod:`plugin.search.eligible` (and, for a new study
-attribute, a field of the record in :mod:`plugin.store.attributes`), and its two parsers:
-:func:`plugin.dicom.similar.parse_similar` and :func:`plugin.http.search.parse_filters`.
+attribute, a field of the record in :mod:`plugin.store.attributes`), and its parsers:
+:func:`plugin.dicom.similar.parse_similar`, :func:`plugin.http.search.parse_filters` and
+:func:`qido_filters` here (DICOMweb's matching parameters, :mod:`plugin.http.dicomweb`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from plugin.search.errors import QueryError
@@ -61,3 +63,50 @@ def parse_date_range(value: str) -> tuple[str | None, str | None]:
     if not _DATE_RE.match(value):
         raise QueryError("malformed", f"StudyDate {value!r} is not YYYYMMDD")
     return value, value
+
+
+# QIDO-RS matching attributes (PS3.18 8.3.4) that are filters, by keyword; the private one is named by
+# its keyword in our private dictionary (plugin.dicom.status). PatientID is a filter unless it names
+# the reference's patient (an AccessionNumber reference), which the caller decides.
+QIDO_FILTER_KEYS = ("ModalitiesInStudy", "Modality", "StudyDate", "BodyPartExamined", "PatientID")
+QIDO_EXCLUDE_KEY = "DRHExcludeReferencePatient"
+_YES = {"YES", "Y", "TRUE", "1"}
+_NO = {"", "NO", "N", "FALSE", "0"}
+
+
+def _single(keyword: str, value: str) -> str | None:
+    """A single-valued matching value: None for universal matching (empty or ``*``); wildcards
+    and lists refused rather than silently read as literal text."""
+    value = value.strip()
+    if value in {"", "*"}:
+        return None
+    if any(c in value for c in "*?,\\"):
+        raise QueryError("malformed", f"{keyword}: only single-value matching is supported here")
+    return value
+
+
+def qido_filters(params: Mapping[str, str]) -> Filters:
+    """QIDO-RS matching parameters (keyword -> value, tags already turned into keywords) -> Filters.
+
+    ``ModalitiesInStudy`` (or ``Modality``) takes a list (``CT,MR`` or ``CT\\MR``): a study matches
+    with any of them; ``StudyDate`` a DICOM range (``20240101-20240131``, open-ended allowed);
+    ``BodyPartExamined`` and ``PatientID`` one value (``*`` is universal matching, other wildcards
+    are refused); ``DRHExcludeReferencePatient`` YES or NO.
+    """
+    raw_modalities = params.get("ModalitiesInStudy") or params.get("Modality") or ""
+    modalities = [m.strip().upper() for m in re.split(r"[,\\]", raw_modalities) if m.strip() not in {"", "*"}]
+    if any("*" in m or "?" in m for m in modalities):
+        raise QueryError("malformed", "wildcards in ModalitiesInStudy are not supported here")
+    date_from, date_to = parse_date_range(params.get("StudyDate", ""))
+    exclude = (params.get(QIDO_EXCLUDE_KEY) or "").strip().upper()
+    if exclude not in _YES | _NO:
+        raise QueryError("malformed", f"{QIDO_EXCLUDE_KEY} is YES or NO")
+    body_part = _single("BodyPartExamined", params.get("BodyPartExamined", ""))
+    return Filters(
+        modalities=tuple(modalities),
+        date_from=date_from,
+        date_to=date_to,
+        body_part=body_part.upper() if body_part else None,
+        patient_id=_single("PatientID", params.get("PatientID", "")),
+        exclude_reference_patient=exclude in _YES,
+    )

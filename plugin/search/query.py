@@ -19,8 +19,9 @@ from plugin.search.filters import Filters
 
 log = logging.getLogger("drh.query")
 
-# The most results one similar query may ask for: a viewer lists them, nobody reads 10 000 rows,
-# and each is a pending response on the wire.
+# The most results any similar query may ask for, whatever the settings: a viewer lists them, nobody
+# reads 10 000 rows, and each is a pending response on the wire. Settings.max_results (at most
+# this) is the bound a site chooses, checked by check_k.
 MAX_RESULTS = 1000
 
 LEVELS = ("STUDY", "IMAGE")
@@ -39,12 +40,20 @@ class SimilarQuery:
             raise QueryError("malformed", f"level {self.level!r}: similar is STUDY or IMAGE")
         if self.k < 1:
             raise QueryError("malformed", "the number of results must be >= 1")
-        object.__setattr__(self, "k", min(self.k, MAX_RESULTS))
+        if self.k > MAX_RESULTS:
+            raise QueryError("malformed", f"k={self.k} is over the maximum of {MAX_RESULTS} results per query")
 
     @property
     def index_level(self) -> str:
         """The replica that answers: study codes for STUDY, image codes for IMAGE."""
         return "study" if self.level == "STUDY" else "image"
+
+
+def check_k(query: SimilarQuery, max_results: int) -> None:
+    """Refuse a query asking for more than ``max_results`` results (``Settings.max_results``):
+    a clear error rather than a silently shorter answer."""
+    if query.k > max_results:
+        raise QueryError("malformed", f"k={query.k} is over the maximum of {max_results} results per query")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from plugin.store.attributes import ATTR_DTYPE, FLAG_KNOWN, MODALITY_BITS, parse
 from plugin.store.backfill import BackfillProgress
 from plugin.store.codes import Changes, CodeStore, Snapshot
 from plugin.store.embeddings import Embeddings
-from plugin.store.heartbeats import HEARTBEAT_SECONDS, WorkerRegistry
+from plugin.store.heartbeats import HEARTBEAT_SECONDS, WorkerRegistry, worker_state
 from plugin.store.ingest import IngestState
 from plugin.store.keys import Keys
 from plugin.store.ledger import FailureLedger
@@ -47,6 +47,7 @@ __all__ = [
     "StoreError",
     "parse_date",
     "patient_key",
+    "worker_state",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Ingest work in progress: the batching hint, model-batch claims, decode crash counts, pooling markers.
+"""Ingest work in progress: the batching hint, model-batch claims, decode crash counts, studies to pool.
 
 Batching for the model (the GPU wants batches, Celery delivers one message per instance): each
 enqueued instance is also recorded here, oldest first, with its task payload. A task holding the
@@ -11,6 +11,13 @@ hint: losing it costs batching, never data.
 
 Decode crash counts: a decode that kills the worker process (a codec crashing hard) leaves its count
 behind; the worker refuses a file that did so too often (see :mod:`workers.batching`).
+
+Study pooling: every indexed instance makes its study *due* at the time it will be stable (a sorted
+set, so a late instance only moves the time later). Workers scan for due studies
+(:meth:`IngestState.claim_due_studies`, one script: several scanners never claim the same study)
+and pool each under a lease; a study whose worker died is due again when its lease runs out. Nothing
+waits in one worker's unacknowledged message, and no marker can keep a late instance from being
+pooled.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class IngestState:
         self.r = client
         self.keys = keys
         self._claim = client.register_script(scripts.CLAIM_BATCH)
+        self._claim_pooling = client.register_script(scripts.CLAIM_POOLING)
 
     def hint(self, payload: dict[str, Any]) -> None:
         """Record an enqueued instance for batching."""
@@ -89,10 +97,29 @@ class IngestState:
     def decode_finished(self, sop_uid: str) -> None:
         self.r.hdel(self.keys.ingest_decoding(), sop_uid)
 
-    # -- study pooling markers ---------------------------------------------------------------------
-    def mark_pool_scheduled(self, study_uid: str, ttl_seconds: int) -> bool:
-        """True when no pooling of the study was scheduled yet (this call schedules it)."""
-        return bool(self.r.set(self.keys.pool_scheduled(study_uid), "1", nx=True, ex=ttl_seconds))
+    # -- study pooling ---------------------------------------------------------------------------------
+    def pool_due(self, study_uid: str, due_at: float) -> None:
+        """The study is to be pooled at ``due_at`` (or later, if it already was due later)."""
+        self.r.zadd(self.keys.pool_due(), {study_uid: due_at}, gt=True)
 
-    def clear_pool_scheduled(self, study_uid: str) -> None:
-        self.r.delete(self.keys.pool_scheduled(study_uid))
+    def claim_due_studies(self, now: float, lease_seconds: float, limit: int = 100) -> list[str]:
+        """Due studies nobody is pooling, now leased to the caller until ``now + lease_seconds``."""
+        k = self.keys
+        res = self._claim_pooling(keys=[k.pool_due(), k.pool_running()], args=[now, now + lease_seconds, limit])
+        return [uid.decode() if isinstance(uid, bytes) else str(uid) for uid in res]
+
+    def pool_finished(self, study_uid: str) -> None:
+        """The pooling of the study is done (or not needed yet): its lease is released."""
+        self.r.zrem(self.keys.pool_running(), study_uid)
+
+    def pool_retry_later(self, study_uid: str, at: float) -> None:
+        """A pooling that failed: keep the study leased until ``at``, then it is due again."""
+        self.r.zadd(self.keys.pool_running(), {study_uid: at}, xx=True)
+
+    def pool_pending(self) -> tuple[int, int]:
+        """(studies waiting to be stable or claimed, studies being pooled)."""
+        pipe = self.r.pipeline()
+        pipe.zcard(self.keys.pool_due())
+        pipe.zcard(self.keys.pool_running())
+        due, running = pipe.execute()
+        return int(due), int(running)

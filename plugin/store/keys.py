@@ -53,7 +53,12 @@ Work in progress (:mod:`plugin.store.ingest`, :mod:`plugin.store.reindex`, :mod:
 ``ns:ingest:payload``                       hash     SOPInstanceUID -> JSON task payload
 ``ns:ingest:claim``                         hash     SOPInstanceUID -> "deadline|task id" lease
 ``ns:ingest:decoding``                      hash     SOPInstanceUID -> decodes started, not finished
-``ns:pool:scheduled:{study uid}``           string   a study pooling is scheduled (with a TTL)
+``ns:pool:due``                             zset     StudyInstanceUID by the time it is stable (its
+                                                     last instance + study_stable_seconds): studies
+                                                     to pool; a late instance moves it later
+``ns:pool:running``                         zset     StudyInstanceUID by the end of its pooling's
+                                                     lease: claimed by a worker's scan, due again if
+                                                     the lease runs out
 ``ns:reindex``                              hash     the re-index job: version, path, previous, state,
                                                      started, finished, total, done, failed, planned
 ``ns:reindex:done``                         set      SOPInstanceUIDs re-encoded
@@ -69,6 +74,10 @@ Outcomes and operations (:mod:`plugin.store.ledger`, :mod:`plugin.store.stats`,
 ``ns:failures``                             hash     SOPInstanceUID -> JSON failure entry
 ``ns:failures:recent``                      zset     SOPInstanceUID by last failure time
 ``ns:ignored``                              hash     SOPInstanceUID -> JSON {reason, study_uid, when}
+``ns:refused``                              hash     SOPInstanceUID -> JSON C-STORE refusal {reason,
+                                                     status, study_uid, source_ae, first_seen,
+                                                     last_seen, count}
+``ns:refused:recent``                       zset     SOPInstanceUID by last refusal time
 ``ns:stats:tasks``                          hash     ``<task>:<outcome>`` -> count
 ``ns:stats:latency``                        hash     C-STORE-to-searchable histogram buckets
 ``ns:workers``                              hash     worker hostname -> JSON heartbeat
@@ -203,8 +212,11 @@ class Keys:
     def ingest_decoding(self) -> str:
         return f"{self.ns}:ingest:decoding"
 
-    def pool_scheduled(self, study_uid: str) -> str:
-        return f"{self.ns}:pool:scheduled:{study_uid}"
+    def pool_due(self) -> str:
+        return f"{self.ns}:pool:due"
+
+    def pool_running(self) -> str:
+        return f"{self.ns}:pool:running"
 
     def reindex(self) -> str:
         return f"{self.ns}:reindex"
@@ -230,6 +242,12 @@ class Keys:
 
     def ignored(self) -> str:
         return f"{self.ns}:ignored"
+
+    def refused(self) -> str:
+        return f"{self.ns}:refused"
+
+    def refused_recent(self) -> str:
+        return f"{self.ns}:refused:recent"
 
     def stats_tasks(self) -> str:
         return f"{self.ns}:stats:tasks"

@@ -4,8 +4,10 @@ Kept in Redis so every worker writes to it and every status page reads it (keys 
 :mod:`plugin.store.keys`): an entry per SOPInstanceUID, JSON {reason, kind (``permanent``,
 ``transient`` that outlived its retries, or ``error``: a bug), first_seen, last_seen, count, state
 (failed|retrying), and the task payload: study_uid, path, source_ae, received_at}; a sorted set by
-last failure for status pages; and the ``ignored`` hash of non-image objects, accepted and
-deliberately not indexed.
+last failure for status pages; the ``ignored`` hash of non-image objects, accepted and
+deliberately not indexed; and the ``refused`` hash of C-STOREs the SCP refused (a malformed or
+truncated dataset: nothing was spooled, so nothing here can be re-queued; the sender must send it
+again once it is fixed), so that a PACS's "refused" log line has its reason on our side.
 
 A retry (:func:`workers.client.retry_failed`) re-queues the original task payload (the file is still
 on the spool) and marks the entry ``retrying``; a success removes the entry, a new failure bumps
@@ -55,11 +57,16 @@ class FailureLedger:
                     continue
 
     def resolve(self, sop_uid: str) -> bool:
-        """Forget an entry (the instance is now indexed, ignored or deleted); True when there was one."""
+        """Forget an entry (the instance is now indexed, ignored or deleted); True when there was one.
+
+        A refusal of an earlier copy goes too: the instance arrived whole since.
+        """
         pipe = self.r.pipeline()
         pipe.hdel(self.keys.failures(), sop_uid)
         pipe.zrem(self.keys.failures_recent(), sop_uid)
-        removed, _ = pipe.execute()
+        pipe.hdel(self.keys.refused(), sop_uid)
+        pipe.zrem(self.keys.refused_recent(), sop_uid)
+        removed, *_ = pipe.execute()
         return bool(removed)
 
     def mark_retrying(self, sop_uid: str) -> dict[str, Any] | None:
@@ -104,3 +111,40 @@ class FailureLedger:
 
     def ignored_count(self) -> int:
         return int(self.r.hlen(self.keys.ignored()))
+
+    def record_refused(self, sop_uid: str, study_uid: str, source_ae: str, reason: str, status: int) -> None:
+        """Note a C-STORE the SCP refused, with the reason it answered (no patient data in it)."""
+        now = time.time()
+        key = self.keys.refused()
+        raw = self.r.hget(key, sop_uid)
+        entry = json.loads(raw) if raw else {"first_seen": now, "count": 0}
+        entry.update(
+            sop_uid=sop_uid,
+            study_uid=study_uid,
+            source_ae=source_ae,
+            reason=reason,
+            status=f"{status:#06x}",
+            last_seen=now,
+            count=int(entry["count"]) + 1,
+        )
+        pipe = self.r.pipeline()
+        pipe.hset(key, sop_uid, json.dumps(entry))
+        pipe.zadd(self.keys.refused_recent(), {sop_uid: now})
+        pipe.execute()
+
+    def refused_count(self) -> int:
+        return int(self.r.hlen(self.keys.refused()))
+
+    def refused(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The ``limit`` most recent C-STORE refusals, newest first."""
+        uids = [u.decode() for u in self.r.zrevrange(self.keys.refused_recent(), 0, max(0, limit - 1))]
+        if not uids:
+            return []
+        return [json.loads(raw) for raw in self.r.hmget(self.keys.refused(), uids) if raw]
+
+    def refused_among(self, sop_uids: list[str]) -> set[str]:
+        """Which of ``sop_uids`` were refused at reception, in one round trip."""
+        if not sop_uids:
+            return set()
+        found = self.r.hmget(self.keys.refused(), sop_uids)
+        return {uid for uid, raw in zip(sop_uids, found, strict=True) if raw}

@@ -194,3 +194,26 @@ if tonumber(ARGV[2]) > last then
 end
 return redis.call('HGET', h, 'last_instance_at')
 """
+
+# KEYS: pool due (zset uid -> due time), pool running (zset uid -> lease end). ARGV: now, lease end,
+# limit. Studies whose lease ran out (their worker died, or its message was lost) are due again at
+# once, unless a late instance made them due later; then up to ``limit`` due studies not being
+# pooled right now move to running with a lease, and are returned.
+CLAIM_POOLING = """
+local now = tonumber(ARGV[1])
+for _, uid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)) do
+  redis.call('ZREM', KEYS[2], uid)
+  redis.call('ZADD', KEYS[1], 'GT', now, uid)
+end
+local window = tonumber(ARGV[3]) + redis.call('ZCARD', KEYS[2])
+local out = {}
+for _, uid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, window)) do
+  if #out >= tonumber(ARGV[3]) then break end
+  if not redis.call('ZSCORE', KEYS[2], uid) then
+    redis.call('ZREM', KEYS[1], uid)
+    redis.call('ZADD', KEYS[2], ARGV[2], uid)
+    out[#out + 1] = uid
+  end
+end
+return out
+"""

@@ -20,6 +20,13 @@ from plugin.store.keys import Keys
 
 # Seconds. From "as fast as one model batch" to "a re-index backlog".
 LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0)
+# Every (task, outcome) the workers count (workers/tasks.py, workers/batching.py), reported from the
+# start at zero: a counter that only appears with its first event hides that event from
+# ``increase()``, so an alert on failures would miss the first burst.
+TASK_OUTCOMES = {
+    "index_instance": ("done", "failed", "retried", "ignored", "duplicate", "deferred"),
+    "pool_study": ("done", "deferred", "retried"),
+}
 
 
 class Stats:
@@ -49,8 +56,8 @@ class Stats:
             pass
 
     def tasks(self) -> dict[str, dict[str, int]]:
-        """task -> outcome -> count."""
-        out: dict[str, dict[str, int]] = {}
+        """task -> outcome -> count; the outcomes of :data:`TASK_OUTCOMES` are there at zero."""
+        out: dict[str, dict[str, int]] = {task: dict.fromkeys(outcomes, 0) for task, outcomes in TASK_OUTCOMES.items()}
         for k, v in self.r.hgetall(self.keys.stats_tasks()).items():
             task, _, outcome = k.decode().partition(":")
             out.setdefault(task, {})[outcome] = int(v)

@@ -49,6 +49,8 @@ def make_settings(tmp: Path, redis_url: str, **overrides: Any) -> Settings:
         "dicom_port": free_port(),
         "api_token": "test-token",
         "study_stable_seconds": 1.0,
+        # Tests of query behaviour query from several AE titles; access control has its own tests.
+        "dicom_query_open": True,
     }
     values.update(overrides)
     return load_settings(env={}, **values)
@@ -137,49 +139,117 @@ def findscu(
 
 
 DEPLOY_ORTHANC = Path(__file__).parents[2] / "deploy" / "orthanc"
+DEBIAN_ORTHANC = Path("/etc/orthanc")  # what Debian's orthanc package installs
 ORTHANC_USER = ("drh-pacs", "orthanc-test-password")
+DROP_IN = ("drh-pacs.json", "python.json", "drh-pacs-forward.py")
+
+
+def read_orthanc_json(path: Path) -> dict[str, Any]:
+    """An Orthanc configuration file: JSON with ``//`` and ``/* */`` comments (Debian's have both)."""
+    import json
+
+    text = path.read_text()
+    out: list[str] = []
+    i, in_string = 0, False
+    while i < len(text):
+        c = text[i]
+        if in_string:
+            out.append(c)
+            if c == "\\":
+                out.append(text[i + 1])
+                i += 1
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+            out.append(c)
+        elif text.startswith("//", i):
+            i = text.find("\n", i)
+            i = len(text) if i < 0 else i
+            continue
+        elif text.startswith("/*", i):
+            i = text.index("*/", i) + 2
+            continue
+        else:
+            out.append(c)
+        i += 1
+    return json.loads("".join(out))
 
 
 class Orthanc:
-    """A real Orthanc (Debian package) built from deploy/orthanc/orthanc.json, on free ports in ``tmp``.
+    """A real Orthanc (Debian package) started on a configuration directory laid out as Debian's.
 
-    ``modalities``: AE -> port on 127.0.0.1 (DRHPACS, VIEWER...). ``forward``: load the shipped Lua
-    script (every stable study goes to DRHPACS), with ``StableAge`` 1 s so tests do not wait a minute.
+    The directory holds every file of Debian's ``/etc/orthanc`` (its ``orthanc.json``, the site's
+    own, edited only as a site would: ports, storage, ``StableAge``, authentication, its viewers in
+    ``DicomModalities``; ``credentials.json`` with the drh-pacs user) and, with ``forward``, the
+    drop-in of ``deploy/orthanc`` as shipped (``drh-pacs.json``, ``python.json``,
+    ``drh-pacs-forward.py``) with drh-pacs's address and short retry delays for the test.
+
+    ``modalities``: the site's own modalities, AE -> port on 127.0.0.1; ``drh_port`` (or a
+    ``DRHPACS`` entry of ``modalities``) where drh-pacs listens.
     """
 
     def __init__(
         self,
         tmp: Path,
-        modalities: Mapping[str, int],
+        modalities: Mapping[str, int] | None = None,
         *,
         forward: bool = True,
+        drh_port: int | None = None,
         aet: str = "ORTHANC",
         dicom_port: int | None = None,
+        stable_age: int = 1,
+        retry_first: float = 0.5,
+        retry_max: float = 2.0,
     ):
         import json
+        import shutil
 
         self.dir = tmp / "orthanc"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dicom_port = dicom_port or free_port()
         self.http_port = free_port()
         self.aet = aet
-        config = json.loads((DEPLOY_ORTHANC / "orthanc.json").read_text())
-        config.update(
+        site_modalities = dict(modalities or {})
+        if drh_port is None and "DRHPACS" in site_modalities:
+            drh_port = site_modalities["DRHPACS"]
+        if forward:
+            site_modalities.pop("DRHPACS", None)  # the drop-in declares it
+        self.drh_port = drh_port
+        conf = self.config_path = self.dir / "etc"
+        conf.mkdir(exist_ok=True)
+        for path in DEBIAN_ORTHANC.glob("*.json"):
+            shutil.copy(path, conf / path.name)
+        site = read_orthanc_json(conf / "orthanc.json")
+        site.update(
             Name="test-orthanc",
             StorageDirectory=str(self.dir / "db"),
             IndexDirectory=str(self.dir / "db"),
             DicomAet=aet,
             DicomPort=self.dicom_port,
             HttpPort=self.http_port,
-            RemoteAccessAllowed=False,
-            RegisteredUsers={ORTHANC_USER[0]: ORTHANC_USER[1]},
-            DicomModalities={ae: {"AET": ae, "Host": "127.0.0.1", "Port": p} for ae, p in modalities.items()},
-            StableAge=1,
-            LuaScripts=[str(DEPLOY_ORTHANC / "drh-pacs-forward.lua")] if forward else [],
-            Plugins=[],
+            StableAge=stable_age,
+            AuthenticationEnabled=True,
+            DicomModalities={ae: {"AET": ae, "Host": "127.0.0.1", "Port": p} for ae, p in site_modalities.items()},
         )
-        self.config_path = self.dir / "orthanc.json"
-        self.config_path.write_text(json.dumps(config, indent=2))
+        (conf / "orthanc.json").write_text(json.dumps(site, indent=2))
+        (conf / "credentials.json").write_text(json.dumps({"RegisteredUsers": {ORTHANC_USER[0]: ORTHANC_USER[1]}}))
+        if forward:
+            for name in DROP_IN:
+                shutil.copy(DEPLOY_ORTHANC / name, conf / name)
+            drop_in = json.loads((conf / "drh-pacs.json").read_text())
+            drop_in["DrhPacs"].update(
+                Host="127.0.0.1",
+                Port=drh_port or free_port(),
+                StateFile=str(self.dir / "drh-pacs-forward.sqlite"),
+                RetryFirstSeconds=retry_first,
+                RetryMaxSeconds=retry_max,
+            )
+            (conf / "drh-pacs.json").write_text(json.dumps(drop_in, indent=2))
+            python = json.loads((conf / "python.json").read_text())
+            python["PythonScript"] = str(conf / "drh-pacs-forward.py")  # /etc/orthanc/ in production
+            (conf / "python.json").write_text(json.dumps(python, indent=2))
+        self.forward = forward
         self.log_path = self.dir / "orthanc.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -192,7 +262,7 @@ class Orthanc:
 
         import httpx
 
-        with open(self.log_path, "wb") as log:
+        with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 ["/usr/sbin/Orthanc", "--verbose", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
             )
@@ -201,7 +271,9 @@ class Orthanc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited ({self.proc.returncode}): {self.log_path.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.url}/system", auth=ORTHANC_USER, timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/system", auth=ORTHANC_USER, timeout=2).status_code == 200 and (
+                    not self.forward or "DRHPACS" in self.get("/modalities")  # the drop-in has declared it
+                ):
                     return self
             except httpx.HTTPError:
                 pass
@@ -216,6 +288,26 @@ class Orthanc:
         response = httpx.get(f"{self.url}{path}", auth=ORTHANC_USER, timeout=30)
         response.raise_for_status()
         return response.json()
+
+    def post(self, path: str, body: Any) -> Any:
+        import httpx
+
+        response = httpx.post(f"{self.url}{path}", auth=ORTHANC_USER, json=body, timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def study_id(self, study_uid: str) -> str:
+        """Orthanc's identifier of a study (``/tools/lookup`` takes the UID as the raw body)."""
+        import httpx
+
+        response = httpx.post(f"{self.url}/tools/lookup", auth=ORTHANC_USER, content=study_uid, timeout=30)
+        response.raise_for_status()
+        (found,) = [r["ID"] for r in response.json() if r["Type"] == "Study"]
+        return found
+
+    def forwarding(self) -> dict[str, Any]:
+        """The drop-in's record: pending studies, refused instances (``GET /drh-pacs/forwarding``)."""
+        return self.get("/drh-pacs/forwarding")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -234,3 +326,37 @@ class Orthanc:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class StoreSCP:
+    """DCMTK storescp as a viewer or a send destination (``ae`` on a free port), files under ``folder``."""
+
+    def __init__(self, folder: Path, ae: str = "VIEWER") -> None:
+        from tests.helpers.processes import wait_until
+
+        self.dir = folder
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ae = ae
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [str(DCMTK / "storescp"), "-aet", ae, "-od", str(self.dir), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(
+            lambda: dcmtk("echoscu", "-aec", ae, "127.0.0.1", str(self.port), timeout=10).returncode == 0,
+            20,
+            what="storescp to listen",
+        )
+
+    def received(self) -> set[str]:
+        """SOPInstanceUIDs of the files received so far."""
+        return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.dir.iterdir() if p.is_file()}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,367 @@
+"""drh-pacs forwarder: an Orthanc Python plugin (Debian package ``orthanc-python``).
+
+Every stable study goes to drh-pacs with a C-STORE job, and nothing is reported as forwarded unless
+drh-pacs answered every instance with success:
+
+- A stable study is first written to a small SQLite file (``DrhPacs`` > ``StateFile``), so a study
+  Orthanc has announced is on record before anything is sent, and survives a restart of Orthanc.
+- A sender thread sends each pending study as an Orthanc job (``/modalities/{m}/store``), waits for
+  the job's end and reads its ``ErrorDetails``: Orthanc's REST calls from a plugin only raise an
+  error code, and a "permissive" job reports no failed instance even when drh-pacs refused one.
+- drh-pacs unreachable, the association rejected, or drh-pacs out of resources (0xA7xx): the study
+  stays pending and is tried again with an exponential back-off (``RetryFirstSeconds`` doubling up
+  to ``RetryMaxSeconds``); while drh-pacs is unreachable, nothing else is tried either.
+- drh-pacs refused the data (any other failure status): the study's instances are sent one by one
+  and each refused instance is recorded with the status (drh-pacs lists it with its reason:
+  ``drh-pacs failures list``); the rest of the study is sent.
+- ``GET /drh-pacs/forwarding`` (Orthanc's REST API, with its authentication) lists what is
+  pending, what was refused and why; Orthanc's ``/tools/metrics-prometheus`` carries
+  ``drh_pacs_forward_pending`` and ``drh_pacs_forward_refused_instances``.
+
+At start the plugin declares drh-pacs to Orthanc as two DICOM modalities, ``DRHPACS`` (storage,
+C-MOVE) and ``SIMILAR`` (similar-studies queries from Orthanc Explorer and the REST API), from the
+``DrhPacs`` section of ``drh-pacs.json``; the site's own ``DicomModalities`` stay as they are.
+
+Log lines carry Orthanc identifiers (hashes) and DICOM statuses only, never patient data. The words
+"forwarded to" appear only for a study every instance of which drh-pacs accepted.
+"""
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+
+import orthanc
+
+DEFAULTS = {
+    "Host": "drh-pacs.example.org",  # where drh-pacs's DICOM listener runs
+    "Port": 11112,
+    "Aet": "DRHPACS",  # drh-pacs's AE title (DRH_AE_TITLE)
+    "SimilarAet": "SIMILAR",  # its similar-query AE title (DRH_SIMILAR_AE_TITLE)
+    "Modality": "DRHPACS",  # the names of the two modalities in Orthanc
+    "SimilarModality": "SIMILAR",
+    "DeclareModalities": True,  # False: the site declares both in its own DicomModalities
+    "RetryFirstSeconds": 10,
+    "RetryMaxSeconds": 600,
+    "StateFile": "",  # empty: drh-pacs-forward.sqlite beside Orthanc's index directory
+}
+
+# Failures that say nothing about the data: drh-pacs (or the network to it) is down, refuses the
+# association, or is out of resources. Everything else is drh-pacs refusing the data itself.
+LINK_ERRORS = re.compile(
+    r"TCP Initialization Error|Association Rejected|Association Request Failed|Peer Aborted|Peer aborted|"
+    r"Network Timeout|timeout|Timeout|Connection refused|Connection reset|Connection closed|DUL ",
+)
+DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
+INEXISTENT_ITEM = 7  # Orthanc's error code for a resource that does not exist (deleted meanwhile)
+POLL_SECONDS = 0.2
+
+
+def _settings():
+    config = json.loads(orthanc.GetConfiguration())
+    drh = dict(DEFAULTS)
+    drh.update(config.get("DrhPacs") or {})
+    if not drh["StateFile"]:
+        index = (config.get("IndexDirectory") or config.get("StorageDirectory") or "OrthancStorage").rstrip("/")
+        drh["StateFile"] = os.path.join(os.path.dirname(index) or ".", "drh-pacs-forward.sqlite")
+    return drh, "DrhPacs" in config
+
+
+class State:
+    """The durable record: pending studies, refused instances, a count of forwarded studies."""
+
+    def __init__(self, path):
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # a study announced is on disk before we move on
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS pending (
+                study TEXT PRIMARY KEY, queued REAL, attempts INTEGER DEFAULT 0,
+                next_try REAL, last_error TEXT DEFAULT '');
+            CREATE TABLE IF NOT EXISTS refused (
+                instance TEXT PRIMARY KEY, study TEXT, status TEXT, details TEXT, at REAL);
+            CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER);
+            """
+        )
+
+    def add(self, study):
+        now = time.time()
+        with self.lock:
+            self.db.execute(
+                "INSERT INTO pending (study, queued, next_try) VALUES (?, ?, ?) "
+                "ON CONFLICT(study) DO UPDATE SET next_try = MIN(next_try, excluded.next_try)",
+                (study, now, now),
+            )
+
+    def due(self, now):
+        """The study to send next: the one waiting longest for its turn (new studies in arrival
+        order; after a failure a study goes behind the others, so each gets its attempts)."""
+        with self.lock:
+            return self.db.execute(
+                "SELECT study, attempts FROM pending WHERE next_try <= ? ORDER BY next_try, queued LIMIT 1", (now,)
+            ).fetchone()
+
+    def next_due(self):
+        with self.lock:
+            row = self.db.execute("SELECT MIN(next_try) FROM pending").fetchone()
+        return row[0]
+
+    def failed(self, study, attempts, next_try, error):
+        with self.lock:
+            self.db.execute(
+                "UPDATE pending SET attempts = ?, next_try = ?, last_error = ? WHERE study = ?",
+                (attempts, next_try, error[:500], study),
+            )
+
+    def done(self, study, refused=(), forwarded=False):
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM pending WHERE study = ?", (study,))
+            for instance, status, details in refused:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
+                    (instance, study, status, details[:500], time.time()),
+                )
+            if forwarded:
+                self.db.execute(
+                    "INSERT INTO counters VALUES ('forwarded', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1"
+                )
+            self.db.execute("COMMIT")
+
+    def report(self, limit=1000):
+        with self.lock:
+            pending = self.db.execute(
+                "SELECT study, queued, attempts, next_try, last_error FROM pending ORDER BY queued LIMIT ?", (limit,)
+            ).fetchall()
+            refused = self.db.execute(
+                "SELECT instance, study, status, details, at FROM refused ORDER BY at DESC LIMIT ?", (limit,)
+            ).fetchall()
+            counts = [self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("pending", "refused")]
+            forwarded = self.db.execute("SELECT value FROM counters WHERE name = 'forwarded'").fetchone()
+        keys_p = ("study", "queued", "attempts", "next_try", "last_error")
+        keys_r = ("instance", "study", "status", "details", "at")
+        return {
+            "pending_count": counts[0],
+            "refused_count": counts[1],
+            "forwarded_count": forwarded[0] if forwarded else 0,
+            "pending": [dict(zip(keys_p, row, strict=True)) for row in pending],
+            "refused": [dict(zip(keys_r, row, strict=True)) for row in refused],
+        }
+
+
+class Outcome:
+    def __init__(self, ok, details="", transient=False, status=""):
+        self.ok = ok
+        self.details = details
+        self.transient = transient  # worth trying again later (the link, drh-pacs busy)
+        self.status = status  # the DIMSE status drh-pacs answered, when there was one
+
+
+def _classify(details):
+    match = DIMSE_STATUS.search(details)
+    status = ("0x" + match.group(1).upper()) if match else ""
+    if status.startswith("0xA7"):
+        return Outcome(False, details, transient=True, status=status)  # out of resources: later
+    if LINK_ERRORS.search(details) and not status:
+        return Outcome(False, details, transient=True)
+    return Outcome(False, details, transient=False, status=status)
+
+
+class Forwarder:
+    def __init__(self, drh, state):
+        self.drh = drh
+        self.state = state
+        self.modality = drh["Modality"]
+        self.wake = threading.Event()
+        self.stop = threading.Event()
+        self.link_delay = 0.0  # while drh-pacs is unreachable: the current back-off
+        self.paused_until = 0.0  # nothing is sent before this time (drh-pacs unreachable)
+        self.link_error = ""
+        self.last_success = 0.0
+        self.thread = threading.Thread(target=self.run, name="drh-pacs-forward", daemon=True)
+
+    # -- sending ---------------------------------------------------------------------------------
+    def _store(self, resource):
+        """One store job for a study or an instance; returns an Outcome once the job has ended."""
+        body = json.dumps({"Resources": [resource], "Synchronous": False, "Permissive": False})
+        try:
+            job = json.loads(orthanc.RestApiPost(f"/modalities/{self.modality}/store", body))["ID"]
+        except orthanc.OrthancException as exc:
+            code = exc.args[0] if exc.args else None
+            if code == INEXISTENT_ITEM:
+                return Outcome(False, "deleted from Orthanc", transient=False, status="gone")
+            return Outcome(False, f"cannot start the store job: {exc}", transient=True)
+        while not self.stop.is_set():
+            try:
+                info = json.loads(orthanc.RestApiGet("/jobs/" + job))
+            except orthanc.OrthancException as exc:
+                return Outcome(False, f"store job {job} vanished: {exc}", transient=True)
+            if info.get("State") == "Success":
+                return Outcome(True, str(info.get("Content", {}).get("InstancesCount", "")))
+            if info.get("State") == "Failure":
+                return _classify(str(info.get("ErrorDetails") or info.get("ErrorDescription") or "failed"))
+            time.sleep(POLL_SECONDS)
+        return Outcome(False, "Orthanc is stopping", transient=True)
+
+    def _instance_by_instance(self, study):
+        """After a refusal: send each instance alone; (sent, [(instance, status, details)], transient)."""
+        try:
+            instances = json.loads(orthanc.RestApiGet(f"/studies/{study}/instances"))
+        except orthanc.OrthancException as exc:
+            return 0, [], Outcome(False, f"cannot list the study's instances: {exc}", transient=True)
+        sent, refused = 0, []
+        for instance in instances:
+            outcome = self._store(instance["ID"])
+            if outcome.ok:
+                sent += 1
+            elif outcome.status == "gone":
+                continue
+            elif outcome.transient:
+                return sent, refused, outcome
+            else:
+                refused.append((instance["ID"], outcome.status or "refused", outcome.details))
+        return sent, refused, None
+
+    def _retry_delay(self, attempts):
+        first = float(self.drh["RetryFirstSeconds"])
+        return min(float(self.drh["RetryMaxSeconds"]), first * (2 ** max(0, attempts - 1)))
+
+    def send(self, study, attempts):
+        attempt = attempts + 1
+        outcome = self._store(study)
+        if outcome.ok:
+            self.state.done(study, forwarded=True)
+            self._link_ok()
+            orthanc.LogWarning(
+                f"drh-pacs: study {study} forwarded to {self.modality}"
+                f" ({outcome.details} instance(s), attempt {attempt})"
+            )
+            return
+        if outcome.status == "gone":
+            self.state.done(study)
+            orthanc.LogWarning(f"drh-pacs: study {study} was deleted from Orthanc before it could be sent")
+            return
+        refused = []
+        if not outcome.transient:
+            sent, refused, transient = self._instance_by_instance(study)
+            if transient is None:
+                self.state.done(study, refused=refused)
+                self._link_ok()
+                statuses = ", ".join(sorted({status for _, status, _ in refused})) or "none"
+                orthanc.LogWarning(
+                    f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
+                    f" (DIMSE status {statuses}), {sent} sent; GET /drh-pacs/forwarding lists them,"
+                    " `drh-pacs failures refused` says why"
+                )
+                return
+            outcome = transient
+        delay = self._retry_delay(attempt)
+        self.state.failed(study, attempt, time.time() + delay, outcome.details)
+        self.link_error = outcome.details
+        self.link_delay = min(float(self.drh["RetryMaxSeconds"]), max(self.link_delay * 2, self._retry_delay(1)))
+        self.paused_until = time.time() + self.link_delay
+        orthanc.LogWarning(
+            f"drh-pacs: study {study} NOT sent to {self.modality} (attempt {attempt}): {outcome.details};"
+            f" {self.state.report(0)['pending_count']} study(ies) pending, next try in {self.link_delay:.0f} s"
+        )
+
+    def _link_ok(self):
+        self.link_delay = 0.0
+        self.paused_until = 0.0
+        self.link_error = ""
+        self.last_success = time.time()
+
+    # -- the sender thread -----------------------------------------------------------------------
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self._metrics()
+                pause = self.paused_until - time.time()
+                if pause > 0:
+                    # drh-pacs was unreachable: wait before touching it again (a new study does not
+                    # shorten the wait; it is on record and goes with the others)
+                    self.stop.wait(pause)
+                    continue
+                row = self.state.due(time.time())
+                if row is None:
+                    next_try = self.state.next_due()
+                    wait = 60.0 if next_try is None else max(0.05, min(60.0, next_try - time.time()))
+                    self.wake.wait(wait)
+                    self.wake.clear()
+                    continue
+                self.send(row[0], row[1])
+            except Exception as exc:  # never let the thread die: log and go on
+                orthanc.LogError(f"drh-pacs: forwarder error {exc!r}; going on")
+                self.stop.wait(5)
+
+    def _metrics(self):
+        report = self.state.report(0)
+        gauge = orthanc.MetricsType.DEFAULT
+        orthanc.SetMetricsValue("drh_pacs_forward_pending", report["pending_count"], gauge)
+        orthanc.SetMetricsValue("drh_pacs_forward_refused_instances", report["refused_count"], gauge)
+
+    def declare_modalities(self):
+        for name, aet in (
+            (self.drh["Modality"], self.drh["Aet"]),
+            (self.drh["SimilarModality"], self.drh["SimilarAet"]),
+        ):
+            body = {"AET": aet, "Host": self.drh["Host"], "Port": int(self.drh["Port"])}
+            orthanc.RestApiPut("/modalities/" + name, json.dumps(body))
+            orthanc.LogWarning(f"drh-pacs: modality {name} is {aet} at {body['Host']}:{body['Port']}")
+
+
+FORWARDER = None
+
+
+def _on_change(change_type, level, resource):
+    if FORWARDER is None:
+        return
+    if change_type == orthanc.ChangeType.STABLE_STUDY:
+        FORWARDER.state.add(resource)
+        FORWARDER.wake.set()
+    elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
+        if FORWARDER.drh["DeclareModalities"]:
+            FORWARDER.declare_modalities()
+        FORWARDER.thread.start()
+    elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+        FORWARDER.stop.set()
+        FORWARDER.wake.set()
+
+
+def _on_report(output, uri, **request):
+    if request.get("method") != "GET":
+        output.SendMethodNotAllowed("GET")
+        return
+    report = FORWARDER.state.report()
+    report.update(
+        modality=FORWARDER.modality,
+        link_error=FORWARDER.link_error,
+        link_retry_seconds=FORWARDER.link_delay,
+        last_success=FORWARDER.last_success,
+    )
+    output.AnswerBuffer(json.dumps(report, indent=1), "application/json")
+
+
+def _start():
+    global FORWARDER
+    drh, configured = _settings()
+    if not configured:
+        orthanc.LogError(
+            'drh-pacs: no "DrhPacs" section in the configuration (drh-pacs.json): NOTHING is forwarded to drh-pacs'
+        )
+        return
+    FORWARDER = Forwarder(drh, State(drh["StateFile"]))
+    orthanc.RegisterOnChangeCallback(_on_change)
+    orthanc.RegisterRestCallback("/drh-pacs/forwarding", _on_report)
+    pending = FORWARDER.state.report(0)["pending_count"]
+    orthanc.LogWarning(
+        f"drh-pacs: forwarding stable studies to {drh['Modality']} ({pending} pending from before,"
+        f" state in {drh['StateFile']})"
+    )
+
+
+_start()

@@ -1,0 +1,167 @@
+"""What the DICOM listener has done since its process started: associations (accepted, rejected and
+why, aborted), DIMSE requests by service and outcome, and how long each took.
+
+Kept in the memory of the process that runs the SCP (``serve``), not in Redis like the workers'
+counters (:mod:`plugin.store.stats`): the listener is one process, its counts cost nothing on the
+DIMSE path, and they must keep counting when Redis is down, which is when rejections and failures
+pile up. A restart starts them at zero again, which Prometheus counters are made for (``rate`` and
+``increase`` handle resets). Every series exists from the start at zero, so an alert on
+``increase(...)`` sees the first burst too. ``/metrics`` and the status page read
+:meth:`DicomCounters.snapshot` through :func:`plugin.ops.status.gather`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+OPERATIONS = ("C-ECHO", "C-STORE", "C-FIND", "C-MOVE", "C-GET")
+OUTCOMES = ("success", "warning", "failure", "cancel")
+ASSOCIATION_OUTCOMES = ("accepted", "rejected", "aborted")
+# Why an association was rejected: our checks (handlers.handle_requested), no free association slot
+# ("busy": plugin.dicom.admission's limits, or pynetdicom's own), anything else. Connections refused
+# before their A-ASSOCIATE-RQ was read (admission control) are counted by plugin.dicom.admission.
+REJECT_REASONS = ("called-ae", "calling-ae", "address", "busy", "other")
+# Seconds: from a C-ECHO (milliseconds) to a C-MOVE of a large study (minutes).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+_REJECT_ATTRIBUTE = "_drh_reject_reason"
+
+
+def note_rejection(assoc: Any, reason: str) -> None:
+    """Say why we are about to reject ``assoc`` (before triggering ``EVT_REJECTED``), for the counts."""
+    setattr(assoc, _REJECT_ATTRIBUTE, reason)
+
+
+def outcome_of(status: int) -> str | None:
+    """The outcome a DIMSE status means; None for pending (not the end of the request yet)."""
+    if status in (0xFF00, 0xFF01):
+        return None
+    if status == 0x0000:
+        return "success"
+    if status == 0xFE00:
+        return "cancel"
+    if status == 0x0001 or 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    return "failure"
+
+
+def _status_in(item: Any) -> int | None:
+    """The status of one (status, dataset) yield of a handler; None for the other yields of C-MOVE
+    and C-GET (the destination, the number of sub-operations)."""
+    if not isinstance(item, tuple) or len(item) != 2:
+        return None
+    first = item[0]
+    if first is None and item[1] is None:
+        return 0xA801  # C-MOVE: destination unknown
+    if isinstance(first, int):
+        return first
+    status = getattr(first, "Status", None)
+    return int(status) if status is not None else None
+
+
+def _no_admission_refusals() -> dict[str, int]:
+    """Every admission refusal reason at zero (counters not attached to a running SCP)."""
+    from plugin.dicom.admission import REFUSAL_REASONS
+
+    return dict.fromkeys(REFUSAL_REASONS, 0)
+
+
+class DicomCounters:
+    """Thread-safe counters of one SCP process; :meth:`snapshot` is what the exporters read."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._associations = dict.fromkeys(ASSOCIATION_OUTCOMES, 0)
+        self._rejections = dict.fromkeys(REJECT_REASONS, 0)
+        self._requests = {(op, outcome): 0 for op in OPERATIONS for outcome in OUTCOMES}
+        self._buckets = {op: [0] * (len(LATENCY_BUCKETS) + 1) for op in OPERATIONS}
+        self._sums = dict.fromkeys(OPERATIONS, 0.0)
+        self.started = time.time()
+        # len(active associations), set by the SCP that owns these counters
+        self.active: Callable[[], int] = lambda: 0
+        # the admission control's refusals by reason (plugin.dicom.admission.Refusals.snapshot), set
+        # by the SCP: connections refused before or outside an association's own checks
+        self.admission_refusals: Callable[[], dict[str, int]] = _no_admission_refusals
+
+    # -- recording -------------------------------------------------------------------------------
+    def association(self, outcome: str) -> None:
+        with self._lock:
+            self._associations[outcome] += 1
+
+    def rejected(self, assoc: Any) -> None:
+        reason = getattr(assoc, _REJECT_ATTRIBUTE, None)
+        if reason is None:
+            ae = getattr(assoc, "ae", None)
+            acceptors = [a for a in getattr(ae, "active_associations", []) if getattr(a, "is_acceptor", False)]
+            reason = "busy" if ae is not None and len(acceptors) > ae.maximum_associations else "other"
+        with self._lock:
+            self._associations["rejected"] += 1
+            self._rejections[reason if reason in self._rejections else "other"] += 1
+
+    def request(self, operation: str, outcome: str, seconds: float) -> None:
+        index = next((n for n, bound in enumerate(LATENCY_BUCKETS) if seconds <= bound), len(LATENCY_BUCKETS))
+        with self._lock:
+            self._requests[(operation, outcome)] += 1
+            self._buckets[operation][index] += 1
+            self._sums[operation] += seconds
+
+    def timed(self, operation: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """``handler`` (a pynetdicom event handler) with its requests counted and timed."""
+        if inspect.isgeneratorfunction(handler):
+
+            def generator(event: Any, *args: Any) -> Iterator[Any]:
+                started = time.monotonic()
+                outcome = "success"
+                try:
+                    for item in handler(event, *args):
+                        status = _status_in(item)
+                        if status is not None:
+                            outcome = outcome_of(status) or outcome
+                        yield item
+                except BaseException:
+                    outcome = "failure"  # pynetdicom answers an exception in a handler with a failure
+                    raise
+                finally:
+                    self.request(operation, outcome, time.monotonic() - started)
+
+            generator.__name__ = handler.__name__
+            return generator
+
+        def plain(event: Any, *args: Any) -> Any:
+            started = time.monotonic()
+            outcome = "failure"
+            try:
+                result = handler(event, *args)
+                status = result if isinstance(result, int) else getattr(result, "Status", 0xC000)
+                outcome = outcome_of(int(status)) or "success"
+                return result
+            finally:
+                self.request(operation, outcome, time.monotonic() - started)
+
+        plain.__name__ = handler.__name__
+        return plain
+
+    # -- reading ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Every count, with cumulative latency buckets per operation (Prometheus's shape)."""
+        with self._lock:
+            latency = {}
+            for op in OPERATIONS:
+                cumulative, buckets = 0, []
+                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self._buckets[op], strict=True):
+                    cumulative += n
+                    buckets.append((bound, cumulative))
+                latency[op] = {"buckets": buckets, "sum": self._sums[op], "count": cumulative}
+            return {
+                "started": self.started,
+                "associations": dict(self._associations),
+                "rejections": dict(self._rejections),
+                "requests": {f"{op}|{outcome}": n for (op, outcome), n in self._requests.items()},
+                "latency": latency,
+                "active_associations": self.active(),
+                "admission_refusals": self.admission_refusals(),
+            }

@@ -1,0 +1,86 @@
+"""Studies due for pooling (plugin.store.ingest, the CLAIM_POOLING script) on a real Redis: what a
+worker's scan claims, what a lease protects, what a late instance or a dead worker changes."""
+
+from __future__ import annotations
+
+import threading
+
+from workers.tasks import pool_lease_seconds
+
+A, B, C = "1.2.3.1", "1.2.3.2", "1.2.3.3"
+
+
+def test_only_studies_past_their_due_time_are_claimed_once(store):
+    ingest = store.ingest
+    ingest.pool_due(A, 100.0)
+    ingest.pool_due(B, 200.0)
+    assert ingest.claim_due_studies(now=150.0, lease_seconds=60) == [A]
+    assert ingest.claim_due_studies(now=150.0, lease_seconds=60) == []  # leased: not sent twice
+    assert ingest.pool_pending() == (1, 1)
+    ingest.pool_finished(A)
+    assert ingest.claim_due_studies(now=250.0, lease_seconds=60) == [B]
+    assert ingest.pool_pending() == (0, 1)
+
+
+def test_a_late_instance_moves_the_due_time_later_never_earlier(store):
+    ingest = store.ingest
+    ingest.pool_due(A, 100.0)
+    ingest.pool_due(A, 160.0)  # a late instance
+    ingest.pool_due(A, 130.0)  # an older instance indexed after it (another worker): no effect
+    assert ingest.claim_due_studies(now=150.0, lease_seconds=60) == []
+    assert ingest.claim_due_studies(now=161.0, lease_seconds=60) == [A]
+
+
+def test_a_late_instance_during_pooling_is_pooled_after_it(store):
+    ingest = store.ingest
+    ingest.pool_due(A, 100.0)
+    assert ingest.claim_due_studies(now=101.0, lease_seconds=60) == [A]
+    ingest.pool_due(A, 120.0)  # arrives while the first pooling runs
+    assert ingest.claim_due_studies(now=121.0, lease_seconds=60) == []  # not twice at once
+    ingest.pool_finished(A)
+    assert ingest.claim_due_studies(now=122.0, lease_seconds=60) == [A]
+
+
+def test_a_study_whose_worker_died_is_due_again_when_its_lease_ends(store):
+    ingest = store.ingest
+    ingest.pool_due(A, 100.0)
+    assert ingest.claim_due_studies(now=100.0, lease_seconds=60) == [A]
+    # the worker died: no pool_finished; nothing happens before the lease ends...
+    assert ingest.claim_due_studies(now=159.0, lease_seconds=60) == []
+    # ...and then the next scan, on any worker, takes it
+    assert ingest.claim_due_studies(now=160.5, lease_seconds=60) == [A]
+
+
+def test_a_failed_pooling_waits_then_comes_back(store):
+    ingest = store.ingest
+    ingest.pool_due(A, 100.0)
+    assert ingest.claim_due_studies(now=100.0, lease_seconds=60) == [A]
+    ingest.pool_retry_later(A, 1000.0)
+    assert ingest.claim_due_studies(now=500.0, lease_seconds=60) == []
+    assert ingest.claim_due_studies(now=1001.0, lease_seconds=60) == [A]
+
+
+def test_concurrent_scanners_never_claim_the_same_study(store):
+    uids = [f"1.2.4.{n}" for n in range(300)]
+    for uid in uids:
+        store.ingest.pool_due(uid, 10.0)
+    claimed: list[list[str]] = []
+    lock = threading.Lock()
+
+    def scan() -> None:
+        while got := store.ingest.claim_due_studies(now=20.0, lease_seconds=60, limit=25):
+            with lock:
+                claimed.append(got)
+
+    threads = [threading.Thread(target=scan) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    flat = [uid for batch in claimed for uid in batch]
+    assert sorted(flat) == sorted(uids)  # each exactly once
+
+
+def test_the_lease_stays_within_the_stability_window_plus_half_a_minute():
+    assert pool_lease_seconds(60.0) == 90.0
+    assert pool_lease_seconds(5.0) == 60.0  # a pooling may wait in the queue a little

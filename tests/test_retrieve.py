@@ -1,0 +1,51 @@
+"""The page's "send to" button (``POST /api/studies/{uid}/move``): forwarded as a C-MOVE to the real
+Orthanc that sent the study, received by a DCMTK storescp; refusals for destinations the page may not
+use and studies it does not know. (Sending from the spool is exercised by the browser test.)
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+from plugin.core.redis_server import free_port
+from tests.helpers.dicomgen import fixture_images, make_study
+from tests.helpers.peers import ORTHANC_USER, Orthanc, StoreSCP, make_settings
+from tests.helpers.processes import wait_until
+
+pytestmark = pytest.mark.slow  # Orthanc and storescp
+
+TOKEN = "test-token"
+
+
+def test_send_is_forwarded_to_the_pacs_that_holds_the_study(tmp_path, redis_server, store):
+    from plugin.http.app import ApiContext, create_app
+
+    study = make_study(tmp_path / "in", fixture_images()[0:2], patient_id="P-SEND")
+    viewer = StoreSCP(tmp_path / "viewer", "VIEWER")
+    try:
+        with Orthanc(tmp_path, {"DRHPACS": free_port(), "VIEWER": viewer.port}, forward=False) as orthanc:
+            for path in study.files:
+                assert httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=ORTHANC_USER).is_success
+            store.records.put_study(study.study_uid, {"source_ae": "ORTHANC", "patient_id": "P-SEND"})
+            settings = make_settings(
+                tmp_path, redis_server.url, api_token=TOKEN, move_destinations=["VIEWER"],
+                dicom_nodes={"ORTHANC": f"127.0.0.1:{orthanc.dicom_port}"},
+                dicom_viewers={"VIEWER": f"127.0.0.1:{viewer.port}"},  # a viewer is declared once
+            )  # fmt: skip
+            client = TestClient(
+                create_app(ApiContext(settings=settings, store=store)), headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            sent = client.post(f"/api/studies/{study.study_uid}/move", json={"destination": "VIEWER"})
+            assert sent.status_code == 200, sent.text
+            assert sent.json()["via"] == "pacs" and sent.json()["completed"] == 2 and sent.json()["failed"] == 0
+            wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
+
+            elsewhere = client.post(f"/api/studies/{study.study_uid}/move", json={"destination": "ORTHANC"})
+            assert elsewhere.status_code == 403  # a known node, but not one the page may send to
+            unknown = client.post("/api/studies/1.2.826.0.1.3680043.8.498.4242/move", json={"destination": "VIEWER"})
+            assert unknown.status_code == 404 and "nothing to send" in unknown.json()["error"]
+            assert client.post(f"/api/studies/{study.study_uid}/move", content=b"VIEWER").status_code == 400
+    finally:
+        viewer.stop()
