@@ -35,7 +35,7 @@ def rerank_key(h: torch.Tensor, features: torch.Tensor, layout_dims: int) -> tor
     the codes were trained for. With one it is the whitened layout, the neighbourhood structure the
     codes were trained to keep (:func:`hashing.losses.neighbourhood_distillation`): the codes find the
     shortlist, and the teacher, which 64 bits only approximate, orders it (validation figures in
-    docs/MODEL_CARD.md). With ``RERANK_CODE_WEIGHT`` > 0 both are joined, each unit-normalised, so
+    hashing/weights/MODEL_CARD.md). With ``RERANK_CODE_WEIGHT`` > 0 both are joined, each unit-normalised, so
     the cosine is that weighted mean of the two cosines.
     """
     relaxed = torch.tanh(h)

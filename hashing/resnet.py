@@ -50,7 +50,7 @@ class LayoutPath(nn.Module):
     directions of largest variance (exposure, inspiration, framing) are shared by most films, and a
     patient's own shape lives in the many smaller ones; scaling each principal direction to unit
     variance lets those count. On held-out chest radiographs it raised the same-patient recall@10 of
-    a 16 x 16 thumbnail from 0.14 to 0.24 (docs/MODEL_CARD.md).
+    a 16 x 16 thumbnail from 0.14 to 0.24 (hashing/weights/MODEL_CARD.md).
 
     The whitening is *fitted* on training images (:meth:`fit`), like a normalisation, not learned by
     gradient: it is kept in buffers (saved in checkpoints, never updated by the optimiser) and the

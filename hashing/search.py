@@ -37,7 +37,7 @@ import numpy as np
 from hashing import kernels
 
 # The served ranking re-sorts this many Hamming neighbours by their re-ranking vectors
-# (hashing.bits.quantize_rerank): at least 300 (chosen on validation, docs/MODEL_CARD.md), and 4 k
+# (hashing.bits.quantize_rerank): at least 300 (chosen on validation, hashing/weights/MODEL_CARD.md), and 4 k
 # for larger k.
 SHORTLIST = 300
 
