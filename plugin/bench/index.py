@@ -268,7 +268,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
         _log(
             f"    replica cold load from Redis: median {np.median(loads):.3f} s"
             f" (min {min(loads):.3f}, max {max(loads):.3f}); {idx.memory_bytes() / n:.1f} bytes/code in memory,"
-            f" {codes.shape[1] * 8} of them the re-ranking vector"
+            f" {RERANK_DIM} of them the re-ranking vector"
         )
         lat = []
         for _ in range(200):

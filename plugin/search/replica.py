@@ -351,7 +351,13 @@ class ReplicaIndex:
                 rows, dist = self._search_rows(
                     st, bytes(query), want + len(excluded), max_distance, filters, exclude_patient
                 )
-                sims = rerank_similarity(rerank, st.rerank[rows]) if rerank is not None else None
+                sims = None
+                if rerank is not None:
+                    sims = rerank_similarity(rerank, st.rerank[rows])
+                    # Re-sorted here, so that only the answer's slots are looked up in Redis, not
+                    # the whole shortlist's (300 lookups cost more than the search itself).
+                    keep = np.argsort(-sims, kind="stable")[: k + len(excluded)]
+                    rows, dist, sims = rows[keep], dist[keep], sims[keep]
             gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
             if gen == st.generation:
                 stale = any(u is None for u in uids)
