@@ -670,6 +670,42 @@ def route_for(cfg: TrainConfig) -> Route:
     )
 
 
+def curves_path(out: str | Path) -> Path:
+    """Where the training curves of the checkpoint ``out`` are drawn: beside it, ``<out>.curves.png``."""
+    return Path(str(out) + ".curves.png")
+
+
+def plot_history(history: list[dict[str, Any]], path: Path, title: str, selected: int = 0) -> None:
+    """The loss and the validation figures by epoch, the selected epoch marked: whether a run was
+    still learning, overfitting or collapsing is seen at a glance, not read from a log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(epochs, [h.get("loss") for h in history], "o-", label="training loss")
+    for part in ("nca", "distill", "contrast", "center"):
+        if any(part in h for h in history):
+            left.plot(epochs, [h.get(part) for h in history], ".--", label=part)
+    left.set_xlabel("epoch")
+    left.legend(fontsize=8)
+    for key, label in (("val_map", "val mAP@all"), ("val_recall@10", "val same-patient R@10 (served)")):
+        if any(h.get(key) is not None for h in history):
+            right.plot(epochs, [h.get(key) for h in history], "o-", label=label)
+    if selected:
+        right.axvline(selected, color="grey", lw=0.8, ls=":", label=f"selected (epoch {selected})")
+    right.set_xlabel("epoch")
+    right.set_ylim(0, 1)
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Run a training; returns the model checkpoint dictionary it wrote to ``cfg.out``."""
     t_start = time.time()
@@ -692,9 +728,13 @@ def train(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     elapsed = time.time() - t_start
     out = _model_checkpoint(run, command, elapsed, checks)
     ckpt_mod.save(out, cfg.out)
+    curves = curves_path(cfg.out)
+    title = f"{out['version']}: training and validation by epoch"
+    plot_history(run.state["history"], curves, title, selected=run.state["best_epoch"])
     log.info(
-        "wrote %s (version %s, epoch %d selected by %s, %.0f s)%s",
+        "wrote %s and %s (version %s, epoch %d selected by %s, %.0f s)%s",
         cfg.out,
+        curves,
         out["version"],
         run.state["best_epoch"],
         run.state.get("measure"),

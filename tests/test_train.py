@@ -42,6 +42,8 @@ def test_train_drh_writes_a_complete_checkpoint(data_dir: Path, tmp_path: Path) 
     codes = enc.encode_images([img]).codes
     assert codes.shape == (1, 2)
     assert (tmp_path / "drh.pt.work" / "last.pt").exists()
+    curves = tmp_path / "drh.pt.curves.png"  # the training curves, drawn beside the checkpoint
+    assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 5000
 
 
 def test_resume_equals_uninterrupted_and_seed_matters(data_dir: Path, tmp_path: Path) -> None:
