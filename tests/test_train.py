@@ -150,3 +150,15 @@ def test_a_bad_manifest_stops_before_training_and_names_its_rows(tmp_path: Path)
     assert "row 4:" in message and "not found" in message
     assert "row 6: unknown split 'holdout'" in message
     assert not (tmp_path / "x.pt.work").exists()
+
+
+def test_a_tie_in_recall_goes_to_the_epoch_with_the_higher_map() -> None:
+    from hashing.train import _better
+
+    state = {"best": 0.2, "best_map": 0.69}
+    assert _better(state, 0.2, tie_map=0.72)  # same recall, better labels: the later epoch
+    assert not _better(state, 0.2, tie_map=0.65)
+    assert not _better(state, 0.19, tie_map=0.99)  # recall decides first
+    assert _better(state, 0.21, tie_map=0.10)
+    assert not _better(state, 0.2, tie_map=None)  # selected by mAP or loss: no tie-break
+    assert _better({"best": None}, 0.0, tie_map=None)
