@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.dicomgen import fixture_images, make_study
-from tests.helpers.peers import code, dcmtk, findscu, populate, running_plugin
+from tests.helpers.peers import StoreSCP, code, dcmtk, findscu, populate, running_plugin
 from tests.helpers.processes import wait_until
-from tests.helpers.viewer import Viewer
 
 pytestmark = pytest.mark.slow  # real DICOM peers
 
@@ -53,7 +52,7 @@ def test_secure_defaults_store_from_anyone_and_answer_queries_to_nobody(tmp_path
 
 
 def test_one_declaration_lets_a_viewer_query_and_receive_its_c_move(tmp_path, redis_client, redis_server):
-    viewer = Viewer(tmp_path)
+    viewer = StoreSCP(tmp_path / "viewer")
     study = make_study(tmp_path / "in", fixture_images("viral")[:2])
     settings = {
         "dicom_query_open": False,

@@ -14,16 +14,15 @@ import pytest
 
 from plugin.core.redis_server import free_port
 from tests.helpers.dicomgen import fixture_images, make_study
-from tests.helpers.peers import Orthanc, dcmtk, running_plugin
+from tests.helpers.peers import Orthanc, StoreSCP, dcmtk, running_plugin
 from tests.helpers.processes import wait_until
-from tests.helpers.viewer import Viewer
 
 pytestmark = pytest.mark.slow  # real DICOM peers, Orthanc, workers or deployment tools
 
 
 @pytest.fixture
-def viewer(tmp_path) -> Iterator[Viewer]:
-    v = Viewer(tmp_path)
+def viewer(tmp_path) -> Iterator[StoreSCP]:
+    v = StoreSCP(tmp_path / "viewer")
     yield v
     v.stop()
 
