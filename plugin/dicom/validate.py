@@ -134,16 +134,26 @@ def _pixel_problem_in_file(fp: BinaryIO, ds: Dataset, size: int, syntax: UID) ->
     return None
 
 
-def _native_problem(ds: Dataset, available: int) -> str | None:
+_BAD_GEOMETRY = "missing or invalid Rows/Columns/BitsAllocated"
+
+
+def _native_bytes(ds: Dataset) -> int | None:
+    """Bytes of native pixel data the header describes (None: its geometry is missing or invalid)."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
         bits = int(ds.BitsAllocated)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
-        return "missing or invalid Rows/Columns/BitsAllocated"
+        return None
     pixels = rows * cols * samples * frames
-    expected = (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
+    return (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
+
+
+def _native_problem(ds: Dataset, available: int) -> str | None:
+    expected = _native_bytes(ds)
+    if expected is None:
+        return _BAD_GEOMETRY
     if available < expected:
         return f"pixel data truncated ({available} of {expected} bytes)"
     return None
@@ -163,21 +173,11 @@ def pixel_data_problem(ds: Dataset) -> str | None:
     data = ds.PixelData
     if data is None or len(data) == 0:
         return "empty pixel data"
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.BitsAllocated)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
-        return "missing or invalid Rows/Columns/BitsAllocated"
     transfer_syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    encapsulated = bool(transfer_syntax is not None and transfer_syntax.is_encapsulated)
-    if not encapsulated:
-        pixels = rows * cols * samples * frames
-        expected = (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
-        if len(data) < expected:
-            return f"pixel data truncated ({len(data)} of {expected} bytes)"
-        return None
+    if transfer_syntax is None or not transfer_syntax.is_encapsulated:
+        return _native_problem(ds, len(data))
+    if _native_bytes(ds) is None:
+        return _BAD_GEOMETRY
     # Encapsulated: a sequence of items (FFFE,E000) that must fit the value exactly.
     view = memoryview(data)
     pos = 0
