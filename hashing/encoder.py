@@ -34,9 +34,30 @@ DEFAULT_WEIGHTS = "default.pt"
 RANDOM_VERSION = "drh-random-v0"
 
 
+# A model path "shipped:NAME" names ``hashing/weights/NAME.pt`` of the installed package: recorded
+# with a registered version, it stays right when the package moves (a new virtual environment).
+SHIPPED_PREFIX = "shipped:"
+
+
 def default_weights_path() -> Path:
     """The shipped default model inside the installed package."""
     return Path(str(resources.files("hashing") / "weights" / DEFAULT_WEIGHTS))
+
+
+def resolve_model_path(path: str | None) -> str | None:
+    """A checkpoint path as given in settings: "" or None is the shipped default model (None
+    returned), "shipped:NAME" a model shipped in the package, anything else a file."""
+    if not path:
+        return None
+    if path.startswith(SHIPPED_PREFIX):
+        name = path[len(SHIPPED_PREFIX) :]
+        if name in ("", "default"):
+            return None
+        shipped = Path(str(resources.files("hashing") / "weights" / f"{name}.pt"))
+        if not shipped.is_file():
+            raise FileNotFoundError(f"no shipped model {name!r} in {shipped.parent}")
+        return str(shipped)
+    return path
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -99,9 +120,10 @@ class Encoder:
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "auto") -> Encoder:
-        """Load a checkpoint (``None``: the shipped default model)."""
+        """Load a checkpoint (``None``: the shipped default model; "shipped:NAME": another shipped one)."""
         dev = resolve_device(device)
-        if path is None or path == "":
+        path = resolve_model_path(path)
+        if path is None:
             default = default_weights_path()
             if not default.exists():
                 return cls.random(dev)

@@ -44,6 +44,10 @@ class Route:
         checks = ((self.modalities, modality), (self.body_parts, body_part), (self.photometric, photometric))
         return all(not wanted or (value or "").strip().upper() in wanted for wanted, value in checks)
 
+    def specificity(self) -> int:
+        """How many header fields the route constrains: a more specific route is tried first."""
+        return sum(bool(x) for x in (self.modalities, self.body_parts, self.photometric))
+
     def describe(self) -> str:
         if self.general:
             return f"{self.name} (general: every image no other route takes)"

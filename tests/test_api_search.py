@@ -36,8 +36,8 @@ class Archive:
     def __init__(self, store, encoder, tmp: Path) -> None:
         from hashing.preprocess import load_pixels, read_dataset
 
-        self.version = encoder.version
-        store.models.register(encoder.version, encoder.nbits, rerank_dim=encoder.rerank_dim)
+        self.version, self.route = encoder.version, encoder.route.name
+        store.models.register(encoder.version, encoder.nbits, rerank_dim=encoder.rerank_dim, route=encoder.route)
         store.models.ensure_active(encoder.version)
         images = fixture_images()
         plan = [
@@ -78,12 +78,12 @@ def api(tmp_path, redis_client, redis_server) -> Iterator[tuple[httpx.Client, ob
 
     from plugin.core.redis_server import free_port
     from plugin.http.app import ApiContext, create_app
-    from plugin.search.replica import ReplicaIndex
+    from plugin.search.routed import RoutedIndex
     from plugin.store import Store
 
     settings = make_settings(tmp_path, redis_server.url, http_port=free_port(), api_token=TOKEN)
     store = Store(redis.Redis.from_url(redis_server.url), settings.redis_namespace)
-    ctx = ApiContext(settings=settings, store=store, index={lv: ReplicaIndex(store, lv) for lv in ("study", "image")})
+    ctx = ApiContext(settings=settings, store=store, index={lv: RoutedIndex(store, lv) for lv in ("study", "image")})
     server = uvicorn.Server(
         uvicorn.Config(create_app(ctx), host="127.0.0.1", port=settings.http_port, log_level="warning", lifespan="off")
     )
@@ -132,6 +132,7 @@ def test_similar_by_study_uid(api, archive):
     assert scores == sorted(scores, reverse=True) and [r["rank"] for r in body["results"]] == [1, 2, 3]
     assert all(r["reranked"] and 0 <= r["score"] <= 1 and 0 <= r["distance"] <= body["nbits"] for r in body["results"])
     assert body["model_version"] == archive.version and body["level"] == "study"
+    assert body["route"] == archive.route  # the route that answered: the reference's
 
     only_cr = client.get(f"/api/similar/study/{ref.study_uid}", params={"modality": "CR"}).json()
     assert [r["study"]["study_instance_uid"] for r in only_cr["results"]] == [archive.studies[2].study_uid]

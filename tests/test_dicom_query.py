@@ -265,7 +265,7 @@ def test_similar_answer_carries_return_keys_and_private_rank_distance_score():
         "n_instances": "2",
     }
     result = search.SimilarResult(rank=1, uid="1.2.3.9", distance=4, score=0.9375, study_uid="1.2.3.9", study=study)
-    ds = similar.similar_answer(result, query, similar.requested_keys(ds), "DRHPACS", "v1")
+    ds = similar.similar_answer(result, query, similar.requested_keys(ds), "DRHPACS", "v1", route="chest-xr")
     assert ds.StudyInstanceUID == "1.2.3.9" and ds.PatientID == "PID9"
     assert list(ds.ModalitiesInStudy) == ["CR", "DX"] and ds.NumberOfStudyRelatedInstances == 2
     assert ds.RetrieveAETitle == "DRHPACS" and ds.SpecificCharacterSet == "ISO_IR 192"
@@ -275,6 +275,7 @@ def test_similar_answer_carries_return_keys_and_private_rank_distance_score():
     assert st.private_text(ds, st.SCORE) == "0.9375"
     assert st.private_text(ds, st.REFERENCE_UID) == REF
     assert st.private_text(ds, st.MODEL_VERSION) == "v1"
+    assert st.private_text(ds, st.MODEL_ROUTE) == "chest-xr"
 
 
 # -- plain matching ----------------------------------------------------------------------------------

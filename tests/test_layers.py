@@ -57,16 +57,17 @@ def _in(module: str, *prefixes: str) -> bool:
 ALLOWED = {
     "hashing": ("hashing",),
     "plugin.core": ("plugin.core",),
-    "plugin.store": ("plugin.store", "plugin.core"),
+    "plugin.store": ("plugin.store", "plugin.core", "hashing.route"),
     "plugin.search": (
         "plugin.search",
         "plugin.store",
         "plugin.core",
+        "hashing.route",
         "hashing.search",
         "hashing.kernels",
         "hashing.bits",
     ),
-    "workers.client": ("workers.client", "plugin.store", "plugin.core"),
+    "workers.client": ("workers.client", "plugin.store", "plugin.core", "hashing.route"),
     "workers": ("workers", "plugin.store", "plugin.core", "hashing"),
     "plugin.dicom": ("plugin.dicom", "plugin.search", "plugin.store", "plugin.core", "hashing", "workers.client"),
     "plugin.http": (

@@ -91,7 +91,8 @@ def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populat
     listing = capsys.readouterr().out.splitlines()
     active_line = next(line for line in listing if line.startswith(VERSION))
     old_line = next(line for line in listing if line.startswith(old))
-    assert active_line.endswith("(active)") and active_line.split()[3:5] == ["12", "6"]
+    assert "(active)" in active_line and active_line.split()[3:5] == ["12", "6"]
+    assert active_line.endswith("general (general: every image no other route takes)")  # registered without a route
     assert old_line.split()[3:6] == ["12", "6", "12"] and "(active)" not in old_line
 
     assert cli(["models", "drop", VERSION]) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from hashing.route import LEGACY, Route, first_match
+from plugin.store.models import StoreError
 
 
 def test_an_image_goes_to_the_first_specific_route_that_takes_it_else_to_the_general_one() -> None:
@@ -26,3 +27,61 @@ def test_route_names_are_checked_and_survive_a_checkpoint() -> None:
     assert Route.from_dict(r.as_dict()) == r
     assert not r.matches("MG", "BREAST", "MONOCHROME1") and r.matches("MG", "breast", "monochrome2")
     assert LEGACY.general and "general" in LEGACY.describe()
+
+
+# -- routes in the store and the worker's routing ---------------------------------------------------
+CHEST = Route("chest-xr", modalities=("CR", "DX"), body_parts=("CHEST",))
+BREAST_US = Route("us-breast", modalities=("US",), body_parts=("BREAST",))
+GENERAL = Route("general", general=True)
+
+
+def test_each_route_has_its_own_answering_version_and_the_most_specific_route_matches_first(store) -> None:
+    store.models.register("general-v1", 64, route=GENERAL)
+    store.models.register("chest-v1", 64, route=CHEST)
+    store.models.register("us-v1", 64, route=BREAST_US)
+    for version in ("general-v1", "chest-v1", "us-v1"):
+        assert store.models.ensure_active(version)
+    assert store.models.active_routes() == {"general": "general-v1", "chest-xr": "chest-v1", "us-breast": "us-v1"}
+    assert [r.name for r, _ in store.models.table()] == ["chest-xr", "us-breast", "general"]
+    assert store.models.route_for("DX", "CHEST") == (CHEST, "chest-v1")
+    assert store.models.route_for("US", "BREAST", "RGB") == (BREAST_US, "us-v1")
+    assert store.models.route_for("CT", "HEAD") == (GENERAL, "general-v1")
+    # a new version of one route replaces that route's only; the others keep answering
+    store.models.register("chest-v2", 64, route=CHEST)
+    assert not store.models.ensure_active("chest-v2")  # the route already answers: no silent switch
+    store.models.activate("chest-v2")
+    assert store.models.active("chest-xr") == "chest-v2" and store.models.active("us-breast") == "us-v1"
+    assert store.models.active() == "general-v1"  # "the active model" of a routed installation: the general one
+    assert store.models.is_active("us-v1") and not store.models.is_active("chest-v1")
+    with pytest.raises(StoreError, match="active version of route us-breast"):
+        store.models.drop("us-v1")
+    store.models.drop("chest-v1")  # no longer answers: may go
+
+
+def test_an_installation_from_before_routes_keeps_its_version_under_the_route_its_checkpoint_declares(store) -> None:
+    store.models.register("old-v3", 64)  # no route recorded, answering through the old single key
+    store.client.set(store.keys.active(), "old-v3")
+    assert store.models.active_routes() == {"general": "old-v3"}  # moved once: it served everything
+    assert not store.client.exists(store.keys.active())
+    # the worker learns from the checkpoint what it serves, and the general route is free again
+    store.models.register("old-v3", 64, route=CHEST)
+    assert store.models.tidy_routes() == ["general"]
+    assert store.models.ensure_active("old-v3") and store.models.active_routes() == {"chest-xr": "old-v3"}
+
+
+def test_the_worker_router_sends_an_image_to_its_route_and_to_a_reindex_that_will_take_it() -> None:
+    from workers.model import Router
+
+    table = [(CHEST, "chest-v1"), (GENERAL, "general-v1")]
+    router = Router(table, None, None, lambda v: f"enc:{v}")
+    assert router(("DX", "CHEST", "MONOCHROME2")) == [("chest-xr", "chest-v1", "enc:chest-v1")]
+    assert router(("MG", "BREAST", "MONOCHROME2")) == [("general", "general-v1", "enc:general-v1")]
+    assert Router([(CHEST, "chest-v1")], None, None, str)(("MG", "BREAST", "")) == []  # no model
+    # while a new MG route is being built, a new mammogram is written for it too; a chest film is not
+    mg = Route("mg-breast", modalities=("MG",), body_parts=("BREAST",))
+    router = Router(table, "mg-v1", mg, lambda v: f"enc:{v}")
+    assert router(("MG", "BREAST", "")) == [
+        ("general", "general-v1", "enc:general-v1"),
+        ("mg-breast", "mg-v1", "enc:mg-v1"),
+    ]
+    assert router(("DX", "CHEST", "")) == [("chest-xr", "chest-v1", "enc:chest-v1")]

@@ -21,17 +21,22 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from plugin.core.header import instance_meta, study_meta
+from plugin.core.header import instance_meta, routing_header, study_meta
 from plugin.core.settings import Settings
 from plugin.store import Store
 
 log = logging.getLogger("drh.workers.batching")
+
+# States in which an instance needs no more work until someone acts ("no-model": stored, counted,
+# waiting for a model to be registered for its kind of image).
+SETTLED_STATES = frozenset({"indexed", "ignored", "failed", "no-model"})
 
 # A file whose decoding killed the worker process this many times (a codec crashing hard on it) is
 # recorded as a permanent failure instead of being redelivered, and crashing workers, for ever.
@@ -154,23 +159,25 @@ def load_item(settings: Settings, item: Item) -> str:
 # -- outcomes --------------------------------------------------------------------------------------
 
 
-def already_settled(store: Store, versions: list[str], item: Item) -> bool:
+def already_settled(store: Store, item: Item) -> bool:
     """True when this arrival of the instance (or a later one) is settled: ignored, failed (until
-    someone retries it) or indexed for every target version."""
+    someone retries it), stored without a model, or indexed (its code is there). A re-index's new
+    version that missed it is completed by the re-index's final sweep."""
     info = store.records.instance(item.sop_uid)
-    if not info or info.get("state") not in {"indexed", "ignored", "failed"}:
+    if not info or info.get("state") not in SETTLED_STATES:
         return False
     if float(info.get("indexed_received_at", "0") or 0) < item.received_at:
         return False
-    if info.get("state") in {"ignored", "failed"}:
+    if info.get("state") != "indexed":
         return True  # settled; a retry from the ledger sets the state to "retrying" first
-    return all(store.codes.has(v, "image", item.sop_uid) for v in versions)
+    return store.codes.has(info.get("indexed_version", ""), "image", item.sop_uid)
 
 
-def pooled_before_indexed(store: Store, version: str, item: Item) -> bool:
+def pooled_before_indexed(store: Store, item: Item) -> bool:
     """True when no pooling of the item's study started after the item was indexed."""
-    indexed_at = float(store.records.instance(item.sop_uid).get("indexed_at") or 0)
-    return store.records.pool_started(item.study_uid, version) < indexed_at
+    info = store.records.instance(item.sop_uid)
+    indexed_at = float(info.get("indexed_at") or 0)
+    return store.records.pool_started(item.study_uid, info.get("indexed_version", "")) < indexed_at
 
 
 def mark_settled(store: Store, it: Item, state: str) -> None:
@@ -199,13 +206,13 @@ def record_failure(store: Store, item: Item, reason: str, kind: str) -> None:
 # -- the batch -------------------------------------------------------------------------------------
 
 
-def decode_items(settings: Settings, store: Store, versions: list[str], items: list[Item]) -> tuple[list[Item], str]:
+def decode_items(settings: Settings, store: Store, items: list[Item]) -> tuple[list[Item], str]:
     """Decode every item; returns the images to encode and the outcome of the task's own item if it
     is already decided here (ignored, failed) or ""."""
     images: list[Item] = []
     own_outcome = ""
     for it in items:
-        if not it.own and already_settled(store, versions, it):
+        if not it.own and already_settled(store, it):
             store.ingest.done(it.sop_uid)
             continue
         outcome = _decode_one(settings, store, it)
@@ -254,12 +261,12 @@ def encode(versions: list[tuple[str, Any]], images: list[Item], batch_size: int)
     ]
 
 
-def write_records(store: Store, images: list[Item]) -> set[str]:
-    """Instance and study records of the images; returns their studies."""
+def write_records(store: Store, images: list[Item], route: str = "") -> set[str]:
+    """Instance and study records of the images (with the route that took them); returns their studies."""
     studies: set[str] = set()
     for it in images:
         meta = instance_meta(it.ds)
-        meta.update(path=it.path, received_at=str(it.received_at), source_ae=it.source_ae)
+        meta.update(path=it.path, received_at=str(it.received_at), source_ae=it.source_ae, route=route)
         store.records.put_instance(it.sop_uid, it.study_uid, meta)
         fields = study_meta(it.ds)
         fields["source_ae"] = it.source_ae
@@ -297,22 +304,62 @@ def mark_indexed(store: Store, settings: Settings, active: str, images: list[Ite
             Path(it.path).unlink(missing_ok=True)
 
 
+def mark_no_model(store: Store, images: list[Item]) -> None:
+    """Images no route takes (``unrouted`` is ``none``): stored with their records and file, counted
+    per modality, never hashed by an unrelated model. Registering a model for their route
+    (``drh-pacs register``) indexes them."""
+    was = {it.sop_uid: store.records.instance(it.sop_uid).get("state") for it in images}
+    write_records(store, images)
+    for it in images:
+        modality = str(it.ds.get("Modality", "") or "").strip() or "(none)"
+        if was[it.sop_uid] != "no-model":  # a redelivered message counts once
+            store.stats.count_no_model(modality)
+        store.records.update_instance(
+            it.sop_uid,
+            {"state": "no-model", "indexed_version": "", "indexed_received_at": repr(it.received_at)},
+        )
+        store.ledger.resolve(it.sop_uid)
+        store.ingest.done(it.sop_uid)
+        store.stats.count_task("index_instance", "no-model")
+        log.info("instance %s (%s) stored without a model: no route takes it", it.sop_uid, modality)
+
+
 def index_batch(
-    settings: Settings, store: Store, versions: list[tuple[str, Any]], items: list[Item]
-) -> tuple[str, set[str]]:
-    """Index the claimed items; returns the outcome of the task's own item and the studies to pool."""
-    images, own_outcome = decode_items(settings, store, [v for v, _ in versions], items)
+    settings: Settings, store: Store, router: Callable[[tuple[str, str, str]], list[tuple[str, str, Any]]],
+    items: list[Item],
+) -> tuple[str, set[str]]:  # fmt: skip
+    """Index the claimed items, each with the model of its route (``router``: header -> (route,
+    version, encoder) to write, the answering one first); returns the outcome of the task's own item
+    and the studies to pool."""
+    images, own_outcome = decode_items(settings, store, items)
     if not images:
         return own_outcome or "duplicate", set()
-    encoded = encode(versions, images, settings.batch_size)
-    for version, enc in versions:
-        store.models.register(version, enc.nbits, rerank_dim=enc.rerank_dim)
-    studies = write_records(store, images)
-    hold(settings, "before_write")
-    write_codes(store, encoded, images)
-    mark_indexed(store, settings, versions[0][0], images)
-    hold(settings, "after_write")
-    log.info("indexed %d instance(s) with %s", len(images), ",".join(v for v, _ in versions))
-    if not own_outcome and any(it.own for it in images):
-        own_outcome = "indexed"
+    groups: dict[tuple[str, ...], tuple[list[tuple[str, str, Any]], list[Item]]] = {}
+    unrouted: list[Item] = []
+    for it in images:
+        targets = router(routing_header(it.ds))
+        if not targets:
+            unrouted.append(it)
+            continue
+        key = tuple(v for _, v, _ in targets)
+        groups.setdefault(key, (targets, []))[1].append(it)
+    if unrouted:
+        mark_no_model(store, unrouted)
+    studies: set[str] = set()
+    for targets, group in groups.values():
+        versions = [(version, enc) for _, version, enc in targets]
+        encoded = encode(versions, group, settings.batch_size)
+        for version, enc in versions:
+            store.models.register(version, enc.nbits, rerank_dim=enc.rerank_dim)
+        studies |= write_records(store, group, route=targets[0][0])
+        hold(settings, "before_write")
+        write_codes(store, encoded, group)
+        mark_indexed(store, settings, versions[0][0], group)
+        hold(settings, "after_write")
+        names = ",".join(v for v, _ in versions)
+        log.info("indexed %d instance(s) with %s (route %s)", len(group), names, targets[0][0])
+    if not own_outcome:
+        own = next((it for it in images if it.own), None)
+        if own is not None:
+            own_outcome = "no-model" if own in unrouted else "indexed"
     return own_outcome or "indexed", studies

@@ -2,8 +2,8 @@
 
 Celery's guide: expensive resources are cached on the ``Task`` base class and created on first use,
 not at import (the front processes import the Celery app) and not in ``worker_process_init`` (which
-must not block). A process may hold more than one encoder while a re-index runs: the active model's
-and the new one's, both keyed by checkpoint path.
+must not block). A process holds one encoder per route it serves (and, while a re-index runs, the new model
+too), keyed by checkpoint path.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from typing import Any
 
 from celery import Task
 
-from plugin.store import Store
+from hashing.route import Route, first_match
+from plugin.store import ACTIVE_STATES, Store
 from workers.client import store_for
 
 log = logging.getLogger("drh.workers.model")
@@ -100,22 +101,88 @@ class ModelTask(Task):
             )
         return enc
 
-    def target_versions(self) -> list[tuple[str, Any]]:
-        """(version, encoder) pairs a new instance must be written for: the active model and, while a
-        re-index runs, the new one too (so it is complete when it takes over)."""
+    _bootstrapped: set[str] = set()  # namespaces whose configured models this process has registered
+
+    def bootstrap_routes(self) -> None:
+        """Register the configured models, each for the route its checkpoint declares, and make
+        each answer where its route has no answering version yet (an installation's first start, or
+        a model added to the settings). Once per process; re-indexes and ``drh-pacs register``
+        change routes afterwards, never this."""
         settings = self.app.drh_settings
+        if settings.redis_namespace in self._bootstrapped:
+            return
         store = self.store
-        active = store.models.active()
-        if active is None:
-            enc = self.encoder(settings.model_path)
+        paths = [settings.model_path, *settings.extra_models]
+        if settings.unrouted == "general":
+            paths.append(settings.general_model_path)
+        encoders = [self.encoder(path) for path in dict.fromkeys(paths)]
+        for path, enc in zip(dict.fromkeys(paths), encoders, strict=True):
+            known = store.models.details(enc.version)
             store.models.register(
-                enc.version, enc.nbits, rerank_dim=enc.rerank_dim, path=settings.model_path, emb_dim=enc.emb_dim
+                enc.version,
+                enc.nbits,
+                rerank_dim=enc.rerank_dim,
+                route=None if known.get("route_spec") else enc.route,
+                path=path,
+                emb_dim=enc.emb_dim,
             )
+        store.models.tidy_routes()
+        for enc in encoders:
             if store.models.ensure_active(enc.version):
-                store.models.set_state(enc.version, "complete")  # the first version is built as studies arrive
-            active = store.models.active() or enc.version
-        versions = [active]
+                store.models.set_state(enc.version, "complete")  # a first version is built as images arrive
+                log.info("model %s answers for route %s", enc.version, store.models.route_of(enc.version).describe())
+        self._bootstrapped.add(settings.redis_namespace)
+
+    def router(self) -> Router:
+        """Which versions an image is written for, from one reading of the routes."""
+        self.bootstrap_routes()
+        settings = self.app.drh_settings
+        table = self.store.models.table()
+        if settings.unrouted == "none":
+            table = [(r, v) for r, v in table if not r.general]
+        job = self.store.reindex.get()
+        target = job.get("version") if job.get("state") in ACTIVE_STATES else None
+        return Router(table, target, self.store.models.route_of(target) if target else None, self.encoder_for_version)
+
+    def pool_versions(self) -> list[tuple[str, Any]]:
+        """(version, encoder) of every answering version and of a re-index's new one: a study is
+        pooled for each that holds embeddings of its images."""
+        self.bootstrap_routes()
+        store = self.store
+        versions = list(dict.fromkeys(store.models.active_routes().values()))
         target = store.reindex.running_version()
-        if target and target != active:
+        if target and target not in versions:
             versions.append(target)
         return [(version, self.encoder_for_version(version)) for version in versions]
+
+
+class Router:
+    """The routing of one batch: an image goes to the answering version of the first route that
+    takes it (:func:`hashing.route.first_match`), and also to a re-index's new version when, once
+    that version answers, the image will be its route's: a new route is complete when it takes over."""
+
+    def __init__(self, table: list[tuple[Route, str]], target: str | None, target_route: Route | None, encoder: Any):
+        self.table = table
+        self.target = target
+        self.encoder = encoder
+        self._routes = [r for r, _ in table]
+        self._versions = {r.name: v for r, v in table}
+        self._after: list[Route] = []
+        self.target_route = target_route
+        if target_route is not None:
+            after = [r for r in self._routes if r.name != target_route.name] + [target_route]
+            self._after = sorted(after, key=lambda r: (r.general, -r.specificity(), r.name))
+
+    def __call__(self, header: tuple[str, str, str]) -> list[tuple[str, str, Any]]:
+        """(route, version, encoder) the image is written for, the answering one first; [] when no
+        route takes it."""
+        out: list[tuple[str, str, Any]] = []
+        route = first_match(self._routes, *header)
+        if route is not None:
+            version = self._versions[route.name]
+            out.append((route.name, version, self.encoder(version)))
+        tr = self.target_route
+        if self.target and tr is not None and first_match(self._after, *header) == tr:
+            if all(v != self.target for _, v, _ in out):
+                out.append((tr.name, self.target, self.encoder(self.target)))
+        return out

@@ -1,10 +1,15 @@
-"""Re-index every stored instance with a new model version, in the background, then switch at once.
+"""Re-index what a route holds with a new model version, in the background, then switch at once.
 
-While the job runs the old version keeps answering every query; the new one is built beside it
-(its own code slots, its own embeddings, state ``building``), and new arrivals are written for both
-(:meth:`workers.model.ModelTask.target_versions`). When every instance is done, one SET of the active
-version switches all readers (the replica indexes reload on a version change). The job's state lives
-in :mod:`plugin.store.reindex`; ``drh-pacs reindex`` (:mod:`plugin.ops.reindex`) starts it.
+A new version serves one route (:class:`hashing.route.Route`). The job re-encodes every stored
+image that the route will take once the version answers: the images its previous version held, and,
+for a route that is new or wider, images another route (often the general model) or no model held
+until now. While the job runs the previous versions keep answering; the new one is built beside
+them (its own code slots, its own embeddings, state ``building``), and new arrivals it will take are
+written for it too (:class:`workers.model.Router`). When every image is done, one HSET of the
+route's version switches all readers (the replicas reload on a version change); images that came
+from another route leave that route's index (their codes there are removed, its study codes
+re-pooled), so answers never mix anatomies. The job's state lives in :mod:`plugin.store.reindex`;
+``drh-pacs reindex`` and ``drh-pacs register`` (:mod:`plugin.ops.reindex`) start it.
 
 Tasks (queue ``maintenance``): ``drh.reindex_plan`` lists the indexed instances and queues
 ``drh.reindex_batch`` of ``batch_size`` UIDs each; the batch that completes the count queues
@@ -20,6 +25,7 @@ from typing import Any
 
 from celery import Celery
 
+from hashing.route import Route, first_match
 from plugin.store import ACTIVE_STATES, Store
 from workers import batching
 from workers.batching import Item, PermanentError
@@ -53,13 +59,33 @@ def _active_job(store: Store, version: str) -> bool:
     return job.get("version") == version and job.get("state") in ACTIVE_STATES
 
 
+# Instance states a re-index takes from: indexed by some version, or stored waiting for a model.
+_TAKEN_STATES = ("indexed", "no-model")
+_HEADER_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version")
+
+
+def members(store: Store, settings: Any, version: str) -> list[tuple[str, dict[str, str]]]:
+    """(sop_uid, record) of the stored images the route of ``version`` takes once it answers: the
+    first route that matches each image's header, among the routes answering then."""
+    target = store.models.route_of(version)
+    table = [r for r, _ in store.models.table() if r.name != target.name]
+    if settings.unrouted == "none":
+        table = [r for r in table if not r.general]
+    after = sorted([*table, target], key=lambda r: (r.general, -r.specificity(), r.name))
+    out = []
+    for sop, rec in store.records.instances_in_states(_TAKEN_STATES, _HEADER_FIELDS):
+        if first_match(after, rec["modality"], rec["body_part"], rec["photometric"]) == target:
+            out.append((sop, rec))
+    return out
+
+
 def reindex_plan(self: RetryingTask, version: str) -> int:
-    """Queue every indexed instance for the new version; returns how many."""
+    """Queue every stored image the new version's route takes; returns how many."""
     store = self.store
     if not _active_job(store, version):
         return 0
     store.reindex.update({"state": "running"})  # from here on, new arrivals are written for both
-    sops = [s for s, _ in store.records.instances_in_state("indexed")]
+    sops = [s for s, _ in members(store, self.app.drh_settings, version)]
     size = max(1, self.app.drh_settings.batch_size)
     store.reindex.update({"total": len(sops)})
     for start in range(0, len(sops), size):
@@ -91,7 +117,7 @@ def encode_and_store(task: RetryingTask, version: str, sops: list[str]) -> None:
     items = []
     for sop in sops:
         info = store.records.instance(sop)
-        if info.get("state") != "indexed":
+        if info.get("state") not in _TAKEN_STATES:
             store.reindex.mark_done([sop])  # deleted or no longer an image: nothing to carry over
             continue
         it = Item(sop, info.get("study_uid", ""), info.get("path", ""), info.get("source_ae", ""), 0.0)
@@ -131,27 +157,56 @@ def reindex_batch(self: ReindexBatchTask, version: str, sops: list[str]) -> int:
 
 
 def reindex_finish(self: RetryingTask, version: str) -> str:
-    """Sweep stragglers, pool every study with the new model, then switch the active version."""
+    """Sweep stragglers, pool the route's studies with the new model, switch the route's version,
+    then take the images that came from other routes out of those routes."""
     store = self.store
     if not _active_job(store, version):
         return "not running"
     store.reindex.update({"state": "finishing"})
+    taken = members(store, self.app.drh_settings, version)
     skip = store.reindex.done_uids() | store.reindex.failed_uids() | store.codes.uids(version, "image")
-    instances = store.records.instances_in_state("indexed")
-    missing = [s for s, _ in instances if s not in skip]
+    missing = [s for s, _ in taken if s not in skip]
     size = max(1, self.app.drh_settings.batch_size)
     for start in range(0, len(missing), size):
         encode_and_store(self, version, missing[start : start + size])
     enc = self.encoder_for_version(version)
-    studies = sorted({study for _, study in instances if study})
+    done = store.reindex.done_uids()
+    moved = [(sop, rec) for sop, rec in taken if sop in done]
+    studies = sorted({rec["study_uid"] for _, rec in moved if rec["study_uid"]})
     for n, study in enumerate(studies, start=1):
         pool_one(store, enc, version, study, store.records.study_instances(study), time.time())
         if n % 100 == 0:
             store.reindex.update({"studies_done": n})
+    route = store.models.route_of(version)
+    previous = store.models.active(route.name)
     store.models.set_state(version, "complete")
     store.models.activate(version)
-    done, failed = store.reindex.counts()
+    _leave_other_routes(self, store, version, route, previous, moved)
+    ok, failed = store.reindex.counts()
     store.reindex.update(
-        {"state": "complete", "finished": time.time(), "studies_done": len(studies), "done": done, "failed": failed}
+        {"state": "complete", "finished": time.time(), "studies_done": len(studies), "done": ok, "failed": failed}
     )
     return "complete"
+
+
+def _leave_other_routes(
+    task: RetryingTask, store: Store, version: str, route: Route, previous: str | None, moved: list
+) -> None:
+    """Images the new version took from other routes (or from no model) now belong to it: their
+    records say so, their codes leave the other routes' versions (the previous version of this same
+    route keeps its codes: a way back), and the studies they leave are pooled again there."""
+    left: dict[str, set[str]] = {}
+    for sop, rec in moved:
+        old = rec.get("indexed_version", "")
+        if rec["state"] == "no-model":
+            store.stats.count_no_model(rec.get("modality") or "(none)", -1)
+        store.records.update_instance(sop, {"state": "indexed", "indexed_version": version, "route": route.name})
+        if old and old != version and old != previous and store.models.details(old):
+            store.codes.delete(old, "image", sop)
+            store.embeddings.delete(old, [sop])
+            left.setdefault(old, set()).add(rec["study_uid"])
+    for old, studies in left.items():
+        enc = task.encoder_for_version(old)
+        for study in sorted(s for s in studies if s):
+            if not pool_one(store, enc, old, study, store.records.study_instances(study), time.time()):
+                store.codes.delete(old, "study", study)

@@ -151,12 +151,12 @@ def index_instance(
     settings = self.app.drh_settings
     store = self.store
     own = Item(sop_uid, study_uid, path, source_ae, float(received_at), own=True)
-    versions = self.target_versions()
-    if batching.already_settled(store, [v for v, _ in versions], own):
+    router = self.router()
+    if batching.already_settled(store, own):
         store.ingest.done(sop_uid)
         store.ingest.release([sop_uid])
         # The first run may have died between its writes and scheduling the study pooling.
-        if batching.pooled_before_indexed(store, versions[0][0], own):
+        if batching.pooled_before_indexed(store, own):
             schedule_pooling(self.app, study_uid)
         store.stats.count_task("index_instance", "duplicate")
         return "duplicate"
@@ -173,7 +173,7 @@ def index_instance(
         return "deferred"
     items = [own] + [Item.from_payload(p) for p in claim.payloads if p and p["sop_uid"] != sop_uid]
     try:
-        outcome, studies = batching.index_batch(settings, store, versions, items)
+        outcome, studies = batching.index_batch(settings, store, router, items)
     finally:
         store.ingest.release([it.sop_uid for it in items])
         for it in items:
@@ -220,7 +220,7 @@ def pool_study(self: PoolStudyTask, study_uid: str, version: str = "") -> str:
         store.ingest.pool_finished(study_uid)
         store.stats.count_task("pool_study", "deferred")
         return "deferred"
-    versions = [(version, self.encoder_for_version(version))] if version else self.target_versions()
+    versions = [(version, self.encoder_for_version(version))] if version else self.pool_versions()
     started = time.time()
     sops = store.records.study_instances(study_uid)
     outcome = "empty"

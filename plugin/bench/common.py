@@ -183,6 +183,7 @@ def radiograph_dataset(
     instance_number: int = 1,
     bits: int = 12,
     monochrome1: bool = False,
+    body_part: str = "CHEST",
 ) -> Dataset:
     """A radiograph (DX storage unless ``sop_class`` says otherwise), Explicit VR Little Endian,
     from ``bits``-bit unsigned pixels.
@@ -212,7 +213,7 @@ def radiograph_dataset(
     ds.StudyID = study_id
     ds.ReferringPhysicianName = ""
     ds.Modality = modality
-    ds.BodyPartExamined = "CHEST"
+    ds.BodyPartExamined = body_part
     ds.SeriesNumber = 1
     ds.InstanceNumber = instance_number
     ds.SamplesPerPixel = 1

@@ -34,7 +34,20 @@ INSTANCE_FIELDS = {
     "series_number": "SeriesNumber",
     "instance_number": "InstanceNumber",
     "body_part": "BodyPartExamined",
+    "photometric": "PhotometricInterpretation",  # with modality and body part: what routing reads
 }
+
+
+# What routing reads (hashing.route.Route.matches takes them in this order).
+ROUTING_KEYWORDS = ("Modality", "BodyPartExamined", "PhotometricInterpretation")
+
+
+def routing_header(ds: Dataset | None) -> tuple[str, str, str]:
+    """Modality, body part examined and photometric interpretation of a dataset ("" when absent or
+    no dataset, e.g. an uploaded picture)."""
+    if ds is None:
+        return ("", "", "")
+    return tuple(str(ds.get(kw, "") or "").strip() for kw in ROUTING_KEYWORDS)  # type: ignore[return-value]
 
 
 def is_uid(value: object) -> bool:

@@ -117,8 +117,17 @@ class Settings:
     # A study is "stable" (its study-level code is computed) after this many seconds without a
     # new instance.
     study_stable_seconds: float = 60.0
-    # Model checkpoint. Empty: the default model shipped inside the package.
+    # Model checkpoint of the main route. Empty: the chest radiograph model shipped inside the
+    # package ("shipped:NAME" names another shipped model). Each model declares what it serves (its
+    # route: modalities, body parts); `drh-pacs register` adds or replaces routes later.
     model_path: str = ""
+    # More models a new installation serves from the start, comma separated (each its own route).
+    extra_models: list[str] = field(default_factory=lambda: ["shipped:us-breast"])
+    # Images no route takes: "general" hashes them with the general model (general_model_path,
+    # declared general in answers), "none" stores them and counts them per modality as "no model".
+    unrouted: str = "general"
+    # The model for images no other route takes (when unrouted is "general").
+    general_model_path: str = "shipped:general"
     # "auto" (cuda when present), "cpu" or "cuda:N".
     device: str = "auto"
     # Images per model forward pass in a worker.
@@ -348,6 +357,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
 def _validate(s: Settings) -> None:
     if s.non_image_policy not in {"ignore", "reject"}:
         raise SettingsError("setting non_image_policy must be 'ignore' or 'reject'")
+    if s.unrouted not in ("general", "none"):
+        raise SettingsError(f"setting unrouted must be 'general' or 'none', got {s.unrouted!r}")
     for title in (s.ae_title, s.similar_ae_title):
         if not 0 < len(title) <= 16:
             raise SettingsError(f"AE title {title!r} must be 1 to 16 characters")

@@ -352,7 +352,6 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
             log.exception("similar C-FIND from %s failed", calling)
             yield status_with_comment(st.UNABLE_TO_PROCESS, f"search failed: {type(exc).__name__}"), None
             return
-        version = str(getattr(indexes[query.index_level], "version", "") or "")
         requested = similar.requested_keys(identifier)
         for result in results:
             wait_for_send_queue(event)
@@ -362,14 +361,21 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
             yield (
                 st.PENDING,
                 similar.similar_answer(
-                    result, query, requested, settings.ae_title, version, settings.similar_rank_in_description
+                    result,
+                    query,
+                    requested,
+                    settings.ae_title,
+                    results.version,
+                    settings.similar_rank_in_description,
+                    route=results.route,
                 ),
             )
         log.info(
-            "similar C-FIND from %s: %s reference %s, %d result(s) in %.1f ms",
+            "similar C-FIND from %s: %s reference %s (route %s), %d result(s) in %.1f ms",
             calling,
             query.level,
             query.reference_uid,
+            results.route,
             len(results),
             (time.monotonic() - started) * 1000,
         )

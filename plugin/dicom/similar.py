@@ -251,6 +251,7 @@ def similar_answer(
     retrieve_ae: str,
     model_version: str = "",
     rank_in_description: bool = True,
+    route: str = "",
 ) -> Dataset:
     """One pending response: the usual study-level keys, what was asked, and rank/distance/score
     (private elements; also in StudyDescription unless ``rank_in_description`` is False)."""
@@ -286,6 +287,8 @@ def similar_answer(
     st.set_private(ds, st.SCORE, f"{result.score:.4f}")
     if model_version:
         st.set_private(ds, st.MODEL_VERSION, model_version[:64])
+    if route:
+        st.set_private(ds, st.MODEL_ROUTE, route[:64])
     return ds
 
 

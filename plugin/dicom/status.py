@@ -52,6 +52,7 @@ _ELEMENTS: dict[int, tuple[str, str, str, str]] = {
     0x06: ("DS", "1", "Similar Score", "DRHScore"),
     0x07: ("CS", "1", "Similar Exclude Reference Patient", "DRHExcludeReferencePatient"),
     0x08: ("LO", "1", "Similar Model Version", "DRHModelVersion"),
+    0x09: ("LO", "1", "Similar Model Route", "DRHModelRoute"),
 }
 
 REFERENCE_UID = 0x01
@@ -62,6 +63,7 @@ DISTANCE = 0x05
 SCORE = 0x06
 EXCLUDE_REFERENCE_PATIENT = 0x07
 MODEL_VERSION = 0x08
+MODEL_ROUTE = 0x09
 
 add_private_dict_entries(
     PRIVATE_CREATOR,

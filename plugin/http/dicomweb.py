@@ -265,10 +265,10 @@ def _json(datasets: list[Dataset], headers: dict[str, str] | None = None) -> Res
 
 
 def similar_dataset(result: q.SimilarResult, query: q.SimilarQuery, settings: Any, include: tuple[str, ...],
-                    model_version: str) -> Dataset:  # fmt: skip
+                    model_version: str, route: str = "") -> Dataset:  # fmt: skip
     """One QIDO answer: the C-FIND similar answer (one builder for both protocols), as DICOM JSON wants."""
     keys = STUDY_KEYS + (INSTANCE_KEYS if query.level == "IMAGE" else ()) + include
-    ds = dicom_similar.similar_answer(result, query, keys, settings.ae_title, model_version)
+    ds = dicom_similar.similar_answer(result, query, keys, settings.ae_title, model_version, route=route)
     del ds.QueryRetrieveLevel  # a C-FIND key, not an attribute of the answer
     series = (result.instance or {}).get("series_uid", "") if query.level == "IMAGE" else ""
     url = _retrieve_url(settings.pacs_wado_root, result.study_uid, series, result.uid if series else "")
@@ -385,14 +385,15 @@ def routes(ctx: Any, renderer: rendered.Renderer) -> list[BaseRoute]:
                 depth = settings.max_results  # the ranking a site lets one query read
                 k = min(offset + limit, depth)
                 query, match = await run_in_threadpool(similar_query, params, level, store, k, reference, depth)
-                results = await run_in_threadpool(q.run_similar, query, store, ctx.index)
+                answer = await run_in_threadpool(q.run_similar, query, store, ctx.index)
             except QueryError as err:
                 return error_response(err)
-            if match:
-                results = [r for r in results if r.uid in match]
+            results = [r for r in answer if r.uid in match] if match else list(answer)
             include = _include(reserved)
-            version = str(getattr(ctx.index.get(query.index_level), "version", "") or "")
-            answers = [similar_dataset(r, query, settings, include, version) for r in results[offset : offset + limit]]
+            answers = [
+                similar_dataset(r, query, settings, include, answer.version, answer.route)
+                for r in results[offset : offset + limit]
+            ]
             fuzzy = (reserved.get("fuzzymatching") or "").strip().lower() == "true"
             return _json(answers, {"Warning": FUZZY_WARNING} if fuzzy else None)
 

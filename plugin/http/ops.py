@@ -91,7 +91,7 @@ def routes(ctx: Any) -> list[Route]:
         reasons = []
         try:
             ctx.store.ping()
-            if ctx.store.models.active() is None:
+            if not ctx.store.models.active_routes():
                 reasons.append("no model version active yet (nothing indexed)")
         except redis.exceptions.RedisError as exc:
             reasons.append(f"Redis unavailable: {exc}")

@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from plugin.core.header import is_uid
+from plugin.core.header import is_uid, routing_header
 from plugin.http.rendered import thumbnail_of, to_image_bytes
 from plugin.search import query as q
 from plugin.search.errors import QueryError
@@ -59,6 +59,7 @@ HTTP_STATUS = {
     "unknown-reference": 404,
     "ambiguous-reference": 409,
     "not-indexed": 409,
+    "no-model": 409,
     "model-mismatch": 409,
     "too-large": 413,
     "busy": 503,
@@ -161,9 +162,7 @@ def _study_json(study_uid: str, study: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _answer(
-    query: q.SimilarQuery, results: list[q.SimilarResult], index: Any, started: float, reference: dict[str, Any]
-) -> JSONResponse:
+def _answer(query: q.SimilarQuery, results: q.Answer, started: float, reference: dict[str, Any]) -> JSONResponse:
     items = []
     for r in results:
         item: dict[str, Any] = {"rank": r.rank, "distance": r.distance, "score": r.score, "reranked": r.reranked}
@@ -176,8 +175,9 @@ def _answer(
         {
             "level": query.level.lower(),
             "reference": reference,
-            "model_version": index.version,
-            "nbits": index.nbits,
+            "route": results.route,
+            "model_version": results.version,
+            "nbits": results.nbits,
             "k": query.k,
             "max_distance": query.max_distance,
             "results": items,
@@ -193,7 +193,7 @@ def routes(ctx: Any) -> list[Route]:
     max_k = ctx.settings.max_results
     uploads = _UploadSlots(ctx.settings.max_concurrent_uploads)
 
-    def by_reference(level: str, param: str, index_level: str, reference_key: str) -> Any:
+    def by_reference(level: str, param: str, reference_key: str) -> Any:
         """The handler of a search whose reference (a study or an instance UID) is in the path."""
 
         async def handler(request: Request) -> Response:
@@ -204,12 +204,12 @@ def routes(ctx: Any) -> list[Route]:
                 results = await run_in_threadpool(q.run_similar, query, ctx.store, ctx.index)
             except QueryError as err:
                 return error_response(err)
-            return _answer(query, results, ctx.index[index_level], started, {reference_key: uid})
+            return _answer(query, results, started, {reference_key: uid})
 
         return handler
 
-    by_study = by_reference("STUDY", "study_uid", "study", "study_instance_uid")
-    by_instance = by_reference("IMAGE", "sop_uid", "image", "sop_instance_uid")
+    by_study = by_reference("STUDY", "study_uid", "study_instance_uid")
+    by_instance = by_reference("IMAGE", "sop_uid", "sop_instance_uid")
 
     async def by_upload(request: Request) -> Response:
         started = time.monotonic()
@@ -234,7 +234,7 @@ def routes(ctx: Any) -> list[Route]:
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # complete or cut off, nothing stays behind
             uploads.release()
-        return _answer(query, results, ctx.index[query.index_level], started, reference)
+        return _answer(query, results, started, reference)
 
     return [
         Route("/api/similar/study/{study_uid}", by_study, methods=["GET"]),
@@ -336,17 +336,41 @@ def upload_pixels(source: bytes | Path) -> tuple[Dataset | None, Any]:
         raise QueryError("not-an-image", f"not a readable DICOM file or picture ({type(err).__name__})") from err
 
 
-def _search_upload(
-    ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQuery
-) -> tuple[list[q.SimilarResult], dict[str, Any]]:
-    """Decode, hash with the answering model, search; the upload's own study/image is left out."""
-    ds, image = upload_pixels(path)
-    level = query.index_level
-    index = ctx.index.get(level)
-    if index is not None:
-        index.refresh()
+def _upload_route(ctx: Any, ds: Any, routed: Any, filters: Filters) -> tuple[str, Any]:
+    """(route, replica) that answers for an upload: the route its header takes. A picture has no
+    header: the modality and body part the query filters on stand for it, else it goes where an
+    image of unknown kind goes (the general route), else to the only route there is."""
+    header = routing_header(ds)
+    if ds is None:
+        header = (filters.modalities[0] if filters.modalities else "", filters.body_part or "", "")
+    found = ctx.store.models.route_for(*header)
+    table = ctx.store.models.table()
+    if found is None and ds is None and len(table) == 1:
+        found = table[0]
+    if found is None:
+        raise QueryError("no-model", "no model serves this kind of image (its modality and body part)")
+    route = found[0].name
+    index = routed.for_route(route) if hasattr(routed, "for_route") else routed
     if index is None or not index.ready:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
+    return route, index
+
+
+def _search_upload(ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQuery) -> tuple[q.Answer, dict[str, Any]]:
+    """Decode, hash with the model of the upload's route, search that route; the upload's own
+    study/image is left out."""
+    ds, image = upload_pixels(path)
+    study_uid = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "") if ds is not None else ""
+    patient_id = str(ds.get("PatientID", "") or "").strip() if ds is not None else ""
+    if query.filters.exclude_reference_patient and not patient_id:
+        raise QueryError("malformed", "exclude_same_patient needs a DICOM file with a PatientID")
+    level = query.index_level
+    routed = ctx.index.get(level)
+    if routed is None:
+        raise QueryError("index-not-ready", "index not ready: try again shortly")
+    routed.refresh()
+    route, index = _upload_route(ctx, ds, routed, query.filters)
     encoder = encoders.for_version(str(index.version))
     with encoders.lock():
         out = encoder.encode_images([image])
@@ -355,11 +379,6 @@ def _search_upload(
             code = bytes(study_code)
         else:
             code, rerank = bytes(out.codes[0]), out.rerank[0]
-    study_uid = str(ds.get("StudyInstanceUID", "") or "") if ds is not None else ""
-    sop_uid = str(ds.get("SOPInstanceUID", "") or "") if ds is not None else ""
-    patient_id = str(ds.get("PatientID", "") or "").strip() if ds is not None else ""
-    if query.filters.exclude_reference_patient and not patient_id:
-        raise QueryError("malformed", "exclude_same_patient needs a DICOM file with a PatientID")
     own = study_uid if level == "study" else sop_uid
     results = q.search_code(
         code,
@@ -370,6 +389,7 @@ def _search_upload(
         exclude_patient=patient_id if query.filters.exclude_reference_patient else None,
         rerank=rerank,
     )
+    results = q.Answer(results, route, str(index.version), int(index.nbits or 0))
     thumbnail = base64.b64encode(to_image_bytes(thumbnail_of(image), "png")).decode()
     reference = {
         "study_instance_uid": study_uid,

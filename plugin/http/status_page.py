@@ -153,10 +153,19 @@ def _ingest(f: dict[str, Any]) -> str:
 
 def _index(f: dict[str, Any]) -> str:
     rows = [
-        [e(m["version"]), m["nbits"], e(m["state"]), "yes" if m["active"] else "", m["image"], m["study"]]
+        [e(m["serves"]), e(m["version"]), m["nbits"], e(m["state"]), "yes" if m["active"] else ""]
+        + [m["image"], m["study"]]
         for m in f["models"]
     ]
-    out = "<h2>Index</h2>" + _table(["model version", "bits", "state", "active", "image codes", "study codes"], rows)
+    head = ["route (what it serves)", "model version", "bits", "state", "answers", "image codes", "study codes"]
+    out = "<h2>Index</h2>" + _table(head, rows)
+    waiting = f.get("no_model") or {}
+    if waiting:
+        per = ", ".join(f"{e(mod)} {n}" for mod, n in sorted(waiting.items()))
+        out += (
+            "<p>Stored without a model (no route takes them; register one with"
+            f" <code>drh-pacs register</code>): {per}.</p>"
+        )
     job = f["reindex"]
     if job:
         out += (

@@ -131,12 +131,22 @@ class _FiguresCollector:
         )
         yield hist
         codes = GaugeMetricFamily(
-            "drh_index_codes", "codes stored per model version and level", labels=["version", "level", "active"]
+            "drh_index_codes",
+            "codes stored per model version, level and route (active: the version answers for its route)",
+            labels=["version", "level", "active", "route"],
         )
         for v in f["models"]:
             for level in ("image", "study"):
-                codes.add_metric([v["version"], level, "1" if v["active"] else "0"], v[level])
+                codes.add_metric([v["version"], level, "1" if v["active"] else "0", v["route"]], v[level])
         yield codes
+        no_model = GaugeMetricFamily(
+            "drh_no_model_instances",
+            "images stored without a model (no route takes them, unrouted=none), per modality",
+            labels=["modality"],
+        )
+        for modality, n in sorted((f.get("no_model") or {}).items()):
+            no_model.add_metric([modality], n)
+        yield no_model
         workers = GaugeMetricFamily(
             "drh_worker_processes", "Celery worker processes alive, by worker and device", labels=["worker", "device"]
         )

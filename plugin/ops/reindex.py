@@ -1,9 +1,11 @@
-"""``drh-pacs reindex MODEL [--wait]``: move every stored instance to a new model version in the background.
+"""``drh-pacs reindex MODEL [--wait]`` and ``drh-pacs register MODEL --route ...``: a new model
+version for a route, built in the background from what the route holds.
 
-Starting a job loads the checkpoint here once, to learn its version and code length (and to fail now,
-not in every worker, if it is broken), registers the version, records the job
-(:mod:`plugin.store.reindex`) and queues its plan; the workers do the rest (:mod:`workers.reindex`)
-while the previous version keeps answering.
+Starting a job loads the checkpoint here once, to learn its version, code length and route (and to
+fail now, not in every worker, if it is broken), registers the version for its route (the one its
+checkpoint declares, or the one ``register`` gives), records the job (:mod:`plugin.store.reindex`)
+and queues its plan; the workers do the rest (:mod:`workers.reindex`) while the route's previous
+version (or, for a new route, the general model) keeps answering.
 """
 
 from __future__ import annotations
@@ -15,34 +17,47 @@ from pathlib import Path
 
 from celery import Celery
 
+from hashing.route import Route
 from plugin.core.settings import SettingsError, load_settings
 from plugin.store import ACTIVE_STATES
 from workers.client import REINDEX_PLAN, make_celery, send, store_for
 
 
-def start(app: Celery, model_path: str, *, force: bool = False) -> dict[str, str]:
-    """Register the new version and queue the plan; returns the job."""
-    from hashing.encoder import Encoder
+def start(app: Celery, model_path: str, *, force: bool = False, route: Route | None = None) -> dict[str, str]:
+    """Register the new version for ``route`` (default: the one its checkpoint declares) and queue
+    the plan; returns the job."""
+    from hashing.encoder import SHIPPED_PREFIX, Encoder
 
     store = store_for(app)
     job = store.reindex.get()
     if job.get("state") in ACTIVE_STATES and not force:
         raise RuntimeError(f"a re-index to {job.get('version')} is already {job['state']} (use --force to restart)")
     # Workers find the checkpoint by this path: make it absolute (the same path on every worker).
-    model_path = str(Path(model_path).resolve()) if model_path else ""
+    if model_path and not model_path.startswith(SHIPPED_PREFIX):
+        model_path = str(Path(model_path).resolve())
     enc = Encoder.load(model_path or None, device="cpu")
-    if enc.version == store.models.active():
-        raise RuntimeError(f"model {enc.version} is already the active version")
-    store.models.register(enc.version, enc.nbits, rerank_dim=enc.rerank_dim, path=model_path, emb_dim=enc.emb_dim)
+    route = route or enc.route
+    if store.models.details(enc.version) and store.models.route_of(enc.version).name != route.name:
+        raise RuntimeError(
+            f"model {enc.version} is registered for route {store.models.route_of(enc.version).name}; a version"
+            " serves one route (train or save it under another version to serve another)"
+        )
+    if enc.version == store.models.active(route.name):
+        raise RuntimeError(f"model {enc.version} is already the active version of route {route.name}")
+    store.models.register(
+        enc.version, enc.nbits, rerank_dim=enc.rerank_dim, route=route, path=model_path, emb_dim=enc.emb_dim
+    )
     store.models.set_state(enc.version, "building")
-    store.reindex.start(enc.version, model_path, store.models.active() or "")
+    store.reindex.start(enc.version, model_path, store.models.active(route.name) or "")
+    store.reindex.update({"route": route.name})
     send(app, REINDEX_PLAN, version=enc.version)
     return store.reindex.get()
 
 
 def describe(job: dict[str, str]) -> str:
     return (
-        f"re-index to {job.get('version')}: {job.get('state')}, {job.get('done', 0)}/{job.get('total', 0)} instances,"
+        f"re-index to {job.get('version')} (route {job.get('route') or '?'}): {job.get('state')},"
+        f" {job.get('done', 0)}/{job.get('total', 0)} instances,"
         f" {job.get('failed', 0)} failed, studies pooled {job.get('studies_done', 0)}"
         f" (previous version {job.get('previous') or '(none)'})"
     )
@@ -92,13 +107,61 @@ def main(argv: list[str] | None = None) -> int:
         print(f"re-index to {job['version']} queued; {job['previous'] or '(none)'} answers until it completes")
     elif not args.status:
         parser.error("give a model checkpoint, --shipped, or --status")
+    return _report(app, args.wait)
+
+
+def _report(app: Celery, wait: bool) -> int:
     job = store_for(app).reindex.get()
     if not job:
         print("no re-index job")
         return 0
-    if not args.wait:
+    if not wait:
         print(describe(job))
         return 0 if job.get("state") != "failed" else 1
     job = follow(app)
     print(describe(job))
     return 0 if job.get("state") == "complete" else 1
+
+
+def register_main(argv: list[str] | None = None) -> int:
+    """``drh-pacs register MODEL --route NAME [--modality ...] [--body-part ...] [--wait]``."""
+    parser = argparse.ArgumentParser(
+        prog="drh-pacs register",
+        description="serve a trained checkpoint for a route (modalities, body parts) and re-index, in the"
+        " background, the stored images that route takes",
+    )
+    parser.add_argument("model", help="checkpoint (drh-pacs train --out), or shipped:NAME")
+    parser.add_argument("--route", help="route name (lower-case letters, digits, '-'); default: the checkpoint's")
+    parser.add_argument("--modality", action="append", default=[], help="a modality it serves (repeat: MG, US...)")
+    parser.add_argument("--body-part", action="append", default=[], help="a BodyPartExamined it serves (BREAST...)")
+    parser.add_argument("--photometric", action="append", default=[], help="a PhotometricInterpretation it serves")
+    parser.add_argument("--general", action="store_true", help="serve every image no other route takes")
+    parser.add_argument("--wait", action="store_true", help="follow the re-index with a progress bar until it ends")
+    parser.add_argument("--force", action="store_true", help="restart even if a re-index is running")
+    args = parser.parse_args(argv)
+    route = None
+    if args.route or args.modality or args.body_part or args.photometric or args.general:
+        if not args.route:
+            parser.error("--modality, --body-part, --photometric and --general need --route NAME")
+        try:
+            route = Route(
+                args.route, tuple(args.modality), tuple(args.body_part), tuple(args.photometric), args.general
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
+    try:
+        app = make_celery(load_settings())
+    except (SettingsError, RuntimeError) as exc:
+        print(f"drh-pacs register: {exc}", file=sys.stderr)
+        return 2
+    try:
+        job = start(app, args.model, force=args.force, route=route)
+    except (RuntimeError, OSError, ValueError) as exc:
+        print(f"drh-pacs register: {exc}", file=sys.stderr)
+        return 1
+    served = store_for(app).models.route_of(job["version"]).describe()
+    print(
+        f"{job['version']} registered for route {served}; re-indexing what it takes in the background"
+        f" ({job['previous'] or 'the general model or no model'} answers for it until then)"
+    )
+    return _report(app, args.wait)

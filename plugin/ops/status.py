@@ -38,27 +38,31 @@ def outcome_label(outcome: str) -> str:
 
 
 def model_versions(store: Store) -> list[dict[str, Any]]:
-    """Every registered model version, the active one first: bits, state, live codes per level and
-    instance embeddings (what an old version still costs in Redis)."""
-    active = store.models.active()
+    """Every registered model version, the answering ones first (by route): its route, bits, state,
+    live codes per level and instance embeddings (what an old version still costs in Redis)."""
+    answering = set(store.models.active_routes().values())
     out = []
     for version in store.models.versions():
         info = store.models.details(version)
         if "nbits" not in info:
             continue
+        route = store.models.route_of(version)
         out.append(
             {
                 "version": version,
+                "route": route.name,
+                "serves": route.describe(),
+                "general": route.general,
                 "nbits": int(info["nbits"]),
                 "state": info.get("state", ""),
-                "active": version == active,
+                "active": version in answering,
                 "created": float(info.get("created", 0) or 0),
                 "image": store.codes.count(version, "image"),
                 "study": store.codes.count(version, "study"),
                 "embeddings": store.embeddings.count(version),
             }
         )
-    out.sort(key=lambda m: (not m["active"], -m["created"]))
+    out.sort(key=lambda m: (not m["active"], m["route"], -m["created"]))
     return out
 
 
@@ -162,7 +166,12 @@ def gather(
         figures["tasks"] = store.stats.tasks()
         figures["latency"] = store.stats.latency()
         figures["models"] = model_versions(store)
-        figures["active_version"] = next((m["version"] for m in figures["models"] if m["active"]), None)
+        figures["active_version"] = store.models.active()
+        figures["routes"] = [
+            {"route": route.name, "serves": route.describe(), "general": route.general, "version": version}
+            for route, version in store.models.table()
+        ]
+        figures["no_model"] = store.stats.no_model()
         job: dict[str, Any] = store.reindex.get()
         if job:
             for k in ("done", "total", "failed"):
@@ -224,8 +233,12 @@ def render_text(f: dict[str, Any]) -> str:
         mark = "*" if m["active"] else " "
         lines.append(
             f" {mark}{m['version']:<28} {m['nbits']:>3} bits  {m['state']:<9}"
-            f" images {m['image']:>9}  studies {m['study']:>8}"
+            f" images {m['image']:>9}  studies {m['study']:>8}  route {m['serves']}"
         )
+    waiting = f.get("no_model") or {}
+    if waiting:
+        per = ", ".join(f"{mod} {n}" for mod, n in sorted(waiting.items()))
+        lines.append(f"  stored without a model (no route takes them): {per}")
     job = f["reindex"]
     if job:
         total = max(1, job["total"])

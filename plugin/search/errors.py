@@ -7,7 +7,8 @@ class QueryError(Exception):
     """A request we refuse: ``reason`` is a short tag, ``comment`` what to tell the requester.
 
     Reasons: ``malformed``, ``unknown-reference``, ``ambiguous-reference``, ``not-indexed``,
-    ``index-not-ready``, ``model-mismatch``, ``too-large``, ``not-an-image``. The DICOM layer turns a reason into a
+    ``no-model`` (stored, but no model serves its kind of image), ``index-not-ready``,
+    ``model-mismatch``, ``too-large``, ``not-an-image``. The DICOM layer turns a reason into a
     failure status with the comment as ErrorComment (at most 64 characters), the HTTP layer into a
     status code; an empty success would tell a radiologist "nothing similar" when the truth is
     "ask again later" or "your viewer sent something I cannot read".

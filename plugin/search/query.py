@@ -71,6 +71,26 @@ class SimilarResult:
     reranked: bool = False
 
 
+class Answer(list):
+    """The results of one similar query (a list of :class:`SimilarResult`, nearest first) and who
+    answered: the reference's route, the model version and its code width. Every protocol puts the
+    route and version in its answer (HTTP fields, a DICOM private element, DICOMweb attributes)."""
+
+    def __init__(self, results: list[SimilarResult], route: str, version: str, nbits: int) -> None:
+        super().__init__(results)
+        self.route = route
+        self.version = version
+        self.nbits = nbits
+
+
+def route_index(index: Any, uid: str) -> tuple[str, Any, Any] | None:
+    """(route, replica, (code, vector)) holding ``uid`` in a routed index (one replica: its own)."""
+    if hasattr(index, "locate"):
+        return index.locate(uid)
+    found = index.lookup(uid)
+    return None if found is None else (getattr(index, "route", None) or "", index, found)
+
+
 def modalities_of(study: Mapping[str, str]) -> list[str]:
     """The modalities of a study record (stored comma separated)."""
     raw = study.get("modalities", "") or ""
@@ -102,8 +122,9 @@ def _reference_study(level: str, uid: str, store: Any) -> tuple[str | None, dict
     return instance.get("study_uid"), instance
 
 
-def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> list[SimilarResult]:
-    """The k nearest studies (or images) to the reference, nearest first, reference excluded."""
+def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> Answer:
+    """The k nearest studies (or images) to the reference, nearest first, reference excluded,
+    searched only among the reference's route (its model's codes)."""
     index = indexes.get(query.index_level)
     if index is None:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
@@ -115,10 +136,12 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         log.warning("replica refresh failed (%s); answering from the replica as it is", type(exc).__name__)
     if not index.ready:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
-    found = index.lookup(query.reference_uid)
+    located = route_index(index, query.reference_uid)
     what = "study" if query.level == "STUDY" else "instance"
-    if found is None:
+    if located is None:
         _, known = _reference_study(query.level, query.reference_uid, store)
+        if known.get("state") == "no-model":
+            raise QueryError("no-model", f"reference {what} is stored but no model serves its modality and body part")
         if known:
             raise QueryError("not-indexed", f"reference {what} not yet indexed: try again later")
         raise QueryError("unknown-reference", f"unknown reference {what}")
@@ -127,16 +150,17 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
     if query.filters.exclude_reference_patient:
         reference_study_uid, _ = _reference_study(query.level, query.reference_uid, store)
         exclude_patient = store.records.study(reference_study_uid or "").get("patient_id") or None
-    code, rerank = found
-    return search_code(
+    route, route_index_, (code, rerank) = located
+    results = search_code(
         code,
         query,
         store,
-        index,
+        route_index_,
         exclude_uids=(query.reference_uid,),
         exclude_patient=exclude_patient,
         rerank=rerank if rerank.any() else None,  # a code stored without a vector is not re-ranked
     )
+    return Answer(results, route, str(route_index_.version or ""), int(route_index_.nbits or 0))
 
 
 def search_code(

@@ -52,7 +52,8 @@ class Hit:
 
 
 class ReplicaIndex:
-    """Replica of the codes of ``level`` for the store's active model version.
+    """Replica of the codes of ``level`` for the model version answering for ``route`` (None: the
+    store's only or general route, :meth:`plugin.store.models.ModelRegistry.active`).
 
     ``mih_min``: from this many codes on, exact k-NN goes through multi-index hashing (built at
     load and rebuilt when ``mih_rebuild_fraction`` of the rows have changed since), falling back to
@@ -65,6 +66,7 @@ class ReplicaIndex:
         store: Store,
         level: str,
         *,
+        route: str | None = None,
         mih_min: int = MIH_MIN,
         mih_rebuild_fraction: float = 0.05,
         mih_rebuild_min: int = 10_000,
@@ -75,6 +77,7 @@ class ReplicaIndex:
             raise ValueError(f"unknown level {level!r}")
         self.store = store
         self.level = level
+        self.route = route
         self.mih_min = mih_min
         self.mih_rebuild_fraction = mih_rebuild_fraction
         self.mih_rebuild_min = mih_rebuild_min
@@ -124,12 +127,14 @@ class ReplicaIndex:
         with self._refresh_lock:
             st = self._state
             if st is None:
-                version = self.store.models.active()
+                version = self.store.models.active(self.route)
                 if version is not None:
                     self._load(version)
                 return
             while True:
-                ch = self.store.codes.changes(st.version, self.level, st.log_pos, st.attr_pos, count=self.batch)
+                ch = self.store.codes.changes(
+                    st.version, self.level, st.log_pos, st.attr_pos, count=self.batch, route=self.route
+                )
                 if ch.active is None:
                     return
                 if ch.active != st.version or ch.generation != st.generation or ch.log_lost or ch.attr_lost:

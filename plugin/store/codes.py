@@ -295,23 +295,26 @@ class CodeStore:
             attr_pos=alast[0][0].decode() if alast else "0-0",
         )
 
-    def changes(self, version: str, level: str, log_pos: str, attr_pos: str, count: int = 50_000) -> Changes:
-        """Entries after the given positions (at most ``count`` each), in one round trip.
+    def changes(
+        self, version: str, level: str, log_pos: str, attr_pos: str, count: int = 50_000, route: str | None = None
+    ) -> Changes:
+        """Entries after the given positions (at most ``count`` each), in one round trip, and the
+        version now answering for ``route`` (see :meth:`ModelRegistry.active`).
 
         Also says whether the entries at the positions still exist: when one was trimmed away,
         entries after it may be lost too, and the replica must reload.
         """
         k = self.keys
+        active = self.models.active(route)
         pipe = self.r.pipeline(transaction=True)  # one instant: generation and log agree
-        pipe.get(k.active())
         pipe.get(k.gen(version, level))
         pipe.xrange(k.log(version, level), min=f"({log_pos}", count=count)
         pipe.xrange(k.log(version, level), min=log_pos, max=log_pos)
         pipe.xrange(k.attrlog(), min=f"({attr_pos}", count=count)
         pipe.xrange(k.attrlog(), min=attr_pos, max=attr_pos)
-        active, gen, log, here, attrs, ahere = pipe.execute()
+        gen, log, here, attrs, ahere = pipe.execute()
         return Changes(
-            active=active.decode() if active else None,
+            active=active,
             generation=int(gen or 0),
             log=[(i.decode(), f) for i, f in log],
             attrs=[(i.decode(), f) for i, f in attrs],

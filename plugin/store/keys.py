@@ -7,9 +7,13 @@ DMIH study codes). The owning module of each group says how the values are kept 
 Codes (:mod:`plugin.store.codes`, :mod:`plugin.store.models`)
 
 ==========================================  =======  =================================================
-``ns:model:active``                         string   the model version that answers queries
+``ns:routes``                               hash     route name -> the model version that answers
+                                                     for the route (one per route, all at once)
+``ns:model:active``                         string   before routes: the one answering version (read
+                                                     once, moved into ``ns:routes``)
 ``ns:model:{v}``                            hash     nbits, created, state (building|complete), path,
-                                                     emb_dim
+                                                     emb_dim, route (name), route_spec (JSON of
+                                                     :class:`hashing.route.Route`)
 ``ns:models``                               set      every registered model version
 ``ns:codes:{v}:{lv}``                       string   fixed-width slots of ``nbits // 8`` bytes; slot
                                                      ``s`` is bytes ``[s*B, (s+1)*B)``
@@ -36,7 +40,9 @@ Records of studies and instances (:mod:`plugin.store.records`)
 ``ns:accession:{number}``                   set      StudyInstanceUIDs with that AccessionNumber (viewer
                                                      forms name a study by it; not unique everywhere)
 ``ns:instance:{uid}``                       hash     study_uid, series_uid, sop_class_uid, modality,
-                                                     path, received_at, state, indexed_* fields
+                                                     body_part, photometric, route, path,
+                                                     received_at, state (indexed|ignored|failed|
+                                                     no-model|...), indexed_* fields
 ``ns:sno``                                  hash     StudyInstanceUID -> study number (1, 2, ...)
 ``ns:snext``                                string   study number counter (INCR)
 ``ns:sattr``                                string   per study number, a 24-byte filter record
@@ -80,6 +86,8 @@ Outcomes and operations (:mod:`plugin.store.ledger`, :mod:`plugin.store.stats`,
 ``ns:refused:recent``                       zset     SOPInstanceUID by last refusal time
 ``ns:stats:tasks``                          hash     ``<task>:<outcome>`` -> count
 ``ns:stats:latency``                        hash     C-STORE-to-searchable histogram buckets
+``ns:stats:nomodel``                        hash     modality -> images stored without a model (no
+                                                     route takes them and ``unrouted`` is ``none``)
 ``ns:workers``                              hash     worker hostname -> JSON heartbeat
 ``ns:workerprocs``                          hash     "hostname|pid" -> JSON {device, model, loaded}
 ==========================================  =======  =================================================
@@ -103,6 +111,9 @@ class Keys:
     # -- models and codes --------------------------------------------------------------------------
     def active(self) -> str:
         return f"{self.ns}:model:active"
+
+    def routes(self) -> str:
+        return f"{self.ns}:routes"
 
     def model(self, v: str) -> str:
         return f"{self.ns}:model:{v}"
@@ -217,6 +228,9 @@ class Keys:
 
     def pool_running(self) -> str:
         return f"{self.ns}:pool:running"
+
+    def nomodel(self) -> str:
+        return f"{self.ns}:stats:nomodel"
 
     def reindex(self) -> str:
         return f"{self.ns}:reindex"

@@ -1,17 +1,24 @@
-"""Model versions in Redis: which are registered, their code width, which one answers queries.
+"""Model versions in Redis: which are registered, their code width, which ones answer queries.
 
 Every stored code is tagged with its model version (its keys carry the version), so a re-index can
-build a new version beside the one that answers and switch all readers with one SET of
-``ns:model:active``. A version's code width can never change once registered: slots are fixed-width.
+build a new version beside the one that answers and switch all readers with one HSET of
+``ns:routes``. A version's code width can never change once registered: slots are fixed-width.
+
+Each version serves one route (:class:`hashing.route.Route`: modalities, body parts, photometric
+interpretations, or *general*), recorded with it; one version per route answers at a time, and
+several routes answer at once (chest radiographs, breast ultrasound, the general model...). The
+store keeps routes as data (``hashing.route`` is plain Python, no model is loaded here).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 import redis
 
+from hashing.route import LEGACY, Route, first_match
 from plugin.store.keys import Keys
 
 LEVELS = ("image", "study")
@@ -31,6 +38,7 @@ class ModelInfo:
     state: str
     path: str = ""
     rerank_dim: int = 0  # values per re-ranking vector (0: the code width, as versions before it was recorded)
+    route: Route = LEGACY
 
     def __post_init__(self) -> None:
         if not self.rerank_dim:
@@ -49,10 +57,16 @@ class ModelRegistry:
         self.keys = keys
         self._infos: dict[str, ModelInfo] = {}
 
-    def register(self, version: str, nbits: int, rerank_dim: int = 0, **extra: str | int | float) -> ModelInfo:
+    def register(
+        self, version: str, nbits: int, rerank_dim: int = 0, route: Route | None = None, **extra: str | int | float
+    ) -> ModelInfo:
         """Declare a model version (idempotent); its code width and the width of its re-ranking
-        vectors (``rerank_dim``, default the code width) can never change afterwards."""
+        vectors (``rerank_dim``, default the code width) can never change afterwards. ``route`` (what
+        it serves) is recorded the first time, or replaced when given again (a registration may
+        narrow what a checkpoint declares); a version registered without one is general."""
         key = self.keys.model(version)
+        if route is not None:
+            self.r.hset(key, mapping={"route": route.name, "route_spec": json.dumps(route.as_dict())})
         self.r.hsetnx(key, "nbits", nbits)
         self.r.hsetnx(key, "rerank_dim", rerank_dim or nbits)
         self.r.hsetnx(key, "created", time.time())
@@ -82,6 +96,7 @@ class ModelRegistry:
             data.get(b"state", b"building").decode(),
             data.get(b"path", b"").decode(),
             int(data.get(b"rerank_dim", 0)),
+            _route(data.get(b"route_spec")),
         )
 
     def details(self, version: str) -> dict[str, str]:
@@ -107,19 +122,77 @@ class ModelRegistry:
     def set_state(self, version: str, state: str) -> None:
         self.r.hset(self.keys.model(version), "state", state)
 
-    def active(self) -> str | None:
-        value = self.r.get(self.keys.active())
-        return value.decode() if value else None
+    def route_of(self, version: str) -> Route:
+        """The route a version serves (general when it was registered without one)."""
+        return _route(self.r.hget(self.keys.model(version), "route_spec"))
+
+    def active_routes(self) -> dict[str, str]:
+        """Route name -> the version answering for it. An installation from before routes had one
+        answering version (``ns:model:active``): it is moved, once, to the route it records."""
+        data = self.r.hgetall(self.keys.routes())
+        if not data:
+            legacy = self.r.get(self.keys.active())
+            if legacy is None:
+                return {}
+            version = legacy.decode()
+            self.r.hsetnx(self.keys.routes(), self.route_of(version).name, version)
+            self.r.delete(self.keys.active())
+            data = self.r.hgetall(self.keys.routes())
+        return {k.decode(): v.decode() for k, v in data.items()}
+
+    def table(self) -> list[tuple[Route, str]]:
+        """(route, answering version) in matching order: the most specific route first, ties by
+        name, general routes last (:func:`hashing.route.first_match` takes the first that fits)."""
+        rows = [(self.route_of(v), v) for v in self.active_routes().values()]
+        return sorted(rows, key=lambda rv: (rv[0].general, -rv[0].specificity(), rv[0].name))
+
+    def route_for(self, modality: str, body_part: str, photometric: str = "") -> tuple[Route, str] | None:
+        """The answering (route, version) an image with this header belongs to, None when none takes it."""
+        table = self.table()
+        route = first_match([r for r, _ in table], modality, body_part, photometric)
+        return next(((r, v) for r, v in table if r == route), None) if route else None
+
+    def active(self, route: str | None = None) -> str | None:
+        """The version answering for ``route``; without one, the only answering version (or, with
+        several routes, the general route's, else the first in matching order): what a
+        single-model installation, its benchmarks and tests mean by "the active model"."""
+        routes = self.active_routes()
+        if route is not None:
+            return routes.get(route)
+        if len(routes) <= 1:
+            return next(iter(routes.values()), None)
+        table = self.table()
+        return next((v for r, v in table if r.general), table[0][1])
 
     def activate(self, version: str) -> None:
-        """Make ``version`` answer queries (one SET: atomic for every reader)."""
+        """Make ``version`` answer for its route (one HSET: atomic for every reader)."""
         self.info(version)
-        self.r.set(self.keys.active(), version)
+        self.active_routes()  # an installation from before routes is moved first
+        self.r.hset(self.keys.routes(), self.route_of(version).name, version)
 
     def ensure_active(self, version: str) -> bool:
-        """Activate ``version`` only when no version is active yet; True when it did."""
+        """Activate ``version`` only when its route has no answering version yet; True when it did."""
         self.info(version)
-        return bool(self.r.set(self.keys.active(), version, nx=True))
+        self.active_routes()
+        return bool(self.r.hsetnx(self.keys.routes(), self.route_of(version).name, version))
+
+    def deactivate_route(self, route: str) -> str | None:
+        """Stop a route answering (its version stays registered); returns the version it had."""
+        version = self.active(route)
+        self.r.hdel(self.keys.routes(), route)
+        return version
+
+    def tidy_routes(self) -> list[str]:
+        """Forget route entries whose version now records another route (an installation from
+        before routes moved its one version under "general"; its checkpoint says what it serves).
+        Returns the route names forgotten."""
+        stale = [name for name, version in self.active_routes().items() if self.route_of(version).name != name]
+        if stale:
+            self.r.hdel(self.keys.routes(), *stale)
+        return stale
+
+    def is_active(self, version: str) -> bool:
+        return version in self.active_routes().values()
 
     def drop(self, version: str) -> dict[str, int]:
         """Remove a version that no longer answers: its codes, maps, logs and embeddings.
@@ -129,8 +202,11 @@ class ModelRegistry:
         replica and every worker depend on it. Returns the live codes removed per level.
         """
         self.info(version)
-        if version == self.active():
-            raise StoreError(f"model {version} is the active version; activate another one first")
+        if self.is_active(version):
+            raise StoreError(
+                f"model {version} is the active version of route {self.route_of(version).name};"
+                " activate another one first"
+            )
         counts = {level: int(self.r.hlen(self.keys.slot(version, level))) for level in LEVELS}
         k = self.keys
         doomed = [key for level in LEVELS for key in k.code_keys(version, level)] + [k.emb(version), k.model(version)]
@@ -140,6 +216,10 @@ class ModelRegistry:
         pipe.execute()
         self._infos.pop(version, None)
         return counts
+
+
+def _route(spec: bytes | str | None) -> Route:
+    return Route.from_dict(json.loads(spec)) if spec else LEGACY
 
 
 def init_log(client: redis.Redis, key: str) -> None:

@@ -106,17 +106,27 @@ class Records:
 
     def instances_in_state(self, state: str) -> list[tuple[str, str]]:
         """(sop_uid, study_uid) of every instance in ``state`` (a SCAN: for maintenance jobs)."""
+        return [(sop, rec["study_uid"]) for sop, rec in self.instances_in_states((state,))]
+
+    def instances_in_states(
+        self, states: Sequence[str], fields: Sequence[str] = ("study_uid",)
+    ) -> list[tuple[str, dict[str, str]]]:
+        """(sop_uid, {state, and each of ``fields``}) of every instance in one of ``states`` (a SCAN:
+        for maintenance jobs such as a re-index choosing what its route takes)."""
         keys = list(self.r.scan_iter(match=self.keys.instance_pattern(), count=2000))
         prefix = self.keys.instance("")
+        wanted = {s.encode() for s in states}
+        names = ["state", *fields]
         out = []
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
             pipe = self.r.pipeline()
             for k in chunk:
-                pipe.hmget(k, "state", "study_uid")
-            for k, (st, study) in zip(chunk, pipe.execute(), strict=True):
-                if st == state.encode():
-                    out.append((k.decode()[len(prefix) :], (study or b"").decode()))
+                pipe.hmget(k, names)
+            for k, values in zip(chunk, pipe.execute(), strict=True):
+                if values[0] in wanted:
+                    rec = {n: (v or b"").decode() for n, v in zip(names, values, strict=True)}
+                    out.append((k.decode()[len(prefix) :], rec))
         return out
 
     def study_instances(self, study_uid: str) -> list[str]:

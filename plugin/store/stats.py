@@ -24,7 +24,7 @@ LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900
 # start at zero: a counter that only appears with its first event hides that event from
 # ``increase()``, so an alert on failures would miss the first burst.
 TASK_OUTCOMES = {
-    "index_instance": ("done", "failed", "retried", "ignored", "duplicate", "deferred"),
+    "index_instance": ("done", "failed", "retried", "ignored", "duplicate", "deferred", "no-model"),
     "pool_study": ("done", "deferred", "retried"),
 }
 
@@ -54,6 +54,15 @@ class Stats:
             pipe.execute()
         except redis.exceptions.RedisError:
             pass
+
+    def count_no_model(self, modality: str, n: int = 1) -> None:
+        """Images stored without a model, per modality, now (a gauge: the re-index that gives them a
+        model takes them off again)."""
+        self.r.hincrby(self.keys.nomodel(), modality or "(none)", n)
+
+    def no_model(self) -> dict[str, int]:
+        """modality -> images stored and waiting for a model (no route takes them)."""
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self.keys.nomodel()).items() if int(v) > 0}
 
     def tasks(self) -> dict[str, dict[str, int]]:
         """task -> outcome -> count; the outcomes of :data:`TASK_OUTCOMES` are there at zero."""

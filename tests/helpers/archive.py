@@ -33,7 +33,7 @@ def index_archive(store: Any, encoder: Any, folder: Path, plan: list[Planned], s
     from hashing.preprocess import load_pixels, read_dataset
     from workers.batching import Item, write_codes, write_records
 
-    store.models.register(encoder.version, encoder.nbits, rerank_dim=encoder.rerank_dim)
+    store.models.register(encoder.version, encoder.nbits, rerank_dim=encoder.rerank_dim, route=encoder.route)
     store.models.ensure_active(encoder.version)
     studies = []
     for p in plan:

@@ -33,6 +33,15 @@ class Study:
     sop_uids: list[str] = field(default_factory=list)
 
 
+# Storage SOP class of a generated image by modality (anything else: CR).
+SOP_CLASSES = {
+    "DX": DX_IMAGE_STORAGE,
+    "US": "1.2.840.10008.5.1.4.1.1.6.1",
+    "MG": "1.2.840.10008.5.1.4.1.1.1.2",
+    "OT": "1.2.840.10008.5.1.4.1.1.7",
+}
+
+
 def make_instance(
     image: Path | np.ndarray,
     *,
@@ -47,8 +56,10 @@ def make_instance(
     bits: int = 12,
     monochrome1: bool = False,
     rle: bool = False,
+    body_part: str = "CHEST",
 ) -> Dataset:
-    """One radiograph as a DX/CR dataset with a 12-bit (default) pixel range and a window."""
+    """One radiograph as a DX/CR dataset with a 12-bit (default) pixel range and a window (other
+    modalities get their storage SOP class: US, MG, OT)."""
     pixels = np.asarray(Image.open(image).convert("L")) if isinstance(image, Path) else np.asarray(image)
     scaled = (pixels.astype(np.float32) / 255.0 * (2**bits - 1)).round().astype(np.uint16)
     if monochrome1:
@@ -66,10 +77,11 @@ def make_instance(
         accession="ACC" + study_uid[-8:],
         study_id="1",
         modality=modality,
-        sop_class=DX_IMAGE_STORAGE if modality == "DX" else CR_IMAGE_STORAGE,
+        sop_class=SOP_CLASSES.get(modality, CR_IMAGE_STORAGE),
         instance_number=instance_number,
         bits=bits,
         monochrome1=monochrome1,
+        body_part=body_part,
     )
     if rle:
         ds.compress(RLELossless)
