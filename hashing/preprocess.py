@@ -66,6 +66,7 @@ __all__ = [
     "check_sane",
     "fit_to_square",
     "load_file",
+    "evenly_spaced",
     "load_frames",
     "load_image",
     "load_pixels",
@@ -92,10 +93,23 @@ def load_pixels(ds: pydicom.Dataset, frame: int | None = None) -> np.ndarray:
     return frame_to_image(ds, index)
 
 
-def load_frames(ds: pydicom.Dataset) -> list[np.ndarray]:
-    """Every frame, each as :func:`load_pixels` would give it."""
+def load_frames(ds: pydicom.Dataset, limit: int | None = None) -> list[np.ndarray]:
+    """Every frame, or at most ``limit`` evenly spaced ones (:func:`evenly_spaced`), each as
+    :func:`load_pixels` would give it: a 2,000-frame cine loop costs ``limit`` decodes."""
     nframes = _prepare(ds)
-    return [frame_to_image(ds, i) for i in range(nframes)]
+    indices = range(nframes) if limit is None else evenly_spaced(nframes, limit)
+    return [frame_to_image(ds, i) for i in indices]
+
+
+def evenly_spaced(total: int, limit: int) -> list[int]:
+    """At most ``limit`` indices of ``range(total)``, evenly spaced and centred (the middle one for
+    ``limit`` 1), so that a volume or a loop is sampled from end to end whatever its length."""
+    if total <= 0 or limit <= 0:
+        return []
+    if total <= limit:
+        return list(range(total))
+    step = total / limit
+    return sorted({min(total - 1, int(step * (i + 0.5))) for i in range(limit)})
 
 
 def load_file(path: str | os.PathLike[str] | bytes, frame: int | None = None) -> np.ndarray:

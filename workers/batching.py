@@ -35,8 +35,9 @@ from plugin.store import Store
 log = logging.getLogger("drh.workers.batching")
 
 # States in which an instance needs no more work until someone acts ("no-model": stored, counted,
-# waiting for a model to be registered for its kind of image).
-SETTLED_STATES = frozenset({"indexed", "ignored", "failed", "no-model"})
+# waiting for a model to be registered for its kind of image; "volume-slice": a slice of a series,
+# encoded with a sample of its series when its study is pooled).
+SETTLED_STATES = frozenset({"indexed", "ignored", "failed", "no-model", "volume-slice"})
 
 # A file whose decoding killed the worker process this many times (a codec crashing hard on it) is
 # recorded as a permanent failure instead of being redelivered, and crashing workers, for ever.
@@ -63,6 +64,8 @@ class Item:
     own: bool = False
     ds: Any = None
     pixels: np.ndarray | None = None
+    frames: list[np.ndarray] | None = None  # a multi-frame object's sampled frames (pixels: the middle one)
+    volume: bool = False  # a slice of a volume series: encoded with its series once the study is stable
     local_copy: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -130,12 +133,24 @@ def fetch(settings: Settings, item: Item) -> str:
     return tmp
 
 
-def load_item(settings: Settings, item: Item) -> str:
-    """Read and decode one instance; returns "" or the reason it is not an image (to ignore).
+def is_volume_slice(settings: Settings, ds: Any) -> bool:
+    """A single-frame image of a volume modality (CT, MR...): one slice of a series that is encoded
+    as a whole, from at most ``max_frames_per_series`` slices, once its study is stable."""
+    from hashing.sopclass import number_of_frames
+
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    return modality in {m.upper() for m in settings.volume_modalities} and number_of_frames(ds) == 1
+
+
+def load_item(settings: Settings, item: Item, *, defer_volume: bool = False) -> str:
+    """Read and decode one instance; returns "" or the reason it is not an image (to ignore). A
+    multi-frame object gets at most ``max_frames_per_series`` evenly spaced frames; with
+    ``defer_volume`` a volume slice is only checked to be an image (its series is sampled later).
 
     Raises TransientError / PermanentError for failures.
     """
-    from hashing.preprocess import DecodeError, NotAnImage, load_pixels, read_dataset
+    from hashing.preprocess import DecodeError, NotAnImage, load_frames, load_pixels, read_dataset
+    from hashing.sopclass import check_is_image, number_of_frames
 
     path = item.path
     if not os.path.exists(path):
@@ -144,7 +159,14 @@ def load_item(settings: Settings, item: Item) -> str:
         path = item.local_copy = fetch(settings, item)
     try:
         item.ds = read_dataset(path)
-        item.pixels = load_pixels(item.ds)
+        if defer_volume and is_volume_slice(settings, item.ds):
+            check_is_image(item.ds)
+            item.volume = True
+        elif number_of_frames(item.ds) > 1:
+            item.frames = load_frames(item.ds, settings.max_frames_per_series)
+            item.pixels = item.frames[len(item.frames) // 2]
+        else:
+            item.pixels = load_pixels(item.ds)
     except NotAnImage as exc:
         return str(exc) or "not an image"
     except DecodeError as exc:
@@ -231,7 +253,7 @@ def _decode_one(settings: Settings, store: Store, it: Item) -> str:
             raise PermanentError(
                 f"decoding this file killed the worker process {crashes} times (a codec crash); not tried again"
             )
-        not_image = load_item(settings, it)
+        not_image = load_item(settings, it, defer_volume=True)
     except TransientError:
         if it.own:
             raise
@@ -256,9 +278,36 @@ def _decode_one(settings: Settings, store: Store, it: Item) -> str:
 def encode(versions: list[tuple[str, Any]], images: list[Item], batch_size: int) -> list[tuple[str, Any]]:
     """(version, :class:`hashing.encoder.Encoded`) of the images for every target version: one model
     pass each."""
-    return [
-        (version, enc.encode_images([it.pixels for it in images], batch_size=batch_size)) for version, enc in versions
-    ]
+    return [(version, encode_items(enc, images, batch_size)) for version, enc in versions]
+
+
+def encode_items(enc: Any, items: list[Item], batch_size: int) -> Any:
+    """One row per item: a single image's code, or for a multi-frame object the DMIH pooling of its
+    sampled frames (its code and re-ranking vector; its embedding, what study pooling reads, the
+    frames' mean). All frames of the batch go through the model together."""
+    from hashing.encoder import Encoded
+
+    images: list[np.ndarray] = []
+    owner: list[int] = []
+    for n, it in enumerate(items):
+        frames = it.frames or [it.pixels]
+        images += frames
+        owner += [n] * len(frames)
+    out = enc.encode_images(images, batch_size=batch_size)
+    if len(images) == len(items):
+        return out
+    rows_of = np.asarray(owner)
+    codes, embeddings, reranks = [], [], []
+    for n in range(len(items)):
+        rows = np.flatnonzero(rows_of == n)
+        if len(rows) == 1:
+            code, rerank = out.codes[rows[0]], out.rerank[rows[0]]
+        else:
+            code, rerank = enc.encode_study(out.embeddings[rows])
+        codes.append(code)
+        reranks.append(rerank)
+        embeddings.append(out.embeddings[rows].mean(axis=0))
+    return Encoded(np.stack(codes), np.stack(embeddings).astype(np.float32), np.stack(reranks))
 
 
 def write_records(store: Store, images: list[Item], route: str = "") -> set[str]:
@@ -324,6 +373,21 @@ def mark_no_model(store: Store, images: list[Item]) -> None:
         log.info("instance %s (%s) stored without a model: no route takes it", it.sop_uid, modality)
 
 
+def mark_volume_slices(store: Store, images: list[Item], route: str) -> set[str]:
+    """Slices of volume series: recorded (records, route, file kept), settled as ``volume-slice``;
+    :mod:`workers.volumes` encodes a bounded sample of each series when the study is pooled."""
+    studies = write_records(store, images, route=route)
+    for it in images:
+        store.records.update_instance(
+            it.sop_uid,
+            {"state": "volume-slice", "volume": "1", "indexed_received_at": repr(it.received_at)},
+        )
+        store.ledger.resolve(it.sop_uid)
+        store.ingest.done(it.sop_uid)
+        store.stats.count_task("index_instance", "volume-slice")
+    return studies
+
+
 def index_batch(
     settings: Settings, store: Store, router: Callable[[tuple[str, str, str]], list[tuple[str, str, Any]]],
     items: list[Item],
@@ -336,16 +400,21 @@ def index_batch(
         return own_outcome or "duplicate", set()
     groups: dict[tuple[str, ...], tuple[list[tuple[str, str, Any]], list[Item]]] = {}
     unrouted: list[Item] = []
+    slices: dict[str, list[Item]] = {}
     for it in images:
         targets = router(routing_header(it.ds))
         if not targets:
             unrouted.append(it)
-            continue
-        key = tuple(v for _, v, _ in targets)
-        groups.setdefault(key, (targets, []))[1].append(it)
+        elif it.volume:
+            slices.setdefault(targets[0][0], []).append(it)
+        else:
+            key = tuple(v for _, v, _ in targets)
+            groups.setdefault(key, (targets, []))[1].append(it)
     if unrouted:
         mark_no_model(store, unrouted)
     studies: set[str] = set()
+    for route, group in slices.items():
+        studies |= mark_volume_slices(store, group, route)
     for targets, group in groups.values():
         versions = [(version, enc) for _, version, enc in targets]
         encoded = encode(versions, group, settings.batch_size)
@@ -361,5 +430,5 @@ def index_batch(
     if not own_outcome:
         own = next((it for it in images if it.own), None)
         if own is not None:
-            own_outcome = "no-model" if own in unrouted else "indexed"
+            own_outcome = "no-model" if own in unrouted else "volume-slice" if own.volume else "indexed"
     return own_outcome or "indexed", studies

@@ -31,6 +31,7 @@ from workers import batching
 from workers.batching import Item, PermanentError
 from workers.client import REINDEX_BATCH, REINDEX_FINISH, REINDEX_PLAN, send
 from workers.tasks import RetryingTask, pool_one
+from workers.volumes import encode_volumes
 
 
 class ReindexBatchTask(RetryingTask):
@@ -174,6 +175,7 @@ def reindex_finish(self: RetryingTask, version: str) -> str:
     moved = [(sop, rec) for sop, rec in taken if sop in done]
     studies = sorted({rec["study_uid"] for _, rec in moved if rec["study_uid"]})
     for n, study in enumerate(studies, start=1):
+        encode_volumes(self.app.drh_settings, store, enc, version, study)  # its series' samples
         pool_one(store, enc, version, study, store.records.study_instances(study), time.time())
         if n % 100 == 0:
             store.reindex.update({"studies_done": n})

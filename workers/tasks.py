@@ -36,6 +36,7 @@ from workers import batching
 from workers.batching import Item, TransientError
 from workers.client import INDEX_INSTANCE, POOL_STUDY, store_for
 from workers.model import ModelTask, ModelUnavailable
+from workers.volumes import encode_volumes
 
 log = logging.getLogger("drh.workers.tasks")
 
@@ -225,6 +226,7 @@ def pool_study(self: PoolStudyTask, study_uid: str, version: str = "") -> str:
     sops = store.records.study_instances(study_uid)
     outcome = "empty"
     for v, enc in versions:
+        encode_volumes(settings, store, enc, v, study_uid)  # a bounded sample of each volume series
         if pool_one(store, enc, v, study_uid, sops, started):
             outcome = "pooled"
     if not version:

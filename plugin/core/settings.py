@@ -128,6 +128,12 @@ class Settings:
     unrouted: str = "general"
     # The model for images no other route takes (when unrouted is "general").
     general_model_path: str = "shipped:general"
+    # Single-frame images of these modalities are slices of a volume: a series is encoded once its
+    # study is stable, from at most max_frames_per_series evenly spaced slices.
+    volume_modalities: list[str] = field(default_factory=lambda: ["CT", "MR", "PT", "NM"])
+    # Slices of a series, or frames of a multi-frame object, that are encoded (evenly spaced): the
+    # work per series is bounded whatever its size.
+    max_frames_per_series: int = 16
     # "auto" (cuda when present), "cpu" or "cuda:N".
     device: str = "auto"
     # Images per model forward pass in a worker.
@@ -357,6 +363,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
 def _validate(s: Settings) -> None:
     if s.non_image_policy not in {"ignore", "reject"}:
         raise SettingsError("setting non_image_policy must be 'ignore' or 'reject'")
+    if s.max_frames_per_series < 1:
+        raise SettingsError("setting max_frames_per_series must be >= 1")
     if s.unrouted not in ("general", "none"):
         raise SettingsError(f"setting unrouted must be 'general' or 'none', got {s.unrouted!r}")
     for title in (s.ae_title, s.similar_ae_title):

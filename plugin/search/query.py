@@ -137,6 +137,14 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
     if not index.ready:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
     located = route_index(index, query.reference_uid)
+    excluded = (query.reference_uid,)
+    if located is None and query.level == "IMAGE":
+        # A slice of a volume that was not in its series' sample: its nearest sampled slice answers
+        # for it (and, being the same series, is no answer itself).
+        representative = store.records.instance(query.reference_uid).get("represented_by") or ""
+        if representative:
+            located = route_index(index, representative)
+            excluded = (query.reference_uid, representative)
     what = "study" if query.level == "STUDY" else "instance"
     if located is None:
         _, known = _reference_study(query.level, query.reference_uid, store)
@@ -156,7 +164,7 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         query,
         store,
         route_index_,
-        exclude_uids=(query.reference_uid,),
+        exclude_uids=excluded,
         exclude_patient=exclude_patient,
         rerank=rerank if rerank.any() else None,  # a code stored without a vector is not re-ranked
     )

@@ -24,7 +24,7 @@ LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900
 # start at zero: a counter that only appears with its first event hides that event from
 # ``increase()``, so an alert on failures would miss the first burst.
 TASK_OUTCOMES = {
-    "index_instance": ("done", "failed", "retried", "ignored", "duplicate", "deferred", "no-model"),
+    "index_instance": ("done", "failed", "retried", "ignored", "duplicate", "deferred", "no-model", "volume-slice"),
     "pool_study": ("done", "deferred", "retried"),
 }
 

@@ -1,0 +1,135 @@
+"""Volumes and multi-frame objects as bags: a bounded, evenly spaced sample per series is encoded,
+whatever the series' size (a real `drh-pacs worker`, real Redis, pydicom's CT and MR files, a
+real multi-frame MR and a generated 300-slice CT series)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from hashing.preprocess import evenly_spaced, load_frames, read_dataset
+from plugin.search import query as q
+from plugin.search.routed import RoutedIndex
+from tests.helpers.dicomgen import Study, make_instance
+from tests.helpers.processes import wait_until
+from tests.helpers.workers import app_for, send
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dicom"
+SAMPLE = 8
+
+
+def test_evenly_spaced_samples_cover_the_whole_series_and_never_exceed_the_bound():
+    assert evenly_spaced(300, 8) == [18, 56, 93, 131, 168, 206, 243, 281]
+    assert evenly_spaced(5, 8) == [0, 1, 2, 3, 4]
+    assert evenly_spaced(10, 1) == [5]  # one slice: the middle one
+    for total in (1, 7, 16, 17, 500, 10_000):
+        picked = evenly_spaced(total, 16)
+        assert len(picked) == min(total, 16) and picked == sorted(set(picked)) and 0 <= picked[0] <= picked[-1] < total
+
+
+def test_a_multi_frame_object_is_pooled_from_a_bounded_sample_of_its_frames():
+    from hashing.encoder import Encoder
+    from workers.batching import Item, encode_items
+
+    ds = read_dataset(FIXTURES / "emri_small.dcm")
+    frames = load_frames(ds, limit=4)
+    assert len(frames) == 4 and all(f.shape == (64, 64) for f in frames)
+    enc = Encoder.random()
+    multi = Item("1.2.3", "1.2", "", "", 0.0, frames=frames, pixels=frames[2])
+    single = Item("1.2.4", "1.2", "", "", 0.0, pixels=frames[0])
+    out = encode_items(enc, [multi, single], batch_size=8)
+    assert out.codes.shape == (2, enc.nbits // 8)
+    code, rerank = enc.encode_study(enc.encode_images(frames).embeddings)  # DMIH over the frames
+    assert bytes(out.codes[0]) == bytes(code) and np.array_equal(out.rerank[0], rerank)
+    assert bytes(out.codes[1]) == bytes(enc.encode_images([frames[0]]).codes[0])
+
+
+def _ct_series(folder: Path, n: int, study_uid: str, start: int = 1) -> Study:
+    """A generated CT series of ``n`` 32 x 32 slices (InstanceNumber start, start + 1, ...)."""
+    study = Study(study_uid, "VOL1")
+    series = generate_uid()
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(start, start + n):
+        pixels = (rng.random((32, 32)) * 255).astype(np.uint8)
+        ds = make_instance(pixels, study_uid=study_uid, series_uid=series, patient_id="VOL1", modality="CT",
+                           instance_number=k, body_part="HEAD")  # fmt: skip
+        path = folder / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        study.files.append(path)
+        study.sop_uids.append(ds.SOPInstanceUID)
+    return study
+
+
+def _real(tmp: Path, path: Path) -> Study:
+    copy = tmp / path.name
+    shutil.copy(path, copy)
+    ds = pydicom.dcmread(copy, stop_before_pixels=True)
+    return Study(ds.StudyInstanceUID, str(ds.PatientID), [copy], [ds.SOPInstanceUID])
+
+
+@pytest.mark.slow
+def test_a_300_slice_series_costs_a_bounded_sample_and_real_ct_mr_and_multi_frame_files_are_indexed(
+    redis_server, store, worker_factory, tmp_path
+):
+    worker_factory("volumes", DRH_MAX_FRAMES_PER_SERIES=str(SAMPLE))
+    app = app_for(redis_server.url, tmp_path / "data")
+    volume = _ct_series(tmp_path / "ct", 300, generate_uid())
+    real = [_real(tmp_path, Path(get_testdata_file(n))) for n in ("CT_small.dcm", "MR_small.dcm")]
+    multi = _real(tmp_path, FIXTURES / "emri_small.dcm")
+    for study in (volume, *real, multi):
+        send(app, study)
+
+    general = None
+
+    def sampled() -> list[str]:
+        return [s for s in volume.sop_uids if general and store.codes.has(general, "image", s)]
+
+    def settled() -> bool:
+        nonlocal general
+        general = store.models.active("general")
+        studies = (volume, *real, multi)
+        return bool(general) and all(store.codes.has(general, "study", s.study_uid) for s in studies)
+
+    wait_until(settled, 240, what="every study pooled")
+    # the volume: exactly SAMPLE evenly spaced slices encoded, the others point to their nearest one
+    expected = [volume.sop_uids[i] for i in evenly_spaced(300, SAMPLE)]
+    assert sampled() == expected
+    records = store.records.instances(volume.sop_uids)
+    others = [(s, r) for s, r in zip(volume.sop_uids, records, strict=True) if s not in expected]
+    assert len(others) == 300 - SAMPLE and all(r["state"] == "volume-slice" for _, r in others)
+    assert all(r["represented_by"] in expected for _, r in others)
+    assert store.embeddings.count(general) == SAMPLE + 3  # the sample, CT_small, MR_small, the multi-frame object
+    tasks = store.stats.tasks()["index_instance"]
+    assert tasks["volume-slice"] == 302  # every slice recorded (300 generated, CT_small, MR_small)...
+    assert tasks["done"] == SAMPLE + 3  # ...but only the sample went through the model
+    # real single-slice CT and MR series: their one slice is their sample
+    for study in real:
+        assert store.records.instance(study.sop_uids[0])["state"] == "indexed"
+    # the multi-frame MR: one code, from its sampled frames, indexed at once
+    assert store.records.instance(multi.sop_uids[0])["state"] == "indexed"
+
+    # an image query on a slice outside the sample is answered through its nearest sampled slice
+    indexes = {level: RoutedIndex(store, level) for level in ("study", "image")}
+    slice_uid, record = others[0]
+    answer = q.run_similar(q.SimilarQuery("IMAGE", slice_uid, 20), store, indexes)
+    uids = [r.uid for r in answer]
+    assert answer.route == "general" and record["represented_by"] not in uids and slice_uid not in uids
+    assert set(uids) >= set(expected) - {record["represented_by"]}
+
+    # a late slice re-samples its series: still SAMPLE codes for it
+    late = _ct_series(tmp_path / "late", 1, volume.study_uid, start=301)
+    late.files[0].rename(tmp_path / "ct" / late.files[0].name)
+    late.files[0] = tmp_path / "ct" / late.files[0].name
+    send(app, late)
+    volume.sop_uids += late.sop_uids
+    resampled = [volume.sop_uids[i] for i in evenly_spaced(301, SAMPLE)]
+    assert resampled != expected
+    wait_until(lambda: sampled() == resampled, 60, what="series re-sampled")
+    assert store.records.instance(expected[2])["state"] == "volume-slice"  # left the sample, and the index

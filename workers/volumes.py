@@ -1,0 +1,108 @@
+"""Volumes as bags: a CT or MR series is encoded from a bounded, evenly spaced sample of its slices.
+
+A 500-slice series would be 500 model passes and 500 near-identical image codes. Instead, its slices
+are recorded as they arrive (state ``volume-slice``, :func:`workers.batching.mark_volume_slices`),
+and when the study is stable (the pooling of :mod:`workers.tasks`), each series is sorted by
+InstanceNumber and at most ``Settings.max_frames_per_series`` evenly spaced slices are decoded and
+encoded: they get image codes (searchable as images), and DMIH pools their embeddings, with the
+study's other images, into the study code. The other slices point to their nearest sampled slice
+(``represented_by``), which answers for them in an image query. A late slice re-samples its series:
+slices no longer in the sample leave the index, so the work and the codes per series stay bounded
+whatever its size. (A multi-frame object is sampled the same way, by frames, when it is indexed:
+:func:`workers.batching.encode_items`.)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hashing.preprocess import evenly_spaced
+from plugin.core.settings import Settings
+from plugin.store import Store
+from workers import batching
+from workers.batching import Item, PermanentError
+
+log = logging.getLogger("drh.workers.volumes")
+
+
+def _position(record: dict[str, str], sop: str) -> tuple[int, str]:
+    try:
+        return int(float(record.get("instance_number") or 0)), sop
+    except ValueError:
+        return 0, sop
+
+
+def series_of(store: Store, study_uid: str, route: str) -> dict[str, list[str]]:
+    """SOP UIDs of the study's volume slices of ``route``, per series, in InstanceNumber order."""
+    sops = store.records.study_instances(study_uid)
+    series: dict[str, list[tuple[tuple[int, str], str]]] = {}
+    for sop, rec in zip(sops, store.records.instances(sops), strict=True):
+        if rec.get("volume") == "1" and rec.get("route") == route and rec.get("state") in ("volume-slice", "indexed"):
+            series.setdefault(rec.get("series_uid", ""), []).append((_position(rec, sop), sop))
+    return {uid: [sop for _, sop in sorted(members)] for uid, members in series.items()}
+
+
+def encode_volumes(settings: Settings, store: Store, enc: Any, version: str, study_uid: str) -> int:
+    """Sample and encode the study's volume series for ``version``; returns the slices encoded now.
+
+    Idempotent: a slice already encoded for the version is not encoded again, and a series that did
+    not change costs one read of its records.
+    """
+    route = store.models.route_of(version).name
+    encoded = 0
+    for series_uid, sops in series_of(store, study_uid, route).items():
+        chosen = [sops[i] for i in evenly_spaced(len(sops), settings.max_frames_per_series)]
+        todo = [sop for sop in chosen if not store.codes.has(version, "image", sop)]
+        encoded += _encode_slices(settings, store, enc, version, study_uid, todo)
+        sampled = [sop for sop in chosen if store.codes.has(version, "image", sop)]
+        for sop in sops:
+            if sop in sampled:
+                continue
+            if store.codes.has(version, "image", sop):  # in an earlier sample, not in this one
+                store.codes.delete(version, "image", sop)
+                store.embeddings.delete(version, [sop])
+            nearest = min(sampled, key=lambda s: abs(sops.index(s) - sops.index(sop))) if sampled else ""
+            store.records.update_instance(sop, {"state": "volume-slice", "represented_by": nearest})
+        log.info(
+            "series %s: %d slice(s), %d sampled for %s (%d encoded now)",
+            series_uid,
+            len(sops),
+            len(sampled),
+            version,
+            len(todo),
+        )
+    return encoded
+
+
+def _encode_slices(settings: Settings, store: Store, enc: Any, version: str, study_uid: str, sops: list[str]) -> int:
+    items = []
+    for sop in sops:
+        rec = store.records.instance(sop)
+        it = Item(sop, study_uid, rec.get("path", ""), rec.get("source_ae", ""), float(rec.get("received_at") or 0))
+        try:
+            not_image = batching.load_item(settings, it)
+        except PermanentError as exc:
+            log.error("slice %s of study %s failed: %s", sop, study_uid, exc)
+            batching.record_failure(store, it, str(exc), "permanent")
+            continue
+        if not_image:
+            store.ledger.record_ignored(it.payload(), not_image)
+            batching.mark_settled(store, it, "ignored")
+            continue
+        items.append(it)
+    try:
+        if items:
+            out = batching.encode_items(enc, items, settings.batch_size)
+            batching.write_codes(store, [(version, out)], items)
+            answering = store.models.is_active(version)  # a re-index's version does not claim the record yet
+            for it in items:
+                fields = {"state": "indexed", "represented_by": ""}
+                if answering or not store.records.instance(it.sop_uid).get("indexed_version"):
+                    fields["indexed_version"] = version
+                store.records.update_instance(it.sop_uid, fields)
+                store.stats.count_task("index_instance", "done")
+    finally:
+        for it in items:
+            it.forget_local_copy()
+    return len(items)
