@@ -146,6 +146,10 @@ def test_a_hospital_adds_its_own_anatomy_trains_and_registers_it_without_code(
     more = ["--epochs", "1", "--val-fraction", "0.34", "--bits", "16", "--threads", "1", "--no-progress"]
     assert train_main([*args, *more, "--version", "mg-site-v1"]) == 0
     env = worker_env(redis_server.url, tmp_path / "data")
+    # trained without saying what it serves: registering it as is would take every image
+    bare = subprocess.run([sys.executable, "-m", "plugin.cli", "register", str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert bare.returncode == 1 and "would take every image" in bare.stderr
     register = [sys.executable, "-m", "plugin.cli", "register", str(out), "--route", "mg-breast"]
     done = subprocess.run(
         [*register, "--modality", "MG", "--body-part", "BREAST", "--wait"],

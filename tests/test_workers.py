@@ -305,6 +305,7 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     from hashing import checkpoint
     from hashing.dmih import dmih_tiny
     from hashing.drh import drh_tiny
+    from hashing.route import Route
 
     holds = tmp_path / "holds"
     holds.mkdir()
@@ -325,7 +326,8 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     ckpt = tmp_path / "v2.pt"
     checkpoint.save(
         checkpoint.model_checkpoint(
-            version="test-v2", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25
+            version="test-v2", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25,
+            route=Route("chest-xr", modalities=("CR", "DX"), body_parts=("CHEST",)),  # replaces the chest model
         ),
         ckpt,
     )
@@ -403,7 +405,7 @@ def test_workers_write_the_active_version_whatever_their_configured_model(
     )
     app = app_for(redis_server.url, tmp_path / "data")
     first = make_study(tmp_path / "in", fixture_images("normal")[:1])
-    worker_factory("configured", DRH_MODEL_PATH=str(ckpt))
+    worker_factory("configured", DRH_MODEL_PATH=str(ckpt), DRH_EXTRA_MODELS="")
     send(app, first)
     wait_until(lambda: indexed_count(redis_client, first.sop_uids) == 1, 60, what="first instance")
     store = Store(redis_client, NS)
@@ -411,7 +413,7 @@ def test_workers_write_the_active_version_whatever_their_configured_model(
     assert len(store.codes.get("other-v1", "image", first.sop_uids[0])) == 4
     # a second worker configured with the shipped model still writes other-v1 codes
     assert store.models.details("other-v1")["path"] == str(ckpt)
-    worker_factory("shipped")
+    worker_factory("shipped", DRH_EXTRA_MODELS="")
     second = make_study(tmp_path / "in", fixture_images("viral")[:2])
     send(app, second)
     wait_until(lambda: indexed_count(redis_client, second.sop_uids) == 2, 60, what="second study")

@@ -113,15 +113,19 @@ def send_studies(
 
 
 def wait_searchable(store, study_uids: list[str], timeout: float, poll: float = 0.02) -> dict[str, float]:  # noqa: ANN001
-    """time.monotonic() at which each study first had a study code under the active model version."""
+    """time.monotonic() at which each study first had a study code under an answering model version
+    (its route's)."""
     pending = list(study_uids)
     seen: dict[str, float] = {}
     deadline = time.monotonic() + timeout
     last_report = time.monotonic()
     while pending:
-        version = store.models.active()
-        if version:
-            found = [s is not None for s in store.codes.slots_of(version, "study", pending)]
+        versions = sorted(set(store.models.active_routes().values()))
+        if versions:
+            found = [False] * len(pending)
+            for version in versions:
+                slots = store.codes.slots_of(version, "study", pending)
+                found = [f or s is not None for f, s in zip(found, slots, strict=True)]
             now = time.monotonic()
             for uid, ok in zip(pending, found, strict=True):
                 if ok:
@@ -161,8 +165,8 @@ def _worker_info(store) -> str:  # noqa: ANN001
         f" concurrency {w.get('concurrency')}"
         for w in workers
     ]
-    version = figures.get("active_version")
-    nbits = next((m["nbits"] for m in figures.get("models", []) if m["version"] == version), None)
+    answering = [m for m in figures.get("models", []) if m["active"]]
+    models = ", ".join(f"{m['version']} ({m['nbits']} bits, route {m['route']})" for m in answering) or "none"
     tasks = ", ".join(
         f"{task} " + " ".join(f"{outcome} {count}" for outcome, count in sorted(outcomes.items()))
         for task, outcomes in sorted(figures.get("tasks", {}).items())
@@ -170,7 +174,7 @@ def _worker_info(store) -> str:  # noqa: ANN001
     latency = figures.get("latency") or {}
     mean = f"; received -> indexed mean {latency['sum'] / latency['count']:.2f} s" if latency.get("count") else ""
     return (
-        f"active model {version} ({nbits} bits); workers: {'; '.join(parts) if parts else 'none seen'};"
+        f"answering models {models}; workers: {'; '.join(parts) if parts else 'none seen'};"
         f" tasks so far: {tasks or 'none recorded'}{mean}"
     )
 

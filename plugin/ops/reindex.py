@@ -37,6 +37,12 @@ def start(app: Celery, model_path: str, *, force: bool = False, route: Route | N
         model_path = str(Path(model_path).resolve())
     enc = Encoder.load(model_path or None, device="cpu")
     route = route or enc.route
+    if not route.general and not route.specificity():
+        raise RuntimeError(
+            f"{enc.version} declares route {route.name} with no modality, body part or photometric"
+            " interpretation: it would take every image no more specific route takes. Say what it serves"
+            " (drh-pacs register ... --modality MG --body-part BREAST), or --general"
+        )
     if store.models.details(enc.version) and store.models.route_of(enc.version).name != route.name:
         raise RuntimeError(
             f"model {enc.version} is registered for route {store.models.route_of(enc.version).name}; a version"

@@ -107,4 +107,7 @@ def indexed_count(client: redis.Redis, sops: list[str]) -> int:
 
 
 def active_version(client: redis.Redis) -> str:
-    return Store(client, NS).models.active() or ""
+    """The version answering for the generated studies (DX, CHEST): the chest route's, or whichever
+    route takes them (the general one, a test's model)."""
+    found = Store(client, NS).models.route_for("DX", "CHEST")
+    return found[1] if found else ""
