@@ -59,7 +59,7 @@ def service(tmp_path_factory, redis_server) -> Iterator[Service]:
 
     from plugin.core.redis_server import free_port
     from plugin.http.app import ApiContext, create_app
-    from plugin.search.replica import ReplicaIndex
+    from plugin.search.routed import RoutedIndex
     from plugin.store import Store
 
     client = redis.Redis.from_url(redis_server.url)
@@ -70,7 +70,7 @@ def service(tmp_path_factory, redis_server) -> Iterator[Service]:
         pacs_wado_root=WADO, cors_origins=["https://ohif.example.org"], redis_namespace=NAMESPACE,
     )  # fmt: skip
     store = Store(client, settings.redis_namespace)
-    ctx = ApiContext(settings=settings, store=store, index={lv: ReplicaIndex(store, lv) for lv in ("study", "image")})
+    ctx = ApiContext(settings=settings, store=store, index={lv: RoutedIndex(store, lv) for lv in ("study", "image")})
     server = uvicorn.Server(
         uvicorn.Config(create_app(ctx), host="127.0.0.1", port=settings.http_port, log_level="warning", lifespan="off")
     )
@@ -185,12 +185,12 @@ def test_the_ranking_is_at_most_max_results_deep(service, archive):
     from starlette.testclient import TestClient
 
     from plugin.http.app import ApiContext, create_app
-    from plugin.search.replica import ReplicaIndex
+    from plugin.search.routed import RoutedIndex
 
     ref = archive[0].study_uid
     ranked = _uids(service.client().search_for_studies(search_filters={"StudyInstanceUID": ref}))
     settings = service.settings.replace(max_results=2)
-    index = {lv: ReplicaIndex(service.store, lv) for lv in ("study", "image")}
+    index = {lv: RoutedIndex(service.store, lv) for lv in ("study", "image")}
     client = TestClient(
         create_app(ApiContext(settings=settings, store=service.store, index=index)),
         headers={"Authorization": f"Bearer {TOKEN}", "Accept": "application/dicom+json"},
@@ -304,11 +304,11 @@ def test_index_not_ready_is_503_with_retry_after(tmp_path, redis_server):
     from starlette.testclient import TestClient
 
     from plugin.http.app import ApiContext, create_app
-    from plugin.search.replica import ReplicaIndex
+    from plugin.search.routed import RoutedIndex
 
     store = _own_store(redis_server, "drh-empty-test")  # no model yet: the index cannot load
     settings = make_settings(tmp_path, redis_server.url, api_token=TOKEN)
-    indexes = {lv: ReplicaIndex(store, lv) for lv in ("study", "image")}
+    indexes = {lv: RoutedIndex(store, lv) for lv in ("study", "image")}
     client = TestClient(create_app(ApiContext(settings=settings, store=store, index=indexes)))
     response = client.get(
         "/dicom-web/similar/studies", params={"StudyInstanceUID": "1.2.3"}, headers={"Authorization": f"Bearer {TOKEN}"}

@@ -56,8 +56,11 @@ def test_figures_text_and_metrics_agree(running, redis_client, redis_server, tmp
     settings, study, _good, _ctx = running
     f = gather(Store(redis_client, NS))
     assert f["redis_ok"] and f["queues"] == {"ingest": 0, "study": 0, "maintenance": 0}
-    (model,) = f["models"]
+    # the shipped routes answer, each with its model; the two radiographs are the chest model's
+    assert {m["route"] for m in f["models"] if m["active"]} == {"chest-xr", "us-breast", "general"}
+    model = next(m for m in f["models"] if m["route"] == "chest-xr")
     assert model["active"] and model["image"] == 2 and model["nbits"] == 64
+    assert all(m["image"] == 0 for m in f["models"] if m is not model)
     (w,) = f["workers"]
     assert w["hostname"].startswith("statusw@") and w["device"] == "cpu" and w["concurrency"] == 1
     assert f["tasks"]["index_instance"]["done"] == 2 and f["tasks"]["index_instance"]["failed"] == 1
@@ -75,7 +78,10 @@ def test_figures_text_and_metrics_agree(running, redis_client, redis_server, tmp
     assert samples[("drh_tasks_total", (("outcome", "done"), ("task", "index_instance")))] == 2
     assert samples[("drh_ingest_latency_seconds_count", ())] == 2
     assert samples[("drh_ingest_latency_seconds_bucket", (("le", "+Inf"),))] == 2
-    key = ("drh_index_codes", (("active", "1"), ("level", "image"), ("version", model["version"])))
+    key = (
+        "drh_index_codes",
+        (("active", "1"), ("level", "image"), ("route", "chest-xr"), ("version", model["version"])),
+    )
     assert samples[key] == 2
     assert samples[("drh_worker_processes", (("device", "cpu"), ("worker", w["hostname"])))] == 1
     assert samples[("drh_failed_instances", ())] == 1

@@ -326,7 +326,12 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     ckpt = tmp_path / "v2.pt"
     checkpoint.save(
         checkpoint.model_checkpoint(
-            version="test-v2", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25,
+            version="test-v2",
+            drh=drh_tiny(32),
+            dmih=dmih_tiny(32),
+            input_size=48,
+            mean=0.5,
+            std=0.25,
             route=Route("chest-xr", modalities=("CR", "DX"), body_parts=("CHEST",)),  # replaces the chest model
         ),
         ckpt,

@@ -60,13 +60,13 @@ def make_settings(tmp: Path, redis_url: str, **overrides: Any) -> Settings:
 def running_plugin(tmp: Path, redis_url: str, **overrides: Any) -> Iterator[Plugin]:
     """The SCP of ``drh-pacs serve`` (with its store, replica indexes and Celery app), stopped after."""
     from plugin.dicom.scp import start_scp
-    from plugin.search.replica import ReplicaIndex
+    from plugin.search.routed import RoutedIndex
     from plugin.store import Store
     from workers.client import make_celery
 
     settings = make_settings(tmp, redis_url, **overrides)
     store = Store(redis.Redis.from_url(redis_url), settings.redis_namespace)
-    indexes = {level: ReplicaIndex(store, level) for level in ("study", "image")}
+    indexes = {level: RoutedIndex(store, level) for level in ("study", "image")}  # as serve builds them
     celery_app = make_celery(settings)
     server = start_scp(settings, store, indexes, celery_app)
     try:
