@@ -19,6 +19,7 @@ from plugin.search.routed import RoutedIndex
 from tests.helpers.dicomgen import Study, make_instance
 from tests.helpers.processes import wait_until
 from tests.helpers.workers import app_for, send
+from workers.volumes import choose
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dicom"
 SAMPLE = 8
@@ -31,6 +32,14 @@ def test_evenly_spaced_samples_cover_the_whole_series_and_never_exceed_the_bound
     for total in (1, 7, 16, 17, 500, 10_000):
         picked = evenly_spaced(total, 16)
         assert len(picked) == min(total, 16) and picked == sorted(set(picked)) and 0 <= picked[0] <= picked[-1] < total
+
+
+def test_a_growing_series_keeps_the_slices_already_encoded_that_still_fit():
+    first = evenly_spaced(300, 8)
+    assert choose(300, 8, set()) == first
+    assert choose(301, 8, set(first)) == first  # one late slice: nothing to encode again
+    doubled = choose(600, 8, set(first))
+    assert len(doubled) == 8 and len(set(doubled) & set(first)) == 4  # twice as long: half of it kept
 
 
 def test_a_multi_frame_object_is_pooled_from_a_bounded_sample_of_its_frames():
@@ -50,10 +59,10 @@ def test_a_multi_frame_object_is_pooled_from_a_bounded_sample_of_its_frames():
     assert bytes(out.codes[1]) == bytes(enc.encode_images([frames[0]]).codes[0])
 
 
-def _ct_series(folder: Path, n: int, study_uid: str, start: int = 1) -> Study:
+def _ct_series(folder: Path, n: int, study_uid: str, start: int = 1, series: str = "") -> Study:
     """A generated CT series of ``n`` 32 x 32 slices (InstanceNumber start, start + 1, ...)."""
     study = Study(study_uid, "VOL1")
-    series = generate_uid()
+    series = series or generate_uid()
     rng = np.random.default_rng(3)
     folder.mkdir(parents=True, exist_ok=True)
     for k in range(start, start + n):
@@ -78,7 +87,8 @@ def _real(tmp: Path, path: Path) -> Study:
 def test_a_300_slice_series_costs_a_bounded_sample_and_real_ct_mr_and_multi_frame_files_are_indexed(
     redis_server, store, worker_factory, tmp_path
 ):
-    worker_factory("volumes", DRH_MAX_FRAMES_PER_SERIES=str(SAMPLE))
+    # pooled once every slice is in (they are sent within seconds): one sample per series
+    worker_factory("volumes", DRH_MAX_FRAMES_PER_SERIES=str(SAMPLE), DRH_STUDY_STABLE_SECONDS="8")
     app = app_for(redis_server.url, tmp_path / "data")
     volume = _ct_series(tmp_path / "ct", 300, generate_uid())
     real = [_real(tmp_path, Path(get_testdata_file(n))) for n in ("CT_small.dcm", "MR_small.dcm")]
@@ -123,13 +133,11 @@ def test_a_300_slice_series_costs_a_bounded_sample_and_real_ct_mr_and_multi_fram
     assert answer.route == "general" and record["represented_by"] not in uids and slice_uid not in uids
     assert set(uids) >= set(expected) - {record["represented_by"]}
 
-    # a late slice re-samples its series: still SAMPLE codes for it
-    late = _ct_series(tmp_path / "late", 1, volume.study_uid, start=301)
-    late.files[0].rename(tmp_path / "ct" / late.files[0].name)
-    late.files[0] = tmp_path / "ct" / late.files[0].name
+    # a late slice re-samples its series: the encoded slices still fit, so nothing is encoded again
+    series_uid = pydicom.dcmread(volume.files[0], stop_before_pixels=True).SeriesInstanceUID
+    late = _ct_series(tmp_path / "ct", 1, volume.study_uid, start=301, series=series_uid)
     send(app, late)
-    volume.sop_uids += late.sop_uids
-    resampled = [volume.sop_uids[i] for i in evenly_spaced(301, SAMPLE)]
-    assert resampled != expected
-    wait_until(lambda: sampled() == resampled, 60, what="series re-sampled")
-    assert store.records.instance(expected[2])["state"] == "volume-slice"  # left the sample, and the index
+    (late_uid,) = late.sop_uids
+    wait_until(lambda: store.records.instance(late_uid).get("represented_by"), 60, what="late slice re-sampled")
+    assert store.records.instance(late_uid)["represented_by"] == expected[-1]
+    assert sampled() == expected and store.stats.tasks()["index_instance"]["done"] == SAMPLE + 3

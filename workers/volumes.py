@@ -6,9 +6,10 @@ and when the study is stable (the pooling of :mod:`workers.tasks`), each series 
 InstanceNumber and at most ``Settings.max_frames_per_series`` evenly spaced slices are decoded and
 encoded: they get image codes (searchable as images), and DMIH pools their embeddings, with the
 study's other images, into the study code. The other slices point to their nearest sampled slice
-(``represented_by``), which answers for them in an image query. A late slice re-samples its series:
-slices no longer in the sample leave the index, so the work and the codes per series stay bounded
-whatever its size. (A multi-frame object is sampled the same way, by frames, when it is indexed:
+(``represented_by``), which answers for them in an image query. A late slice re-samples its series,
+keeping the slices already encoded that still fit; slices no longer in the sample leave the index, so
+a series never holds more than the bound of codes, and a pooling encodes at most that many slices
+per series whatever its size. (A multi-frame object is sampled the same way, by frames, when it is indexed:
 :func:`workers.batching.encode_items`.)
 """
 
@@ -43,6 +44,20 @@ def series_of(store: Store, study_uid: str, route: str) -> dict[str, list[str]]:
     return {uid: [sop for _, sop in sorted(members)] for uid, members in series.items()}
 
 
+def choose(total: int, limit: int, encoded: set[int]) -> list[int]:
+    """Positions of the sample: :func:`evenly_spaced`, except that a slice already encoded within
+    half a step of an ideal position stands for it. A series that grows while it is pooled (slices
+    still arriving, a late slice) keeps most of its sample instead of being encoded again."""
+    ideal = evenly_spaced(total, limit)
+    half = total / max(1, len(ideal)) / 2
+    picked: set[int] = set()
+    for i in ideal:
+        near = [e for e in encoded if e not in picked and abs(e - i) <= half]
+        pick = min(near, key=lambda e: (abs(e - i), e)) if near else i
+        picked.add(pick if pick not in picked else i)
+    return sorted(picked)
+
+
 def encode_volumes(settings: Settings, store: Store, enc: Any, version: str, study_uid: str) -> int:
     """Sample and encode the study's volume series for ``version``; returns the slices encoded now.
 
@@ -52,7 +67,8 @@ def encode_volumes(settings: Settings, store: Store, enc: Any, version: str, stu
     route = store.models.route_of(version).name
     encoded = 0
     for series_uid, sops in series_of(store, study_uid, route).items():
-        chosen = [sops[i] for i in evenly_spaced(len(sops), settings.max_frames_per_series)]
+        have = {n for n, sop in enumerate(sops) if store.codes.has(version, "image", sop)}
+        chosen = [sops[i] for i in choose(len(sops), settings.max_frames_per_series, have)]
         todo = [sop for sop in chosen if not store.codes.has(version, "image", sop)]
         encoded += _encode_slices(settings, store, enc, version, study_uid, todo)
         sampled = [sop for sop in chosen if store.codes.has(version, "image", sop)]
