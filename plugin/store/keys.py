@@ -42,7 +42,9 @@ Records of studies and instances (:mod:`plugin.store.records`)
 ``ns:instance:{uid}``                       hash     study_uid, series_uid, sop_class_uid, modality,
                                                      body_part, photometric, route, path,
                                                      received_at, state (indexed|ignored|failed|
-                                                     no-model|...), indexed_* fields
+                                                     no-model|volume-slice|...), indexed_* fields;
+                                                     volume=1 and represented_by (the sampled slice
+                                                     answering for it) for slices of a volume
 ``ns:sno``                                  hash     StudyInstanceUID -> study number (1, 2, ...)
 ``ns:snext``                                string   study number counter (INCR)
 ``ns:sattr``                                string   per study number, a 24-byte filter record
