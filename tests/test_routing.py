@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from hashing import checkpoint
 from hashing.encoder import Encoder
 from hashing.train import main as train_main
 from plugin.ops.metrics import render
-from plugin.ops.status import gather
+from plugin.ops.status import gather, render_text
 from plugin.search import query as q
 from plugin.search.errors import QueryError
 from plugin.search.routed import RoutedIndex
@@ -106,9 +107,13 @@ def test_with_unrouted_none_an_image_no_route_takes_is_stored_counted_and_refuse
 ):
     archive = _archive(tmp_path / "in", [("DX", "CHEST"), ("OT", "HEAD")], per_kind=2)
     every = [s for studies in archive.values() for s in studies]
+    broken = _archive(tmp_path / "broken", [("DX", "CHEST")], per_kind=1)[("DX", "CHEST")][0]
+    ds = pydicom.dcmread(broken.files[0])
+    ds.PixelData = ds.PixelData[:100]  # a decode that fails: counted under its modality too
+    ds.save_as(broken.files[0])
     worker_factory("none", DRH_UNROUTED="none", DRH_EXTRA_MODELS="")
     app = app_for(redis_server.url, tmp_path / "data")
-    for study in every:
+    for study in [*every, broken]:
         send(app, study)
     chest_studies, other = archive[("DX", "CHEST")], archive[("OT", "HEAD")]
     wait_until(lambda: _settled(store, chest_studies) and _settled(store, other, "no-model"), 120, what="settled")
@@ -119,7 +124,14 @@ def test_with_unrouted_none_an_image_no_route_takes_is_stored_counted_and_refuse
         assert not store.codes.has(store.models.active("chest-xr"), "image", study.sop_uids[0])
     figures = gather(store)
     assert figures["no_model"] == {"OT": 2} and figures["tasks"]["index_instance"]["no-model"] == 2
-    assert 'drh_no_model_instances{modality="OT"} 2.0' in render(figures).decode()
+    wait_until(lambda: store.records.instance(broken.sop_uids[0]).get("state") == "failed", 60, what="failure")
+    figures = gather(store)
+    assert figures["by_modality"]["OT"] == {"indexed": 0, "failed": 0, "ignored": 0, "no-model": 2}
+    assert figures["by_modality"]["DX"] == {"indexed": 2, "failed": 1, "ignored": 0, "no-model": 0}
+    text = render(figures).decode()
+    assert 'drh_no_model_instances{modality="OT"} 2.0' in text
+    assert 'drh_instances_by_modality_total{modality="DX",outcome="failed"} 1.0' in text
+    assert "by modality" in render_text(figures)
     indexes = {level: RoutedIndex(store, level) for level in ("study", "image")}
     with pytest.raises(QueryError) as refused:
         q.run_similar(q.SimilarQuery("IMAGE", other[0].sop_uids[0], 5), store, indexes)

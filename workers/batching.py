@@ -217,12 +217,20 @@ def mark_settled(store: Store, it: Item, state: str) -> None:
     )
 
 
+def modality_of(item: Item) -> str:
+    """The item's modality for the per-modality counts ("(unread)" when its header was not read)."""
+    if item.ds is None:
+        return "(unread)"
+    return str(item.ds.get("Modality", "") or "").strip() or "(none)"
+
+
 def record_failure(store: Store, item: Item, reason: str, kind: str) -> None:
-    """An instance that will not be indexed without someone acting: ledger, state and counter."""
+    """An instance that will not be indexed without someone acting: ledger, state and counters."""
     store.ledger.record(item.payload(), reason, kind=kind)
     mark_settled(store, item, "failed")
     store.ingest.done(item.sop_uid)
     store.stats.count_task("index_instance", "failed")
+    store.stats.count_modality("failed", modality_of(item))
 
 
 # -- the batch -------------------------------------------------------------------------------------
@@ -271,6 +279,7 @@ def _decode_one(settings: Settings, store: Store, it: Item) -> str:
         store.ledger.resolve(it.sop_uid)
         store.ingest.done(it.sop_uid)
         store.stats.count_task("index_instance", "ignored")
+        store.stats.count_modality("ignored", modality_of(it))
         return "ignored"
     return "image"
 
@@ -349,6 +358,7 @@ def mark_indexed(store: Store, settings: Settings, active: str, images: list[Ite
         store.ingest.done(it.sop_uid)
         store.stats.observe_latency(time.time() - it.received_at)
         store.stats.count_task("index_instance", "done")
+        store.stats.count_modality("indexed", modality_of(it))
         if not settings.keep_files and not it.local_copy:
             Path(it.path).unlink(missing_ok=True)
 
@@ -360,9 +370,10 @@ def mark_no_model(store: Store, images: list[Item]) -> None:
     was = {it.sop_uid: store.records.instance(it.sop_uid).get("state") for it in images}
     write_records(store, images)
     for it in images:
-        modality = str(it.ds.get("Modality", "") or "").strip() or "(none)"
+        modality = modality_of(it)
         if was[it.sop_uid] != "no-model":  # a redelivered message counts once
             store.stats.count_no_model(modality)
+            store.stats.count_modality("no-model", modality)
         store.records.update_instance(
             it.sop_uid,
             {"state": "no-model", "indexed_version": "", "indexed_received_at": repr(it.received_at)},

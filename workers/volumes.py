@@ -118,6 +118,7 @@ def _encode_slices(settings: Settings, store: Store, enc: Any, version: str, stu
                     fields["indexed_version"] = version
                 store.records.update_instance(it.sop_uid, fields)
                 store.stats.count_task("index_instance", "done")
+                store.stats.count_modality("indexed", batching.modality_of(it))
     finally:
         for it in items:
             it.forget_local_copy()

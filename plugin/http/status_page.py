@@ -166,6 +166,12 @@ def _index(f: dict[str, Any]) -> str:
             "<p>Stored without a model (no route takes them; register one with"
             f" <code>drh-pacs register</code>): {per}.</p>"
         )
+    by_modality = f.get("by_modality") or {}
+    if by_modality:
+        rows = [
+            [e(mod), c["indexed"], c["failed"], c["ignored"], c["no-model"]] for mod, c in sorted(by_modality.items())
+        ]
+        out += "<h3>By modality</h3>" + _table(["modality", "indexed", "failed", "ignored", "no model"], rows)
     job = f["reindex"]
     if job:
         out += (

@@ -147,6 +147,15 @@ class _FiguresCollector:
         for modality, n in sorted((f.get("no_model") or {}).items()):
             no_model.add_metric([modality], n)
         yield no_model
+        by_modality = CounterMetricFamily(
+            "drh_instances_by_modality",
+            "instances indexed, failed, ignored (non-images) or stored without a model, per modality",
+            labels=["outcome", "modality"],
+        )
+        for modality, counts in sorted((f.get("by_modality") or {}).items()):
+            for outcome, n in counts.items():
+                by_modality.add_metric([outcome, modality], n)
+        yield by_modality
         workers = GaugeMetricFamily(
             "drh_worker_processes", "Celery worker processes alive, by worker and device", labels=["worker", "device"]
         )

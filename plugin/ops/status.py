@@ -172,6 +172,7 @@ def gather(
             for route, version in store.models.table()
         ]
         figures["no_model"] = store.stats.no_model()
+        figures["by_modality"] = store.stats.by_modality()
         job: dict[str, Any] = store.reindex.get()
         if job:
             for k in ("done", "total", "failed"):
@@ -239,6 +240,12 @@ def render_text(f: dict[str, Any]) -> str:
     if waiting:
         per = ", ".join(f"{mod} {n}" for mod, n in sorted(waiting.items()))
         lines.append(f"  stored without a model (no route takes them): {per}")
+    by_modality = f.get("by_modality") or {}
+    if by_modality:
+        lines.append("  by modality     indexed    failed   ignored  no model")
+        for mod, counts in sorted(by_modality.items()):
+            figures_row = "".join(f" {counts[o]:>9}" for o in ("indexed", "failed", "ignored", "no-model"))
+            lines.append(f"    {mod:<12}{figures_row}")
     job = f["reindex"]
     if job:
         total = max(1, job["total"])

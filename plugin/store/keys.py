@@ -90,6 +90,8 @@ Outcomes and operations (:mod:`plugin.store.ledger`, :mod:`plugin.store.stats`,
 ``ns:stats:latency``                        hash     C-STORE-to-searchable histogram buckets
 ``ns:stats:nomodel``                        hash     modality -> images stored without a model (no
                                                      route takes them and ``unrouted`` is ``none``)
+``ns:stats:bymodality``                     hash     ``<outcome>|<modality>`` -> instances indexed,
+                                                     failed, ignored, stored without a model
 ``ns:workers``                              hash     worker hostname -> JSON heartbeat
 ``ns:workerprocs``                          hash     "hostname|pid" -> JSON {device, model, loaded}
 ==========================================  =======  =================================================
@@ -233,6 +235,9 @@ class Keys:
 
     def nomodel(self) -> str:
         return f"{self.ns}:stats:nomodel"
+
+    def bymodality(self) -> str:
+        return f"{self.ns}:stats:bymodality"
 
     def reindex(self) -> str:
         return f"{self.ns}:reindex"

@@ -29,6 +29,10 @@ TASK_OUTCOMES = {
 }
 
 
+# What becomes of an instance, counted per modality (plugin.ops.status shows them side by side).
+MODALITY_OUTCOMES = ("indexed", "failed", "ignored", "no-model")
+
+
 class Stats:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.r = client
@@ -59,6 +63,22 @@ class Stats:
         """Images stored without a model, per modality, now (a gauge: the re-index that gives them a
         model takes them off again)."""
         self.r.hincrby(self.keys.nomodel(), modality or "(none)", n)
+
+    def count_modality(self, outcome: str, modality: str, n: int = 1) -> None:
+        """Count an instance's outcome (indexed, failed, ignored, no-model) under its modality, so IT
+        staff see which kind of image fails or waits; never raises."""
+        try:
+            self.r.hincrby(self.keys.bymodality(), f"{outcome}|{modality or '(none)'}", n)
+        except redis.exceptions.RedisError:
+            pass
+
+    def by_modality(self) -> dict[str, dict[str, int]]:
+        """modality -> outcome -> instances, every outcome of :data:`MODALITY_OUTCOMES` present."""
+        out: dict[str, dict[str, int]] = {}
+        for k, v in self.r.hgetall(self.keys.bymodality()).items():
+            outcome, _, modality = k.decode().partition("|")
+            out.setdefault(modality, dict.fromkeys(MODALITY_OUTCOMES, 0))[outcome] = int(v)
+        return out
 
     def no_model(self) -> dict[str, int]:
         """modality -> images stored and waiting for a model (no route takes them)."""
