@@ -77,6 +77,12 @@ class Route:
 LEGACY = Route("general", general=True)
 
 
+def in_matching_order(routes: list[Route]) -> list[Route]:
+    """The order routes are tried in: the most specific first (more header fields constrained),
+    ties by name, general routes last; so the answer never depends on registration order."""
+    return sorted(routes, key=lambda r: (r.general, -r.specificity(), r.name))
+
+
 def first_match(routes: list[Route], modality: str, body_part: str, photometric: str = "") -> Route | None:
     """The first specific route that takes the image, else a general route, else None."""
     for route in routes:

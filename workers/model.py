@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Task
 
-from hashing.route import Route, first_match
+from hashing.route import Route, first_match, in_matching_order
 from plugin.store import ACTIVE_STATES, Store
 from workers.client import store_for
 
@@ -176,8 +176,7 @@ class Router:
         self._after: list[Route] = []
         self.target_route = target_route
         if target_route is not None:
-            after = [r for r in self._routes if r.name != target_route.name] + [target_route]
-            self._after = sorted(after, key=lambda r: (r.general, -r.specificity(), r.name))
+            self._after = in_matching_order([r for r in self._routes if r.name != target_route.name] + [target_route])
 
     def __call__(self, header: tuple[str, str, str]) -> list[tuple[str, str, Any]]:
         """(route, version, encoder) the image is written for, the answering one first; [] when no

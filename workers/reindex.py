@@ -25,7 +25,7 @@ from typing import Any
 
 from celery import Celery
 
-from hashing.route import Route, first_match
+from hashing.route import Route, first_match, in_matching_order
 from plugin.store import ACTIVE_STATES, Store
 from workers import batching
 from workers.batching import Item, PermanentError
@@ -72,7 +72,7 @@ def members(store: Store, settings: Any, version: str) -> list[tuple[str, dict[s
     table = [r for r, _ in store.models.table() if r.name != target.name]
     if settings.unrouted == "none":
         table = [r for r in table if not r.general]
-    after = sorted([*table, target], key=lambda r: (r.general, -r.specificity(), r.name))
+    after = in_matching_order([*table, target])
     out = []
     for sop, rec in store.records.instances_in_states(_TAKEN_STATES, _HEADER_FIELDS):
         if first_match(after, rec["modality"], rec["body_part"], rec["photometric"]) == target:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import redis
 
-from hashing.route import LEGACY, Route, first_match
+from hashing.route import LEGACY, Route, first_match, in_matching_order
 from plugin.store.keys import Keys
 
 LEVELS = ("image", "study")
@@ -143,8 +143,10 @@ class ModelRegistry:
     def table(self) -> list[tuple[Route, str]]:
         """(route, answering version) in matching order: the most specific route first, ties by
         name, general routes last (:func:`hashing.route.first_match` takes the first that fits)."""
-        rows = [(self.route_of(v), v) for v in self.active_routes().values()]
-        return sorted(rows, key=lambda rv: (rv[0].general, -rv[0].specificity(), rv[0].name))
+        version_of = {}
+        for version in self.active_routes().values():
+            version_of[self.route_of(version)] = version
+        return [(route, version_of[route]) for route in in_matching_order(list(version_of))]
 
     def route_for(self, modality: str, body_part: str, photometric: str = "") -> tuple[Route, str] | None:
         """The answering (route, version) an image with this header belongs to, None when none takes it."""
