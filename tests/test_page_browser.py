@@ -172,8 +172,14 @@ def _thumbnails_decoded(driver, scope: str) -> list[int]:
 
 
 def _search_results(driver, served: Served, count: int, query: str) -> None:
+    from selenium.common.exceptions import TimeoutException
+
     driver.get(f"{served.base}/similar?{query}")
-    _wait(driver, lambda d: _settled(d) and len(_result_studies(d)) == count, what=f"{count} result rows")
+    try:
+        _wait(driver, lambda d: _settled(d) and len(_result_studies(d)) == count, what=f"{count} result rows")
+    except TimeoutException:  # say what the page showed instead
+        message = driver.execute_script("return document.getElementById('message').textContent")
+        pytest.fail(f"expected {count} result rows, the page shows {len(_result_studies(driver))}: {message!r}")
 
 
 def test_login_refuses_a_wrong_token_then_lets_the_right_one_in(served, browser):

@@ -85,3 +85,23 @@ def test_the_worker_router_sends_an_image_to_its_route_and_to_a_reindex_that_wil
         ("mg-breast", "mg-v1", "enc:mg-v1"),
     ]
     assert router(("DX", "CHEST", "")) == [("chest-xr", "chest-v1", "enc:chest-v1")]
+
+
+def test_seeding_fills_an_empty_installation_once_and_the_first_model_of_a_route_wins(store) -> None:
+    from types import SimpleNamespace
+
+    def enc(version: str, route: Route) -> SimpleNamespace:
+        return SimpleNamespace(version=version, nbits=64, rerank_dim=64, emb_dim=8, route=route)
+
+    models = {
+        "chest.pt": enc("chest-v1", CHEST),
+        "us.pt": enc("us-v1", BREAST_US),
+        "site-general.pt": enc("site-general-v1", GENERAL),
+        "general.pt": enc("general-v1", GENERAL),
+    }
+    paths = ["chest.pt", "us.pt", "site-general.pt", "general.pt"]
+    assert store.models.seed(paths, models.__getitem__) == ["chest-v1", "us-v1", "site-general-v1"]
+    assert "general-v1" not in store.models.versions()  # its route was taken: not even registered
+    # a later start (or other settings) does not change the routes of a running installation
+    assert store.models.seed(["general.pt"], models.__getitem__) == []
+    assert store.models.active("general") == "site-general-v1"

@@ -17,6 +17,7 @@ from typing import Any
 from celery import Task
 
 from hashing.route import Route, first_match, in_matching_order
+from plugin.core.settings import configured_models
 from plugin.store import ACTIVE_STATES, Store
 from workers.client import store_for
 
@@ -104,39 +105,13 @@ class ModelTask(Task):
     _bootstrapped: set[str] = set()  # namespaces whose configured models this process has registered
 
     def bootstrap_routes(self) -> None:
-        """Seed an empty installation with the configured models (``model_path``, ``extra_models``,
-        and ``general_model_path`` when ``unrouted`` is general), each answering for the route its
-        checkpoint declares; the first configured model of a route wins. Once an installation has
-        routes, settings no longer change them (``drh-pacs register`` and ``reindex`` do), except to
-        move an installation from before routes: its one version learns its route from its
-        checkpoint, and the routes it leaves free are seeded. Once per process."""
+        """Seed an empty installation with the configured models (:meth:`ModelRegistry.seed`), once
+        per process."""
         settings = self.app.drh_settings
         if settings.redis_namespace in self._bootstrapped:
             return
-        store = self.store
-        paths = [settings.model_path, *settings.extra_models]
-        if settings.unrouted == "general":
-            paths.append(settings.general_model_path)
-        paths = list(dict.fromkeys(paths))
-        if store.models.active_routes():  # (moves a single pre-route version under "general")
-            for path in paths:
-                enc = self.encoder(path)
-                known = store.models.details(enc.version)
-                if known and not known.get("route_spec"):  # a version from before routes: say what it serves
-                    store.models.register(enc.version, enc.nbits, rerank_dim=enc.rerank_dim, route=enc.route)
-            if not store.models.tidy_routes():
-                self._bootstrapped.add(settings.redis_namespace)
-                return
-        for path in paths:
-            enc = self.encoder(path)
-            if store.models.active(enc.route.name) is not None and not store.models.is_active(enc.version):
-                continue  # its route already answers (an earlier model in the settings took it)
-            store.models.register(
-                enc.version, enc.nbits, rerank_dim=enc.rerank_dim, route=enc.route, path=path, emb_dim=enc.emb_dim
-            )
-            if store.models.ensure_active(enc.version):
-                store.models.set_state(enc.version, "complete")  # a first version is built as images arrive
-                log.info("model %s answers for route %s", enc.version, store.models.route_of(enc.version).describe())
+        for version in self.store.models.seed(configured_models(settings), self.encoder):
+            log.info("model %s answers for route %s", version, self.store.models.route_of(version).describe())
         self._bootstrapped.add(settings.redis_namespace)
 
     def router(self) -> Router:

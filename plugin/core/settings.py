@@ -426,6 +426,15 @@ def _validate(s: Settings) -> None:
 VIEWER_URL_FIELDS = ("StudyInstanceUID", "AccessionNumber", "PatientID", "StudyDate")
 
 
+def configured_models(settings: Settings) -> list[str]:
+    """The checkpoints an installation starts with: ``model_path``, ``extra_models``, and
+    ``general_model_path`` when ``unrouted`` is general (the first of a route wins)."""
+    paths = [settings.model_path, *settings.extra_models]
+    if settings.unrouted == "general":
+        paths.append(settings.general_model_path)
+    return list(dict.fromkeys(paths))
+
+
 def settings_table() -> str:
     """The README's settings table, read from the comments above each field of Settings.
 

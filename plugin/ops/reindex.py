@@ -18,7 +18,7 @@ from pathlib import Path
 from celery import Celery
 
 from hashing.route import Route
-from plugin.core.settings import SettingsError, load_settings
+from plugin.core.settings import SettingsError, configured_models, load_settings
 from plugin.store import ACTIVE_STATES
 from workers.client import REINDEX_PLAN, make_celery, send, store_for
 
@@ -36,6 +36,8 @@ def start(app: Celery, model_path: str, *, force: bool = False, route: Route | N
     if model_path and not model_path.startswith(SHIPPED_PREFIX):
         model_path = str(Path(model_path).resolve())
     enc = Encoder.load(model_path or None, device="cpu")
+    # A route registered before any image arrived must not keep the shipped routes out.
+    store.models.seed(configured_models(app.drh_settings), lambda path: Encoder.load(path or None, device="cpu"))
     route = route or enc.route
     if not route.general and not route.specificity():
         raise RuntimeError(

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -183,6 +185,38 @@ class ModelRegistry:
         version = self.active(route)
         self.r.hdel(self.keys.routes(), route)
         return version
+
+    def seed(self, paths: list[str], load: Callable[[str], Any]) -> list[str]:
+        """Make an empty installation answer with the models at ``paths`` (``load(path)`` gives an
+        encoder: version, nbits, rerank_dim, emb_dim, route), each for the route its checkpoint
+        declares, the first of a route winning; returns the versions that now answer.
+
+        Once an installation has routes, settings no longer change them (``drh-pacs register`` and
+        ``reindex`` do), except to move an installation from before routes: its one version learns
+        its route from its checkpoint, and the routes that frees are seeded. Called by every worker
+        process and by ``register``/``reindex`` (so that registering a first route does not leave
+        the shipped ones out).
+        """
+        if self.active_routes():  # (moves a single pre-route version under "general")
+            for path in paths:
+                enc = load(path)
+                known = self.details(enc.version)
+                if known and not known.get("route_spec"):  # a version from before routes: say what it serves
+                    self.register(enc.version, enc.nbits, rerank_dim=enc.rerank_dim, route=enc.route)
+            if not self.tidy_routes():
+                return []
+        seeded = []
+        for path in paths:
+            enc = load(path)
+            if self.active(enc.route.name) is not None and not self.is_active(enc.version):
+                continue  # its route already answers (an earlier model in the list took it)
+            self.register(
+                enc.version, enc.nbits, rerank_dim=enc.rerank_dim, route=enc.route, path=path, emb_dim=enc.emb_dim
+            )
+            if self.ensure_active(enc.version):
+                self.set_state(enc.version, "complete")  # a first version is built as images arrive
+                seeded.append(enc.version)
+        return seeded
 
     def tidy_routes(self) -> list[str]:
         """Forget route entries whose version now records another route (an installation from
