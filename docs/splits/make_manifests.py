@@ -55,8 +55,10 @@ def main(data: Path, out: Path) -> None:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["path", "patient", "split"])
         w.writerows(general)
-    print(f"{out / 'us-breast.csv'}: {len(rows)} rows; {out / 'general.csv'}: {len(general)} rows"
-          f" ({left_out} dicom-samples files left out: they do not decode)")
+    print(
+        f"{out / 'us-breast.csv'}: {len(rows)} rows; {out / 'general.csv'}: {len(general)} rows"
+        f" ({left_out} dicom-samples files left out: they do not decode)"
+    )
 
 
 if __name__ == "__main__":
