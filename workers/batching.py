@@ -374,13 +374,7 @@ def mark_no_model(store: Store, images: list[Item]) -> None:
         if was[it.sop_uid] != "no-model":  # a redelivered message counts once
             store.stats.count_no_model(modality)
             store.stats.count_modality("no-model", modality)
-        store.records.update_instance(
-            it.sop_uid,
-            {"state": "no-model", "indexed_version": "", "indexed_received_at": repr(it.received_at)},
-        )
-        store.ledger.resolve(it.sop_uid)
-        store.ingest.done(it.sop_uid)
-        store.stats.count_task("index_instance", "no-model")
+        _settle_recorded(store, it, "no-model", {"indexed_version": ""})
         log.info("instance %s (%s) stored without a model: no route takes it", it.sop_uid, modality)
 
 
@@ -389,14 +383,17 @@ def mark_volume_slices(store: Store, images: list[Item], route: str) -> set[str]
     :mod:`workers.volumes` encodes a bounded sample of each series when the study is pooled."""
     studies = write_records(store, images, route=route)
     for it in images:
-        store.records.update_instance(
-            it.sop_uid,
-            {"state": "volume-slice", "volume": "1", "indexed_received_at": repr(it.received_at)},
-        )
-        store.ledger.resolve(it.sop_uid)
-        store.ingest.done(it.sop_uid)
-        store.stats.count_task("index_instance", "volume-slice")
+        _settle_recorded(store, it, "volume-slice", {"volume": "1"})
     return studies
+
+
+def _settle_recorded(store: Store, it: Item, state: str, fields: dict[str, str]) -> None:
+    """An instance whose records are written and that waits in ``state`` (counted as that outcome):
+    its message is done, and any earlier failure of it is resolved."""
+    store.records.update_instance(it.sop_uid, {"state": state, "indexed_received_at": repr(it.received_at), **fields})
+    store.ledger.resolve(it.sop_uid)
+    store.ingest.done(it.sop_uid)
+    store.stats.count_task("index_instance", state)
 
 
 def index_batch(

@@ -143,7 +143,6 @@ class Router:
     that version answers, the image will be its route's: a new route is complete when it takes over."""
 
     def __init__(self, table: list[tuple[Route, str]], target: str | None, target_route: Route | None, encoder: Any):
-        self.table = table
         self.target = target
         self.encoder = encoder
         self._routes = [r for r, _ in table]

@@ -61,24 +61,27 @@ def choose(total: int, limit: int, encoded: set[int]) -> list[int]:
 def encode_volumes(settings: Settings, store: Store, enc: Any, version: str, study_uid: str) -> int:
     """Sample and encode the study's volume series for ``version``; returns the slices encoded now.
 
-    Idempotent: a slice already encoded for the version is not encoded again, and a series that did
-    not change costs one read of its records.
+    Idempotent: a slice already encoded for the version is not encoded again (one read of the
+    series' slots tells which are); an unchanged series costs no model pass, only the rewrite of its
+    slices' ``represented_by``.
     """
     route = store.models.route_of(version).name
     encoded = 0
     for series_uid, sops in series_of(store, study_uid, route).items():
-        have = {n for n, sop in enumerate(sops) if store.codes.has(version, "image", sop)}
-        chosen = [sops[i] for i in choose(len(sops), settings.max_frames_per_series, have)]
-        todo = [sop for sop in chosen if not store.codes.has(version, "image", sop)]
-        encoded += _encode_slices(settings, store, enc, version, study_uid, todo)
-        sampled = [sop for sop in chosen if store.codes.has(version, "image", sop)]
-        for sop in sops:
-            if sop in sampled:
+        slots = store.codes.slots_of(version, "image", sops)  # one read: which slices have a code
+        have = {n for n, slot in enumerate(slots) if slot is not None}
+        chosen = choose(len(sops), settings.max_frames_per_series, have)
+        todo = [sops[n] for n in chosen if n not in have]
+        done = set(_encode_slices(settings, store, enc, version, study_uid, todo))
+        sampled = [n for n in chosen if n in have or sops[n] in done]
+        encoded += len(done)
+        for n, sop in enumerate(sops):
+            if n in sampled:
                 continue
-            if store.codes.has(version, "image", sop):  # in an earlier sample, not in this one
+            if n in have:  # in an earlier sample, not in this one
                 store.codes.delete(version, "image", sop)
                 store.embeddings.delete(version, [sop])
-            nearest = min(sampled, key=lambda s: abs(sops.index(s) - sops.index(sop))) if sampled else ""
+            nearest = sops[min(sampled, key=lambda s: abs(s - n))] if sampled else ""
             store.records.update_instance(sop, {"state": "volume-slice", "represented_by": nearest})
         log.info(
             "series %s: %d slice(s), %d sampled for %s (%d encoded now)",
@@ -86,12 +89,16 @@ def encode_volumes(settings: Settings, store: Store, enc: Any, version: str, stu
             len(sops),
             len(sampled),
             version,
-            len(todo),
+            len(done),
         )
     return encoded
 
 
-def _encode_slices(settings: Settings, store: Store, enc: Any, version: str, study_uid: str, sops: list[str]) -> int:
+def _encode_slices(
+    settings: Settings, store: Store, enc: Any, version: str, study_uid: str, sops: list[str]
+) -> list[str]:
+    """Decode and encode these slices for ``version``; returns the ones encoded (a slice that fails
+    goes to the failure ledger, a non-image is ignored, both with their reason)."""
     items = []
     for sop in sops:
         rec = store.records.instance(sop)
@@ -122,4 +129,4 @@ def _encode_slices(settings: Settings, store: Store, enc: Any, version: str, stu
     finally:
         for it in items:
             it.forget_local_copy()
-    return len(items)
+    return [it.sop_uid for it in items]

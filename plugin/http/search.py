@@ -43,6 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from hashing.route import first_match
 from plugin.core.header import is_uid, routing_header
 from plugin.http.rendered import thumbnail_of, to_image_bytes
 from plugin.search import query as q
@@ -343,13 +344,13 @@ def _upload_route(ctx: Any, ds: Any, routed: Any, filters: Filters) -> tuple[str
     header = routing_header(ds)
     if ds is None:
         header = (filters.modalities[0] if filters.modalities else "", filters.body_part or "", "")
-    found = ctx.store.models.route_for(*header)
     table = ctx.store.models.table()
+    found = first_match([r for r, _ in table], *header)
     if found is None and ds is None and len(table) == 1:
-        found = table[0]
+        found = table[0][0]
     if found is None:
         raise QueryError("no-model", "no model serves this kind of image (its modality and body part)")
-    route = found[0].name
+    route = found.name
     index = routed.for_route(route) if hasattr(routed, "for_route") else routed
     if index is None or not index.ready:
         raise QueryError("index-not-ready", "index not ready: try again shortly")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,10 +26,9 @@ class RoutedIndex:
     ``version``, ``search``...) is the default route's (the only one, else the general one), for
     callers that know one model only (benchmarks, the bulk tools)."""
 
-    def __init__(self, store: Store, level: str, factory: Callable[..., ReplicaIndex] = ReplicaIndex) -> None:
+    def __init__(self, store: Store, level: str) -> None:
         self.store = store
         self.level = level
-        self._factory = factory
         self._by_route: dict[str, ReplicaIndex] = {}
         self._order: list[str] = []  # matching order of the routes (most specific first)
         self._lock = threading.Lock()
@@ -43,7 +41,7 @@ class RoutedIndex:
         with self._lock:
             for name in names:
                 if name not in self._by_route:
-                    self._by_route[name] = self._factory(self.store, self.level, route=name)
+                    self._by_route[name] = ReplicaIndex(self.store, self.level, route=name)
             for name in [n for n in self._by_route if n not in names]:
                 log.info("route %s no longer answers: its %s replica is dropped", name, self.level)
                 self._by_route.pop(name).close()

@@ -180,12 +180,6 @@ class ModelRegistry:
         self.active_routes()
         return bool(self.r.hsetnx(self.keys.routes(), self.route_of(version).name, version))
 
-    def deactivate_route(self, route: str) -> str | None:
-        """Stop a route answering (its version stays registered); returns the version it had."""
-        version = self.active(route)
-        self.r.hdel(self.keys.routes(), route)
-        return version
-
     def seed(self, paths: list[str], load: Callable[[str], Any]) -> list[str]:
         """Make an empty installation answer with the models at ``paths`` (``load(path)`` gives an
         encoder: version, nbits, rerank_dim, emb_dim, route), each for the route its checkpoint
@@ -197,7 +191,10 @@ class ModelRegistry:
         process and by ``register``/``reindex`` (so that registering a first route does not leave
         the shipped ones out).
         """
-        if self.active_routes():  # (moves a single pre-route version under "general")
+        answering = self.active_routes()  # (moves a single pre-route version under "general")
+        if answering:
+            if all(self.details(v).get("route_spec") for v in answering.values()):
+                return []  # every answering version says what it serves: nothing to load or seed
             for path in paths:
                 enc = load(path)
                 known = self.details(enc.version)
