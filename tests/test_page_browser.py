@@ -133,7 +133,12 @@ def _wait(driver, condition, timeout: float = 60, what: str = ""):
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message=what)
 
 
-def _login(driver, base: str, password: str = TOKEN, username: str = "", target: str = "/similar") -> None:
+def _login(
+    driver, base: str, password: str = TOKEN, username: str = "", target: str = "/similar", refused: bool = False
+) -> None:
+    """Log in as a person would, and (unless ``refused`` is expected) wait for the page the login leads
+    to. Navigating on before the login's own redirect has landed races it: the redirect to the bare
+    ``target`` can replace the next ``driver.get``, leaving a page that never searched."""
     from selenium.webdriver.common.by import By
 
     driver.get(base + target)
@@ -142,6 +147,12 @@ def _login(driver, base: str, password: str = TOKEN, username: str = "", target:
         driver.find_element(By.ID, "username").send_keys(username)
     driver.find_element(By.ID, "password").send_keys(password)
     driver.find_element(By.ID, "login-submit").click()
+    if not refused:
+        _wait(
+            driver,
+            lambda d: d.current_url.endswith(target) and d.execute_script("return document.readyState") == "complete",
+            what=f"{target} after the login",
+        )
 
 
 def _rows(driver) -> list:
@@ -179,13 +190,14 @@ def _search_results(driver, served: Served, count: int, query: str) -> None:
         _wait(driver, lambda d: _settled(d) and len(_result_studies(d)) == count, what=f"{count} result rows")
     except TimeoutException:  # say what the page showed instead
         message = driver.execute_script("return document.getElementById('message').textContent")
-        pytest.fail(f"expected {count} result rows, the page shows {len(_result_studies(driver))}: {message!r}")
+        shown = len(_result_studies(driver))
+        pytest.fail(f"expected {count} result rows, the page at {driver.current_url} shows {shown}: {message!r}")
 
 
 def test_login_refuses_a_wrong_token_then_lets_the_right_one_in(served, browser):
     from selenium.webdriver.common.by import By
 
-    _login(browser, served.base, password="not-the-token")
+    _login(browser, served.base, password="not-the-token", refused=True)
     _wait(browser, lambda d: "wrong token" in d.find_element(By.ID, "login-error").text, what="the refusal")
     assert "/login" in browser.current_url
     assert httpx.get(f"{served.base}/api/session", cookies=_cookies(browser)).status_code == 401
@@ -199,7 +211,7 @@ def test_login_refuses_a_wrong_token_then_lets_the_right_one_in(served, browser)
 def test_a_configured_user_logs_in_and_the_status_page_opens(served, browser):
     from selenium.webdriver.common.by import By
 
-    _login(browser, served.base, password="wrong-password", username=USER)
+    _login(browser, served.base, password="wrong-password", username=USER, refused=True)
     _wait(browser, lambda d: "wrong user name" in d.find_element(By.ID, "login-error").text, what="the refusal")
     _login(browser, served.base, password=PASSWORD, username=USER, target="/status")
     _wait(browser, lambda d: d.current_url.endswith("/status"), what="the status page after login")
