@@ -208,7 +208,7 @@ def start(settings: Settings) -> Running:
     from plugin.dicom.scp import start_scp
     from plugin.http.app import ApiContext, create_app
     from plugin.search.routed import RoutedIndex
-    from plugin.store import Store
+    from plugin.store import LEVELS, Store
     from workers.client import make_celery
 
     running = Running(settings)
@@ -241,7 +241,7 @@ def start(settings: Settings) -> Running:
             print("workers   none started here (run `drh-pacs worker` against the same Redis)", flush=True)
 
         kernels.warm_up()  # compile the scan now rather than on the first C-FIND
-        indexes = {level: RoutedIndex(store, level) for level in ("study", "image")}  # a replica per route
+        indexes = {level: RoutedIndex(store, level) for level in LEVELS}  # a replica per route
         running.refresher = threading.Thread(
             target=_refresh_forever, args=(indexes, running.stop_event), name="index-refresh", daemon=True
         )

@@ -35,6 +35,7 @@ class Archive:
 
     def __init__(self, store, encoder, tmp: Path) -> None:
         from hashing.preprocess import load_pixels, read_dataset
+        from workers.tasks import pool_one
 
         self.version, self.route = encoder.version, encoder.route.name
         store.models.register(encoder.version, encoder.nbits, rerank_dim=encoder.rerank_dim, route=encoder.route)
@@ -47,15 +48,18 @@ class Archive:
             ("P1", images[1:3], "DX"),
         ]
         self.studies = []
+        self.series: list[str] = []
         for n, (pid, files, modality) in enumerate(plan):
             study = make_study(tmp / "archive", files, patient_id=pid, modality=modality, study_date=f"2024010{n + 1}")
             pixels = [load_pixels(read_dataset(f)) for f in study.files]
             codes, embeddings, reranks = encoder.encode_images(pixels)
-            for path, sop, c, rr in zip(study.files, study.sop_uids, codes, reranks, strict=True):
+            series_uid = generate_uid()
+            for path, sop, c, emb, rr in zip(study.files, study.sop_uids, codes, embeddings, reranks, strict=True):
                 store.records.put_instance(
-                    sop, study.study_uid, {"series_uid": "1.2.3", "modality": modality, "path": str(path)}
+                    sop, study.study_uid, {"series_uid": series_uid, "modality": modality, "path": str(path)}
                 )
-                store.codes.upsert(encoder.version, "image", sop, bytes(c), rerank=rr)
+                store.codes.upsert(encoder.version, "image", sop, bytes(c), study_uid=study.study_uid, rerank=rr)
+                store.embeddings.put(encoder.version, sop, emb)
             store.records.put_study(
                 study.study_uid,
                 {
@@ -67,9 +71,9 @@ class Archive:
                     "body_part": "CHEST",
                 },
             )
-            study_code, study_rr = encoder.encode_study(embeddings)
-            store.codes.upsert(encoder.version, "study", study.study_uid, bytes(study_code), rerank=study_rr)
+            pool_one(store, encoder, encoder.version, study.study_uid, study.sop_uids, 0.0)  # study and series codes
             self.studies.append(study)
+            self.series.append(series_uid)
 
 
 @pytest.fixture
@@ -79,11 +83,11 @@ def api(tmp_path, redis_client, redis_server) -> Iterator[tuple[httpx.Client, ob
     from plugin.core.redis_server import free_port
     from plugin.http.app import ApiContext, create_app
     from plugin.search.routed import RoutedIndex
-    from plugin.store import Store
+    from plugin.store import LEVELS, Store
 
     settings = make_settings(tmp_path, redis_server.url, http_port=free_port(), api_token=TOKEN)
     store = Store(redis.Redis.from_url(redis_server.url), settings.redis_namespace)
-    ctx = ApiContext(settings=settings, store=store, index={lv: RoutedIndex(store, lv) for lv in ("study", "image")})
+    ctx = ApiContext(settings=settings, store=store, index={lv: RoutedIndex(store, lv) for lv in LEVELS})
     server = uvicorn.Server(
         uvicorn.Config(create_app(ctx), host="127.0.0.1", port=settings.http_port, log_level="warning", lifespan="off")
     )
@@ -161,6 +165,27 @@ def test_similar_by_instance_uid(api, archive):
     assert body["level"] == "image" and len(body["results"]) == 3
     assert ref not in [r["sop_instance_uid"] for r in body["results"]]
     assert all(r["study"]["study_instance_uid"] for r in body["results"])
+
+
+def test_similar_by_series_uid_answers_series_with_their_studies(api, archive, encoder):
+    client, store = api
+    ref = archive.series[3]  # the two-image study's series: its DMIH code pools both images
+    body = client.get(f"/api/similar/series/{ref}", params={"k": 10}).json()
+    assert (
+        body["level"] == "series"
+        and body["route"] == archive.route
+        and body["reference"] == {"series_instance_uid": ref}
+    )
+    answered = [(r["series_instance_uid"], r["study"]["study_instance_uid"]) for r in body["results"]]
+    assert sorted(answered) == sorted(zip(archive.series[:3], [s.study_uid for s in archive.studies[:3]], strict=True))
+    # the stored series code is DMIH over the series' stored embeddings, the way a study code is
+    embs = store.embeddings.get_many(archive.version, archive.studies[3].sop_uids)
+    code, _ = encoder.encode_study(np.stack([embs[s] for s in sorted(embs)]).astype(np.float32))
+    assert store.codes.get(archive.version, "series", ref) == bytes(code)
+    only_cr = client.get(f"/api/similar/series/{ref}", params={"modality": "CR"}).json()
+    assert [r["series_instance_uid"] for r in only_cr["results"]] == [archive.series[2]]
+    unknown = client.get(f"/api/similar/series/{generate_uid()}")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "unknown-reference"
 
 
 def test_upload_a_copy_of_an_indexed_image_finds_it_at_distance_zero(api, archive, tmp_path):

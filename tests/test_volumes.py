@@ -1,6 +1,7 @@
 """Volumes and multi-frame objects as bags: a bounded, evenly spaced sample per series is encoded,
 whatever the series' size (a real `drh-pacs worker`, real Redis, pydicom's CT and MR files, a
-real multi-frame MR and a generated 300-slice CT series)."""
+real multi-frame MR and a generated 300-slice CT series); DMIH pools each series' sample into a
+series code."""
 
 from __future__ import annotations
 
@@ -125,8 +126,23 @@ def test_a_300_slice_series_costs_a_bounded_sample_and_real_ct_mr_and_multi_fram
     # the multi-frame MR: one code, from its sampled frames, indexed at once
     assert store.records.instance(multi.sop_uids[0])["state"] == "indexed"
 
+    # DMIH pools each series into a series code: the 300-slice series from its sample alone
+    from hashing.encoder import Encoder
+
+    enc = Encoder.load(store.models.details(general)["path"], device="cpu")
+    series_uid = pydicom.dcmread(volume.files[0], stop_before_pixels=True).SeriesInstanceUID
+    embs = store.embeddings.get_many(general, volume.sop_uids)
+    assert sorted(embs) == sorted(expected)
+    code, _ = enc.encode_study(np.stack([embs[s] for s in sorted(embs)]).astype(np.float32))
+    assert store.codes.get(general, "series", series_uid) == bytes(code)
+    assert store.codes.count(general, "series") == 4  # the volume, CT_small, MR_small, the multi-frame MR
+    # a series query answers the other series, each with its study, from the reference's route
+    indexes = {level: RoutedIndex(store, level) for level in ("study", "series", "image")}
+    answer = q.run_similar(q.SimilarQuery("SERIES", series_uid, 10), store, indexes)
+    assert answer.route == "general" and len(answer) == 3
+    assert {r.study_uid for r in answer} == {s.study_uid for s in (*real, multi)}
+
     # an image query on a slice outside the sample is answered through its nearest sampled slice
-    indexes = {level: RoutedIndex(store, level) for level in ("study", "image")}
     slice_uid, record = others[0]
     answer = q.run_similar(q.SimilarQuery("IMAGE", slice_uid, 20), store, indexes)
     uids = [r.uid for r in answer]
@@ -134,7 +150,6 @@ def test_a_300_slice_series_costs_a_bounded_sample_and_real_ct_mr_and_multi_fram
     assert set(uids) >= set(expected) - {record["represented_by"]}
 
     # a late slice re-samples its series: the encoded slices still fit, so nothing is encoded again
-    series_uid = pydicom.dcmread(volume.files[0], stop_before_pixels=True).SeriesInstanceUID
     late = _ct_series(tmp_path / "ct", 1, volume.study_uid, start=301, series=series_uid)
     send(app, late)
     (late_uid,) = late.sop_uids

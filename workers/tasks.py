@@ -237,9 +237,27 @@ def pool_study(self: PoolStudyTask, study_uid: str, version: str = "") -> str:
 
 
 def pool_one(store: Any, enc: Any, version: str, study_uid: str, sops: list[str], started: float) -> bool:
-    """The study code of one version from its instances' stored embeddings; False when it has none."""
+    """The study code and the series codes of one version from its instances' stored embeddings
+    (DMIH pools each bag, the study's and each series', with the same layer); a series whose images
+    left the version loses its code, and so does a study none of whose images the version holds
+    (False, then)."""
     embs = store.embeddings.get_many(version, sops)
+    series: dict[str, list[str]] = {}
+    for sop, rec in zip(sops, store.records.instances(sops), strict=True):
+        if rec.get("series_uid"):
+            series.setdefault(rec["series_uid"], []).append(sop)
+    pooled = []
+    for series_uid, members in sorted(series.items()):
+        bag = [embs[s] for s in sorted(members) if s in embs]
+        if bag:
+            code, rerank = enc.encode_study(np.stack(bag).astype(np.float32))
+            store.codes.upsert(version, "series", series_uid, code, study_uid=study_uid, rerank=rerank)
+            pooled.append(series_uid)
+        else:
+            store.codes.delete(version, "series", series_uid)
+    store.records.link_series(study_uid, pooled)
     if not embs:
+        store.codes.delete(version, "study", study_uid)
         return False
     bag = np.stack([embs[s] for s in sorted(embs)]).astype(np.float32)
     code, rerank = enc.encode_study(bag)

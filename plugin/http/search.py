@@ -1,6 +1,8 @@
 """HTTP/JSON similar search, for web viewers and scripts: the same query as the DICOM one.
 
 - ``GET /api/similar/study/{study_uid}``: studies like a stored study (DMIH study codes).
+- ``GET /api/similar/series/{series_uid}``: series like a stored series (DMIH series codes: a CT or
+  MR series by its sample of slices, a radiograph series by its images).
 - ``GET /api/similar/instance/{sop_uid}``: images like a stored image (DRH image codes).
 - ``POST /api/similar/upload``: a DICOM file or a picture (multipart field ``file``, or the raw body
   with ``Content-Type: application/dicom``) hashed here, then searched; ``?level=study`` (default: the
@@ -170,6 +172,8 @@ def _answer(query: q.SimilarQuery, results: q.Answer, started: float, reference:
         if query.level == "IMAGE":
             item["sop_instance_uid"] = r.uid
             item["series_instance_uid"] = (r.instance or {}).get("series_uid", "")
+        elif query.level == "SERIES":
+            item["series_instance_uid"] = r.uid
         item["study"] = _study_json(r.study_uid, r.study)
         items.append(item)
     return JSONResponse(
@@ -210,12 +214,13 @@ def routes(ctx: Any) -> list[Route]:
         return handler
 
     by_study = by_reference("STUDY", "study_uid", "study_instance_uid")
+    by_series = by_reference("SERIES", "series_uid", "series_instance_uid")
     by_instance = by_reference("IMAGE", "sop_uid", "sop_instance_uid")
 
     async def by_upload(request: Request) -> Response:
         started = time.monotonic()
         level = (request.query_params.get("level") or "study").upper()
-        if level not in q.LEVELS:
+        if level not in ("STUDY", "IMAGE"):  # an upload is one image: a one-image study, or an image
             return error_response(QueryError("malformed", "level is study or image"))
         try:
             query = _query(request.query_params, level, "1.2", default_k, max_k)
@@ -239,6 +244,7 @@ def routes(ctx: Any) -> list[Route]:
 
     return [
         Route("/api/similar/study/{study_uid}", by_study, methods=["GET"]),
+        Route("/api/similar/series/{series_uid}", by_series, methods=["GET"]),
         Route("/api/similar/instance/{sop_uid}", by_instance, methods=["GET"]),
         Route("/api/similar/upload", by_upload, methods=["POST"]),
     ]

@@ -154,10 +154,11 @@ def _ingest(f: dict[str, Any]) -> str:
 def _index(f: dict[str, Any]) -> str:
     rows = [
         [e(m["serves"]), e(m["version"]), m["nbits"], e(m["state"]), "yes" if m["active"] else ""]
-        + [m["image"], m["study"]]
+        + [m["image"], m["series"], m["study"]]
         for m in f["models"]
     ]
-    head = ["route (what it serves)", "model version", "bits", "state", "answers", "image codes", "study codes"]
+    head = ["route (what it serves)", "model version", "bits", "state", "answers"]
+    head += ["image codes", "series codes", "study codes"]
     out = "<h2>Index</h2>" + _table(head, rows)
     waiting = f.get("no_model") or {}
     if waiting:

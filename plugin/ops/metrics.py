@@ -136,7 +136,7 @@ class _FiguresCollector:
             labels=["version", "level", "active", "route"],
         )
         for v in f["models"]:
-            for level in ("image", "study"):
+            for level in ("image", "series", "study"):
                 codes.add_metric([v["version"], level, "1" if v["active"] else "0", v["route"]], v[level])
         yield codes
         no_model = GaugeMetricFamily(

@@ -58,6 +58,7 @@ def model_versions(store: Store) -> list[dict[str, Any]]:
                 "active": version in answering,
                 "created": float(info.get("created", 0) or 0),
                 "image": store.codes.count(version, "image"),
+                "series": store.codes.count(version, "series"),
                 "study": store.codes.count(version, "study"),
                 "embeddings": store.embeddings.count(version),
             }
@@ -234,7 +235,7 @@ def render_text(f: dict[str, Any]) -> str:
         mark = "*" if m["active"] else " "
         lines.append(
             f" {mark}{m['version']:<28} {m['nbits']:>3} bits  {m['state']:<9}"
-            f" images {m['image']:>9}  studies {m['study']:>8}  route {m['serves']}"
+            f" images {m['image']:>9}  series {m['series']:>8}  studies {m['study']:>8}  route {m['serves']}"
         )
     waiting = f.get("no_model") or {}
     if waiting:

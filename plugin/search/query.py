@@ -24,12 +24,14 @@ log = logging.getLogger("drh.query")
 # this) is the bound a site chooses, checked by check_k.
 MAX_RESULTS = 1000
 
-LEVELS = ("STUDY", "IMAGE")
+# STUDY: study codes; SERIES: series codes (DMIH over a series' images: a CT or MR series by its
+# sample of slices); IMAGE: image codes.
+LEVELS = ("STUDY", "SERIES", "IMAGE")
 
 
 @dataclass(frozen=True)
 class SimilarQuery:
-    level: str  # STUDY or IMAGE
+    level: str  # STUDY, SERIES or IMAGE
     reference_uid: str
     k: int
     max_distance: int | None = None
@@ -37,7 +39,7 @@ class SimilarQuery:
 
     def __post_init__(self) -> None:
         if self.level not in LEVELS:
-            raise QueryError("malformed", f"level {self.level!r}: similar is STUDY or IMAGE")
+            raise QueryError("malformed", f"level {self.level!r}: similar is STUDY, SERIES or IMAGE")
         if self.k < 1:
             raise QueryError("malformed", "the number of results must be >= 1")
         if self.k > MAX_RESULTS:
@@ -45,8 +47,8 @@ class SimilarQuery:
 
     @property
     def index_level(self) -> str:
-        """The replica that answers: study codes for STUDY, image codes for IMAGE."""
-        return "study" if self.level == "STUDY" else "image"
+        """The replica that answers: the codes of the query's level."""
+        return self.level.lower()
 
 
 def check_k(query: SimilarQuery, max_results: int) -> None:
@@ -115,9 +117,12 @@ def study_by_accession(store: Any, accession: str, patient_id: str | None = None
 
 
 def _reference_study(level: str, uid: str, store: Any) -> tuple[str | None, dict[str, str]]:
-    """(study UID, record) of a reference: the study itself, or an instance's study."""
+    """(study UID, record) of a reference: the study itself, a series' study, or an instance's study."""
     if level == "STUDY":
         return uid, store.records.study(uid)
+    if level == "SERIES":
+        (study_uid,) = store.records.studies_of_series([uid])
+        return study_uid or None, store.records.study(study_uid) if study_uid else {}
     instance = store.records.instance(uid)
     return instance.get("study_uid"), instance
 
@@ -145,13 +150,15 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         if representative:
             located = route_index(index, representative)
             excluded = (query.reference_uid, representative)
-    what = "study" if query.level == "STUDY" else "instance"
+    what = {"STUDY": "study", "SERIES": "series"}.get(query.level, "instance")
     if located is None:
         _, known = _reference_study(query.level, query.reference_uid, store)
         if known.get("state") == "no-model":
             raise QueryError("no-model", f"reference {what} is stored but no model serves its modality and body part")
         if known:
             raise QueryError("not-indexed", f"reference {what} not yet indexed: try again later")
+        if query.level == "SERIES":  # a series is known once its study is pooled
+            raise QueryError("unknown-reference", "unknown reference series, or its study is not pooled yet")
         raise QueryError("unknown-reference", f"unknown reference {what}")
 
     exclude_patient = None
@@ -197,6 +204,8 @@ def search_code(
     instances: list[dict[str, str] | None] = [None] * len(hits)
     if query.level == "STUDY":
         study_uids = [h.uid for h in hits]
+    elif query.level == "SERIES":
+        study_uids = store.records.studies_of_series([h.uid for h in hits])
     else:
         instances = list(store.records.instances([h.uid for h in hits]))
         study_uids = [(i or {}).get("study_uid", "") for i in instances]

@@ -87,15 +87,18 @@ class Store:
     def delete_study(self, study_uid: str) -> int:
         """Remove a study everywhere (a retracted or misfiled study, an erasure request).
 
-        Tombstones its study code and its instances' image codes in every model version, drops
-        their embeddings, failure-ledger entries, the instance records and the study's metadata, and
-        blanks its filter record. Returns the number of codes deleted. Replicas follow through the
+        Tombstones its study code, its series' codes and its instances' image codes in every model
+        version, drops their embeddings, failure-ledger entries, the instance records and the study's
+        metadata, and blanks its filter record. Returns the number of codes deleted. Replicas follow through the
         change logs.
         """
         sops = self.records.study_instances(study_uid)
+        series = sorted({r.get("series_uid", "") for r in self.records.instances(sops)} - {""})
         removed = 0
         for v in self.models.versions():
             removed += self.codes.delete(v, "study", study_uid) is not None
+            for uid in series:
+                removed += self.codes.delete(v, "series", uid) is not None
             for sop in sops:
                 removed += self.codes.delete(v, "image", sop) is not None
             self.embeddings.delete(v, sops)

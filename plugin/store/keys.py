@@ -1,8 +1,9 @@
 """Every Redis key drh-pacs writes or reads: the one place a key name is spelled.
 
 This docstring is the schema. ``ns`` is ``Settings.redis_namespace`` (one Redis can host several
-installations), ``v`` a model version, ``lv`` a level (``image`` for DRH instance codes, ``study`` for
-DMIH study codes). The owning module of each group says how the values are kept consistent.
+installations), ``v`` a model version, ``lv`` a level (``image`` for DRH instance codes, ``series``
+and ``study`` for DMIH codes pooled over a series' or a study's images). The owning module of each
+group says how the values are kept consistent.
 
 Codes (:mod:`plugin.store.codes`, :mod:`plugin.store.models`)
 
@@ -39,6 +40,9 @@ Records of studies and instances (:mod:`plugin.store.records`)
 ``ns:study:{uid}:instances``                set      SOPInstanceUIDs received for the study
 ``ns:accession:{number}``                   set      StudyInstanceUIDs with that AccessionNumber (viewer
                                                      forms name a study by it; not unique everywhere)
+``ns:series``                                hash     SeriesInstanceUID -> StudyInstanceUID, for the
+                                                     series that have a series code (written when the
+                                                     study is pooled)
 ``ns:instance:{uid}``                       hash     study_uid, series_uid, sop_class_uid, modality,
                                                      body_part, photometric, route, path,
                                                      received_at, state (indexed|ignored|failed|
@@ -192,6 +196,9 @@ class Keys:
 
     def accession(self, number: str) -> str:
         return f"{self.ns}:accession:{number}"
+
+    def series(self) -> str:
+        return f"{self.ns}:series"
 
     def instance(self, uid: str) -> str:
         return f"{self.ns}:instance:{uid}"

@@ -23,7 +23,7 @@ import redis
 from hashing.route import LEGACY, Route, first_match, in_matching_order
 from plugin.store.keys import Keys
 
-LEVELS = ("image", "study")
+LEVELS = ("image", "series", "study")
 
 # Change-log streams are trimmed (approximately) to this many entries; a replica further behind reloads.
 LOG_MAXLEN = 1_000_000
@@ -149,6 +149,17 @@ class ModelRegistry:
         for version in self.active_routes().values():
             version_of[self.route_of(version)] = version
         return [(route, version_of[route]) for route in in_matching_order(list(version_of))]
+
+    def matching(self, unrouted: str = "general", replacing: Route | None = None) -> list[Route]:
+        """The routes that take images, in matching order: the answering ones (with ``replacing`` in
+        place of the route of its name: what a re-index will answer with), general routes left out
+        when ``unrouted`` is ``none`` (:attr:`plugin.core.settings.Settings.unrouted`)."""
+        routes = [r for r, _ in self.table() if replacing is None or r.name != replacing.name]
+        if replacing is not None:
+            routes.append(replacing)
+        if unrouted == "none":
+            routes = [r for r in routes if not r.general]
+        return in_matching_order(routes)
 
     def route_for(self, modality: str, body_part: str, photometric: str = "") -> tuple[Route, str] | None:
         """The answering (route, version) an image with this header belongs to, None when none takes it."""
