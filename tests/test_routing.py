@@ -178,6 +178,9 @@ def test_a_hospital_adds_its_own_anatomy_trains_and_registers_it_without_code(
         assert store.records.instance(sop)["route"] == "mg-breast"
         assert store.codes.has("mg-site-v1", "image", sop) and not store.codes.has(general, "image", sop)
         assert not store.codes.has(general, "study", study.study_uid)  # left the general index entirely
+        series_uid = store.records.instance(sop)["series_uid"]
+        assert store.codes.has("mg-site-v1", "series", series_uid)
+        assert not store.codes.has(general, "series", series_uid)
     indexes = {level: RoutedIndex(store, level) for level in ("study", "image")}
     answer = _similar_studies(store, indexes, mammograms[0])
     assert answer.route == "mg-breast" and answer.version == "mg-site-v1"
@@ -187,3 +190,71 @@ def test_a_hospital_adds_its_own_anatomy_trains_and_registers_it_without_code(
     send(app, late[0])
     wait_until(lambda: _settled(store, late), 60, what="late mammogram")
     assert store.records.instance(late[0].sop_uids[0])["route"] == "mg-breast"
+
+
+def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it(
+    redis_server, store, worker_factory, tmp_path
+):
+    from tests.helpers.archive import Planned, index_archive
+
+    # An older release hashed everything with its one model: chest films, breast ultrasound, head CT.
+    chest = Encoder.load(None, device="cpu")
+    store.models.register(chest.version, chest.nbits, rerank_dim=chest.rerank_dim)  # no route then
+    store.client.set(store.keys.active(), chest.version)
+    images = fixture_images()
+    kinds = [("DX", "CHEST")] * 3 + [("US", "BREAST")] * 2 + [("OT", "HEAD")] * 2
+    plan = [Planned(f"P{n}", [images[n]], modality, body_part=part) for n, (modality, part) in enumerate(kinds)]
+    studies = index_archive(store, chest, tmp_path / "spool", plan, register=False)
+    dx, us, ot = studies[:3], studies[3:5], studies[5:]
+    worker_factory("reroute")
+    env = worker_env(redis_server.url, tmp_path / "data")
+
+    def reroute(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "plugin.cli", "reroute", *args]
+        return subprocess.run(command, env={**env, **extra}, capture_output=True, text=True, timeout=300)
+
+    dry = reroute("--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "4 stored image(s) are not in the route that takes them now" in dry.stdout
+    assert "2  US     chest-xr -> us-breast" in dry.stdout and "2  OT     chest-xr -> general" in dry.stdout
+    assert store.codes.count(chest.version, "image") == 7  # a dry run moves nothing
+
+    done = reroute()
+    assert done.returncode == 0, done.stdout + done.stderr
+    breast, general = store.models.active("us-breast"), store.models.active("general")
+    assert f"re-sort into {breast} (route us-breast): complete, 2/2 instances" in done.stdout
+    assert f"re-sort into {general} (route general): complete, 2/2 instances" in done.stdout
+    assert store.codes.count(chest.version, "image") == 3 and store.codes.count(chest.version, "study") == 3
+    assert store.codes.count(chest.version, "series") == 3
+    for group, version, route in ((us, breast, "us-breast"), (ot, general, "general")):
+        for study in group:
+            record = store.records.instance(study.sop_uids[0])
+            assert record["indexed_version"] == version and record["route"] == route
+            assert store.codes.has(version, "study", study.study_uid)
+            assert not store.codes.has(chest.version, "study", study.study_uid)
+    indexes = {level: RoutedIndex(store, level) for level in ("study", "series", "image")}
+    answer = _similar_studies(store, indexes, dx[0])
+    assert answer.route == "chest-xr" and sorted(r.study_uid for r in answer) == sorted(s.study_uid for s in dx[1:])
+    answer = _similar_studies(store, indexes, us[0])
+    assert answer.route == "us-breast" and [r.study_uid for r in answer] == [us[1].study_uid]
+    assert reroute("--dry-run").stdout.strip() == "every stored image is in the route that takes it"
+
+    # The site then keeps unrouted images out of every model: the general model's images wait for one.
+    none = reroute(DRH_UNROUTED="none")
+    assert none.returncode == 0, none.stdout + none.stderr
+    assert "2  OT     general -> (no model)" in none.stdout
+    assert all(store.records.instance(s.sop_uids[0])["state"] == "no-model" for s in ot)
+    assert store.codes.count(general, "image") == 0 and gather(store)["no_model"] == {"OT": 2}
+    wait_until(lambda: store.codes.count(general, "study") == 0, 60, what="the general studies pooled again")
+    assert store.codes.count(general, "series") == 0
+
+    # Studies stored before series codes existed get theirs from `drh-pacs repool` (no model pass).
+    for study in dx:
+        (series_uid,) = {r["series_uid"] for r in store.records.instances(study.sop_uids)}
+        store.codes.delete(chest.version, "series", series_uid)
+    assert store.codes.count(chest.version, "series") == 0
+    repool = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "repool"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert repool.returncode == 0 and "7 study(ies) due for pooling" in repool.stdout, repool.stdout + repool.stderr
+    wait_until(lambda: store.codes.count(chest.version, "series") == 3, 60, what="the chest series pooled again")

@@ -25,7 +25,7 @@ from typing import Any
 
 from celery import Celery
 
-from hashing.route import Route, first_match, in_matching_order
+from hashing.route import Route, first_match
 from plugin.store import ACTIVE_STATES, Store
 from workers import batching
 from workers.batching import Item, PermanentError
@@ -69,10 +69,7 @@ def members(store: Store, settings: Any, version: str) -> list[tuple[str, dict[s
     """(sop_uid, record) of the stored images the route of ``version`` takes once it answers: the
     first route that matches each image's header, among the routes answering then."""
     target = store.models.route_of(version)
-    table = [r for r, _ in store.models.table() if r.name != target.name]
-    if settings.unrouted == "none":
-        table = [r for r in table if not r.general]
-    after = in_matching_order([*table, target])
+    after = store.models.matching(settings.unrouted, replacing=target)
     out = []
     for sop, rec in store.records.instances_in_states(_TAKEN_STATES, _HEADER_FIELDS):
         if first_match(after, rec["modality"], rec["body_part"], rec["photometric"]) == target:
@@ -86,7 +83,10 @@ def reindex_plan(self: RetryingTask, version: str) -> int:
     if not _active_job(store, version):
         return 0
     store.reindex.update({"state": "running"})  # from here on, new arrivals are written for both
-    sops = [s for s, _ in members(store, self.app.drh_settings, version)]
+    taken = members(store, self.app.drh_settings, version)
+    if store.reindex.get().get("mode") == "resort":  # the answering version: only what another route holds
+        taken = [(s, rec) for s, rec in taken if rec["state"] == "no-model" or rec["indexed_version"] != version]
+    sops = [s for s, _ in taken]
     size = max(1, self.app.drh_settings.batch_size)
     store.reindex.update({"total": len(sops)})
     for start in range(0, len(sops), size):
@@ -210,5 +210,4 @@ def _leave_other_routes(
     for old, studies in left.items():
         enc = task.encoder_for_version(old)
         for study in sorted(s for s in studies if s):
-            if not pool_one(store, enc, old, study, store.records.study_instances(study), time.time()):
-                store.codes.delete(old, "study", study)
+            pool_one(store, enc, old, study, store.records.study_instances(study), time.time())

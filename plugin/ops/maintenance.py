@@ -18,6 +18,7 @@ import argparse
 import logging
 import shutil
 import sys
+import time
 
 import redis
 
@@ -100,6 +101,24 @@ def compact_main(argv: list[str] | None = None) -> int:
         print(f"{pair}: {n} slot(s) reclaimed")
     if not reclaimed:
         print("nothing to compact")
+    return 0
+
+
+def repool_main(argv: list[str] | None = None) -> int:
+    """Pool every stored study again: the workers compute its series and study codes from the
+    stored embeddings (no model pass, except for volume slices not sampled yet). Studies stored
+    before series codes existed get theirs this way."""
+    parser = argparse.ArgumentParser(prog="drh-pacs repool", description=repool_main.__doc__.split("\n")[0])
+    parser.parse_args(argv)
+    connected = connect("repool")
+    if connected is None:
+        return 2
+    _, store = connected
+    studies = store.records.study_uids()
+    now = time.time()
+    for study in studies:
+        store.ingest.pool_due(study, now)
+    print(f"{len(studies)} study(ies) due for pooling; the workers pool them as they scan (drh-pacs status)")
     return 0
 
 

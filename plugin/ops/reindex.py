@@ -62,9 +62,27 @@ def start(app: Celery, model_path: str, *, force: bool = False, route: Route | N
     return store.reindex.get()
 
 
+def start_resort(app: Celery, route: str) -> dict[str, str]:
+    """A re-index of ``route`` with the version already answering for it, which takes only the
+    stored images that route takes but another route (or no model) holds: the re-sort of
+    ``drh-pacs reroute``. The images leave the other routes' indexes at the end, as in any re-index."""
+    store = store_for(app)
+    job = store.reindex.get()
+    if job.get("state") in ACTIVE_STATES:
+        raise RuntimeError(f"a re-index to {job.get('version')} is {job['state']}: wait for it to end")
+    version = store.models.active(route)
+    if version is None:
+        raise RuntimeError(f"no version answers for route {route}")
+    store.reindex.start(version, store.models.details(version).get("path", ""), version)
+    store.reindex.update({"route": route, "mode": "resort"})
+    send(app, REINDEX_PLAN, version=version)
+    return store.reindex.get()
+
+
 def describe(job: dict[str, str]) -> str:
+    what = "re-sort into" if job.get("mode") == "resort" else "re-index to"
     return (
-        f"re-index to {job.get('version')} (route {job.get('route') or '?'}): {job.get('state')},"
+        f"{what} {job.get('version')} (route {job.get('route') or '?'}): {job.get('state')},"
         f" {job.get('done', 0)}/{job.get('total', 0)} instances,"
         f" {job.get('failed', 0)} failed, studies pooled {job.get('studies_done', 0)}"
         f" (previous version {job.get('previous') or '(none)'})"

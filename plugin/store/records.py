@@ -132,6 +132,19 @@ class Records:
     def study_instances(self, study_uid: str) -> list[str]:
         return sorted(m.decode() for m in self.r.smembers(self.keys.study_instances(study_uid)))
 
+    # -- series (the ones with a series code) -----------------------------------------------------
+    def link_series(self, study_uid: str, series_uids: Sequence[str]) -> None:
+        """Remember the study of each series given a series code: a series query names only the
+        series, and its answers are shown with their studies."""
+        if series_uids:
+            self.r.hset(self.keys.series(), mapping={s: study_uid for s in series_uids})
+
+    def studies_of_series(self, series_uids: Sequence[str]) -> list[str]:
+        """The StudyInstanceUID of each series ("" for a series never pooled), in one round trip."""
+        if not series_uids:
+            return []
+        return [(v or b"").decode() for v in self.r.hmget(self.keys.series(), list(series_uids))]
+
     # -- studies -----------------------------------------------------------------------------------
     def put_study(self, study_uid: str, meta: Mapping[str, str | int | float]) -> None:
         """Merge ``meta`` into the study hash and refresh the study's filter record from the result.
@@ -212,6 +225,19 @@ class Records:
 
     def study(self, study_uid: str) -> dict[str, str]:
         return _decode(self.r.hgetall(self.keys.study(study_uid)))
+
+    def study_uids(self) -> list[str]:
+        """Every stored study (each study ever numbered whose record still exists): for maintenance
+        that visits the whole archive, such as ``drh-pacs repool``."""
+        numbered = [uid.decode() for uid, _ in self.r.hscan_iter(self.keys.sno(), count=5000)]
+        out = []
+        for start in range(0, len(numbered), 1000):
+            chunk = numbered[start : start + 1000]
+            pipe = self.r.pipeline(transaction=False)
+            for uid in chunk:
+                pipe.exists(self.keys.study(uid))
+            out.extend(uid for uid, exists in zip(chunk, pipe.execute(), strict=True) if exists)
+        return out
 
     def studies(self, study_uids: Sequence[str]) -> list[dict[str, str]]:
         """Metadata of several studies in one round trip (empty dict for an unknown study).
@@ -295,9 +321,12 @@ class Records:
     def delete_study(self, study_uid: str, sop_uids: Sequence[str]) -> None:
         """Drop the study's and its instances' records and blank its filter record (replicas follow)."""
         accession = (self.study(study_uid).get("accession_number") or "").strip()
+        series = {s for s in (r.get("series_uid") for r in self.instances(sop_uids)) if s}
         pipe = self.r.pipeline(transaction=True)
         for sop in sop_uids:
             pipe.delete(self.keys.instance(sop))
+        if series:
+            pipe.hdel(self.keys.series(), *series)
         pipe.delete(self.keys.study(study_uid), self.keys.study_instances(study_uid))
         if accession:
             pipe.srem(self.keys.accession(accession), study_uid)
