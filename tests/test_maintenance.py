@@ -22,8 +22,9 @@ def populated(redis_server, redis_client, tmp_path, monkeypatch):
     for n in range(6):
         study = f"1.2.3.{n + 1}"
         sops = [f"{study}.{i + 1}" for i in range(2)]
+        series = f"{study}.9"
         for sop in sops:
-            store.records.put_instance(sop, study, {"modality": "DX"})
+            store.records.put_instance(sop, study, {"modality": "DX", "series_uid": series})
             store.codes.upsert(VERSION, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8), study_uid=study)
             spooled = tmp_path / "data" / "spool" / study / f"{sop}.dcm"
             spooled.parent.mkdir(parents=True, exist_ok=True)
@@ -31,6 +32,8 @@ def populated(redis_server, redis_client, tmp_path, monkeypatch):
         store.records.put_study(study, {"patient_id": f"P{n}", "study_date": "20240101", "modalities": "DX"})
         code = rng.integers(0, 256, 8, dtype=np.uint8)
         store.codes.upsert(VERSION, "study", study, code)
+        store.codes.upsert(VERSION, "series", series, code, study_uid=study)
+        store.records.link_series(study, [series])
         studies[study] = bytes(code)
     return store, studies, tmp_path / "data"
 
@@ -48,9 +51,11 @@ def test_deleted_study_is_gone_everywhere_and_compaction_keeps_answers_exact(pop
     assert index.code_of(victim) is not None
 
     assert cli(["delete-study", victim]) == 0
-    assert "3 code(s) tombstoned" in capsys.readouterr().out
+    assert "4 code(s) tombstoned" in capsys.readouterr().out  # the study's, its series', its 2 images'
     assert store.records.study(victim) == {} and store.records.study_instances(victim) == []
     assert store.codes.get(VERSION, "study", victim) is None
+    assert store.codes.get(VERSION, "series", f"{victim}.9") is None
+    assert store.records.studies_of_series([f"{victim}.9", "1.2.3.4.9"]) == ["", "1.2.3.4"]
     assert store.codes.get(VERSION, "image", f"{victim}.1") is None
     assert not (data_dir / "spool" / victim).exists()
     assert (data_dir / "spool" / "1.2.3.4").exists()
@@ -65,6 +70,7 @@ def test_deleted_study_is_gone_everywhere_and_compaction_keeps_answers_exact(pop
     assert cli(["compact"]) == 0
     out = capsys.readouterr().out
     assert f"{VERSION}/study: 1 slot(s) reclaimed" in out and f"{VERSION}/image: 2 slot(s) reclaimed" in out
+    assert f"{VERSION}/series: 1 slot(s) reclaimed" in out
     index.refresh()
     assert sorted((h.distance, h.uid) for h in index.search(query, k=10)) == expected
     assert cli(["compact"]) == 0

@@ -89,8 +89,8 @@ class Store:
 
         Tombstones its study code, its series' codes and its instances' image codes in every model
         version, drops their embeddings, failure-ledger entries, the instance records and the study's
-        metadata, and blanks its filter record. Returns the number of codes deleted. Replicas follow through the
-        change logs.
+        metadata, and blanks its filter record. Returns the number of codes deleted. Replicas follow
+        through the change logs.
         """
         sops = self.records.study_instances(study_uid)
         series = sorted({r.get("series_uid", "") for r in self.records.instances(sops)} - {""})
