@@ -133,7 +133,12 @@ class Encoder:
         if ckpt.get("dmih") is not None:
             dmih = ckpt_mod.build_module(ckpt["dmih"])
         else:
-            log.warning("checkpoint %s has no DMIH part: study codes pool with an untrained attention", path)
+            log.warning(
+                "checkpoint %s has no trained DMIH part: series and study codes are its hash layer over an"
+                " attention-weighted mean of the images' features, the attention untrained (a one-image bag"
+                " gets its image's code; the model card's 'Study level' says what was measured)",
+                path,
+            )
             dmih = dmih_from_drh(drh)
         if not isinstance(drh, DRH) or not isinstance(dmih, DMIH):
             raise ckpt_mod.CheckpointError(f"{path}: 'drh' and 'dmih' entries hold the wrong model types")

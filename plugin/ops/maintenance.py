@@ -108,7 +108,10 @@ def repool_main(argv: list[str] | None = None) -> int:
     """Pool every stored study again: the workers compute its series and study codes from the
     stored embeddings (no model pass, except for volume slices not sampled yet). Studies stored
     before series codes existed get theirs this way."""
-    parser = argparse.ArgumentParser(prog="drh-pacs repool", description=repool_main.__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="drh-pacs repool",
+        description="pool every stored study again: series and study codes from the stored embeddings",
+    )
     parser.parse_args(argv)
     connected = connect("repool")
     if connected is None:

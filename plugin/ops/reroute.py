@@ -122,7 +122,11 @@ def run(app: Celery, dry_run: bool = False, out: Any = sys.stdout) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drh-pacs reroute", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="drh-pacs reroute",
+        description="move every stored image to the route that takes it now (an archive indexed before"
+        " routes, or before a route was added)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="only say what would move, per modality")
     args = parser.parse_args(argv)
     try:
