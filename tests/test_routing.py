@@ -13,6 +13,7 @@ import pytest
 
 from hashing import checkpoint
 from hashing.encoder import Encoder
+from hashing.preprocess import evenly_spaced
 from hashing.train import main as train_main
 from plugin.ops.metrics import render
 from plugin.ops.status import gather, render_text
@@ -204,10 +205,12 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     images = fixture_images()
     kinds = [("DX", "CHEST")] * 3 + [("US", "BREAST")] * 2 + [("OT", "HEAD")] * 2
     plan = [Planned(f"P{n}", [images[n]], modality, body_part=part) for n, (modality, part) in enumerate(kinds)]
+    plan.append(Planned("P9", images[:12], "CT", body_part="HEAD"))  # a 12-slice series, each slice its own code
     studies = index_archive(store, chest, tmp_path / "spool", plan, register=False)
-    dx, us, ot = studies[:3], studies[3:5], studies[5:]
-    worker_factory("reroute")
-    env = worker_env(redis_server.url, tmp_path / "data")
+    dx, us, ot, (ct,) = studies[:3], studies[3:5], studies[5:7], studies[7:]
+    sample = {"DRH_MAX_FRAMES_PER_SERIES": "4"}
+    worker_factory("reroute", **sample)
+    env = worker_env(redis_server.url, tmp_path / "data", **sample)
 
     def reroute(*args: str, **extra: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "plugin.cli", "reroute", *args]
@@ -215,16 +218,26 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
 
     dry = reroute("--dry-run")
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "4 stored image(s) are not in the route that takes them now" in dry.stdout
+    assert "16 stored image(s) are not in the route that takes them now" in dry.stdout
     assert "2  US     chest-xr -> us-breast" in dry.stdout and "2  OT     chest-xr -> general" in dry.stdout
-    assert store.codes.count(chest.version, "image") == 7  # a dry run moves nothing
+    assert "12  CT     chest-xr -> general" in dry.stdout
+    assert store.codes.count(chest.version, "image") == 19  # a dry run moves nothing
 
     done = reroute()
     assert done.returncode == 0, done.stdout + done.stderr
     breast, general = store.models.active("us-breast"), store.models.active("general")
     assert f"re-sort into {breast} (route us-breast): complete, 2/2 instances" in done.stdout
-    assert f"re-sort into {general} (route general): complete, 2/2 instances" in done.stdout
+    assert f"re-sort into {general} (route general): complete, 14/14 instances" in done.stdout
     assert store.codes.count(chest.version, "image") == 3 and store.codes.count(chest.version, "study") == 3
+    # the CT series is a volume now: 4 evenly spaced slices encoded, the others answered through them
+    records = store.records.instances(ct.sop_uids)
+    sampled = [s for s, r in zip(ct.sop_uids, records, strict=True) if r["state"] == "indexed"]
+    assert sampled == [ct.sop_uids[i] for i in evenly_spaced(12, 4)]
+    assert all(store.codes.has(general, "image", s) for s in sampled)
+    assert store.codes.count(general, "image") == 2 + 4 and store.codes.count(general, "series") == 2 + 1
+    others = [r for s, r in zip(ct.sop_uids, records, strict=True) if s not in sampled]
+    assert all(r["state"] == "volume-slice" and r["represented_by"] in sampled for r in others)
+    assert {r["route"] for r in records} == {"general"}
     assert store.codes.count(chest.version, "series") == 3
     for group, version, route in ((us, breast, "us-breast"), (ot, general, "general")):
         for study in group:
@@ -242,9 +255,9 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     # The site then keeps unrouted images out of every model: the general model's images wait for one.
     none = reroute(DRH_UNROUTED="none")
     assert none.returncode == 0, none.stdout + none.stderr
-    assert "2  OT     general -> (no model)" in none.stdout
+    assert "2  OT     general -> (no model)" in none.stdout and "12  CT     general -> (no model)" in none.stdout
     assert all(store.records.instance(s.sop_uids[0])["state"] == "no-model" for s in ot)
-    assert store.codes.count(general, "image") == 0 and gather(store)["no_model"] == {"OT": 2}
+    assert store.codes.count(general, "image") == 0 and gather(store)["no_model"] == {"OT": 2, "CT": 12}
     wait_until(lambda: store.codes.count(general, "study") == 0, 60, what="the general studies pooled again")
     assert store.codes.count(general, "series") == 0
 
@@ -256,5 +269,59 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     repool = subprocess.run(
         [sys.executable, "-m", "plugin.cli", "repool"], env=env, capture_output=True, text=True, timeout=120
     )
-    assert repool.returncode == 0 and "7 study(ies) due for pooling" in repool.stdout, repool.stdout + repool.stderr
+    assert repool.returncode == 0 and "8 study(ies) due for pooling" in repool.stdout, repool.stdout + repool.stderr
     wait_until(lambda: store.codes.count(chest.version, "series") == 3, 60, what="the chest series pooled again")
+
+
+def test_registering_a_route_for_volumes_moves_whole_series_and_samples_them_again(
+    redis_server, store, worker_factory, tmp_path
+):
+    from hashing.encoder import resolve_model_path
+
+    # Head CT arrives before any CT model: the general model samples its series (4 of 12 slices).
+    images = fixture_images()
+    ct = make_study(tmp_path / "in", images[:12], patient_id="P1", modality="CT", body_part="HEAD")
+    ct2 = make_study(tmp_path / "in", images[1:9], patient_id="P2", modality="CT", body_part="HEAD")
+    sample = {"DRH_MAX_FRAMES_PER_SERIES": "4", "DRH_EXTRA_MODELS": ""}
+    worker_factory("volumes-route", **sample)
+    app = app_for(redis_server.url, tmp_path / "data")
+    send(app, ct)
+    send(app, ct2)
+    general = None
+
+    def pooled() -> bool:
+        nonlocal general
+        general = store.models.active("general")
+        return bool(general) and all(store.codes.has(general, "study", s.study_uid) for s in (ct, ct2))
+
+    wait_until(pooled, 120, what="the CT studies pooled by the general model")
+    assert store.codes.count(general, "image") == 8
+
+    # A site's CT model (here the general weights under another version) registered for CT + HEAD.
+    ckpt = checkpoint.load(resolve_model_path("shipped:general"))
+    ckpt["version"] = "ct-head-v1"
+    checkpoint.save(ckpt, tmp_path / "ct.pt")
+    env = worker_env(redis_server.url, tmp_path / "data", **sample)
+    command = [sys.executable, "-m", "plugin.cli", "register", str(tmp_path / "ct.pt"), "--route", "ct-head"]
+    done = subprocess.run(
+        [*command, "--modality", "CT", "--body-part", "HEAD", "--wait"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "complete, 20/20 instances" in done.stdout  # every slice moved, encoded or not
+    records = store.records.instances(ct.sop_uids)
+    assert {r["route"] for r in records} == {"ct-head"}
+    sampled = [s for s, r in zip(ct.sop_uids, records, strict=True) if r["state"] == "indexed"]
+    assert sampled == [ct.sop_uids[i] for i in evenly_spaced(12, 4)]  # sampled again, still 4
+    assert store.codes.count("ct-head-v1", "image") == 8 and store.codes.count("ct-head-v1", "series") == 2
+    assert store.codes.count(general, "image") == 0 and store.codes.count(general, "series") == 0
+    others = [r for s, r in zip(ct.sop_uids, records, strict=True) if s not in sampled]
+    assert all(r["state"] == "volume-slice" and r["represented_by"] in sampled for r in others)
+    indexes = {level: RoutedIndex(store, level) for level in ("study", "series", "image")}
+    series_uid = records[0]["series_uid"]
+    answer = q.run_similar(q.SimilarQuery("SERIES", series_uid, 5), store, indexes)
+    assert answer.route == "ct-head" and [r.study_uid for r in answer] == [ct2.study_uid]
+    # a new CT study goes straight to the new route
+    late = make_study(tmp_path / "late", images[:2], patient_id="P3", modality="CT", body_part="HEAD")
+    send(app, late)
+    wait_until(lambda: store.records.instance(late.sop_uids[0]).get("route") == "ct-head", 60, what="new CT study")

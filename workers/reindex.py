@@ -60,9 +60,11 @@ def _active_job(store: Store, version: str) -> bool:
     return job.get("version") == version and job.get("state") in ACTIVE_STATES
 
 
-# Instance states a re-index takes from: indexed by some version, or stored waiting for a model.
-_TAKEN_STATES = ("indexed", "no-model")
-_HEADER_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version")
+# Instance states a re-index takes from: indexed by some version, stored waiting for a model, or a
+# slice of a volume series (encoded, if in its series' sample, when the job pools the study).
+_TAKEN_STATES = ("indexed", "no-model", "volume-slice")
+_HEADER_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version", "route", "volume")
+
 
 
 def members(store: Store, settings: Any, version: str) -> list[tuple[str, dict[str, str]]]:
@@ -85,7 +87,8 @@ def reindex_plan(self: RetryingTask, version: str) -> int:
     store.reindex.update({"state": "running"})  # from here on, new arrivals are written for both
     taken = members(store, self.app.drh_settings, version)
     if store.reindex.get().get("mode") == "resort":  # the answering version: only what another route holds
-        taken = [(s, rec) for s, rec in taken if rec["state"] == "no-model" or rec["indexed_version"] != version]
+        route = store.models.route_of(version).name
+        taken = [(s, rec) for s, rec in taken if store.models.route_held(rec) != route]
     sops = [s for s, _ in taken]
     size = max(1, self.app.drh_settings.batch_size)
     store.reindex.update({"total": len(sops)})
@@ -111,24 +114,31 @@ def _progress(store: Store) -> None:
 
 
 def encode_and_store(task: RetryingTask, version: str, sops: list[str]) -> None:
-    """Re-encode instances from their files with ``version``; a transient error propagates (retried)."""
+    """Re-encode instances from their files with ``version``; a transient error propagates (retried).
+    A slice of a volume series is not encoded here: the job's end samples its series
+    (:func:`workers.volumes.encode_volumes`), so a series costs a bounded number of passes."""
     settings = task.app.drh_settings
     store = task.store
     enc = task.encoder_for_version(version)
     items = []
     for sop in sops:
         info = store.records.instance(sop)
-        if info.get("state") not in _TAKEN_STATES:
-            store.reindex.mark_done([sop])  # deleted or no longer an image: nothing to carry over
+        if info.get("state") not in _TAKEN_STATES or info.get("volume") == "1":
+            store.reindex.mark_done([sop])  # deleted, no longer an image, or a slice: nothing to encode now
             continue
         it = Item(sop, info.get("study_uid", ""), info.get("path", ""), info.get("source_ae", ""), 0.0)
         try:
-            not_image = batching.load_item(settings, it)
+            not_image = batching.load_item(settings, it, defer_volume=True)
         except PermanentError as exc:
             store.reindex.mark_failed(sop, str(exc))
             continue
         if not_image:
             store.reindex.mark_failed(sop, f"not an image: {not_image}")
+            continue
+        if it.volume:  # a slice indexed on its own before volumes were sampled: a slice from now on
+            store.records.update_instance(sop, {"volume": "1"})
+            store.reindex.mark_done([sop])
+            it.forget_local_copy()
             continue
         items.append(it)
     try:
@@ -174,12 +184,15 @@ def reindex_finish(self: RetryingTask, version: str) -> str:
     done = store.reindex.done_uids()
     moved = [(sop, rec) for sop, rec in taken if sop in done]
     studies = sorted({rec["study_uid"] for _, rec in moved if rec["study_uid"]})
+    route = store.models.route_of(version)
+    for sop, now in zip([s for s, _ in moved], store.records.instances([s for s, _ in moved]), strict=True):
+        if now.get("volume") == "1":  # the route's slices, for the sampling of their series below
+            store.records.update_instance(sop, {"route": route.name})
     for n, study in enumerate(studies, start=1):
         encode_volumes(self.app.drh_settings, store, enc, version, study)  # its series' samples
         pool_one(store, enc, version, study, store.records.study_instances(study), time.time())
         if n % 100 == 0:
             store.reindex.update({"studies_done": n})
-    route = store.models.route_of(version)
     previous = store.models.active(route.name)
     store.models.set_state(version, "complete")
     store.models.activate(version)
@@ -202,7 +215,10 @@ def _leave_other_routes(
         old = rec.get("indexed_version", "")
         if rec["state"] == "no-model":
             store.stats.count_no_model(rec.get("modality") or "(none)", -1)
-        store.records.update_instance(sop, {"state": "indexed", "indexed_version": version, "route": route.name})
+        fields = {"state": "indexed", "indexed_version": version, "route": route.name}
+        if store.records.instance(sop).get("volume") == "1" and not store.codes.has(version, "image", sop):
+            fields.update(state="volume-slice", indexed_version="")  # a slice outside its series' sample
+        store.records.update_instance(sop, fields)
         if old and old != version and old != previous and store.models.details(old):
             store.codes.delete(old, "image", sop)
             store.embeddings.delete(old, [sop])

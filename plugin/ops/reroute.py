@@ -36,7 +36,7 @@ from plugin.ops.reindex import describe, follow, start_resort
 from plugin.store import ACTIVE_STATES, Store
 from workers.client import POOL_STUDY, make_celery, send, store_for
 
-_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version")
+_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version", "route")
 NO_MODEL = "(no model)"
 
 
@@ -53,13 +53,10 @@ class Move:
 def misrouted(store: Store, unrouted: str) -> list[Move]:
     """The stored images whose route is not the one that takes them now."""
     routes = store.models.matching(unrouted)
-    route_of: dict[str, str] = {}
     out = []
-    for sop, rec in store.records.instances_in_states(("indexed", "no-model"), _FIELDS):
+    for sop, rec in store.records.instances_in_states(("indexed", "no-model", "volume-slice"), _FIELDS):
         old_version = rec["indexed_version"] if rec["state"] == "indexed" else ""
-        if old_version and old_version not in route_of:
-            route_of[old_version] = store.models.route_of(old_version).name
-        old = route_of[old_version] if old_version else NO_MODEL
+        old = store.models.route_held(rec) or NO_MODEL
         route = first_match(routes, rec["modality"], rec["body_part"], rec["photometric"])
         new = route.name if route is not None else NO_MODEL
         if new != old:
@@ -78,11 +75,15 @@ def to_no_model(app: Celery, store: Store, moves: list[Move]) -> int:
     studies they leave are pooled again there by the workers. Returns the studies queued."""
     left: set[tuple[str, str]] = set()
     for m in moves:
-        store.codes.delete(m.old_version, "image", m.sop_uid)
-        store.embeddings.delete(m.old_version, [m.sop_uid])
-        store.records.update_instance(m.sop_uid, {"state": "no-model", "indexed_version": "", "route": ""})
+        if m.old_version:
+            store.codes.delete(m.old_version, "image", m.sop_uid)
+            store.embeddings.delete(m.old_version, [m.sop_uid])
+        fields = {"state": "no-model", "indexed_version": "", "route": "", "represented_by": ""}
+        store.records.update_instance(m.sop_uid, fields)
         store.stats.count_no_model(m.modality)
-        left.add((m.old_version, m.study_uid))
+        old = m.old_version or store.models.active(m.old_route)  # a slice outside the sample: its route's
+        if old:
+            left.add((old, m.study_uid))
     for version, study in sorted(left):
         send(app, POOL_STUDY, study_uid=study, version=version)
     return len(left)

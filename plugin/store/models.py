@@ -161,6 +161,17 @@ class ModelRegistry:
             routes = [r for r in routes if not r.general]
         return in_matching_order(routes)
 
+    def route_held(self, record: dict[str, str]) -> str:
+        """The route an instance is in now, from its record ("" when none: stored without a model):
+        the route recorded with it, or, for a record from before routes, the route of the version
+        that indexed it."""
+        if record.get("state") == "no-model":
+            return ""
+        if record.get("route"):
+            return record["route"]
+        version = record.get("indexed_version") or ""
+        return self.route_of(version).name if version else ""
+
     def route_for(self, modality: str, body_part: str, photometric: str = "") -> tuple[Route, str] | None:
         """The answering (route, version) an image with this header belongs to, None when none takes it."""
         table = self.table()
