@@ -228,6 +228,7 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     breast, general = store.models.active("us-breast"), store.models.active("general")
     assert f"re-sort into {breast} (route us-breast): complete, 2/2 instances" in done.stdout
     assert f"re-sort into {general} (route general): complete, 14/14 instances" in done.stdout
+    assert f"re-sort into {breast}: complete, 2/2 instances" in render_text(gather(store))  # the last one
     assert store.codes.count(chest.version, "image") == 3 and store.codes.count(chest.version, "study") == 3
     # the CT series is a volume now: 4 evenly spaced slices encoded, the others answered through them
     records = store.records.instances(ct.sop_uids)

@@ -66,7 +66,6 @@ _TAKEN_STATES = ("indexed", "no-model", "volume-slice")
 _HEADER_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version", "route", "volume")
 
 
-
 def members(store: Store, settings: Any, version: str) -> list[tuple[str, dict[str, str]]]:
     """(sop_uid, record) of the stored images the route of ``version`` takes once it answers: the
     first route that matches each image's header, among the routes answering then."""

@@ -176,7 +176,8 @@ def _index(f: dict[str, Any]) -> str:
     job = f["reindex"]
     if job:
         out += (
-            f"<p>Re-index to <code>{e(job.get('version', ''))}</code>: {e(job.get('state', ''))},"
+            f"<p>{'Re-sort into' if job.get('mode') == 'resort' else 'Re-index to'}"
+            f" <code>{e(job.get('version', ''))}</code>: {e(job.get('state', ''))},"
             f" {job['done']} / {job['total']} instances, {job['failed']} failed.</p>"
         )
     return out

@@ -251,7 +251,8 @@ def render_text(f: dict[str, Any]) -> str:
     if job:
         total = max(1, job["total"])
         lines.append(
-            f"  re-index to {job['version']}: {job.get('state', '?')}, {job['done']}/{job['total']} instances"
+            f"  {'re-sort into' if job.get('mode') == 'resort' else 're-index to'} {job['version']}:"
+            f" {job.get('state', '?')}, {job['done']}/{job['total']} instances"
             f" ({100 * job['done'] / total:.0f} %), {job['failed']} failed"
         )
     lines.append("")
