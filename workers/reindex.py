@@ -184,9 +184,9 @@ def reindex_finish(self: RetryingTask, version: str) -> str:
     moved = [(sop, rec) for sop, rec in taken if sop in done]
     studies = sorted({rec["study_uid"] for _, rec in moved if rec["study_uid"]})
     route = store.models.route_of(version)
-    for sop, now in zip([s for s, _ in moved], store.records.instances([s for s, _ in moved]), strict=True):
-        if now.get("volume") == "1":  # the route's slices, for the sampling of their series below
-            store.records.update_instance(sop, {"route": route.name})
+    slices = _volume_slices(store, self.app.drh_settings, moved)
+    for sop in slices:  # the route's slices now, for the sampling of their series below
+        store.records.update_instance(sop, {"route": route.name})
     for n, study in enumerate(studies, start=1):
         encode_volumes(self.app.drh_settings, store, enc, version, study)  # its series' samples
         pool_one(store, enc, version, study, store.records.study_instances(study), time.time())
@@ -195,7 +195,7 @@ def reindex_finish(self: RetryingTask, version: str) -> str:
     previous = store.models.active(route.name)
     store.models.set_state(version, "complete")
     store.models.activate(version)
-    _leave_other_routes(self, store, version, route, previous, moved)
+    _leave_other_routes(self, store, version, route, previous, moved, slices)
     ok, failed = store.reindex.counts()
     store.reindex.update(
         {"state": "complete", "finished": time.time(), "studies_done": len(studies), "done": ok, "failed": failed}
@@ -203,8 +203,26 @@ def reindex_finish(self: RetryingTask, version: str) -> str:
     return "complete"
 
 
+def _volume_slices(store: Store, settings: Any, moved: list[tuple[str, dict[str, str]]]) -> set[str]:
+    """The moved images that are slices of a volume series (recorded so, or found so from their
+    header while the job ran: a legacy slice), read in chunks from the few that can be."""
+    volume_modalities = {m.upper() for m in settings.volume_modalities}
+    maybe = [s for s, rec in moved if rec.get("volume") == "1" or rec["modality"].upper() in volume_modalities]
+    out: set[str] = set()
+    for start in range(0, len(maybe), 1000):
+        chunk = maybe[start : start + 1000]
+        out.update(s for s, now in zip(chunk, store.records.instances(chunk), strict=True) if now.get("volume") == "1")
+    return out
+
+
 def _leave_other_routes(
-    task: RetryingTask, store: Store, version: str, route: Route, previous: str | None, moved: list
+    task: RetryingTask,
+    store: Store,
+    version: str,
+    route: Route,
+    previous: str | None,
+    moved: list,
+    slices: set[str],
 ) -> None:
     """Images the new version took from other routes (or from no model) now belong to it: their
     records say so, their codes leave the other routes' versions (the previous version of this same
@@ -215,7 +233,7 @@ def _leave_other_routes(
         if rec["state"] == "no-model":
             store.stats.count_no_model(rec.get("modality") or "(none)", -1)
         fields = {"state": "indexed", "indexed_version": version, "route": route.name}
-        if store.records.instance(sop).get("volume") == "1" and not store.codes.has(version, "image", sop):
+        if sop in slices and not store.codes.has(version, "image", sop):
             fields.update(state="volume-slice", indexed_version="")  # a slice outside its series' sample
         store.records.update_instance(sop, fields)
         if old and old != version and old != previous and store.models.details(old):
