@@ -83,6 +83,17 @@ def in_matching_order(routes: list[Route]) -> list[Route]:
     return sorted(routes, key=lambda r: (r.general, -r.specificity(), r.name))
 
 
+def taking(routes: list[Route], unrouted: str = "general", replacing: Route | None = None) -> list[Route]:
+    """The routes that take images, in matching order: ``routes`` (with ``replacing`` in place of
+    the route of its name: what a re-index will answer with), general routes left out when
+    ``unrouted`` is ``none`` (images no specific route takes are then stored without a model)."""
+    if replacing is not None:
+        routes = [r for r in routes if r.name != replacing.name] + [replacing]
+    if unrouted == "none":
+        routes = [r for r in routes if not r.general]
+    return in_matching_order(routes)
+
+
 def first_match(routes: list[Route], modality: str, body_part: str, photometric: str = "") -> Route | None:
     """The first specific route that takes the image, else a general route, else None."""
     for route in routes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hashing.route import LEGACY, Route, first_match
+from hashing.route import LEGACY, Route, first_match, taking
 from plugin.store.models import StoreError
 
 
@@ -85,6 +85,11 @@ def test_the_worker_router_sends_an_image_to_its_route_and_to_a_reindex_that_wil
         ("mg-breast", "mg-v1", "enc:mg-v1"),
     ]
     assert router(("DX", "CHEST", "")) == [("chest-xr", "chest-v1", "enc:chest-v1")]
+    # unrouted=none: no general route takes an image, for the answering versions as for a re-index
+    # (the same reading as the re-index's members, hashing.route.taking)
+    none = Router(table, "general-v2", GENERAL, lambda v: f"enc:{v}", unrouted="none")
+    assert none(("MG", "BREAST", "")) == [] and none(("DX", "CHEST", ""))[0][1] == "chest-v1"
+    assert taking([CHEST, GENERAL], "none") == [CHEST] and taking([GENERAL, CHEST]) == [CHEST, GENERAL]
 
 
 def test_seeding_fills_an_empty_installation_once_and_the_first_model_of_a_route_wins(store) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 
 from celery import Task
 
-from hashing.route import Route, first_match, in_matching_order
+from hashing.route import Route, first_match, taking
 from plugin.core.settings import configured_models
-from plugin.store import ACTIVE_STATES, Store
+from plugin.store import Store
 from workers.client import store_for
 
 log = logging.getLogger("drh.workers.model")
@@ -117,13 +117,10 @@ class ModelTask(Task):
     def router(self) -> Router:
         """Which versions an image is written for, from one reading of the routes."""
         self.bootstrap_routes()
-        settings = self.app.drh_settings
-        table = self.store.models.table()
-        if settings.unrouted == "none":
-            table = [(r, v) for r, v in table if not r.general]
-        job = self.store.reindex.get()
-        target = job.get("version") if job.get("state") in ACTIVE_STATES else None
-        return Router(table, target, self.store.models.route_of(target) if target else None, self.encoder_for_version)
+        target = self.store.reindex.running_version()
+        target_route = self.store.models.route_of(target) if target else None
+        unrouted = self.app.drh_settings.unrouted
+        return Router(self.store.models.table(), target, target_route, self.encoder_for_version, unrouted)
 
     def pool_versions(self) -> list[tuple[str, Any]]:
         """(version, encoder) of every answering version and of a re-index's new one: a study is
@@ -142,15 +139,24 @@ class Router:
     takes it (:func:`hashing.route.first_match`), and also to a re-index's new version when, once
     that version answers, the image will be its route's: a new route is complete when it takes over."""
 
-    def __init__(self, table: list[tuple[Route, str]], target: str | None, target_route: Route | None, encoder: Any):
+    def __init__(
+        self,
+        table: list[tuple[Route, str]],
+        target: str | None,
+        target_route: Route | None,
+        encoder: Any,
+        unrouted: str = "general",
+    ) -> None:
+        """``table``: the answering (route, version) pairs; ``unrouted``: ``Settings.unrouted``. The
+        routes are read as :meth:`plugin.store.models.ModelRegistry.matching` reads them for a
+        re-index (:func:`hashing.route.taking`), so the two agree on which images a route takes."""
         self.target = target
         self.encoder = encoder
-        self._routes = [r for r, _ in table]
+        routes = [r for r, _ in table]
+        self._routes = taking(routes, unrouted)
         self._versions = {r.name: v for r, v in table}
-        self._after: list[Route] = []
         self.target_route = target_route
-        if target_route is not None:
-            self._after = in_matching_order([r for r in self._routes if r.name != target_route.name] + [target_route])
+        self._after = taking(routes, unrouted, replacing=target_route) if target_route is not None else []
 
     def __call__(self, header: tuple[str, str, str]) -> list[tuple[str, str, Any]]:
         """(route, version, encoder) the image is written for, the answering one first; [] when no

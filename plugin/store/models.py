@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from hashing.route import LEGACY, Route, first_match, in_matching_order
+from hashing.route import LEGACY, Route, first_match, in_matching_order, taking
 from plugin.store.keys import Keys
 
 LEVELS = ("image", "series", "study")
@@ -154,12 +154,7 @@ class ModelRegistry:
         """The routes that take images, in matching order: the answering ones (with ``replacing`` in
         place of the route of its name: what a re-index will answer with), general routes left out
         when ``unrouted`` is ``none`` (:attr:`plugin.core.settings.Settings.unrouted`)."""
-        routes = [r for r, _ in self.table() if replacing is None or r.name != replacing.name]
-        if replacing is not None:
-            routes.append(replacing)
-        if unrouted == "none":
-            routes = [r for r in routes if not r.general]
-        return in_matching_order(routes)
+        return taking([r for r, _ in self.table()], unrouted, replacing)
 
     def route_held(self, record: dict[str, str]) -> str:
         """The route an instance is in now, from its record ("" when none: stored without a model):
