@@ -14,8 +14,8 @@ import time
 
 import redis
 
-from plugin.core.settings import SettingsError, load_settings
-from workers.client import EnqueueError, make_celery, retry_all_failed, retry_failed, store_for
+from plugin.ops.maintenance import connect_app
+from workers.client import EnqueueError, retry_all_failed, retry_failed, store_for
 
 
 def _fmt_time(t: float) -> str:
@@ -35,10 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     rt.add_argument("uid", nargs="?", help="SOPInstanceUID to retry")
     rt.add_argument("--all", action="store_true", help="retry every failed instance")
     args = parser.parse_args(argv)
-    try:
-        app = make_celery(load_settings())
-    except (SettingsError, RuntimeError) as exc:
-        print(f"drh-pacs failures: {exc}", file=sys.stderr)
+    app = connect_app("failures")
+    if app is None:
         return 2
     ledger = store_for(app).ledger
     try:

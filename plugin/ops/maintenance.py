@@ -21,12 +21,14 @@ import sys
 import time
 
 import redis
+from celery import Celery
 
 from plugin.core.header import is_uid
 from plugin.core.redis_server import EmbeddedRedisError, resolve_redis_url
 from plugin.core.settings import Settings, SettingsError, load_settings
 from plugin.ops.status import model_versions
 from plugin.store import LEVELS, Store, StoreError
+from workers.client import make_celery
 
 log = logging.getLogger("drh.maintenance")
 
@@ -64,6 +66,16 @@ def connect(command: str) -> tuple[Settings, Store] | None:
         print(f"drh-pacs {command}: {exc}", file=sys.stderr)
         return None
     return settings, Store(client, settings.redis_namespace)
+
+
+def connect_app(command: str) -> Celery | None:
+    """The Celery app of the settings (for commands that hand work to the workers), or None after
+    saying why on stderr."""
+    try:
+        return make_celery(load_settings())
+    except (SettingsError, RuntimeError) as exc:
+        print(f"drh-pacs {command}: {exc}", file=sys.stderr)
+        return None
 
 
 def delete_study_main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,10 @@ from pathlib import Path
 from celery import Celery
 
 from hashing.route import Route
-from plugin.core.settings import SettingsError, configured_models, load_settings
+from plugin.core.settings import configured_models
+from plugin.ops.maintenance import connect_app
 from plugin.store import ACTIVE_STATES
-from workers.client import REINDEX_PLAN, make_celery, send, store_for
+from workers.client import REINDEX_PLAN, send, store_for
 
 
 def start(app: Celery, model_path: str, *, force: bool = False, route: Route | None = None) -> dict[str, str]:
@@ -119,10 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     parser.add_argument("--force", action="store_true", help="restart even if a job is running")
     args = parser.parse_args(argv)
-    try:
-        app = make_celery(load_settings())
-    except (SettingsError, RuntimeError) as exc:
-        print(f"drh-pacs reindex: {exc}", file=sys.stderr)
+    app = connect_app("reindex")
+    if app is None:
         return 2
     if args.model or args.shipped:
         try:
@@ -175,10 +174,8 @@ def register_main(argv: list[str] | None = None) -> int:
             )
         except ValueError as exc:
             parser.error(str(exc))
-    try:
-        app = make_celery(load_settings())
-    except (SettingsError, RuntimeError) as exc:
-        print(f"drh-pacs register: {exc}", file=sys.stderr)
+    app = connect_app("register")
+    if app is None:
         return 2
     try:
         job = start(app, args.model, force=args.force, route=route)

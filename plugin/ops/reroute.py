@@ -31,10 +31,11 @@ from typing import Any
 from celery import Celery
 
 from hashing.route import first_match
-from plugin.core.settings import SettingsError, configured_models, load_settings
+from plugin.core.settings import configured_models
+from plugin.ops.maintenance import connect_app
 from plugin.ops.reindex import describe, follow, start_resort
 from plugin.store import ACTIVE_STATES, Store
-from workers.client import POOL_STUDY, make_celery, send, store_for
+from workers.client import POOL_STUDY, send, store_for
 
 _FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version", "route")
 NO_MODEL = "(no model)"
@@ -130,10 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="only say what would move, per modality")
     args = parser.parse_args(argv)
-    try:
-        app = make_celery(load_settings())
-    except (SettingsError, RuntimeError) as exc:
-        print(f"drh-pacs reroute: {exc}", file=sys.stderr)
+    app = connect_app("reroute")
+    if app is None:
         return 2
     try:
         return run(app, dry_run=args.dry_run)
