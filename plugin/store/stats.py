@@ -12,6 +12,7 @@ code is in Redis (the query process's replica picks it up within its refresh per
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 import redis
@@ -40,24 +41,20 @@ class Stats:
 
     def count_task(self, task: str, outcome: str, n: int = 1) -> None:
         """Count one task outcome; never raises (metrics must not fail a task)."""
-        try:
+        with suppress(redis.exceptions.RedisError):
             self.r.hincrby(self.keys.stats_tasks(), f"{task}:{outcome}", n)
-        except redis.exceptions.RedisError:
-            pass
 
     def observe_latency(self, seconds: float) -> None:
         """Add one C-STORE-to-searchable latency to the histogram; never raises."""
         seconds = max(0.0, seconds)
         bound = next((b for b in LATENCY_BUCKETS if seconds <= b), float("inf"))
         key = self.keys.stats_latency()
-        try:
+        with suppress(redis.exceptions.RedisError):
             pipe = self.r.pipeline()
             pipe.hincrby(key, f"le:{bound}", 1)
             pipe.hincrbyfloat(key, "sum", seconds)
             pipe.hincrby(key, "count", 1)
             pipe.execute()
-        except redis.exceptions.RedisError:
-            pass
 
     def count_no_model(self, modality: str, n: int = 1) -> None:
         """Images stored without a model, per modality, now (a gauge: the re-index that gives them a
@@ -67,10 +64,8 @@ class Stats:
     def count_modality(self, outcome: str, modality: str, n: int = 1) -> None:
         """Count an instance's outcome (indexed, failed, ignored, no-model) under its modality, so IT
         staff see which kind of image fails or waits; never raises."""
-        try:
+        with suppress(redis.exceptions.RedisError):
             self.r.hincrby(self.keys.bymodality(), f"{outcome}|{modality or '(none)'}", n)
-        except redis.exceptions.RedisError:
-            pass
 
     def by_modality(self) -> dict[str, dict[str, int]]:
         """modality -> outcome -> instances, every outcome of :data:`MODALITY_OUTCOMES` present."""
