@@ -78,14 +78,14 @@ class RoutedIndex:
         return None
 
     def default(self) -> ReplicaIndex | None:
-        """The replica of the only route, else of the general route, else of the first route."""
+        """The replica of the store's default route (:meth:`ModelRegistry.default_route`: the only
+        route, else the general one, else the first)."""
         routes = self.routes()
         if not routes:
             return None
         if len(routes) == 1:
             return routes[0][1]
-        general = {r.name for r, _ in self.store.models.table() if r.general}
-        return next((index for name, index in routes if name in general), routes[0][1])
+        return self.for_route(self.store.models.default_route() or "") or routes[0][1]
 
     # -- the surface of one replica (the default route's) ----------------------------------------
     @property

@@ -173,17 +173,19 @@ class ModelRegistry:
         route = first_match([r for r, _ in table], modality, body_part, photometric)
         return next(((r, v) for r, v in table if r == route), None) if route else None
 
-    def active(self, route: str | None = None) -> str | None:
-        """The version answering for ``route``; without one, the only answering version (or, with
-        several routes, the general route's, else the first in matching order): what a
-        single-model installation, its benchmarks and tests mean by "the active model"."""
+    def default_route(self) -> str | None:
+        """The only route, else the general route, else the first in matching order: what a
+        single-model installation, its benchmarks and tests mean by "the" model's route."""
         routes = self.active_routes()
-        if route is not None:
-            return routes.get(route)
         if len(routes) <= 1:
-            return next(iter(routes.values()), None)
+            return next(iter(routes), None)
         table = self.table()
-        return next((v for r, v in table if r.general), table[0][1])
+        return next((r.name for r, _ in table if r.general), table[0][0].name)
+
+    def active(self, route: str | None = None) -> str | None:
+        """The version answering for ``route``; without one, for :meth:`default_route`."""
+        name = route if route is not None else self.default_route()
+        return self.active_routes().get(name) if name is not None else None
 
     def activate(self, version: str) -> None:
         """Make ``version`` answer for its route (one HSET: atomic for every reader)."""
