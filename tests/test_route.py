@@ -110,3 +110,31 @@ def test_seeding_fills_an_empty_installation_once_and_the_first_model_of_a_route
     # a later start (or other settings) does not change the routes of a running installation
     assert store.models.seed(["general.pt"], models.__getitem__) == []
     assert store.models.active("general") == "site-general-v1"
+
+
+def test_an_upload_goes_where_a_stored_image_of_its_kind_would(store) -> None:
+    from types import SimpleNamespace
+
+    from pydicom import Dataset
+
+    from plugin.http.search import _upload_route
+    from plugin.search.errors import QueryError
+    from plugin.search.filters import Filters
+
+    for version, route in (("chest-v1", CHEST), ("general-v1", GENERAL)):
+        store.models.register(version, 64, route=route)
+        store.models.activate(version)
+    head = Dataset()
+    head.Modality, head.BodyPartExamined = "OT", "HEAD"
+    routed = SimpleNamespace(for_route=lambda name: SimpleNamespace(ready=True, route=name))  # a replica per route
+
+    def ctx(unrouted: str) -> SimpleNamespace:
+        return SimpleNamespace(store=store, settings=SimpleNamespace(unrouted=unrouted))
+
+    assert _upload_route(ctx("general"), head, routed, Filters())[0] == "general"
+    with pytest.raises(QueryError) as refused:  # unrouted=none: a stored OT image would wait without a model
+        _upload_route(ctx("none"), head, routed, Filters())
+    assert refused.value.reason == "no-model"
+    chest = Dataset()
+    chest.Modality, chest.BodyPartExamined = "DX", "CHEST"
+    assert _upload_route(ctx("none"), chest, routed, Filters())[0] == "chest-xr"

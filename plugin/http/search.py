@@ -350,10 +350,10 @@ def _upload_route(ctx: Any, ds: Any, routed: Any, filters: Filters) -> tuple[str
     header = routing_header(ds)
     if ds is None:
         header = (filters.modalities[0] if filters.modalities else "", filters.body_part or "", "")
-    table = ctx.store.models.table()
-    found = first_match([r for r, _ in table], *header)
-    if found is None and ds is None and len(table) == 1:
-        found = table[0][0]
+    routes = ctx.store.models.matching(ctx.settings.unrouted)  # as the workers route a stored image
+    found = first_match(routes, *header)
+    if found is None and ds is None and len(routes) == 1:
+        found = routes[0]
     if found is None:
         raise QueryError("no-model", "no model serves this kind of image (its modality and body part)")
     route = found.name
