@@ -31,13 +31,18 @@ class RoutedIndex:
         self.level = level
         self._by_route: dict[str, ReplicaIndex] = {}
         self._order: list[str] = []  # matching order of the routes (most specific first)
+        self._answering: dict[str, str] | None = None  # route -> version when _names was read
+        self._names: list[str] = []
         self._lock = threading.Lock()
 
     # -- following the store -------------------------------------------------------------------
     def refresh(self) -> None:
         """Follow the routes (new ones get a replica, dropped ones lose it), then refresh each."""
-        table = self.store.models.table()
-        names = [route.name for route, _ in table]
+        answering = self.store.models.active_routes()
+        if answering != self._answering:  # the matching order only changes with the routes' versions
+            self._names = [route.name for route, _ in self.store.models.table()]
+            self._answering = answering
+        names = self._names
         with self._lock:
             for name in names:
                 if name not in self._by_route:

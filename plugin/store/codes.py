@@ -305,14 +305,16 @@ class CodeStore:
         entries after it may be lost too, and the replica must reload.
         """
         k = self.keys
-        active = self.models.active(route)
         pipe = self.r.pipeline(transaction=True)  # one instant: generation and log agree
+        pipe.hget(k.routes(), route or "")  # the route's version, in the same round trip
         pipe.get(k.gen(version, level))
         pipe.xrange(k.log(version, level), min=f"({log_pos}", count=count)
         pipe.xrange(k.log(version, level), min=log_pos, max=log_pos)
         pipe.xrange(k.attrlog(), min=f"({attr_pos}", count=count)
         pipe.xrange(k.attrlog(), min=attr_pos, max=attr_pos)
-        gen, log, here, attrs, ahere = pipe.execute()
+        answering, gen, log, here, attrs, ahere = pipe.execute()
+        # No route named, or none recorded yet (an installation from before routes): ask the registry.
+        active = answering.decode() if answering and route else self.models.active(route)
         return Changes(
             active=active,
             generation=int(gen or 0),

@@ -176,7 +176,9 @@ class ModelRegistry:
     def default_route(self) -> str | None:
         """The only route, else the general route, else the first in matching order: what a
         single-model installation, its benchmarks and tests mean by "the" model's route."""
-        routes = self.active_routes()
+        return self._default_of(self.active_routes())
+
+    def _default_of(self, routes: dict[str, str]) -> str | None:
         if len(routes) <= 1:
             return next(iter(routes), None)
         table = self.table()
@@ -184,8 +186,9 @@ class ModelRegistry:
 
     def active(self, route: str | None = None) -> str | None:
         """The version answering for ``route``; without one, for :meth:`default_route`."""
-        name = route if route is not None else self.default_route()
-        return self.active_routes().get(name) if name is not None else None
+        routes = self.active_routes()
+        name = route if route is not None else self._default_of(routes)
+        return routes.get(name) if name is not None else None
 
     def activate(self, version: str) -> None:
         """Make ``version`` answer for its route (one HSET: atomic for every reader)."""
