@@ -13,6 +13,7 @@ from typing import Any
 
 from plugin.core.header import is_uid
 from plugin.ops import metrics, status
+from plugin.store.stats import MODALITY_OUTCOMES
 
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>drh-pacs status</title>
@@ -169,10 +170,9 @@ def _index(f: dict[str, Any]) -> str:
         )
     by_modality = f.get("by_modality") or {}
     if by_modality:
-        rows = [
-            [e(mod), c["indexed"], c["failed"], c["ignored"], c["no-model"]] for mod, c in sorted(by_modality.items())
-        ]
-        out += "<h3>By modality</h3>" + _table(["modality", "indexed", "failed", "ignored", "no model"], rows)
+        rows = [[e(mod), *(c[o] for o in MODALITY_OUTCOMES)] for mod, c in sorted(by_modality.items())]
+        head = ["modality", *(o.replace("-", " ") for o in MODALITY_OUTCOMES)]
+        out += "<h3>By modality</h3>" + _table(head, rows)
     job = f["reindex"]
     if job:
         out += (

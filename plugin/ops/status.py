@@ -25,6 +25,7 @@ from plugin.core.settings import Settings, SettingsError, load_settings
 from plugin.ops import metrics
 from plugin.store import Store, worker_state
 from plugin.store.broker import in_flight, queue_depth
+from plugin.store.stats import MODALITY_OUTCOMES
 from workers.client import QUEUES
 
 # "duplicate" counts messages whose instance another task already hashed in its batch (or a re-sent
@@ -245,7 +246,7 @@ def render_text(f: dict[str, Any]) -> str:
     if by_modality:
         lines.append("  by modality     indexed    failed   ignored  no model")
         for mod, counts in sorted(by_modality.items()):
-            figures_row = "".join(f" {counts[o]:>9}" for o in ("indexed", "failed", "ignored", "no-model"))
+            figures_row = "".join(f" {counts[o]:>9}" for o in MODALITY_OUTCOMES)
             lines.append(f"    {mod:<12}{figures_row}")
     job = f["reindex"]
     if job:
