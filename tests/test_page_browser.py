@@ -128,9 +128,15 @@ def browser(served, tmp_path) -> Iterator:
 
 
 def _wait(driver, condition, timeout: float = 60, what: str = ""):
+    """Until ``condition`` holds. An element found on a page that is being replaced (a form's
+    submission, a search's new rows) goes stale under the condition: that is "not yet", as a
+    missing element is."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: condition(d), message=what)
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored)
+    return wait.until(lambda d: condition(d), message=what)
 
 
 def _login(
