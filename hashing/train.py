@@ -56,7 +56,7 @@ from hashing.drh import DRH, MODELS
 from hashing.encoder import dmih_from_drh, resolve_device
 from hashing.inference import encode_set, image_keys, pool_bags
 from hashing.metrics import distinct_codes, hamming_distances, ties_at
-from hashing.resnet import LayoutPath
+from hashing.resnet import LAYOUT_DIMS, LayoutPath
 from hashing.route import Route
 from hashing.scoring import Protocol, Rep, score
 
@@ -79,6 +79,7 @@ class TrainConfig:
     manifest: str = ""
     bits: int = 64
     arch: str = "drh_resnet18_layout"
+    layout_dims: int = 0
     input_size: int = 128
     epochs: int = 20
     batch_size: int = 64
@@ -187,7 +188,8 @@ def build_model(cfg: TrainConfig) -> tuple[DRH | DMIH, DRH | None, dict[str, Any
     if cfg.method in ("drh", "csq"):
         if cfg.arch not in MODELS:
             raise SystemExit(f"unknown --arch {cfg.arch!r}; one of {', '.join(MODELS)}")
-        return MODELS[cfg.arch](cfg.bits), None, {}
+        backbone = {"layout": cfg.layout_dims} if cfg.layout_dims else {}
+        return MODELS[cfg.arch](cfg.bits, **backbone), None, {}
     if not cfg.init:
         raise SystemExit("--method dmih needs --init DRH_CHECKPOINT (its DRH model ships alongside)")
     init = ckpt_mod.load(cfg.init)
@@ -360,7 +362,7 @@ def _fit_layout(run: _Run, *, resumed: bool) -> LayoutPath | None:
         return None
     if layout is not None:
         return layout
-    teacher = LayoutPath().to(run.device)
+    teacher = LayoutPath(dims=cfg.layout_dims or LAYOUT_DIMS).to(run.device)
     teacher.fit(batches())
     return teacher
 
@@ -763,6 +765,8 @@ _HELP = {
     "manifest": "manifest CSV (default DATA/manifest.csv): path[,label,patient,study,split]",
     "out": "model checkpoint to write",
     "arch": f"one of {', '.join(MODELS)}",
+    "layout_dims": f"dimensions kept of the whitened 16 x 16 layout (0: the architecture's, {LAYOUT_DIMS} for"
+    " drh_resnet18_layout; also the distillation teacher's size for a network without a layout path)",
     "scale": "NCA scale s (logits = -s d / K)",
     "w_nca": "weight of NCA (used where labels exist)",
     "w_contrast": "weight of the contrast of two random views (images alone; 0: off)",

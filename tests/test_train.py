@@ -39,11 +39,26 @@ def test_train_drh_writes_a_complete_checkpoint(data_dir: Path, tmp_path: Path) 
     assert 0 < ck["normalization"]["std"] < 1
     enc = Encoder.load(str(out), device="cpu")
     img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
-    codes = enc.encode_images([img]).codes
-    assert codes.shape == (1, 2)
+    encoded = enc.encode_images([img])
+    assert encoded.codes.shape == (1, 2)
+    # The default network keeps all 256 dimensions of the whitened 16 x 16 layout; they are what the
+    # store keeps per image to re-rank by.
+    assert ck["drh"]["arch"]["backbone"]["layout"] == 256 and encoded.rerank.shape == (1, 256)
     assert (tmp_path / "drh.pt.work" / "last.pt").exists()
     curves = tmp_path / "drh.pt.curves.png"  # the training curves, drawn beside the checkpoint
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 5000
+
+
+def test_the_layout_path_can_keep_fewer_dimensions(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "narrow.pt"
+    assert train_main(fixture_args(data_dir, out, "--layout-dims", "24")) == 0
+    ck = checkpoint.load(out)
+    assert ck["drh"]["arch"]["backbone"]["layout"] == 24
+    assert ck["training"]["config"]["layout_dims"] == 24
+    enc = Encoder.load(str(out), device="cpu")
+    assert enc.rerank_dim == 24
+    img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
+    assert enc.encode_images([img]).rerank.shape == (1, 24)
 
 
 def test_resume_equals_uninterrupted_and_seed_matters(data_dir: Path, tmp_path: Path) -> None:
