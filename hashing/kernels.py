@@ -112,4 +112,5 @@ def warm_up() -> None:
     hamming_first(words, np.uint64(1), dist)
     hamming_add(words, np.uint64(1), dist)
     histogram(dist, np.zeros(256, np.int64))
+    histogram(dist[::2], np.zeros(256, np.int64))  # the strided sample of hashing.search.Selector
     rows_at_most(dist, np.uint8(1), np.zeros(4, np.int64))

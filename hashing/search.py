@@ -10,9 +10,10 @@ contiguous memory. The byte order inside a word does not matter: the popcount of
 whichever way the bytes are grouped, as long as database and query are grouped alike.
 
 Selection. Distances are small integers (at most ``nbits``), so the k nearest are found by counting,
-not sorting: find the smallest threshold ``t`` with at least ``k`` distances ``<= t`` (one
-collecting pass at the previous query's threshold, else a histogram pass), take those rows, and sort
-only them. A full ``argpartition`` over a million distances costs ten times more.
+not sorting: guess a threshold ``t`` from the histogram of a strided sample of the distances (16,384
+of them, a twentieth of a full histogram pass at a million codes), collect the rows ``<= t`` in one
+pass, and sort only them; when the guess gives too few or too many, one histogram pass over all
+distances gives the exact ``t``. A full ``argpartition`` over a million distances costs ten times more.
 
 Kernels. Each pass over the codes is a compiled loop in :mod:`hashing.kernels`; numpy does the
 rest, on the few candidate rows.
@@ -98,13 +99,16 @@ def _order(rows: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class Selector:
     """Picks the k smallest distances by counting, reusing buffers between queries.
 
-    It starts from the previous query's k-th distance: usually one collecting pass at that
-    threshold yields a few more than k candidates, and only those are sorted. When it gives too
-    few (or more than 64 k), one histogram pass gives the exact k-th distance.
+    The threshold is guessed from a strided sample of the distances, generously (twice the rows
+    needed, and a few samples more): usually one collecting pass then yields between k and
+    max(64 k, 8,192) candidates, and only those are sorted. When it gives too few (or too many), one histogram
+    pass gives the exact k-th distance. The guess is per query: a threshold carried over from the
+    previous query missed whenever the two asked for different k (a 10-answer query after a
+    300-row re-ranking shortlist) or fell in neighbourhoods of different density.
     Not thread-safe: one per searching thread (the replica searches under its lock).
     """
 
-    last_threshold: int = 8
+    SAMPLE = 16_384
     _dist: np.ndarray | None = None
     _hist: np.ndarray | None = None
 
@@ -123,25 +127,32 @@ class Selector:
         t = min(cap, int(np.searchsorted(counts, k)))
         return t, int(counts[t])
 
+    def _guess(self, dist: np.ndarray, k: int, cap: int) -> int:
+        """A threshold that probably has between k and max(64 k, 8,192) distances at or below it."""
+        step = max(1, dist.shape[0] // self.SAMPLE)
+        if self._hist is None:
+            self._hist = np.zeros(256, np.int64)
+        kernels.histogram(dist[::step], self._hist)
+        counts = np.cumsum(self._hist[: cap + 1])
+        # each sample stands for `step` rows: ask the sample for twice the rows needed, plus a few
+        return min(cap, int(np.searchsorted(counts, 2 * k / step + 4)))
+
     def select(self, dist: np.ndarray, k: int, max_distance: int | None, nbits: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows and distances of the k nearest in ``dist`` (255 = excluded), ordered by (distance, row)."""
         n = dist.shape[0]
         cap = nbits if max_distance is None else min(max_distance, nbits)
         if k <= 0 or n == 0 or cap < 0:
             return np.empty(0, np.int64), np.empty(0, np.int64)
-        t = min(max(self.last_threshold, 0), cap)
-        rows = np.empty(64 * k, np.int64)
+        t = self._guess(dist, k, cap)
+        rows = np.empty(max(64 * k, 8192), np.int64)
         found = kernels.rows_at_most(dist, np.uint8(t), rows)
         if found < 0 or (found < k and t < cap):
-            # A loose threshold (this query is nearer than the last) or too tight (farther).
+            # The sample was unlucky: too loose a threshold, or too tight.
             t, found = self._kth(dist, k, cap)
             rows = np.empty(found, np.int64)
             kernels.rows_at_most(dist, np.uint8(t), rows)
         rows, d = _order(rows[:found], dist[rows[:found]])
-        rows, d = rows[:k], d[:k]
-        if rows.size == k:
-            self.last_threshold = int(d[-1])
-        return rows, d
+        return rows[:k], d[:k]
 
 
 def knn(

@@ -47,6 +47,39 @@ def test_knn_equals_brute_force_with_ties(nbits, kind):
             assert np.array_equal(rows, er) and np.array_equal(d, ed)
 
 
+def test_knn_over_many_codes_equals_brute_force_whatever_k_the_queries_ask_in_turn():
+    """At this size the threshold is guessed from a sample of the distances; queries alternate
+    between an answer's k and a re-ranking shortlist's, near and far codes, so guesses miss both ways
+    and the exact fallback must take over."""
+    rng = np.random.default_rng(7)
+    n = 200_000
+    codes = clustered(rng, n, 64)
+    planes = to_words(codes)
+    sel = Selector()
+    for qi in range(12):
+        q = codes[rng.integers(0, n)] if qi % 3 else rng.integers(0, 256, 8, dtype=np.uint8)
+        for k in (11, 301, 1):
+            rows, d = knn(planes, query_words(q), k, nbits=64, selector=sel)
+            er, ed = brute_force(codes, q, k)
+            assert np.array_equal(rows, er) and np.array_equal(d, ed)
+
+
+def test_a_sample_that_misleads_the_threshold_still_gives_the_exact_answer():
+    """The sampled rows (every 12th, at this size) are nearer than the rest: the guess is too tight
+    for a large k. Identical codes: every guess collects them all, more than the buffer holds."""
+    n, step = 200_000, 200_000 // Selector.SAMPLE
+    base = np.zeros(64, np.uint8)
+    near, far = base.copy(), base.copy()
+    near[0] = 1
+    far[:10] = 1
+    codes = bits.pack(np.where((np.arange(n) % step == 0)[:, None], near, far))
+    q = bits.pack(base[None])[0]
+    for k, planes in ((20_000, to_words(codes)), (50, to_words(np.repeat(codes[1:2], n, axis=0)))):
+        rows, d = knn(planes, query_words(q), k, nbits=64, selector=Selector())
+        er, ed = brute_force(codes if k == 20_000 else np.repeat(codes[1:2], n, axis=0), q, k)
+        assert np.array_equal(rows, er) and np.array_equal(d, ed)
+
+
 def test_knn_respects_exclusion_and_max_distance():
     rng = np.random.default_rng(5)
     codes = clustered(rng, 4000, 64)
