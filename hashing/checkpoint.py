@@ -14,6 +14,8 @@ A *model* checkpoint (what :class:`hashing.encoder.Encoder` loads, and what ship
     dmih           {"factory": "DMIH", "arch": {...}, "state_dict": {...}} | None   study codes
     route          what the model serves (:class:`hashing.route.Route`): name, modalities, body parts,
                    photometric interpretations, general
+    supersedes     (optional) earlier versions of this model that served the same route: an installation
+                   still answering with one from before routes existed learns its route from here
     training       data set, manifest hash, command, seed, epochs, time, hyper-parameters
     metrics        evaluation figures (mAP...) with the protocol they were measured under
 
@@ -133,3 +135,8 @@ def route_of(ckpt: dict[str, Any]) -> Route:
     """The route a checkpoint declares (one written before routes existed is general)."""
     data = ckpt.get("route")
     return Route.from_dict(data) if data else LEGACY
+
+
+def supersedes_of(ckpt: dict[str, Any]) -> tuple[str, ...]:
+    """The earlier versions a checkpoint replaces on its route (none for most)."""
+    return tuple(str(v) for v in ckpt.get("supersedes") or ())

@@ -96,6 +96,7 @@ class Encoder:
         device: torch.device,
         info: dict[str, Any] | None = None,
         route: Route = LEGACY,
+        supersedes: tuple[str, ...] = (),
     ) -> None:
         if drh.nbits != dmih.nbits:
             raise ValueError(f"DRH has {drh.nbits} bits but DMIH {dmih.nbits}")
@@ -115,6 +116,8 @@ class Encoder:
         self.device = device
         self.info = info or {}
         self.route = route
+        # Earlier versions of this model on the same route (hashing.checkpoint.supersedes_of).
+        self.supersedes = supersedes
         # One encoder when DMIH shares DRH's weights: skip the second forward pass.
         self._shared = _same_weights(drh.encoder, dmih.encoder)
 
@@ -153,6 +156,7 @@ class Encoder:
             device=dev,
             info={k: ckpt.get(k) for k in ("training", "metrics", "preprocessing")},
             route=ckpt_mod.route_of(ckpt),
+            supersedes=ckpt_mod.supersedes_of(ckpt),
         )
         log.info(
             "loaded model %s (%d bits, input %d px) from %s on %s", enc.version, enc.nbits, enc.input_size, path, dev

@@ -66,7 +66,7 @@ def test_an_installation_from_before_routes_keeps_its_version_under_the_route_it
     # the worker learns from the checkpoint what it serves, and the general route is free again
     store.models.register("old-v3", 64, route=CHEST)
     assert store.models.tidy_routes() == ["general"]
-    assert store.models.ensure_active("old-v3") and store.models.active_routes() == {"chest-xr": "old-v3"}
+    assert store.models.active_routes() == {"chest-xr": "old-v3"}
 
 
 def test_the_worker_router_sends_an_image_to_its_route_and_to_a_reindex_that_will_take_it() -> None:
@@ -96,7 +96,7 @@ def test_seeding_fills_an_empty_installation_once_and_the_first_model_of_a_route
     from types import SimpleNamespace
 
     def enc(version: str, route: Route) -> SimpleNamespace:
-        return SimpleNamespace(version=version, nbits=64, rerank_dim=64, emb_dim=8, route=route)
+        return SimpleNamespace(version=version, nbits=64, rerank_dim=64, emb_dim=8, route=route, supersedes=())
 
     models = {
         "chest.pt": enc("chest-v1", CHEST),
@@ -138,3 +138,23 @@ def test_an_upload_goes_where_a_stored_image_of_its_kind_would(store) -> None:
     chest = Dataset()
     chest.Modality, chest.BodyPartExamined = "DX", "CHEST"
     assert _upload_route(ctx("none"), chest, routed, Filters())[0] == "chest-xr"
+
+
+def test_an_installation_two_releases_old_learns_its_route_from_the_default_that_replaced_its_model(store) -> None:
+    """A hospital that ran the default model of a release from before routes, and upgrades past the
+    release that shipped its successor: its version is no longer shipped, so only the new default's
+    checkpoint (``supersedes``) can say what it served."""
+    from hashing.encoder import Encoder
+    from plugin.core.settings import configured_models, load_settings
+
+    default = Encoder.load(None, device="cpu")
+    old = default.supersedes[0]
+    store.models.register(old, 64, rerank_dim=128)  # as the old release registered it: no route
+    store.client.set(store.keys.active(), old)
+    store.models.seed(configured_models(load_settings({})), lambda path: Encoder.load(path or None, device="cpu"))
+    routes = store.models.active_routes()
+    # It keeps answering for the chest films it indexed, until `reindex --shipped` builds the new default;
+    # the general and ultrasound routes it used to hold for everything else are seeded.
+    assert routes["chest-xr"] == old and store.models.route_of(old) == default.route
+    assert routes["general"] != old and "us-breast" in routes
+    assert not store.models.is_active(default.version)

@@ -204,7 +204,7 @@ class ModelRegistry:
 
     def seed(self, paths: list[str], load: Callable[[str], Any]) -> list[str]:
         """Make an empty installation answer with the models at ``paths`` (``load(path)`` gives an
-        encoder: version, nbits, rerank_dim, emb_dim, route), each for the route its checkpoint
+        encoder: version, nbits, rerank_dim, emb_dim, route, supersedes), each for the route its checkpoint
         declares, the first of a route winning; returns the versions that now answer.
 
         Once an installation has routes, settings no longer change them (``drh-pacs register`` and
@@ -219,9 +219,14 @@ class ModelRegistry:
                 return []  # every answering version says what it serves: nothing to load or seed
             for path in paths:
                 enc = load(path)
-                known = self.details(enc.version)
-                if known and not known.get("route_spec"):  # a version from before routes: say what it serves
-                    self.register(enc.version, enc.nbits, rerank_dim=enc.rerank_dim, route=enc.route)
+                # A version from before routes learns what it serves from its checkpoint, or from
+                # the checkpoint of the model that succeeds it (the shipped default names the
+                # defaults it replaced: an installation upgraded across two releases runs one of those).
+                for version in (enc.version, *enc.supersedes):
+                    known = self.details(version)
+                    if known and not known.get("route_spec"):
+                        info = self.info(version)
+                        self.register(version, info.nbits, rerank_dim=info.rerank_dim, route=enc.route)
             if not self.tidy_routes():
                 return []
         seeded = []
@@ -238,13 +243,15 @@ class ModelRegistry:
         return seeded
 
     def tidy_routes(self) -> list[str]:
-        """Forget route entries whose version now records another route (an installation from
-        before routes moved its one version under "general"; its checkpoint says what it serves).
-        Returns the route names forgotten."""
-        stale = [name for name, version in self.active_routes().items() if self.route_of(version).name != name]
+        """Move route entries whose version now records another route to that route, unless it
+        already answers (an installation from before routes moved its one version under "general";
+        its checkpoint, or its successor's, says what it serves). Returns the route names freed."""
+        stale = {name: version for name, version in self.active_routes().items() if self.route_of(version).name != name}
         if stale:
             self.r.hdel(self.keys.routes(), *stale)
-        return stale
+            for version in stale.values():
+                self.r.hsetnx(self.keys.routes(), self.route_of(version).name, version)
+        return list(stale)
 
     def is_active(self, version: str) -> bool:
         return version in self.active_routes().values()
