@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from hashing import bits
-from hashing.search import MultiIndexHash, Selector, brute_force, knn, knn_rows, query_words, radius, to_words
+from hashing.search import MultiIndexHash, Planner, Selector, brute_force, knn, knn_rows, query_words, radius, to_words
 
 
 def clustered(rng: np.random.Generator, n: int, nbits: int, centres: int = 20, flip: float = 0.06) -> np.ndarray:
@@ -171,3 +171,28 @@ def test_kernels_histogram_and_row_collection_match_numpy():
         assert np.array_equal(out, expected)
         if expected.size:
             assert kernels.rows_at_most(dist, np.uint8(t), np.empty(expected.size - 1, np.int64)) == -1
+
+
+def test_the_planner_answers_shortlists_by_the_scan_and_small_k_from_the_tables():
+    """Exact either way; a re-ranking shortlist (k above ``max_k``) never consults the tables, whose
+    tail is the worse one at that k (the numbers are in hashing.search.Planner)."""
+
+    class Counting(MultiIndexHash):
+        calls = 0
+
+        def knn(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            Counting.calls += 1
+            return super().knn(*args, **kwargs)
+
+    rng = np.random.default_rng(9)
+    codes = clustered(rng, 5000, 64)
+    planes = to_words(codes)
+    mih = Counting(64).build(codes)
+    planner = Planner()
+    for k in (11, 301):
+        before = Counting.calls
+        q = codes[rng.integers(0, 5000)]
+        rows, d = planner.knn(planes, mih, bytes(q), k, nbits=64, selector=Selector())
+        er, ed = brute_force(codes, q, k)
+        assert np.array_equal(rows, er) and np.array_equal(d, ed)
+        assert Counting.calls - before == (1 if k <= planner.max_k else 0)
