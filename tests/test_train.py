@@ -41,9 +41,9 @@ def test_train_drh_writes_a_complete_checkpoint(data_dir: Path, tmp_path: Path) 
     img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
     encoded = enc.encode_images([img])
     assert encoded.codes.shape == (1, 2)
-    # The default network keeps all 256 dimensions of the whitened 16 x 16 layout; they are what the
-    # store keeps per image to re-rank by.
-    assert ck["drh"]["arch"]["backbone"]["layout"] == 256 and encoded.rerank.shape == (1, 256)
+    # The default network keeps 128 dimensions of the whitened 16 x 16 layout, as the shipped model;
+    # they are what the store keeps per image to re-rank by.
+    assert ck["drh"]["arch"]["backbone"]["layout"] == 128 and encoded.rerank.shape == (1, 128)
     assert (tmp_path / "drh.pt.work" / "last.pt").exists()
     curves = tmp_path / "drh.pt.curves.png"  # the training curves, drawn beside the checkpoint
     assert curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and curves.stat().st_size > 5000
