@@ -11,7 +11,7 @@ whichever way the bytes are grouped, as long as database and query are grouped a
 
 Selection. Distances are small integers (at most ``nbits``), so the k nearest are found by counting,
 not sorting: guess a threshold ``t`` from the histogram of a strided sample of the distances (16,384
-of them, a twentieth of a full histogram pass at a million codes), collect the rows ``<= t`` in one
+of them, a sixtieth of a full histogram pass at a million codes), collect the rows ``<= t`` in one
 pass, and sort only them; when the guess gives too few or too many, one histogram pass over all
 distances gives the exact ``t``. A full ``argpartition`` over a million distances costs ten times more.
 
@@ -101,10 +101,10 @@ class Selector:
 
     The threshold is guessed from a strided sample of the distances, generously (twice the rows
     needed, and a few samples more): usually one collecting pass then yields between k and
-    max(64 k, 8,192) candidates, and only those are sorted. When it gives too few (or too many), one histogram
-    pass gives the exact k-th distance. The guess is per query: a threshold carried over from the
-    previous query missed whenever the two asked for different k (a 10-answer query after a
-    300-row re-ranking shortlist) or fell in neighbourhoods of different density.
+    max(64 k, 8,192) candidates, and only those are sorted. When it gives too few (or too many),
+    one histogram pass gives the exact k-th distance. The guess is per query: a threshold carried
+    over from the previous query missed whenever the two asked for different k (a 10-answer query
+    after a 300-row re-ranking shortlist) or fell in neighbourhoods of different density.
     Not thread-safe: one per searching thread (the replica searches under its lock).
     """
 
