@@ -264,6 +264,8 @@ def _prepare(cfg: TrainConfig) -> _Run:
         raise SystemExit(f"--select must be one of {SELECT}")
     if cfg.positives not in POSITIVES:
         raise SystemExit(f"--positives must be one of {POSITIVES}")
+    if not 0 <= cfg.layout_dims <= 256:  # a 16 x 16 layout has 256 values
+        raise SystemExit("--layout-dims must be between 1 and 256 (0: the architecture's own)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -362,7 +364,7 @@ def _fit_layout(run: _Run, *, resumed: bool) -> LayoutPath | None:
         return None
     if layout is not None:
         return layout
-    teacher = LayoutPath(dims=cfg.layout_dims or LAYOUT_DIMS).to(run.device)
+    teacher = LayoutPath(dims=LAYOUT_DIMS).to(run.device)  # (--layout-dims gives the network its own)
     teacher.fit(batches())
     return teacher
 
@@ -764,9 +766,23 @@ _HELP = {
     "data": "a folder with manifest.csv, a manifest CSV, or a folder of DICOM files",
     "manifest": "manifest CSV (default DATA/manifest.csv): path[,label,patient,study,split]",
     "out": "model checkpoint to write",
+    "method": "drh (image codes), csq (the label-only baseline), dmih (study codes, from --init)",
+    "bits": "code length",
+    "input_size": "side (px) of the square model input; images keep their aspect, zero padded",
+    "epochs": "epochs of the schedule (warm-up, then cosine decay to its end)",
+    "batch_size": "images per step",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "warmup_epochs": "epochs of linear learning-rate warm-up",
+    "csq_w_quant": "CSQ: quantization loss weight",
+    "bags_per_batch": "DMIH: studies per step",
+    "val_fraction": "fraction of the training patients held out for validation (epoch selection)",
+    "val_db": "training images sampled into the validation database (with the validation images)",
+    "seed": "seed of the split, the initialisation, the batches and the views",
     "arch": f"one of {', '.join(MODELS)}",
-    "layout_dims": f"dimensions kept of the whitened 16 x 16 layout (0: the architecture's, {LAYOUT_DIMS} for"
-    " drh_resnet18_layout; also the distillation teacher's size for a network without a layout path)",
+    "layout_dims": "dimensions kept of the whitened 16 x 16 layout path, 1-256 (0: the architecture's own:"
+    f" {LAYOUT_DIMS} for drh_resnet18_layout, none for the others; a number gives any architecture a layout path"
+    " of that size). Each is a byte per image in the store's re-ranking vectors",
     "scale": "NCA scale s (logits = -s d / K)",
     "w_nca": "weight of NCA (used where labels exist)",
     "w_contrast": "weight of the contrast of two random views (images alone; 0: off)",
@@ -797,10 +813,12 @@ _HELP = {
 }
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in its help."""
+
+
 def parse_args(argv: list[str]) -> TrainConfig:
-    p = argparse.ArgumentParser(
-        prog="drh-pacs train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="drh-pacs train", description=__doc__, formatter_class=_Formatter)
     defaults = TrainConfig(data="", out="")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")

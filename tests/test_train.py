@@ -106,6 +106,9 @@ def test_bad_arguments(data_dir: Path, tmp_path: Path) -> None:
         train_main(fixture_args(data_dir, tmp_path / "x.pt", "--method", "dmih"))  # no --init
     with pytest.raises(SystemExit):
         train_main(fixture_args(data_dir, tmp_path / "x.pt", "--bits", "24"))
+    for dims in ("300", "-5"):  # a 16 x 16 layout has 256 values
+        with pytest.raises(SystemExit, match="--layout-dims must be between 1 and 256"):
+            train_main(fixture_args(data_dir, tmp_path / "x.pt", "--layout-dims", dims))
 
 
 def test_a_loss_that_does_not_move_and_collapsing_codes_are_warned_and_recorded(data_dir: Path, tmp_path: Path) -> None:
