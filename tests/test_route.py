@@ -149,7 +149,7 @@ def test_an_installation_two_releases_old_learns_its_route_from_the_default_that
 
     default = Encoder.load(None, device="cpu")
     old = default.supersedes[0]
-    store.models.register(old, 64, rerank_dim=128)  # as the old release registered it: no route
+    store.models.register(old, 64, rerank_dim=64)  # as the old release registered v2: no route
     store.client.set(store.keys.active(), old)
     store.models.seed(configured_models(load_settings({})), lambda path: Encoder.load(path or None, device="cpu"))
     routes = store.models.active_routes()
