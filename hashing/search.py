@@ -118,22 +118,23 @@ class Selector:
             self._dist = np.empty(max(n, 1024), np.uint8)
         return self._dist[:n]
 
-    def _kth(self, dist: np.ndarray, k: int, cap: int) -> tuple[int, int]:
-        """(smallest t <= cap with at least k distances <= t, or cap; how many are <= t)."""
+    def _at_most(self, dist: np.ndarray, cap: int) -> np.ndarray:
+        """``counts[t]`` = how many of ``dist`` are ``<= t``, for t up to ``cap`` (one histogram pass)."""
         if self._hist is None:
             self._hist = np.zeros(256, np.int64)
         kernels.histogram(dist, self._hist)
-        counts = np.cumsum(self._hist[: cap + 1])
+        return np.cumsum(self._hist[: cap + 1])
+
+    def _kth(self, dist: np.ndarray, k: int, cap: int) -> tuple[int, int]:
+        """(smallest t <= cap with at least k distances <= t, or cap; how many are <= t)."""
+        counts = self._at_most(dist, cap)
         t = min(cap, int(np.searchsorted(counts, k)))
         return t, int(counts[t])
 
     def _guess(self, dist: np.ndarray, k: int, cap: int) -> int:
         """A threshold that probably has between k and max(64 k, 8,192) distances at or below it."""
         step = max(1, dist.shape[0] // self.SAMPLE)
-        if self._hist is None:
-            self._hist = np.zeros(256, np.int64)
-        kernels.histogram(dist[::step], self._hist)
-        counts = np.cumsum(self._hist[: cap + 1])
+        counts = self._at_most(dist[::step], cap)
         # each sample stands for `step` rows: ask the sample for twice the rows needed, plus a few
         return min(cap, int(np.searchsorted(counts, 2 * k / step + 4)))
 
