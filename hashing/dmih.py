@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hashing.bits import VALID_NBITS
+from hashing.drh import layout_hash, with_layout_bits
 from hashing.resnet import ResNet
 
 
@@ -50,7 +51,9 @@ class AttentionMILPool(nn.Module):
 class DMIH(nn.Module):
     """Instance encoder + instance hash arm + attention MIL pooling + study hash layer."""
 
-    def __init__(self, *, nbits: int = 64, backbone: dict[str, Any] | None = None, attn_hidden: int = 64) -> None:
+    def __init__(
+        self, *, nbits: int = 64, backbone: dict[str, Any] | None = None, attn_hidden: int = 64, layout_bits: int = 0
+    ) -> None:
         super().__init__()
         if nbits not in VALID_NBITS:
             raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits}")
@@ -59,9 +62,17 @@ class DMIH(nn.Module):
         self.attn_hidden = attn_hidden
         self.encoder = ResNet(**self.backbone_args)
         self.num_features = self.encoder.num_features
-        self.instance_hash = nn.Linear(self.num_features, nbits)
+        # A split code's fitted bits (hashing.resnet.LayoutBits) are shared by both arms: a study's
+        # come from its pooled layout as an image's from its own.
+        self.layout_bits = layout_bits
+        self.layout_hash = layout_hash(self.encoder, nbits, layout_bits)
+        self.instance_hash = nn.Linear(self.num_features, nbits - layout_bits)
         self.pool = AttentionMILPool(dim=self.num_features, hidden=attn_hidden)
-        self.bag_hash = nn.Linear(self.num_features, nbits)
+        self.bag_hash = nn.Linear(self.num_features, nbits - layout_bits)
+
+    @property
+    def learned_bits(self) -> int:
+        return self.nbits - self.layout_bits
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Instance embeddings ``(N, num_features)``: what workers store per instance."""
@@ -69,7 +80,11 @@ class DMIH(nn.Module):
 
     def forward_instance_head(self, features: torch.Tensor) -> torch.Tensor:
         """Relaxed instance codes (the decaying instance-level arm)."""
-        return torch.tanh(self.instance_hash(features))
+        return torch.tanh(self.instance_pre(features))
+
+    def instance_pre(self, features: torch.Tensor) -> torch.Tensor:
+        """Pre-activation instance codes (sign = bit)."""
+        return with_layout_bits(self.instance_hash(features), self.layout_hash, features)
 
     def forward_bag(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pre-activation study codes from ``features (B, M, D)`` and ``mask (B, M)``; code = ``>= 0``."""
@@ -81,7 +96,7 @@ class DMIH(nn.Module):
         """Pre-activation study codes and the pooled study features they come from (whose layout part
         is the study's re-ranking key, :func:`hashing.drh.rerank_key`)."""
         pooled, _ = self.pool(features, mask)
-        return self.bag_hash(pooled), pooled
+        return with_layout_bits(self.bag_hash(pooled), self.layout_hash, pooled), pooled
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x (B, M, C, H, W)``, ``mask (B, M)`` -> relaxed bag codes ``(B, K)``, relaxed instance codes ``(n, K)``.
@@ -96,7 +111,11 @@ class DMIH(nn.Module):
         return torch.tanh(self.forward_bag(feats, mask)), self.forward_instance_head(feats_real)
 
     def arch(self) -> dict[str, Any]:
-        return {"nbits": self.nbits, "backbone": dict(self.backbone_args), "attn_hidden": self.attn_hidden}
+        arch: dict[str, Any] = {"nbits": self.nbits, "backbone": dict(self.backbone_args)}
+        arch["attn_hidden"] = self.attn_hidden
+        if self.layout_bits:
+            arch["layout_bits"] = self.layout_bits
+        return arch
 
 
 def dmih_tiny(nbits: int = 64, **backbone: Any) -> DMIH:

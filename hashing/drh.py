@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hashing.bits import VALID_NBITS
-from hashing.resnet import RESNET18_HALF, RESNET18_HALF_LAYOUT, ResNet
+from hashing.resnet import RESNET18_HALF, RESNET18_HALF_LAYOUT, LayoutBits, ResNet
 
 
 def rerank_dim(nbits: int, layout_dims: int) -> int:
@@ -44,6 +44,22 @@ def layout_dims(model: nn.Module) -> int:
     return 0 if layout is None else int(layout.dims)
 
 
+def layout_hash(encoder: ResNet, nbits: int, layout_bits: int) -> LayoutBits | None:
+    """The fitted part of a split code (:class:`hashing.resnet.LayoutBits`), None for a learned one."""
+    if not layout_bits:
+        return None
+    if encoder.layout is None:
+        raise ValueError("layout bits need a network with a layout path (--arch drh_resnet18_layout)")
+    if not 0 < layout_bits < nbits:
+        raise ValueError(f"layout bits must leave the hash layer at least one of the {nbits} bits, not {layout_bits}")
+    return LayoutBits(dims=encoder.layout.dims, bits=layout_bits)
+
+
+def with_layout_bits(h: torch.Tensor, fitted: LayoutBits | None, features: torch.Tensor) -> torch.Tensor:
+    """A learned hash layer's pre-activations followed by the fitted layout bits' (when the code is split)."""
+    return h if fitted is None else torch.cat([h, fitted(features)], dim=-1)
+
+
 class DRH(nn.Module):
     """Residual encoder + K-bit hash layer.
 
@@ -52,7 +68,7 @@ class DRH(nn.Module):
     ``forward`` gives the relaxed code ``tanh(h)``.
     """
 
-    def __init__(self, *, nbits: int = 64, backbone: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, nbits: int = 64, backbone: dict[str, Any] | None = None, layout_bits: int = 0) -> None:
         super().__init__()
         if nbits not in VALID_NBITS:
             raise ValueError(f"nbits must be one of {VALID_NBITS}, got {nbits}")
@@ -60,14 +76,21 @@ class DRH(nn.Module):
         self.backbone_args = dict(backbone or {})
         self.encoder = ResNet(**self.backbone_args)
         self.num_features = self.encoder.num_features
-        self.hash = nn.Linear(self.num_features, nbits)
+        self.layout_bits = layout_bits
+        self.layout_hash = layout_hash(self.encoder, nbits, layout_bits)
+        self.hash = nn.Linear(self.num_features, nbits - layout_bits)
+
+    @property
+    def learned_bits(self) -> int:
+        """How many of the code's bits the hash layer learns (the first ones; the rest are fitted)."""
+        return self.nbits - self.layout_bits
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.forward_features(x)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Pre-activation of the hash layer; its sign (``>= 0``) is the code."""
-        return self.hash(features)
+        return with_layout_bits(self.hash(features), self.layout_hash, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Relaxed code in (-1, 1) for training."""
@@ -75,7 +98,10 @@ class DRH(nn.Module):
 
     def arch(self) -> dict[str, Any]:
         """The keyword arguments that rebuild this network (stored in checkpoints)."""
-        return {"nbits": self.nbits, "backbone": dict(self.backbone_args)}
+        arch: dict[str, Any] = {"nbits": self.nbits, "backbone": dict(self.backbone_args)}
+        if self.layout_bits:
+            arch["layout_bits"] = self.layout_bits
+        return arch
 
 
 def drh_tiny(nbits: int = 64, **backbone: Any) -> DRH:

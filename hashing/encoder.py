@@ -245,11 +245,13 @@ def dmih_from_drh(drh: DRH, seed: int = 0) -> DMIH:
     DMIH training starts."""
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    dmih = DMIH(nbits=drh.nbits, backbone=drh.backbone_args)
+    dmih = DMIH(nbits=drh.nbits, backbone=drh.backbone_args, layout_bits=drh.layout_bits)
     torch.random.set_rng_state(gen_state)
     dmih.encoder.load_state_dict(drh.encoder.state_dict())
     dmih.instance_hash.load_state_dict(drh.hash.state_dict())
     dmih.bag_hash.load_state_dict(drh.hash.state_dict())
+    if drh.layout_hash is not None:
+        dmih.layout_hash.load_state_dict(drh.layout_hash.state_dict())
     return dmih
 
 

@@ -20,7 +20,7 @@ def encode_set(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(backbone features, hash-layer pre-activations) of a uint8 image tensor, in eval mode.
 
-    For a DMIH the pre-activations are its instance arm's (``instance_hash``).
+    For a DMIH the pre-activations are its instance arm's (``instance_pre``).
     """
     model.eval()
     feats, heads = [], []
@@ -28,7 +28,7 @@ def encode_set(
         x = to_input(images[s : s + bs], mean, std).to(device)
         f = model.forward_features(x)
         feats.append(f.float().cpu())
-        heads.append((model.forward_head(f) if isinstance(model, DRH) else model.instance_hash(f)).float().cpu())
+        heads.append((model.forward_head(f) if isinstance(model, DRH) else model.instance_pre(f)).float().cpu())
     if not feats:
         return torch.zeros(0, model.num_features), torch.zeros(0, model.nbits)
     return torch.cat(feats), torch.cat(heads)

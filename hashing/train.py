@@ -80,6 +80,7 @@ class TrainConfig:
     bits: int = 64
     arch: str = "drh_resnet18_layout"
     layout_dims: int = 0
+    layout_bits: int = 0
     input_size: int = 128
     epochs: int = 20
     batch_size: int = 64
@@ -189,7 +190,13 @@ def build_model(cfg: TrainConfig) -> tuple[DRH | DMIH, DRH | None, dict[str, Any
         if cfg.arch not in MODELS:
             raise SystemExit(f"unknown --arch {cfg.arch!r}; one of {', '.join(MODELS)}")
         backbone = {"layout": cfg.layout_dims} if cfg.layout_dims else {}
-        return MODELS[cfg.arch](cfg.bits, **backbone), None, {}
+        model = MODELS[cfg.arch](cfg.bits, **backbone)
+        if cfg.layout_bits:
+            try:
+                model = DRH(nbits=cfg.bits, backbone=model.backbone_args, layout_bits=cfg.layout_bits)
+            except ValueError as e:
+                raise SystemExit(f"--layout-bits {cfg.layout_bits}: {e}") from None
+        return model, None, {}
     if not cfg.init:
         raise SystemExit("--method dmih needs --init DRH_CHECKPOINT (its DRH model ships alongside)")
     init = ckpt_mod.load(cfg.init)
@@ -299,7 +306,8 @@ def _prepare(cfg: TrainConfig) -> _Run:
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_classes = len(source.classes)
-    centers = losses.csq_centers(n_classes, cfg.bits, cfg.seed).to(device) if cfg.method == "csq" else None
+    learned = model.learned_bits
+    centers = losses.csq_centers(n_classes, learned, cfg.seed).to(device) if cfg.method == "csq" else None
     if cfg.method == "dmih":
         steps_per_epoch = max(1, len(train_set.bags()) // cfg.bags_per_batch)
     elif _patient_batches(cfg):
@@ -360,6 +368,11 @@ def _fit_layout(run: _Run, *, resumed: bool) -> LayoutPath | None:
 
     if layout is not None and cfg.method != "dmih" and not resumed:
         layout.fit(batches())
+        fitted = getattr(run.model, "layout_hash", None)
+        if fitted is not None:
+            # ITQ on what the fitted bits will see: the fitted layout of the same images.
+            with torch.no_grad():
+                fitted.fit(torch.cat([layout(b) for b in batches()]), seed=cfg.seed)
     if cfg.w_distill <= 0 or cfg.method == "csq":
         return None
     if layout is not None:
@@ -393,6 +406,12 @@ def _normalised(run: _Run, x01: torch.Tensor) -> torch.Tensor:
     return ((x01 - run.mean) / run.std).to(run.device)
 
 
+def _learned(run: _Run, u: torch.Tensor) -> torch.Tensor:
+    """The bits the objective trains: all of them, or a split code's learned part (its layout bits are
+    fitted, :class:`hashing.resnet.LayoutBits`, and take no loss)."""
+    return u[..., : run.model.learned_bits]
+
+
 def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
     """DRH (NCA, distilled layout neighbourhoods, contrast of two views, quantization, bit balance) or
     CSQ, on one batch of images."""
@@ -400,18 +419,18 @@ def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[
     x = ts.images[batch]
     y = ts.labels[batch].to(run.device)
     if cfg.method == "csq":
-        u = run.model(_normalised(run, light_view(x, gen)))
+        u = _learned(run, run.model(_normalised(run, light_view(x, gen))))
         return losses.csq_loss(u, y, run.centers, w_quant=cfg.csq_w_quant)
     groups = teacher = v = None
     # The contrast term needs strong views; NCA and the distillation (whose teacher sees the same
     # view) learn on light ones: under strong views NCA stayed at chance for a whole epoch.
     first = _normalised(run, random_views(x, gen) if cfg.w_contrast > 0 else light_view(x, gen))
-    u = run.model(first)
+    u = _learned(run, run.model(first))
     if run.teacher is not None:
         with torch.no_grad():
             teacher = run.teacher(first)
     if cfg.w_contrast > 0:
-        v = run.model(_normalised(run, random_views(x, gen)))
+        v = _learned(run, run.model(_normalised(run, random_views(x, gen))))
         if cfg.positives == "patient":
             names = [ts.patients[i] for i in batch.tolist()]
             groups = torch.as_tensor([names.index(p) for p in names])
@@ -454,7 +473,11 @@ def _bag_codes(
     mask = mask.to(run.device)
     feats = feats_real.new_zeros(len(batch), m, feats_real.shape[1])
     feats[mask] = feats_real
-    return torch.tanh(model.forward_bag(feats, mask)), model.forward_instance_head(feats_real), teacher
+    return (
+        _learned(run, torch.tanh(model.forward_bag(feats, mask))),
+        _learned(run, model.forward_instance_head(feats_real)),
+        teacher,
+    )
 
 
 def _loss_bags(run: _Run, batch: list[list[int]], gen: torch.Generator, step: int) -> tuple[torch.Tensor, dict]:
@@ -783,6 +806,8 @@ _HELP = {
     "layout_dims": "dimensions kept of the whitened 16 x 16 layout path, 1-256 (0: the architecture's own:"
     f" {LAYOUT_DIMS} for drh_resnet18_layout, none for the others; a number gives any architecture a layout path"
     " of that size). Each is a byte per image in the store's re-ranking vectors",
+    "layout_bits": "bits of the code fitted on the whitened layout instead of learned (ITQ; 0: all learned)."
+    " The objective trains the others; they need a layout path",
     "scale": "NCA scale s (logits = -s d / K)",
     "w_nca": "weight of NCA (used where labels exist)",
     "w_contrast": "weight of the contrast of two random views (images alone; 0: off)",

@@ -1,13 +1,19 @@
-"""The layout path: a PCA-whitened 16 x 16 thumbnail, fitted on training images, saved with the model."""
+"""The layout path: a PCA-whitened 16 x 16 thumbnail, fitted on training images, saved with the model;
+and the code bits fitted on it (a split code's ITQ part)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from hashing import checkpoint
-from hashing.drh import drh_resnet18_layout
+from hashing.baselines import fit_itq
+from hashing.bits import binarize, pack
+from hashing.drh import DRH, drh_resnet18_half, drh_resnet18_layout
+from hashing.encoder import dmih_from_drh
 from hashing.resnet import LayoutPath
 
 
@@ -63,3 +69,42 @@ def test_the_fitted_layout_is_saved_in_the_checkpoint_and_not_trained(tmp_path: 
     x = _images(4, seed=2)
     model.eval(), again.eval()
     assert torch.allclose(model(x), again(x))
+
+
+def test_layout_bits_are_itq_of_the_fitted_layout_and_follow_the_learned_bits(tmp_path: Path) -> None:
+    """A split code: the hash layer learns the first bits, the last ones are ITQ of the whitened
+    layout (the baselines' own ITQ), and both survive a checkpoint."""
+    model = DRH(nbits=32, backbone=drh_resnet18_layout(32).backbone_args, layout_bits=16)
+    assert model.learned_bits == 16 and model.hash.out_features == 16
+    x = _images(400)
+    model.encoder.layout.fit([x])
+    layouts = model.encoder.layout(x)
+    model.layout_hash.fit(layouts, seed=3)
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x[:50])
+        h = model.forward_head(feats)
+    assert h.shape == (50, 32)
+    assert torch.equal(h[:, :16], model.hash(feats))
+    itq = fit_itq(layouts.double().numpy(), 16, seed=3)
+    assert np.array_equal(pack(binarize(h[:, 16:].numpy())), itq.encode(layouts[:50].double().numpy()))
+    # The fitted bits are buffers: saved with the model, never given to the optimiser.
+    assert not any("layout_hash" in name for name, _ in model.named_parameters())
+    path = tmp_path / "split.pt"
+    checkpoint.save({"drh": checkpoint.module_entry(model)}, path)
+    again = checkpoint.build_module(torch.load(path, weights_only=True)["drh"]).eval()
+    assert again.arch()["layout_bits"] == 16
+    with torch.no_grad():
+        assert torch.equal(again.forward_head(again.forward_features(x[:50])), h)
+    # A study of one image gets that image's code, the fitted bits included.
+    dmih = dmih_from_drh(again).eval()
+    with torch.no_grad():
+        study, _ = dmih.forward_bag_pooled(feats[:1].unsqueeze(0))
+    assert torch.allclose(study[0], h[0], atol=1e-5)
+
+
+def test_layout_bits_need_a_layout_path_and_leave_learned_bits() -> None:
+    with pytest.raises(ValueError, match="layout path"):
+        DRH(nbits=32, backbone=drh_resnet18_half(32).backbone_args, layout_bits=8)
+    with pytest.raises(ValueError, match="at least one"):
+        DRH(nbits=32, backbone=drh_resnet18_layout(32).backbone_args, layout_bits=32)

@@ -61,6 +61,23 @@ def test_the_layout_path_can_keep_fewer_dimensions(data_dir: Path, tmp_path: Pat
     assert enc.encode_images([img]).rerank.shape == (1, 24)
 
 
+def test_a_split_code_learns_some_bits_and_fits_the_rest_on_the_layout(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "split.pt"
+    assert train_main(fixture_args(data_dir, out, "--layout-bits", "8")) == 0
+    ck = checkpoint.load(out)
+    assert ck["drh"]["arch"]["layout_bits"] == 8 and ck["training"]["config"]["layout_bits"] == 8
+    state = ck["drh"]["state_dict"]
+    assert state["hash.weight"].shape[0] == 8 and state["layout_hash.projection"].shape == (128, 8)
+    assert state["layout_hash.projection"].abs().sum() > 0  # fitted on the training images
+    enc = Encoder.load(str(out), device="cpu")
+    img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
+    assert enc.encode_images([img]).codes.shape == (1, 2)
+    # CSQ's hash centers then span the learned bits only.
+    csq = tmp_path / "csq.pt"
+    assert train_main(fixture_args(data_dir, csq, "--method", "csq", "--epochs", "1", "--layout-bits", "8")) == 0
+    assert checkpoint.load(csq)["drh"]["arch"]["layout_bits"] == 8
+
+
 def test_resume_equals_uninterrupted_and_seed_matters(data_dir: Path, tmp_path: Path) -> None:
     full, part = tmp_path / "full.pt", tmp_path / "part.pt"
     train_main(fixture_args(data_dir, full, "--epochs", "3"))
@@ -109,6 +126,10 @@ def test_bad_arguments(data_dir: Path, tmp_path: Path) -> None:
     for dims in ("300", "-5"):  # a 16 x 16 layout has 256 values
         with pytest.raises(SystemExit, match="--layout-dims must be between 1 and 256"):
             train_main(fixture_args(data_dir, tmp_path / "x.pt", "--layout-dims", dims))
+    with pytest.raises(SystemExit, match="--layout-bits 16: layout bits must leave"):
+        train_main(fixture_args(data_dir, tmp_path / "x.pt", "--layout-bits", "16"))
+    with pytest.raises(SystemExit, match="need a network with a layout path"):
+        train_main(fixture_args(data_dir, tmp_path / "x.pt", "--layout-bits", "8", "--arch", "drh_tiny"))
 
 
 def test_a_loss_that_does_not_move_and_collapsing_codes_are_warned_and_recorded(data_dir: Path, tmp_path: Path) -> None:
