@@ -106,13 +106,15 @@ class LayoutBits(nn.Module):
     """Code bits *fitted* on the whitened layout instead of learned: ITQ (Gong & Lazebnik, CVPR 2011)
     of the layout path's output, i.e. its top principal directions rotated to lose least to the sign.
 
-    Why: a hash layer asked to distil the layout's neighbourhoods (:func:`hashing.losses.
-    neighbourhood_distillation`) beside NCA keeps them less well than ITQ does, and the loss shows
-    as the shortlist tightens (it is 0.03 % of a million-image archive): on the shipped model's
-    validation split, same-patient recall@10 served from 100-code shortlists 0.100 with v3's learned
-    codes, 0.142 with 64 ITQ bits of the same layout. Split codes let the learned bits follow the
-    labels and these bits keep what looks alike (hashing/weights/MODEL_CARD.md). Fitted once on the
-    training images after :meth:`LayoutPath.fit`, kept in buffers, never touched by the optimiser.
+    What for (``drh-pacs train --layout-bits N``): a split code, whose learned bits follow the labels
+    while these keep what looks alike. A hash layer asked to distil the layout's neighbourhoods beside
+    NCA (:func:`hashing.losses.neighbourhood_distillation`) keeps them less well than ITQ of the same
+    layout as the shortlist tightens (at a million images 300 codes are 0.03 % of the archive): on the
+    shipped model's validation split, same-patient recall@10 served from 100-code shortlists 0.100
+    with v3's codes, 0.142 with 64 ITQ bits. Trained split models did not keep that advantage once
+    half their bits learned the labels, and were not shipped (hashing/weights/MODEL_CARD.md, "Not
+    shipped: split codes"). Fitted once on the training images after :meth:`LayoutPath.fit`, kept in
+    buffers, never touched by the optimiser.
     """
 
     def __init__(self, *, dims: int, bits: int) -> None:
