@@ -44,8 +44,8 @@ from hashing.dmih import DMIH
 from hashing.drh import DRH
 from hashing.encoder import resolve_device
 from hashing.inference import encode_set, image_keys, pool_bags
-from hashing.scoring import Protocol, Rep, score
-from hashing.search import shortlist_size
+from hashing.scoring import TIGHTER_SHORTLISTS, Protocol, Rep, score
+from hashing.search import SHORTLIST, shortlist_size
 
 log = logging.getLogger("hashing.evaluate")
 
@@ -293,6 +293,14 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {r['nbits'] or '-'} | {_fmt(r, 'r@1')} | {_fmt(r, 'r@10')} | {_fmt(r, 'map_all')} |"
             f" {_fmt(r, 'map@100')} | {_fmt(r, 'p@10')} | {ties} | {distinct} |"
         )
+    tighter = [r for r in rows if any(f"r@10_from_{s}" in r for s in TIGHTER_SHORTLISTS)]
+    if tighter:
+        # What the codes lose of the re-ranking key's neighbours as the archive grows (scoring.py).
+        heads = " | ".join(f"R@10 from {s} codes" for s in (SHORTLIST, *TIGHTER_SHORTLISTS))
+        lines += ["", f"| served | {heads} |", "| --- |" + " --- |" * (1 + len(TIGHTER_SHORTLISTS))]
+        for r in tighter:
+            cells = " | ".join([_fmt(r, "r@10")] + [_fmt(r, f"r@10_from_{s}") for s in TIGHTER_SHORTLISTS])
+            lines.append(f"| {r['name']} | {cells} |")
     return "\n".join(lines)
 
 

@@ -145,6 +145,7 @@ def test_evaluate_command(tmp_path: Path) -> None:
         assert 0.0 <= r["map_all"] <= 1.0 and r["map_all_ci"][0] <= r["map_all"] <= r["map_all_ci"][1]
         assert r["r@10_n"] == 0  # no test patient has a second image
         assert ("ties@10" in r) == (r["kind"] in ("hamming", "served"))
+        assert ("r@10_from_50" in r) == (r["kind"] == "served")  # recall as the shortlist tightens
     assert [r["name"] for r in res["studies"]["results"]][2:] == [
         "dmih-b DMIH study codes",
         "dmih-b image codes pooled per study",
@@ -170,3 +171,33 @@ def test_evaluate_a_dicom_folder_without_splits_or_labels(tmp_path: Path) -> Non
     assert res["source"] == "dicom" and res["protocol"]["queries"] == 8 and res["images"] == 12
     thumbs = next(r for r in res["results"] if r["name"] == "thumbnail 32x32 cosine")
     assert thumbs["r@10_n"] == 8 and "map_all" not in thumbs  # every patient has two films; no labels
+
+
+def test_served_recall_is_also_scored_from_tighter_shortlists() -> None:
+    """A partner the codes rank 80th is found by the re-ranking from 300 and 100 codes, not from 50:
+    what happens to an answer as the archive grows and the same shortlist becomes a smaller part of it."""
+    from hashing.scoring import TIGHTER_SHORTLISTS, Protocol, Rep, score
+
+    assert TIGHTER_SHORTLISTS == (100, 50)
+    n = 401
+    bits = np.zeros((n, 64), np.uint8)
+    bits[1:80, :2] = 1  # 79 strangers at Hamming distance 2 from the query (image 0)
+    bits[80, :5] = 1  # its patient's other film at distance 5: the 80th nearest
+    bits[81:, :10] = 1  # the rest at distance 10
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, 16))
+    vectors[80] = vectors[0]  # ...which looks exactly like it
+    patients = np.array(["p"] + [f"s{i}" for i in range(1, 80)] + ["p"] + [f"s{i}" for i in range(81, n)], dtype=object)
+    everything = np.arange(n)
+    proto = Protocol(
+        labels=np.full(n, -1),
+        patients=patients,
+        label_queries=np.array([0]),
+        label_database=everything,
+        same_queries=np.array([0]),
+        same_database=everything,
+    )
+    row = score(Rep("m served", "served", codes=pack(bits), vectors=vectors, nbits=64), proto, n_boot=10)
+    assert row["r@10"] == 1.0 and row["r@10_from_100"] == 1.0 and row["r@10_from_50"] == 0.0
+    codes_only = score(Rep("m codes", "hamming", codes=pack(bits), nbits=64), proto, n_boot=10)
+    assert codes_only["r@10"] == 0.0 and "r@10_from_100" not in codes_only
