@@ -111,8 +111,11 @@ class DMIH(nn.Module):
         return torch.tanh(self.forward_bag(feats, mask)), self.forward_instance_head(feats_real)
 
     def arch(self) -> dict[str, Any]:
-        arch: dict[str, Any] = {"nbits": self.nbits, "backbone": dict(self.backbone_args)}
-        arch["attn_hidden"] = self.attn_hidden
+        arch: dict[str, Any] = {
+            "nbits": self.nbits,
+            "backbone": dict(self.backbone_args),
+            "attn_hidden": self.attn_hidden,
+        }
         if self.layout_bits:
             arch["layout_bits"] = self.layout_bits
         return arch

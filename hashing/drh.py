@@ -49,7 +49,9 @@ def layout_hash(encoder: ResNet, nbits: int, layout_bits: int) -> LayoutBits | N
     if not layout_bits:
         return None
     if encoder.layout is None:
-        raise ValueError("layout bits need a network with a layout path (--arch drh_resnet18_layout)")
+        raise ValueError(
+            "layout bits need a network with a layout path (--arch drh_resnet18_layout, or --layout-dims N)"
+        )
     if not 0 < layout_bits < nbits:
         raise ValueError(f"layout bits must leave the hash layer at least one of the {nbits} bits, not {layout_bits}")
     return LayoutBits(dims=encoder.layout.dims, bits=layout_bits)

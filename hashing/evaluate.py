@@ -241,6 +241,9 @@ def evaluate(
             "labels": "mAP@all, mAP@100, P@10; relevant = same label; ties in random order (seeded)",
             "same_patient": "recall@1 and @10: another image of the query's patient in the top k, the query itself"
             " left out; over the queries that have one",
+            "served_shortlists": f"served rows: r@10 re-ranks the {SHORTLIST} nearest codes (as the service does);"
+            f" r@10_from_N re-ranks the N nearest ({', '.join(map(str, TIGHTER_SHORTLISTS))}), a smaller part of the"
+            " archive, as a fixed shortlist becomes in a larger one",
             "intervals": f"bootstrap 95% over queries ({n_boot} resamples)",
         },
         "data": str(data),

@@ -273,6 +273,8 @@ def _prepare(cfg: TrainConfig) -> _Run:
         raise SystemExit(f"--positives must be one of {POSITIVES}")
     if not 0 <= cfg.layout_dims <= 256:  # a 16 x 16 layout has 256 values
         raise SystemExit("--layout-dims must be between 1 and 256 (0: the architecture's own)")
+    if cfg.layout_bits and cfg.method == "dmih":
+        raise SystemExit("--layout-bits is for drh and csq: a DMIH keeps the split of the DRH it starts from (--init)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -306,8 +308,8 @@ def _prepare(cfg: TrainConfig) -> _Run:
     model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_classes = len(source.classes)
-    learned = model.learned_bits
-    centers = losses.csq_centers(n_classes, learned, cfg.seed).to(device) if cfg.method == "csq" else None
+    # A split code's hash centres span its learned bits only.
+    centers = losses.csq_centers(n_classes, model.learned_bits, cfg.seed).to(device) if cfg.method == "csq" else None
     if cfg.method == "dmih":
         steps_per_epoch = max(1, len(train_set.bags()) // cfg.bags_per_batch)
     elif _patient_batches(cfg):
@@ -807,7 +809,8 @@ _HELP = {
     f" {LAYOUT_DIMS} for drh_resnet18_layout, none for the others; a number gives any architecture a layout path"
     " of that size). Each is a byte per image in the store's re-ranking vectors",
     "layout_bits": "bits of the code fitted on the whitened layout instead of learned (ITQ; 0: all learned)."
-    " The objective trains the others; they need a layout path",
+    " The objective trains the others (NCA where labels exist, the distillation unless its weight is 0)."
+    " The network needs a layout path",
     "scale": "NCA scale s (logits = -s d / K)",
     "w_nca": "weight of NCA (used where labels exist)",
     "w_contrast": "weight of the contrast of two random views (images alone; 0: off)",

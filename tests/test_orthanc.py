@@ -236,6 +236,13 @@ def test_backfill_walks_an_existing_archive_resumably_then_follows_orthanc_s_cha
         with Orthanc(tmp_path, forward=False) as orthanc:
             _store_to_orthanc(orthanc, *studies[:3])
             wait_until(lambda: len(orthanc.get("/studies")) == 3, 30, what="Orthanc to hold three studies")
+            # A settled archive: Orthanc logs each study's StableStudy change a StableAge after its last
+            # instance. One logged after the walk below would (rightly) be read again by the third run.
+            wait_until(
+                lambda: all(orthanc.get(f"/studies/{s}")["IsStable"] for s in orthanc.get("/studies")),
+                30,
+                what="Orthanc's three studies to be stable",
+            )
 
             first = _backfill(plugin.settings, orthanc, "--limit", "1")
             assert first.returncode == 0, first.stderr

@@ -72,6 +72,13 @@ def test_a_split_code_learns_some_bits_and_fits_the_rest_on_the_layout(data_dir:
     enc = Encoder.load(str(out), device="cpu")
     img = np.asarray(Image.open(FIXTURES / "normal-IM-0001-0001.jpeg").convert("L"), np.float32) / 255
     assert enc.encode_images([img]).codes.shape == (1, 2)
+    # A DMIH started from it keeps the split, and a study gets its fitted bits from its pooled layout.
+    dmih = tmp_path / "split-dmih.pt"
+    args = ("--method", "dmih", "--init", str(out), "--epochs", "1", "--bags-per-batch", "3")
+    assert train_main(fixture_args(data_dir, dmih, *args)) == 0
+    assert checkpoint.load(dmih)["dmih"]["arch"]["layout_bits"] == 8
+    study = Encoder.load(str(dmih), device="cpu")
+    assert study.encode_study(study.encode_images([img, img[::-1]]).embeddings)[0].shape == (2,)
     # CSQ's hash centers then span the learned bits only.
     csq = tmp_path / "csq.pt"
     assert train_main(fixture_args(data_dir, csq, "--method", "csq", "--epochs", "1", "--layout-bits", "8")) == 0
@@ -128,6 +135,10 @@ def test_bad_arguments(data_dir: Path, tmp_path: Path) -> None:
             train_main(fixture_args(data_dir, tmp_path / "x.pt", "--layout-dims", dims))
     with pytest.raises(SystemExit, match="--layout-bits 16: layout bits must leave"):
         train_main(fixture_args(data_dir, tmp_path / "x.pt", "--layout-bits", "16"))
+    with pytest.raises(SystemExit, match="--layout-bits is for drh and csq"):
+        train_main(
+            fixture_args(data_dir, tmp_path / "x.pt", "--method", "dmih", "--init", "x.pt", "--layout-bits", "8")
+        )
     with pytest.raises(SystemExit, match="need a network with a layout path"):
         train_main(fixture_args(data_dir, tmp_path / "x.pt", "--layout-bits", "8", "--arch", "drh_tiny"))
 
