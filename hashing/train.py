@@ -375,6 +375,7 @@ def _fit_layout(run: _Run, *, resumed: bool) -> LayoutPath | None:
             # ITQ on what the fitted bits will see: the fitted layout of the same images.
             with torch.no_grad():
                 fitted.fit(torch.cat([layout(b) for b in batches()]), seed=cfg.seed)
+            log.info("split code: %d bits learned, %d fitted on the layout (ITQ)", run.model.learned_bits, fitted.bits)
     if cfg.w_distill <= 0 or cfg.method == "csq":
         return None
     if layout is not None:
@@ -842,7 +843,14 @@ _HELP = {
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every option's default in its help."""
+    """The module docstring as written, and every option's default in its help: except an empty one,
+    whose help says what takes its place (``(default DATA/manifest.csv)``, not ``(default: )``), and
+    a switch's (off unless given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is False or action.default in ("", None):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_args(argv: list[str]) -> TrainConfig:

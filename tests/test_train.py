@@ -125,6 +125,15 @@ def test_train_dmih_from_drh(data_dir: Path, tmp_path: Path) -> None:
     assert enc.encode_study(emb[:1])[0].shape == (2,)
 
 
+def test_help_shows_each_default_once(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0)" in text and "(default: drh_resnet18_layout)" in text
+    assert "(default: )" not in text and "(default: None)" not in text and "(default: False)" not in text
+    assert "(default DATA/manifest.csv)" in text  # an empty default: its help says what takes its place
+
+
 def test_bad_arguments(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         train_main(fixture_args(data_dir, tmp_path / "x.pt", "--method", "dmih"))  # no --init
