@@ -132,10 +132,10 @@ def score(rep: Rep, proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[
     same: dict[str, list[np.ndarray]] = {"r@1": [], "r@10": []}
     tighter = TIGHTER_SHORTLISTS if rep.kind == "served" else ()
     same.update({f"r@10_from_{s}": [] for s in tighter})
+    db_patients = proto.patients[proto.same_database]
     for q in _chunks(proto.same_queries):
         exclude = _positions(q, proto.same_database)
         orders = _orders(rep, q, proto.same_database, rng, exclude, (SHORTLIST, *tighter))
-        db_patients = proto.patients[proto.same_database]
         for key, values in same_patient_scores(orders[0], proto.patients[q], db_patients, exclude).items():
             same[key].append(values)
         for s, order in zip(tighter, orders[1:], strict=True):
