@@ -19,8 +19,9 @@ import numpy as np
 from numba import njit
 
 
-def _jit(fn):  # noqa: ANN001, ANN202 (a decorator)
-    """``njit`` with an on-disk cache where one is writable, without it where none is."""
+def jit(fn):  # noqa: ANN001, ANN202 (a decorator)
+    """``njit`` with an on-disk cache where one is writable, without it where none is (also used by
+    :mod:`plugin.search.eligible` for its filter pass)."""
     try:
         return njit(nogil=True, boundscheck=False, cache=True)(fn)
     except RuntimeError:  # "no locator available": a read-only install and no NUMBA_CACHE_DIR
@@ -42,21 +43,43 @@ def _popcount(x: np.uint64) -> np.uint8:
     return np.uint8((x * _H01) >> np.uint64(56))
 
 
-@_jit
+@jit
 def hamming_first(words: np.ndarray, q: np.uint64, out: np.ndarray) -> None:
     """``out[i] = popcount(words[i] ^ q)``: the first 64-bit plane of a code."""
     for i in range(words.shape[0]):
         out[i] = _popcount(words[i] ^ q)
 
 
-@_jit
+@jit
 def hamming_add(words: np.ndarray, q: np.uint64, out: np.ndarray) -> None:
     """``out[i] += popcount(words[i] ^ q)``: each further plane (codes longer than 64 bits)."""
     for i in range(words.shape[0]):
         out[i] += _popcount(words[i] ^ q)
 
 
-@_jit
+@jit
+def hamming_first_masked(
+    words: np.ndarray, q: np.uint64, exclude: np.ndarray, group: np.ndarray, group_exclude: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[i] = popcount(words[i] ^ q) | exclude[i] | group_exclude[group[i]]``: a one-plane code's
+    distances with a row mask and a mask over the rows' groups (a filter on each row's study).
+
+    One pass instead of three (distances, a per-row mask gathered from the groups, the OR): at a
+    million 64-bit codes 0.7 ms instead of 1.0-1.3.
+    """
+    for i in range(words.shape[0]):
+        out[i] = _popcount(words[i] ^ q) | exclude[i] | group_exclude[group[i]]
+
+
+@jit
+def or_masked(out: np.ndarray, exclude: np.ndarray, group: np.ndarray, group_exclude: np.ndarray) -> None:
+    """``out[i] |= exclude[i] | group_exclude[group[i]]``: the masks of :func:`hamming_first_masked`
+    for codes of more than one plane, after their distances."""
+    for i in range(out.shape[0]):
+        out[i] |= exclude[i] | group_exclude[group[i]]
+
+
+@jit
 def histogram(dist: np.ndarray, hist: np.ndarray) -> None:
     """``hist[v]`` = how many ``dist[i] == v`` (``hist`` has 256 entries).
 
@@ -79,7 +102,7 @@ def histogram(dist: np.ndarray, hist: np.ndarray) -> None:
 _BLOCK = 64
 
 
-@_jit
+@jit
 def rows_at_most(dist: np.ndarray, t: np.uint8, out: np.ndarray) -> int:
     """Writes the rows with ``dist[i] <= t``, ascending, into ``out``; returns how many, or -1 if
     they do not fit.
@@ -114,3 +137,6 @@ def warm_up() -> None:
     histogram(dist, np.zeros(256, np.int64))
     histogram(dist[::2], np.zeros(256, np.int64))  # the strided sample of hashing.search.Selector
     rows_at_most(dist, np.uint8(1), np.zeros(4, np.int64))
+    group = np.zeros(4, np.uint32)  # the replica's study numbers (plugin.search.state.State.slot_sn)
+    hamming_first_masked(words, np.uint64(1), dist, group, dist, dist)
+    or_masked(dist, dist, group, dist)

@@ -207,6 +207,7 @@ def start(settings: Settings) -> Running:
     from hashing import kernels
     from plugin.dicom.scp import start_scp
     from plugin.http.app import ApiContext, create_app
+    from plugin.search import eligible
     from plugin.search.routed import RoutedIndex
     from plugin.store import LEVELS, Store
     from workers.client import make_celery
@@ -240,7 +241,8 @@ def start(settings: Settings) -> Running:
         else:
             print("workers   none started here (run `drh-pacs worker` against the same Redis)", flush=True)
 
-        kernels.warm_up()  # compile the scan now rather than on the first C-FIND
+        kernels.warm_up()  # compile the scan and the filter passes now rather than on the first C-FIND
+        eligible.warm_up()
         indexes = {level: RoutedIndex(store, level) for level in LEVELS}  # a replica per route
         running.refresher = threading.Thread(
             target=_refresh_forever, args=(indexes, running.stop_event), name="index-refresh", daemon=True

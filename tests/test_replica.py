@@ -296,6 +296,62 @@ def test_image_level_filters_use_the_instance_study(store):
     assert idx.search(bytes(codes[0]), 1)[0].distance == 0
 
 
+def test_selective_and_broad_filters_agree_with_brute_force_at_study_and_image_level(store):
+    """Past a few hundred studies a selective filter (one patient, a rare body part) lists its
+    studies' slots, and a broad one (a modality, a date range) masks the scan by study instead.
+    Both ways, and with the reference patient left out, the answer is the brute force's."""
+    from plugin.search.eligible import FEW
+
+    rng = np.random.default_rng(14)
+    n_studies = 3 * FEW
+    codes = rand_codes(rng, 2 * n_studies)
+    meta, live, study_of = {}, {"study": {}, "image": {}}, {}
+    for i in range(n_studies):
+        uid = f"5.1.{i}"
+        meta[uid] = {
+            "patient_id": f"P{i % (n_studies // 2)}",  # two studies per patient
+            "study_date": f"{2000 + i % 20}0{1 + i % 9}15",
+            "modalities": "CT" if i % 5 == 0 else "CR",
+            "body_part": "KNEE" if i == 7 else "CHEST",
+        }
+        store.records.put_study(uid, meta[uid])
+        live["study"][uid] = (store.codes.upsert("m1", "study", uid, codes[i])[0], bytes(codes[i]))
+        for j in range(2):
+            sop, c = f"5.2.{i}.{j}", codes[n_studies + i] if j else codes[i]
+            store.records.put_instance(sop, uid, {"modality": meta[uid]["modalities"]})
+            live["image"][sop] = (store.codes.upsert("m1", "image", sop, c)[0], bytes(c))
+            study_of[sop] = uid
+
+    def passes(m: dict, f: Filters, out: str | None) -> bool:
+        return (
+            (not f.modalities or m["modalities"] in f.modalities)
+            and (not f.date_from or m["study_date"] >= f.date_from)
+            and (not f.date_to or m["study_date"] <= f.date_to)
+            and (not f.body_part or m["body_part"] == f.body_part)
+            and (not f.patient_id or m["patient_id"] == f.patient_id)
+            and m["patient_id"] != out
+        )
+
+    selective = [(Filters(patient_id="P5"), None), (Filters(body_part="KNEE"), None)]
+    broad = [
+        (Filters(modalities=("CT",)), None),
+        (Filters(date_from="20050101", date_to="20091231"), None),
+        (Filters(modalities=("CT",), date_from="20050101"), "P10"),
+    ]
+    for level in ("study", "image"):
+        idx = ReplicaIndex(store, level)
+        idx.refresh()
+        for cases, is_selective in ((selective, True), (broad, False)):
+            for f, out in cases:
+                _, rows, groups = idx._eligibility.rows(idx._state, f, out)
+                assert (rows is not None) == is_selective and (groups is not None) == (not is_selective), (level, f)
+                ok = {u for u in live[level] if passes(meta[study_of.get(u, u)], f, out)}
+                assert ok
+                for q in codes[:: 2 * FEW // 3]:
+                    got = as_pairs(idx.search(bytes(q), 15, filters=f, exclude_patient=out))
+                    assert got == expected(live[level], bytes(q), 15, allowed=ok), (level, f, out)
+
+
 def test_multi_index_path_equals_scan(store):
     rng = np.random.default_rng(9)
     live = fill(store, rand_codes(rng, 3000, centres=30))
@@ -425,15 +481,36 @@ def test_delete_study_removes_it_from_every_level_and_version(store):
     assert store.codes.count("m2", "image") == 0 and store.codes.count("m2", "study") == 0
 
 
-def test_modality_bit_test_matches_the_plain_mask():
-    from plugin.search.eligible import _any_bit
+def test_the_compiled_record_test_matches_numpy_for_every_combination_of_tests():
+    """The filter pass over the records (one compiled loop for every test at once) against the
+    same tests written plainly in numpy, on random records with unknown ones among them."""
+    from plugin.search.eligible import BODY, DATE, MODALITY, NOT_PATIENT, PATIENT, _test_studies
 
     rng = np.random.default_rng(12)
-    col = rng.integers(0, 2**64 - 1, size=3000, dtype=np.uint64, endpoint=True)
-    for mask in (1, 4, 1 << 9, (1 << 63) | 1, 0, (1 << 20) | (1 << 33) | 2):
-        assert np.array_equal(_any_bit(col, mask), (col & np.uint64(mask)) != 0)
-        picked = col[rng.integers(0, 3000, 50)]  # a gathered copy, as for the narrowed studies
-        assert np.array_equal(_any_bit(picked, mask), (picked & np.uint64(mask)) != 0)
+    n = 5000
+    flags = (rng.random(n) < 0.9).astype(np.uint16)
+    date = rng.integers(20000101, 20251231, n).astype(np.int32)
+    date[rng.random(n) < 0.05] = 0
+    body = rng.integers(0, 5, n).astype(np.uint16)
+    modmask = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True) & np.uint64(0x8000_0000_0000_00FF)
+    patient = rng.integers(1, 30, n).astype(np.uint64)
+    lo, hi, body_id, mods, p_in, p_out = 20050101, 20101231, 3, np.uint64((1 << 63) | 4), np.uint64(7), np.uint64(9)
+    plain = {
+        DATE: (date >= lo) & (date <= hi),
+        BODY: body == body_id,
+        MODALITY: (modmask & mods) != 0,
+        PATIENT: patient == p_in,
+        NOT_PATIENT: patient != p_out,
+    }
+    for tests in range(1, 32):
+        want = flags == 1
+        for bit, ok in plain.items():
+            if tests & bit:
+                want &= ok
+        fail = np.empty(n, np.uint8)
+        count = _test_studies(flags, date, body, modmask, patient, tests, lo, hi, body_id, mods, p_in, p_out, fail)
+        assert count == int(np.count_nonzero(want)), tests
+        assert np.array_equal(fail, np.where(want, 0, 255).astype(np.uint8)), tests
 
 
 def test_excluding_a_patient_with_many_nearest_studies_still_returns_the_k_nearest(store):

@@ -382,8 +382,8 @@ class ReplicaIndex:
             if st is None:
                 raise IndexNotReady(f"the {self.level} index is not loaded")
             with self._lock:
-                exclude, _ = self._eligibility.rows(st, filters)
-                rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
+                exclude, _, groups = self._eligibility.rows(st, filters)
+                rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude, groups=groups)
             gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
             if gen == st.generation:
                 return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
@@ -434,7 +434,7 @@ class ReplicaIndex:
             return np.empty(0, np.int64), np.empty(0, np.int64)
         if exclude_patient and (filters is None or not filters.restricts()):
             return self._search_excluding_patient(st, query, k, max_distance, exclude_patient)
-        exclude, rows = self._eligibility.rows(st, filters, exclude_patient)
+        exclude, rows, groups = self._eligibility.rows(st, filters, exclude_patient)
         planes = st.planes[:, : st.n]
         if rows is not None:
             # Selective filter (one patient, a rare body part): distances of those rows only.
@@ -446,6 +446,7 @@ class ReplicaIndex:
             k,
             nbits=st.nbits,
             exclude=exclude,
+            groups=groups,
             max_distance=max_distance,
             selector=self._selector,
         )

@@ -60,8 +60,11 @@ class State:
         self.planes = np.zeros((n_words(nbits), 0), np.uint64)
         self.rerank = np.zeros((0, self.rerank_dim), np.int8)  # per slot: the int8 re-ranking vector (zeros: none)
         self.exclude = np.zeros(0, np.uint8)  # 0 live, 255 deleted / unknown
-        self.slot_sn = np.zeros(0, np.intp)
+        self.slot_sn = np.zeros(0, np.uint32)  # as the store keeps them (plugin.store.codes)
         self.attrs = Columns(1)
+        # Study numbers in use: one past the highest seen. The columns' capacity grows by doubling;
+        # a filter tests these only (a replica just past a doubling would test twice as many).
+        self.studies = 1
         # Study level only (one slot per study): study number -> slot, -1 for none. Lets a
         # selective filter go from the few passing studies straight to their slots.
         self.sn_slot = np.full(1, -1, np.int64)
@@ -80,13 +83,15 @@ class State:
         planes[:, :cap] = self.planes
         exclude = np.full(new, NEVER, np.uint8)
         exclude[:cap] = self.exclude
-        slot_sn = np.zeros(new, np.intp)
+        slot_sn = np.zeros(new, np.uint32)
         slot_sn[:cap] = self.slot_sn
         rerank = np.zeros((new, self.rerank_dim), np.int8)
         rerank[:cap] = self.rerank
         self.planes, self.exclude, self.slot_sn, self.rerank = planes, exclude, slot_sn, rerank
 
     def reserve_studies(self, n: int) -> None:
+        """Room for study numbers below ``n``, which are now in use."""
+        self.studies = max(self.studies, n)
         if n > self.attrs.size:
             size = max(n, self.attrs.size * 2, 1024)
             self.attrs = self.attrs.grown(size)
