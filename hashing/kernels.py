@@ -10,7 +10,8 @@ and vectorises the loop: the distance pass over a million 64-bit codes drops fro
 Compilation happens once per process on first use (about 2 s for all of them here); with a writable
 cache (``__pycache__`` next to this file, or ``NUMBA_CACHE_DIR``) later processes load the machine
 code instead (about 1 s, most of it numba's own start). :func:`warm_up` lets a server pay that cost
-at start, not on its first query.
+at start, not on its first query (:func:`plugin.search.eligible.warm_up` does the same for the
+filter pass, which uses :func:`jit` too).
 """
 
 from __future__ import annotations

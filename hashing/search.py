@@ -25,9 +25,10 @@ list for the same data, ties included.
 
 Exclusion. Rows that must not be returned (deleted slots, rows failing a filter) are given as an
 ``exclude`` mask of ``uint8`` where 0 means "eligible" and 255 "never": it is OR-ed into the
-distances, which keeps the scan branch-free. A filter on something the rows share (their study)
-comes as ``groups``: the group of each row and such a byte per group, OR-ed in the same pass as the
-distances, so that no per-row mask has to be built for each query.
+distances, which keeps the scan branch-free (a distance is at most 128, so an excluded row reads 255
+and is beyond every threshold). A filter on something the rows share (their study) comes as
+``groups``: the group of each row and such a byte per group, so that no per-row mask has to be
+built for each query; for one-plane (64-bit) codes both are OR-ed in the same pass as the distances.
 """
 
 from __future__ import annotations

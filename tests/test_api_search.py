@@ -156,6 +156,20 @@ def test_similar_by_study_refusals(api, archive):
     assert client.get("/api/similar/study/not-a-uid").status_code == 400
     bad_date = client.get(f"/api/similar/study/{archive.studies[0].study_uid}", params={"date_from": "2024"})
     assert bad_date.status_code == 400
+    # Refused, not read as "no filter" or as a number: an impossible day, a yes-or-no that is
+    # neither, a misspelt filter.
+    ref = archive.studies[0].study_uid
+    for params, needle in (
+        ({"date_from": "20201345"}, "not a date"),
+        ({"date_to": "20190230"}, "not a date"),
+        ({"exclude_same_patient": "maybe"}, "yes or no"),
+        ({"modalities": "CT"}, "unknown parameter modalities"),
+    ):
+        refused = client.get(f"/api/similar/study/{ref}", params=params)
+        assert refused.status_code == 400 and needle in refused.json()["detail"], params
+    assert client.get(f"/api/similar/study/{ref}", params={"exclude_same_patient": "no"}).status_code == 200
+    upload = client.post("/api/similar/upload", params={"level": "image", "colour": "red"}, content=b"x")
+    assert upload.status_code == 400 and "unknown parameter colour" in upload.json()["detail"]
 
 
 def test_similar_by_instance_uid(api, archive):

@@ -113,6 +113,15 @@ def test_plain_query_on_our_ae_is_not_similar():
     assert not similar.is_similar_request(identifier(StudyInstanceUID=REF), "DRHPACS", SIMILAR)
 
 
+def test_columns_a_viewer_asks_back_are_not_filters():
+    """Empty or "*" in PatientName, StudyDescription... is how a viewer asks for those columns."""
+    ds = identifier(
+        StudyInstanceUID=REF, PatientName="*", PatientBirthDate="", StudyDescription="", StudyTime="", StudyID="*"
+    )
+    query = similar.parse_similar(ds, SIMILAR, SIMILAR, default_results=10)
+    assert query.reference_uid == REF and not query.filters.restricts()
+
+
 def test_image_level_reads_sop_instance_uid():
     ds = identifier("IMAGE", StudyInstanceUID="", SOPInstanceUID=REF, Modality="DX")
     query = similar.parse_similar(ds, SIMILAR, SIMILAR, default_results=10)
@@ -139,7 +148,12 @@ def test_a_number_of_results_over_the_maximum_is_refused_not_cut():
         (identifier("", StudyInstanceUID=REF), "similar is STUDY or IMAGE"),
         (identifier(StudyInstanceUID=REF, StudyDate="2020-01-01"), "StudyDate"),
         (identifier(StudyInstanceUID=REF, StudyDate="20240101-20230101"), "ends before"),
+        (identifier(StudyInstanceUID=REF, StudyDate="20201345"), "not a date"),
+        (identifier(StudyInstanceUID=REF, StudyDate="20200101-20190230"), "StudyDate range"),
         (identifier(StudyInstanceUID=REF, PatientID="PAT*"), "wildcards in PatientID"),
+        (identifier(StudyInstanceUID=REF, PatientName="DOE*"), "PatientName is not a filter"),
+        (identifier(StudyInstanceUID=REF, StudyDescription="CHEST"), "StudyDescription is not a filter"),
+        (identifier("IMAGE", SOPInstanceUID=REF, AccessionNumber="A1"), "AccessionNumber is not a filter"),
         (with_private(identifier(), ref=REF, k="0"), "number of results must be >= 1"),
         (with_private(identifier(), ref=REF, k="ten"), "not an integer"),
         (with_private(identifier(), ref=REF, maxd="-1"), "maximum distance"),

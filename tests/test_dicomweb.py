@@ -414,6 +414,8 @@ def test_qido_matching_parameters_parse_into_the_one_filter_type(params, expecte
         {"PatientID": "P1,P2"},
         {"BodyPartExamined": "CHEST\\ABDOMEN"},
         {"StudyDate": "2024-01-01"},
+        {"StudyDate": "20241301"},
+        {"StudyDate": "20240101-20240230"},
         {"DRHExcludeReferencePatient": "maybe"},
     ],
 )

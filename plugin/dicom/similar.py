@@ -9,7 +9,9 @@ Two ways to ask (SPEC "The similar-studies query over DICOM"):
    number of results and an optional maximum Hamming distance.
 
 Filters come from standard matching keys: ModalitiesInStudy, a StudyDate (range), BodyPartExamined,
-PatientID (one patient's priors) and, in the private block, "exclude the reference patient".
+PatientID (one patient's priors) and, in the private block, "exclude the reference patient". A value
+in another key a query form fills in (PatientName, StudyDescription...: :data:`NOT_FILTERS`) is
+refused with a reason rather than ignored.
 
 Viewer forms rarely have a StudyInstanceUID field, so on the ``SIMILAR`` title a STUDY-level query
 may name its reference by AccessionNumber instead (with PatientID when the number is not unique);
@@ -151,6 +153,27 @@ def _filters(ds: Dataset, level: str) -> Filters:
     )
 
 
+# Keys a viewer's query form fills in that the similar query cannot match on. A value in one is
+# refused, not ignored: an answer of every patient's studies to "PatientName=DOE*" would pass for a
+# match. Empty or "*" (universal matching) is what viewers send for the columns they want back.
+NOT_FILTERS = (
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyTime",
+    "StudyDescription",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+
+
+def _refuse_other_matching(ds: Dataset, level: str) -> None:
+    keys = NOT_FILTERS if level == "STUDY" else (*NOT_FILTERS, "AccessionNumber")  # a reference at STUDY only
+    for keyword in keys:
+        if text(ds, keyword).strip("*"):
+            raise QueryError("malformed", f"{keyword} is not a filter of the similar query")
+
+
 # resolve(accession, patient_id or None) -> StudyInstanceUID; raises QueryError (unknown, ambiguous)
 AccessionResolver = Callable[[str, str | None], str]
 
@@ -210,6 +233,7 @@ def parse_similar(
     distance_text = st.private_text(ds, st.MAX_DISTANCE)
     if distance_text:
         max_distance = _positive_int(distance_text, "maximum distance", 0)
+    _refuse_other_matching(ds, level)
     filters = _filters(ds, level)
     if by_accession:
         filters = replace(filters, patient_id=None)  # it said whose accession number, not whose priors

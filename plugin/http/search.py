@@ -16,7 +16,8 @@
 
 Query parameters: ``k`` (at most ``Settings.max_results``), ``max_distance``, ``modality``
 (repeatable or comma separated), ``date_from``/``date_to`` (YYYYMMDD), ``body_part``,
-``patient_id``, ``exclude_same_patient``.
+``patient_id``, ``exclude_same_patient`` (yes or no); any other parameter is refused (400), so that a
+misspelt filter is never silently left out.
 Refusals are JSON ``{"error": reason, "detail": ...}`` with 400 (malformed), 404 (unknown
 reference), 409 (not indexed yet, or the upload's model is not the one answering), 413 (too large),
 422 (not a decodable image) or 503 (index not ready). The bearer token is checked by
@@ -70,6 +71,19 @@ HTTP_STATUS = {
     "index-not-ready": 503,
 }
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+# What a search takes; anything else is refused, so that a misspelt filter (``modalities=CT``) is not
+# silently left out of the answer. ``level`` only where an upload names what to search.
+SEARCH_PARAMS = (
+    "k",
+    "max_distance",
+    "modality",
+    "date_from",
+    "date_to",
+    "body_part",
+    "patient_id",
+    "exclude_same_patient",
+)
 
 
 class _Encoders:
@@ -122,6 +136,22 @@ def _int(params: Any, name: str, minimum: int) -> int | None:
     return value
 
 
+def _flag(params: Any, name: str) -> bool:
+    raw = (params.get(name) or "").strip().lower()
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise QueryError("malformed", f"{name}={raw!r} is not yes or no")
+
+
+def check_params(params: Any, allowed: tuple[str, ...] = SEARCH_PARAMS) -> None:
+    """Refuse a parameter the search does not take, naming the ones it does."""
+    unknown = sorted({name for name in params.keys() if name not in allowed})
+    if unknown:
+        raise QueryError("malformed", f"unknown parameter {', '.join(unknown)}; a search takes {', '.join(allowed)}")
+
+
 def parse_filters(params: Any) -> Filters:
     """Query parameters -> :class:`Filters` (the HTTP twin of :func:`plugin.dicom.similar.parse_similar`)."""
     modalities: list[str] = []
@@ -133,11 +163,14 @@ def parse_filters(params: Any) -> Filters:
         date_to=(params.get("date_to") or "").strip() or None,
         body_part=(params.get("body_part") or "").strip() or None,
         patient_id=(params.get("patient_id") or "").strip() or None,
-        exclude_reference_patient=(params.get("exclude_same_patient") or "").strip().lower() in _TRUE,
+        exclude_reference_patient=_flag(params, "exclude_same_patient"),
     )
 
 
-def _query(params: Any, level: str, reference: str, default_k: int, max_k: int) -> q.SimilarQuery:
+def _query(
+    params: Any, level: str, reference: str, default_k: int, max_k: int, allowed: tuple[str, ...] = SEARCH_PARAMS
+) -> q.SimilarQuery:
+    check_params(params, allowed)
     if not is_uid(reference):
         raise QueryError("malformed", "the reference is not a valid UID")
     query = q.SimilarQuery(
@@ -223,7 +256,7 @@ def routes(ctx: Any) -> list[Route]:
         if level not in ("STUDY", "IMAGE"):  # an upload is one image: a one-image study, or an image
             return error_response(QueryError("malformed", "level is study or image"))
         try:
-            query = _query(request.query_params, level, "1.2", default_k, max_k)
+            query = _query(request.query_params, level, "1.2", default_k, max_k, (*SEARCH_PARAMS, "level"))
         except QueryError as err:
             return error_response(err)
         if not uploads.take():

@@ -30,7 +30,7 @@ from workers.client import QUEUES
 
 # "duplicate" counts messages whose instance another task already hashed in its batch (or a re-sent
 # instance): normal with batching, so say so rather than let it read as a fault.
-_OUTCOME_LABELS = {"duplicate": "already done (batched or re-sent)"}
+_OUTCOME_LABELS = {"duplicate": "hashed by another task's batch, or re-sent"}
 
 
 def outcome_label(outcome: str) -> str:

@@ -1,18 +1,23 @@
 """Which slots of a replica a filtered search may return, computed from the study filter records.
 
 Filters restrict the *study* attributes (:class:`plugin.search.filters.Filters`); each slot points at its
-study's record. The answer comes in the cheapest form for the search that follows: a mask over every
-slot, or, when a filter is selective (one patient, a rare body part), the short list of eligible rows
-so that only those need a distance. A study without a record (metadata not written yet, or an image
-not yet linked to its study: study number 0) passes no filter, not even an exclusion: it cannot be
-shown not to be the excluded patient's.
+study's record. The answer comes in the cheapest form for the search that follows:
+
+- a broad filter (a modality, a date range): a byte per study, which the scan ORs in with each
+  slot's distance through the slot's study number (``groups``), so no per-slot mask is built;
+- a selective one (one patient, a rare body part: at most one study in :data:`FEW`): the short list
+  of eligible slots, so that only those need a distance;
+- an exclusion alone (another patient's priors): the deletion mask with the few excluded slots set.
+
+A study without a record (metadata not written yet, or an image not yet linked to its study: study
+number 0) passes no filter, not even an exclusion: it cannot be shown not to be the excluded
+patient's.
 
 Speed. Done as numpy steps (a pass per test, a gather of the study's result for every slot, a
-subtraction, an OR), a search at a million studies with a modality and a date range took 7-8 ms,
-over the 5 ms that unfiltered search keeps (README, "search at 1M"). Now one compiled pass over the
-records writes a pass/fail byte per study (each test its own vectorised loop), and the scan ORs
-each slot's study byte in with its distance (:func:`hashing.kernels.hamming_first_masked`): no
-per-slot mask is built for the query.
+subtraction, an OR), a search at a million studies with a modality and a date range took 7-8 ms
+(README, release note "filtered search at 1M"), over the 5 ms that unfiltered search keeps. Now one
+compiled function tests the records (a vectorised loop per test asked, :func:`_test_studies`), and
+the scan ORs each slot's study byte in with its distance (:func:`hashing.kernels.hamming_first_masked`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from hashing.kernels import jit, rows_at_most
 from hashing.search import Groups
 from plugin.search.filters import Filters
 from plugin.search.state import NEVER, State
-from plugin.store import FLAG_KNOWN, parse_date, patient_key
+from plugin.store import FLAG_KNOWN, patient_key
 from plugin.store.attributes import modality_mask
 
 # Which tests a filter asks of the records (bits of `_test_studies`'s `tests`).
@@ -140,7 +145,7 @@ class Eligibility:
         n = st.n
         restricts = filters is not None and filters.restricts()
         if not restricts and not exclude_patient:
-            # Nothing deleted: no mask to OR into the distances.
+            # No filter: only deleted slots are left out (no mask at all while none is).
             return (st.exclude[:n] if st.live < n else None), None, None
         kind, studies, fail = self._passing_studies(st, filters or Filters(), exclude_patient)
         if kind == "but":
@@ -203,9 +208,9 @@ class Eligibility:
             modalities = np.uint64(modality_mask(self.vocabulary("modality", list(f.modalities))))
         if f.date_from or f.date_to:
             tests |= DATE
-            # Unknown dates are 0 and fall outside every range.
-            lo = _filter_date(f.date_from) if f.date_from else 1
-            hi = _filter_date(f.date_to) if f.date_to else 99991231
+            # Unknown dates are 0 and fall outside every range. Filters checked both are dates.
+            lo = int(f.date_from) if f.date_from else 1
+            hi = int(f.date_to) if f.date_to else 99991231
         if exclude_patient:
             tests |= NOT_PATIENT
         if self._fail.shape[0] < size:
@@ -225,10 +230,3 @@ class Eligibility:
             rows_at_most(fail, np.uint8(0), sns)
             return "only", sns, fail
         return "mask", np.empty(0, np.int64), fail
-
-
-def _filter_date(value: str) -> int:
-    date = parse_date(value)
-    if not date:
-        raise ValueError(f"a date filter must be YYYYMMDD, got {value!r}")
-    return date

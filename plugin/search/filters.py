@@ -13,6 +13,7 @@ attribute, a field of the record in :mod:`plugin.store.attributes`), and its par
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,18 @@ from dataclasses import dataclass
 from plugin.search.errors import QueryError
 
 _DATE_RE = re.compile(r"^\d{8}$")
+
+
+def _is_date(value: str) -> bool:
+    """A DICOM DA that names a day of the calendar: ``20201345`` has eight digits but would match by
+    its number as if it were a date, so a range with it would answer without saying why."""
+    if not _DATE_RE.match(value):
+        return False
+    try:
+        datetime.date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -37,8 +50,8 @@ class Filters:
             object.__setattr__(self, "body_part", self.body_part.strip().upper() or None)
         for name in ("date_from", "date_to"):
             value = getattr(self, name)
-            if value and not _DATE_RE.match(value):
-                raise QueryError("malformed", f"{name} {value!r} is not YYYYMMDD")
+            if value and not _is_date(value):
+                raise QueryError("malformed", f"{name} {value!r} is not a date YYYYMMDD")
         if self.date_from and self.date_to and self.date_from > self.date_to:
             raise QueryError("malformed", "the date range ends before it starts")
 
@@ -55,13 +68,13 @@ def parse_date_range(value: str) -> tuple[str | None, str | None]:
     if "-" in value:
         start, _, end = value.partition("-")
         start, end = start.strip(), end.strip()
-        if (start and not _DATE_RE.match(start)) or (end and not _DATE_RE.match(end)) or not (start or end):
+        if (start and not _is_date(start)) or (end and not _is_date(end)) or not (start or end):
             raise QueryError("malformed", f"StudyDate range {value!r} is not YYYYMMDD-YYYYMMDD")
         if start and end and start > end:
             raise QueryError("malformed", f"StudyDate range {value!r} ends before it starts")
         return start or None, end or None
-    if not _DATE_RE.match(value):
-        raise QueryError("malformed", f"StudyDate {value!r} is not YYYYMMDD")
+    if not _is_date(value):
+        raise QueryError("malformed", f"StudyDate {value!r} is not a date YYYYMMDD")
     return value, value
 
 
