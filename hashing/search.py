@@ -102,7 +102,10 @@ def masked_distances(
     exclude: np.ndarray | None = None,
     groups: Groups | None = None,
 ) -> np.ndarray:
-    """:func:`distances`, with 255 wherever ``exclude`` or the row's group in ``groups`` says never."""
+    """:func:`distances`, with 255 wherever ``exclude`` or the row's group in ``groups`` says never.
+
+    With ``groups`` and no ``exclude`` a zero row mask is made per call (the replica always has its
+    deletion mask to give)."""
     n = planes.shape[1]
     if groups is None:
         dist = distances(planes, query, out)
