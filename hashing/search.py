@@ -13,7 +13,8 @@ Selection. Distances are small integers (at most ``nbits``), so the k nearest ar
 not sorting: guess a threshold ``t`` from the histogram of a strided sample of the distances (16,384
 of them, a sixtieth of a full histogram pass at a million codes), collect the rows ``<= t`` in one
 pass, and sort only them; when the guess gives too few or too many, one histogram pass over all
-distances gives the exact ``t``. A full ``argpartition`` over a million distances costs ten times more.
+distances gives the exact ``t``. A full ``argpartition`` over a million distances costs ten times
+more than this counting.
 
 Kernels. Each pass over the codes is a compiled loop in :mod:`hashing.kernels`; numpy does the
 rest, on the few candidate rows.

@@ -153,9 +153,10 @@ def _filters(ds: Dataset, level: str) -> Filters:
     )
 
 
-# Keys a viewer's query form fills in that the similar query cannot match on. A value in one is
-# refused, not ignored: an answer of every patient's studies to "PatientName=DOE*" would pass for a
-# match. Empty or "*" (universal matching) is what viewers send for the columns they want back.
+# Keys a viewer's query form usually fills in that the similar query cannot match on (and, at IMAGE
+# level, AccessionNumber). A value in one is refused, not ignored: an answer of every patient's
+# studies to "PatientName=DOE*" would pass for a match. Empty or "*" (universal matching) is what
+# viewers send for the columns they want back. Any other key is a return key only.
 NOT_FILTERS = (
     "PatientName",
     "PatientBirthDate",

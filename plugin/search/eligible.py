@@ -5,17 +5,19 @@ study's record. The answer comes in the cheapest form for the search that follow
 
 - a broad filter (a modality, a date range): a byte per study, which the scan ORs in with each
   slot's distance through the slot's study number (``groups``), so no per-slot mask is built;
-- a selective one (one patient, a rare body part: at most one study in :data:`FEW`): the short list
-  of eligible slots, so that only those need a distance;
-- an exclusion alone (another patient's priors): the deletion mask with the few excluded slots set.
+- a selective one (one patient, a rare body part: at most 1/:data:`FEW` of all studies pass): the
+  short list of eligible slots, so that only those need a distance (at image level, where a study
+  has many slots, through a mask over the slots);
+- the reference patient's exclusion alone, when at most 1/64 of the studies fail it: the deletion
+  mask with the few excluded slots set.
 
 A study without a record (metadata not written yet, or an image not yet linked to its study: study
 number 0) passes no filter, not even an exclusion: it cannot be shown not to be the excluded
 patient's.
 
 Speed. Done as numpy steps (a pass per test, a gather of the study's result for every slot, a
-subtraction, an OR), a search at a million studies with a modality and a date range took 7-8 ms
-(README, release note "filtered search at 1M"), over the 5 ms that unfiltered search keeps. Now one
+subtraction, an OR), a search at a million studies with a modality and a date range took p50 / p99
+7.0 / 8.0 ms (README, release note "filtered search at 1M"), over the 5 ms that unfiltered search keeps. Now one
 compiled function tests the records (a vectorised loop per test asked, :func:`_test_studies`), and
 the scan ORs each slot's study byte in with its distance (:func:`hashing.kernels.hamming_first_masked`).
 """
@@ -35,7 +37,7 @@ from plugin.store.attributes import modality_mask
 
 # Which tests a filter asks of the records (bits of `_test_studies`'s `tests`).
 DATE, BODY, MODALITY, PATIENT, NOT_PATIENT = 1, 2, 4, 8, 16
-# When at most one study in FEW passes, only their slots get a distance (hashing.search.knn_rows);
+# When at most 1/FEW of all studies pass, only their slots get a distance (hashing.search.knn_rows);
 # otherwise the scan of every slot ORs in the studies' bytes. At 1M studies the scan costs about
 # 1.2 ms whatever passes, while listing the passing studies, sorting their slots and gathering their
 # codes grows with their number: about 0.3 ms for 4,000 (1 in 256), 1.5-2 ms for 32,000 (1 in 32).
@@ -149,7 +151,7 @@ class Eligibility:
             return (st.exclude[:n] if st.live < n else None), None, None
         kind, studies, fail = self._passing_studies(st, filters or Filters(), exclude_patient)
         if kind == "but":
-            # Every study but a few (another patient's priors): mark the slots of those few.
+            # Every study but a few (the reference patient's left out): mark the slots of those few.
             exclude = st.exclude[:n].copy()
             exclude[self.slots_of_studies(st, studies)] = NEVER
             return exclude, None, None
