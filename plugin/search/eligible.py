@@ -17,9 +17,10 @@ patient's.
 
 Speed. Done as numpy steps (a pass per test, a gather of the study's result for every slot, a
 subtraction, an OR), a search at a million studies with a modality and a date range took p50 / p99
-7.0 / 8.0 ms (README, release note "filtered search at 1M"), over the 5 ms that unfiltered search keeps. Now one
-compiled function tests the records (a vectorised loop per test asked, :func:`_test_studies`), and
-the scan ORs each slot's study byte in with its distance (:func:`hashing.kernels.hamming_first_masked`).
+7.0 / 8.0 ms (README, release note "filtered search at 1M"), over the 5 ms that unfiltered search
+keeps. Now one compiled function tests the records (a vectorised loop per test asked,
+:func:`_test_studies`), and the scan ORs each slot's study byte in with its distance
+(:func:`hashing.kernels.hamming_first_masked`).
 """
 
 from __future__ import annotations
