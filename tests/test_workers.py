@@ -262,7 +262,14 @@ def test_transient_errors_are_retried_with_backoff_then_recorded(redis_server, r
     store = Store(redis_client, NS)
     entry = wait_until(lambda: store.ledger.get(study.sop_uids[0]), 60, what="failure after retries")
     assert entry["kind"] == "transient" and "after 1 retries" in entry["reason"]
-    stats = store.stats.tasks()["index_instance"]
+
+    # The worker writes the ledger entry, then the instance's state, then the counters: separate
+    # writes, so the counters may trail the entry by a moment.
+    def counted() -> dict | None:
+        stats = store.stats.tasks()["index_instance"]
+        return stats if stats["failed"] >= 1 else None
+
+    stats = wait_until(counted, 10, what="the failure counted")
     assert stats["retried"] == 1 and stats["failed"] == 1
 
 
