@@ -73,6 +73,33 @@ def test_retry_policy_is_declared_on_the_tasks(redis_server, tmp_path):
     assert delays == [5, 40, 600]
 
 
+def test_a_stop_asked_during_the_device_check_is_honoured(monkeypatch):
+    """serve SIGTERMs its workers when it dies; a worker still checking its device (seconds: torch,
+    a GPU probe) must stop, not go on to take tasks as an orphan. The check is replaced here by one
+    that is interrupted by SIGTERM, then succeeds."""
+    import os
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    import workers.app as worker_main
+    from workers.device import DeviceCheck
+
+    def interrupted(requested: str) -> DeviceCheck:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs in this (main) thread between bytecodes
+        return DeviceCheck(requested, "cpu", True, "cpu")
+
+    before = signal.getsignal(signal.SIGTERM)
+    record = {"state": "starting"}
+    settings = SimpleNamespace(device="cpu")
+    monkeypatch.setattr(worker_main, "check_device", interrupted)
+    assert worker_main._wait_for_device(settings, record, threading.Event()) is None
+    assert signal.getsignal(signal.SIGTERM) is before  # its own handler is gone again
+    monkeypatch.setattr(worker_main, "check_device", lambda requested: DeviceCheck(requested, "cpu", True, "cpu"))
+    assert worker_main._wait_for_device(settings, record, threading.Event()).ok
+
+
 def test_claim_takes_the_oldest_pending_and_respects_live_claims(store):
     for n in range(5):
         store.ingest.hint({"sop_uid": f"1.{n}", "study_uid": "1", "path": "p", "source_ae": "", "received_at": n})

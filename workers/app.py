@@ -81,12 +81,17 @@ def _heartbeat_loop(app: Celery, record: dict[str, Any], stop: threading.Event, 
 
 def _wait_for_device(settings: Settings, record: dict[str, Any], wake: threading.Event) -> DeviceCheck | None:
     """Check the device; while it is unusable, say so in the heartbeat and check again. None when the
-    worker was asked to stop meanwhile (SIGTERM, Ctrl-C) before the device ever worked."""
+    worker was asked to stop meanwhile (SIGTERM, Ctrl-C), the check itself included: a worker that
+    ``serve`` started gets SIGTERM when ``serve`` dies, and the check (loading torch, probing a GPU)
+    takes seconds. A stop asked then and not honoured left an orphan worker running on."""
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
             check = check_device(settings.device)
+            if stopping.is_set():
+                log.info("asked to stop during the device check; stopping")
+                return None
             if check.ok:
                 return check
             record.update(state="refused", reason=f"device {check.device} unusable: {check.detail}")
@@ -204,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     worker_process_init.connect(_die_with_worker, weak=False)
     try:
         check = _wait_for_device(settings, record, wake)
-        if check is None:
-            return EXIT_DEVICE_UNUSABLE
+        if check is None:  # asked to stop before the device was used
+            return EXIT_DEVICE_UNUSABLE if record["state"] == "refused" else 0
         # "online" once the Celery consumer is ready (worker_ready), not before: a health check that
         # sees "online" may ping it at once
         record.update(reason="", device=check.device, device_name=check.detail)
