@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hashing.kernels import jit, rows_at_most
+from hashing.kernels import jit, or_masked, rows_at_most
 from hashing.search import Groups
 from plugin.search.filters import Filters
 from plugin.search.state import NEVER, State
@@ -94,18 +94,6 @@ def _test_studies(
     return count
 
 
-@jit
-def _slot_mask(exclude: np.ndarray, slot_sn: np.ndarray, fail: np.ndarray, out: np.ndarray) -> int:
-    """``out[s] = exclude[s] | fail[slot_sn[s]]``: a slot may be returned only if it is live and its
-    study passes. Returns how many may."""
-    count = 0
-    for s in range(exclude.shape[0]):
-        b = exclude[s] | fail[slot_sn[s]]
-        out[s] = b
-        count += b == 0
-    return count
-
-
 def warm_up() -> None:
     """Compile (or load from the cache) the filter passes now, on a few records of the replica's
     column types (:class:`plugin.search.state.Columns`)."""
@@ -115,7 +103,6 @@ def warm_up() -> None:
         cols["flags"], cols["date"], cols["body"], cols["modmask"], cols["patient"],
         DATE | BODY | MODALITY | PATIENT | NOT_PATIENT, 1, 2, 1, none, none, none, fail,
     )  # fmt: skip
-    _slot_mask(fail, np.zeros(cols.size, np.uint32), fail, np.zeros(cols.size, np.uint8))
 
 
 class Eligibility:
@@ -165,7 +152,9 @@ class Eligibility:
         if self._mask.shape[0] < n:
             self._mask = np.empty(max(n, 2 * self._mask.shape[0]), np.uint8)
         mask = self._mask[:n]
-        if _slot_mask(st.exclude[:n], st.slot_sn[:n], fail, mask) <= n // 16:
+        mask.fill(0)
+        or_masked(mask, st.exclude[:n], st.slot_sn[:n], fail)  # the scan's own mask pass
+        if n - np.count_nonzero(mask) <= n // 16:
             return mask, np.flatnonzero(mask == 0), None
         return mask, None, None
 
