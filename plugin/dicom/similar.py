@@ -153,19 +153,13 @@ def _filters(ds: Dataset, level: str) -> Filters:
     )
 
 
-# Keys a viewer's query form usually fills in that the similar query cannot match on (and, at IMAGE
-# level, AccessionNumber). A value in one is refused, not ignored: an answer of every patient's
-# studies to "PatientName=DOE*" would pass for a match. Empty or "*" (universal matching) is what
-# viewers send for the columns they want back. Any other key is a return key only.
-NOT_FILTERS = (
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyTime",
-    "StudyDescription",
-    "StudyID",
-    "ReferringPhysicianName",
-)
+# The study keys a viewer's query form usually fills in (STUDY_META_KEYS) that the similar query
+# cannot match on (and, at IMAGE level, AccessionNumber). A value in one is refused, not ignored: an
+# answer of every patient's studies to "PatientName=DOE*" would pass for a match. Empty or "*"
+# (universal matching) is what viewers send for the columns they want back. Any other key is a
+# return key only.
+_READ_KEYS = ("PatientID", "StudyDate", "BodyPartExamined", "AccessionNumber")  # filters, or a reference
+NOT_FILTERS = tuple(k for k in STUDY_META_KEYS if k not in _READ_KEYS)
 
 
 def _refuse_other_matching(ds: Dataset, level: str) -> None:
