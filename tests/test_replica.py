@@ -45,6 +45,18 @@ def expected(live: dict[str, tuple[int, bytes]], query: bytes, k: int, max_dista
     return out[:k]
 
 
+def study_passes(meta: dict[str, str], f: Filters, excluded_patient: str | None = None) -> bool:
+    """The filters written plainly over one study's metadata: the reference the replica is checked against."""
+    return (
+        (not f.modalities or bool(set(meta["modalities"].split(",")) & set(f.modalities)))
+        and (not f.date_from or meta["study_date"] >= f.date_from)
+        and (not f.date_to or meta["study_date"] <= f.date_to)
+        and (not f.body_part or meta["body_part"] == f.body_part)
+        and (not f.patient_id or meta["patient_id"] == f.patient_id)
+        and not (excluded_patient and meta["patient_id"] == excluded_patient)
+    )
+
+
 def as_pairs(hits):
     return [(h.uid, h.distance) for h in hits]
 
@@ -214,23 +226,7 @@ def test_filters_keep_the_k_nearest_among_passing_studies(store):
     idx.refresh()
 
     def allowed(f: Filters, excluded_patient: str | None = None) -> set[str]:
-        out = set()
-        for uid, m in meta.items():
-            mods = set(m["modalities"].split(","))
-            if f.modalities and not mods & {x.upper() for x in f.modalities}:
-                continue
-            if f.date_from and m["study_date"] < f.date_from:
-                continue
-            if f.date_to and m["study_date"] > f.date_to:
-                continue
-            if f.body_part and m["body_part"] != f.body_part:
-                continue
-            if f.patient_id and m["patient_id"] != f.patient_id:
-                continue
-            if excluded_patient and m["patient_id"] == excluded_patient:
-                continue
-            out.add(uid)
-        return out
+        return {uid for uid, m in meta.items() if study_passes(m, f, excluded_patient)}
 
     cases = [
         (Filters(modalities=("DX",)), None),
@@ -322,16 +318,6 @@ def test_selective_and_broad_filters_agree_with_brute_force_at_study_and_image_l
             live["image"][sop] = (store.codes.upsert("m1", "image", sop, c)[0], bytes(c))
             study_of[sop] = uid
 
-    def passes(m: dict, f: Filters, out: str | None) -> bool:
-        return (
-            (not f.modalities or m["modalities"] in f.modalities)
-            and (not f.date_from or m["study_date"] >= f.date_from)
-            and (not f.date_to or m["study_date"] <= f.date_to)
-            and (not f.body_part or m["body_part"] == f.body_part)
-            and (not f.patient_id or m["patient_id"] == f.patient_id)
-            and m["patient_id"] != out
-        )
-
     selective = [(Filters(patient_id="P5"), None), (Filters(body_part="KNEE"), None)]
     broad = [
         (Filters(modalities=("CT",)), None),
@@ -345,7 +331,7 @@ def test_selective_and_broad_filters_agree_with_brute_force_at_study_and_image_l
             for f, out in cases:
                 _, rows, groups = idx._eligibility.rows(idx._state, f, out)
                 assert (rows is not None) == is_selective and (groups is not None) == (not is_selective), (level, f)
-                ok = {u for u in live[level] if passes(meta[study_of.get(u, u)], f, out)}
+                ok = {u for u in live[level] if study_passes(meta[study_of.get(u, u)], f, out)}
                 assert ok
                 for q in codes[:: 2 * FEW // 3]:
                     got = as_pairs(idx.search(bytes(q), 15, filters=f, exclude_patient=out))
