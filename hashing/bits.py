@@ -68,8 +68,31 @@ def quantize_rerank(vectors: np.ndarray) -> np.ndarray:
 
 
 def rerank_similarity(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Cosine between an int8 re-ranking vector and the rows of ``vectors`` (0 for a zero vector)."""
-    q = np.asarray(query, np.float32).ravel()
+    """Cosine between an int8 re-ranking vector and the rows of ``vectors`` (0 for a zero vector).
+
+    A query of several vectors ``(V, d)`` (the reference's variants, :mod:`hashing.variants`) scores
+    each row by its best cosine to any of them.
+    """
+    q = np.asarray(query, np.float32)
+    q = q.reshape(-1, q.shape[-1]) if q.ndim > 1 else q[None, :]
     v = np.asarray(vectors, np.float32)
-    norms = np.linalg.norm(v, axis=1) * max(float(np.linalg.norm(q)), 1e-12)
-    return np.where(norms > 0, (v @ q) / np.maximum(norms, 1e-12), 0.0).astype(np.float32)
+    v_norm = np.linalg.norm(v, axis=1)
+    q_unit = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    best = (q_unit @ v.T).max(axis=0) if len(q) else np.zeros(len(v), np.float32)
+    return np.where(v_norm > 0, best / np.maximum(v_norm, 1e-12), 0.0).astype(np.float32)
+
+
+def pooled_variants(variants: np.ndarray) -> np.ndarray:
+    """The variants of a study or series from its images' stored int8 variants ``(m, V, d)``: per
+    variant, the mean of the images' unit keys, stored as int8 (:func:`quantize_rerank`).
+
+    A study's own re-ranking key pools its images' layouts; pooling each variant alike gives it the
+    same tolerance. A one-image study gets exactly its image's variants.
+    """
+    v = np.asarray(variants, np.float32)
+    if v.ndim != 3 or not len(v):
+        raise ValueError(f"expected (m >= 1, V, d) variants, got shape {v.shape}")
+    if len(v) == 1:
+        return np.asarray(variants, np.int8)[0]
+    unit = v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+    return quantize_rerank(unit.mean(axis=0))

@@ -27,6 +27,7 @@ from hashing.dmih import DMIH, dmih_tiny
 from hashing.drh import DRH, drh_tiny, layout_dims, rerank_dim, rerank_key
 from hashing.resize import model_input
 from hashing.route import LEGACY, Route
+from hashing.variants import VARIANTS, variant_keys
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 class Encoded(NamedTuple):
-    """What a worker stores per image: the code, the embedding DMIH pools, the re-ranking vector."""
+    """What a worker stores per image: the code, the embedding DMIH pools, the re-ranking vector, and
+    the re-ranking vectors of its variants, for when it is a query's reference (:mod:`hashing.variants`)."""
 
     codes: np.ndarray  # uint8 (n, nbits // 8)
     embeddings: np.ndarray  # float32 (n, emb_dim)
     rerank: np.ndarray  # int8 (n, rerank_dim)
+    variants: np.ndarray  # int8 (n, n_variants, rerank_dim); n_variants 0 without a layout path
 
 
 def to_input(images_u8: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -110,6 +113,8 @@ class Encoder:
             raise ValueError(f"DRH has a {self.layout_dims}-value layout path but DMIH {layout_dims(dmih)}")
         # values per re-ranking vector (images and studies alike)
         self.rerank_dim = rerank_dim(self.nbits, self.layout_dims)
+        # query variants per image (hashing.variants): only a layout has a position to tolerate
+        self.n_variants = len(VARIANTS) if self.layout_dims else 0
         self.input_size = input_size
         self.mean = mean
         self.std = std
@@ -199,22 +204,26 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_tensor(self, x: torch.Tensor) -> Encoded:
-        """Already prepared ``(n, 1, S, S)`` -> codes, embeddings and re-ranking vectors."""
+        """Already prepared ``(n, 1, S, S)`` -> codes, embeddings, re-ranking vectors and variants."""
         feats = self.drh.forward_features(x)
         h_t = self.drh.forward_head(feats)
         key = rerank_key(h_t, feats, self.layout_dims).float().cpu().numpy()
         h = h_t.float().cpu().numpy()
         emb = feats if self._shared else self.dmih.forward_features(x)
         codes = bitcodes.pack(bitcodes.binarize(h)).reshape(len(x), self.nbits // 8)
-        return Encoded(codes, emb.float().cpu().numpy().astype(np.float32), bitcodes.quantize_rerank(key))
+        variants = np.zeros((len(x), 0, self.rerank_dim), np.int8)
+        if self.n_variants:
+            variants = bitcodes.quantize_rerank(variant_keys(self.drh, x).cpu().numpy())
+        return Encoded(codes, emb.float().cpu().numpy().astype(np.float32), bitcodes.quantize_rerank(key), variants)
 
     def encode_images(self, images: list[np.ndarray], batch_size: int = 64) -> Encoded:
-        """2-D float32 images in [0, 1] -> codes ``(n, nbits // 8)``, embeddings ``(n, emb_dim)`` and
-        re-ranking vectors ``(n, rerank_dim)``."""
+        """2-D float32 images in [0, 1] -> codes ``(n, nbits // 8)``, embeddings ``(n, emb_dim)``,
+        re-ranking vectors ``(n, rerank_dim)`` and variants ``(n, n_variants, rerank_dim)``."""
         out = Encoded(
             np.zeros((len(images), self.nbits // 8), dtype=np.uint8),
             np.zeros((len(images), self.emb_dim), dtype=np.float32),
             np.zeros((len(images), self.rerank_dim), dtype=np.int8),
+            np.zeros((len(images), self.n_variants, self.rerank_dim), dtype=np.int8),
         )
         for start in range(0, len(images), batch_size):
             part = self.encode_tensor(self.prepare(images[start : start + batch_size]))

@@ -12,6 +12,7 @@ import torch
 from hashing.dmih import DMIH
 from hashing.drh import DRH, layout_dims, rerank_key
 from hashing.encoder import to_input
+from hashing.variants import variant_keys
 
 
 @torch.no_grad()
@@ -32,6 +33,19 @@ def encode_set(
     if not feats:
         return torch.zeros(0, model.num_features), torch.zeros(0, model.nbits)
     return torch.cat(feats), torch.cat(heads)
+
+
+@torch.no_grad()
+def variant_set(
+    model: DRH | DMIH, images: torch.Tensor, mean: float, std: float, device: torch.device, bs: int = 256
+) -> torch.Tensor:
+    """The query variants' re-ranking keys (:func:`hashing.variants.variant_keys`) of a uint8 image
+    tensor: ``(n, V, dims)``, ``(n, 0, 0)`` for a model without a layout path."""
+    model.eval()
+    parts = [
+        variant_keys(model, to_input(images[s : s + bs], mean, std).to(device)).cpu() for s in range(0, len(images), bs)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, 0, 0)
 
 
 @torch.no_grad()

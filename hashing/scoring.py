@@ -7,7 +7,9 @@ says which images are queries and which are the database, for two measures:
 - **label measures** (where labels exist): mAP@all, mAP@100, P@10, relevant = same label;
 - **same-patient recall** @1 and @10: for every query that has another image of its patient in the
   database, is one of them in the top 1 / top 10 (the query itself left out). No label needed. A
-  served method also gets recall@10 from tighter shortlists (:data:`TIGHTER_SHORTLISTS`).
+  served method also gets recall@10 from tighter shortlists (:data:`SHORTLISTS`). A served method with
+``variants`` re-ranks as the service does for a stored reference: each candidate by its best cosine to
+the query's variants (:mod:`hashing.variants`), from the larger tolerant shortlist.
 
 Rankings break ties at random (seeded); every figure comes with a bootstrap 95% interval over
 queries. Code methods also report ``ties@10`` (how many database items share the 10th-nearest
@@ -33,7 +35,7 @@ from hashing.metrics import (
     same_patient_scores,
     ties_at,
 )
-from hashing.search import SHORTLIST
+from hashing.search import SHORTLIST, TOLERANT_SHORTLIST
 
 
 @dataclass
@@ -46,6 +48,15 @@ class Rep:
     vectors: np.ndarray | None = None  # float (n, d)
     nbits: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    variants: np.ndarray | None = None  # float (n, V, d): a served method's query variants
+
+    @property
+    def shortlists(self) -> tuple[int, ...]:
+        """A served method's shortlist, then the tighter ones it is also scored from."""
+        if self.kind != "served":
+            return ()
+        main = TOLERANT_SHORTLIST if self.variants is not None else SHORTLIST
+        return (main, *(s for s in SHORTLISTS if s < main))
 
 
 @dataclass
@@ -73,7 +84,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 # Served recall is also scored from these tighter shortlists. On an evaluation set of a few thousand
 # images the service's shortlist is several per cent of the archive; at a million images it is
 # 0.03 %, and what the codes lose of the re-ranking key's neighbours shows only as it tightens.
-TIGHTER_SHORTLISTS = (100, 50)
+SHORTLISTS = (TOLERANT_SHORTLIST, SHORTLIST, 100, 50)
 
 
 def _orders(
@@ -89,12 +100,18 @@ def _orders(
     order = ranking(dist, rng, exclude)
     if rep.kind != "served":
         return [order]
-    sims = _unit(rep.vectors[q]) @ _unit(rep.vectors[d]).T
+    db = _unit(rep.vectors[d])
+    if rep.variants is None:
+        sims = _unit(rep.vectors[q]) @ db.T
+    else:  # the best cosine over the query's variants, one variant at a time (memory)
+        sims = np.full((len(q), len(d)), -np.inf)
+        for v in range(rep.variants.shape[1]):
+            np.maximum(sims, _unit(rep.variants[q, v]) @ db.T, out=sims)
     return [rerank(order, sims, s) for s in shortlists]
 
 
 def _order(rep: Rep, q: np.ndarray, d: np.ndarray, rng: np.random.Generator, exclude: np.ndarray) -> np.ndarray:
-    return _orders(rep, q, d, rng, exclude, (SHORTLIST,))[0]
+    return _orders(rep, q, d, rng, exclude, rep.shortlists[:1])[0]
 
 
 def _positions(queries: np.ndarray, database: np.ndarray) -> np.ndarray:
@@ -130,17 +147,19 @@ def score(rep: Rep, proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[
                 scores[key].append(values)
         _with_intervals(row, scores, rng, n_boot)
     same: dict[str, list[np.ndarray]] = {"r@1": [], "r@10": []}
-    tighter = TIGHTER_SHORTLISTS if rep.kind == "served" else ()
+    tighter = rep.shortlists[1:]
     same.update({f"r@10_from_{s}": [] for s in tighter})
     db_patients = proto.patients[proto.same_database]
     for q in _chunks(proto.same_queries):
         exclude = _positions(q, proto.same_database)
-        orders = _orders(rep, q, proto.same_database, rng, exclude, (SHORTLIST, *tighter))
+        orders = _orders(rep, q, proto.same_database, rng, exclude, rep.shortlists or (0,))
         for key, values in same_patient_scores(orders[0], proto.patients[q], db_patients, exclude).items():
             same[key].append(values)
         for s, order in zip(tighter, orders[1:], strict=True):
             same[f"r@10_from_{s}"].append(same_patient_scores(order, proto.patients[q], db_patients, exclude)["r@10"])
     _with_intervals(row, same, rng, n_boot)
+    if rep.shortlists:
+        row["shortlist"] = rep.shortlists[0]
     if rep.codes is not None:
         q = proto.label_queries if proto.labelled else proto.same_queries
         db = proto.label_database if proto.labelled else proto.same_database

@@ -54,7 +54,7 @@ from hashing.data import DataError, ImageSet, Source, estimate_normalization, lo
 from hashing.dmih import DMIH
 from hashing.drh import DRH, MODELS
 from hashing.encoder import dmih_from_drh, resolve_device
-from hashing.inference import encode_set, image_keys, pool_bags
+from hashing.inference import encode_set, image_keys, pool_bags, variant_set
 from hashing.metrics import distinct_codes, hamming_distances, ties_at
 from hashing.resnet import LAYOUT_DIMS, LayoutPath
 from hashing.route import Route
@@ -571,10 +571,18 @@ def validate(run: _Run) -> dict[str, Any]:
         same_queries=everything[:n_val],
         same_database=everything,
     )
-    row = score(Rep("validation", "served", codes=codes, vectors=relaxed, nbits=run.model.nbits), proto, cfg.seed, 200)
+    rep = Rep("validation", "served", codes=codes, vectors=relaxed, nbits=run.model.nbits)
+    plain = None
+    if isinstance(run.model, DRH):  # served as a stored reference is: re-ranked by its variants
+        variants = variant_set(run.model, both.images, run.mean, run.std, run.device).numpy()
+        if variants.size:
+            plain = score(rep, proto, cfg.seed, 200).get("r@10")
+            rep.variants = quantize_rerank(variants).astype(np.float32)
+    row = score(rep, proto, cfg.seed, 200)
     return {
         "val_map": row.get("map_all"),
         "val_recall@10": row.get("r@10"),
+        "val_recall@10_plain": plain,
         "val_recall_queries": row.get("r@10_n", 0),
         "val_ties@10": row.get("ties@10"),
         "val_distinct": row.get("distinct_codes"),

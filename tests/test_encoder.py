@@ -59,18 +59,18 @@ def test_missing_file_is_not_found() -> None:
 def test_encode_images_any_size(encoder: Encoder) -> None:
     rng = np.random.default_rng(0)
     images = [rng.random((37, 200), dtype=np.float32), rng.random((300, 90), dtype=np.float32)] + _fixture_images()
-    codes, embs, reranks = encoder.encode_images(images, batch_size=5)
+    codes, embs, reranks, _ = encoder.encode_images(images, batch_size=5)
     assert codes.dtype == np.uint8 and codes.shape == (len(images), encoder.nbits // 8)
     assert embs.dtype == np.float32 and embs.shape == (len(images), encoder.emb_dim)
     assert np.isfinite(embs).all()
     # Batching must not change results (eval-mode batch norm).
-    c1, e1, _ = encoder.encode_images(images[2:4])
+    c1, e1, _, _ = encoder.encode_images(images[2:4])
     np.testing.assert_array_equal(c1, codes[2:4])
     np.testing.assert_allclose(e1, embs[2:4], rtol=1e-4, atol=1e-5)
 
 
 def test_empty_batch(encoder: Encoder) -> None:
-    codes, embs, _ = encoder.encode_images([])
+    codes, embs, _, _ = encoder.encode_images([])
     assert codes.shape == (0, encoder.nbits // 8) and embs.shape == (0, encoder.emb_dim)
 
 
@@ -104,7 +104,7 @@ def test_checkpoint_round_trip_and_binarization(tmp_path: Path) -> None:
     enc = Encoder.load(str(path), device="cpu")
     assert (enc.version, enc.nbits, enc.input_size) == ("t-v1", 32, 48)
     images = _fixture_images()[:3]
-    codes, embs, _ = enc.encode_images(images)
+    codes, embs, _, _ = enc.encode_images(images)
     # Codes are the x >= 0 bits of the DRH hash layer on the prepared input.
     with torch.no_grad():
         h = drh.eval().forward_head(drh.forward_features(enc.prepare(images)))

@@ -176,9 +176,9 @@ def test_evaluate_a_dicom_folder_without_splits_or_labels(tmp_path: Path) -> Non
 def test_served_recall_is_also_scored_from_tighter_shortlists() -> None:
     """A partner the codes rank 80th is found by the re-ranking from 300 and 100 codes, not from 50:
     what happens to an answer as the archive grows and the same shortlist becomes a smaller part of it."""
-    from hashing.scoring import TIGHTER_SHORTLISTS, Protocol, Rep, score
+    from hashing.scoring import SHORTLISTS, Protocol, Rep, score
 
-    assert TIGHTER_SHORTLISTS == (100, 50)
+    assert SHORTLISTS == (1000, 300, 100, 50)
     n = 401
     bits = np.zeros((n, 64), np.uint8)
     bits[1:80, :2] = 1  # 79 strangers at Hamming distance 2 from the query (image 0)
@@ -201,3 +201,38 @@ def test_served_recall_is_also_scored_from_tighter_shortlists() -> None:
     assert row["r@10"] == 1.0 and row["r@10_from_100"] == 1.0 and row["r@10_from_50"] == 0.0
     codes_only = score(Rep("m codes", "hamming", codes=pack(bits), nbits=64), proto, n_boot=10)
     assert codes_only["r@10"] == 0.0 and "r@10_from_100" not in codes_only
+
+
+def test_tolerant_served_recall_takes_the_best_variant_from_a_larger_shortlist() -> None:
+    """The patient's other film is the 500th nearest code and looks like a *variant* of the query (its
+    shifted self), not like the query: the tolerant re-ranking finds it from 1,000 codes, not from 300,
+    and the plain re-ranking not at all."""
+    from hashing.scoring import Protocol, Rep, score
+
+    n = 1201
+    bits = np.zeros((n, 64), np.uint8)
+    bits[1:500, :2] = 1  # 499 strangers nearer than the partner
+    bits[500, :5] = 1  # the patient's other film: the 500th nearest code
+    bits[501:, :10] = 1
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((n, 16))
+    variants = rng.standard_normal((n, 3, 16))
+    variants[:, 1] = vectors  # the untransformed variant is the image's own vector
+    variants[0, 2] = vectors[500]  # the query, transformed, looks exactly like its partner
+    patients = np.array(["s0"] * n, dtype=object)
+    patients[:] = [f"s{i}" for i in range(n)]
+    patients[0] = patients[500] = "p"
+    everything = np.arange(n)
+    proto = Protocol(
+        labels=np.full(n, -1),
+        patients=patients,
+        label_queries=np.array([0]),
+        label_database=everything,
+        same_queries=np.array([0]),
+        same_database=everything,
+    )
+    tolerant = score(Rep("t", "served", pack(bits), vectors, 64, variants=variants), proto, n_boot=10)
+    assert tolerant["shortlist"] == 1000
+    assert tolerant["r@10"] == 1.0 and tolerant["r@1"] == 1.0 and tolerant["r@10_from_300"] == 0.0
+    plain = score(Rep("p", "served", pack(bits), vectors, 64), proto, n_boot=10)
+    assert plain["shortlist"] == 300 and plain["r@10"] == 0.0 and "r@10_from_1000" not in plain
