@@ -49,17 +49,21 @@ class Archive:
         ]
         self.studies = []
         self.series: list[str] = []
+        self.vectors: dict[str, np.ndarray] = {}  # SOPInstanceUID -> its re-ranking vector
         for n, (pid, files, modality) in enumerate(plan):
             study = make_study(tmp / "archive", files, patient_id=pid, modality=modality, study_date=f"2024010{n + 1}")
             pixels = [load_pixels(read_dataset(f)) for f in study.files]
-            codes, embeddings, reranks = encoder.encode_images(pixels)
+            codes, embeddings, reranks, variants = encoder.encode_images(pixels)
             series_uid = generate_uid()
-            for path, sop, c, emb, rr in zip(study.files, study.sop_uids, codes, embeddings, reranks, strict=True):
+            for path, sop, c, emb, rr, var in zip(
+                study.files, study.sop_uids, codes, embeddings, reranks, variants, strict=True
+            ):
                 store.records.put_instance(
                     sop, study.study_uid, {"series_uid": series_uid, "modality": modality, "path": str(path)}
                 )
                 store.codes.upsert(encoder.version, "image", sop, bytes(c), study_uid=study.study_uid, rerank=rr)
-                store.embeddings.put(encoder.version, sop, emb)
+                store.embeddings.put(encoder.version, sop, emb, var)
+                self.vectors[sop] = rr
             store.records.put_study(
                 study.study_uid,
                 {
@@ -179,6 +183,32 @@ def test_similar_by_instance_uid(api, archive):
     assert body["level"] == "image" and len(body["results"]) == 3
     assert ref not in [r["sop_instance_uid"] for r in body["results"]]
     assert all(r["study"]["study_instance_uid"] for r in body["results"])
+
+
+def test_answers_are_reranked_by_the_references_variants(api, archive, encoder):
+    """A stored reference is re-ranked by its query variants (hashing.variants): an image by its own,
+    a two-image study by its images' pooled; each answer's score is (1 + its best cosine) / 2."""
+    from hashing.bits import pooled_variants, rerank_similarity
+
+    client, store = api
+
+    def best(variants, vector):
+        return round((1 + float(rerank_similarity(variants, vector[None])[0])) / 2, 4)
+
+    study = archive.studies[3]  # two images of patient P1
+    stored = store.embeddings.variants_of(archive.version, study.sop_uids, encoder.rerank_dim)
+    assert stored.shape == (2, 27, encoder.rerank_dim)
+    ref = study.sop_uids[0]
+    body = client.get(f"/api/similar/instance/{ref}", params={"k": 3}).json()
+    for r in body["results"]:
+        assert r["score"] == pytest.approx(best(stored[0], archive.vectors[r["sop_instance_uid"]]), abs=2e-4)
+    body = client.get(f"/api/similar/study/{study.study_uid}", params={"k": 10}).json()
+    pooled = pooled_variants(stored)
+    snap = store.codes.snapshot(archive.version, "study")
+    slots = store.codes.slots_of(archive.version, "study", [r["study"]["study_instance_uid"] for r in body["results"]])
+    assert len(body["results"]) == 3
+    for r, slot in zip(body["results"], slots, strict=True):
+        assert r["score"] == pytest.approx(best(pooled, snap.rerank[slot]), abs=2e-4)
 
 
 def test_similar_by_series_uid_answers_series_with_their_studies(api, archive, encoder):

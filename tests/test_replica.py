@@ -559,3 +559,39 @@ def test_reranked_top_k_equals_brute_force_over_the_shortlist(redis_client, widt
             assert [h.similarity for h in got] == pytest.approx(sorted(sims, reverse=True)[:k], abs=1e-6)
     found = idx.lookup("1.9.7")
     assert found is not None and found[0] == bytes(codes[7]) and np.array_equal(found[1], later)
+
+
+def test_query_variants_rerank_a_larger_shortlist_by_their_best_cosine(redis_client):
+    """With the reference's variants (V, d), the answer is the 1,000-code tolerant shortlist re-sorted by
+    each candidate's best cosine to any variant: brute force over the shortlist, in float64."""
+    from hashing.bits import quantize_rerank
+    from hashing.search import TOLERANT_SHORTLIST, shortlist_size
+
+    width = 128
+    store = Store(redis_client, namespace="t")
+    store.models.register("m1", NBITS, rerank_dim=width)
+    store.models.activate("m1")
+    rng = np.random.default_rng(15)
+    codes = rand_codes(rng, 2500, centres=3, flip=0.1)
+    vectors = quantize_rerank(rng.standard_normal((2500, width)))
+    live = {}
+    for i, (c, v) in enumerate(zip(codes, vectors, strict=True)):
+        live[f"1.9.{i}"] = (store.codes.upsert("m1", "study", f"1.9.{i}", c, rerank=v)[0], bytes(c))
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    assert shortlist_size(10, tolerant=True) == TOLERANT_SHORTLIST == 1000
+    for q in (0, 1234):
+        query = bytes(codes[q])
+        variants = quantize_rerank(rng.standard_normal((27, width)))
+        shortlist = expected(live, query, TOLERANT_SHORTLIST)
+        cand = vectors[[int(u.rsplit(".", 1)[1]) for u, _ in shortlist]].astype(np.float64)
+        var = variants.astype(np.float64)
+        cos = (var @ cand.T) / np.outer(np.linalg.norm(var, axis=1), np.linalg.norm(cand, axis=1))
+        best_cos = cos.max(axis=0)
+        order = np.argsort(-best_cos, kind="stable")[:10]
+        got = idx.search(query, 10, rerank=variants)
+        assert [(h.uid, h.distance) for h in got] == [shortlist[i] for i in order]
+        assert [h.similarity for h in got] == pytest.approx(best_cos[order], abs=1e-5)
+        # one variant alone is the plain re-ranking of the 300-code shortlist
+        plain = idx.search(query, 10, rerank=variants[0])
+        assert max(h.distance for h in plain) <= expected(live, query, 300)[-1][1]

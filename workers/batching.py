@@ -293,7 +293,9 @@ def encode(versions: list[tuple[str, Any]], images: list[Item], batch_size: int)
 def encode_items(enc: Any, items: list[Item], batch_size: int) -> Any:
     """One row per item: a single image's code, or for a multi-frame object the DMIH pooling of its
     sampled frames (its code and re-ranking vector; its embedding, what study pooling reads, the
-    frames' mean). All frames of the batch go through the model together."""
+    frames' mean; its query variants, the frames' pooled). All frames of the batch go through the model
+    together."""
+    from hashing.bits import pooled_variants
     from hashing.encoder import Encoded
 
     images: list[np.ndarray] = []
@@ -306,7 +308,7 @@ def encode_items(enc: Any, items: list[Item], batch_size: int) -> Any:
     if len(images) == len(items):
         return out
     rows_of = np.asarray(owner)
-    codes, embeddings, reranks = [], [], []
+    codes, embeddings, reranks, variants = [], [], [], []
     for n in range(len(items)):
         rows = np.flatnonzero(rows_of == n)
         if len(rows) == 1:
@@ -316,7 +318,10 @@ def encode_items(enc: Any, items: list[Item], batch_size: int) -> Any:
         codes.append(code)
         reranks.append(rerank)
         embeddings.append(out.embeddings[rows].mean(axis=0))
-    return Encoded(np.stack(codes), np.stack(embeddings).astype(np.float32), np.stack(reranks))
+        variants.append(pooled_variants(out.variants[rows]) if out.variants.shape[1] else out.variants[rows[0]])
+    return Encoded(
+        np.stack(codes), np.stack(embeddings).astype(np.float32), np.stack(reranks), np.stack(variants).astype(np.int8)
+    )
 
 
 def write_records(store: Store, images: list[Item], route: str = "") -> set[str]:
@@ -338,7 +343,7 @@ def write_records(store: Store, images: list[Item], route: str = "") -> set[str]
 def write_codes(store: Store, encoded: list[tuple[str, Any]], images: list[Item]) -> None:
     for version, out in encoded:
         for n, it in enumerate(images):
-            store.embeddings.put(version, it.sop_uid, out.embeddings[n])
+            store.embeddings.put(version, it.sop_uid, out.embeddings[n], out.variants[n])
             store.codes.upsert(version, "image", it.sop_uid, out.codes[n], study_uid=it.study_uid, rerank=out.rerank[n])
 
 

@@ -147,7 +147,7 @@ def encode_and_store(task: RetryingTask, version: str, sops: list[str]) -> None:
                 store.codes.upsert(
                     version, "image", it.sop_uid, out.codes[n], study_uid=it.study_uid, rerank=out.rerank[n]
                 )
-                store.embeddings.put(version, it.sop_uid, out.embeddings[n])
+                store.embeddings.put(version, it.sop_uid, out.embeddings[n], out.variants[n])
             store.reindex.mark_done(it.sop_uid for it in items)
     finally:
         for it in items:

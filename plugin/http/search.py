@@ -419,6 +419,8 @@ def _search_upload(ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQu
             code = bytes(study_code)
         else:
             code, rerank = bytes(out.codes[0]), out.rerank[0]
+        if out.variants.shape[1]:  # one image: its variants are its study's too (hashing.bits.pooled_variants)
+            rerank = out.variants[0]
     own = study_uid if level == "study" else sop_uid
     results = q.search_code(
         code,

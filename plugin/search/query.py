@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from hashing.bits import pooled_variants
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
 
@@ -127,6 +130,28 @@ def _reference_study(level: str, uid: str, store: Any) -> tuple[str | None, dict
     return instance.get("study_uid"), instance
 
 
+# A study's variants pool at most this many of its images' (a CT study samples its volumes already).
+MAX_REFERENCE_IMAGES = 64
+
+
+def reference_variants(store: Any, version: str, level: str, uid: str, width: int) -> np.ndarray | None:
+    """The query variants (:mod:`hashing.variants`) of a stored reference, int8 ``(V, width)``: an
+    image's own, or those of a study's or series' images pooled (:func:`hashing.bits.pooled_variants`).
+    None when none are stored (a model without a layout path, or images indexed by a version that
+    predates them): the query is then re-ranked by the reference's own vector."""
+    if level == "STUDY":
+        sops = sorted(store.records.study_instances(uid))
+    elif level == "SERIES":
+        study_uid, _ = _reference_study(level, uid, store)
+        in_study = sorted(store.records.study_instances(study_uid)) if study_uid else []
+        records = store.records.instances(in_study)
+        sops = [sop for sop, rec in zip(in_study, records, strict=True) if (rec or {}).get("series_uid") == uid]
+    else:
+        sops = [uid]
+    variants = store.embeddings.variants_of(version, sops[:MAX_REFERENCE_IMAGES], width)
+    return pooled_variants(variants) if variants.shape[1] else None
+
+
 def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> Answer:
     """The k nearest studies (or images) to the reference, nearest first, reference excluded,
     searched only among the reference's route (its model's codes)."""
@@ -143,6 +168,7 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         raise QueryError("index-not-ready", "index not ready: try again shortly")
     located = route_index(index, query.reference_uid)
     excluded = (query.reference_uid,)
+    variants_of = query.reference_uid
     if located is None and query.level == "IMAGE":
         # A slice of a volume that was not in its series' sample: its nearest sampled slice answers
         # for it (and, being the same series, is no answer itself).
@@ -150,6 +176,7 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         if representative:
             located = route_index(index, representative)
             excluded = (query.reference_uid, representative)
+            variants_of = representative
     what = {"STUDY": "study", "SERIES": "series"}.get(query.level, "instance")
     if located is None:
         _, known = _reference_study(query.level, query.reference_uid, store)
@@ -166,6 +193,9 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         reference_study_uid, _ = _reference_study(query.level, query.reference_uid, store)
         exclude_patient = store.records.study(reference_study_uid or "").get("patient_id") or None
     route, route_index_, (code, rerank) = located
+    variants = None
+    if rerank.any():  # a code stored without a vector is not re-ranked
+        variants = reference_variants(store, str(route_index_.version), query.level, variants_of, rerank.size)
     results = search_code(
         code,
         query,
@@ -173,7 +203,7 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         route_index_,
         exclude_uids=excluded,
         exclude_patient=exclude_patient,
-        rerank=rerank if rerank.any() else None,  # a code stored without a vector is not re-ranked
+        rerank=(rerank if variants is None else variants) if rerank.any() else None,
     )
     return Answer(results, route, str(route_index_.version or ""), int(route_index_.nbits or 0))
 
@@ -189,7 +219,8 @@ def search_code(
     rerank: Any = None,
 ) -> list[SimilarResult]:
     """The k nearest to ``code`` in ``index`` with the query's filters, as ranked results with records;
-    with ``rerank`` (the reference's re-ranking vector) the Hamming shortlist is re-ranked by it."""
+    with ``rerank`` (the reference's re-ranking vector, or its variants' ``(V, d)``) the Hamming
+    shortlist is re-ranked by it."""
     hits = index.search(
         code,
         query.k,

@@ -338,20 +338,20 @@ class ReplicaIndex:
         With ``rerank`` (the query's re-ranking vector), the :func:`hashing.search.shortlist_size`
         nearest by (distance, slot) are re-sorted by the cosine of their re-ranking vectors, highest
         first (equal scores keep their (distance, slot) order), and the first k returned: no answer is
-        decided by arrival order within a tie of Hamming distances.
+        decided by arrival order within a tie of Hamming distances. With several vectors ``(V, d)``,
+        the query's variants (:mod:`hashing.variants`), the larger tolerant shortlist is re-sorted by
+        each candidate's best cosine to any of them.
         """
         excluded = set(exclude_uids)
-        want = k if rerank is None else shortlist_size(k)
+        want = k if rerank is None else shortlist_size(k, tolerant=np.ndim(rerank) == 2)
         for attempt in range(3):
             st = self._state
             if st is None:
                 raise IndexNotReady(f"the {self.level} index is not loaded (no active model yet?)")
             if len(query) != st.nbytes:
                 raise ValueError(f"query code of {len(query)} bytes for a {st.nbits}-bit model")
-            if rerank is not None and np.asarray(rerank).size != st.rerank_dim:
-                raise ValueError(
-                    f"re-ranking vector of {np.asarray(rerank).size} values; the model has {st.rerank_dim}"
-                )
+            if rerank is not None and np.shape(rerank)[-1] != st.rerank_dim:
+                raise ValueError(f"re-ranking vector of {np.shape(rerank)[-1]} values; the model has {st.rerank_dim}")
             with self._lock:
                 # Excluded UIDs (the reference) are dropped after the UID lookup: asking for
                 # len(excluded) more keeps exactly the k nearest of the others, without a lookup

@@ -1,8 +1,14 @@
-"""Float instance embeddings per model version: the input of DMIH study pooling.
+"""What each instance leaves per model version beside its code: its float embedding, the input of
+DMIH study pooling, and the re-ranking vectors of its query variants.
 
-Kept so a study code can be recomputed from stored embeddings alone, without the pixels, when a
-late instance arrives or the study is pooled again. float16: half the memory, and pooling does
-not need more precision.
+Embeddings are kept so a study code can be recomputed from stored embeddings alone, without the
+pixels, when a late instance arrives or the study is pooled again. float16: half the memory, and
+pooling does not need more precision.
+
+Variants (:mod:`hashing.variants`, int8 ``(V, rerank_dim)``, 3,456 bytes for v6) are what a query
+whose reference is this instance, or its study, re-ranks by; they are only read for a reference, so
+they stay in Redis, out of the replicas' memory. Written and deleted with the embedding: one
+instance's pair is in one place.
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ class Embeddings:
         self.r = client
         self.keys = keys
 
-    def put(self, version: str, sop_uid: str, embedding: np.ndarray) -> None:
-        self.r.hset(self.keys.emb(version), sop_uid, np.asarray(embedding, dtype=np.float16).tobytes())
+    def put(self, version: str, sop_uid: str, embedding: np.ndarray, variants: np.ndarray | None = None) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(self.keys.emb(version), sop_uid, np.asarray(embedding, dtype=np.float16).tobytes())
+        if variants is not None and np.asarray(variants).size:
+            pipe.hset(self.keys.variants(version), sop_uid, np.asarray(variants, np.int8).tobytes())
+        pipe.execute()
 
     def get_many(self, version: str, sop_uids: Iterable[str]) -> dict[str, np.ndarray]:
         """Embeddings of the given instances that have one, as float32."""
@@ -31,9 +41,20 @@ class Embeddings:
         raw = self.r.hmget(self.keys.emb(version), uids)
         return {u: np.frombuffer(b, dtype=np.float16).astype(np.float32) for u, b in zip(uids, raw, strict=True) if b}
 
+    def variants_of(self, version: str, sop_uids: Iterable[str], width: int) -> np.ndarray:
+        """The stored variants of those instances that have them, int8 ``(m, V, width)``."""
+        uids = list(sop_uids)
+        raw = [b for b in (self.r.hmget(self.keys.variants(version), uids) if uids else []) if b]
+        if not raw:
+            return np.zeros((0, 0, width), np.int8)
+        return np.frombuffer(b"".join(raw), np.int8).reshape(len(raw), -1, width)
+
     def count(self, version: str) -> int:
         return int(self.r.hlen(self.keys.emb(version)))
 
     def delete(self, version: str, sop_uids: Sequence[str]) -> None:
         if sop_uids:
-            self.r.hdel(self.keys.emb(version), *sop_uids)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hdel(self.keys.emb(version), *sop_uids)
+            pipe.hdel(self.keys.variants(version), *sop_uids)
+            pipe.execute()

@@ -31,6 +31,8 @@ Codes (:mod:`plugin.store.codes`, :mod:`plugin.store.models`)
 ``ns:rr:{v}:{lv}``                          string   per slot, ``nbits`` int8: the relaxed code that
                                                      re-ranks a Hamming shortlist (zeros: none)
 ``ns:emb:{v}``                              hash     SOPInstanceUID -> float16 instance embedding
+``ns:var:{v}``                              hash     SOPInstanceUID -> int8 re-ranking vectors of the
+                                                     instance's query variants (hashing.variants)
 ==========================================  =======  =================================================
 
 Records of studies and instances (:mod:`plugin.store.records`)
@@ -176,6 +178,9 @@ class Keys:
 
     def emb(self, v: str) -> str:
         return f"{self.ns}:emb:{v}"
+
+    def variants(self, v: str) -> str:
+        return f"{self.ns}:var:{v}"
 
     # -- records -----------------------------------------------------------------------------------
     def study(self, uid: str) -> str:

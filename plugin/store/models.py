@@ -271,7 +271,8 @@ class ModelRegistry:
             )
         counts = {level: int(self.r.hlen(self.keys.slot(version, level))) for level in LEVELS}
         k = self.keys
-        doomed = [key for level in LEVELS for key in k.code_keys(version, level)] + [k.emb(version), k.model(version)]
+        doomed = [key for level in LEVELS for key in k.code_keys(version, level)]
+        doomed += [k.emb(version), k.variants(version), k.model(version)]
         pipe = self.r.pipeline(transaction=True)
         pipe.srem(k.models(), version)  # first: instance linking stops visiting its keys
         pipe.unlink(*doomed)  # freed in the background: a big string does not stall Redis
