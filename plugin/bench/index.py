@@ -37,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from hashing.bits import pooled_variants
 from hashing.drh import rerank_dim
 from hashing.resnet import RESNET18_HALF_LAYOUT
 from hashing.search import MultiIndexHash, Planner, Selector, knn, query_words, to_words
+from hashing.variants import VARIANTS
 from plugin.search.replica import MIH_MIN
 
 MODALITIES = ["CR", "DX", "CT", "MR", "US", "MG"]
@@ -301,18 +303,32 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
         results["end_to_end"] = {}
         qb = [bytes(q) for q in queries]
         qr = rerank_vectors(queries, args.seed + 1)
-        for (label, (f, out)), reranked in [(c, r) for c in cases.items() for r in (False, True)]:
-            for i, q in enumerate(qb[: args.warmup]):
-                rr = qr[i] if reranked else None
+        # Each query's reference variants, stored as workers store them; a tolerant query fetches them
+        # from Redis (plugin.search.query.reference_variants) and re-ranks 1,000 codes by them.
+        qv = rerank_vectors(np.repeat(queries, len(VARIANTS), axis=0), args.seed + 2)
+        qv = qv.reshape(len(qb), len(VARIANTS), -1)
+        for i, v in enumerate(qv):
+            store.embeddings.put("bench-v1", f"2.27.{i}", np.zeros(8, np.float32), v)
+        modes = ("plain", "re-ranked", f"re-ranked by {len(VARIANTS)} variants")
+        for (label, (f, out)), mode in [(c, m) for c in cases.items() for m in modes]:
+
+            def one(i: int, q: bytes, f: Filters | None = f, out: str | None = out, mode: str = mode) -> None:
+                rr = None
+                if mode == modes[1]:
+                    rr = qr[i]
+                elif mode == modes[2]:
+                    rr = pooled_variants(store.embeddings.variants_of("bench-v1", [f"2.27.{i}"], RERANK_DIM))
                 idx.search(q, args.k, filters=f, exclude_patient=out, exclude_uids=("2.25.0",), rerank=rr)
+
+            for i, q in enumerate(qb[: args.warmup]):
+                one(i, q)
             lat = []
             for i, q in enumerate(qb[args.warmup :], start=args.warmup):
-                rr = qr[i] if reranked else None
                 start = time.perf_counter()
-                idx.search(q, args.k, filters=f, exclude_patient=out, exclude_uids=("2.25.0",), rerank=rr)
+                one(i, q)
                 lat.append(time.perf_counter() - start)
             p50, p99 = np.percentile(lat, 50) * 1e3, np.percentile(lat, 99) * 1e3
-            name = f"{label}, re-ranked" if reranked else label
+            name = label if mode == "plain" else f"{label}, {mode}"
             results["end_to_end"][name] = {"p50_ms": p50, "p99_ms": p99}
             _log(f"    ReplicaIndex.search k={args.k}, {name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms (with UID lookup)")
         client.close()
