@@ -165,6 +165,15 @@ def test_a_study_is_indexed_once_pooled_and_a_late_instance_recomputes(
     enc = Encoder.load(None, device="cpu")
     bag = np.stack([emb[s] for s in sorted(emb)])
     assert store.codes.get(version, "study", study.study_uid) == bytes(enc.encode_study(bag)[0])
+    # each image's query variants are stored beside its embedding: the encoder's, for its pixels
+    from hashing.bits import rerank_similarity
+    from hashing.preprocess import load_pixels, read_dataset
+
+    stored = store.embeddings.variants_of(version, study.sop_uids, enc.rerank_dim)
+    assert stored.shape == (4, enc.n_variants, enc.rerank_dim) and enc.n_variants == 27
+    mine = enc.encode_images([load_pixels(read_dataset(f)) for f in study.files]).variants
+    for theirs, ours in zip(stored, mine, strict=True):
+        assert min(rerank_similarity(v, w[None])[0] for v, w in zip(theirs, ours, strict=True)) > 0.999
     assert first is not None
     assert store.stats.tasks()["index_instance"]["done"] == 4
     assert store.stats.latency()["count"] == 4
