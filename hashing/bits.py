@@ -67,6 +67,12 @@ def quantize_rerank(vectors: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), -127, 127).astype(np.int8)
 
 
+# Candidates are scored this many at a time: a float32 copy of 1,000 of them (512 KB) is a fresh
+# memory mapping for every query, and its page faults cost more than the product (27 variants x 1,000
+# candidates: 1.0-1.2 ms whole, 0.46 ms in blocks of 256, on the 2-core development machine).
+_BLOCK = 256
+
+
 def rerank_similarity(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """Cosine between an int8 re-ranking vector and the rows of ``vectors`` (0 for a zero vector).
 
@@ -75,11 +81,17 @@ def rerank_similarity(query: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     """
     q = np.asarray(query, np.float32)
     q = q.reshape(-1, q.shape[-1]) if q.ndim > 1 else q[None, :]
-    v = np.asarray(vectors, np.float32)
-    v_norm = np.linalg.norm(v, axis=1)
     q_unit = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-    best = (q_unit @ v.T).max(axis=0) if len(q) else np.zeros(len(v), np.float32)
-    return np.where(v_norm > 0, best / np.maximum(v_norm, 1e-12), 0.0).astype(np.float32)
+    vectors = np.asarray(vectors)
+    out = np.zeros(len(vectors), np.float32)
+    if not len(q):
+        return out
+    for start in range(0, len(vectors), _BLOCK):
+        v = vectors[start : start + _BLOCK].astype(np.float32)
+        norm = np.sqrt(np.einsum("ij,ij->i", v, v))
+        best = (q_unit @ v.T).max(axis=0)
+        out[start : start + _BLOCK] = np.where(norm > 0, best / np.maximum(norm, 1e-12), 0.0)
+    return out
 
 
 def pooled_variants(variants: np.ndarray) -> np.ndarray:

@@ -49,7 +49,12 @@ def test_a_shifted_and_zoomed_film_is_found_by_a_variant(encoder: Encoder) -> No
         assert tolerant > 0.95
 
 
-def test_a_model_without_layout_has_no_variants() -> None:
+def test_only_a_model_evaluated_with_variants_gets_them() -> None:
+    """The breast-ultrasound model has a layout path but was never scored re-ranked by its variants:
+    its checkpoint does not declare them, so its references keep the plain re-ranking."""
+    us = Encoder.load("shipped:us-breast", device="cpu")
+    assert us.layout_dims == 128 and us.n_variants == 0
+    assert us.encode_images(_films()[:2]).variants.shape == (2, 0, us.rerank_dim)
     enc = Encoder.random("cpu")
     assert enc.n_variants == 0
     assert enc.encode_images(_films()[:2]).variants.shape == (2, 0, enc.rerank_dim)
@@ -59,11 +64,14 @@ def test_a_model_without_layout_has_no_variants() -> None:
 def test_best_cosine_over_variants_and_pooling() -> None:
     rng = np.random.default_rng(0)
     q = quantize_rerank(rng.standard_normal((5, 16)))
-    db = quantize_rerank(rng.standard_normal((40, 16)))
-    db[3] = 0  # a candidate stored without a vector scores 0
-    each = np.stack([rerank_similarity(v, db) for v in q])
+    db = quantize_rerank(rng.standard_normal((600, 16)))  # scored in blocks: more than one
+    db[[3, 400]] = 0  # a candidate stored without a vector scores 0
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    each = unit(q.astype(np.float64)) @ unit(db.astype(np.float64) + 1e-30).T
+    each[:, [3, 400]] = 0.0
     np.testing.assert_allclose(rerank_similarity(q, db), each.max(axis=0), atol=1e-6)
-    assert rerank_similarity(q, db)[3] == 0.0
+    np.testing.assert_allclose(rerank_similarity(q[1], db), each[1], atol=1e-6)
+    assert rerank_similarity(q, db)[3] == rerank_similarity(q, db)[400] == 0.0
     # a study of one image has exactly its image's variants; of two, each variant's mean direction
     one = quantize_rerank(rng.standard_normal((1, 5, 16)))
     np.testing.assert_array_equal(pooled_variants(one), one[0])
