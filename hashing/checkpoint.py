@@ -16,6 +16,9 @@ A *model* checkpoint (what :class:`hashing.encoder.Encoder` loads, and what ship
                    photometric interpretations, general
     supersedes     (optional) earlier versions of this model that served the same route: an installation
                    still answering with one from before routes existed learns its route from here
+    query_variants (optional) true: a stored reference is re-ranked by its query variants
+                   (:mod:`hashing.variants`), the way the model was selected and evaluated; workers
+                   then store them per image. Absent: re-ranked by the reference's own vector
     training       data set, manifest hash, command, seed, epochs, time, hyper-parameters
     metrics        evaluation figures (mAP...) with the protocol they were measured under
 
@@ -111,6 +114,7 @@ def model_checkpoint(
     metrics: dict[str, Any] | None = None,
     half: bool = False,
     route: Route | None = None,
+    query_variants: bool = False,
 ) -> dict[str, Any]:
     """Assemble a model checkpoint dictionary (see module docstring)."""
     return {
@@ -126,6 +130,7 @@ def model_checkpoint(
         "drh": module_entry(drh, half=half),
         "dmih": module_entry(dmih, half=half) if dmih is not None else None,
         "route": (route or LEGACY).as_dict(),
+        "query_variants": bool(query_variants),
         "training": training or {},
         "metrics": metrics or {},
     }
@@ -135,6 +140,11 @@ def route_of(ckpt: dict[str, Any]) -> Route:
     """The route a checkpoint declares (one written before routes existed is general)."""
     data = ckpt.get("route")
     return Route.from_dict(data) if data else LEGACY
+
+
+def query_variants_of(ckpt: dict[str, Any]) -> bool:
+    """Whether a checkpoint's references are re-ranked by their query variants (module docstring)."""
+    return bool(ckpt.get("query_variants"))
 
 
 def supersedes_of(ckpt: dict[str, Any]) -> tuple[str, ...]:

@@ -100,6 +100,7 @@ class Encoder:
         info: dict[str, Any] | None = None,
         route: Route = LEGACY,
         supersedes: tuple[str, ...] = (),
+        query_variants: bool = False,
     ) -> None:
         if drh.nbits != dmih.nbits:
             raise ValueError(f"DRH has {drh.nbits} bits but DMIH {dmih.nbits}")
@@ -113,8 +114,9 @@ class Encoder:
             raise ValueError(f"DRH has a {self.layout_dims}-value layout path but DMIH {layout_dims(dmih)}")
         # values per re-ranking vector (images and studies alike)
         self.rerank_dim = rerank_dim(self.nbits, self.layout_dims)
-        # query variants per image (hashing.variants): only a layout has a position to tolerate
-        self.n_variants = len(VARIANTS) if self.layout_dims else 0
+        # Query variants per image (hashing.variants), for a model selected and evaluated with them
+        # (its checkpoint says so); only a layout has a position to tolerate.
+        self.n_variants = len(VARIANTS) if query_variants and self.layout_dims else 0
         self.input_size = input_size
         self.mean = mean
         self.std = std
@@ -162,6 +164,7 @@ class Encoder:
             info={k: ckpt.get(k) for k in ("training", "metrics", "preprocessing")},
             route=ckpt_mod.route_of(ckpt),
             supersedes=ckpt_mod.supersedes_of(ckpt),
+            query_variants=ckpt_mod.query_variants_of(ckpt),
         )
         log.info(
             "loaded model %s (%d bits, input %d px) from %s on %s", enc.version, enc.nbits, enc.input_size, path, dev

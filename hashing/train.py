@@ -52,7 +52,7 @@ from hashing.augment import light_view, random_views
 from hashing.bits import VALID_NBITS, binarize, pack, quantize_rerank
 from hashing.data import DataError, ImageSet, Source, estimate_normalization, load_images, open_source, patient_split
 from hashing.dmih import DMIH
-from hashing.drh import DRH, MODELS
+from hashing.drh import DRH, MODELS, layout_dims
 from hashing.encoder import dmih_from_drh, resolve_device
 from hashing.inference import encode_set, image_keys, pool_bags, variant_set
 from hashing.metrics import distinct_codes, hamming_distances, ties_at
@@ -701,6 +701,7 @@ def _model_checkpoint(run: _Run, command: str, elapsed: float, checks: dict[str,
         std=run.std,
         training=training,
         route=route_for(cfg),
+        query_variants=layout_dims(drh) > 0,  # validation selected it re-ranked by them (validate)
     )
 
 
@@ -741,7 +742,11 @@ def plot_history(history: list[dict[str, Any]], path: Path, title: str, selected
             left.plot(epochs, [h.get(part) for h in history], ".--", label=part)
     left.set_xlabel("epoch")
     left.legend(fontsize=8)
-    for key, label in (("val_map", "val mAP@all"), ("val_recall@10", "val same-patient R@10 (served)")):
+    for key, label in (
+        ("val_map", "val mAP@all"),
+        ("val_recall@10", "val same-patient R@10 (served)"),
+        ("val_recall@10_plain", "the same, re-ranked by the reference alone"),
+    ):
         if any(h.get(key) is not None for h in history):
             right.plot(epochs, [h.get(key) for h in history], "o-", label=label)
     if selected:
