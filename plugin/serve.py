@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from plugin.core.logs import setup_logging
-from plugin.core.processes import Backoff, DataDirLock, DataDirLocked, die_with_parent
+from plugin.core.processes import Backoff, DataDirLock, DataDirLocked, die_with_parent, python_module
 from plugin.core.redis_server import EmbeddedRedis, EmbeddedRedisError, runtime_url_file, write_runtime_url
 from plugin.core.settings import Settings, SettingsError, load_settings
 
@@ -198,7 +198,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
 def _spawn_worker(settings: Settings, n: int) -> subprocess.Popen[bytes]:
     """A ``drh-pacs worker`` child: leader of its own process group (so its pool can be killed with
     it) and signalled SIGTERM (warm shutdown) if ``serve`` dies."""
-    cmd = [sys.executable, "-m", "plugin.cli", "worker", "--hostname", f"serve{n}@%h"]
+    cmd = python_module("plugin.cli", "worker", "--hostname", f"serve{n}@%h")
     return subprocess.Popen(cmd, env=_worker_env(settings), preexec_fn=die_with_parent(signal.SIGTERM), process_group=0)
 
 

@@ -128,3 +128,22 @@ def test_children_die_with_serve_and_a_new_serve_takes_over_the_data(tmp_path):
         assert client.get("drh:probe") == b"survives"
     finally:
         second.stop()
+
+
+def test_children_run_the_installed_code_whatever_folder_serve_starts_in(tmp_path):
+    """serve's workers are ``python -m plugin.cli``: from a folder holding another copy of drh-pacs
+    (an old checkout), a plain ``-m`` would run that copy. The command serve uses does not."""
+    from plugin.core.processes import python_module
+
+    shadow = tmp_path / "old-checkout" / "plugin"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise SystemExit('the old checkout ran')\n")
+    (shadow / "cli.py").write_text("")
+    run = subprocess.run(
+        python_module("plugin.cli", "--help"), cwd=shadow.parent, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "drh-pacs" in run.stdout, run.stderr
+    plain = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "--help"], cwd=shadow.parent, capture_output=True, text=True, timeout=120
+    )
+    assert "the old checkout ran" in plain.stderr  # what serve used to start

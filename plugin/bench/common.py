@@ -12,7 +12,6 @@ import datetime
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from plugin.core.processes import python_module
 
 DCMTK_BIN = Path("/usr/bin")  # DCMTK's tools; pynetdicom installs same-named scripts on PATH
 if TYPE_CHECKING:
@@ -333,9 +334,7 @@ def start_serve(
     env.update(env_extra or {})
     log_path = data_dir / "serve.log"
     with log_path.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "plugin.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
-        )
+        proc = subprocess.Popen(python_module("plugin.cli", "serve"), env=env, stdout=out, stderr=subprocess.STDOUT)
     serve = ServeProcess(proc, data_dir, dicom_port, http_port, token, log_path, redis_url, time.monotonic())
     deadline = time.monotonic() + timeout
     while "ready" not in serve.output():

@@ -22,6 +22,7 @@ import ctypes.util
 import fcntl
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,18 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
             os._exit(0)
 
     return preexec
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    """The command line running ``module`` of this installation in a child Python.
+
+    ``-P``: without it ``python -m`` looks in the current directory first, so a process started
+    from a folder holding another copy of drh-pacs (an old checkout, an unpacked release) would run
+    that copy's code and weights instead of the installed ones, silently (seen by an upgrade check:
+    a worker of the new release loaded the old default model from the directory ``serve`` was
+    started in).
+    """
+    return [sys.executable, "-P", "-m", module, *args]
 
 
 class Backoff:
