@@ -200,8 +200,17 @@ def test_answers_are_reranked_by_the_references_variants(api, archive, encoder):
     assert stored.shape == (2, 27, encoder.rerank_dim)
     ref = study.sop_uids[0]
     body = client.get(f"/api/similar/instance/{ref}", params={"k": 3}).json()
+    assert body["reranking"] == {"by": "variants", "variants": 27, "shortlist": 1000}
     for r in body["results"]:
         assert r["score"] == pytest.approx(best(stored[0], archive.vectors[r["sop_instance_uid"]]), abs=2e-4)
+    # an image indexed before its model stored variants: re-ranked by its own vector, and the answer says so
+    other = archive.studies[0].sop_uids[0]
+    store.embeddings.r.hdel(store.keys.variants(archive.version), other)
+    body = client.get(f"/api/similar/instance/{other}", params={"k": 3}).json()
+    assert body["reranking"] == {"by": "reference", "shortlist": 300}
+    for r in body["results"]:
+        plain = rerank_similarity(archive.vectors[other], archive.vectors[r["sop_instance_uid"]][None])[0]
+        assert r["score"] == pytest.approx(round((1 + float(plain)) / 2, 4), abs=2e-4)
     body = client.get(f"/api/similar/study/{study.study_uid}", params={"k": 10}).json()
     pooled = pooled_variants(stored)
     snap = store.codes.snapshot(archive.version, "study")

@@ -216,6 +216,7 @@ def _answer(query: q.SimilarQuery, results: q.Answer, started: float, reference:
             "route": results.route,
             "model_version": results.version,
             "nbits": results.nbits,
+            "reranking": results.reranking,
             "k": query.k,
             "max_distance": query.max_distance,
             "results": items,
@@ -431,7 +432,7 @@ def _search_upload(ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQu
         exclude_patient=patient_id if query.filters.exclude_reference_patient else None,
         rerank=rerank,
     )
-    results = q.Answer(results, route, str(index.version), int(index.nbits or 0))
+    results = q.Answer(results, route, str(index.version), int(index.nbits or 0), q.reranking_of(rerank, query.k))
     thumbnail = base64.b64encode(to_image_bytes(thumbnail_of(image), "png")).decode()
     reference = {
         "study_instance_uid": study_uid,

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from hashing.bits import pooled_variants
+from hashing.search import shortlist_size
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
 
@@ -81,11 +82,25 @@ class Answer(list):
     answered: the reference's route, the model version and its code width. Every protocol puts the
     route and version in its answer (HTTP fields, a DICOM private element, DICOMweb attributes)."""
 
-    def __init__(self, results: list[SimilarResult], route: str, version: str, nbits: int) -> None:
+    def __init__(
+        self, results: list[SimilarResult], route: str, version: str, nbits: int, reranking: dict | None = None
+    ) -> None:
         super().__init__(results)
         self.route = route
         self.version = version
         self.nbits = nbits
+        self.reranking = reranking  # reranking_of(): how the shortlist was re-sorted, None when it was not
+
+
+def reranking_of(rerank: Any, k: int) -> dict | None:
+    """How an answer's Hamming shortlist was re-sorted, for the answer to say: by the reference's own
+    re-ranking vector, or by its query variants (an administrator checks after an upgrade that the
+    re-index gave the references their variants)."""
+    if rerank is None:
+        return None
+    if np.ndim(rerank) == 2:
+        return {"by": "variants", "variants": int(np.shape(rerank)[0]), "shortlist": shortlist_size(k, tolerant=True)}
+    return {"by": "reference", "shortlist": shortlist_size(k)}
 
 
 def route_index(index: Any, uid: str) -> tuple[str, Any, Any] | None:
@@ -193,19 +208,15 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         reference_study_uid, _ = _reference_study(query.level, query.reference_uid, store)
         exclude_patient = store.records.study(reference_study_uid or "").get("patient_id") or None
     route, route_index_, (code, rerank) = located
-    variants = None
+    by = None
     if rerank.any():  # a code stored without a vector is not re-ranked
         variants = reference_variants(store, str(route_index_.version), query.level, variants_of, rerank.size)
+        by = rerank if variants is None else variants
     results = search_code(
-        code,
-        query,
-        store,
-        route_index_,
-        exclude_uids=excluded,
-        exclude_patient=exclude_patient,
-        rerank=(rerank if variants is None else variants) if rerank.any() else None,
+        code, query, store, route_index_, exclude_uids=excluded, exclude_patient=exclude_patient, rerank=by
     )
-    return Answer(results, route, str(route_index_.version or ""), int(route_index_.nbits or 0))
+    version, nbits = str(route_index_.version or ""), int(route_index_.nbits or 0)
+    return Answer(results, route, version, nbits, reranking_of(by, query.k))
 
 
 def search_code(
