@@ -467,3 +467,28 @@ def test_workers_write_the_active_version_whatever_their_configured_model(
     wait_until(lambda: indexed_count(redis_client, second.sop_uids) == 2, 60, what="second study")
     assert active_version(redis_client) == "other-v1" and store.codes.count("other-v1", "image") == 3
     assert store.models.versions() == ["other-v1"]
+
+
+@pytest.mark.slow
+def test_after_a_package_upgrade_the_previous_default_keeps_indexing_until_the_reindex(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    """An installation answering with v3, registered as "the shipped default", upgrades the package,
+    whose default is now v6. New chest films are still written for v3 (from the v3 the package ships
+    by name), so the answering version does not miss them before `drh-pacs reindex --shipped` switches."""
+    from hashing.encoder import Encoder
+    from hashing.preprocess import load_pixels, read_dataset
+
+    store = Store(redis_client, NS)
+    old = Encoder.load("shipped:drh64-cxr-pneumonia-v3", device="cpu")
+    assert old.version == "drh64-cxr-pneumonia-v3" and Encoder.load(None, device="cpu").version != old.version
+    store.models.register(old.version, old.nbits, rerank_dim=old.rerank_dim, route=old.route, path="")
+    store.models.activate(old.version)
+    worker_factory(DRH_EXTRA_MODELS="")
+    app = app_for(redis_server.url, tmp_path / "data")
+    study = make_study(tmp_path / "in", fixture_images("normal")[:1])
+    send(app, study)
+    wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 1, 90, what="the new film indexed")
+    assert store.models.active_routes()["chest-xr"] == old.version
+    expected = old.encode_images([load_pixels(read_dataset(study.files[0]))]).codes[0]
+    assert store.codes.get(old.version, "image", study.sop_uids[0]) == bytes(expected)

@@ -32,6 +32,18 @@ class ModelUnavailable(RuntimeError):
     """A model version is registered in Redis but its checkpoint cannot be loaded on this worker."""
 
 
+def shipped_predecessor(version: str) -> str | None:
+    """``shipped:VERSION`` when the package ships an earlier default under its version's name
+    (``hashing/weights/VERSION.pt``), else None."""
+    from hashing.encoder import SHIPPED_PREFIX, resolve_model_path
+
+    try:
+        resolve_model_path(f"{SHIPPED_PREFIX}{version}")
+    except FileNotFoundError:
+        return None
+    return f"{SHIPPED_PREFIX}{version}"
+
+
 class ModelTask(Task):
     """Base of the tasks that need the encoder. One instance per task type per process."""
 
@@ -95,6 +107,12 @@ class ModelTask(Task):
                 # The seeded placeholder used before trained weights shipped: reproducible at will, so
                 # an installation started with it keeps working after a package upgrade.
                 return self.encoder(RANDOM_KEY)
+            previous = shipped_predecessor(version)
+            if previous is not None:
+                # The default of an earlier release, still shipped by name: after a package upgrade the
+                # old version keeps indexing new arrivals (written for it and the re-index's target)
+                # until `drh-pacs reindex --shipped` switches to the new default.
+                return self.encoder(previous)
             raise ModelUnavailable(
                 f"model {version} is registered with checkpoint {path or '(shipped default)'}, which holds"
                 f" version {enc.version} on this worker: restore that checkpoint, or move to the new model"
