@@ -492,3 +492,46 @@ def test_after_a_package_upgrade_the_previous_default_keeps_indexing_until_the_r
     assert store.models.active_routes()["chest-xr"] == old.version
     expected = old.encode_images([load_pixels(read_dataset(study.files[0]))]).codes[0]
     assert store.codes.get(old.version, "image", study.sop_uids[0]) == bytes(expected)
+
+
+@pytest.mark.slow
+def test_a_reindex_that_cannot_read_its_images_does_not_switch(redis_server, redis_client, worker_factory, tmp_path):
+    """Every kept file is gone: the new version would answer without the archive. The job fails with
+    the reason, the old version keeps answering, and `reindex --wait` ends with an error."""
+    import torch
+
+    from hashing import checkpoint
+    from hashing.dmih import dmih_tiny
+    from hashing.drh import drh_tiny
+    from hashing.route import Route
+
+    worker_factory(DRH_EXTRA_MODELS="")
+    data = tmp_path / "data"
+    app = app_for(redis_server.url, data)
+    study = make_study(tmp_path / "in", fixture_images("normal")[:2])
+    send(app, study)
+    store = Store(redis_client, NS)
+    wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 2, 90, what="study indexed")
+    old = active_version(redis_client)
+    for sop in study.sop_uids:  # the kept files are lost (a disk replaced, a wrong data_dir)
+        Path(store.records.instance(sop)["path"]).unlink()
+    torch.manual_seed(7)
+    ckpt = tmp_path / "v2.pt"
+    route = Route("chest-xr", modalities=("CR", "DX"), body_parts=("CHEST",))
+    checkpoint.save(
+        checkpoint.model_checkpoint(
+            version="test-v2", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25, route=route
+        ),
+        ckpt,
+    )
+    env = worker_env(redis_server.url, data)
+    out = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "reindex", str(ckpt), "--wait"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "failed, 0/2 instances, 2 failed" in out.stdout and f"{old} keeps answering" in out.stdout, out.stdout
+    assert active_version(redis_client) == old and store.models.info("test-v2").state == "building"

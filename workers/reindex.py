@@ -20,6 +20,7 @@ retries are declared like the indexing tasks' (:class:`workers.tasks.RetryingTas
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -32,6 +33,8 @@ from workers.batching import Item, PermanentError
 from workers.client import REINDEX_BATCH, REINDEX_FINISH, REINDEX_PLAN, send
 from workers.tasks import RetryingTask, pool_one
 from workers.volumes import encode_volumes
+
+log = logging.getLogger(__name__)
 
 
 class ReindexBatchTask(RetryingTask):
@@ -166,6 +169,11 @@ def reindex_batch(self: ReindexBatchTask, version: str, sops: list[str]) -> int:
     return len(sops)
 
 
+# A re-index whose failures pass this share of its instances does not switch (they would be missing
+# from every answer of the new version).
+MAX_FAILED_FRACTION = 0.01
+
+
 def reindex_finish(self: RetryingTask, version: str) -> str:
     """Sweep stragglers, pool the route's studies with the new model, switch the route's version,
     then take the images that came from other routes out of those routes."""
@@ -179,6 +187,16 @@ def reindex_finish(self: RetryingTask, version: str) -> str:
     size = max(1, self.app.drh_settings.batch_size)
     for start in range(0, len(missing), size):
         encode_and_store(self, version, missing[start : start + size])
+    ok, failed = store.reindex.counts()
+    if failed > MAX_FAILED_FRACTION * max(1, ok + failed):
+        # Switching would answer without these images: the old version keeps answering, and the job
+        # says why (their reasons: `drh-pacs reindex --status`); fix the cause and start it again.
+        answering = store.models.active(store.models.route_of(version).name) or "(none)"
+        reason = f"{failed} of {ok + failed} instances could not be re-encoded; {answering} keeps answering"
+        fields = {"state": "failed", "finished": time.time(), "done": ok, "failed": failed, "reason": reason}
+        store.reindex.update(fields)
+        log.error("re-index to %s refused to switch: %s", version, reason)
+        return "failed"
     enc = self.encoder_for_version(version)
     done = store.reindex.done_uids()
     moved = [(sop, rec) for sop, rec in taken if sop in done]

@@ -86,7 +86,7 @@ def describe(job: dict[str, str]) -> str:
         f"{what} {job.get('version')} (route {job.get('route') or '?'}): {job.get('state')},"
         f" {job.get('done', 0)}/{job.get('total', 0)} instances,"
         f" {job.get('failed', 0)} failed, studies pooled {job.get('studies_done', 0)}"
-        f" (previous version {job.get('previous') or '(none)'})"
+        f" (previous version {job.get('previous') or '(none)'})" + (f": {job['reason']}" if job.get("reason") else "")
     )
 
 
