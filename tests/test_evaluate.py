@@ -173,10 +173,25 @@ def test_evaluate_a_dicom_folder_without_splits_or_labels(tmp_path: Path) -> Non
     assert thumbs["r@10_n"] == 8 and "map_all" not in thumbs  # every patient has two films; no labels
 
 
+def _first_image_queries(patients: np.ndarray):  # noqa: ANN202
+    """Image 0 as the only query, every image the database, no labels."""
+    from hashing.scoring import Protocol
+
+    n, everything = len(patients), np.arange(len(patients))
+    return Protocol(
+        labels=np.full(n, -1),
+        patients=patients,
+        label_queries=np.array([0]),
+        label_database=everything,
+        same_queries=np.array([0]),
+        same_database=everything,
+    )
+
+
 def test_served_recall_is_also_scored_from_tighter_shortlists() -> None:
     """A partner the codes rank 80th is found by the re-ranking from 300 and 100 codes, not from 50:
     what happens to an answer as the archive grows and the same shortlist becomes a smaller part of it."""
-    from hashing.scoring import SHORTLISTS, Protocol, Rep, score
+    from hashing.scoring import SHORTLISTS, Rep, score
 
     assert SHORTLISTS == (1000, 300, 100, 50)
     n = 401
@@ -188,15 +203,7 @@ def test_served_recall_is_also_scored_from_tighter_shortlists() -> None:
     vectors = rng.standard_normal((n, 16))
     vectors[80] = vectors[0]  # ...which looks exactly like it
     patients = np.array(["p"] + [f"s{i}" for i in range(1, 80)] + ["p"] + [f"s{i}" for i in range(81, n)], dtype=object)
-    everything = np.arange(n)
-    proto = Protocol(
-        labels=np.full(n, -1),
-        patients=patients,
-        label_queries=np.array([0]),
-        label_database=everything,
-        same_queries=np.array([0]),
-        same_database=everything,
-    )
+    proto = _first_image_queries(patients)
     row = score(Rep("m served", "served", codes=pack(bits), vectors=vectors, nbits=64), proto, n_boot=10)
     assert row["r@10"] == 1.0 and row["r@10_from_100"] == 1.0 and row["r@10_from_50"] == 0.0
     codes_only = score(Rep("m codes", "hamming", codes=pack(bits), nbits=64), proto, n_boot=10)
@@ -207,7 +214,7 @@ def test_tolerant_served_recall_takes_the_best_variant_from_a_larger_shortlist()
     """The patient's other film is the 500th nearest code and looks like a *variant* of the query (its
     shifted self), not like the query: the tolerant re-ranking finds it from 1,000 codes, not from 300,
     and the plain re-ranking not at all."""
-    from hashing.scoring import Protocol, Rep, score
+    from hashing.scoring import Rep, score
 
     n = 1201
     bits = np.zeros((n, 64), np.uint8)
@@ -219,18 +226,9 @@ def test_tolerant_served_recall_takes_the_best_variant_from_a_larger_shortlist()
     variants = rng.standard_normal((n, 3, 16))
     variants[:, 1] = vectors  # the untransformed variant is the image's own vector
     variants[0, 2] = vectors[500]  # the query, transformed, looks exactly like its partner
-    patients = np.array(["s0"] * n, dtype=object)
-    patients[:] = [f"s{i}" for i in range(n)]
+    patients = np.array([f"s{i}" for i in range(n)], dtype=object)
     patients[0] = patients[500] = "p"
-    everything = np.arange(n)
-    proto = Protocol(
-        labels=np.full(n, -1),
-        patients=patients,
-        label_queries=np.array([0]),
-        label_database=everything,
-        same_queries=np.array([0]),
-        same_database=everything,
-    )
+    proto = _first_image_queries(patients)
     tolerant = score(Rep("t", "served", pack(bits), vectors, 64, variants=variants), proto, n_boot=10)
     assert tolerant["shortlist"] == 1000
     assert tolerant["r@10"] == 1.0 and tolerant["r@1"] == 1.0 and tolerant["r@10_from_300"] == 0.0

@@ -522,6 +522,21 @@ def test_excluding_a_patient_with_many_nearest_studies_still_returns_the_k_neare
     assert as_pairs(idx.search(bytes(q), 500, exclude_patient="SAME")) == expected(live, bytes(q), 500, allowed=allowed)
 
 
+def _store_with_vectors(redis_client, codes, width, rng):  # noqa: ANN001, ANN202
+    """Study codes 1.9.<i> of model m1, each with a random int8 re-ranking vector of ``width`` values:
+    (store, vectors, live) with live as :func:`expected` takes it."""
+    from hashing.bits import quantize_rerank
+
+    store = Store(redis_client, namespace="t")
+    store.models.register("m1", NBITS, rerank_dim=width)
+    store.models.activate("m1")
+    vectors = quantize_rerank(rng.standard_normal((len(codes), width)))
+    live = {}
+    for i, (c, v) in enumerate(zip(codes, vectors, strict=True)):
+        live[f"1.9.{i}"] = (store.codes.upsert("m1", "study", f"1.9.{i}", c, rerank=v)[0], bytes(c))
+    return store, vectors, live
+
+
 @pytest.mark.parametrize("width", [NBITS, 128])
 def test_reranked_top_k_equals_brute_force_over_the_shortlist(redis_client, width):
     """With a re-ranking vector, the answer is the Hamming shortlist re-sorted by cosine, exactly;
@@ -529,15 +544,9 @@ def test_reranked_top_k_equals_brute_force_over_the_shortlist(redis_client, widt
     from hashing.bits import quantize_rerank, rerank_similarity
     from hashing.search import shortlist_size
 
-    store = Store(redis_client, namespace="t")
-    store.models.register("m1", NBITS, rerank_dim=width)
-    store.models.activate("m1")
     rng = np.random.default_rng(14)
     codes = rand_codes(rng, 600, centres=4, flip=0.03)  # heavy ties: the re-ranking decides
-    vectors = quantize_rerank(rng.standard_normal((600, width)))
-    live = {}
-    for i, (c, v) in enumerate(zip(codes, vectors, strict=True)):
-        live[f"1.9.{i}"] = (store.codes.upsert("m1", "study", f"1.9.{i}", c, rerank=v)[0], bytes(c))
+    store, vectors, live = _store_with_vectors(redis_client, codes, width, rng)
     idx = ReplicaIndex(store, "study")
     idx.refresh()
     with pytest.raises(StoreError, match="re-ranking vector"):
@@ -568,15 +577,9 @@ def test_query_variants_rerank_a_larger_shortlist_by_their_best_cosine(redis_cli
     from hashing.search import TOLERANT_SHORTLIST, shortlist_size
 
     width = 128
-    store = Store(redis_client, namespace="t")
-    store.models.register("m1", NBITS, rerank_dim=width)
-    store.models.activate("m1")
     rng = np.random.default_rng(15)
     codes = rand_codes(rng, 2500, centres=3, flip=0.1)
-    vectors = quantize_rerank(rng.standard_normal((2500, width)))
-    live = {}
-    for i, (c, v) in enumerate(zip(codes, vectors, strict=True)):
-        live[f"1.9.{i}"] = (store.codes.upsert("m1", "study", f"1.9.{i}", c, rerank=v)[0], bytes(c))
+    store, vectors, live = _store_with_vectors(redis_client, codes, width, rng)
     idx = ReplicaIndex(store, "study")
     idx.refresh()
     assert shortlist_size(10, tolerant=True) == TOLERANT_SHORTLIST == 1000

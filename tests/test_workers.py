@@ -339,16 +339,30 @@ def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client,
         thread.join(10)
 
 
-@pytest.mark.slow
-def test_reindex_builds_a_new_version_in_the_background_then_switches(
-    redis_server, redis_client, worker_factory, tmp_path
-):
+def _chest_model_v2(path: Path) -> Path:
+    """A small seeded model "test-v2" for the chest route, saved at ``path``: what a re-index moves to."""
     import torch
 
     from hashing import checkpoint
     from hashing.dmih import dmih_tiny
     from hashing.drh import drh_tiny
     from hashing.route import Route
+
+    torch.manual_seed(7)
+    route = Route("chest-xr", modalities=("CR", "DX"), body_parts=("CHEST",))
+    checkpoint.save(
+        checkpoint.model_checkpoint(
+            version="test-v2", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25, route=route
+        ),
+        path,
+    )
+    return path
+
+
+@pytest.mark.slow
+def test_reindex_builds_a_new_version_in_the_background_then_switches(
+    redis_server, redis_client, worker_factory, tmp_path
+):
 
     holds = tmp_path / "holds"
     holds.mkdir()
@@ -365,20 +379,7 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     old = active_version(redis_client)
     wait_until(lambda: store.codes.get(old, "study", first.study_uid), 30, what="first study pooled")
 
-    torch.manual_seed(7)
-    ckpt = tmp_path / "v2.pt"
-    checkpoint.save(
-        checkpoint.model_checkpoint(
-            version="test-v2",
-            drh=drh_tiny(32),
-            dmih=dmih_tiny(32),
-            input_size=48,
-            mean=0.5,
-            std=0.25,
-            route=Route("chest-xr", modalities=("CR", "DX"), body_parts=("CHEST",)),  # replaces the chest model
-        ),
-        ckpt,
-    )
+    ckpt = _chest_model_v2(tmp_path / "v2.pt")  # replaces the chest model
     hold.write_text("")
     env = worker_env(redis_server.url, data)
     out = subprocess.run(
@@ -498,12 +499,6 @@ def test_after_a_package_upgrade_the_previous_default_keeps_indexing_until_the_r
 def test_a_reindex_that_cannot_read_its_images_does_not_switch(redis_server, redis_client, worker_factory, tmp_path):
     """Every kept file is gone: the new version would answer without the archive. The job fails with
     the reason, the old version keeps answering, and `reindex --wait` ends with an error."""
-    import torch
-
-    from hashing import checkpoint
-    from hashing.dmih import dmih_tiny
-    from hashing.drh import drh_tiny
-    from hashing.route import Route
 
     worker_factory(DRH_EXTRA_MODELS="")
     data = tmp_path / "data"
@@ -515,15 +510,7 @@ def test_a_reindex_that_cannot_read_its_images_does_not_switch(redis_server, red
     old = active_version(redis_client)
     for sop in study.sop_uids:  # the kept files are lost (a disk replaced, a wrong data_dir)
         Path(store.records.instance(sop)["path"]).unlink()
-    torch.manual_seed(7)
-    ckpt = tmp_path / "v2.pt"
-    route = Route("chest-xr", modalities=("CR", "DX"), body_parts=("CHEST",))
-    checkpoint.save(
-        checkpoint.model_checkpoint(
-            version="test-v2", drh=drh_tiny(32), dmih=dmih_tiny(32), input_size=48, mean=0.5, std=0.25, route=route
-        ),
-        ckpt,
-    )
+    ckpt = _chest_model_v2(tmp_path / "v2.pt")
     env = worker_env(redis_server.url, data)
     out = subprocess.run(
         [sys.executable, "-m", "plugin.cli", "reindex", str(ckpt), "--wait"],
