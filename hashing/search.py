@@ -56,6 +56,12 @@ def shortlist_size(k: int, tolerant: bool = False) -> int:
     return max(TOLERANT_SHORTLIST if tolerant else SHORTLIST, 4 * k)
 
 
+def rerank_shortlist(k: int, rerank: np.ndarray) -> int:
+    """The shortlist a query re-ranked by ``rerank`` looks at: one vector ``(d,)``, or the reference's
+    variants ``(V, d)`` (the tolerant shortlist). One rule for the search and for what its answer says."""
+    return shortlist_size(k, tolerant=np.ndim(rerank) == 2)
+
+
 NEVER = np.uint8(255)
 
 

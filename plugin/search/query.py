@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from hashing.bits import pooled_variants
-from hashing.search import shortlist_size
+from hashing.search import rerank_shortlist
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
 
@@ -99,8 +99,8 @@ def reranking_of(rerank: Any, k: int) -> dict | None:
     if rerank is None:
         return None
     if np.ndim(rerank) == 2:
-        return {"by": "variants", "variants": int(np.shape(rerank)[0]), "shortlist": shortlist_size(k, tolerant=True)}
-    return {"by": "reference", "shortlist": shortlist_size(k)}
+        return {"by": "variants", "variants": int(np.shape(rerank)[0]), "shortlist": rerank_shortlist(k, rerank)}
+    return {"by": "reference", "shortlist": rerank_shortlist(k, rerank)}
 
 
 def route_index(index: Any, uid: str) -> tuple[str, Any, Any] | None:

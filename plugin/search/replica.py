@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hashing.bits import rerank_similarity
-from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, query_words, radius, shortlist_size
+from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, query_words, radius, rerank_shortlist
 from plugin.search.eligible import Eligibility
 from plugin.search.filters import Filters
 from plugin.search.state import NEVER, State, words_of
@@ -335,7 +335,7 @@ class ReplicaIndex:
         studies are left out) and ``exclude_uids`` restrict the set *before* selection, so the
         answer is the k nearest among the codes that pass.
 
-        With ``rerank`` (the query's re-ranking vector), the :func:`hashing.search.shortlist_size`
+        With ``rerank`` (the query's re-ranking vector), the :func:`hashing.search.rerank_shortlist`
         nearest by (distance, slot) are re-sorted by the cosine of their re-ranking vectors, highest
         first (equal scores keep their (distance, slot) order), and the first k returned: no answer is
         decided by arrival order within a tie of Hamming distances. With several vectors ``(V, d)``,
@@ -343,7 +343,7 @@ class ReplicaIndex:
         each candidate's best cosine to any of them.
         """
         excluded = set(exclude_uids)
-        want = k if rerank is None else shortlist_size(k, tolerant=np.ndim(rerank) == 2)
+        want = k if rerank is None else rerank_shortlist(k, rerank)
         for attempt in range(3):
             st = self._state
             if st is None:
