@@ -108,7 +108,7 @@ class ModelTask(Task):
                 # an installation started with it keeps working after a package upgrade.
                 return self.encoder(RANDOM_KEY)
             previous = shipped_predecessor(version)
-            if previous is not None:
+            if previous is not None and self.encoder(previous).version == version:
                 # The default of an earlier release, still shipped by name: after a package upgrade the
                 # old version keeps indexing new arrivals (written for it and the re-index's target)
                 # until `drh-pacs reindex --shipped` switches to the new default.

@@ -190,7 +190,8 @@ def reindex_finish(self: RetryingTask, version: str) -> str:
     ok, failed = store.reindex.counts()
     if failed > MAX_FAILED_FRACTION * max(1, ok + failed):
         # Switching would answer without these images: the old version keeps answering, and the job
-        # says why (their reasons: `drh-pacs reindex --status`); fix the cause and start it again.
+        # says why (`drh-pacs reindex --status`; each image's reason is kept with the job); fix the
+        # cause and start it again.
         answering = store.models.active(store.models.route_of(version).name) or "(none)"
         reason = f"{failed} of {ok + failed} instances could not be re-encoded; {answering} keeps answering"
         fields = {"state": "failed", "finished": time.time(), "done": ok, "failed": failed, "reason": reason}
