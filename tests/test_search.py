@@ -195,13 +195,15 @@ def test_kernels_histogram_and_row_collection_match_numpy():
     hist = np.zeros(256, np.int64)
     kernels.histogram(dist, hist)
     assert np.array_equal(hist, np.bincount(dist, minlength=256))
-    for t in (0, 3, 40, 64):
-        expected = np.flatnonzero(dist <= t)
+    dist[-5:] = [0, 1, 2, 3, 200]  # the tail after the last whole word of eight
+    # 128 and above: a 128-bit code's radius, past the word-at-a-time test; a strided view too
+    for t, d in [(t, dist) for t in (0, 3, 40, 64, 127, 128, 200, 254)] + [(5, dist[::3])]:
+        expected = np.flatnonzero(d <= t)
         out = np.empty(expected.size, np.int64)
-        assert kernels.rows_at_most(dist, np.uint8(t), out) == expected.size
+        assert kernels.rows_at_most(d, np.uint8(t), out) == expected.size
         assert np.array_equal(out, expected)
         if expected.size:
-            assert kernels.rows_at_most(dist, np.uint8(t), np.empty(expected.size - 1, np.int64)) == -1
+            assert kernels.rows_at_most(d, np.uint8(t), np.empty(expected.size - 1, np.int64)) == -1
 
 
 def test_the_planner_answers_shortlists_by_the_scan_and_small_k_from_the_tables():

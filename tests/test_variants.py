@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hashing.bits import pooled_variants, quantize_rerank, rerank_similarity
+from hashing.bits import Reranker, pooled_variants, quantize_rerank, rerank_similarity
 from hashing.encoder import Encoder
 from hashing.variants import VARIANTS, transformed, variant_keys
 
@@ -64,7 +64,7 @@ def test_only_a_model_evaluated_with_variants_gets_them() -> None:
 def test_best_cosine_over_variants_and_pooling() -> None:
     rng = np.random.default_rng(0)
     q = quantize_rerank(rng.standard_normal((5, 16)))
-    db = quantize_rerank(rng.standard_normal((600, 16)))  # scored in blocks: more than one
+    db = quantize_rerank(rng.standard_normal((600, 16)))
     db[[3, 400]] = 0  # a candidate stored without a vector scores 0
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     each = unit(q.astype(np.float64)) @ unit(db.astype(np.float64) + 1e-30).T
@@ -72,6 +72,13 @@ def test_best_cosine_over_variants_and_pooling() -> None:
     np.testing.assert_allclose(rerank_similarity(q, db), each.max(axis=0), atol=1e-6)
     np.testing.assert_allclose(rerank_similarity(q[1], db), each[1], atol=1e-6)
     assert rerank_similarity(q, db)[3] == rerank_similarity(q, db)[400] == 0.0
+    # a kept Reranker scores a shortlist by row numbers, in passes, whatever it scored before
+    reranker = Reranker()
+    reranker.BLOCK = 256  # three passes over 600 rows
+    rows = rng.permutation(600)[:450]
+    np.testing.assert_allclose(reranker.similarity(q, db, rows), each.max(axis=0)[rows], atol=1e-6)
+    np.testing.assert_allclose(reranker.similarity(q[1, :8], db[:, :8]), rerank_similarity(q[1, :8], db[:, :8]), atol=0)
+    np.testing.assert_allclose(reranker.similarity(q[2], db, rows[:10]), each[2, rows[:10]], atol=1e-6)
     # a study of one image has exactly its image's variants; of two, each variant's mean direction
     one = quantize_rerank(rng.standard_normal((1, 5, 16)))
     np.testing.assert_array_equal(pooled_variants(one), one[0])

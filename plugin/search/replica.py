@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hashing.bits import rerank_similarity
+from hashing.bits import Reranker
 from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, query_words, radius, rerank_shortlist
 from plugin.search.eligible import Eligibility
 from plugin.search.filters import Filters
@@ -90,6 +90,7 @@ class ReplicaIndex:
         self._lock = threading.RLock()  # state mutation and search
         self._refresh_lock = threading.Lock()  # one refresher at a time
         self._selector = Selector()
+        self._reranker = Reranker()
         self._eligibility = Eligibility(level, store.records.vocabulary)
         self._planner = Planner(budget_fraction=mih_budget)
         self._thread: threading.Thread | None = None
@@ -361,7 +362,7 @@ class ReplicaIndex:
                 )
                 sims = None
                 if rerank is not None:
-                    sims = rerank_similarity(rerank, st.rerank.take(rows, axis=0))  # take: faster than [rows]
+                    sims = self._reranker.similarity(rerank, st.rerank, rows)
                     # Re-sorted here, so that only the answer's slots are looked up in Redis, not
                     # the whole shortlist's (300 lookups cost more than the search itself).
                     keep = np.argsort(-sims, kind="stable")[: k + len(excluded)]
