@@ -15,7 +15,7 @@ import pydicom
 import pytest
 import redis
 
-from plugin.bench.common import Latencies, synthetic_radiograph, time_calls, write_study
+from plugin.bench.common import Latencies, synthetic_radiograph, time_calls, time_interleaved, write_study
 from plugin.bench.index import make_codes
 from plugin.bench.ingest import wait_searchable
 from plugin.bench.query import VERSION, populate, study_uid
@@ -48,6 +48,31 @@ def test_time_calls_discards_warmup_and_counts_failures_without_timing_them() ->
     assert seen == list(range(8))  # each call gets its own index: warm-up 0-1, then 2-7
     assert lat.errors == 2
     assert [len(r) for r in lat.repeats] == [3, 2]
+
+
+def test_interleaved_timing_runs_every_case_on_each_input_in_a_rotating_order() -> None:
+    seen: list[tuple[str, int]] = []
+
+    def case(name: str):  # noqa: ANN202
+        def call(i: int) -> None:
+            seen.append((name, i))
+            if name == "b" and i == 3:
+                raise RuntimeError("refused")
+
+        return call
+
+    rows = time_interleaved([("a", case("a")), ("b", case("b"))], count=2, warmup=1, repeats=2)
+    # warm-up input 0 for both, then inputs 1-2 twice; the first case alternates with the input
+    assert seen[:2] == [("a", 0), ("b", 0)]
+    assert seen[2:6] == [("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert seen[6:] == seen[2:6]
+    assert [r.name for r in rows] == ["a", "b"]
+    assert [len(r) for r in rows[0].repeats] == [2, 2] and rows[0].errors == 0
+    assert rows[1].summary()["n"] == 4 and rows[1].errors == 0
+    rows = time_interleaved([("b", case("b"))], count=1, warmup=4, repeats=2)  # 3 fails in warm-up too
+    assert rows[0].errors == 1 and rows[0].summary()["n"] == 2
+    rows = time_interleaved([("b", case("b"))], count=1, warmup=3, repeats=2)
+    assert rows[0].errors == 2 and rows[0].summary() == {"n": 0}
 
 
 def test_generated_studies_are_valid_dicom_with_the_pixels_given(tmp_path: Path) -> None:
@@ -172,6 +197,8 @@ def test_bench_query_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert "serve ready (/ready 200)" in out
     (case,) = figures
     assert case["n"] == 2000 and case["replica_load_s"] > 0
+    # the C-FIND rows measure the served re-ranking of the shipped layout model: its variants
+    assert case["served_reranking"] == {"by": "variants", "variants": 27, "shortlist": 1000}
     lat = case["latency"]
     for name in (
         "pynetdicom assoc",
