@@ -14,6 +14,8 @@ in bulk, then starts ``drh-pacs serve`` against that Redis with no worker, waits
   included: what a script or a viewer that opens an association per query sees;
 
 each without a filter and with a filter (ModalitiesInStudy CT and a five-year StudyDate range).
+Every reference study has one image with stored variants, so each query is re-ranked as the
+shipped layout model's are: 27 variants over a 1,000-code shortlist.
 Warm-up queries are discarded; measured queries are repeated ``--repeats`` times and the spread of
 the per-repeat p50 is printed. The reference of each query is a random indexed study (fixed seed).
 The replica's cold load is timed in this process too, and the time serve needed to be ready.
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hashing.variants import VARIANTS
 from plugin.bench.common import (
     FindClient,
     Latencies,
@@ -111,6 +114,22 @@ def populate(store, codes: np.ndarray, seed: int) -> None:  # noqa: ANN001
     )
 
 
+def store_reference_variants(store, uids: list[str], seed: int) -> int:  # noqa: ANN001
+    """Give each reference study one image with stored variants (:mod:`hashing.variants`), as a
+    worker stores them for a layout model, so that every query is re-ranked by 27 variants over the
+    1,000-code shortlist as served (:func:`plugin.search.query.reference_variants`). Only the
+    references need them: a query never reads the candidates' variants. Returns how many studies."""
+    refs = sorted(set(uids))
+    variants = rerank_vectors(np.zeros((len(refs) * len(VARIANTS), 8), np.uint8), seed + 4)
+    for n, uid in enumerate(refs):
+        sop = f"{uid}.1"
+        store.records.put_instance(sop, uid, {"series_uid": f"{uid}.0"})
+        store.embeddings.put(
+            VERSION, sop, np.zeros(8, np.float32), variants[n * len(VARIANTS) : (n + 1) * len(VARIANTS)]
+        )
+    return len(refs)
+
+
 def findscu_call(port: int, calling_ae: str, called_ae: str, k: int, uids: list[str], filtered: bool):  # noqa: ANN201
     """A callable that runs one DCMTK findscu similar query per call and checks it got k answers.
 
@@ -162,9 +181,13 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
         store = Store(client, args.namespace)
         t0 = time.perf_counter()
         populate(store, codes, args.seed)
+        refs = store_reference_variants(store, uids, args.seed)
         result["fill_s"] = time.perf_counter() - t0
         used = int(client.info("memory")["used_memory"])
-        log(f"{label} Redis filled in {result['fill_s']:.1f} s ({used / 1e6:.0f} MB used by Redis)")
+        log(
+            f"{label} Redis filled in {result['fill_s']:.1f} s ({used / 1e6:.0f} MB used by Redis);"
+            f" {refs} reference studies with {len(VARIANTS)} stored variants"
+        )
 
         t0 = time.perf_counter()
         replica = ReplicaIndex(store, "study")
@@ -194,7 +217,9 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
             result["serve_start_s"], result["serve_ready_s"] = started, started + ready
             log(f"{label} serve printed 'ready' after {started:.1f} s, /ready 200 after {started + ready:.1f} s")
 
-            rows += in_process_cases(replica, uids, args)
+            result["served_reranking"] = served_reranking(serve, uids[0], args.k)
+            log(f"{label} serve re-ranks by: {json.dumps(result['served_reranking'])}")
+            rows += in_process_cases(replica, store, uids, args)
             rows += association_cases(serve.dicom_port, uids, args)
             rows += process_cases(serve.dicom_port, uids, args)
         finally:
@@ -207,8 +232,22 @@ def run_kind(kind: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def in_process_cases(replica, uids: list[str], args: argparse.Namespace) -> list[Latencies]:  # noqa: ANN001
-    """The reference: the replica's search in this process (re-ranked, as served), without and with a filter."""
+def served_reranking(serve: ServeProcess, uid: str, k: int) -> dict | None:
+    """What serve says it re-ranked a reference by (the JSON answer's ``reranking``): the check that
+    the C-FIND rows measure the variants' re-ranking, which the DICOM answer cannot show."""
+    import httpx
+
+    url = f"http://127.0.0.1:{serve.http_port}/api/similar/study/{uid}"
+    got = httpx.get(url, params={"k": k}, headers={"Authorization": f"Bearer {serve.token}"}, timeout=60)
+    got.raise_for_status()
+    return got.json().get("reranking")
+
+
+def in_process_cases(replica, store, uids: list[str], args: argparse.Namespace) -> list[Latencies]:  # noqa: ANN001
+    """The reference: the replica's search in this process, re-ranked as served (the reference's
+    variants fetched from Redis, 1,000 codes re-ranked by them), without and with a filter."""
+    from plugin.search.query import reference_variants
+
     rows = []
     filters = Filters(modalities=(FILTER_MODALITY,), date_from=FILTER_DATES[:8], date_to=FILTER_DATES[9:])
     for name, f in (("in-process search", None), ("in-process search, filter", filters)):
@@ -218,7 +257,10 @@ def in_process_cases(replica, uids: list[str], args: argparse.Namespace) -> list
             found = replica.lookup(uid)
             if found is None:
                 raise RuntimeError(f"{uid} not in the replica")
-            hits = replica.search(found[0], args.k, filters=f, exclude_uids=(uid,), rerank=found[1])
+            variants = reference_variants(store, VERSION, "STUDY", uid, found[1].size)
+            if variants is None:
+                raise RuntimeError(f"{uid} has no stored variants")
+            hits = replica.search(found[0], args.k, filters=f, exclude_uids=(uid,), rerank=variants)
             if len(hits) != args.k:
                 raise RuntimeError(f"{len(hits)} hits, not {args.k}")
 
