@@ -598,3 +598,81 @@ def test_query_variants_rerank_a_larger_shortlist_by_their_best_cosine(redis_cli
         # one variant alone is the plain re-ranking of the 300-code shortlist
         plain = idx.search(query, 10, rerank=variants[0])
         assert max(h.distance for h in plain) <= expected(live, query, 300)[-1][1]
+
+
+@pytest.mark.parametrize("journal", [1 << 16, 3])
+def test_a_cached_filter_follows_every_change_of_the_records(store, monkeypatch, journal):
+    """The per-study result of a filter is kept between searches and brought up to date by testing
+    again only the records that changed (or all of them, once the journal of changes no longer
+    reaches back: ``journal`` 3). Each round changes records, adds studies with and without a
+    record and deletes some; the same filters must still give the brute-force answer."""
+    from plugin.search import eligible
+    from plugin.search.state import State
+
+    monkeypatch.setattr(State, "JOURNAL", journal)
+    tested_sizes: list[int] = []
+    real = eligible._test_studies
+
+    def counted(*args):  # noqa: ANN002, ANN202 - a spy: the real test, its record count noted
+        tested_sizes.append(len(args[0]))
+        return real(*args)
+
+    monkeypatch.setattr(eligible, "_test_studies", counted)
+    rng = np.random.default_rng(17)
+    codes = rand_codes(rng, 400)
+    live, meta = {}, {}
+
+    def random_meta() -> dict[str, str]:
+        return {
+            "patient_id": f"P{rng.integers(0, 12)}",
+            "study_date": f"20{rng.integers(10, 25)}{rng.integers(1, 13):02d}{rng.integers(1, 29):02d}",
+            "modalities": ["CR", "DX", "CR,DX", "CT", "MR"][rng.integers(0, 5)],
+            "body_part": ["CHEST", "ABDOMEN", "HAND"][rng.integers(0, 3)],
+        }
+
+    def add(i: int, with_record: bool = True) -> None:
+        uid = f"1.9.{i}"
+        live[uid] = (store.codes.upsert("m1", "study", uid, codes[i])[0], bytes(codes[i]))
+        if with_record:
+            meta[uid] = random_meta()
+            store.records.put_study(uid, meta[uid])
+
+    for i in range(300):
+        add(i)
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    cases = [
+        (Filters(modalities=("CT",)), None),
+        (Filters(modalities=("CR",), date_from="20150101", date_to="20201231"), None),
+        (Filters(body_part="HAND", date_to="20180101"), "P3"),
+        (Filters(patient_id="P5"), None),
+        (None, "P7"),
+    ]
+    nxt = 300
+    for round_ in range(5):
+        for f, out in cases:
+            ok = {u for u, m in meta.items() if u in live and study_passes(m, f or Filters(), out)}
+            for q in codes[round_ : round_ + 3]:
+                got = as_pairs(idx.search(bytes(q), 15, filters=f, exclude_patient=out))
+                assert got == expected(live, bytes(q), 15, allowed=ok), (round_, f, out)
+        tested_sizes.clear()
+        # Change some records (one the other way round: a record for a study that had none)...
+        for uid in rng.choice(sorted(meta), 8, replace=False).tolist():
+            meta[uid] = {**meta[uid], **random_meta()}
+            store.records.put_study(uid, meta[uid])
+        for uid in [u for u in live if u not in meta][:1]:
+            meta[uid] = random_meta()
+            store.records.put_study(uid, meta[uid])
+        # ...add studies, one still without a record, and delete some.
+        for i in range(nxt, nxt + 6):
+            add(i, with_record=i != nxt + 5)
+        nxt += 6
+        for uid in rng.choice(sorted(live), 3, replace=False).tolist():
+            store.codes.delete("m1", "study", uid)
+            del live[uid]
+        idx.refresh()
+        idx.search(bytes(codes[0]), 5, filters=cases[0][0])
+        if journal > 100:  # the cached result was brought up to date from the changed records only
+            assert tested_sizes and max(tested_sizes) <= 15, tested_sizes
+        else:  # the journal did not reach back: every record tested again
+            assert tested_sizes and max(tested_sizes) >= 300, tested_sizes

@@ -121,9 +121,10 @@ class ReplicaIndex:
         return st.live if st else 0
 
     def memory_bytes(self) -> int:
-        """Bytes held by the replica's arrays (capacity, not just the live part)."""
+        """Bytes held by the replica's arrays (capacity, not just the live part), its cached filter
+        results included."""
         st = self._state
-        return st.memory_bytes() if st is not None else 0
+        return (st.memory_bytes() if st is not None else 0) + self._eligibility.nbytes
 
     # -- sync ----------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -246,7 +247,7 @@ class ReplicaIndex:
             if recs:
                 sn = np.fromiter(recs, np.int64, len(recs))
                 st.reserve_studies(int(sn.max()) + 1)
-                st.attrs.put(sn, np.frombuffer(b"".join(recs.values()), ATTR_DTYPE))
+                st.put_attrs(sn, np.frombuffer(b"".join(recs.values()), ATTR_DTYPE))
 
     def _maybe_rebuild_mih(self, st: State) -> None:
         """Rebuild the multi-index tables in a background thread when enough rows are scanned

@@ -73,6 +73,13 @@ class State:
         self.mih: MultiIndexHash | None = None
         self.building = False  # a rebuild of the tables is running
         self.changed_since_build: list[np.ndarray] = []
+        # Which study records changed, for filters cached over them (plugin.search.eligible): each
+        # put_attrs is a new attrs_version and journals its study numbers. The journal keeps the
+        # latest JOURNAL study numbers; a cache older than attrs_floor is recomputed.
+        self.attrs_version = 0
+        self.attrs_floor = 0
+        self._journal: list[tuple[int, np.ndarray]] = []
+        self._journal_size = 0
 
     def reserve(self, n: int) -> None:
         cap = self.exclude.shape[0]
@@ -98,6 +105,28 @@ class State:
             sn_slot = np.full(size, -1, np.int64)
             sn_slot[: self.sn_slot.shape[0]] = self.sn_slot
             self.sn_slot = sn_slot
+
+    JOURNAL = 1 << 16
+
+    def put_attrs(self, sn: np.ndarray, records: np.ndarray) -> None:
+        """Write the filter records of study numbers ``sn`` (room reserved), journalled."""
+        self.attrs.put(sn, records)
+        self.attrs_version += 1
+        sn = np.asarray(sn, np.int64)
+        self._journal.append((self.attrs_version, sn))
+        self._journal_size += sn.size
+        while self._journal_size > self.JOURNAL and self._journal:
+            version, dropped = self._journal.pop(0)
+            self._journal_size -= dropped.size
+            self.attrs_floor = version
+
+    def attrs_changed_since(self, version: int) -> np.ndarray | None:
+        """Study numbers whose records changed after ``version`` (unique), or None when the journal
+        no longer reaches back that far."""
+        if version < self.attrs_floor:
+            return None
+        changed = [sn for v, sn in self._journal if v > version]
+        return np.unique(np.concatenate(changed)) if changed else np.empty(0, np.int64)
 
     def code(self, slot: int) -> bytes:
         return np.ascontiguousarray(self.planes[:, slot]).view(np.uint8)[: self.nbytes].tobytes()
