@@ -9,6 +9,8 @@ patient ID: hits are turned back into UIDs with one HMGET to the store.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from hashing.search import MultiIndexHash, n_words, to_words
@@ -48,6 +50,11 @@ class Columns:
 class State:
     """One loaded (version, generation): arrays indexed by slot, grown by doubling."""
 
+    # The journal of changed study records keeps at most this many study numbers, in this many
+    # entries (one per batch a refresh applies).
+    JOURNAL = 1 << 16
+    JOURNAL_ENTRIES = 1 << 12
+
     def __init__(self, version: str, level: str, nbits: int, generation: int, rerank_dim: int = 0) -> None:
         self.version = version
         self.level = level
@@ -75,7 +82,7 @@ class State:
         self.changed_since_build: list[np.ndarray] = []
         # Which study records changed, for filters cached over them (plugin.search.eligible): each
         # put_attrs is a new attrs_version and journals its study numbers. The journal keeps the
-        # latest JOURNAL study numbers; a cache older than attrs_floor is recomputed.
+        # latest changes (JOURNAL); a cache older than attrs_floor is recomputed.
         self.attrs_version = 0
         self.attrs_floor = 0
         self._journal: list[tuple[int, np.ndarray]] = []
@@ -106,26 +113,27 @@ class State:
             sn_slot[: self.sn_slot.shape[0]] = self.sn_slot
             self.sn_slot = sn_slot
 
-    JOURNAL = 1 << 16
-
     def put_attrs(self, sn: np.ndarray, records: np.ndarray) -> None:
         """Write the filter records of study numbers ``sn`` (room reserved), journalled."""
         self.attrs.put(sn, records)
         self.attrs_version += 1
-        sn = np.asarray(sn, np.int64)
-        self._journal.append((self.attrs_version, sn))
-        self._journal_size += sn.size
-        while self._journal_size > self.JOURNAL and self._journal:
-            version, dropped = self._journal.pop(0)
-            self._journal_size -= dropped.size
-            self.attrs_floor = version
+        self._journal.append((self.attrs_version, np.asarray(sn, np.int64)))
+        self._journal_size += np.size(sn)
+        if self._journal_size > self.JOURNAL or len(self._journal) > self.JOURNAL_ENTRIES:
+            # Drop the older half at once (a pop per entry would cost a list copy each).
+            cut = len(self._journal) // 2 or 1
+            self.attrs_floor = self._journal[cut - 1][0]
+            self._journal_size -= sum(sn.size for _, sn in self._journal[:cut])
+            del self._journal[:cut]
 
     def attrs_changed_since(self, version: int) -> np.ndarray | None:
         """Study numbers whose records changed after ``version`` (unique), or None when the journal
         no longer reaches back that far."""
         if version < self.attrs_floor:
             return None
-        changed = [sn for v, sn in self._journal if v > version]
+        # Versions ascend: a cache that is up to date looks at no entry (a filtered search asks this).
+        first = bisect.bisect_right(self._journal, version, key=lambda entry: entry[0])
+        changed = [sn for _, sn in self._journal[first:]]
         return np.unique(np.concatenate(changed)) if changed else np.empty(0, np.int64)
 
     def code(self, slot: int) -> bytes:
