@@ -1,5 +1,7 @@
 """delete-study and compact as IT staff run them, against a real Redis and the replica index."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,33 @@ def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populat
     hits = index.search(query, 6)
     assert [(h.distance, h.uid) for h in hits] == _brute_force(studies, query)
     assert cli(["models", "drop", "no-such-version"]) == 1
+
+
+def test_reindex_wait_without_a_terminal_prints_progress_lines_until_the_job_ends(store, capsys):
+    """``reindex --wait`` in a log file or a systemd unit: plain lines as the job moves (a bar's
+    carriage returns would make one line, seen only at the end), the last one the final state."""
+    import threading
+
+    from plugin.ops.reindex import follow_lines
+
+    store.reindex.start("m9", "/models/m9.pt", "m8")
+    steps = [{"state": "running", "total": 40, "done": 10}, {"done": 30}, {"state": "finishing", "done": 40}]
+
+    def worker() -> None:
+        for fields in steps:
+            time.sleep(0.15)
+            store.reindex.update(fields)
+        time.sleep(0.15)
+        store.reindex.update({"state": "done", "studies_done": 7})
+
+    t = threading.Thread(target=worker)
+    t.start()
+    job = follow_lines(store.reindex.get, every=0.0, poll=0.02)
+    t.join()
+    assert job["state"] == "done"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("re-index to m9") and ": planning, 0/0 instances" in lines[0]
+    assert any(": running, 10/40 instances" in line for line in lines)
+    assert any(": finishing, 40/40 instances" in line for line in lines)
+    assert lines[-1].startswith("re-index to m9") and ": done, 40/40 instances" in lines[-1]
+    assert "studies pooled 7" in lines[-1] and "\r" not in "".join(lines)

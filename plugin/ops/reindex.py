@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from celery import Celery
@@ -90,11 +91,19 @@ def describe(job: dict[str, str]) -> str:
     )
 
 
+# Without a terminal (a log file, cron, a systemd unit) progress is a line this often: a bar's
+# carriage-return redraws make one unreadable line there, which may show only when the job ends.
+LINE_EVERY_S = 30.0
+
+
 def follow(app: Celery) -> dict[str, str]:
-    """A progress bar until the job ends; returns its final state."""
+    """A progress bar until the job ends (a line every :data:`LINE_EVERY_S` seconds when stderr
+    is not a terminal); returns its final state."""
     from tqdm import tqdm
 
     store = store_for(app)
+    if not sys.stderr.isatty():
+        return follow_lines(store.reindex.get, LINE_EVERY_S)
     job = store.reindex.get()
     with tqdm(total=int(job.get("total", 0)) or None, unit="img", desc=f"re-index {job['version']}") as bar:
         while job.get("state") in ACTIVE_STATES:
@@ -108,6 +117,22 @@ def follow(app: Celery) -> dict[str, str]:
             job = store.reindex.get()
         bar.n = int(job.get("done", 0)) + int(job.get("failed", 0))
         bar.refresh()
+    return job
+
+
+def follow_lines(get: Callable[[], dict[str, str]], every: float, poll: float = 1.0) -> dict[str, str]:
+    """Print :func:`describe` of the job ``get`` returns now, every ``every`` seconds while it is
+    active, and once when it ends; returns its final state."""
+    job = get()
+    last: float | None = None
+    while job.get("state") in ACTIVE_STATES:
+        now = time.monotonic()
+        if last is None or now - last >= every:
+            print(describe(job), file=sys.stderr, flush=True)
+            last = now
+        time.sleep(poll)
+        job = get()
+    print(describe(job), file=sys.stderr, flush=True)
     return job
 
 
