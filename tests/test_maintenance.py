@@ -93,7 +93,7 @@ def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populat
         store.codes.upsert(old, "study", study, rng.integers(0, 256, 8, dtype=np.uint8))
         for sop in store.records.study_instances(study):
             store.codes.upsert(old, "image", sop, rng.integers(0, 256, 8, dtype=np.uint8))
-            store.embeddings.put(old, sop, np.ones(4, np.float32))
+            store.embeddings.put(old, sop, np.ones(4, np.float32), np.ones((27, 4), np.int8))
 
     assert cli(["models"]) == 0
     listing = capsys.readouterr().out.splitlines()
@@ -101,7 +101,8 @@ def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populat
     old_line = next(line for line in listing if line.startswith(old))
     assert "(active)" in active_line and active_line.split()[3:5] == ["12", "6"]
     assert active_line.endswith("general (general: every image no other route takes)")  # registered without a route
-    assert old_line.split()[3:6] == ["12", "6", "12"] and "(active)" not in old_line
+    # image codes, study codes, embeddings, query variants
+    assert old_line.split()[3:7] == ["12", "6", "12", "12"] and "(active)" not in old_line
 
     assert cli(["models", "drop", VERSION]) == 1
     assert "active version" in capsys.readouterr().err

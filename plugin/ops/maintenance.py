@@ -170,12 +170,15 @@ def models_main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no model version registered yet (the first worker registers the default model)")
         return 0
-    header = f"{'version':<32} {'bits':>4}  {'state':<9} {'image codes':>11} {'study codes':>11} {'embeddings':>10}"
+    header = (
+        f"{'version':<32} {'bits':>4}  {'state':<9} {'image codes':>11} {'study codes':>11} {'embeddings':>10}"
+        f" {'variants':>8}"
+    )
     print(header + "  route")
     for r in rows:
         mark = " (active)" if r["active"] else " (re-indexing)" if r["version"] == rebuilding else ""
         print(
             f"{r['version']:<32} {r['nbits']:>4}  {r['state']:<9} {r['image']:>11} {r['study']:>11}"
-            f" {r['embeddings']:>10}{mark}  {r['serves']}"
+            f" {r['embeddings']:>10} {r['variants']:>8}{mark}  {r['serves']}"
         )
     return 0

@@ -40,7 +40,8 @@ def outcome_label(outcome: str) -> str:
 
 def model_versions(store: Store) -> list[dict[str, Any]]:
     """Every registered model version, the answering ones first (by route): its route, bits, state,
-    live codes per level and instance embeddings (what an old version still costs in Redis)."""
+    live codes per level, instance embeddings and query variants (what an old version still costs
+    in Redis)."""
     answering = set(store.models.active_routes().values())
     out = []
     for version in store.models.versions():
@@ -62,6 +63,7 @@ def model_versions(store: Store) -> list[dict[str, Any]]:
                 "series": store.codes.count(version, "series"),
                 "study": store.codes.count(version, "study"),
                 "embeddings": store.embeddings.count(version),
+                "variants": store.embeddings.variants_count(version),
             }
         )
     out.sort(key=lambda m: (not m["active"], m["route"], -m["created"]))

@@ -52,6 +52,10 @@ class Embeddings:
     def count(self, version: str) -> int:
         return int(self.r.hlen(self.keys.emb(version)))
 
+    def variants_count(self, version: str) -> int:
+        """Instances with stored query variants (3,456 bytes each for v6): 0 for a model without them."""
+        return int(self.r.hlen(self.keys.variants(version)))
+
     def delete(self, version: str, sop_uids: Sequence[str]) -> None:
         if sop_uids:
             pipe = self.r.pipeline(transaction=False)
