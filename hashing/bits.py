@@ -76,8 +76,8 @@ class Reranker:
     product; scoring in blocks of 256 avoided them but paid numpy's per-call overhead four times. With
     kept buffers one gather, one conversion and one matrix product score the whole shortlist. 27
     variants x 1,000 candidates of 128 values, gather included, p50 over 250 shortlists, four runs
-    interleaved (on the 2-core development machine, one BLAS thread): 0.37-0.62
-    ms in blocks of 256, 0.27-0.49 ms so; the matrix product is about 0.19 of it.
+    interleaved (on the 2-core development machine, one BLAS thread): 0.37-0.62 ms in blocks of 256,
+    0.27-0.49 ms so; the matrix product is about 0.19 of it.
 
     Not thread-safe: one per searching thread (the replica scores under its lock).
     """
