@@ -237,3 +237,24 @@ def test_rerank_vectors_follow_their_slot_through_upsert_log_and_compaction(redi
     assert last[0][b"op"] == b"init"  # compaction restarts the log; replicas reload the snapshot
     with pytest.raises(StoreError):
         store.codes.upsert("m1", "study", "1.3", bytes(2), rerank=np.zeros(8, np.int8))
+
+
+def test_a_study_s_variants_come_from_its_first_instances_in_uid_order_in_one_call(redis_client):
+    """What a study reference is re-ranked by: the stored variants of its first instances in UID
+    order (those without stored variants skipped), the same as listing the instances and then
+    reading their variants, which took two round trips."""
+    store = Store(redis_client, namespace="t")
+    rng = np.random.default_rng(3)
+    sops = [f"1.5.{n}" for n in rng.permutation(70)]  # not stored in UID order
+    for n, sop in enumerate(sops):
+        store.records.put_instance(sop, "1.5", {"modality": "DX"})
+        if n % 5:  # every fifth image indexed by a version without variants
+            store.embeddings.put("v6", sop, np.ones(4, np.float32), rng.integers(-127, 128, (27, 8), dtype=np.int8))
+    first = sorted(store.records.study_instances("1.5"))[:64]
+    expected = store.embeddings.variants_of("v6", first, 8)
+    got = store.embeddings.study_variants("v6", "1.5", 8, 64)
+    assert got.shape == expected.shape and 48 <= got.shape[0] < 64
+    np.testing.assert_array_equal(got, expected)
+    assert store.embeddings.study_variants("v6", "1.5", 8, 3).shape[0] <= 3
+    assert store.embeddings.study_variants("v5", "1.5", 8, 64).shape == (0, 0, 8)  # no variants stored
+    assert store.embeddings.study_variants("v6", "no.such.study", 8, 64).shape == (0, 0, 8)

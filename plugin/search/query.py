@@ -155,8 +155,9 @@ def reference_variants(store: Any, version: str, level: str, uid: str, width: in
     None when none are stored (a model without a layout path, or images indexed by a version that
     predates them): the query is then re-ranked by the reference's own vector."""
     if level == "STUDY":
-        sops = sorted(store.records.study_instances(uid))
-    elif level == "SERIES":
+        variants = store.embeddings.study_variants(version, uid, width, MAX_REFERENCE_IMAGES)
+        return pooled_variants(variants) if variants.shape[1] else None
+    if level == "SERIES":
         study_uid, _ = _reference_study(level, uid, store)
         in_study = sorted(store.records.study_instances(study_uid)) if study_uid else []
         records = store.records.instances(in_study)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import redis
 
+from plugin.store import scripts
 from plugin.store.keys import Keys
 
 
@@ -25,6 +26,7 @@ class Embeddings:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.r = client
         self.keys = keys
+        self._study_variants = client.register_script(scripts.STUDY_VARIANTS)
 
     def put(self, version: str, sop_uid: str, embedding: np.ndarray, variants: np.ndarray | None = None) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -44,10 +46,16 @@ class Embeddings:
     def variants_of(self, version: str, sop_uids: Iterable[str], width: int) -> np.ndarray:
         """The stored variants of those instances that have them, int8 ``(m, V, width)``."""
         uids = list(sop_uids)
-        raw = [b for b in (self.r.hmget(self.keys.variants(version), uids) if uids else []) if b]
-        if not raw:
-            return np.zeros((0, 0, width), np.int8)
-        return np.frombuffer(b"".join(raw), np.int8).reshape(len(raw), -1, width)
+        return _stacked([b for b in (self.r.hmget(self.keys.variants(version), uids) if uids else []) if b], width)
+
+    def study_variants(self, version: str, study_uid: str, width: int, limit: int) -> np.ndarray:
+        """The stored variants of the study's first ``limit`` instances in UID order (those that have
+        them), int8 ``(m, V, width)``: :meth:`variants_of` of ``sorted(study_instances)[:limit]``, in
+        one round trip."""
+        found = self._study_variants(
+            keys=[self.keys.study_instances(study_uid), self.keys.variants(version)], args=[limit]
+        )
+        return _stacked([b for b in found if b], width)
 
     def count(self, version: str) -> int:
         return int(self.r.hlen(self.keys.emb(version)))
@@ -62,3 +70,10 @@ class Embeddings:
             pipe.hdel(self.keys.emb(version), *sop_uids)
             pipe.hdel(self.keys.variants(version), *sop_uids)
             pipe.execute()
+
+
+def _stacked(raw: list[bytes], width: int) -> np.ndarray:
+    """Stored variants (each ``V * width`` int8 bytes) as ``(m, V, width)``; ``(0, 0, width)`` for none."""
+    if not raw:
+        return np.zeros((0, 0, width), np.int8)
+    return np.frombuffer(b"".join(raw), np.int8).reshape(len(raw), -1, width)
