@@ -74,7 +74,7 @@ def test_best_cosine_over_variants_and_pooling() -> None:
     assert rerank_similarity(q, db)[3] == rerank_similarity(q, db)[400] == 0.0
     # a kept Reranker scores a shortlist by row numbers, in passes, whatever it scored before
     reranker = Reranker()
-    reranker.BLOCK = 256  # three passes over 600 rows
+    reranker.BLOCK = 256  # passes of 256 rows: two over the 450 rows, three over all 600
     rows = rng.permutation(600)[:450]
     np.testing.assert_allclose(reranker.similarity(q, db, rows), each.max(axis=0)[rows], atol=1e-6)
     np.testing.assert_allclose(reranker.similarity(q[1, :8], db[:, :8]), rerank_similarity(q[1, :8], db[:, :8]), atol=0)
