@@ -339,6 +339,15 @@ def test_remote_worker_fetches_the_file_over_the_api(redis_server, redis_client,
         thread.join(10)
 
 
+def _indexed_normal_study(app, redis_client, tmp_path: Path, what: str):  # noqa: ANN001, ANN202
+    """Two normal films sent as one study and indexed by the running worker: (study, store, the
+    version answering)."""
+    study = make_study(tmp_path / "in", fixture_images("normal")[:2])
+    send(app, study)
+    wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 2, 90, what=what)
+    return study, Store(redis_client, NS), active_version(redis_client)
+
+
 def _chest_model_v2(path: Path) -> Path:
     """A small seeded model "test-v2" for the chest route, saved at ``path``: what a re-index moves to."""
     import torch
@@ -372,11 +381,7 @@ def test_reindex_builds_a_new_version_in_the_background_then_switches(
     worker_factory("ingest", DRH_WORKER_QUEUES="ingest,study")
     data = tmp_path / "data"
     app = app_for(redis_server.url, data)
-    first = make_study(tmp_path / "in", fixture_images("normal")[:2])
-    send(app, first)
-    store = Store(redis_client, NS)
-    wait_until(lambda: indexed_count(redis_client, first.sop_uids) == 2, 90, what="first study indexed")
-    old = active_version(redis_client)
+    first, store, old = _indexed_normal_study(app, redis_client, tmp_path, "first study indexed")
     wait_until(lambda: store.codes.get(old, "study", first.study_uid), 30, what="first study pooled")
 
     ckpt = _chest_model_v2(tmp_path / "v2.pt")  # replaces the chest model
@@ -503,11 +508,7 @@ def test_a_reindex_that_cannot_read_its_images_does_not_switch(redis_server, red
     worker_factory(DRH_EXTRA_MODELS="")
     data = tmp_path / "data"
     app = app_for(redis_server.url, data)
-    study = make_study(tmp_path / "in", fixture_images("normal")[:2])
-    send(app, study)
-    store = Store(redis_client, NS)
-    wait_until(lambda: indexed_count(redis_client, study.sop_uids) == 2, 90, what="study indexed")
-    old = active_version(redis_client)
+    study, store, old = _indexed_normal_study(app, redis_client, tmp_path, "study indexed")
     for sop in study.sop_uids:  # the kept files are lost (a disk replaced, a wrong data_dir)
         Path(store.records.instance(sop)["path"]).unlink()
     ckpt = _chest_model_v2(tmp_path / "v2.pt")
