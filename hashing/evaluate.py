@@ -38,7 +38,7 @@ import torch
 
 from hashing import baselines
 from hashing import checkpoint as ckpt_mod
-from hashing.bits import binarize, pack, quantize_rerank
+from hashing.bits import binarize, pack, pooled_variants, quantize_rerank
 from hashing.data import DataError, ImageSet, Source, load_images, open_source
 from hashing.dmih import DMIH
 from hashing.drh import DRH
@@ -155,11 +155,11 @@ def model_reps(
         Rep(f"{version} served (codes, top {shortlist_size(10)} re-ranked)", "served", codes, vectors, drh.nbits, info),
     ]
     variants = variant_set(drh, images.images, mean, std, dev).numpy()
-    if variants.size:  # what the service answers for a stored reference (hashing.variants)
-        stored = quantize_rerank(variants).astype(np.float32)
-        top = shortlist_size(10, tolerant=True)
-        name = f"{version} served tolerant (codes, top {top} re-ranked by {len(VARIANTS)} query variants)"
-        reps.append(Rep(name, "served", codes, vectors, drh.nbits, info, variants=stored))
+    stored = quantize_rerank(variants) if variants.size else None  # int8, as the workers store them
+    if stored is not None:  # what the service answers for a stored reference (hashing.variants)
+        reps.append(
+            Rep(_tolerant_name(version), "served", codes, vectors, drh.nbits, info, variants=stored.astype(np.float32))
+        )
     if with_baselines:
         reps.append(Rep(f"{version} features ({f.shape[1]}-d float, cosine)", "cosine", vectors=f, extra=info))
         lsh = baselines.fit_lsh(f[fit_on], drh.nbits, seed)
@@ -167,25 +167,50 @@ def model_reps(
         if drh.nbits <= f.shape[1]:
             itq = baselines.fit_itq(f[fit_on], drh.nbits, seed=seed)
             reps.append(Rep(f"ITQ {drh.nbits} on {version} features", "hamming", codes=itq.encode(f), nbits=drh.nbits))
-    return reps, {"drh": drh, "feats": feats, "heads": heads, "keys": keys, "mean": mean, "std": std}
+    return reps, {
+        "drh": drh,
+        "feats": feats,
+        "heads": heads,
+        "keys": keys,
+        "mean": mean,
+        "std": std,
+        "variants": stored,
+    }
+
+
+def _tolerant_name(version: str, what: str = "codes") -> str:
+    top = shortlist_size(10, tolerant=True)
+    return f"{version} served tolerant ({what}, top {top} re-ranked by {len(VARIANTS)} query variants)"
 
 
 def study_reps(ck: dict[str, Any], parts: dict[str, Any], bags: list[list[int]], dev: torch.device) -> list[Rep]:
     """Study rows of a checkpoint: its DMIH study codes (when it has DMIH), and its image codes pooled
-    per study (mean of the relaxed codes, then the sign; the mean of the images' re-ranking keys)."""
+    per study (mean of the relaxed codes, then the sign; the mean of the images' re-ranking keys).
+    A model that serves query variants gets each also as served for a study reference: re-ranked
+    by its images' variants pooled (:func:`hashing.bits.pooled_variants`, what the query process does)."""
     version = str(ck["version"])
     relaxed = torch.tanh(parts["heads"]).numpy()
     pooled = np.stack([relaxed[b].mean(axis=0) for b in bags])
     nbits = pooled.shape[1]
     vectors = quantize_rerank(np.stack([parts["keys"][b].mean(axis=0) for b in bags])).astype(np.float32)
-    reps = [Rep(f"{version} image codes pooled per study", "served", pack(binarize(pooled)), vectors, nbits)]
+    pooled_v = None
+    if parts.get("variants") is not None:
+        pooled_v = np.stack([pooled_variants(parts["variants"][b]) for b in bags]).astype(np.float32)
+
+    def rows(what: str, codes: np.ndarray, vectors: np.ndarray) -> list[Rep]:
+        out = [Rep(f"{version} {what}", "served", codes, vectors, nbits)]
+        if pooled_v is not None:
+            out.append(Rep(_tolerant_name(version, what), "served", codes, vectors, nbits, variants=pooled_v))
+        return out
+
+    reps = rows("image codes pooled per study", pack(binarize(pooled)), vectors)
     if ck.get("dmih") is not None:
         dmih = ckpt_mod.build_module(ck["dmih"]).to(dev)
         assert isinstance(dmih, DMIH)
         feats, _ = encode_set(dmih, _images_of(parts), parts["mean"], parts["std"], dev)
         h_t, study_keys = pool_bags(dmih, feats, bags, dev)
-        h, vectors = h_t.numpy(), quantize_rerank(study_keys.numpy()).astype(np.float32)
-        reps.insert(0, Rep(f"{version} DMIH study codes", "served", pack(binarize(h)), vectors, nbits))
+        h, study_vectors = h_t.numpy(), quantize_rerank(study_keys.numpy()).astype(np.float32)
+        reps = rows("DMIH study codes", pack(binarize(h)), study_vectors) + reps
     return reps
 
 

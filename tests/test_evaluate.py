@@ -146,10 +146,14 @@ def test_evaluate_command(tmp_path: Path) -> None:
         assert r["r@10_n"] == 0  # no test patient has a second image
         assert ("ties@10" in r) == (r["kind"] in ("hamming", "served"))
         assert ("r@10_from_50" in r) == (r["kind"] == "served")  # recall as the shortlist tightens
+    tolerant = "served tolerant ({}, top 1000 re-ranked by 27 query variants)"
     assert [r["name"] for r in res["studies"]["results"]][2:] == [
         "dmih-b DMIH study codes",
+        "dmih-b " + tolerant.format("DMIH study codes"),
         "dmih-b image codes pooled per study",
+        "dmih-b " + tolerant.format("image codes pooled per study"),
         "csq-c image codes pooled per study",
+        "csq-c " + tolerant.format("image codes pooled per study"),
     ]
     assert res["studies"]["protocol"]["studies"] == 10  # person100's three training images are one study
     assert (out / "evaluation.png").stat().st_size > 1000
@@ -234,3 +238,33 @@ def test_tolerant_served_recall_takes_the_best_variant_from_a_larger_shortlist()
     assert tolerant["r@10"] == 1.0 and tolerant["r@1"] == 1.0 and tolerant["r@10_from_300"] == 0.0
     plain = score(Rep("p", "served", pack(bits), vectors, 64), proto, n_boot=10)
     assert plain["shortlist"] == 300 and plain["r@10"] == 0.0 and "r@10_from_1000" not in plain
+
+
+def test_study_rows_of_a_model_with_variants_are_also_scored_as_served() -> None:
+    """A study reference is served re-ranked by its images' variants pooled: the study table gets
+    that row beside the plain one, with the pooling the query process uses; a model without variants
+    keeps the plain row alone."""
+    import torch
+
+    from hashing.bits import pooled_variants, quantize_rerank
+    from hashing.evaluate import study_reps
+
+    rng = np.random.default_rng(0)
+    heads = torch.as_tensor(rng.standard_normal((5, 16)), dtype=torch.float32)
+    keys = rng.standard_normal((5, 8)).astype(np.float32)
+    stored = quantize_rerank(rng.standard_normal((5, 3, 8)))
+    bags = [[0, 1, 2], [3], [4]]
+    parts = {"heads": heads, "keys": keys, "variants": stored}
+    reps = study_reps({"version": "m"}, parts, bags, torch.device("cpu"))
+    assert [r.name for r in reps] == [
+        "m image codes pooled per study",
+        "m served tolerant (image codes pooled per study, top 1000 re-ranked by 27 query variants)",
+    ]
+    plain, tolerant = reps
+    assert plain.variants is None and tolerant.shortlists[0] == 1000
+    assert np.array_equal(tolerant.codes, plain.codes) and np.array_equal(tolerant.vectors, plain.vectors)
+    assert np.array_equal(tolerant.variants[0], pooled_variants(stored[[0, 1, 2]]).astype(np.float32))
+    assert np.array_equal(tolerant.variants[1], stored[3].astype(np.float32))  # one image: its own variants
+    assert [r.name for r in study_reps({"version": "m"}, {**parts, "variants": None}, bags, torch.device("cpu"))] == [
+        "m image codes pooled per study"
+    ]
