@@ -470,7 +470,7 @@ def test_delete_study_removes_it_from_every_level_and_version(store):
 def test_the_compiled_record_test_matches_numpy_for_every_combination_of_tests():
     """The filter pass over the records (one compiled loop for every test at once) against the
     same tests written plainly in numpy, on random records with unknown ones among them."""
-    from plugin.search.eligible import BODY, DATE, MODALITY, NOT_PATIENT, PATIENT, _test_studies
+    from plugin.search.eligible import BODY, DATE, KNOWN, MODALITY, NOT_PATIENT, PATIENT, _test_studies
 
     rng = np.random.default_rng(12)
     n = 5000
@@ -488,8 +488,8 @@ def test_the_compiled_record_test_matches_numpy_for_every_combination_of_tests()
         PATIENT: patient == p_in,
         NOT_PATIENT: patient != p_out,
     }
-    for tests in range(1, 32):
-        want = flags == 1
+    for tests in range(1, 64):
+        want = flags == 1 if tests & KNOWN else np.ones(n, bool)
         for bit, ok in plain.items():
             if tests & bit:
                 want &= ok
@@ -650,7 +650,9 @@ def test_a_cached_filter_follows_every_change_of_the_records(store, monkeypatch,
     ]
     nxt = 300
     for round_ in range(5):
-        for f, out in cases:
+        # The same modalities with a range new to the round: their parts cached apart, combined.
+        new_range = Filters(modalities=("CR", "DX"), date_from=f"20{12 + round_}0101", date_to="20221231")
+        for f, out in [*cases, (new_range, None), (new_range, "P2")]:
             ok = {u for u, m in meta.items() if u in live and study_passes(m, f or Filters(), out)}
             for q in codes[round_ : round_ + 3]:
                 got = as_pairs(idx.search(bytes(q), 15, filters=f, exclude_patient=out))
@@ -676,3 +678,43 @@ def test_a_cached_filter_follows_every_change_of_the_records(store, monkeypatch,
             assert tested_sizes and max(tested_sizes) <= 15, tested_sizes
         else:  # the journal did not reach back: every record tested again
             assert tested_sizes and max(tested_sizes) >= 300, tested_sizes
+
+
+def test_a_filter_new_to_the_query_tests_only_what_is_new(store, monkeypatch):
+    """The same modality asked with a date range new to each query: the modality's result is kept,
+    and only the date column is tested again; the answer is the brute-force one every time."""
+    from plugin.search import eligible
+
+    calls: list[tuple[int, int]] = []
+    real = eligible._test_studies
+
+    def counted(*args):  # noqa: ANN002, ANN202 - a spy: the real test, its tests and record count noted
+        calls.append((int(args[5]), len(args[0])))
+        return real(*args)
+
+    monkeypatch.setattr(eligible, "_test_studies", counted)
+    rng = np.random.default_rng(19)
+    codes = rand_codes(rng, 300)
+    live, meta = {}, {}
+    for i, c in enumerate(codes):
+        uid = f"1.8.{i}"
+        live[uid] = (store.codes.upsert("m1", "study", uid, c)[0], bytes(c))
+        if i % 10:  # every tenth study has no record: it passes no filter
+            meta[uid] = {
+                "study_date": f"20{rng.integers(10, 25)}0{rng.integers(1, 10)}15",
+                "modalities": ["CT", "MR", "CR"][rng.integers(0, 3)],
+            }
+            store.records.put_study(uid, meta[uid])
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    for year in range(2012, 2020):
+        f = Filters(modalities=("CT",), date_from=f"{year}0101", date_to="20991231")
+        calls.clear()
+        got = as_pairs(idx.search(bytes(codes[year % 300]), 12, filters=f))
+        ok = {u for u, m in meta.items() if study_passes(m, f)}
+        assert got == expected(live, bytes(codes[year % 300]), 12, allowed=ok)
+        tests = sorted(t for t, _ in calls)
+        if year == 2012:
+            assert tests == [eligible.DATE, eligible.MODALITY | eligible.KNOWN]
+        else:
+            assert tests == [eligible.DATE], calls  # the modality's result was kept
