@@ -503,7 +503,8 @@ def test_after_a_package_upgrade_the_previous_default_keeps_indexing_until_the_r
 @pytest.mark.slow
 def test_a_reindex_that_cannot_read_its_images_does_not_switch(redis_server, redis_client, worker_factory, tmp_path):
     """Every kept file is gone: the new version would answer without the archive. The job fails with
-    the reason, the old version keeps answering, and `reindex --wait` ends with an error."""
+    the reason, the old version keeps answering, `reindex --wait` ends with an error, and each
+    instance is in the failure ledger with its reason."""
 
     worker_factory(DRH_EXTRA_MODELS="")
     data = tmp_path / "data"
@@ -523,3 +524,11 @@ def test_a_reindex_that_cannot_read_its_images_does_not_switch(redis_server, red
     assert out.returncode == 1, out.stdout + out.stderr
     assert "failed, 0/2 instances, 2 failed" in out.stdout and f"{old} keeps answering" in out.stdout, out.stdout
     assert active_version(redis_client) == old and store.models.info("test-v2").state == "building"
+    # Each instance is in the failure ledger with its reason (what `drh-pacs failures` lists).
+    listed = subprocess.run(
+        [sys.executable, "-m", "plugin.cli", "failures"], env=env, capture_output=True, text=True, timeout=60
+    )
+    for sop in study.sop_uids:
+        entry = store.ledger.get(sop)
+        assert entry is not None and entry["reason"].startswith("re-index to test-v2: "), entry
+        assert entry["study_uid"] == study.study_uid and sop in listed.stdout, listed.stdout

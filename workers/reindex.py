@@ -45,7 +45,7 @@ class ReindexBatchTask(RetryingTask):
         store = self.store
         for sop in kwargs.get("sops", []):
             if not store.reindex.is_done(sop):
-                store.reindex.mark_failed(sop, f"transient error persisted: {exc}")
+                _failed(store, kwargs.get("version", ""), sop, f"transient error persisted: {exc}", "transient")
         _progress(store)
         _maybe_finish(self.app, store, kwargs.get("version", ""))
 
@@ -110,6 +110,23 @@ def _maybe_finish(app: Celery, store: Store, version: str) -> None:
         send(app, REINDEX_FINISH, version=version)
 
 
+def _failed(store: Store, version: str, sop: str, reason: str, kind: str = "permanent") -> None:
+    """An instance the job could not re-encode: counted in the job, and in the failure ledger with
+    its reason, so that it does not go missing from the new version's answers unseen (``drh-pacs
+    failures`` lists it, monitoring counts it, ``failures retry`` indexes it again)."""
+    store.reindex.mark_failed(sop, reason)
+    info = store.records.instance(sop)
+    payload = {
+        "sop_uid": sop,
+        "study_uid": info.get("study_uid", ""),
+        "path": info.get("path", ""),
+        "source_ae": info.get("source_ae", ""),
+        "received_at": float(info.get("received_at") or 0),
+    }
+    store.ledger.record(payload, f"re-index to {version}: {reason}", kind=kind)
+    log.error("instance %s not re-encoded for %s: %s", sop, version, reason)
+
+
 def _progress(store: Store) -> None:
     done, failed = store.reindex.counts()
     store.reindex.update({"done": done, "failed": failed})
@@ -132,10 +149,10 @@ def encode_and_store(task: RetryingTask, version: str, sops: list[str]) -> None:
         try:
             not_image = batching.load_item(settings, it, defer_volume=True)
         except PermanentError as exc:
-            store.reindex.mark_failed(sop, str(exc))
+            _failed(store, version, sop, str(exc))
             continue
         if not_image:
-            store.reindex.mark_failed(sop, f"not an image: {not_image}")
+            _failed(store, version, sop, f"not an image: {not_image}")
             continue
         if it.volume:  # a slice indexed on its own before volumes were sampled: a slice from now on
             store.records.update_instance(sop, {"volume": "1"})
