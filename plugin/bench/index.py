@@ -319,7 +319,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
         for (label, (f, out)), mode in [(c, m) for c in cases.items() for m in modes]:
 
             def one(i: int, f: Filters | None = f, out: str | None = out, mode: str = mode, label: str = label) -> None:
-                if label == new_range:  # 252 ranges in turn: gone from the cache of 8 when they come again
+                if label == new_range:  # 252 ranges in turn: gone from the cache of 16 when they come again
                     start, end = f"201001{1 + modes.index(mode):02d}", f"2014{1 + i % 12:02d}{1 + i % 28:02d}"
                     f = Filters(modalities=("CT",), date_from=start, date_to=end)
                 rr = None

@@ -22,7 +22,8 @@ keeps. Now one compiled function tests the records (a vectorised loop per test a
 :func:`_test_studies`), and the scan ORs each slot's study byte in with its distance
 (:func:`hashing.kernels.hamming_first_masked`). The result per study of the last few filters is
 kept and brought up to date from the records that change (:meth:`Eligibility._tested`): a filter
-asked again skips the test pass.
+asked again skips the test pass. A filter with a date range also keeps its result without the range,
+so that the same modality with a range new to the query reads only the dates (:func:`_test_dates`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,9 @@ from plugin.search.state import NEVER, State
 from plugin.store import FLAG_KNOWN, patient_key
 from plugin.store.attributes import modality_mask
 
-# Which tests a filter asks of the records (bits of `_test_studies`'s `tests`). KNOWN (the study has
-# a record) is part of every filter; a date range cached apart from the rest of its filter leaves it
-# to the rest (Eligibility._passing_studies).
-DATE, BODY, MODALITY, PATIENT, NOT_PATIENT, KNOWN = 1, 2, 4, 8, 16, 32
+# Which tests a filter asks of the records (bits of `_test_studies`'s `tests`); every filter also
+# asks that the study has a record.
+DATE, BODY, MODALITY, PATIENT, NOT_PATIENT = 1, 2, 4, 8, 16
 # When at most 1/FEW of all studies pass, only their slots get a distance (hashing.search.knn_rows);
 # otherwise the scan of every slot ORs in the studies' bytes. At 1M studies the scan costs about
 # 1.2 ms whatever passes, while listing the passing studies, sorting their slots and gathering their
@@ -77,11 +77,8 @@ def _test_studies(
     passing numbers in it made it six times slower; the caller collects them when they are few.
     """
     n = flags.shape[0]
-    if tests & KNOWN:
-        for i in range(n):
-            fail[i] = np.uint8((flags[i] & FLAG_KNOWN) != 0)  # 1: passes so far
-    else:
-        fail[:] = 1
+    for i in range(n):
+        fail[i] = np.uint8((flags[i] & FLAG_KNOWN) != 0)  # 1: passes so far
     if tests & DATE:
         for i in range(n):
             fail[i] &= np.uint8(date[i] >= lo) & np.uint8(date[i] <= hi)
@@ -105,11 +102,14 @@ def _test_studies(
 
 
 @jit
-def _either_fails(a: np.ndarray, b: np.ndarray, fail: np.ndarray) -> int:
-    """``fail = a | b`` (a study passes both parts of a filter); returns how many pass."""
+def _test_dates(rest: np.ndarray, date: np.ndarray, lo: int, hi: int, fail: np.ndarray) -> int:
+    """``fail[i]`` = 0 where ``rest[i]`` is 0 (the rest of the filter passes) and ``date[i]`` is in
+    [lo, hi], 255 where not; returns how many pass. One pass over 5 bytes a study, where the whole
+    filter's reads 13 (0.35-0.4 ms at a million, against 1.7-1.9 for CT and a range)."""
     count = 0
     for i in range(fail.shape[0]):
-        v = a[i] | b[i]
+        inside = np.uint8(date[i] >= lo) & np.uint8(date[i] <= hi)
+        v = rest[i] | np.uint8(inside - np.uint8(1))  # 1 -> 0, 0 -> 255
         fail[i] = v
         count += v == 0
     return count
@@ -122,9 +122,9 @@ def warm_up() -> None:
     fail, none = np.zeros(cols.size, np.uint8), np.uint64(0)
     _test_studies(
         cols["flags"], cols["date"], cols["body"], cols["modmask"], cols["patient"],
-        DATE | BODY | MODALITY | PATIENT | NOT_PATIENT | KNOWN, 1, 2, 1, none, none, none, fail,
+        DATE | BODY | MODALITY | PATIENT | NOT_PATIENT, 1, 2, 1, none, none, none, fail,
     )  # fmt: skip
-    _either_fails(fail, fail, fail)
+    _test_dates(fail, cols["date"], 1, 2, fail)
 
 
 @dataclass
@@ -154,7 +154,7 @@ class Eligibility:
     """
 
     # Filter results kept per study (a megabyte each at a million studies). A filter with a date
-    # range and other tests keeps three: the range, the rest, and the two combined.
+    # range and other tests keeps two: the whole filter, and the filter without its range.
     CACHED = 16
 
     def __init__(self, level: str, vocabulary: Callable[[str, list[str]], list[int | None]]) -> None:
@@ -225,7 +225,7 @@ class Eligibility:
         until their record comes, which is itself a change.
 
         ``compute(fail)``, when given, fills a result not cached and returns how many pass, instead of
-        the pass over the records (a filter made of two cached parts).
+        the pass over every field of the records (a filter from the kept result of its other part).
         """
         size = st.studies
         tested = self._cache.pop(key, None)
@@ -307,18 +307,16 @@ class Eligibility:
             tests |= NOT_PATIENT
         # numpy's uint64 in the key too: they are _test_studies's arguments (as Python ints they would
         # compile another version of it).
-        key = (tests | KNOWN, lo, hi, body_id, modalities, key_in, key_out)
+        key = (tests, lo, hi, body_id, modalities, key_in, key_out)
         compute = None
         if tests & DATE and tests != DATE:
-            # The date range and the rest are kept apart as well: a viewer asks the same modality or
+            # The filter without its date range is kept as well: a viewer asks the same modality or
             # patient with a range new to the query ("before this study"), and then only the date
-            # column (4 of the 13 bytes a record pass reads) is tested, and the parts combined.
-            rest = (tests & ~DATE | KNOWN, 0, 0, body_id, modalities, key_in, key_out)
-            dates = (DATE, lo, hi, 0, np.uint64(0), np.uint64(0), np.uint64(0))
+            # column is read beside that kept result (5 bytes a study instead of 13).
+            rest = (tests & ~DATE, 0, 0, body_id, modalities, key_in, key_out)
 
             def compute(out: np.ndarray) -> int:
-                parts = [self._tested(st, k, a).fail[:size] for k in (rest, dates)]
-                return _either_fails(*parts, out)
+                return _test_dates(self._tested(st, rest, a).fail[:size], a["date"], lo, hi, out)
 
         tested = self._tested(st, key, a, compute)
         fail, passed = tested.fail[:size], tested.passed
