@@ -148,7 +148,7 @@ def test_an_installation_two_releases_old_learns_its_route_from_the_default_that
     from plugin.core.settings import configured_models, load_settings
 
     default = Encoder.load(None, device="cpu")
-    old = default.supersedes[0]
+    old = default.supersedes[-1]  # v1: shipped by no release since
     store.models.register(old, 64, rerank_dim=64)  # as the old release registered v2: no route
     store.client.set(store.keys.active(), old)
     store.models.seed(configured_models(load_settings({})), lambda path: Encoder.load(path or None, device="cpu"))
