@@ -24,6 +24,7 @@ Examples::
     drh-pacs train --data ../shared/data/cxr-pneumonia --out drh64.pt
     drh-pacs train --data /archive/mammo-dicom --out mg.pt          # a DICOM folder, no labels
     drh-pacs train --data ../shared/data/cxr-pneumonia --method csq --out csq64.pt
+    drh-pacs train --data ../shared/data/cxr-pneumonia --method csq --layout-bits 32 --select map --out v7.pt
 """
 
 from __future__ import annotations
@@ -805,7 +806,8 @@ _HELP = {
     "data": "a folder with manifest.csv, a manifest CSV, or a folder of DICOM files",
     "manifest": "manifest CSV (default DATA/manifest.csv): path[,label,patient,study,split]",
     "out": "model checkpoint to write",
-    "method": "drh (image codes), csq (the label-only baseline), dmih (study codes, from --init)",
+    "method": "drh (image codes), csq (CSQ's hash centres on the labels: the label-only baseline, or with"
+    " --layout-bits the labelled half of the shipped chest model), dmih (study codes, from --init)",
     "bits": "code length",
     "input_size": "side (px) of the square model input; images keep their aspect, zero padded",
     "epochs": "epochs of the schedule (warm-up, then cosine decay to its end)",
