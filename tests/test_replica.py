@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -43,6 +44,20 @@ def expected(live: dict[str, tuple[int, bytes]], query: bytes, k: int, max_dista
     if max_distance is not None:
         out = [h for h in out if h[1] <= max_distance]
     return out[:k]
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, module: object, name: str, note: Callable[[tuple], object]) -> list:
+    """Replace ``module.name`` by the real function that first appends ``note(args)`` to the list
+    returned: which filter passes ran, and over how many records."""
+    seen: list = []
+    real = getattr(module, name)
+
+    def spied(*args):  # noqa: ANN002, ANN202
+        seen.append(note(args))
+        return real(*args)
+
+    monkeypatch.setattr(module, name, spied)
+    return seen
 
 
 def study_passes(meta: dict[str, str], f: Filters, excluded_patient: str | None = None) -> bool:
@@ -610,14 +625,7 @@ def test_a_cached_filter_follows_every_change_of_the_records(store, monkeypatch,
     from plugin.search.state import State
 
     monkeypatch.setattr(State, "JOURNAL", journal)
-    tested_sizes: list[int] = []
-    real = eligible._test_studies
-
-    def counted(*args):  # noqa: ANN002, ANN202 - a spy: the real test, its record count noted
-        tested_sizes.append(len(args[0]))
-        return real(*args)
-
-    monkeypatch.setattr(eligible, "_test_studies", counted)
+    tested_sizes = _spy(monkeypatch, eligible, "_test_studies", lambda args: len(args[0]))  # records tested
     rng = np.random.default_rng(17)
     codes = rand_codes(rng, 400)
     live, meta = {}, {}
@@ -686,22 +694,8 @@ def test_a_filter_new_to_the_query_tests_only_what_is_new(store, monkeypatch):
     brute-force one every time."""
     from plugin.search import eligible
 
-    calls: list[tuple[int, int]] = []
-    real = eligible._test_studies
-
-    def counted(*args):  # noqa: ANN002, ANN202 - a spy: the real test, its tests and record count noted
-        calls.append((int(args[5]), len(args[0])))
-        return real(*args)
-
-    monkeypatch.setattr(eligible, "_test_studies", counted)
-    dates: list[int] = []
-    real_dates = eligible._test_dates
-
-    def dates_read(*args):  # noqa: ANN002, ANN202 - a spy on the date pass
-        dates.append(len(args[1]))
-        return real_dates(*args)
-
-    monkeypatch.setattr(eligible, "_test_dates", dates_read)
+    calls = _spy(monkeypatch, eligible, "_test_studies", lambda args: (int(args[5]), len(args[0])))  # tests, records
+    dates = _spy(monkeypatch, eligible, "_test_dates", lambda args: len(args[1]))  # dates read
     rng = np.random.default_rng(19)
     codes = rand_codes(rng, 300)
     live, meta = {}, {}

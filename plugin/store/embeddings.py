@@ -61,7 +61,7 @@ class Embeddings:
         return int(self.r.hlen(self.keys.emb(version)))
 
     def variants_count(self, version: str) -> int:
-        """Instances with stored query variants (3,456 bytes each for v6): 0 for a model without them."""
+        """Instances with stored query variants (3,456 bytes each for v6 and v7): 0 for a model without them."""
         return int(self.r.hlen(self.keys.variants(version)))
 
     def delete(self, version: str, sop_uids: Sequence[str]) -> None:
