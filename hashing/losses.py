@@ -2,9 +2,9 @@
 
 DRH's objective (:func:`drh_loss`, weights configurable in :mod:`hashing.train`)::
 
-    L = w_nca L_nca + w_c L_contrast + w_q L_quant + w_b L_balance
+    L = w_nca L_nca + w_centre L_centre + w_c L_contrast + w_d L_distill + w_q L_quant + w_b L_balance
 
-``L_nca`` uses labels where they exist; ``L_contrast`` is learned from the images alone (two random
+``L_nca`` and ``L_centre`` use labels where they exist; ``L_contrast`` is learned from the images alone (two random
 views of an image must be each other's nearest code among the batch), so an unlabelled archive can
 train the model and labelled training keeps the visual neighbourhoods within a class that NCA alone
 collapses. :func:`csq_loss` is the published baseline (Central Similarity Quantization, Yuan et al.,
@@ -125,6 +125,29 @@ def neighbourhood_distillation(
     return -(p * log_q.masked_fill(eye, 0.0)).sum(dim=1).mean()
 
 
+def centre_loss(u: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """``L_centre = BCE((u+1)/2, (c_y+1)/2)`` over the labelled samples: CSQ's central similarity (Yuan et
+    al. 2020) as one term of DRH's objective.
+
+    NCA only asks a class to out-rank the others inside each batch, so classes stay close enough that
+    the Hamming shortlist of a query mixes them; a fixed centre per class, K/2 bits from the others,
+    separates them across the whole database. Zero labelled samples give zero.
+    """
+    known = labels >= 0
+    if not bool(known.any()):
+        return u.sum() * 0.0
+    target = (centres[labels[known]] + 1) / 2
+    prob = ((u[known] + 1) / 2).clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(prob, target)
+
+
+def balanced_centres(num_classes: int, nbits: int, seed: int = 0) -> torch.Tensor:
+    """Hash centres for DRH's centre term: :func:`csq_centers` without the all-ones Hadamard row, so that
+    (below K classes) every centre is itself half +1 and half -1 and the bit-balance term does not pull
+    against the class that would get the all-ones centre."""
+    return csq_centers(num_classes + 1, nbits, seed)[1:]
+
+
 def drh_loss(
     u: torch.Tensor,
     labels: torch.Tensor,
@@ -132,8 +155,10 @@ def drh_loss(
     v: torch.Tensor | None = None,
     groups: torch.Tensor | None = None,
     teacher: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None,
     scale: float = 8.0,
     w_nca: float = 1.0,
+    w_centre: float = 0.0,
     w_contrast: float = 0.0,
     w_distill: float = 0.0,
     temperature: float = 0.2,
@@ -143,7 +168,8 @@ def drh_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DRH objective on relaxed codes ``u`` (and ``v``, a second view of the same images, for the
     contrast term, whose positives also join by ``groups``; ``teacher``, one row per row of ``u``, for
-    the distillation term); returns the total and its parts, for logging. NCA sees both views."""
+    the distillation term; ``centres``, one row per class, for the centre term); returns the total and its
+    parts, for logging. NCA and the centre term see both views."""
     both = u if v is None else torch.cat([u, v], dim=0)
     both_labels = labels if v is None else torch.cat([labels, labels], dim=0)
     total = u.new_zeros(())
@@ -152,6 +178,10 @@ def drh_loss(
         nca = nca_loss(both, both_labels, scale)
         total = total + w_nca * nca
         parts["nca"] = float(nca.detach())
+    if w_centre > 0 and centres is not None:
+        cen = centre_loss(both, both_labels, centres)
+        total = total + w_centre * cen
+        parts["centre"] = float(cen.detach())
     if w_contrast > 0 and v is not None:
         con = contrastive_loss(u, v, temperature, groups)
         total = total + w_contrast * con
@@ -195,9 +225,7 @@ def csq_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CSQ: ``L = BCE((u+1)/2, (c_y+1)/2) + w_quant * mean (|u| - 1)^2``, ``c_y`` the class's hash center
     (the published objective with the authors' default weight)."""
-    target = (centers[labels] + 1) / 2
-    prob = ((u + 1) / 2).clamp(1e-6, 1 - 1e-6)
-    center = F.binary_cross_entropy(prob, target)
+    center = centre_loss(u, labels, centers)
     q = quantization_loss(u)
     return center + w_quant * q, {"center": float(center.detach()), "quant": float(q.detach())}
 

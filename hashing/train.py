@@ -90,6 +90,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     scale: float = 8.0
     w_nca: float = 1.0
+    w_centre: float = 0.0
     w_contrast: float = 0.0
     w_distill: float = 0.25
     temperature: float = 0.2
@@ -310,7 +311,11 @@ def _prepare(cfg: TrainConfig) -> _Run:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_classes = len(source.classes)
     # A split code's hash centres span its learned bits only.
-    centers = losses.csq_centers(n_classes, model.learned_bits, cfg.seed).to(device) if cfg.method == "csq" else None
+    centers = None
+    if cfg.method == "csq":
+        centers = losses.csq_centers(n_classes, model.learned_bits, cfg.seed).to(device)
+    elif cfg.w_centre > 0 and n_classes >= 2:
+        centers = losses.balanced_centres(n_classes, model.learned_bits, cfg.seed).to(device)
     if cfg.method == "dmih":
         steps_per_epoch = max(1, len(train_set.bags()) // cfg.bags_per_batch)
     elif _patient_batches(cfg):
@@ -438,13 +443,14 @@ def _loss_images(run: _Run, batch: torch.Tensor, gen: torch.Generator) -> tuple[
         if cfg.positives == "patient":
             names = [ts.patients[i] for i in batch.tolist()]
             groups = torch.as_tensor([names.index(p) for p in names])
-    return losses.drh_loss(u, y, v=v, groups=groups, teacher=teacher, **_loss_weights(cfg))
+    return losses.drh_loss(u, y, v=v, groups=groups, teacher=teacher, centres=run.centers, **_loss_weights(cfg))
 
 
 def _loss_weights(cfg: TrainConfig) -> dict[str, float]:
     return {
         "scale": cfg.scale,
         "w_nca": cfg.w_nca,
+        "w_centre": cfg.w_centre,
         "w_contrast": cfg.w_contrast,
         "w_distill": cfg.w_distill,
         "temperature": cfg.temperature,
@@ -492,9 +498,9 @@ def _loss_bags(run: _Run, batch: list[list[int]], gen: torch.Generator, step: in
     y_bag = ts.labels[torch.as_tensor([b[0] for b in batch])].to(run.device)
     y_inst = ts.labels[torch.as_tensor([i for b in batch for i in b])].to(run.device)
     weights = _loss_weights(cfg)
-    loss_bag, parts = losses.drh_loss(u_bag, y_bag, v=v_bag, teacher=teacher, **weights)
+    loss_bag, parts = losses.drh_loss(u_bag, y_bag, v=v_bag, teacher=teacher, centres=run.centers, **weights)
     lam = losses.instance_arm_weight(step / run.steps_per_epoch, cfg.epochs, cfg.inst_weight)
-    loss_inst, _ = losses.drh_loss(u_inst, y_inst, **{**weights, "w_contrast": 0.0})
+    loss_inst, _ = losses.drh_loss(u_inst, y_inst, centres=run.centers, **{**weights, "w_contrast": 0.0})
     return loss_bag + lam * loss_inst, {**parts, "inst": float(loss_inst.detach()), "lam": lam}
 
 
@@ -829,6 +835,8 @@ _HELP = {
     " The network needs a layout path",
     "scale": "NCA scale s (logits = -s d / K)",
     "w_nca": "weight of NCA (used where labels exist)",
+    "w_centre": "weight of the hash-centre term (CSQ's central similarity, used where labels exist; 0: off)."
+    " NCA ranks classes within a batch, the centres keep them apart across the database",
     "w_contrast": "weight of the contrast of two random views (images alone; 0: off)",
     "w_distill": "weight of the distilled neighbourhoods of the whitened layout (images alone; 0: off)",
     "temperature": "temperature of the codes' similarities in the contrast and distillation terms",

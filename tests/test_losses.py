@@ -76,6 +76,24 @@ def test_csq_loss_lower_at_own_center() -> None:
     assert float(at_center) < float(wrong)
 
 
+def test_drh_centre_term_uses_labelled_samples_and_balanced_centres() -> None:
+    """DRH's centre term: balanced centres (no all-ones row, every centre half +1), far apart; the
+    loss is lower at each sample's own centre, ignores unlabelled samples, and joins the parts."""
+    c = losses.balanced_centres(3, 32)
+    assert c.shape == (3, 32) and c.sum(dim=1).abs().max() == 0
+    assert float(losses.relaxed_hamming(c)[~torch.eye(3, dtype=torch.bool)].min()) == 16
+    labels = torch.tensor([0, 1, 2, -1])
+    u = torch.cat([c * 0.99, -c[:1] * 0.99])  # the unlabelled one far from every centre
+    wrong = torch.cat([c[[1, 2, 0]] * 0.99, -c[:1] * 0.99])
+    own = losses.centre_loss(u, labels, c)
+    assert float(own) < float(losses.centre_loss(wrong, labels, c))
+    assert float(own) == pytest.approx(float(losses.centre_loss(u[:3], labels[:3], c)))
+    assert float(losses.centre_loss(u, torch.full((4,), -1), c)) == 0.0
+    total, parts = losses.drh_loss(u, labels, centres=c, w_centre=1.0)
+    assert set(parts) == {"nca", "centre", "quant", "balance"} and torch.isfinite(total)
+    assert "centre" not in losses.drh_loss(u, labels, centres=c)[1]  # weight 0 by default
+
+
 def test_instance_arm_weight_decays_to_zero() -> None:
     w = [losses.instance_arm_weight(e, 10) for e in range(11)]
     assert w[0] == pytest.approx(1.0) and w[-1] == pytest.approx(0.0, abs=1e-12)
