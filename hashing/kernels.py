@@ -59,28 +59,6 @@ def hamming_add(words: np.ndarray, q: np.uint64, out: np.ndarray) -> None:
 
 
 @jit
-def hamming_first_masked(
-    words: np.ndarray, q: np.uint64, exclude: np.ndarray, group: np.ndarray, group_exclude: np.ndarray, out: np.ndarray
-) -> None:
-    """``out[i] = popcount(words[i] ^ q) | exclude[i] | group_exclude[group[i]]``: a one-plane code's
-    distances with a row mask and a mask over the rows' groups (a filter on each row's study).
-
-    One pass instead of three (distances, a per-row mask gathered from the groups, the OR): at a
-    million 64-bit codes 0.7 ms instead of 1.0-1.3.
-    """
-    for i in range(words.shape[0]):
-        out[i] = _popcount(words[i] ^ q) | exclude[i] | group_exclude[group[i]]
-
-
-@jit
-def or_masked(out: np.ndarray, exclude: np.ndarray, group: np.ndarray, group_exclude: np.ndarray) -> None:
-    """``out[i] |= exclude[i] | group_exclude[group[i]]``: the masks of :func:`hamming_first_masked`
-    for codes of more than one plane, after their distances."""
-    for i in range(out.shape[0]):
-        out[i] |= exclude[i] | group_exclude[group[i]]
-
-
-@jit
 def histogram(dist: np.ndarray, hist: np.ndarray) -> None:
     """``hist[v]`` = how many ``dist[i] == v`` (``hist`` has 256 entries).
 
@@ -151,6 +129,3 @@ def warm_up() -> None:
     histogram(dist, np.zeros(256, np.int64))
     histogram(dist[::2], np.zeros(256, np.int64))  # the strided sample of hashing.search.Selector
     rows_at_most(dist, np.uint8(1), np.zeros(4, np.int64))
-    group = np.zeros(4, np.uint32)  # the replica's study numbers (plugin.search.state.State.slot_sn)
-    hamming_first_masked(words, np.uint64(1), dist, group, dist, dist)
-    or_masked(dist, dist, group, dist)

@@ -27,9 +27,9 @@ list for the same data, ties included.
 Exclusion. Rows that must not be returned (deleted slots, rows failing a filter) are given as an
 ``exclude`` mask of ``uint8`` where 0 means "eligible" and 255 "never": it is OR-ed into the
 distances, which keeps the scan branch-free (a distance is at most 128, so an excluded row reads 255
-and is beyond every threshold). A filter on something the rows share (their study) comes as
-``groups``: the group of each row and such a byte per group, so that no per-row mask has to be
-built for each query; for one-plane (64-bit) codes both are OR-ed in the same pass as the distances.
+and is beyond every threshold). A filter on the rows' study comes as the same mask, made in slot
+order by the replica (:mod:`plugin.search.eligible`): a lookup through each row's study inside the
+scan was a gather per row, which does not vectorise.
 """
 
 from __future__ import annotations
@@ -102,37 +102,13 @@ def distances(planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = No
     return out
 
 
-Groups = tuple[np.ndarray, np.ndarray]  # (group of each row, uint8 per group: 0 eligible, 255 never)
-
-
 def masked_distances(
-    planes: np.ndarray,
-    query: np.ndarray,
-    out: np.ndarray | None = None,
-    *,
-    exclude: np.ndarray | None = None,
-    groups: Groups | None = None,
+    planes: np.ndarray, query: np.ndarray, out: np.ndarray | None = None, *, exclude: np.ndarray | None = None
 ) -> np.ndarray:
-    """:func:`distances`, with 255 wherever ``exclude`` or the row's group in ``groups`` says never.
-
-    With ``groups`` and no ``exclude`` a zero row mask is made per call (the replica always has its
-    deletion mask to give)."""
-    n = planes.shape[1]
-    if groups is None:
-        dist = distances(planes, query, out)
-        if exclude is not None:
-            np.bitwise_or(dist, exclude[:n], out=dist)
-        return dist
-    group, group_exclude = groups
-    rows_exclude = np.zeros(n, np.uint8) if exclude is None else exclude[:n]
-    if planes.shape[0] == 1:
-        out = np.empty(n, dtype=np.uint8) if out is None else out
-        kernels.hamming_first_masked(
-            np.ascontiguousarray(planes[0]), np.uint64(query[0]), rows_exclude, group[:n], group_exclude, out
-        )
-        return out
+    """:func:`distances`, with 255 wherever ``exclude`` says never."""
     dist = distances(planes, query, out)
-    kernels.or_masked(dist, rows_exclude, group[:n], group_exclude)
+    if exclude is not None:
+        np.bitwise_or(dist, exclude[: planes.shape[1]], out=dist)
     return dist
 
 
@@ -211,17 +187,15 @@ def knn(
     *,
     nbits: int,
     exclude: np.ndarray | None = None,
-    groups: Groups | None = None,
     max_distance: int | None = None,
     selector: Selector | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest columns of ``planes`` by Hamming distance, ordered by (distance, row).
 
-    ``exclude``: uint8 per row, 0 eligible, 255 never returned; ``groups``: the same per group of
-    rows. ``max_distance``: also a radius cap.
+    ``exclude``: uint8 per row, 0 eligible, 255 never returned. ``max_distance``: also a radius cap.
     """
     selector = selector or Selector()
-    dist = masked_distances(planes, query, selector.dist_buffer(planes.shape[1]), exclude=exclude, groups=groups)
+    dist = masked_distances(planes, query, selector.dist_buffer(planes.shape[1]), exclude=exclude)
     return selector.select(dist, k, max_distance, nbits)
 
 
@@ -257,10 +231,9 @@ def radius(
     r: int,
     *,
     exclude: np.ndarray | None = None,
-    groups: Groups | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """All rows within Hamming distance ``r`` (inclusive), ordered by (distance, row)."""
-    dist = masked_distances(planes, query, exclude=exclude, groups=groups)
+    dist = masked_distances(planes, query, exclude=exclude)
     rows = np.flatnonzero(dist <= r)
     return _order(rows, dist[rows])
 
@@ -404,14 +377,13 @@ class MultiIndexHash:
         k: int,
         *,
         exclude: np.ndarray | None = None,
-        groups: Groups | None = None,
         max_distance: int | None = None,
         max_candidates: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Exact k-NN over all columns of ``planes`` (``(W, n_total)``), ordered by (distance, row).
 
         Rows ``< n`` are found through the tables, later and invalidated rows by a scan. Rows whose
-        ``exclude`` byte, or whose group's byte in ``groups``, is non-zero are never returned. With
+        ``exclude`` byte is non-zero are never returned. With
         ``max_candidates``, gives up (returns None) once the table lookups have produced that many
         rows: the neighbourhood is sparse (as with uniformly random codes) and a linear scan is
         cheaper from there.
@@ -434,8 +406,6 @@ class MultiIndexHash:
             d = distances(np.ascontiguousarray(planes[:, er]), qw).astype(np.int64)
             if exclude is not None:
                 d = d | exclude[er].astype(np.int64)
-            if groups is not None:
-                d = d | groups[1][groups[0][er]].astype(np.int64)
             keep = d <= cap
             found_rows, found_d = er[keep], d[keep]
         # Rows already looked at, so that a code found in two tables counts once. The array is
@@ -464,8 +434,6 @@ class MultiIndexHash:
                             rows = rows[~self._stale[rows]]
                         if exclude is not None:
                             rows = rows[exclude[rows] == 0]
-                        if groups is not None:
-                            rows = rows[groups[1][groups[0][rows]] == 0]
                         d = distances(np.ascontiguousarray(planes[:, rows]), qw).astype(np.int64)
                         keep = d <= cap
                         found_rows = np.concatenate((found_rows, rows[keep]))
@@ -511,16 +479,13 @@ class Planner:
         *,
         nbits: int,
         exclude: np.ndarray | None = None,
-        groups: Groups | None = None,
         max_distance: int | None = None,
         selector: Selector | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         self.queries += 1
         if mih is not None and k <= self.max_k and (self.misses < 3 or self.queries % 16 == 0):
             budget = max(2_000, int(self.budget_fraction * planes.shape[1]))
-            found = mih.knn(
-                planes, query, k, exclude=exclude, groups=groups, max_distance=max_distance, max_candidates=budget
-            )
+            found = mih.knn(planes, query, k, exclude=exclude, max_distance=max_distance, max_candidates=budget)
             self.misses = 0 if found is not None else self.misses + 1
             if found is not None:
                 return found
@@ -530,7 +495,6 @@ class Planner:
             k,
             nbits=nbits,
             exclude=exclude,
-            groups=groups,
             max_distance=max_distance,
             selector=selector,
         )

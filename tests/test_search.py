@@ -98,18 +98,16 @@ def test_knn_respects_exclusion_and_max_distance():
 
 
 @pytest.mark.parametrize("nbits", [64, 128])
-def test_groups_exclude_every_row_of_a_failing_group_in_scan_radius_and_tables(nbits):
-    """A filter on the rows' study (``groups``) against the brute force over the rows that pass
-    both the row mask and their group's byte: the scan of one plane (one fused pass) and of two, a
-    radius search, and multi-index hashing."""
+def test_a_row_mask_that_leaves_few_rows_holds_in_scan_radius_and_tables(nbits):
+    """A broad filter's row mask (most rows excluded, as a filter on their study leaves them) against
+    the brute force over the rows that pass: the scan of one plane and of two, a radius search, and
+    multi-index hashing."""
     rng = np.random.default_rng(nbits)
-    n, n_groups = 5000, 700
+    n = 5000
     codes = clustered(rng, n, nbits)
     planes = to_words(codes)
-    group = rng.integers(0, n_groups, n).astype(np.uint32)
-    group_exclude = np.where(rng.random(n_groups) < 0.6, 255, 0).astype(np.uint8)
-    exclude = np.where(rng.random(n) < 0.1, 255, 0).astype(np.uint8)
-    eligible = np.flatnonzero((exclude == 0) & (group_exclude[group] == 0))
+    exclude = np.where(rng.random(n) < 0.65, 255, 0).astype(np.uint8)
+    eligible = np.flatnonzero(exclude == 0)
     assert 0 < eligible.size < n // 2
     mih = MultiIndexHash(nbits).build(codes)
     for qi in range(10):
@@ -117,11 +115,11 @@ def test_groups_exclude_every_row_of_a_failing_group_in_scan_radius_and_tables(n
         er, ed = brute_force(codes[eligible], q, 40)
         want_rows, want_d = eligible[er], ed
         for k in (1, 40):
-            rows, d = knn(planes, query_words(q), k, nbits=nbits, exclude=exclude, groups=(group, group_exclude))
+            rows, d = knn(planes, query_words(q), k, nbits=nbits, exclude=exclude)
             assert np.array_equal(rows, want_rows[:k]) and np.array_equal(d, want_d[:k]), (qi, k)
-            found = mih.knn(planes, q, k, exclude=exclude, groups=(group, group_exclude))
+            found = mih.knn(planes, q, k, exclude=exclude)
             assert found is not None and np.array_equal(found[0], rows) and np.array_equal(found[1], d)
-        rows, d = radius(planes, query_words(q), 6, exclude=exclude, groups=(group, group_exclude))
+        rows, d = radius(planes, query_words(q), 6, exclude=exclude)
         full = bits.hamming(q, codes[eligible])[0]
         inside = np.flatnonzero(full <= 6)
         inside = inside[np.lexsort((inside, full[inside]))]

@@ -3,11 +3,10 @@
 Filters restrict the *study* attributes (:class:`plugin.search.filters.Filters`); each slot points at its
 study's record. The answer comes in the cheapest form for the search that follows:
 
-- a broad filter (a modality, a date range): a byte per study, which the scan ORs in with each
-  slot's distance through the slot's study number (``groups``), so no per-slot mask is built;
+- a broad filter (a modality, a date range): a byte per slot (0 eligible), which the scan ORs in with
+  each slot's distance;
 - a selective one (one patient, a rare body part: at most 1/:data:`FEW` of all studies pass): the
-  short list of eligible slots, so that only those need a distance (at image level, where a study
-  has many slots, through a mask over the slots);
+  short list of eligible slots, so that only those need a distance;
 - the reference patient's exclusion alone, when at most 1/64 of the studies fail it: the deletion
   mask with the few excluded slots set.
 
@@ -19,11 +18,12 @@ Speed. Done as numpy steps (a pass per test, a gather of the study's result for 
 subtraction, an OR), a search at a million studies with a modality and a date range took p50 / p99
 7.0 / 8.0 ms (README, release note "filtered search at 1M"), over the 5 ms that unfiltered search
 keeps. Now one compiled function tests the records (a vectorised loop per test asked,
-:func:`_test_studies`), and the scan ORs each slot's study byte in with its distance
-(:func:`hashing.kernels.hamming_first_masked`). The result per study of the last few filters is
-kept and brought up to date from the records that change (:meth:`Eligibility._tested`): a filter
-asked again skips the test pass. A filter with a date range also keeps its result without the range,
-so that the same modality with a range new to the query reads only the dates (:func:`_test_dates`).
+:func:`_test_studies`). Its result per study, for the filter without its date range, is kept for the
+last few filters and brought up to date from the records that change (:meth:`Eligibility._tested`):
+a viewer asks the same modality again and again, with a range new to the query ("before this
+study"). For the last few of them the result is also kept in slot order, beside the study dates in
+slot order, so that a query's row mask is one streaming pass over the slots (:func:`_slot_mask`)
+and the scan needs no lookup through each slot's study number.
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hashing.kernels import jit, or_masked, rows_at_most
-from hashing.search import Groups
+from hashing.kernels import jit, rows_at_most
 from plugin.search.filters import Filters
 from plugin.search.state import NEVER, State
 from plugin.store import FLAG_KNOWN, patient_key
@@ -102,17 +101,20 @@ def _test_studies(
 
 
 @jit
-def _test_dates(rest: np.ndarray, date: np.ndarray, lo: int, hi: int, fail: np.ndarray) -> int:
-    """``fail[i]`` = 0 where ``rest[i]`` is 0 (the rest of the filter passes) and ``date[i]`` is in
-    [lo, hi], 255 where not; returns how many pass. One pass over 5 bytes a study, where the whole
-    filter's reads 13 (0.35-0.4 ms at a million, against 1.7-1.9 for CT and a range)."""
-    count = 0
-    for i in range(fail.shape[0]):
+def _gather(values: np.ndarray, index: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = values[index[i]]``: a per-study column in slot order."""
+    for i in range(out.shape[0]):
+        out[i] = values[index[i]]
+
+
+@jit
+def _slot_mask(rest: np.ndarray, exclude: np.ndarray, date: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
+    """``out[i]`` = 0 where slot i is live (``exclude``), its study passes the rest of the filter
+    (``rest``) and its study date is in [lo, hi]; 255 where not. One streaming pass over 6 bytes a
+    slot, all in slot order: it vectorises, where a test through each slot's study number does not."""
+    for i in range(out.shape[0]):
         inside = np.uint8(date[i] >= lo) & np.uint8(date[i] <= hi)
-        v = rest[i] | np.uint8(inside - np.uint8(1))  # 1 -> 0, 0 -> 255
-        fail[i] = v
-        count += v == 0
-    return count
+        out[i] = rest[i] | exclude[i] | np.uint8(inside - np.uint8(1))  # 1 -> 0, 0 -> 255
 
 
 def warm_up() -> None:
@@ -124,7 +126,11 @@ def warm_up() -> None:
         cols["flags"], cols["date"], cols["body"], cols["modmask"], cols["patient"],
         DATE | BODY | MODALITY | PATIENT | NOT_PATIENT, 1, 2, 1, none, none, none, fail,
     )  # fmt: skip
-    _test_dates(fail, cols["date"], 1, 2, fail)
+    slots = np.zeros(cols.size, np.uint32)
+    dates = np.zeros(cols.size, np.uint32)
+    _gather(fail, slots, fail)
+    _gather(cols["date"], slots, dates)
+    _slot_mask(fail, fail, dates, 1, 2, fail)
 
 
 @dataclass
@@ -139,40 +145,54 @@ class _Tested:
     passed: int
 
 
+@dataclass
+class _PerSlot:
+    """A per-study column in slot order (``values[i]`` = the column at slot i's study number), for one
+    replica state, as of a version of its records and of its slots' study numbers."""
+
+    state: weakref.ref
+    attrs_version: int
+    slots_version: int
+    n: int  # slots covered
+    values: np.ndarray  # capacity >= n
+
+
 def _columns(columns: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, ...]:
     """The record columns :func:`_test_studies` reads, in its order, the first ``size`` of each."""
     return tuple(columns[field][:size] for field in ("flags", "date", "body", "modmask", "patient"))
 
 
 class Eligibility:
-    """Filter evaluation over one replica's records; caches the vocabulary numbers it looks up, and
-    the per-study result of the last :attr:`CACHED` filters (or parts of filters).
+    """Filter evaluation over one replica's records; caches the vocabulary numbers it looks up, the
+    per-study result of the last :attr:`CACHED` filters, and the last :attr:`SLOT_CACHED` of those
+    results and the study dates in slot order.
 
     Keeps its per-study and per-slot byte arrays between searches (fresh pages cost page faults at
     every query): what :meth:`rows` returns is valid until its next call, which the replica's lock
     serialises (as it serialises the record changes the cached results follow).
     """
 
-    # Filter results kept per study (a megabyte each at a million studies). A filter with a date
-    # range and other tests keeps two: the whole filter, and the filter without its range.
-    CACHED = 16
+    # Filter results kept per study (a megabyte each at a million studies), without their date
+    # range: the range is tested per slot at each query (:func:`_slot_mask`).
+    CACHED = 8
+    # Of those, kept in slot order too (a byte per slot each; the dates take four more).
+    SLOT_CACHED = 4
 
     def __init__(self, level: str, vocabulary: Callable[[str, list[str]], list[int | None]]) -> None:
         self.level = level
         self._lookup = vocabulary
         self._vocab: dict[tuple[str, str], int] = {}
         self._cache: OrderedDict[tuple, _Tested] = OrderedDict()  # least recently used first
+        self._slots: OrderedDict[tuple, _PerSlot] = OrderedDict()  # the same keys, in slot order
+        self._dates: _PerSlot | None = None
         self._mask = np.empty(0, np.uint8)  # per slot: 0 eligible, 255 never
 
     def rows(
         self, st: State, filters: Filters | None, exclude_patient: str | None = None
-    ) -> tuple[np.ndarray | None, np.ndarray | None, Groups | None]:
-        """(exclude, rows, groups) for a search.
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(exclude, rows) for a search.
 
         - ``exclude``: uint8 per slot, 0 where a slot may be returned (None: every slot may);
-        - ``groups``, when not None: each slot's study number and a byte per study, 0 where the
-          study passes; a slot may be returned only where both bytes are 0 (the scan ORs them in
-          with its distances, :func:`hashing.search.masked_distances`);
         - ``rows``, when not None, lists every eligible slot (ascending): the filter is selective
           and only those rows need a distance.
         """
@@ -180,52 +200,76 @@ class Eligibility:
         restricts = filters is not None and filters.restricts()
         if not restricts and not exclude_patient:
             # No filter: only deleted slots are left out (no mask at all while none is).
-            return (st.exclude[:n] if st.live < n else None), None, None
-        kind, studies, fail = self._passing_studies(st, filters or Filters(), exclude_patient)
-        if kind == "but":
-            # Every study but a few (the reference patient's left out): mark the slots of those few.
+            return (st.exclude[:n] if st.live < n else None), None
+        f = filters or Filters()
+        key, dates = self._key(f, exclude_patient)
+        tested = self._tested(st, key, {field: column[: st.studies] for field, column in st.attrs.cols.items()})
+        fail, passed, size = tested.fail[: tested.size], tested.passed, tested.size
+        if key[0] == NOT_PATIENT and dates is None and size - passed <= size // 64:
+            # Exclusion only (every study but a few: the excluded patient's and the unknown ones):
+            # mark the slots of those few.
             exclude = st.exclude[:n].copy()
-            exclude[self.slots_of_studies(st, studies)] = NEVER
-            return exclude, None, None
-        if kind == "mask":
-            return st.exclude[:n], None, (st.slot_sn[:n], fail)
-        if self.level == "study":
-            rows = self.slots_of_studies(st, studies)
-            return st.exclude[:n], np.sort(rows[st.exclude[rows] == 0]), None
-        # Few studies pass, but their images may be many: a mask over the slots, and their list if short.
-        if self._mask.shape[0] < n:
-            self._mask = np.empty(max(n, 2 * self._mask.shape[0]), np.uint8)
-        mask = self._mask[:n]
-        mask.fill(0)
-        or_masked(mask, st.exclude[:n], st.slot_sn[:n], fail)  # the scan's own mask pass
-        if n - np.count_nonzero(mask) <= n // 16:
-            return mask, np.flatnonzero(mask == 0), None
-        return mask, None, None
+            exclude[self.slots_of_studies(st, np.flatnonzero(fail))] = NEVER
+            return exclude, None
+        if passed <= size // FEW and self.level == "study":
+            # Few pass: collected by skipping the blocks where none does (0.1 ms for a patient's few
+            # studies at 1M, where np.flatnonzero reads every byte: 0.6 ms), then their dates.
+            sns = np.empty(passed, np.int64)
+            rows_at_most(fail, np.uint8(0), sns)
+            if dates is not None:
+                d = st.attrs["date"][sns]
+                sns = sns[(d >= dates[0]) & (d <= dates[1])]
+            rows = self.slots_of_studies(st, sns)
+            return st.exclude[:n], np.sort(rows[st.exclude[rows] == 0])
+        mask = self._slot_mask(st, key, tested, dates)
+        if passed <= size // FEW and n - np.count_nonzero(mask) <= n // 16:
+            # Few studies pass, but their images may be many: their list too when it is short.
+            return mask, np.flatnonzero(mask == 0)
+        return mask, None
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the cached filter results and the slot mask."""
-        return sum(t.fail.nbytes for t in self._cache.values()) + self._mask.nbytes
+        """Memory held by the cached filter results, their slot-order copies and the slot mask."""
+        kept = [t.fail for t in self._cache.values()] + [v.values for v in self._slots.values()]
+        if self._dates is not None:
+            kept.append(self._dates.values)
+        return sum(a.nbytes for a in kept) + self._mask.nbytes
 
-    def _tested(
-        self,
-        st: State,
-        key: tuple,
-        columns: dict[str, np.ndarray],
-        compute: Callable[[np.ndarray], int] | None = None,
-    ) -> _Tested:
+    def _key(self, f: Filters, exclude_patient: str | None) -> tuple[tuple, tuple[int, int] | None]:
+        """The arguments of :func:`_test_studies` for the filter without its date range (the key of its
+        cached result), and the range, if any, as (lo, hi)."""
+        key_out = np.uint64(patient_key(exclude_patient)) if exclude_patient else np.uint64(0)
+        tests, body_id, modalities, key_in = 0, 0, np.uint64(0), np.uint64(0)
+        if f.patient_id:
+            tests |= PATIENT
+            key_in = np.uint64(patient_key(f.patient_id))
+        if f.body_part:
+            tests |= BODY
+            (number,) = self.vocabulary("body_part", [f.body_part])
+            body_id = number or -1  # a body part never seen matches nothing
+        if f.modalities:
+            tests |= MODALITY
+            modalities = np.uint64(modality_mask(self.vocabulary("modality", list(f.modalities))))
+        if exclude_patient:
+            tests |= NOT_PATIENT
+        dates = None
+        if f.date_from or f.date_to:
+            # Unknown dates are 0 and fall outside every range. Filters checked both are dates.
+            dates = (int(f.date_from) if f.date_from else 1, int(f.date_to) if f.date_to else 99991231)
+        # numpy's uint64 in the key too: they are _test_studies's arguments (as Python ints they would
+        # compile another version of it).
+        return (tests, 0, 0, body_id, modalities, key_in, key_out), dates
+
+    def _tested(self, st: State, key: tuple, columns: dict[str, np.ndarray]) -> _Tested:
         """The per-study result of the filter ``key`` (the arguments of :func:`_test_studies`) on
         ``st``'s records, from the cache when it holds one for this state.
 
         Why a cache: testing every record is a pass over 13 bytes per study (1.0-1.8 ms at a
-        million), the largest part of a filtered search, and a viewer asks the same filter again
-        and again (a modality, "the last five years"). A cached result is brought up to date by
-        testing again only the records that changed since (:meth:`State.attrs_changed_since`), so it
-        is always the result a full pass would give; studies numbered since are unknown (255)
-        until their record comes, which is itself a change.
-
-        ``compute(fail)``, when given, fills a result not cached and returns how many pass, instead of
-        the pass over every field of the records (a filter from the kept result of its other part).
+        million), and a viewer asks the same filter again and again (a modality, a patient's
+        exclusion), with or without a date range (which is not part of the key: :meth:`_slot_mask`).
+        A cached result is brought up to date by testing again only the records that changed since
+        (:meth:`State.attrs_changed_since`), so it is always the result a full pass would give;
+        studies numbered since are unknown (255) until their record comes, which is itself a change.
         """
         size = st.studies
         tested = self._cache.pop(key, None)
@@ -241,10 +285,7 @@ class Eligibility:
             grown[: tested.size] = tested.fail[: tested.size]
             tested.fail = grown
         if changed is None:  # not cached for this state (or the journal no longer reaches back)
-            if compute is not None:
-                tested.passed = compute(tested.fail[:size])
-            else:
-                tested.passed = _test_studies(*_columns(columns, size), *key, tested.fail[:size])
+            tested.passed = _test_studies(*_columns(columns, size), *key, tested.fail[:size])
         else:
             tested.fail[tested.size : size] = NEVER  # numbered since, no record yet
             changed = changed[changed < size]
@@ -257,6 +298,62 @@ class Eligibility:
         tested.state, tested.version, tested.size = weakref.ref(st), st.attrs_version, size
         self._cache[key] = tested
         return tested
+
+    def _slot_mask(self, st: State, key: tuple, tested: _Tested, dates: tuple[int, int] | None) -> np.ndarray:
+        """Per slot, 0 where the slot is live and its study passes the filter (``tested``, and the date
+        range ``dates`` when given), 255 where not: the search's row mask, in one pass in slot order.
+
+        Why in slot order: the scan over every code can then OR one byte per slot in with each
+        distance, a pass that vectorises; going through each slot's study number to its result was a
+        gather per slot, 0.45 ms of a filtered search at a million (p50; 0.7 at p99). The result and
+        the dates are kept in slot order (:meth:`_per_slot`); only the range is tested per query.
+        """
+        n = st.n
+        rest = self._slots.pop(key, None)
+        if rest is None and len(self._slots) >= self.SLOT_CACHED:
+            _, rest = self._slots.popitem(last=False)
+            rest.slots_version = -1  # another filter's: gathered again, into its buffer
+        rest = self._per_slot(st, rest, tested.fail)
+        self._slots[key] = rest
+        if self._mask.shape[0] < n:
+            self._mask = np.empty(max(n, 2 * self._mask.shape[0]), np.uint8)
+        mask = self._mask[:n]
+        if dates is None:
+            np.bitwise_or(rest.values[:n], st.exclude[:n], out=mask)
+            return mask
+        self._dates = self._per_slot(st, self._dates, st.attrs["date"])
+        _slot_mask(rest.values[:n], st.exclude[:n], self._dates.values[:n], dates[0], dates[1], mask)
+        return mask
+
+    def _per_slot(self, st: State, kept: _PerSlot | None, column: np.ndarray) -> _PerSlot:
+        """``column`` (per study number) in slot order for ``st``'s slots, from ``kept`` when it is this
+        state's: extended over the slots added since, and changed where study records changed (study
+        level, through each study's slot; at image level a study's slots are not indexed, so a
+        change gathers them all again, one pass). Slots given another study number gather all again.
+        ``column`` covers every study number in use (:attr:`State.studies`)."""
+        n = st.n
+        fresh = kept is None or kept.state() is not st or kept.slots_version != st.slots_version
+        changed = None if fresh else st.attrs_changed_since(kept.attrs_version)
+        if kept is None:
+            kept = _PerSlot(weakref.ref(st), 0, 0, 0, np.empty(0, column.dtype))
+        if kept.values.shape[0] < n:
+            grown = np.empty(max(n, 2 * kept.values.shape[0]), column.dtype)
+            grown[: kept.n] = kept.values[: kept.n]
+            kept.values = grown
+        if changed is not None and changed.size and self.level != "study":
+            changed = None
+        start = 0 if changed is None else kept.n
+        if start < n:
+            _gather(column, st.slot_sn[start:n], kept.values[start:n])
+        if changed is not None and changed.size:
+            changed = changed[changed < st.sn_slot.shape[0]]
+            slots = st.sn_slot[changed]
+            inside = (slots >= 0) & (slots < start)
+            kept.values[slots[inside]] = column[changed[inside]]
+        kept.state, kept.attrs_version, kept.slots_version, kept.n = (
+            weakref.ref(st), st.attrs_version, st.slots_version, n
+        )  # fmt: skip
+        return kept
 
     def slots_of_studies(self, st: State, sns: np.ndarray) -> np.ndarray:
         """Slots (< n) whose study number is in ``sns`` (a short list)."""
@@ -273,60 +370,3 @@ class Eligibility:
                 if number is not None:
                     self._vocab[(field, term)] = number
         return [self._vocab.get((field, t)) for t in terms]
-
-    def _passing_studies(
-        self, st: State, f: Filters, exclude_patient: str | None
-    ) -> tuple[str, np.ndarray, np.ndarray]:
-        """The studies whose record satisfies every filter, in the cheapest form, and the fail
-        byte per study number (0 passes, 255 fails):
-
-        - ``("only", sns, fail)``: few pass (at most one in :data:`FEW`), their study numbers;
-        - ``("but", sns, fail)``: all pass except a few (only the patient exclusion), those few;
-        - ``("mask", empty, fail)`` otherwise.
-        """
-        size = st.studies
-        a = {field: column[:size] for field, column in st.attrs.cols.items()}
-        key_out = np.uint64(patient_key(exclude_patient)) if exclude_patient else np.uint64(0)
-        tests, lo, hi, body_id, modalities, key_in = 0, 0, 0, 0, np.uint64(0), np.uint64(0)
-        if f.patient_id:
-            tests |= PATIENT
-            key_in = np.uint64(patient_key(f.patient_id))
-        if f.body_part:
-            tests |= BODY
-            (number,) = self.vocabulary("body_part", [f.body_part])
-            body_id = number or -1  # a body part never seen matches nothing
-        if f.modalities:
-            tests |= MODALITY
-            modalities = np.uint64(modality_mask(self.vocabulary("modality", list(f.modalities))))
-        if f.date_from or f.date_to:
-            tests |= DATE
-            # Unknown dates are 0 and fall outside every range. Filters checked both are dates.
-            lo = int(f.date_from) if f.date_from else 1
-            hi = int(f.date_to) if f.date_to else 99991231
-        if exclude_patient:
-            tests |= NOT_PATIENT
-        # numpy's uint64 in the key too: they are _test_studies's arguments (as Python ints they would
-        # compile another version of it).
-        key = (tests, lo, hi, body_id, modalities, key_in, key_out)
-        compute = None
-        if tests & DATE and tests != DATE:
-            # The filter without its date range is kept as well: a viewer asks the same modality or
-            # patient with a range new to the query ("before this study"), and then only the date
-            # column is read beside that kept result (5 bytes a study instead of 13).
-            rest = (tests & ~DATE, 0, 0, body_id, modalities, key_in, key_out)
-
-            def compute(out: np.ndarray) -> int:
-                return _test_dates(self._tested(st, rest, a).fail[:size], a["date"], lo, hi, out)
-
-        tested = self._tested(st, key, a, compute)
-        fail, passed = tested.fail[:size], tested.passed
-        if tests == NOT_PATIENT and size - passed <= size // 64:
-            # Exclusion only: the failing few are the excluded patient's studies and the unknown ones.
-            return "but", np.flatnonzero(fail), fail
-        if passed <= size // FEW:
-            # Collected by skipping the blocks where none passes: 0.1 ms for a patient's few studies
-            # at 1M, where np.flatnonzero reads every byte (0.6 ms).
-            sns = np.empty(passed, np.int64)
-            rows_at_most(fail, np.uint8(0), sns)
-            return "only", sns, fail
-        return "mask", np.empty(0, np.int64), fail

@@ -192,6 +192,7 @@ class ReplicaIndex:
         reranks: dict[int, bytes] = {}
         sns: dict[int, int] = {}
         dead: dict[int, bool] = {}
+        before = st.n  # slots known before this batch
         for entry_id, f in entries:
             st.log_pos = entry_id
             op = f.get(b"op")
@@ -223,6 +224,9 @@ class ReplicaIndex:
             slots = np.fromiter(sns, np.int64, len(sns))
             st.reserve(int(slots.max()) + 1)
             values = np.fromiter(sns.values(), np.uint32, len(sns))
+            known = slots < before
+            if bool(np.any(st.slot_sn[slots[known]] != values[known])):
+                st.slots_version += 1
             st.slot_sn[slots] = values
             st.reserve_studies(int(values.max()) + 1)
         if dead:
@@ -384,8 +388,8 @@ class ReplicaIndex:
             if st is None:
                 raise IndexNotReady(f"the {self.level} index is not loaded")
             with self._lock:
-                exclude, _, groups = self._eligibility.rows(st, filters)
-                rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude, groups=groups)
+                exclude, _ = self._eligibility.rows(st, filters)
+                rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
             gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
             if gen == st.generation:
                 return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
@@ -436,7 +440,7 @@ class ReplicaIndex:
             return np.empty(0, np.int64), np.empty(0, np.int64)
         if exclude_patient and (filters is None or not filters.restricts()):
             return self._search_excluding_patient(st, query, k, max_distance, exclude_patient)
-        exclude, rows, groups = self._eligibility.rows(st, filters, exclude_patient)
+        exclude, rows = self._eligibility.rows(st, filters, exclude_patient)
         planes = st.planes[:, : st.n]
         if rows is not None:
             # Selective filter (one patient, a rare body part): distances of those rows only.
@@ -448,7 +452,6 @@ class ReplicaIndex:
             k,
             nbits=st.nbits,
             exclude=exclude,
-            groups=groups,
             max_distance=max_distance,
             selector=self._selector,
         )

@@ -85,6 +85,9 @@ class State:
         # latest changes (JOURNAL); a cache older than attrs_floor is recomputed.
         self.attrs_version = 0
         self.attrs_floor = 0
+        # Bumped when a slot already known is given another study number (a link, a re-set):
+        # what is kept per slot (plugin.search.eligible) is then gathered again, not extended.
+        self.slots_version = 0
         self._journal: list[tuple[int, np.ndarray]] = []
         self._journal_size = 0
 
