@@ -332,6 +332,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
             calls.append((label if mode == "plain" else f"{label}, {mode}", one))
         # Interleaved query by query: the cases are compared under the same load.
         _log(f"    ReplicaIndex.search k={args.k}, with UID lookup, {len(calls)} cases interleaved:")
+        held = idx.memory_bytes()
         timed = time_interleaved(calls, len(qb) - args.warmup, args.warmup, args.repeats)
         for row in timed:
             s = row.summary()
@@ -340,6 +341,11 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
             }
         for line in latency_table(timed):
             _log("  " + line)
+        # What the filters keep (results per study and in slot order, the dates in slot order, the
+        # row mask) is memory the search costs too.
+        kept = (idx.memory_bytes() - held) / n
+        results["replica_filter_bytes_per_code"] = kept
+        _log(f"    the filtered cases kept {kept:.1f} bytes/code more (filter results, dates in slot order, row mask)")
         client.close()
 
 
