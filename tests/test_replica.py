@@ -308,6 +308,29 @@ def test_image_level_filters_use_the_instance_study(store):
 
 
 @pytest.mark.parametrize("date_from", ["", "20190101"])
+def test_a_kept_row_mask_loses_a_study_deleted_after_it(store, date_from):
+    """The same filter asked again reuses its row mask; a study deleted in between (nothing else
+    changed: no record, no new slot) must be gone from the next answer."""
+    rng = np.random.default_rng(23)
+    codes = rand_codes(rng, 60)
+    live = {}
+    for i, c in enumerate(codes):
+        live[f"1.6.{i}"] = (store.codes.upsert("m1", "study", f"1.6.{i}", c)[0], bytes(c))
+        store.records.put_study(f"1.6.{i}", {"modalities": "CT" if i % 2 else "MR", "study_date": "20200101"})
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    f = Filters(modalities=("CT",), date_from=date_from)
+    ct = {f"1.6.{i}" for i in range(1, 60, 2)}
+    q = bytes(codes[1])
+    first = as_pairs(idx.search(q, 5, filters=f))
+    assert first == expected(live, q, 5, allowed=ct) and first[0][0] == "1.6.1"
+    store.codes.delete("m1", "study", "1.6.1")
+    del live["1.6.1"]
+    idx.refresh()
+    assert as_pairs(idx.search(q, 5, filters=f)) == expected(live, q, 5, allowed=ct - {"1.6.1"})
+
+
+@pytest.mark.parametrize("date_from", ["", "20190101"])
 def test_a_kept_filter_follows_images_linked_to_their_study_after_it(store, date_from):
     """Images whose code came before their instance record have no study yet and pass no filter. A
     filter kept in slot order from then must see them once they are linked (their slots change study,
@@ -720,7 +743,8 @@ def test_a_filter_new_to_the_query_tests_only_what_is_new(store, monkeypatch):
     """The same modality asked with a date range new to each query: the modality's result is kept,
     in study and in slot order, beside the dates in slot order, so that after the first query no
     record is tested and nothing is gathered through the slots' study numbers; each query makes its
-    row mask in one pass over the slots. The answer is the brute-force one every time."""
+    row mask in one pass over the slots, and a filter asked again reuses its mask. The answer is the
+    brute-force one every time."""
     from plugin.search import eligible
 
     calls = _spy(monkeypatch, eligible, "_test_studies", lambda args: (int(args[5]), len(args[0])))  # tests, records
@@ -751,3 +775,8 @@ def test_a_filter_new_to_the_query_tests_only_what_is_new(store, monkeypatch):
         assert sorted(t for t, _ in calls) == ([eligible.MODALITY] if first else []), calls  # then it is kept
         assert gathers == ([300, 300] if first else []), gathers  # the result and the dates, in slot order
         assert masks == [300], masks  # one pass over the slots for the range
+    for seen in (calls, gathers, masks):
+        seen.clear()
+    again = as_pairs(idx.search(bytes(codes[7]), 12, filters=f))  # the last filter, asked again
+    assert again == expected(live, bytes(codes[7]), 12, allowed=ok)
+    assert calls == gathers == masks == [], (calls, gathers, masks)  # its row mask is kept

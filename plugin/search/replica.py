@@ -232,9 +232,11 @@ class ReplicaIndex:
         if dead:
             slots = np.fromiter(dead, np.int64, len(dead))
             st.reserve(int(slots.max()) + 1)
-            before = int(np.count_nonzero(st.exclude[slots] == 0))
+            was_live = st.exclude[slots] == 0
             st.exclude[slots] = np.where(np.fromiter(dead.values(), bool, len(dead)), NEVER, 0).astype(np.uint8)
-            st.live += int(np.count_nonzero(st.exclude[slots] == 0)) - before
+            st.live += int(np.count_nonzero(st.exclude[slots] == 0)) - int(np.count_nonzero(was_live))
+            if bool(np.any(was_live & (st.exclude[slots] != 0))):
+                st.deletions += 1
         if self.level == "study":
             for s in set(sns) | set(dead):
                 sn = int(st.slot_sn[s])

@@ -88,6 +88,8 @@ class State:
         # Bumped when a slot already known is given another study number (a link, a re-set):
         # what is kept per slot (plugin.search.eligible) is then gathered again, not extended.
         self.slots_version = 0
+        # Bumped when slots are deleted (a row mask kept with them in it is made again).
+        self.deletions = 0
         self._journal: list[tuple[int, np.ndarray]] = []
         self._journal_size = 0
 
