@@ -536,33 +536,53 @@ def test_delete_study_removes_it_from_every_level_and_version(store):
 def test_the_compiled_record_test_matches_numpy_for_every_combination_of_tests():
     """The filter pass over the records (one compiled loop for every test at once) against the
     same tests written plainly in numpy, on random records with unknown ones among them."""
-    from plugin.search.eligible import BODY, DATE, MODALITY, NOT_PATIENT, PATIENT, _test_studies
+    from plugin.search.eligible import BODY, MODALITY, NOT_PATIENT, PATIENT, _test_studies
 
     rng = np.random.default_rng(12)
     n = 5000
     flags = (rng.random(n) < 0.9).astype(np.uint16)
-    date = rng.integers(20000101, 20251231, n).astype(np.int32)
-    date[rng.random(n) < 0.05] = 0
     body = rng.integers(0, 5, n).astype(np.uint16)
     modmask = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True) & np.uint64(0x8000_0000_0000_00FF)
     patient = rng.integers(1, 30, n).astype(np.uint64)
-    lo, hi, body_id, mods, p_in, p_out = 20050101, 20101231, 3, np.uint64((1 << 63) | 4), np.uint64(7), np.uint64(9)
+    body_id, mods, p_in, p_out = 3, np.uint64((1 << 63) | 4), np.uint64(7), np.uint64(9)
     plain = {
-        DATE: (date >= lo) & (date <= hi),
         BODY: body == body_id,
         MODALITY: (modmask & mods) != 0,
         PATIENT: patient == p_in,
         NOT_PATIENT: patient != p_out,
     }
-    for tests in range(1, 32):
+    for tests in range(0, 32, 2):
         want = flags == 1
         for bit, ok in plain.items():
             if tests & bit:
                 want &= ok
         fail = np.empty(n, np.uint8)
-        count = _test_studies(flags, date, body, modmask, patient, tests, lo, hi, body_id, mods, p_in, p_out, fail)
+        count = _test_studies(flags, body, modmask, patient, tests, body_id, mods, p_in, p_out, fail)
         assert count == int(np.count_nonzero(want)), tests
         assert np.array_equal(fail, np.where(want, 0, 255).astype(np.uint8)), tests
+
+
+def test_the_compiled_row_mask_matches_numpy():
+    """The per-slot pass that makes a row mask (a kept result, the deletion mask, a date range)
+    against the same written plainly, with unknown dates (0) among them."""
+    from plugin.search.eligible import _gather, _slot_mask
+
+    rng = np.random.default_rng(14)
+    n, studies = 5000, 900
+    per_study = np.where(rng.random(studies) < 0.4, 0, 255).astype(np.uint8)
+    dates = rng.integers(20000101, 20251231, studies).astype(np.int32)
+    dates[rng.random(studies) < 0.05] = 0
+    slot_sn = rng.integers(0, studies, n).astype(np.uint32)
+    rest, slot_dates = np.empty(n, np.uint8), np.empty(n, np.int32)
+    _gather(per_study, slot_sn, rest)
+    _gather(dates, slot_sn, slot_dates)
+    assert np.array_equal(rest, per_study[slot_sn]) and np.array_equal(slot_dates, dates[slot_sn])
+    exclude = np.where(rng.random(n) < 0.1, 255, 0).astype(np.uint8)
+    for lo, hi in ((20050101, 20101231), (1, 99991231), (20300101, 20301231)):
+        out = np.empty(n, np.uint8)
+        _slot_mask(rest, exclude, slot_dates, lo, hi, out)
+        ok = (rest == 0) & (exclude == 0) & (slot_dates >= lo) & (slot_dates <= hi)
+        assert np.array_equal(out, np.where(ok, 0, 255).astype(np.uint8)), (lo, hi)
 
 
 def test_excluding_a_patient_with_many_nearest_studies_still_returns_the_k_nearest(store):
@@ -747,7 +767,7 @@ def test_a_filter_new_to_the_query_tests_only_what_is_new(store, monkeypatch):
     brute-force one every time."""
     from plugin.search import eligible
 
-    calls = _spy(monkeypatch, eligible, "_test_studies", lambda args: (int(args[5]), len(args[0])))  # tests, records
+    calls = _spy(monkeypatch, eligible, "_test_studies", lambda args: (int(args[4]), len(args[0])))  # tests, records
     gathers = _spy(monkeypatch, eligible, "_gather", lambda args: len(args[2]))  # slots gathered
     masks = _spy(monkeypatch, eligible, "_slot_mask", lambda args: len(args[5]))  # slots masked
     rng = np.random.default_rng(19)
