@@ -32,6 +32,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -154,6 +155,27 @@ class _PerSlot:
     deletions: int = 0  # State.deletions, for a row mask (which has the deleted slots in it)
 
 
+def _take(cache: OrderedDict, key: tuple, limit: int) -> tuple[Any, bool]:
+    """``key``'s entry, taken out (the caller puts it back as the most recent), and True; else, when
+    ``cache`` holds ``limit`` entries, its least recently used one, whose buffer the caller reuses for
+    ``key`` (no fresh pages), and False; else (None, False)."""
+    entry = cache.pop(key, None)
+    if entry is not None:
+        return entry, True
+    if len(cache) >= limit:
+        return cache.popitem(last=False)[1], False
+    return None, False
+
+
+def _room(values: np.ndarray, size: int, keep: int) -> np.ndarray:
+    """``values`` with room for ``size`` entries (grown by doubling), its first ``keep`` kept."""
+    if values.shape[0] >= size:
+        return values
+    grown = np.empty(max(size, 2 * values.shape[0]), values.dtype)
+    grown[:keep] = values[:keep]
+    return grown
+
+
 def _columns(columns: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, ...]:
     """The record columns :func:`_test_studies` reads, in its order, the first ``size`` of each."""
     return tuple(columns[field][:size] for field in ("flags", "body", "modmask", "patient"))
@@ -161,8 +183,8 @@ def _columns(columns: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, ...
 
 class Eligibility:
     """Filter evaluation over one replica's records; caches the vocabulary numbers it looks up, the
-    per-study result of the last :attr:`CACHED` filters, and the last :attr:`SLOT_CACHED` of those
-    results and the study dates in slot order.
+    per-study result of the last :attr:`CACHED` filters, the last :attr:`SLOT_CACHED` of those results
+    and the study dates in slot order, and the row masks of the last :attr:`SLOT_CACHED` filters.
 
     Keeps its per-study and per-slot byte arrays between searches (fresh pages cost page faults at
     every query): what :meth:`rows` returns is valid until its next call, which the replica's lock
@@ -270,18 +292,11 @@ class Eligibility:
         studies numbered since are unknown (255) until their record comes, which is itself a change.
         """
         size = st.studies
-        tested = self._cache.pop(key, None)
-        changed = None
-        if tested is not None and tested.state() is st:
-            changed = st.attrs_changed_since(tested.version)
-        if tested is None and len(self._cache) >= self.CACHED:
-            _, tested = self._cache.popitem(last=False)  # its buffer is reused: no fresh pages
+        tested, own = _take(self._cache, key, self.CACHED)
+        changed = st.attrs_changed_since(tested.version) if own and tested.state() is st else None
         if tested is None:
             tested = _Tested(weakref.ref(st), 0, np.empty(0, np.uint8), 0, 0)
-        if tested.fail.shape[0] < size:
-            grown = np.empty(max(size, 2 * tested.fail.shape[0]), np.uint8)
-            grown[: tested.size] = tested.fail[: tested.size]
-            tested.fail = grown
+        tested.fail = _room(tested.fail, size, tested.size)
         if changed is None:  # not cached for this state (or the journal no longer reaches back)
             tested.passed = _test_studies(*_columns(columns, size), *key, tested.fail[:size])
         else:
@@ -310,23 +325,19 @@ class Eligibility:
         old gather 1.34 ms plus 0.4 for a new range's dates; a kept mask 0.82; a new range 1.41.
         """
         n = st.n
-        mask = self._masks.pop((key, dates), None)
-        if mask is not None and (
+        mask, own = _take(self._masks, (key, dates), self.SLOT_CACHED)
+        if own and (
             mask.state() is st
             and (mask.attrs_version, mask.slots_version, mask.deletions, mask.n)
             == (st.attrs_version, st.slots_version, st.deletions, n)
         ):
             self._masks[(key, dates)] = mask
             return mask.values[:n]
-        if mask is None and len(self._masks) >= self.SLOT_CACHED:
-            _, mask = self._masks.popitem(last=False)  # its buffer is reused: no fresh pages
         if mask is None:
             mask = _PerSlot(weakref.ref(st), 0, 0, 0, np.empty(0, np.uint8))
-        if mask.values.shape[0] < n:
-            mask.values = np.empty(max(n, 2 * mask.values.shape[0]), np.uint8)
-        rest = self._slots.pop(key, None)
-        if rest is None and len(self._slots) >= self.SLOT_CACHED:
-            _, rest = self._slots.popitem(last=False)
+        mask.values = _room(mask.values, n, 0)
+        rest, own = _take(self._slots, key, self.SLOT_CACHED)
+        if rest is not None and not own:
             rest.slots_version = -1  # another filter's: gathered again, into its buffer
         rest = self._per_slot(st, rest, tested.fail)
         self._slots[key] = rest
@@ -352,10 +363,7 @@ class Eligibility:
         changed = None if fresh else st.attrs_changed_since(kept.attrs_version)
         if kept is None:
             kept = _PerSlot(weakref.ref(st), 0, 0, 0, np.empty(0, column.dtype))
-        if kept.values.shape[0] < n:
-            grown = np.empty(max(n, 2 * kept.values.shape[0]), column.dtype)
-            grown[: kept.n] = kept.values[: kept.n]
-            kept.values = grown
+        kept.values = _room(kept.values, n, kept.n)
         if changed is not None and changed.size and self.level != "study":
             changed = None
         start = 0 if changed is None else kept.n
