@@ -29,7 +29,14 @@ from typing import Any
 import redis
 
 from plugin.core.logs import setup_logging
-from plugin.core.processes import Backoff, DataDirLock, DataDirLocked, die_with_parent, python_module
+from plugin.core.processes import (
+    Backoff,
+    DataDirLock,
+    DataDirLocked,
+    die_with_parent,
+    freeze_startup_heap,
+    python_module,
+)
 from plugin.core.redis_server import EmbeddedRedis, EmbeddedRedisError, runtime_url_file, write_runtime_url
 from plugin.core.settings import Settings, SettingsError, load_settings
 
@@ -270,6 +277,8 @@ def start(settings: Settings) -> Running:
         running.http, running.http_thread = _start_http(settings, create_app(ctx))
         token_note = "DRH_API_TOKEN" if settings.api_token else f"token in {settings.data_dir / 'api-token'}"
         print(f"http      http://{settings.http_host}:{settings.http_port}/ ({token_note})", flush=True)
+        frozen = freeze_startup_heap()  # no full collection pauses every thread for their sake
+        log.info("start-up objects kept out of full garbage collections: %d", frozen)
     except BaseException:
         running.stop()
         raise

@@ -4,6 +4,7 @@ unable to outlive it, one serve per data directory, and /health telling the trut
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -35,6 +36,9 @@ def test_embedded_redis_is_locked_down_and_the_data_dir_has_one_owner(tmp_path):
         assert _mode(data / "redis-password") == 0o600
         assert _mode(url_file) == 0o600 and _mode(url_file.parent) == 0o700
         assert password not in serve.log()  # printed redacted
+        # the libraries' objects are kept out of full garbage collections (each would stall every thread)
+        frozen = re.search(r"start-up objects kept out of full garbage collections: (\d+)", serve.log())
+        assert frozen is not None and int(frozen.group(1)) > 10_000
         redis_pid = serve.redis_pid()
         assert redis_pid is not None and password not in cmdline(redis_pid)  # `ps` does not show it
         # files and folders private to the service user

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -245,6 +246,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
     """Cold load, refresh, incremental sync and end-to-end search of the replica against Redis."""
     import redis
 
+    from plugin.core.processes import freeze_startup_heap
     from plugin.search.filters import Filters
     from plugin.search.replica import ReplicaIndex
     from plugin.store import Store
@@ -333,7 +335,11 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
         # Interleaved query by query: the cases are compared under the same load.
         _log(f"    ReplicaIndex.search k={args.k}, with UID lookup, {len(calls)} cases interleaved:")
         held = idx.memory_bytes()
-        timed = time_interleaved(calls, len(qb) - args.warmup, args.warmup, args.repeats)
+        freeze_startup_heap()  # as `serve`'s front process does once started
+        try:
+            timed = time_interleaved(calls, len(qb) - args.warmup, args.warmup, args.repeats)
+        finally:
+            gc.unfreeze()
         for row in timed:
             s = row.summary()
             results["end_to_end"][row.name] = {

@@ -13,6 +13,8 @@ started a second redis-server appending to the same AOF. Three mechanisms, each 
   a new ``serve`` waits for the old Redis to finish writing instead of opening the same files.
 - :class:`Backoff`: a child that keeps dying is restarted after 1, 2, 4... up to 60 s, so a
   crash loop does not flood the log or the machine.
+
+And one for the front process's pauses: :func:`freeze_startup_heap`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import fcntl
+import gc
 import os
 import signal
 import sys
@@ -48,6 +51,23 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
             os._exit(0)
 
     return preexec
+
+
+def freeze_startup_heap() -> int:
+    """Take everything allocated at start-up out of the garbage collector's full passes
+    (``gc.freeze``); returns how many objects that was.
+
+    A full (generation 2) collection walks every container object the process holds, with the GIL
+    held: every thread (the SCP, the HTTP API, the search) stops meanwhile. ``serve``'s front process
+    holds about 107,000 of them after start-up (the libraries it imports), and on the 2-core
+    development machine a full collection of them took 120 ms; one came in every few thousand
+    queries (a 228 ms stall in 3,600 searches at 1M, none with the heap frozen). Objects made at
+    start-up live as long as the process, so nothing is lost by never looking at them again;
+    whatever the process allocates later is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def python_module(module: str, *args: str) -> list[str]:
