@@ -686,6 +686,47 @@ def test_query_variants_rerank_a_larger_shortlist_by_their_best_cosine(redis_cli
         assert max(h.distance for h in plain) <= expected(live, query, 300)[-1][1]
 
 
+def test_reranking_fetched_during_the_scan_gives_the_same_answer(redis_client):
+    """The reference's variants fetched from Redis while the scan runs (as a served query does) give
+    the answer of the variants passed in; a reference without stored variants is re-ranked by its own
+    vector from the plain shortlist, exactly as when that vector is passed; a fetch that fails fails
+    the search with its own error."""
+    from concurrent.futures import Future
+
+    import redis
+
+    from hashing.bits import quantize_rerank
+    from plugin.search.query import fetch_reranking
+
+    width = 128
+    rng = np.random.default_rng(16)
+    codes = rand_codes(rng, 2500, centres=3, flip=0.1)
+    store, vectors, _ = _store_with_vectors(redis_client, codes, width, rng)
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    variants = quantize_rerank(rng.standard_normal((27, width)))
+    store.embeddings.put("m1", "2.1.1", np.zeros(8, np.float32), variants)
+    for q in (3, 1500):
+        query, own = bytes(codes[q]), vectors[q]
+        for k in (1, 10, 40):
+            by_variants = idx.search(query, k, exclude_uids=(f"1.9.{q}",), rerank=variants)
+            fetched = fetch_reranking(store, "m1", "IMAGE", "2.1.1", own)
+            assert idx.search(query, k, exclude_uids=(f"1.9.{q}",), rerank=fetched) == by_variants
+            assert np.array_equal(fetched.result(), variants)
+            by_own = idx.search(query, k, exclude_uids=(f"1.9.{q}",), rerank=own)
+            none_stored = fetch_reranking(store, "m1", "IMAGE", "2.1.404", own)
+            assert idx.search(query, k, exclude_uids=(f"1.9.{q}",), rerank=none_stored) == by_own
+            assert by_own != by_variants or k == 1
+    failed: Future = Future()
+    failed.set_exception(redis.exceptions.ConnectionError("Redis went away"))
+    with pytest.raises(redis.exceptions.ConnectionError, match="went away"):
+        idx.search(bytes(codes[0]), 10, rerank=failed)
+    narrow: Future = Future()
+    narrow.set_result(variants[:, : width // 2])
+    with pytest.raises(ValueError, match="re-ranking vector"):
+        idx.search(bytes(codes[0]), 10, rerank=narrow)
+
+
 @pytest.mark.parametrize("journal", [1 << 16, 3])
 def test_a_cached_filter_follows_every_change_of_the_records(store, monkeypatch, journal):
     """The per-study result of a filter is kept between searches and brought up to date by testing

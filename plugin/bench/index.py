@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-from hashing.bits import pooled_variants
 from hashing.drh import rerank_dim
 from hashing.resnet import RESNET18_HALF_LAYOUT
 from hashing.search import MultiIndexHash, Planner, Selector, knn, query_words, to_words
@@ -248,6 +247,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
 
     from plugin.core.processes import freeze_startup_heap
     from plugin.search.filters import Filters
+    from plugin.search.query import fetch_reranking
     from plugin.search.replica import ReplicaIndex
     from plugin.store import Store
 
@@ -311,7 +311,8 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
         qb = [bytes(q) for q in queries]
         qr = rerank_vectors(queries, args.seed + 1)
         # Each query's reference variants, stored as workers store them; a tolerant query fetches them
-        # from Redis (plugin.search.query.reference_variants) and re-ranks 1,000 codes by them.
+        # from Redis while the scan runs (plugin.search.query.fetch_reranking, as run_similar does)
+        # and re-ranks 1,000 codes by them.
         qv = rerank_vectors(np.repeat(queries, len(VARIANTS), axis=0), args.seed + 2)
         qv = qv.reshape(len(qb), len(VARIANTS), -1)
         for i, v in enumerate(qv):
@@ -328,7 +329,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
                 if mode == modes[1]:
                     rr = qr[i]
                 elif mode == modes[2]:
-                    rr = pooled_variants(store.embeddings.variants_of("bench-v1", [f"2.27.{i}"], RERANK_DIM))
+                    rr = fetch_reranking(store, "bench-v1", "IMAGE", f"2.27.{i}", qr[i])
                 idx.search(qb[i], args.k, filters=f, exclude_patient=out, exclude_uids=("2.25.0",), rerank=rr)
 
             calls.append((label if mode == "plain" else f"{label}, {mode}", one))

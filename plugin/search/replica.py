@@ -23,12 +23,22 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Collection
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
 from hashing.bits import Reranker
-from hashing.search import MultiIndexHash, Planner, Selector, knn_rows, query_words, radius, rerank_shortlist
+from hashing.search import (
+    MultiIndexHash,
+    Planner,
+    Selector,
+    knn_rows,
+    query_words,
+    radius,
+    rerank_shortlist,
+    shortlist_size,
+)
 from plugin.search.eligible import Eligibility
 from plugin.search.filters import Filters
 from plugin.search.state import NEVER, State, words_of
@@ -334,7 +344,7 @@ class ReplicaIndex:
         filters: Filters | None = None,
         exclude_patient: str | None = None,
         exclude_uids: Collection[str] = (),
-        rerank: np.ndarray | None = None,
+        rerank: np.ndarray | Future[np.ndarray] | None = None,
     ) -> list[Hit]:
         """The k nearest codes by Hamming distance, ordered by (distance, slot).
 
@@ -349,17 +359,28 @@ class ReplicaIndex:
         decided by arrival order within a tie of Hamming distances. With several vectors ``(V, d)``,
         the query's variants (:mod:`hashing.variants`), the larger tolerant shortlist is re-sorted by
         each candidate's best cosine to any of them.
+
+        ``rerank`` may be a :class:`~concurrent.futures.Future` of either (the reference's variants
+        still on their way from Redis, :func:`plugin.search.query.fetch_reranking`): the scan runs
+        meanwhile for the larger shortlist, and its first rows are the smaller one's when only one
+        vector comes, since both are in (distance, slot) order. Its error is the search's.
         """
         excluded = set(exclude_uids)
-        want = k if rerank is None else rerank_shortlist(k, rerank)
+        pending = rerank if isinstance(rerank, Future) else None
+        if rerank is None:
+            want = k
+        elif pending is not None:
+            want = shortlist_size(k, tolerant=True)  # the larger one; cut if a single vector comes
+        else:
+            want = rerank_shortlist(k, rerank)
         for attempt in range(3):
             st = self._state
             if st is None:
                 raise IndexNotReady(f"the {self.level} index is not loaded (no active model yet?)")
             if len(query) != st.nbytes:
                 raise ValueError(f"query code of {len(query)} bytes for a {st.nbits}-bit model")
-            if rerank is not None and np.shape(rerank)[-1] != st.rerank_dim:
-                raise ValueError(f"re-ranking vector of {np.shape(rerank)[-1]} values; the model has {st.rerank_dim}")
+            if pending is None:
+                _check_rerank(st, rerank)
             with self._lock:
                 # Excluded UIDs (the reference) are dropped after the UID lookup: asking for
                 # len(excluded) more keeps exactly the k nearest of the others, without a lookup
@@ -368,6 +389,11 @@ class ReplicaIndex:
                     st, bytes(query), want + len(excluded), max_distance, filters, exclude_patient
                 )
                 sims = None
+                if pending is not None:
+                    rerank = pending.result()
+                    _check_rerank(st, rerank)
+                    cut = rerank_shortlist(k, rerank) + len(excluded)
+                    rows, dist = rows[:cut], dist[:cut]
                 if rerank is not None:
                     sims = self._reranker.similarity(rerank, st.rerank, rows)
                     # Re-sorted here, so that only the answer's slots are looked up in Redis, not
@@ -457,6 +483,11 @@ class ReplicaIndex:
             max_distance=max_distance,
             selector=self._selector,
         )
+
+
+def _check_rerank(st: State, rerank: np.ndarray | None) -> None:
+    if rerank is not None and np.shape(rerank)[-1] != st.rerank_dim:
+        raise ValueError(f"re-ranking vector of {np.shape(rerank)[-1]} values; the model has {st.rerank_dim}")
 
 
 def _hits(uids: list[str | None], dist: np.ndarray, sims: np.ndarray | None, excluded: set[str], k: int) -> list[Hit]:
