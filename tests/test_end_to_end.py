@@ -5,6 +5,7 @@ the HTTP API), DCMTK `storescu` sending generated studies, DCMTK `findscu` askin
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,6 +201,11 @@ def test_stored_studies_are_found_by_similarity_over_dicom(tmp_path: Path, serve
     )
     assert status.returncode == 0, status.stderr
     assert "ingest" in status.stdout and "study" in status.stdout
+
+    # The log says how each C-FIND ended, not a line per study answered.
+    serve_log = served.log.read_text()
+    assert re.search(r"Find SCP Response \d+: 0x0000 \(Success\)", serve_log)
+    assert "(Pending)" not in serve_log
 
     assert _stop_serve(served) == 0
     assert "stopped" in served.log.read_text()
