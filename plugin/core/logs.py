@@ -18,9 +18,10 @@ _PENDING_RESPONSE = re.compile(r"(Find|Get|Move) SCP Response( \d+)?: +0x[0-9A-F
 class PendingResponses(logging.Filter):
     """Drops pynetdicom's line per pending response; the final status line of each request stays.
 
-    Writing those lines took a fifth of the front process's samples while it answered C-FIND similar
-    queries of 10 results (py-spy, `drh-pacs bench query`), and filled the log with ten lines per
-    query that say nothing the request's own log and counters do not.
+    They filled the log with ten lines per similar query of 10 results, saying nothing the request's
+    final status line and the counters do not, and writing them was a quarter of the samples of the
+    thread answering (py-spy during `drh-pacs bench query`; the query's latency itself moved within
+    the noise: p50 70.7 against 74.5 ms at 20,000 studies, one run each).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
