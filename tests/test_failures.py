@@ -41,6 +41,34 @@ def test_ledger_counts_repeats_and_keeps_first_seen(redis_client):
     assert ledger.count() == 1 and [e["sop_uid"] for e in ledger.list()] == ["1.2.3.2"]
 
 
+def test_a_failure_is_recorded_in_one_transaction(redis_client, monkeypatch):
+    """The ledger entry, the instance's state, the end of its pending hint and both counts go to Redis
+    in one MULTI: a status page that sees the instance failed also counts it, and a worker killed
+    halfway leaves none of it."""
+    import redis
+
+    from workers.batching import Item, record_failure
+
+    sent: list[tuple[bool, list[str]]] = []  # (a transaction?, its commands) per round trip
+    execute = redis.client.Pipeline.execute
+
+    def spy(pipe, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        sent.append((pipe.transaction or pipe.explicit_transaction, [c[0][0] for c in pipe.command_stack]))
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    store = Store(redis_client, NS)
+    record_failure(store, Item.from_payload(_payload(7)), "decode: truncated pixel data", "permanent")
+    monkeypatch.undo()
+    writes = [(tx, cmds) for tx, cmds in sent if any(c in ("HSET", "HINCRBY", "ZREM") for c in cmds)]
+    assert len(writes) == 1, sent
+    transaction, commands = writes[0]
+    assert transaction and sorted(commands) == ["HDEL", "HINCRBY", "HINCRBY", "HSET", "HSET", "ZADD", "ZREM"]
+    assert store.records.instance("1.2.3.7")["state"] == "failed"
+    assert gather(store)["by_modality"]["(unread)"]["failed"] == 1
+    assert store.ledger.get("1.2.3.7")["reason"] == "decode: truncated pixel data"
+
+
 def _cli(redis_url: str, tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRH_")}
     env.update(DRH_REDIS_URL=redis_url, DRH_DATA_DIR=str(tmp_path))

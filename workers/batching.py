@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis
 
 from plugin.core.header import instance_meta, routing_header, study_meta
 from plugin.core.settings import Settings
@@ -202,8 +203,9 @@ def pooled_before_indexed(store: Store, item: Item) -> bool:
     return store.records.pool_started(item.study_uid, info.get("indexed_version", "")) < indexed_at
 
 
-def mark_settled(store: Store, it: Item, state: str) -> None:
-    """Record a settled instance that is not indexed (the SCP reconciler skips it)."""
+def mark_settled(store: Store, it: Item, state: str, pipe: redis.client.Pipeline | None = None) -> None:
+    """Record a settled instance that is not indexed (the SCP reconciler skips it); with ``pipe``,
+    queued on the caller's transaction."""
     store.records.update_instance(
         it.sop_uid,
         {
@@ -214,6 +216,7 @@ def mark_settled(store: Store, it: Item, state: str) -> None:
             "state": state,
             "indexed_received_at": str(it.received_at),
         },
+        pipe,
     )
 
 
@@ -225,12 +228,16 @@ def modality_of(item: Item) -> str:
 
 
 def record_failure(store: Store, item: Item, reason: str, kind: str) -> None:
-    """An instance that will not be indexed without someone acting: ledger, state and counters."""
-    store.ledger.record(item.payload(), reason, kind=kind)
-    mark_settled(store, item, "failed")
-    store.ingest.done(item.sop_uid)
-    store.stats.count_task("index_instance", "failed")
-    store.stats.count_modality("failed", modality_of(item))
+    """An instance that will not be indexed without someone acting: ledger, state and counters, in
+    one transaction (a status page that sees the instance failed also counts it)."""
+
+    def settle(pipe: redis.client.Pipeline) -> None:
+        mark_settled(store, item, "failed", pipe)
+        store.ingest.done(item.sop_uid, pipe)
+        store.stats.count_task("index_instance", "failed", pipe=pipe)
+        store.stats.count_modality("failed", modality_of(item), pipe=pipe)
+
+    store.ledger.record(item.payload(), reason, kind=kind, also=settle)
 
 
 # -- the batch -------------------------------------------------------------------------------------

@@ -75,12 +75,14 @@ class IngestState:
         if sop_uids:
             self.r.hdel(self.keys.ingest_claim(), *sop_uids)
 
-    def done(self, sop_uid: str) -> None:
-        """Forget an instance's hint and payload (it is settled)."""
-        pipe = self.r.pipeline()
-        pipe.hdel(self.keys.ingest_payload(), sop_uid)
-        pipe.zrem(self.keys.ingest_pending(), sop_uid)
-        pipe.execute()
+    def done(self, sop_uid: str, pipe: redis.client.Pipeline | None = None) -> None:
+        """Forget an instance's hint and payload (it is settled); with ``pipe``, queued on the caller's
+        transaction."""
+        own = self.r.pipeline() if pipe is None else pipe
+        own.hdel(self.keys.ingest_payload(), sop_uid)
+        own.zrem(self.keys.ingest_pending(), sop_uid)
+        if pipe is None:
+            own.execute()
 
     def payload(self, sop_uid: str) -> dict[str, Any] | None:
         raw = self.r.hget(self.keys.ingest_payload(), sop_uid)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -35,8 +36,18 @@ class FailureLedger:
         self.r = client
         self.keys = keys
 
-    def record(self, payload: dict[str, Any], reason: str, kind: str = "permanent") -> dict[str, Any]:
-        """Add or update the entry of ``payload['sop_uid']``; returns the entry."""
+    def record(
+        self,
+        payload: dict[str, Any],
+        reason: str,
+        kind: str = "permanent",
+        also: Callable[[redis.client.Pipeline], None] | None = None,
+    ) -> dict[str, Any]:
+        """Add or update the entry of ``payload['sop_uid']``; returns the entry.
+
+        ``also`` queues more writes on the same transaction (the instance's state, its counts): a
+        reader then never sees one without the others, and a worker killed between them leaves none.
+        """
         sop = payload["sop_uid"]
         now = time.time()
         key = self.keys.failures()
@@ -51,6 +62,8 @@ class FailureLedger:
                     pipe.multi()
                     pipe.hset(key, sop, json.dumps(entry))
                     pipe.zadd(self.keys.failures_recent(), {sop: now})
+                    if also is not None:
+                        also(pipe)
                     pipe.execute()
                     return entry
                 except redis.exceptions.WatchError:

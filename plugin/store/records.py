@@ -72,9 +72,14 @@ class Records:
                 break
         return bool(added)
 
-    def update_instance(self, sop_uid: str, fields: Mapping[str, str | int | float]) -> None:
-        """Merge fields into an instance record (its state, where its file is...)."""
-        self.r.hset(self.keys.instance(sop_uid), mapping={k: str(v) for k, v in fields.items()})
+    def update_instance(
+        self, sop_uid: str, fields: Mapping[str, str | int | float], pipe: redis.client.Pipeline | None = None
+    ) -> None:
+        """Merge fields into an instance record (its state, where its file is...); with ``pipe``, queued
+        on the caller's transaction."""
+        (self.r if pipe is None else pipe).hset(
+            self.keys.instance(sop_uid), mapping={k: str(v) for k, v in fields.items()}
+        )
 
     def instance(self, sop_uid: str) -> dict[str, str]:
         return _decode(self.r.hgetall(self.keys.instance(sop_uid)))

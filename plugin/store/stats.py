@@ -39,8 +39,12 @@ class Stats:
         self.r = client
         self.keys = keys
 
-    def count_task(self, task: str, outcome: str, n: int = 1) -> None:
-        """Count one task outcome; never raises (metrics must not fail a task)."""
+    def count_task(self, task: str, outcome: str, n: int = 1, pipe: redis.client.Pipeline | None = None) -> None:
+        """Count one task outcome; never raises (metrics must not fail a task). With ``pipe``, queued
+        on the caller's transaction, which stands or falls with it."""
+        if pipe is not None:
+            pipe.hincrby(self.keys.stats_tasks(), f"{task}:{outcome}", n)
+            return
         with suppress(redis.exceptions.RedisError):
             self.r.hincrby(self.keys.stats_tasks(), f"{task}:{outcome}", n)
 
@@ -61,9 +65,15 @@ class Stats:
         model takes them off again)."""
         self.r.hincrby(self.keys.nomodel(), modality or "(none)", n)
 
-    def count_modality(self, outcome: str, modality: str, n: int = 1) -> None:
+    def count_modality(
+        self, outcome: str, modality: str, n: int = 1, pipe: redis.client.Pipeline | None = None
+    ) -> None:
         """Count an instance's outcome (indexed, failed, ignored, no-model) under its modality, so IT
-        staff see which kind of image fails or waits; never raises."""
+        staff see which kind of image fails or waits; never raises. With ``pipe``, queued on the
+        caller's transaction."""
+        if pipe is not None:
+            pipe.hincrby(self.keys.bymodality(), f"{outcome}|{modality or '(none)'}", n)
+            return
         with suppress(redis.exceptions.RedisError):
             self.r.hincrby(self.keys.bymodality(), f"{outcome}|{modality or '(none)'}", n)
 
