@@ -693,8 +693,6 @@ def test_reranking_fetched_during_the_scan_gives_the_same_answer(redis_client):
     the search with its own error."""
     from concurrent.futures import Future
 
-    import redis
-
     from hashing.bits import quantize_rerank
     from plugin.search.query import fetch_reranking
 
@@ -717,6 +715,28 @@ def test_reranking_fetched_during_the_scan_gives_the_same_answer(redis_client):
             none_stored = fetch_reranking(store, "m1", "IMAGE", "2.1.404", own)
             assert idx.search(query, k, exclude_uids=(f"1.9.{q}",), rerank=none_stored) == by_own
             assert by_own != by_variants or k == 1
+    # While one query waits for its variants, other searches of the same replica go on.
+    entered = threading.Event()
+
+    class Waiting(Future):
+        def result(self, timeout=None):  # noqa: ANN001, ANN201
+            entered.set()
+            return super().result(timeout)
+
+    slow, answers = Waiting(), []
+    waiting = threading.Thread(target=lambda: answers.append(idx.search(query, 10, rerank=slow)), daemon=True)
+    waiting.start()
+    try:
+        assert entered.wait(30)
+        other = threading.Thread(target=lambda: answers.append(idx.search(query, 10, rerank=own)), daemon=True)
+        other.start()
+        other.join(30)
+        assert not other.is_alive() and answers == [idx.search(query, 10, rerank=own)]
+    finally:
+        slow.set_result(variants)
+    waiting.join(30)
+    assert answers[1] == idx.search(query, 10, rerank=variants)
+
     failed: Future = Future()
     failed.set_exception(redis.exceptions.ConnectionError("Redis went away"))
     with pytest.raises(redis.exceptions.ConnectionError, match="went away"):

@@ -388,18 +388,19 @@ class ReplicaIndex:
                 rows, dist = self._search_rows(
                     st, bytes(query), want + len(excluded), max_distance, filters, exclude_patient
                 )
-                sims = None
-                if pending is not None:
-                    rerank = pending.result()
-                    _check_rerank(st, rerank)
-                    cut = rerank_shortlist(k, rerank) + len(excluded)
-                    rows, dist = rows[:cut], dist[:cut]
-                if rerank is not None:
+            if pending is not None:
+                rerank = pending.result()  # outside the lock: a slow Redis holds up this query only
+                _check_rerank(st, rerank)
+                cut = rerank_shortlist(k, rerank) + len(excluded)
+                rows, dist = rows[:cut], dist[:cut]
+            sims = None
+            if rerank is not None:
+                with self._lock:  # the reranker's buffers are the replica's
                     sims = self._reranker.similarity(rerank, st.rerank, rows)
-                    # Re-sorted here, so that only the answer's slots are looked up in Redis, not
-                    # the whole shortlist's (300 lookups cost more than the search itself).
-                    keep = np.argsort(-sims, kind="stable")[: k + len(excluded)]
-                    rows, dist, sims = rows[keep], dist[keep], sims[keep]
+                # Re-sorted here, so that only the answer's slots are looked up in Redis, not
+                # the whole shortlist's (300 lookups cost more than the search itself).
+                keep = np.argsort(-sims, kind="stable")[: k + len(excluded)]
+                rows, dist, sims = rows[keep], dist[keep], sims[keep]
             gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
             if gen == st.generation:
                 stale = any(u is None for u in uids)
