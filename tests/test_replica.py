@@ -689,8 +689,9 @@ def test_query_variants_rerank_a_larger_shortlist_by_their_best_cosine(redis_cli
 def test_reranking_fetched_during_the_scan_gives_the_same_answer(redis_client):
     """The reference's variants fetched from Redis while the scan runs (as a served query does) give
     the answer of the variants passed in; a reference without stored variants is re-ranked by its own
-    vector from the plain shortlist, exactly as when that vector is passed; a fetch that fails fails
-    the search with its own error."""
+    vector from the plain shortlist, exactly as when that vector is passed; while one query waits for
+    its variants, other searches of the same replica answer; a fetch that fails fails the search with
+    its own error."""
     from concurrent.futures import Future
 
     from hashing.bits import quantize_rerank
