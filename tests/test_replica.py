@@ -623,6 +623,17 @@ def _store_with_vectors(redis_client, codes, width, rng):  # noqa: ANN001, ANN20
     return store, vectors, live
 
 
+def _clustered_replica_with_vectors(redis_client, seed, width):  # noqa: ANN001, ANN202
+    """2,500 codes in three clusters with re-ranking vectors of ``width`` values, stored and loaded:
+    (rng, codes, store, vectors, live, replica), the rng where the set-up left it."""
+    rng = np.random.default_rng(seed)
+    codes = rand_codes(rng, 2500, centres=3, flip=0.1)
+    store, vectors, live = _store_with_vectors(redis_client, codes, width, rng)
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    return rng, codes, store, vectors, live, idx
+
+
 @pytest.mark.parametrize("width", [NBITS, 128])
 def test_reranked_top_k_equals_brute_force_over_the_shortlist(redis_client, width):
     """With a re-ranking vector, the answer is the Hamming shortlist re-sorted by cosine, exactly;
@@ -663,11 +674,7 @@ def test_query_variants_rerank_a_larger_shortlist_by_their_best_cosine(redis_cli
     from hashing.search import TOLERANT_SHORTLIST, shortlist_size
 
     width = 128
-    rng = np.random.default_rng(15)
-    codes = rand_codes(rng, 2500, centres=3, flip=0.1)
-    store, vectors, live = _store_with_vectors(redis_client, codes, width, rng)
-    idx = ReplicaIndex(store, "study")
-    idx.refresh()
+    rng, codes, store, vectors, live, idx = _clustered_replica_with_vectors(redis_client, 15, width)
     assert shortlist_size(10, tolerant=True) == TOLERANT_SHORTLIST == 1000
     for q in (0, 1234):
         query = bytes(codes[q])
@@ -698,11 +705,7 @@ def test_reranking_fetched_during_the_scan_gives_the_same_answer(redis_client):
     from plugin.search.query import fetch_reranking
 
     width = 128
-    rng = np.random.default_rng(16)
-    codes = rand_codes(rng, 2500, centres=3, flip=0.1)
-    store, vectors, _ = _store_with_vectors(redis_client, codes, width, rng)
-    idx = ReplicaIndex(store, "study")
-    idx.refresh()
+    rng, codes, store, vectors, _, idx = _clustered_replica_with_vectors(redis_client, 16, width)
     variants = quantize_rerank(rng.standard_normal((27, width)))
     store.embeddings.put("m1", "2.1.1", np.zeros(8, np.float32), variants)
     for q in (3, 1500):

@@ -42,11 +42,7 @@ class Stats:
     def count_task(self, task: str, outcome: str, n: int = 1, pipe: redis.client.Pipeline | None = None) -> None:
         """Count one task outcome; never raises (metrics must not fail a task). With ``pipe``, queued
         on the caller's transaction, which stands or falls with it."""
-        if pipe is not None:
-            pipe.hincrby(self.keys.stats_tasks(), f"{task}:{outcome}", n)
-            return
-        with suppress(redis.exceptions.RedisError):
-            self.r.hincrby(self.keys.stats_tasks(), f"{task}:{outcome}", n)
+        self._count(self.keys.stats_tasks(), f"{task}:{outcome}", n, pipe)
 
     def observe_latency(self, seconds: float) -> None:
         """Add one C-STORE-to-searchable latency to the histogram; never raises."""
@@ -71,11 +67,16 @@ class Stats:
         """Count an instance's outcome (indexed, failed, ignored, no-model) under its modality, so IT
         staff see which kind of image fails or waits; never raises. With ``pipe``, queued on the
         caller's transaction."""
+        self._count(self.keys.bymodality(), f"{outcome}|{modality or '(none)'}", n, pipe)
+
+    def _count(self, key: str, field: str, n: int, pipe: redis.client.Pipeline | None) -> None:
+        """One counter: queued on ``pipe`` (the caller's transaction stands or falls with it), else
+        written now, a failure swallowed (metrics must not fail a task)."""
         if pipe is not None:
-            pipe.hincrby(self.keys.bymodality(), f"{outcome}|{modality or '(none)'}", n)
+            pipe.hincrby(key, field, n)
             return
         with suppress(redis.exceptions.RedisError):
-            self.r.hincrby(self.keys.bymodality(), f"{outcome}|{modality or '(none)'}", n)
+            self.r.hincrby(key, field, n)
 
     def by_modality(self) -> dict[str, dict[str, int]]:
         """modality -> outcome -> instances, every outcome of :data:`MODALITY_OUTCOMES` present."""
