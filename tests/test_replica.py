@@ -152,15 +152,83 @@ def test_refresh_with_nothing_new_keeps_state(store):
     assert idx._state is st and st.log_pos == pos
 
 
-def test_stale_hit_is_not_returned(store):
-    """A code deleted in Redis after the last refresh never comes back as a hit."""
+def test_a_deleted_code_is_gone_after_the_refresh_a_query_makes(store):
+    """A code deleted in Redis is never returned once the replica has refreshed (a served query
+    refreshes first), and its UID leaves the replica's memory."""
     live = fill(store, rand_codes(np.random.default_rng(3), 50))
     idx = ReplicaIndex(store, "study")
     idx.refresh()
     q = live["1.2.4"][1]
+    assert as_pairs(idx.search(q, 1)) == [("1.2.4", 0)]
     store.codes.delete("m1", "study", "1.2.4")
     del live["1.2.4"]
+    idx.refresh()
     assert as_pairs(idx.search(q, 10)) == expected(live, q, 10)
+    assert b"1.2.4" not in idx._state.uids.tolist()
+
+
+def test_a_search_answers_from_memory_while_redis_does_not_answer(redis_server, redis_client):
+    """The search sends nothing to Redis: the UIDs it answers with are the replica's own. Redis is
+    paused (CLIENT PAUSE, every command of every client held) and the replica's client gives up on
+    a reply after half a second, so a round trip inside the search would fail it."""
+    rng = np.random.default_rng(31)
+    setup = Store(redis_client, namespace="t")
+    setup.models.register("m1", NBITS)
+    setup.models.activate("m1")
+    codes = rand_codes(rng, 400)
+    vectors = bits.quantize_rerank(rng.standard_normal((400, NBITS)))
+    for i, (c, v) in enumerate(zip(codes, vectors, strict=True)):
+        setup.codes.upsert("m1", "study", f"1.2.{i}", c, rerank=v)
+    impatient = redis.Redis.from_url(redis_server.url, socket_timeout=0.5)
+    idx = ReplicaIndex(Store(impatient, namespace="t"), "study")
+    idx.refresh()
+    queries = [(bytes(codes[i]), vectors[i]) for i in range(0, 400, 57)]
+    before = [idx.search(q, 10, rerank=v, exclude_uids=("1.2.0",)) for q, v in queries]
+    redis_client.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+    during = [idx.search(q, 10, rerank=v, exclude_uids=("1.2.0",)) for q, v in queries]
+    with pytest.raises(redis.TimeoutError):  # the pause was on: a round trip would have failed
+        impatient.ping()
+    assert during == before and all(len(hits) == 10 for hits in during)
+    redis_client.ping()  # held until the pause ends
+    impatient.close()
+
+
+def test_a_compaction_after_the_last_refresh_changes_no_answer(store):
+    """The replica's UIDs are its own slots': a compaction that renumbers Redis's slots after the
+    replica's last refresh does not make it answer with other UIDs; the refresh then reloads."""
+    rng = np.random.default_rng(32)
+    live = fill(store, rand_codes(rng, 300))
+    for uid in list(live)[::3]:
+        store.codes.delete("m1", "study", uid)
+        del live[uid]
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    assert store.codes.compact("m1", "study") == 100
+    queries = [bytes(q) for q in rand_codes(rng, 5)]
+    for q in queries:
+        assert as_pairs(idx.search(q, 20)) == expected(live, q, 20)
+    assert idx.generation == 0  # answered from its own slots, not by reloading
+    idx.refresh()
+    assert idx.generation == 1
+    for q in queries:
+        assert as_pairs(idx.search(q, 20)) == expected(live, q, 20)
+
+
+def test_a_uid_longer_than_dicom_allows_comes_back_whole(store):
+    """DICOM UIDs have at most 64 characters, but a store holds what it was sent: a longer one, at
+    load or arriving later, is answered whole, not cut to the replica's width."""
+    rng = np.random.default_rng(33)
+    codes = rand_codes(rng, 3)
+    long_at_load, long_later = "1.2." + "7" * 70, "1.3." + "8" * 90
+    store.codes.upsert("m1", "study", long_at_load, codes[0])
+    store.codes.upsert("m1", "study", "1.2.1", codes[1])
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    assert idx.search(bytes(codes[0]), 1)[0].uid == long_at_load
+    store.codes.upsert("m1", "study", long_later, codes[2])
+    idx.refresh()
+    assert idx.search(bytes(codes[2]), 1)[0].uid == long_later
+    assert idx.search(bytes(codes[0]), 1)[0].uid == long_at_load
 
 
 def test_model_switch_and_compaction_reload(store):

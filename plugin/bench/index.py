@@ -16,7 +16,7 @@ spread of the per-repeat p50 is printed. Every exact method's distances are chec
 FAISS flat's on every query. Up to ``--redis-max`` codes, the codes are also written into a
 private Redis (no persistence, a free port) in the store's layout, and the replica's cold load,
 its refresh with nothing new, its incremental sync of 10k real upserts and its end-to-end search
-(with the UID lookup and with filters) are timed.
+(answer UIDs included, and with filters) are timed.
 
 Queries are database codes with a few bits flipped (a new image like an indexed one).
 """
@@ -249,7 +249,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
     from plugin.search.filters import Filters
     from plugin.search.query import fetch_reranking
     from plugin.search.replica import ReplicaIndex
-    from plugin.store import Store
+    from plugin.store import UID_WIDTH, Store
 
     n = codes.shape[0]
     with private_redis() as url:
@@ -270,10 +270,11 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
         results["load_s"] = {"median": float(np.median(loads)), "min": min(loads), "max": max(loads)}
         results["replica_bytes_per_code"] = idx.memory_bytes() / n
         results["replica_rerank_bytes_per_code"] = RERANK_DIM
+        results["replica_uid_bytes_per_code"] = UID_WIDTH
         _log(
             f"    replica cold load from Redis: median {np.median(loads):.3f} s"
             f" (min {min(loads):.3f}, max {max(loads):.3f}); {idx.memory_bytes() / n:.1f} bytes/code in memory,"
-            f" {RERANK_DIM} of them the re-ranking vector"
+            f" {RERANK_DIM} of them the re-ranking vector, {UID_WIDTH} the UID"
         )
         lat = []
         for _ in range(200):
@@ -334,7 +335,7 @@ def bench_replica(codes: np.ndarray, queries: np.ndarray, args: argparse.Namespa
 
             calls.append((label if mode == "plain" else f"{label}, {mode}", one))
         # Interleaved query by query: the cases are compared under the same load.
-        _log(f"    ReplicaIndex.search k={args.k}, with UID lookup, {len(calls)} cases interleaved:")
+        _log(f"    ReplicaIndex.search k={args.k}, answer UIDs included, {len(calls)} cases interleaved:")
         held = idx.memory_bytes()
         freeze_startup_heap()  # as `serve`'s front process does once started
         try:

@@ -2,10 +2,10 @@
 
 Why a replica: a similar-studies query must scan every code of the active model; doing that in
 Redis would ship the whole code string per query. The replica holds the codes as 64-bit word
-planes, one row per store slot, with what filters need (:mod:`plugin.search.state`). No UID and no
-readable patient ID sit in its memory (no ten million Python strings either): hits are turned back
-into UIDs with one HMGET to the store. Which slots a filtered search may return is
-:mod:`plugin.search.eligible`.
+planes, one row per store slot, with what filters need and each slot's UID
+(:mod:`plugin.search.state`): a search needs no round trip to Redis once its reference's variants
+are in. No readable patient ID sits in its memory (no million Python strings either). Which slots
+a filtered search may return is :mod:`plugin.search.eligible`.
 
 Sync. The first :meth:`ReplicaIndex.refresh` (and one after a model switch, a compaction, or a log
 trimmed past our position) loads a consistent snapshot in one MULTI; every later refresh reads the
@@ -14,8 +14,15 @@ new that is one pipelined round trip, cheap enough to do before every query. A r
 new state aside and swaps it in, so the old version answers until the new one is ready.
 
 Concurrency. Searches and the application of changes are serialised by a lock; reloads (the slow
-part) run outside it. When a hit's slot turns out to be deleted in Redis, or the store was compacted
-under us, the search refreshes and runs again rather than answer from stale slots.
+part) run outside it.
+
+Freshness. A search answers from the replica as of its last refresh: its UIDs are those of its own
+slots, so a compaction in Redis meanwhile changes nothing it returns, and a code deleted after that
+refresh can still be returned. A served query therefore refreshes first
+(:func:`plugin.search.query.run_similar`): what was deleted before the query arrived is never
+answered. (Until this release each search turned its hits into UIDs with a round trip to Redis, which
+also caught a deletion in the few milliseconds of the search itself; that round trip was a fifth of a
+served search at 1M.)
 """
 
 from __future__ import annotations
@@ -182,6 +189,7 @@ class ReplicaIndex:
             st.rerank[:n] = snap.rerank
             st.exclude[:n] = np.where(snap.deleted, NEVER, 0).astype(np.uint8)
             st.slot_sn[:n] = snap.slot_sn
+            st.put_uids(slice(0, n), snap.uids)
         st.n = n
         st.live = int(n - np.count_nonzero(snap.deleted))
         # Slots may name studies that have no record yet (no put_study): they stay zero (unknown).
@@ -199,6 +207,7 @@ class ReplicaIndex:
 
     def _apply(self, st: State, entries: list, attr_entries: list) -> None:
         codes: dict[int, bytes] = {}
+        uids: dict[int, bytes] = {}
         reranks: dict[int, bytes] = {}
         sns: dict[int, int] = {}
         dead: dict[int, bool] = {}
@@ -209,12 +218,15 @@ class ReplicaIndex:
             if op == b"set":
                 s = int(f[b"slot"])
                 codes[s] = f[b"code"]
+                uids[s] = f[b"uid"]
                 if f.get(b"rr"):
                     reranks[s] = f[b"rr"]
                 sns[s] = int(f[b"sn"])
                 dead[s] = False
             elif op == b"del":
-                dead[int(f[b"slot"])] = True
+                s = int(f[b"slot"])
+                dead[s] = True
+                uids[s] = b""  # a deleted study's UID is not kept in memory
             elif op == b"link":
                 sns[int(f[b"slot"])] = int(f[b"sn"])
         if codes:
@@ -239,6 +251,10 @@ class ReplicaIndex:
                 st.slots_version += 1
             st.slot_sn[slots] = values
             st.reserve_studies(int(values.max()) + 1)
+        if uids:
+            slots = np.fromiter(uids, np.int64, len(uids))
+            st.reserve(int(slots.max()) + 1)
+            st.put_uids(slots, list(uids.values()))
         if dead:
             slots = np.fromiter(dead, np.int64, len(dead))
             st.reserve(int(slots.max()) + 1)
@@ -373,6 +389,7 @@ class ReplicaIndex:
             want = shortlist_size(k, tolerant=True)  # the larger one; cut if a single vector comes
         else:
             want = rerank_shortlist(k, rerank)
+        resolved: np.ndarray | None = None
         for attempt in range(3):
             st = self._state
             if st is None:
@@ -382,48 +399,42 @@ class ReplicaIndex:
             if pending is None:
                 _check_rerank(st, rerank)
             with self._lock:
-                # Excluded UIDs (the reference) are dropped after the UID lookup: asking for
+                # Excluded UIDs (the reference) are dropped once the rows are UIDs: asking for
                 # len(excluded) more keeps exactly the k nearest of the others, without a lookup
                 # of their slots first.
                 rows, dist = self._search_rows(
                     st, bytes(query), want + len(excluded), max_distance, filters, exclude_patient
                 )
             if pending is not None:
-                rerank = pending.result()  # outside the lock: a slow Redis holds up this query only
-                _check_rerank(st, rerank)
-                cut = rerank_shortlist(k, rerank) + len(excluded)
+                resolved = pending.result() if resolved is None else resolved  # outside the lock:
+                _check_rerank(st, resolved)  # a slow Redis holds up this query only
+                cut = rerank_shortlist(k, resolved) + len(excluded)
                 rows, dist = rows[:cut], dist[:cut]
+            vectors = resolved if pending is not None else rerank
             sims = None
-            if rerank is not None:
-                with self._lock:  # the reranker's buffers are the replica's
-                    sims = self._reranker.similarity(rerank, st.rerank, rows)
-                # Re-sorted here, so that only the answer's slots are looked up in Redis, not
-                # the whole shortlist's (300 lookups cost more than the search itself).
-                keep = np.argsort(-sims, kind="stable")[: k + len(excluded)]
-                rows, dist, sims = rows[keep], dist[keep], sims[keep]
-            gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
-            if gen == st.generation:
-                stale = any(u is None for u in uids)
-                if not stale or attempt == 2:
-                    return _hits(uids, dist, sims, excluded, k)
-            # Deleted or renumbered in Redis after our last refresh: catch up and search again.
+            with self._lock:  # the reranker's buffers are the replica's; an apply may grow the arrays
+                if vectors is not None:
+                    sims = self._reranker.similarity(vectors, st.rerank, rows)
+                    keep = np.argsort(-sims, kind="stable")[: k + len(excluded)]
+                    rows, dist, sims = rows[keep], dist[keep], sims[keep]
+                uids = st.uids_at(rows)
+            if all(uids) or attempt == 2:
+                return _hits(uids, dist, sims, excluded, k)
+            # A slot without a UID: deleted by a refresh since the scan, or while the replica
+            # loaded (its deletion is in the log): catch up and search again.
             self.refresh()
-        raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
+        raise AssertionError("unreachable")
 
     def radius_search(self, query: bytes, r: int, *, filters: Filters | None = None) -> list[Hit]:
         """Every code within distance ``r``, nearest first (for a bounded answer use search)."""
-        for _ in range(3):
-            st = self._state
-            if st is None:
-                raise IndexNotReady(f"the {self.level} index is not loaded")
-            with self._lock:
-                exclude, _ = self._eligibility.rows(st, filters)
-                rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
-            gen, uids = self.store.codes.resolve(st.version, self.level, rows.tolist())
-            if gen == st.generation:
-                return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u is not None]
-            self.refresh()
-        raise IndexNotReady(f"the {self.level} index keeps changing generation (compaction running?)")
+        st = self._state
+        if st is None:
+            raise IndexNotReady(f"the {self.level} index is not loaded")
+        with self._lock:
+            exclude, _ = self._eligibility.rows(st, filters)
+            rows, dist = radius(st.planes[:, : st.n], query_words(query), r, exclude=exclude)
+            uids = st.uids_at(rows)
+        return [Hit(u, int(d)) for u, d in zip(uids, dist.tolist(), strict=True) if u]
 
     def _search_excluding_patient(
         self, st: State, query: bytes, k: int, max_distance: int | None, patient_id: str
@@ -491,13 +502,14 @@ def _check_rerank(st: State, rerank: np.ndarray | None) -> None:
         raise ValueError(f"re-ranking vector of {np.shape(rerank)[-1]} values; the model has {st.rerank_dim}")
 
 
-def _hits(uids: list[str | None], dist: np.ndarray, sims: np.ndarray | None, excluded: set[str], k: int) -> list[Hit]:
-    """Candidates in answer order (re-ranked when ``sims`` is given), excluded and vanished ones left out."""
+def _hits(uids: list[str], dist: np.ndarray, sims: np.ndarray | None, excluded: set[str], k: int) -> list[Hit]:
+    """Candidates in answer order (re-ranked when ``sims`` is given), excluded ones and slots
+    without a UID left out."""
     order = range(len(uids)) if sims is None else np.argsort(-sims, kind="stable").tolist()
     out = []
     for i in order:
         uid = uids[i]
-        if uid is None or uid in excluded:
+        if not uid or uid in excluded:
             continue
         out.append(Hit(uid, int(dist[i]), None if sims is None else float(sims[i])))
         if len(out) == k:

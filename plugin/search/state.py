@@ -2,9 +2,10 @@
 
 The codes as 64-bit word planes (:mod:`hashing.search`), the int8 re-ranking vectors (one byte per
 bit of the code), a byte per slot saying whether it may be returned (0) or not (deleted or unknown:
-255), each slot's study number, and per study number the
-filter record (:data:`plugin.store.ATTR_DTYPE`) kept as one array per field. No UID and no readable
-patient ID: hits are turned back into UIDs with one HMGET to the store.
+255), each slot's study number and UID, and per study number the filter record
+(:data:`plugin.store.ATTR_DTYPE`) kept as one array per field. The UIDs are one fixed-width bytes
+array (64 bytes a slot, not a million Python strings), so that a search answers without a round
+trip to Redis. No readable patient ID: a patient is a 64-bit key.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import bisect
 import numpy as np
 
 from hashing.search import MultiIndexHash, n_words, to_words
-from plugin.store import ATTR_DTYPE
+from plugin.store import ATTR_DTYPE, UID_WIDTH
 
 NEVER = np.uint8(255)
 
@@ -68,6 +69,7 @@ class State:
         self.rerank = np.zeros((0, self.rerank_dim), np.int8)  # per slot: the int8 re-ranking vector (zeros: none)
         self.exclude = np.zeros(0, np.uint8)  # 0 live, 255 deleted / unknown
         self.slot_sn = np.zeros(0, np.uint32)  # as the store keeps them (plugin.store.codes)
+        self.uids = np.zeros(0, f"S{UID_WIDTH}")  # b"": none (deleted, or not read at load)
         self.attrs = Columns(1)
         # Study numbers in use: one past the highest seen. The columns' capacity grows by doubling;
         # a filter tests these only (a replica just past a doubling would test twice as many).
@@ -106,7 +108,21 @@ class State:
         slot_sn[:cap] = self.slot_sn
         rerank = np.zeros((new, self.rerank_dim), np.int8)
         rerank[:cap] = self.rerank
-        self.planes, self.exclude, self.slot_sn, self.rerank = planes, exclude, slot_sn, rerank
+        uids = np.zeros(new, self.uids.dtype)
+        uids[:cap] = self.uids
+        self.planes, self.exclude, self.slot_sn, self.rerank, self.uids = planes, exclude, slot_sn, rerank, uids
+
+    def put_uids(self, slots: np.ndarray | slice, uids: np.ndarray | list[bytes]) -> None:
+        """Each slot's UID (room reserved); the array widens for a UID longer than it holds (a
+        non-conformant one), rather than cut it."""
+        width = uids.dtype.itemsize if isinstance(uids, np.ndarray) else max(map(len, uids), default=0)
+        if width > self.uids.dtype.itemsize:
+            self.uids = self.uids.astype(f"S{width}")
+        self.uids[slots] = uids
+
+    def uids_at(self, rows: np.ndarray) -> list[str]:
+        """The UIDs of ``rows`` ("" where a slot has none)."""
+        return [u.decode() for u in self.uids[rows].tolist()]
 
     def reserve_studies(self, n: int) -> None:
         """Room for study numbers below ``n``, which are now in use."""
@@ -146,7 +162,7 @@ class State:
 
     def memory_bytes(self) -> int:
         """Bytes held by the arrays (capacity, not just the live part)."""
-        arrays = (self.planes, self.rerank, self.exclude, self.slot_sn, self.attrs, self.sn_slot)
+        arrays = (self.planes, self.rerank, self.exclude, self.slot_sn, self.uids, self.attrs, self.sn_slot)
         total = sum(a.nbytes for a in arrays)
         if self.mih is not None:
             total += self.mih.nbytes

@@ -21,7 +21,7 @@ import redis
 
 from plugin.store.attributes import ATTR_DTYPE, FLAG_KNOWN, MODALITY_BITS, parse_date, patient_key
 from plugin.store.backfill import BackfillProgress
-from plugin.store.codes import Changes, CodeStore, Snapshot
+from plugin.store.codes import UID_WIDTH, Changes, CodeStore, Snapshot
 from plugin.store.embeddings import Embeddings
 from plugin.store.heartbeats import HEARTBEAT_SECONDS, WorkerRegistry, worker_state
 from plugin.store.ingest import IngestState
@@ -40,6 +40,7 @@ __all__ = [
     "LEVELS",
     "MODALITY_BITS",
     "SETTLED_STATES",
+    "UID_WIDTH",
     "Changes",
     "ModelInfo",
     "Snapshot",

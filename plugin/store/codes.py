@@ -35,6 +35,10 @@ from plugin.store.models import LEVELS, LOG_MAXLEN, ModelRegistry, StoreError
 
 # How long a compaction may hold its (version, level); writers wait at most this long.
 COMPACT_LOCK_SECONDS = 600
+# A DICOM UID has at most 64 characters: a replica's UID array starts this wide (wider if needed).
+UID_WIDTH = 64
+# Fields per HSCAN call when a replica reads every slot's UID (a few ms of Redis time each).
+UID_SCAN_CHUNK = 20_000
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Snapshot:
     attrs: np.ndarray  # ATTR_DTYPE (n_studies + 1,), index = study number
     log_pos: str
     attr_pos: str
+    uids: np.ndarray  # bytes "S<width>" (n_slots,): each slot's UID, b"" where none (deleted)
 
 
 @dataclass
@@ -194,18 +199,31 @@ class CodeStore:
         raw = self.r.hmget(self.keys.uid(version, level), [int(s) for s in slots])
         return [None if v is None else v.decode() for v in raw]
 
-    def resolve(self, version: str, level: str, slots: Sequence[int]) -> tuple[int, list[str | None]]:
-        """UIDs of slots together with the generation they belong to (one MULTI).
+    def uid_table(self, version: str, level: str, n_slots: int) -> np.ndarray:
+        """Every slot's UID as one fixed-width bytes array (b"" for a deleted or unallocated slot),
+        for a replica that answers with UIDs from memory.
 
-        A replica checks the generation: after a compaction the same slot numbers name other UIDs.
+        Read in chunks (HSCAN): one HGETALL of a million fields would hold Redis up for a second,
+        and workers with it. Not one instant: a slot's UID never changes within a generation, but
+        one deleted meanwhile may be missing; the caller checks the generation afterwards
+        (:meth:`snapshot`).
         """
-        pipe = self.r.pipeline(transaction=True)
-        pipe.get(self.keys.gen(version, level))
-        if len(slots):
-            pipe.hmget(self.keys.uid(version, level), [int(s) for s in slots])
-        out = pipe.execute()
-        uids = [None if v is None else v.decode() for v in out[1]] if len(slots) else []
-        return int(out[0] or 0), uids
+        slots: list[np.ndarray] = []
+        values: list[bytes] = []
+        cursor = 0
+        while True:
+            cursor, chunk = self.r.hscan(self.keys.uid(version, level), cursor, count=UID_SCAN_CHUNK)
+            slots.append(np.fromiter(map(int, chunk.keys()), np.int64, len(chunk)))
+            values.extend(chunk.values())
+            if cursor == 0:
+                break
+        width = max(UID_WIDTH, max(map(len, values), default=0))
+        out = np.zeros(n_slots, f"S{width}")
+        at = np.concatenate(slots)
+        if values:
+            keep = at < n_slots  # a slot allocated after the snapshot comes with its log entry
+            out[at[keep]] = np.array(values, f"S{width}")[keep]
+        return out
 
     # -- compaction --------------------------------------------------------------------------------
     def compact(self, version: str, level: str) -> int:
@@ -260,21 +278,29 @@ class CodeStore:
 
     # -- replica support ---------------------------------------------------------------------------
     def snapshot(self, version: str, level: str) -> Snapshot:
-        """Everything a replica needs, read in one MULTI so that it is one consistent state."""
+        """Everything a replica needs: one MULTI for the arrays, so that they are one consistent
+        state, then every slot's UID (:meth:`uid_table`), read again if a compaction renumbered the
+        slots meanwhile."""
         k = self.keys
         nbytes = self.models.nbytes(version)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.get(k.gen(version, level))
-        pipe.get(k.next(version, level))
-        pipe.get(k.codes(version, level))
-        pipe.get(k.slotsn(version, level))
-        pipe.get(k.tomb(version, level))
-        pipe.xrevrange(k.log(version, level), count=1)
-        pipe.get(k.sattr())
-        pipe.xrevrange(k.attrlog(), count=1)
-        pipe.get(k.rerank(version, level))
-        gen, nxt, codes, slotsn, tomb, last, sattr, alast, rr = pipe.execute()
-        n = int(nxt or 0)
+        for _ in range(5):
+            pipe = self.r.pipeline(transaction=True)
+            pipe.get(k.gen(version, level))
+            pipe.get(k.next(version, level))
+            pipe.get(k.codes(version, level))
+            pipe.get(k.slotsn(version, level))
+            pipe.get(k.tomb(version, level))
+            pipe.xrevrange(k.log(version, level), count=1)
+            pipe.get(k.sattr())
+            pipe.xrevrange(k.attrlog(), count=1)
+            pipe.get(k.rerank(version, level))
+            gen, nxt, codes, slotsn, tomb, last, sattr, alast, rr = pipe.execute()
+            n = int(nxt or 0)
+            uids = self.uid_table(version, level, n)
+            if int(self.r.get(k.gen(version, level)) or 0) == int(gen or 0):
+                break
+        else:
+            raise StoreError(f"{version}/{level} kept being compacted while a replica loaded it")
         codes = (codes or b"").ljust(n * nbytes, b"\0")[: n * nbytes]
         slot_sn = np.frombuffer((slotsn or b"").ljust(n * 4, b"\0")[: n * 4], "<u4").astype(np.uint32)
         deleted = np.unpackbits(np.frombuffer((tomb or b"").ljust((n + 7) // 8, b"\0"), np.uint8))[:n].astype(bool)
@@ -293,6 +319,7 @@ class CodeStore:
             attrs=attrs,
             log_pos=last[0][0].decode() if last else "0-0",
             attr_pos=alast[0][0].decode() if alast else "0-0",
+            uids=uids,
         )
 
     def changes(
