@@ -196,7 +196,7 @@ class _Index:
         self.codes, self.ready, self.nbits, self.version = codes, ready, 16, "v-test"
         self.calls: list[dict] = []
 
-    def refresh(self) -> None:
+    def refresh(self, wait: float | None = None) -> None:
         pass
 
     def lookup(self, uid: str):

@@ -17,7 +17,7 @@ from hashing import bits
 from hashing.search import brute_force
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
-from plugin.search.replica import IndexNotReady, ReplicaIndex
+from plugin.search.replica import QUERY_REFRESH_WAIT, IndexNotReady, ReplicaIndex
 from plugin.store import Store
 from plugin.store.models import StoreError
 from tests.helpers.processes import wait_until
@@ -212,6 +212,31 @@ def test_a_compaction_after_the_last_refresh_changes_no_answer(store):
     assert idx.generation == 1
     for q in queries:
         assert as_pairs(idx.search(q, 20)) == expected(live, q, 20)
+
+
+def test_a_query_does_not_wait_for_a_reload_running_in_another_thread(redis_client, store):
+    """A reload (here after a compaction) holds the replica's refresh for as long as it reads; at a
+    million codes that is seconds. A query's refresh waits QUERY_REFRESH_WAIT for it, then the loaded
+    state answers. Redis is paused so that the background reload stays stuck in its read."""
+    rng = np.random.default_rng(34)
+    live = fill(store, rand_codes(rng, 200))
+    for uid in list(live)[::4]:
+        store.codes.delete("m1", "study", uid)
+        del live[uid]
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    store.codes.compact("m1", "study")
+    q = bytes(rand_codes(rng, 1)[0])
+    redis_client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    reload = threading.Thread(target=idx.refresh)  # the background refresher's call: it waits
+    reload.start()
+    wait_until(lambda: idx._refresh_lock.locked(), timeout=2)
+    assert idx.refresh(wait=QUERY_REFRESH_WAIT) is False
+    assert as_pairs(idx.search(q, 10)) == expected(live, q, 10)
+    assert reload.is_alive()  # all of it while the reload was still waiting for Redis
+    reload.join(timeout=10)
+    assert not reload.is_alive() and idx.generation == 1
+    assert idx.refresh(wait=QUERY_REFRESH_WAIT) is True
 
 
 def test_a_uid_longer_than_dicom_allows_comes_back_whole(store):

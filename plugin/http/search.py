@@ -52,6 +52,7 @@ from plugin.http.rendered import thumbnail_of, to_image_bytes
 from plugin.search import query as q
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
+from plugin.search.replica import QUERY_REFRESH_WAIT
 
 log = logging.getLogger("drh.api")
 
@@ -410,7 +411,7 @@ def _search_upload(ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQu
     routed = ctx.index.get(level)
     if routed is None:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
-    routed.refresh()
+    routed.refresh(wait=QUERY_REFRESH_WAIT)
     route, index = _upload_route(ctx, ds, routed, query.filters)
     encoder = encoders.for_version(str(index.version))
     with encoders.lock():

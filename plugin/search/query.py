@@ -21,6 +21,7 @@ from hashing.bits import pooled_variants
 from hashing.search import rerank_shortlist
 from plugin.search.errors import QueryError
 from plugin.search.filters import Filters
+from plugin.search.replica import QUERY_REFRESH_WAIT
 
 log = logging.getLogger("drh.query")
 
@@ -195,9 +196,11 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
     if index is None:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
     # Catch up with Redis first (one round trip when nothing changed): what a worker has written
-    # before the query arrived is answered, not only what the background refresher has seen.
+    # before the query arrived is answered, not only what the background refresher has seen; and
+    # what was deleted is not. A reload running in another thread is not waited for: the loaded
+    # state answers meanwhile.
     try:
-        index.refresh()  # loads the replica the first time
+        index.refresh(wait=QUERY_REFRESH_WAIT)  # loads the replica the first time
     except Exception as exc:  # noqa: BLE001 - Redis away: answer from the replica we have, if any
         log.warning("replica refresh failed (%s); answering from the replica as it is", type(exc).__name__)
     if not index.ready:

@@ -11,7 +11,8 @@ Sync. The first :meth:`ReplicaIndex.refresh` (and one after a model switch, a co
 trimmed past our position) loads a consistent snapshot in one MULTI; every later refresh reads the
 change-log entries after the replica's position in one round trip and applies them. With nothing
 new that is one pipelined round trip, cheap enough to do before every query. A reload builds the
-new state aside and swaps it in, so the old version answers until the new one is ready.
+new state aside and swaps it in, so the old version answers until the new one is ready; a query does
+not wait for a reload another thread is running (:data:`QUERY_REFRESH_WAIT`).
 
 Concurrency. Searches and the application of changes are serialised by a lock; reloads (the slow
 part) run outside it.
@@ -58,6 +59,11 @@ log = logging.getLogger(__name__)
 # (with 10k codes not yet in the tables, as between rebuilds: 1.31 / 2.82 against 0.96 / 1.51); at
 # 2M the tables win (0.64 / 2.31 against 2.04 / 2.71), at 4M by far (0.72 / 3.34 against 4.70 / 6.47).
 MIH_MIN = 2_000_000
+
+# How long a query waits for another thread's refresh of a replica before answering from the state
+# loaded (:meth:`ReplicaIndex.refresh`): an incremental refresh takes about a millisecond, a reload
+# seconds.
+QUERY_REFRESH_WAIT = 0.05
 
 
 class IndexNotReady(RuntimeError):
@@ -144,40 +150,58 @@ class ReplicaIndex:
         return (st.memory_bytes() if st is not None else 0) + self._eligibility.nbytes
 
     # -- sync ----------------------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Bring the replica up to date with the store (bulk load, or incremental)."""
-        with self._refresh_lock:
-            st = self._state
-            if st is None:
-                version = self.store.models.active(self.route)
-                if version is not None:
-                    self._load(version)
+    def refresh(self, wait: float | None = None) -> bool:
+        """Bring the replica up to date with the store (bulk load, or incremental); False when it
+        did not, because another refresh held it longer than ``wait`` seconds.
+
+        A query passes ``wait`` (:data:`QUERY_REFRESH_WAIT`): another thread's incremental refresh
+        takes a millisecond, worth waiting for, but a reload after a model switch or a compaction
+        takes seconds at a million codes (the UIDs are read again), and meanwhile the loaded state
+        answers. A replica with nothing loaded yet always waits: it has nothing to answer with.
+        """
+        if wait is not None and self._state is not None:
+            if not self._refresh_lock.acquire(timeout=wait):
+                return False
+        else:
+            self._refresh_lock.acquire()
+        try:
+            self._refresh_locked()
+        finally:
+            self._refresh_lock.release()
+        return True
+
+    def _refresh_locked(self) -> None:
+        st = self._state
+        if st is None:
+            version = self.store.models.active(self.route)
+            if version is not None:
+                self._load(version)
+            return
+        while True:
+            ch = self.store.codes.changes(
+                st.version, self.level, st.log_pos, st.attr_pos, count=self.batch, route=self.route
+            )
+            if ch.active is None:
                 return
-            while True:
-                ch = self.store.codes.changes(
-                    st.version, self.level, st.log_pos, st.attr_pos, count=self.batch, route=self.route
+            if ch.active != st.version or ch.generation != st.generation or ch.log_lost or ch.attr_lost:
+                log.info(
+                    "replica %s reloads: version %s -> %s, generation %s -> %s, log trimmed %s",
+                    self.level,
+                    st.version,
+                    ch.active,
+                    st.generation,
+                    ch.generation,
+                    ch.log_lost or ch.attr_lost,
                 )
-                if ch.active is None:
-                    return
-                if ch.active != st.version or ch.generation != st.generation or ch.log_lost or ch.attr_lost:
-                    log.info(
-                        "replica %s reloads: version %s -> %s, generation %s -> %s, log trimmed %s",
-                        self.level,
-                        st.version,
-                        ch.active,
-                        st.generation,
-                        ch.generation,
-                        ch.log_lost or ch.attr_lost,
-                    )
-                    self._load(ch.active)
-                    return
-                if not ch.log and not ch.attrs:
-                    break
-                with self._lock:
-                    self._apply(st, ch.log, ch.attrs)
-                if len(ch.log) < self.batch and len(ch.attrs) < self.batch:
-                    break
-            self._maybe_rebuild_mih(st)
+                self._load(ch.active)
+                return
+            if not ch.log and not ch.attrs:
+                break
+            with self._lock:
+                self._apply(st, ch.log, ch.attrs)
+            if len(ch.log) < self.batch and len(ch.attrs) < self.batch:
+                break
+        self._maybe_rebuild_mih(st)
 
     def _load(self, version: str) -> None:
         snap = self.store.codes.snapshot(version, self.level)
@@ -422,7 +446,7 @@ class ReplicaIndex:
                 return _hits(uids, dist, sims, excluded, k)
             # A slot without a UID: deleted by a refresh since the scan, or while the replica
             # loaded (its deletion is in the log): catch up and search again.
-            self.refresh()
+            self.refresh(wait=QUERY_REFRESH_WAIT)
         raise AssertionError("unreachable")
 
     def radius_search(self, query: bytes, r: int, *, filters: Filters | None = None) -> list[Hit]:

@@ -36,8 +36,9 @@ class RoutedIndex:
         self._lock = threading.Lock()
 
     # -- following the store -------------------------------------------------------------------
-    def refresh(self) -> None:
-        """Follow the routes (new ones get a replica, dropped ones lose it), then refresh each."""
+    def refresh(self, wait: float | None = None) -> None:
+        """Follow the routes (new ones get a replica, dropped ones lose it), then refresh each
+        (``wait``: see :meth:`ReplicaIndex.refresh`)."""
         answering = self.store.models.active_routes()
         if answering != self._answering:  # the matching order only changes with the routes' versions
             self._names = [route.name for route, _ in self.store.models.table()]
@@ -53,7 +54,7 @@ class RoutedIndex:
             self._order = names
             indexes = [self._by_route[n] for n in names]
         for index in indexes:
-            index.refresh()
+            index.refresh(wait)
 
     def close(self) -> None:
         with self._lock:
