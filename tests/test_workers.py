@@ -116,6 +116,41 @@ def test_claim_takes_the_oldest_pending_and_respects_live_claims(store):
     assert store.ingest.claim("1.0", 0, now + 61, now + 121, "task-b").busy_until is None
 
 
+def test_an_indexed_batch_is_recorded_in_one_transaction(store, tmp_path, monkeypatch):
+    """The batch's states, the end of their pending hints and their counts go to Redis in one MULTI:
+    a status page that shows an instance indexed also counts it (a reader once saw the state of the
+    second image of a batch before its count). Without ``keep_files`` the spool files go once it is
+    recorded."""
+    from plugin.ops.status import gather
+    from workers.batching import Item, mark_indexed
+
+    items = []
+    for n in range(2):
+        path = tmp_path / f"1.2.{n}.dcm"
+        path.write_bytes(b"spooled")
+        payload = {"sop_uid": f"1.2.{n}", "study_uid": "1.2", "path": str(path), "received_at": 1000.0 + n}
+        store.ingest.hint(payload)
+        items.append(Item.from_payload(payload))
+    sent: list[tuple[bool, list[str]]] = []  # (a transaction?, its commands) per round trip
+    execute = redis.client.Pipeline.execute
+
+    def spy(pipe, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        sent.append((pipe.transaction or pipe.explicit_transaction, [c[0][0] for c in pipe.command_stack]))
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    mark_indexed(store, load_settings(env={}, data_dir=tmp_path, keep_files=False), "m1", items)
+    monkeypatch.undo()
+    # The latency histogram (HINCRBYFLOAT of its sum) is a metric of its own, written after.
+    writes = [(tx, cmds) for tx, cmds in sent if "HSET" in cmds or ("HINCRBY" in cmds and "HINCRBYFLOAT" not in cmds)]
+    assert len(writes) == 1 and writes[0][0], sent
+    assert writes[0][1].count("HSET") == 2 and writes[0][1].count("HINCRBY") == 4
+    figures = gather(store)
+    assert figures["by_modality"]["(unread)"]["indexed"] == 2 and store.ingest.pending_count() == 0
+    assert all(store.records.instance(it.sop_uid)["state"] == "indexed" for it in items)
+    assert not any(Path(it.path).exists() for it in items)
+
+
 @pytest.mark.slow
 def test_a_study_is_indexed_once_pooled_and_a_late_instance_recomputes(
     redis_server, redis_client, worker_factory, tmp_path

@@ -355,7 +355,13 @@ def write_codes(store: Store, encoded: list[tuple[str, Any]], images: list[Item]
 
 
 def mark_indexed(store: Store, settings: Settings, active: str, images: list[Item]) -> None:
-    """The idempotency record, last: a task killed before it is simply done again."""
+    """The idempotency records, last: a task killed before them is simply done again. The batch's
+    states, the end of their pending hints and their counts go in one transaction: a status page
+    that shows an instance indexed also counts it (the separate writes let a reader see the state
+    without the count)."""
+    for it in images:
+        store.ledger.resolve(it.sop_uid)
+    pipe = store.client.pipeline(transaction=True)
     for it in images:
         store.records.update_instance(
             it.sop_uid,
@@ -365,12 +371,14 @@ def mark_indexed(store: Store, settings: Settings, active: str, images: list[Ite
                 "indexed_received_at": repr(it.received_at),
                 "indexed_at": repr(time.time()),
             },
+            pipe,
         )
-        store.ledger.resolve(it.sop_uid)
-        store.ingest.done(it.sop_uid)
+        store.ingest.done(it.sop_uid, pipe)
+        store.stats.count_task("index_instance", "done", pipe=pipe)
+        store.stats.count_modality("indexed", modality_of(it), pipe=pipe)
+    pipe.execute()
+    for it in images:
         store.stats.observe_latency(time.time() - it.received_at)
-        store.stats.count_task("index_instance", "done")
-        store.stats.count_modality("indexed", modality_of(it))
         if not settings.keep_files and not it.local_copy:
             Path(it.path).unlink(missing_ok=True)
 

@@ -119,13 +119,16 @@ def _encode_slices(
             out = batching.encode_items(enc, items, settings.batch_size)
             batching.write_codes(store, [(version, out)], items)
             answering = store.models.is_active(version)  # a re-index's version does not claim the record yet
-            for it in items:
+            claimed = [answering or not store.records.instance(it.sop_uid).get("indexed_version") for it in items]
+            pipe = store.client.pipeline(transaction=True)  # states and counts seen together
+            for it, claim in zip(items, claimed, strict=True):
                 fields = {"state": "indexed", "represented_by": ""}
-                if answering or not store.records.instance(it.sop_uid).get("indexed_version"):
+                if claim:
                     fields["indexed_version"] = version
-                store.records.update_instance(it.sop_uid, fields)
-                store.stats.count_task("index_instance", "done")
-                store.stats.count_modality("indexed", batching.modality_of(it))
+                store.records.update_instance(it.sop_uid, fields, pipe)
+                store.stats.count_task("index_instance", "done", pipe=pipe)
+                store.stats.count_modality("indexed", batching.modality_of(it), pipe=pipe)
+            pipe.execute()
     finally:
         for it in items:
             it.forget_local_copy()
