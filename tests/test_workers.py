@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from plugin.core.settings import load_settings
+from plugin.ops.status import gather
 from plugin.store import Store
 from tests.helpers.dicomgen import fixture_images, make_instance, make_study
 from tests.helpers.processes import wait_until
@@ -121,7 +122,6 @@ def test_an_indexed_batch_is_recorded_in_one_transaction(store, tmp_path, monkey
     a status page that shows an instance indexed also counts it (a reader once saw the state of the
     second image of a batch before its count). Without ``keep_files`` the spool files go once it is
     recorded."""
-    from plugin.ops.status import gather
     from workers.batching import Item, mark_indexed
 
     items = []
@@ -251,6 +251,7 @@ def test_non_image_is_ignored_and_a_corrupt_file_is_a_retryable_failure(
     store = Store(redis_client, NS)
     wait_until(lambda: store.records.instance(sr.SOPInstanceUID).get("state") == "ignored", 30, what="SR ignored")
     assert ledger.get(sr.SOPInstanceUID) is None and ledger.ignored_count() == 1
+    assert gather(store)["by_modality"]["SR"]["ignored"] == 1  # counted as soon as it shows ignored
     assert store.records.instance(study.sop_uids[0])["state"] == "failed"
 
     # IT staff fix the file and retry: indexed, and the ledger entry is gone

@@ -282,11 +282,13 @@ def _decode_one(settings: Settings, store: Store, it: Item) -> str:
     if not_image:
         log.info("instance %s ignored: %s", it.sop_uid, not_image)
         store.ledger.record_ignored(it.payload(), not_image)
-        mark_settled(store, it, "ignored")
         store.ledger.resolve(it.sop_uid)
-        store.ingest.done(it.sop_uid)
-        store.stats.count_task("index_instance", "ignored")
-        store.stats.count_modality("ignored", modality_of(it))
+        pipe = store.client.pipeline(transaction=True)  # its state and its counts seen together
+        mark_settled(store, it, "ignored", pipe)
+        store.ingest.done(it.sop_uid, pipe)
+        store.stats.count_task("index_instance", "ignored", pipe=pipe)
+        store.stats.count_modality("ignored", modality_of(it), pipe=pipe)
+        pipe.execute()
         return "ignored"
     return "image"
 
