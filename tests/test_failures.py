@@ -14,7 +14,7 @@ import pytest
 from plugin.ops.status import gather
 from plugin.store import Store
 from plugin.store.keys import Keys
-from tests.helpers.workers import NS
+from tests.helpers.workers import NS, spy_round_trips
 
 
 def _payload(n: int) -> dict:
@@ -45,18 +45,9 @@ def test_a_failure_is_recorded_in_one_transaction(redis_client, monkeypatch):
     """The ledger entry, the instance's state, the end of its pending hint and both counts go to Redis
     in one MULTI: a status page that sees the instance failed also counts it, and a worker killed
     halfway leaves none of it."""
-    import redis
-
     from workers.batching import Item, record_failure
 
-    sent: list[tuple[bool, list[str]]] = []  # (a transaction?, its commands) per round trip
-    execute = redis.client.Pipeline.execute
-
-    def spy(pipe, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        sent.append((pipe.transaction or pipe.explicit_transaction, [c[0][0] for c in pipe.command_stack]))
-        return execute(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    sent = spy_round_trips(monkeypatch)
     store = Store(redis_client, NS)
     record_failure(store, Item.from_payload(_payload(7)), "decode: truncated pixel data", "permanent")
     monkeypatch.undo()

@@ -18,7 +18,7 @@ from plugin.ops.status import gather
 from plugin.store import Store
 from tests.helpers.dicomgen import fixture_images, make_instance, make_study
 from tests.helpers.processes import wait_until
-from tests.helpers.workers import NS, active_version, app_for, indexed_count, send, worker_env
+from tests.helpers.workers import NS, active_version, app_for, indexed_count, send, spy_round_trips, worker_env
 from workers.app import worker_app
 from workers.client import retry_failed
 
@@ -131,14 +131,7 @@ def test_an_indexed_batch_is_recorded_in_one_transaction(store, tmp_path, monkey
         payload = {"sop_uid": f"1.2.{n}", "study_uid": "1.2", "path": str(path), "received_at": 1000.0 + n}
         store.ingest.hint(payload)
         items.append(Item.from_payload(payload))
-    sent: list[tuple[bool, list[str]]] = []  # (a transaction?, its commands) per round trip
-    execute = redis.client.Pipeline.execute
-
-    def spy(pipe, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        sent.append((pipe.transaction or pipe.explicit_transaction, [c[0][0] for c in pipe.command_stack]))
-        return execute(pipe, *args, **kwargs)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    sent = spy_round_trips(monkeypatch)
     mark_indexed(store, load_settings(env={}, data_dir=tmp_path, keep_files=False), "m1", items)
     monkeypatch.undo()
     # The latency histogram (HINCRBYFLOAT of its sum) is a metric of its own, written after.

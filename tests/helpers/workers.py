@@ -111,3 +111,18 @@ def active_version(client: redis.Redis) -> str:
     route takes them (the general one, a test's model)."""
     found = Store(client, NS).models.route_for("DX", "CHEST")
     return found[1] if found else ""
+
+
+def spy_round_trips(monkeypatch) -> list[tuple[bool, list[str]]]:  # noqa: ANN001
+    """Record every pipelined round trip to Redis from now on (until ``monkeypatch.undo()``): whether
+    it was a transaction, and its commands. What a worker's writes look like on the wire, against a
+    real Redis (its MONITOR is disabled in the tests' server)."""
+    sent: list[tuple[bool, list[str]]] = []
+    execute = redis.client.Pipeline.execute
+
+    def spy(pipe, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        sent.append((pipe.transaction or pipe.explicit_transaction, [c[0][0] for c in pipe.command_stack]))
+        return execute(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", spy)
+    return sent
