@@ -93,6 +93,17 @@ def fill(store: Store, codes: np.ndarray, level: str = "study", prefix: str = "1
     return live
 
 
+def loaded_with_deletions(store: Store, rng: np.random.Generator, n: int, every: int):  # noqa: ANN201
+    """``n`` stored codes, every ``every``-th deleted, and a replica loaded after: (live, replica)."""
+    live = fill(store, rand_codes(rng, n))
+    for uid in list(live)[::every]:
+        store.codes.delete("m1", "study", uid)
+        del live[uid]
+    idx = ReplicaIndex(store, "study")
+    idx.refresh()
+    return live, idx
+
+
 def test_not_ready_without_active_model(redis_client):
     idx = ReplicaIndex(Store(redis_client, namespace="t"), "study")
     idx.refresh()
@@ -103,12 +114,7 @@ def test_not_ready_without_active_model(redis_client):
 
 def test_bulk_load_then_incremental_sync_matches_brute_force(store):
     rng = np.random.default_rng(1)
-    live = fill(store, rand_codes(rng, 400))
-    for uid in list(live)[::7]:
-        store.codes.delete("m1", "study", uid)
-        del live[uid]
-    idx = ReplicaIndex(store, "study")
-    idx.refresh()
+    live, idx = loaded_with_deletions(store, rng, 400, 7)
     assert idx.ready and idx.version == "m1" and idx.nbits == 64 and len(idx) == len(live)
     loaded_state = idx._state
     for q in rand_codes(rng, 10):
@@ -197,12 +203,7 @@ def test_a_compaction_after_the_last_refresh_changes_no_answer(store):
     """The replica's UIDs are its own slots': a compaction that renumbers Redis's slots after the
     replica's last refresh does not make it answer with other UIDs; the refresh then reloads."""
     rng = np.random.default_rng(32)
-    live = fill(store, rand_codes(rng, 300))
-    for uid in list(live)[::3]:
-        store.codes.delete("m1", "study", uid)
-        del live[uid]
-    idx = ReplicaIndex(store, "study")
-    idx.refresh()
+    live, idx = loaded_with_deletions(store, rng, 300, 3)
     assert store.codes.compact("m1", "study") == 100
     queries = [bytes(q) for q in rand_codes(rng, 5)]
     for q in queries:
@@ -219,12 +220,7 @@ def test_a_query_does_not_wait_for_a_reload_running_in_another_thread(redis_clie
     million codes that is seconds. A query's refresh waits QUERY_REFRESH_WAIT for it, then the loaded
     state answers. Redis is paused so that the background reload stays stuck in its read."""
     rng = np.random.default_rng(34)
-    live = fill(store, rand_codes(rng, 200))
-    for uid in list(live)[::4]:
-        store.codes.delete("m1", "study", uid)
-        del live[uid]
-    idx = ReplicaIndex(store, "study")
-    idx.refresh()
+    live, idx = loaded_with_deletions(store, rng, 200, 4)
     store.codes.compact("m1", "study")
     q = bytes(rand_codes(rng, 1)[0])
     redis_client.execute_command("CLIENT", "PAUSE", 1500, "ALL")
