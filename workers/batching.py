@@ -230,14 +230,25 @@ def modality_of(item: Item) -> str:
 def record_failure(store: Store, item: Item, reason: str, kind: str) -> None:
     """An instance that will not be indexed without someone acting: ledger, state and counters, in
     one transaction (a status page that sees the instance failed also counts it)."""
+    store.ledger.record(
+        item.payload(), reason, kind=kind, also=lambda pipe: settle_counted(store, item, "failed", pipe)
+    )
 
-    def settle(pipe: redis.client.Pipeline) -> None:
-        mark_settled(store, item, "failed", pipe)
-        store.ingest.done(item.sop_uid, pipe)
-        store.stats.count_task("index_instance", "failed", pipe=pipe)
-        store.stats.count_modality("failed", modality_of(item), pipe=pipe)
 
-    store.ledger.record(item.payload(), reason, kind=kind, also=settle)
+def settle_counted(store: Store, it: Item, outcome: str, pipe: redis.client.Pipeline) -> None:
+    """Queue on the caller's transaction an instance settled without an index (``failed``,
+    ``ignored``): its state, the end of its pending hint and both counts, so that a reader never
+    sees the state without the counts."""
+    mark_settled(store, it, outcome, pipe)
+    store.ingest.done(it.sop_uid, pipe)
+    store.stats.count_task("index_instance", outcome, pipe=pipe)
+    store.stats.count_modality(outcome, modality_of(it), pipe=pipe)
+
+
+def count_indexed(store: Store, it: Item, pipe: redis.client.Pipeline) -> None:
+    """Queue an indexed instance's two counts on the transaction that writes its state."""
+    store.stats.count_task("index_instance", "done", pipe=pipe)
+    store.stats.count_modality("indexed", modality_of(it), pipe=pipe)
 
 
 # -- the batch -------------------------------------------------------------------------------------
@@ -283,11 +294,8 @@ def _decode_one(settings: Settings, store: Store, it: Item) -> str:
         log.info("instance %s ignored: %s", it.sop_uid, not_image)
         store.ledger.record_ignored(it.payload(), not_image)
         store.ledger.resolve(it.sop_uid)
-        pipe = store.client.pipeline(transaction=True)  # its state and its counts seen together
-        mark_settled(store, it, "ignored", pipe)
-        store.ingest.done(it.sop_uid, pipe)
-        store.stats.count_task("index_instance", "ignored", pipe=pipe)
-        store.stats.count_modality("ignored", modality_of(it), pipe=pipe)
+        pipe = store.client.pipeline(transaction=True)
+        settle_counted(store, it, "ignored", pipe)
         pipe.execute()
         return "ignored"
     return "image"
@@ -376,8 +384,7 @@ def mark_indexed(store: Store, settings: Settings, active: str, images: list[Ite
             pipe,
         )
         store.ingest.done(it.sop_uid, pipe)
-        store.stats.count_task("index_instance", "done", pipe=pipe)
-        store.stats.count_modality("indexed", modality_of(it), pipe=pipe)
+        count_indexed(store, it, pipe)
     pipe.execute()
     for it in images:
         store.stats.observe_latency(time.time() - it.received_at)

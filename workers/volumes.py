@@ -126,8 +126,7 @@ def _encode_slices(
                 if claim:
                     fields["indexed_version"] = version
                 store.records.update_instance(it.sop_uid, fields, pipe)
-                store.stats.count_task("index_instance", "done", pipe=pipe)
-                store.stats.count_modality("indexed", batching.modality_of(it), pipe=pipe)
+                batching.count_indexed(store, it, pipe)
             pipe.execute()
     finally:
         for it in items:
