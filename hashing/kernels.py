@@ -59,6 +59,26 @@ def hamming_add(words: np.ndarray, q: np.uint64, out: np.ndarray) -> None:
 
 
 @jit
+def hamming_in_range(
+    words: np.ndarray, q: np.uint64, add: bool, mask: np.ndarray, key: np.ndarray, lo: int, hi: int, out: np.ndarray
+) -> None:
+    """The last plane of a filtered scan: its distance (added to ``out`` when ``add``, else written),
+    then 255 wherever ``mask[i]`` is non-zero or ``key[i]`` lies outside ``[lo, hi]``.
+
+    The eligibility test rides the distance pass instead of a pass of its own: a row mask built for
+    one query (a date range new to it) would be written, then read back by the scan.
+    """
+    if add:
+        for i in range(words.shape[0]):
+            inside = np.uint8(key[i] >= lo) & np.uint8(key[i] <= hi)
+            out[i] = (out[i] + _popcount(words[i] ^ q)) | mask[i] | np.uint8(inside - np.uint8(1))
+    else:
+        for i in range(words.shape[0]):
+            inside = np.uint8(key[i] >= lo) & np.uint8(key[i] <= hi)
+            out[i] = _popcount(words[i] ^ q) | mask[i] | np.uint8(inside - np.uint8(1))
+
+
+@jit
 def histogram(dist: np.ndarray, hist: np.ndarray) -> None:
     """``hist[v]`` = how many ``dist[i] == v`` (``hist`` has 256 entries).
 
@@ -126,6 +146,8 @@ def warm_up() -> None:
     dist = np.zeros(4, np.uint8)
     hamming_first(words, np.uint64(1), dist)
     hamming_add(words, np.uint64(1), dist)
+    for add in (False, True):
+        hamming_in_range(words, np.uint64(1), add, dist, np.zeros(4, np.int32), 1, 2, dist)
     histogram(dist, np.zeros(256, np.int64))
     histogram(dist[::2], np.zeros(256, np.int64))  # the strided sample of hashing.search.Selector
     rows_at_most(dist, np.uint8(1), np.zeros(4, np.int64))

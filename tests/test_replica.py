@@ -916,14 +916,17 @@ def test_a_cached_filter_follows_every_change_of_the_records(store, monkeypatch,
 def test_a_filter_new_to_the_query_tests_only_what_is_new(store, monkeypatch):
     """The same modality asked with a date range new to each query: the modality's result is kept,
     in study and in slot order, beside the dates in slot order, so that after the first query no
-    record is tested and nothing is gathered through the slots' study numbers; each query makes its
-    row mask in one pass over the slots, and a filter asked again reuses its mask. The answer is the
-    brute-force one every time."""
+    record is tested and nothing is gathered through the slots' study numbers; each query's scan tests
+    its range itself (one pass over the codes and the slots, no row mask written). A range asked a
+    second time gets its row mask, which the third time reuses. The answer is the brute-force one
+    every time."""
+    from hashing import kernels
     from plugin.search import eligible
 
     calls = _spy(monkeypatch, eligible, "_test_studies", lambda args: (int(args[4]), len(args[0])))  # tests, records
     gathers = _spy(monkeypatch, eligible, "_gather", lambda args: len(args[2]))  # slots gathered
     masks = _spy(monkeypatch, eligible, "_slot_mask", lambda args: len(args[5]))  # slots masked
+    fused = _spy(monkeypatch, kernels, "hamming_in_range", lambda args: len(args[7]))  # slots scanned with the range
     rng = np.random.default_rng(19)
     codes = rand_codes(rng, 300)
     live, meta = {}, {}
@@ -938,19 +941,22 @@ def test_a_filter_new_to_the_query_tests_only_what_is_new(store, monkeypatch):
             store.records.put_study(uid, meta[uid])
     idx = ReplicaIndex(store, "study")
     idx.refresh()
+    spies = (calls, gathers, masks, fused)
+
+    def search(f: Filters, q: bytes) -> None:
+        for seen in spies:
+            seen.clear()
+        ok = {u for u, m in meta.items() if study_passes(m, f)}
+        assert as_pairs(idx.search(q, 12, filters=f)) == expected(live, q, 12, allowed=ok), f
+
     for year in range(2012, 2020):
         f = Filters(modalities=("CT",), date_from=f"{year}0101", date_to="20991231")
-        for seen in (calls, gathers, masks):
-            seen.clear()
-        got = as_pairs(idx.search(bytes(codes[year % 300]), 12, filters=f))
-        ok = {u for u, m in meta.items() if study_passes(m, f)}
-        assert got == expected(live, bytes(codes[year % 300]), 12, allowed=ok)
+        search(f, bytes(codes[year % 300]))
         first = year == 2012
         assert sorted(t for t, _ in calls) == ([eligible.MODALITY] if first else []), calls  # then it is kept
         assert gathers == ([300, 300] if first else []), gathers  # the result and the dates, in slot order
-        assert masks == [300], masks  # one pass over the slots for the range
-    for seen in (calls, gathers, masks):
-        seen.clear()
-    again = as_pairs(idx.search(bytes(codes[7]), 12, filters=f))  # the last filter, asked again
-    assert again == expected(live, bytes(codes[7]), 12, allowed=ok)
-    assert calls == gathers == masks == [], (calls, gathers, masks)  # its row mask is kept
+        assert (masks, fused) == ([], [300]), (masks, fused)  # the range tested in the scan's one pass
+    search(f, bytes(codes[7]))  # the last filter, asked again: its row mask is made
+    assert (calls, gathers, masks, fused) == ([], [], [300], []), spies
+    search(f, bytes(codes[8]))  # and a third time: kept
+    assert (calls, gathers, masks, fused) == ([], [], [], []), spies

@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 
 from hashing import bits
-from hashing.search import MultiIndexHash, Planner, Selector, brute_force, knn, knn_rows, query_words, radius, to_words
+from hashing.search import (
+    InRange,
+    MultiIndexHash,
+    Planner,
+    Selector,
+    brute_force,
+    knn,
+    knn_rows,
+    query_words,
+    radius,
+    to_words,
+)
 
 
 def clustered(rng: np.random.Generator, n: int, nbits: int, centres: int = 20, flip: float = 0.06) -> np.ndarray:
@@ -97,17 +108,24 @@ def test_knn_respects_exclusion_and_max_distance():
     assert np.array_equal(rows2, rows) and np.array_equal(d2, d)
 
 
+@pytest.mark.parametrize("form", ["mask", "range"])
 @pytest.mark.parametrize("nbits", [64, 128])
-def test_a_row_mask_that_leaves_few_rows_holds_in_scan_radius_and_tables(nbits):
+def test_a_row_mask_that_leaves_few_rows_holds_in_scan_radius_and_tables(nbits, form):
     """A broad filter's row mask (most rows excluded, as a filter on their study leaves them) against
     the brute force over the rows that pass: the scan of one plane and of two, a radius search, and
-    multi-index hashing."""
+    multi-index hashing. As a mask, and as a mask with a range on a per-row key that the scan tests
+    itself (a date range new to the query: ``InRange``), which must exclude exactly the same rows."""
     rng = np.random.default_rng(nbits)
     n = 5000
     codes = clustered(rng, n, nbits)
     planes = to_words(codes)
-    exclude = np.where(rng.random(n) < 0.65, 255, 0).astype(np.uint8)
-    eligible = np.flatnonzero(exclude == 0)
+    mask = np.where(rng.random(n) < 0.3, 255, 0).astype(np.uint8)
+    dates = rng.integers(20000101, 20250101, n).astype(np.int32)
+    dates[rng.random(n) < 0.05] = 0  # unknown: outside every range
+    lo, hi = 20080101, 20171231
+    outside = (dates < lo) | (dates > hi)
+    exclude = InRange(mask, dates, lo, hi) if form == "range" else np.where(outside, 255, mask).astype(np.uint8)
+    eligible = np.flatnonzero((mask == 0) & ~outside)
     assert 0 < eligible.size < n // 2
     mih = MultiIndexHash(nbits).build(codes)
     for qi in range(10):
