@@ -198,6 +198,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
         env["DRH_MODEL_PATH"] = settings.model_path
     env["DRH_DEVICE"] = settings.device
     env["DRH_STUDY_STABLE_SECONDS"] = str(settings.study_stable_seconds)
+    env["DRH_STUDY_QUEUE_WAIT_SECONDS"] = str(settings.study_queue_wait_seconds)
     env["DRH_REDIS_NAMESPACE"] = settings.redis_namespace
     return env
 

@@ -42,9 +42,9 @@ def test_ledger_counts_repeats_and_keeps_first_seen(redis_client):
 
 
 def test_a_failure_is_recorded_in_one_transaction(redis_client, monkeypatch):
-    """The ledger entry, the instance's state, the end of its pending hint and both counts go to Redis
-    in one MULTI: a status page that sees the instance failed also counts it, and a worker killed
-    halfway leaves none of it."""
+    """The ledger entry, the instance's state, the end of its pending hint (and of its study's wait for
+    it) and both counts go to Redis in one MULTI: a status page that sees the instance failed also
+    counts it, and a worker killed halfway leaves none of it."""
     from workers.batching import Item, record_failure
 
     sent = spy_round_trips(monkeypatch)
@@ -54,7 +54,7 @@ def test_a_failure_is_recorded_in_one_transaction(redis_client, monkeypatch):
     writes = [(tx, cmds) for tx, cmds in sent if any(c in ("HSET", "HINCRBY", "ZREM") for c in cmds)]
     assert len(writes) == 1, sent
     transaction, commands = writes[0]
-    assert transaction and sorted(commands) == ["HDEL", "HINCRBY", "HINCRBY", "HSET", "HSET", "ZADD", "ZREM"]
+    assert transaction and sorted(commands) == ["HDEL", "HINCRBY", "HINCRBY", "HSET", "HSET", "SREM", "ZADD", "ZREM"]
     assert store.records.instance("1.2.3.7")["state"] == "failed"
     assert gather(store)["by_modality"]["(unread)"]["failed"] == 1
     assert store.ledger.get("1.2.3.7")["reason"] == "decode: truncated pixel data"

@@ -84,3 +84,23 @@ def test_concurrent_scanners_never_claim_the_same_study(store):
 def test_the_lease_stays_within_the_stability_window_plus_half_a_minute():
     assert pool_lease_seconds(60.0) == 90.0
     assert pool_lease_seconds(5.0) == 60.0  # a pooling may wait in the queue a little
+
+
+def test_a_study_knows_its_instances_received_and_not_yet_settled(store):
+    """Each hint is kept in its study's set until the instance is settled (``done``, which a
+    redelivered message may call twice); a hint whose payload is gone by another path is dropped, so
+    that nothing can hold a study's pooling back for ever."""
+    ingest = store.ingest
+    for n, at in enumerate((10.0, 30.0, 20.0)):
+        ingest.hint({"sop_uid": f"{A}.{n}", "study_uid": A, "path": "p", "source_ae": "", "received_at": at})
+    ingest.hint({"sop_uid": f"{B}.0", "study_uid": B, "path": "p", "source_ae": "", "received_at": 50.0})
+    assert ingest.queued_in_study(A) == (3, 30.0) and ingest.queued_in_study(B) == (1, 50.0)
+    ingest.done(f"{A}.1", A)
+    ingest.done(f"{A}.1", A)  # its message delivered again: settles nothing more
+    assert ingest.queued_in_study(A) == (2, 20.0)
+    store.client.hdel(store.keys.ingest_payload(), f"{A}.2")  # a hint lost (not through done)
+    assert ingest.queued_in_study(A) == (1, 10.0)
+    assert not store.client.sismember(store.keys.ingest_queued(A), f"{A}.2")
+    ingest.done(f"{A}.0", A)
+    assert ingest.queued_in_study(A) == (0, 0.0) and not store.client.exists(store.keys.ingest_queued(A))
+    assert ingest.queued_in_study(C) == (0, 0.0) and ingest.queued_in_study(B) == (1, 50.0)

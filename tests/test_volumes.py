@@ -88,13 +88,12 @@ def _real(tmp: Path, path: Path) -> Study:
 def test_a_300_slice_series_costs_a_bounded_sample_and_real_ct_mr_and_multi_frame_files_are_indexed(
     redis_server, store, worker_factory, tmp_path
 ):
-    # Pooled once every slice is recorded: one sample per series, evenly spaced. A study is stable
-    # study_stable_seconds after the arrival of its last *recorded* instance, and recording 300 slices
-    # takes up to about 20 s on the 2-core machine: with 8 s the study could be pooled while slices
-    # were still queued, and its series re-sampled as they came (keeping the slices already encoded
-    # near their ideal positions, by design), so the sample was not the evenly spaced one (the test
-    # failed so in one CI run of this release, and in two of three local runs of the previous code).
-    worker_factory("volumes", DRH_MAX_FRAMES_PER_SERIES=str(SAMPLE), DRH_STUDY_STABLE_SECONDS="30")
+    # Pooled once every slice is recorded: one sample per series, evenly spaced. Recording 300 slices
+    # takes up to about 20 s on the 2-core machine, far past the tests' 1 s of stability: the study
+    # waits for the slices still queued (plugin.store.ingest). Before it did, a pooling while slices
+    # were queued re-sampled the series as they came (keeping the slices already encoded near their
+    # ideal positions, by design), so the sample was not the evenly spaced one.
+    worker_factory("volumes", DRH_MAX_FRAMES_PER_SERIES=str(SAMPLE))
     app = app_for(redis_server.url, tmp_path / "data")
     volume = _ct_series(tmp_path / "ct", 300, generate_uid())
     real = [_real(tmp_path, Path(get_testdata_file(n))) for n in ("CT_small.dcm", "MR_small.dcm")]

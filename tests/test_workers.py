@@ -207,6 +207,46 @@ def test_a_study_is_indexed_once_pooled_and_a_late_instance_recomputes(
     assert store.stats.latency()["count"] == 4
 
 
+@pytest.mark.slow
+def test_a_study_waits_for_its_queued_instances_before_it_is_pooled(
+    redis_server, redis_client, worker_factory, tmp_path
+):
+    """A study stable by the clock (1 s here) with an instance still queued for the model (received,
+    its message behind others in the broker) is not pooled from part of it: once that instance is
+    indexed, it is pooled over both, once. An instance whose message was lost holds its study back
+    only ``study_queue_wait_seconds`` after its reception; then the study is pooled without it, and
+    that is counted."""
+    worker_factory(DRH_BATCH_SIZE="1", DRH_STUDY_QUEUE_WAIT_SECONDS="60")  # batches would take the queued one
+    app = app_for(redis_server.url, tmp_path / "data")
+    store = Store(redis_client, NS)
+    images = fixture_images("normal")
+    study, lost = make_study(tmp_path / "in", images[:2]), make_study(tmp_path / "lost", images[2:4])
+    now = time.time()
+
+    def received(s, n: int, at: float) -> None:  # noqa: ANN001 (a generated study)
+        """The listener's hint, its message not yet taken."""
+        payload = {"sop_uid": s.sop_uids[n], "study_uid": s.study_uid, "path": str(s.files[n]), "received_at": at}
+        store.ingest.hint({**payload, "source_ae": "MODALITY1"})
+
+    received(study, 1, now)
+    received(lost, 1, now - 30)  # never delivered: 30 s of the wait left
+    send(app, study, indices={0}, received_at=now)
+    send(app, lost, indices={0}, received_at=now)
+    wait_until(lambda: indexed_count(redis_client, [study.sop_uids[0], lost.sop_uids[0]]) == 2, 90, what="indexed")
+    version = active_version(redis_client)
+    wait_until(lambda: store.stats.tasks()["pool_study"]["waiting"] >= 4, 30, what="pooling waiting")
+    assert store.codes.get(version, "study", study.study_uid) is None
+    assert store.codes.get(version, "study", lost.study_uid) is None
+    assert time.time() < now + 30  # (what was checked is meaningful only before the lost one's wait ends)
+    send(app, study, indices={1}, received_at=now)
+    wait_until(lambda: store.records.study(study.study_uid).get(f"pooled_n:{version}") == "2", 60, what="pooled")
+    wait_until(lambda: store.records.study(lost.study_uid).get(f"pooled_n:{version}") == "1", 60, what="given up")
+    assert time.time() >= now + 30
+    tasks = store.stats.tasks()["pool_study"]
+    assert (tasks["done"], tasks["without-queued"]) == (2, 1), tasks  # each study pooled once
+    assert store.ingest.queued_in_study(study.study_uid) == (0, 0.0)
+
+
 def _sr_dataset(study_uid: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()

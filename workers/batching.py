@@ -240,7 +240,7 @@ def settle_counted(store: Store, it: Item, outcome: str, pipe: redis.client.Pipe
     ``ignored``): its state, the end of its pending hint and both counts, so that a reader never
     sees the state without the counts."""
     mark_settled(store, it, outcome, pipe)
-    store.ingest.done(it.sop_uid, pipe)
+    store.ingest.done(it.sop_uid, it.study_uid, pipe)
     store.stats.count_task("index_instance", outcome, pipe=pipe)
     store.stats.count_modality(outcome, modality_of(it), pipe=pipe)
 
@@ -261,7 +261,7 @@ def decode_items(settings: Settings, store: Store, items: list[Item]) -> tuple[l
     own_outcome = ""
     for it in items:
         if not it.own and already_settled(store, it):
-            store.ingest.done(it.sop_uid)
+            store.ingest.done(it.sop_uid, it.study_uid)
             continue
         outcome = _decode_one(settings, store, it)
         if outcome == "image":
@@ -383,7 +383,7 @@ def mark_indexed(store: Store, settings: Settings, active: str, images: list[Ite
             },
             pipe,
         )
-        store.ingest.done(it.sop_uid, pipe)
+        store.ingest.done(it.sop_uid, it.study_uid, pipe)
         count_indexed(store, it, pipe)
     pipe.execute()
     for it in images:
@@ -421,7 +421,7 @@ def _settle_recorded(store: Store, it: Item, state: str, fields: dict[str, str])
     its message is done, and any earlier failure of it is resolved."""
     store.records.update_instance(it.sop_uid, {"state": state, "indexed_received_at": repr(it.received_at), **fields})
     store.ledger.resolve(it.sop_uid)
-    store.ingest.done(it.sop_uid)
+    store.ingest.done(it.sop_uid, it.study_uid)
     store.stats.count_task("index_instance", state)
 
 

@@ -154,7 +154,7 @@ def index_instance(
     own = Item(sop_uid, study_uid, path, source_ae, float(received_at), own=True)
     router = self.router()
     if batching.already_settled(store, own):
-        store.ingest.done(sop_uid)
+        store.ingest.done(sop_uid, study_uid)
         store.ingest.release([sop_uid])
         # The first run may have died between its writes and scheduling the study pooling.
         if batching.pooled_before_indexed(store, own):
@@ -211,16 +211,32 @@ def scan_due_studies(app: Celery, now: float | None = None) -> int:
 
 
 def pool_study(self: PoolStudyTask, study_uid: str, version: str = "") -> str:
-    """Compute the DMIH study code of a stable study; a study made unstable again by a late instance
-    is left to the scan, which claims it when it is due."""
+    """Compute the DMIH study code of a stable study; a study made unstable again by a late instance,
+    or with instances still queued for the model, is left to the scan, which claims it when it is
+    due."""
     settings = self.app.drh_settings
     store = self.store
     last = float(store.records.study(study_uid).get("last_instance_at", "0") or 0)
-    if not version and last + settings.study_stable_seconds - time.time() > 0.05:
+    now = time.time()
+    if not version and last + settings.study_stable_seconds - now > 0.05:
         store.ingest.pool_due(study_uid, last + settings.study_stable_seconds)
         store.ingest.pool_finished(study_uid)
         store.stats.count_task("pool_study", "deferred")
         return "deferred"
+    queued, latest = store.ingest.queued_in_study(study_uid) if not version else (0, 0.0)
+    if queued and latest + settings.study_queue_wait_seconds > now:
+        # Instances still on their way to the model: the study is not complete yet. Looked at again
+        # a stable period on (the last of them to be indexed also makes it due).
+        store.ingest.pool_due(study_uid, now + max(settings.study_stable_seconds, 1.0))
+        store.ingest.pool_finished(study_uid)
+        store.stats.count_task("pool_study", "waiting")
+        return "waiting"
+    if queued:
+        store.stats.count_task("pool_study", "without-queued")
+        log.warning(
+            "study %s pooled without %d queued instance(s): none arrived in the last %.0f s",
+            study_uid, queued, settings.study_queue_wait_seconds,
+        )  # fmt: skip
     versions = [(version, self.encoder_for_version(version))] if version else self.pool_versions()
     started = time.time()
     sops = store.records.study_instances(study_uid)

@@ -117,6 +117,10 @@ class Settings:
     # A study is "stable" (its study-level code is computed) after this many seconds without a
     # new instance.
     study_stable_seconds: float = 60.0
+    # A stable study whose instances are still queued for the model waits for them, at most this
+    # many seconds after the latest reception among them (a message lost by the broker must not hold
+    # its study back for ever); then it is pooled without them, and pooled again if they come.
+    study_queue_wait_seconds: float = 3600.0
     # Model checkpoint of the main route. Empty: the chest radiograph model shipped inside the
     # package ("shipped:NAME" names another shipped model). Each model declares what it serves (its
     # route: modalities, body parts); `drh-pacs register` adds or replaces routes later.
@@ -376,6 +380,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"setting device must be auto, cpu or cuda:N, got {s.device!r}")
     if s.study_stable_seconds < 0:
         raise SettingsError("setting study_stable_seconds must be >= 0")
+    if s.study_queue_wait_seconds < 0:
+        raise SettingsError("setting study_queue_wait_seconds must be >= 0")
     if s.session_hours <= 0:
         raise SettingsError("setting session_hours must be > 0")
     if s.render_cache_mb < 0:

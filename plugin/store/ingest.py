@@ -13,7 +13,10 @@ Decode crash counts: a decode that kills the worker process (a codec crashing ha
 behind; the worker refuses a file that did so too often (see :mod:`workers.batching`).
 
 Study pooling: every indexed instance makes its study *due* at the time it will be stable (a sorted
-set, so a late instance only moves the time later). Workers scan for due studies
+set, so a late instance only moves the time later). Each hint is also kept in its study's set of
+queued instances until it is settled, and a due study waits while that set is not empty (for at most
+``study_queue_wait_seconds`` after the latest reception among them: a message lost with its hint
+kept must not hold the study back for ever). Workers scan for due studies
 (:meth:`IngestState.claim_due_studies`, one script: several scanners never claim the same study)
 and pool each under a lease; a study whose worker died is due again when its lease runs out. Nothing
 waits in one worker's unacknowledged message, and no marker can keep a late instance from being
@@ -47,12 +50,15 @@ class IngestState:
         self.keys = keys
         self._claim = client.register_script(scripts.CLAIM_BATCH)
         self._claim_pooling = client.register_script(scripts.CLAIM_POOLING)
+        self._queued = client.register_script(scripts.QUEUED_IN_STUDY)
 
     def hint(self, payload: dict[str, Any]) -> None:
-        """Record an enqueued instance for batching."""
+        """Record an enqueued instance for batching, and as queued in its study (its pooling waits)."""
         pipe = self.r.pipeline()
         pipe.hset(self.keys.ingest_payload(), payload["sop_uid"], json.dumps(payload))
         pipe.zadd(self.keys.ingest_pending(), {payload["sop_uid"]: payload["received_at"]})
+        if payload.get("study_uid"):
+            pipe.sadd(self.keys.ingest_queued(payload["study_uid"]), payload["sop_uid"])
         pipe.execute()
 
     def claim(self, sop_uid: str, others: int, now: float, lease_until: float, claimer: str) -> Claim:
@@ -75,14 +81,23 @@ class IngestState:
         if sop_uids:
             self.r.hdel(self.keys.ingest_claim(), *sop_uids)
 
-    def done(self, sop_uid: str, pipe: redis.client.Pipeline | None = None) -> None:
-        """Forget an instance's hint and payload (it is settled); with ``pipe``, queued on the caller's
-        transaction."""
+    def done(self, sop_uid: str, study_uid: str, pipe: redis.client.Pipeline | None = None) -> None:
+        """Forget an instance's hint and payload, and that its study waits for it (it is settled);
+        with ``pipe``, queued on the caller's transaction."""
         own = self.r.pipeline() if pipe is None else pipe
         own.hdel(self.keys.ingest_payload(), sop_uid)
         own.zrem(self.keys.ingest_pending(), sop_uid)
+        if study_uid:
+            own.srem(self.keys.ingest_queued(study_uid), sop_uid)
         if pipe is None:
             own.execute()
+
+    def queued_in_study(self, study_uid: str) -> tuple[int, float]:
+        """(how many of the study's instances are received and not yet settled, the latest reception
+        time among them): a study pooled before they are settled would be pooled again as each comes,
+        its first study code made from part of it."""
+        n, latest = self._queued(keys=[self.keys.ingest_queued(study_uid), self.keys.ingest_payload()])
+        return int(n), float(latest)
 
     def payload(self, sop_uid: str) -> dict[str, Any] | None:
         raw = self.r.hget(self.keys.ingest_payload(), sop_uid)

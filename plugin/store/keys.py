@@ -67,6 +67,8 @@ Work in progress (:mod:`plugin.store.ingest`, :mod:`plugin.store.reindex`, :mod:
 ``ns:ingest:payload``                       hash     SOPInstanceUID -> JSON task payload
 ``ns:ingest:claim``                         hash     SOPInstanceUID -> "deadline|task id" lease
 ``ns:ingest:decoding``                      hash     SOPInstanceUID -> decodes started, not finished
+``ns:ingest:queued:{study}``                set      SOPInstanceUIDs of the study received and not
+                                                     yet settled: its pooling waits for them
 ``ns:pool:due``                             zset     StudyInstanceUID by the time it is stable (its
                                                      last instance + study_stable_seconds): studies
                                                      to pool; a late instance moves it later
@@ -238,6 +240,9 @@ class Keys:
 
     def ingest_decoding(self) -> str:
         return f"{self.ns}:ingest:decoding"
+
+    def ingest_queued(self, study_uid: str) -> str:
+        return f"{self.ns}:ingest:queued:{study_uid}"
 
     def pool_due(self) -> str:
         return f"{self.ns}:pool:due"

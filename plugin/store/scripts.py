@@ -196,6 +196,24 @@ end
 return redis.call('HGET', h, 'last_instance_at')
 """
 
+# KEYS: study queued set, ingest payload hash. Returns {instances still queued, the latest reception
+# time among them}; a member whose payload is gone (settled by a path that did not know its study, or
+# lost with its hint) is dropped, so that a lost hint cannot hold a study's pooling back.
+QUEUED_IN_STUDY = """
+local n, latest = 0, 0
+for _, sop in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local p = redis.call('HGET', KEYS[2], sop)
+  if p then
+    n = n + 1
+    local at = tonumber(cjson.decode(p)['received_at']) or 0
+    if at > latest then latest = at end
+  else
+    redis.call('SREM', KEYS[1], sop)
+  end
+end
+return {n, tostring(latest)}
+"""
+
 # KEYS: pool due (zset uid -> due time), pool running (zset uid -> lease end). ARGV: now, lease end,
 # limit. Studies whose lease ran out (their worker died, or its message was lost) are due again at
 # once, unless a late instance made them due later; then up to ``limit`` due studies not being

@@ -26,7 +26,7 @@ LATENCY_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900
 # ``increase()``, so an alert on failures would miss the first burst.
 TASK_OUTCOMES = {
     "index_instance": ("done", "failed", "retried", "ignored", "duplicate", "deferred", "no-model", "volume-slice"),
-    "pool_study": ("done", "deferred", "retried"),
+    "pool_study": ("done", "deferred", "waiting", "without-queued", "retried"),
 }
 
 
