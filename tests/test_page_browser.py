@@ -322,6 +322,17 @@ def test_upload_search_finds_the_same_image_first(served, browser):
     _wait(browser, lambda d: "dropped.png" in d.find_element(By.ID, "reference").text, what="the PNG search")
     _wait(browser, lambda d: _settled(d) and len(_result_studies(d)) == 9, what="9 rows")
     assert _result_studies(browser)[0] == served.studies[3].study_uid  # the CR made from that picture
+    # which model read it, in words: here the only one, the chest radiographs'
+    assert "CHEST" in browser.find_element(By.ID, "answered-by").text
+    # A picture says nothing of its kind: the person who dropped it can say, and the search runs again.
+    from selenium.webdriver.support.ui import Select
+
+    kinds = Select(browser.find_element(By.ID, "kind"))
+    assert [o.get_attribute("value") for o in kinds.options] == ["", "chest-xr"]
+    browser.execute_script("document.getElementById('results').replaceChildren()")
+    kinds.select_by_value("chest-xr")
+    _wait(browser, lambda d: _settled(d) and len(_result_studies(d)) == 9, what="9 rows, read by the chosen model")
+    assert _result_studies(browser)[0] == served.studies[3].study_uid
 
 
 def test_send_to_a_node_and_keyboard_use(served, browser):

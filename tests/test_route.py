@@ -20,6 +20,54 @@ def test_an_image_goes_to_the_first_specific_route_that_takes_it_else_to_the_gen
     assert first_match([chest], "MR", "HEAD") is None  # no general model: "no model"
 
 
+@pytest.mark.parametrize(
+    ("fields", "body_part"),
+    [
+        ({"BodyPartExamined": "CHEST"}, "CHEST"),
+        ({"BodyPartExamined": "thorax"}, "CHEST"),
+        ({"BodyPartExamined": "CHEST_PA"}, "CHEST"),
+        ({"BodyPartExamined": "LUNG", "StudyDescription": "MAMMO"}, "CHEST"),  # the header's own word wins
+        ({"BodyPartExamined": "HAND"}, "HAND"),  # a term routing has no synonym for: unchanged
+        ({"AnatomicRegionSequence": ("SCT", "51185008")}, "CHEST"),
+        ({"AnatomicRegionSequence": ("SRT", "T-04000")}, "BREAST"),
+        ({"StudyDescription": "XR CHEST PA AND LATERAL"}, "CHEST"),
+        ({"SeriesDescription": "Thorax p.a."}, "CHEST"),
+        ({"ProtocolName": "MAMMO SCREENING"}, "BREAST"),
+        ({"StudyDescription": "CHEST AND BREAST"}, ""),  # two body parts: no guess
+        ({"StudyDescription": "XR KNEE"}, ""),
+        ({}, ""),
+    ],
+)
+def test_routing_reads_the_body_part_as_a_defined_term_else_from_the_region_code_or_the_descriptions(
+    fields, body_part
+) -> None:
+    """Modalities spell the body part their own way or leave it out; routing compares DICOM's defined
+    terms, so a chest film whose header says THORAX, or only "CHEST" in a description, reaches the
+    chest model instead of the general one."""
+    from pydicom.dataset import Dataset
+
+    from plugin.core.header import instance_meta, recorded_routing, routing_header
+
+    ds = Dataset()
+    ds.Modality, ds.PhotometricInterpretation = "DX", "MONOCHROME2"
+    for keyword, value in fields.items():
+        if keyword == "AnatomicRegionSequence":
+            code = Dataset()
+            code.CodingSchemeDesignator, code.CodeValue = value
+            ds.AnatomicRegionSequence = [code]
+        else:
+            setattr(ds, keyword, value)
+    assert routing_header(ds) == ("DX", body_part, "MONOCHROME2")
+    assert recorded_routing(instance_meta(ds)) == ("DX", body_part, "MONOCHROME2")  # as re-index and reroute read it
+
+
+def test_a_record_from_before_the_routing_body_part_was_kept_is_read_by_its_defined_term() -> None:
+    from plugin.core.header import recorded_routing
+
+    assert recorded_routing({"modality": "CR", "body_part": "Thorax", "photometric": ""}) == ("CR", "CHEST", "")
+    assert recorded_routing({"modality": "CR", "body_part": "", "photometric": ""}) == ("CR", "", "")
+
+
 def test_route_names_are_checked_and_survive_a_checkpoint() -> None:
     with pytest.raises(ValueError):
         Route("Chest X-ray")
@@ -138,6 +186,14 @@ def test_an_upload_goes_where_a_stored_image_of_its_kind_would(store) -> None:
     chest = Dataset()
     chest.Modality, chest.BodyPartExamined = "DX", "CHEST"
     assert _upload_route(ctx("none"), chest, routed, Filters())[0] == "chest-xr"
+    # A picture has no header: the general model, unless the filters or the caller say its kind.
+    assert _upload_route(ctx("general"), None, routed, Filters())[0] == "general"
+    assert _upload_route(ctx("general"), None, routed, Filters(modalities=("DX",), body_part="thorax"))[0] == "chest-xr"
+    assert _upload_route(ctx("general"), None, routed, Filters(), "chest-xr")[0] == "chest-xr"
+    assert _upload_route(ctx("general"), head, routed, Filters(), "chest-xr")[0] == "chest-xr"  # the caller knows
+    with pytest.raises(QueryError) as refused:
+        _upload_route(ctx("none"), None, routed, Filters(), "general")  # not answering with unrouted=none
+    assert refused.value.reason == "malformed" and "answering: chest-xr" in refused.value.comment
 
 
 def test_an_installation_two_releases_old_learns_its_route_from_the_default_that_replaced_its_model(store) -> None:

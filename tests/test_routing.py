@@ -60,6 +60,15 @@ def test_each_image_is_hashed_by_its_routes_model_and_answers_never_mix_anatomie
 ):
     kinds = [("DX", "CHEST"), ("US", "BREAST"), ("OT", "HEAD")]
     archive = _archive(tmp_path / "in", kinds)
+    # Chest films as modalities also send them: BodyPartExamined THORAX, or none and a study
+    # description that says CHEST. The chest model takes them too.
+    spelled = _archive(tmp_path / "spelled", [("DX", "THORAX"), ("CR", "")], per_kind=1)
+    undescribed = spelled[("CR", "")][0]
+    ds = pydicom.dcmread(undescribed.files[0])
+    del ds.BodyPartExamined
+    ds.StudyDescription = "XR CHEST PA"
+    ds.save_as(undescribed.files[0], enforce_file_format=True)
+    archive[("DX", "CHEST")] += [s for studies in spelled.values() for s in studies]
     every = [s for studies in archive.values() for s in studies]
     worker_factory("routes")  # the settings' defaults: shipped chest, breast-ultrasound and general models
     app = app_for(redis_server.url, tmp_path / "data")

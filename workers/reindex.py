@@ -27,6 +27,7 @@ from typing import Any
 from celery import Celery
 
 from hashing.route import Route, first_match
+from plugin.core.header import recorded_routing
 from plugin.store import ACTIVE_STATES, Store
 from workers import batching
 from workers.batching import Item, PermanentError
@@ -66,7 +67,9 @@ def _active_job(store: Store, version: str) -> bool:
 # Instance states a re-index takes from: indexed by some version, stored waiting for a model, or a
 # slice of a volume series (encoded, if in its series' sample, when the job pools the study).
 _TAKEN_STATES = ("indexed", "no-model", "volume-slice")
-_HEADER_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version", "route", "volume")
+_HEADER_FIELDS = (
+    "study_uid", "modality", "body_part", "route_body_part", "photometric", "indexed_version", "route", "volume"
+)  # fmt: skip
 
 
 def members(store: Store, settings: Any, version: str) -> list[tuple[str, dict[str, str]]]:
@@ -76,7 +79,7 @@ def members(store: Store, settings: Any, version: str) -> list[tuple[str, dict[s
     after = store.models.matching(settings.unrouted, replacing=target)
     out = []
     for sop, rec in store.records.instances_in_states(_TAKEN_STATES, _HEADER_FIELDS):
-        if first_match(after, rec["modality"], rec["body_part"], rec["photometric"]) == target:
+        if first_match(after, *recorded_routing(rec)) == target:
             out.append((sop, rec))
     return out
 

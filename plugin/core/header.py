@@ -41,13 +41,73 @@ INSTANCE_FIELDS = {
 # What routing reads (hashing.route.Route.matches takes them in this order).
 ROUTING_KEYWORDS = ("Modality", "BodyPartExamined", "PhotometricInterpretation")
 
+# The body part routing reads, as DICOM's defined term (PS3.16 Annex L, "Body Part Examined"), for the
+# spellings modalities send instead. Routes declare defined terms (the chest model: CHEST), and a
+# radiograph whose BodyPartExamined said THORAX, or nothing, went to the general model: answered
+# among MR and CT studies, never compared with the other chest films.
+BODY_PART_SYNONYMS = {
+    "CHEST": ("THORAX", "TORAX", "THORACIC", "LUNG", "LUNGS", "CXR"),
+    "BREAST": ("MAMMA", "MAMMO", "MAMMOGRAPHY", "BREASTS"),
+    "ABDOMEN": ("ABD", "ABDOMINAL"),
+}
+_SYNONYM = {alias: term for term, aliases in BODY_PART_SYNONYMS.items() for alias in (term, *aliases)}
+# Anatomic Region Sequence codes (scheme, value) of those terms: SNOMED CT and the older SRT codes.
+_REGION_CODES = {
+    ("SCT", "51185008"): "CHEST", ("SRT", "T-D3000"): "CHEST", ("SCT", "43799004"): "CHEST",
+    ("SCT", "76752008"): "BREAST", ("SRT", "T-04000"): "BREAST",
+    ("SCT", "80248007"): "BREAST", ("SCT", "73056007"): "BREAST",
+    ("SCT", "818981001"): "ABDOMEN", ("SRT", "T-D4000"): "ABDOMEN",
+}  # fmt: skip
+# Words of the descriptions that name one of them, read only when the header names no body part.
+_DESCRIPTION_WORDS = {
+    "CHEST": re.compile(r"\b(CHEST|THORAX|THORACIC|TORAX|LUNGS?|CXR)\b"),
+    "BREAST": re.compile(r"\b(BREASTS?|MAMMO\w*|MAMMA)\b"),
+    "ABDOMEN": re.compile(r"\b(ABDOMEN|ABDOMINAL|ABD)\b"),
+}
+DESCRIPTION_KEYWORDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
+
+
+def defined_body_part(value: str) -> str:
+    """``value`` (a BodyPartExamined) as the defined term routing compares: upper case, ``THORAX`` or
+    ``CHEST_PA`` as ``CHEST``; a value not known to mean one of :data:`BODY_PART_SYNONYMS` unchanged."""
+    text = re.sub(r"[\s_\-]+", " ", str(value or "").strip().upper())
+    if text in _SYNONYM:
+        return _SYNONYM[text]
+    first = text.split(" ")[0] if text else ""
+    return _SYNONYM.get(first, text)
+
+
+def routing_body_part(ds: Dataset) -> str:
+    """The body part an image's route is chosen by: its BodyPartExamined (as a defined term), else
+    the code of its Anatomic Region Sequence, else the one body part its study or series description
+    or protocol name names (none when they name two: a guess is worse than the general model)."""
+    examined = defined_body_part(_text(ds, "BodyPartExamined"))
+    if examined:
+        return examined
+    for item in ds.get("AnatomicRegionSequence", None) or ():
+        scheme = str(item.get("CodingSchemeDesignator", "") or "").strip().upper()
+        term = _REGION_CODES.get((scheme, str(item.get("CodeValue", "") or "").strip()))
+        if term:
+            return term
+    text = " ".join(_text(ds, kw) for kw in DESCRIPTION_KEYWORDS).upper()
+    named = [term for term, words in _DESCRIPTION_WORDS.items() if words.search(text)]
+    return named[0] if len(named) == 1 else ""
+
 
 def routing_header(ds: Dataset | None) -> tuple[str, str, str]:
-    """Modality, body part examined and photometric interpretation of a dataset ("" when absent or
-    no dataset, e.g. an uploaded picture)."""
+    """Modality, body part (:func:`routing_body_part`) and photometric interpretation of a dataset
+    ("" when absent or no dataset, e.g. an uploaded picture)."""
     if ds is None:
         return ("", "", "")
-    return tuple(str(ds.get(kw, "") or "").strip() for kw in ROUTING_KEYWORDS)  # type: ignore[return-value]
+    return (_text(ds, "Modality"), routing_body_part(ds), _text(ds, "PhotometricInterpretation"))
+
+
+def recorded_routing(record: dict[str, str]) -> tuple[str, str, str]:
+    """What routing reads, from an instance record: the body part routing chose when it arrived
+    (``route_body_part``), or, for a record from before it was kept, its BodyPartExamined as a
+    defined term (its descriptions were not kept)."""
+    body = record.get("route_body_part") or defined_body_part(record.get("body_part", ""))
+    return (record.get("modality", ""), body, record.get("photometric", ""))
 
 
 def is_uid(value: object) -> bool:
@@ -68,4 +128,5 @@ def study_meta(ds: Dataset) -> dict[str, str]:
 
 
 def instance_meta(ds: Dataset) -> dict[str, str]:
-    return {name: _text(ds, kw) for name, kw in INSTANCE_FIELDS.items()}
+    """Instance fields of one header, and the body part its route was chosen by."""
+    return {**{name: _text(ds, kw) for name, kw in INSTANCE_FIELDS.items()}, "route_body_part": routing_body_part(ds)}

@@ -50,6 +50,7 @@ def _page_html() -> str:
 def routes(ctx: Any) -> list[BaseRoute]:
     """The page's routes, bound to ``ctx`` (a :class:`plugin.http.app.ApiContext`)."""
     settings = ctx.settings
+    store = ctx.store
     page = _page_html()
 
     def root(request: Request) -> Response:
@@ -69,6 +70,11 @@ def routes(ctx: Any) -> list[BaseRoute]:
                 "viewers": [{"name": n, "url": u} for n, u in settings.viewer_urls.items()],
                 "viewer_fields": list(VIEWER_URL_FIELDS),
                 "move_destinations": list(settings.move_destinations),
+                # The answering models, for the kind of a dropped picture (which has no header).
+                "routes": [
+                    {"name": r.name, "serves": r.describe(), "general": r.general}
+                    for r in store.models.matching(settings.unrouted)
+                ],
             },
             headers={"Cache-Control": "no-store"},
         )

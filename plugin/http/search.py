@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hashing.route import first_match
-from plugin.core.header import is_uid, routing_header
+from plugin.core.header import defined_body_part, is_uid, routing_header
 from plugin.http.rendered import thumbnail_of, to_image_bytes
 from plugin.search import query as q
 from plugin.search.errors import QueryError
@@ -258,7 +258,7 @@ def routes(ctx: Any) -> list[Route]:
         if level not in ("STUDY", "IMAGE"):  # an upload is one image: a one-image study, or an image
             return error_response(QueryError("malformed", "level is study or image"))
         try:
-            query = _query(request.query_params, level, "1.2", default_k, max_k, (*SEARCH_PARAMS, "level"))
+            query = _query(request.query_params, level, "1.2", default_k, max_k, (*SEARCH_PARAMS, "level", "route"))
         except QueryError as err:
             return error_response(err)
         if not uploads.take():
@@ -269,7 +269,8 @@ def routes(ctx: Any) -> list[Route]:
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=_tmp_dir(ctx.settings)))
         try:
             path = await _receive_upload(request, ctx.settings, folder)
-            results, reference = await run_in_threadpool(_search_upload, ctx, encoders, path, query)
+            route = (request.query_params.get("route") or "").strip()
+            results, reference = await run_in_threadpool(_search_upload, ctx, encoders, path, query, route)
         except QueryError as err:
             return error_response(err)
         finally:
@@ -378,17 +379,26 @@ def upload_pixels(source: bytes | Path) -> tuple[Dataset | None, Any]:
         raise QueryError("not-an-image", f"not a readable DICOM file or picture ({type(err).__name__})") from err
 
 
-def _upload_route(ctx: Any, ds: Any, routed: Any, filters: Filters) -> tuple[str, Any]:
-    """(route, replica) that answers for an upload: the route its header takes. A picture has no
-    header: the modality and body part the query filters on stand for it, else it goes where an
-    image of unknown kind goes (the general route), else to the only route there is."""
-    header = routing_header(ds)
-    if ds is None:
-        header = (filters.modalities[0] if filters.modalities else "", filters.body_part or "", "")
+def _upload_route(ctx: Any, ds: Any, routed: Any, filters: Filters, asked: str = "") -> tuple[str, Any]:
+    """(route, replica) that answers for an upload: the route named by the caller (``route``: a
+    picture says nothing of its kind, and the person who dropped it knows), else the route its
+    header takes. A picture without ``route`` has no header: the modality and body part the query
+    filters on stand for it, else it goes where an image of unknown kind goes (the general route),
+    else to the only route there is."""
     routes = ctx.store.models.matching(ctx.settings.unrouted)  # as the workers route a stored image
-    found = first_match(routes, *header)
-    if found is None and ds is None and len(routes) == 1:
-        found = routes[0]
+    if asked:
+        found = next((r for r in routes if r.name == asked), None)
+        if found is None:
+            names = ", ".join(r.name for r in routes) or "none"
+            raise QueryError("malformed", f"no model answers for route {asked!r} (answering: {names})")
+    else:
+        header = routing_header(ds)
+        if ds is None:
+            modality = filters.modalities[0] if filters.modalities else ""
+            header = (modality, defined_body_part(filters.body_part or ""), "")
+        found = first_match(routes, *header)
+        if found is None and ds is None and len(routes) == 1:
+            found = routes[0]
     if found is None:
         raise QueryError("no-model", "no model serves this kind of image (its modality and body part)")
     route = found.name
@@ -398,7 +408,9 @@ def _upload_route(ctx: Any, ds: Any, routed: Any, filters: Filters) -> tuple[str
     return route, index
 
 
-def _search_upload(ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQuery) -> tuple[q.Answer, dict[str, Any]]:
+def _search_upload(
+    ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQuery, route: str = ""
+) -> tuple[q.Answer, dict[str, Any]]:
     """Decode, hash with the model of the upload's route, search that route; the upload's own
     study/image is left out."""
     ds, image = upload_pixels(path)
@@ -412,7 +424,7 @@ def _search_upload(ctx: Any, encoders: _Encoders, path: Path, query: q.SimilarQu
     if routed is None:
         raise QueryError("index-not-ready", "index not ready: try again shortly")
     routed.refresh(wait=QUERY_REFRESH_WAIT)
-    route, index = _upload_route(ctx, ds, routed, query.filters)
+    route, index = _upload_route(ctx, ds, routed, query.filters, route)
     encoder = encoders.for_version(str(index.version))
     with encoders.lock():
         out = encoder.encode_images([image])

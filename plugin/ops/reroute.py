@@ -31,13 +31,14 @@ from typing import Any
 from celery import Celery
 
 from hashing.route import first_match
+from plugin.core.header import recorded_routing
 from plugin.core.settings import configured_models
 from plugin.ops.maintenance import connect_app
 from plugin.ops.reindex import describe, follow, start_resort
 from plugin.store import ACTIVE_STATES, Store
 from workers.client import POOL_STUDY, send, store_for
 
-_FIELDS = ("study_uid", "modality", "body_part", "photometric", "indexed_version", "route")
+_FIELDS = ("study_uid", "modality", "body_part", "route_body_part", "photometric", "indexed_version", "route")
 NO_MODEL = "(no model)"
 
 
@@ -58,7 +59,7 @@ def misrouted(store: Store, unrouted: str) -> list[Move]:
     for sop, rec in store.records.instances_in_states(("indexed", "no-model", "volume-slice"), _FIELDS):
         old_version = rec["indexed_version"] if rec["state"] == "indexed" else ""
         old = store.models.route_held(rec) or NO_MODEL
-        route = first_match(routes, rec["modality"], rec["body_part"], rec["photometric"])
+        route = first_match(routes, *recorded_routing(rec))
         new = route.name if route is not None else NO_MODEL
         if new != old:
             out.append(Move(sop, rec["study_uid"], rec["modality"] or "(none)", old_version, old, new))

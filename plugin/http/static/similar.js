@@ -195,6 +195,7 @@ async function searchByUpload(file) {
   if (f.modality) q.set("modality", f.modality);
   if (f.dateFrom) q.set("date_from", f.dateFrom);
   if (f.dateTo) q.set("date_to", f.dateTo);
+  if ($("kind").value) q.set("route", $("kind").value);
   if (f.patients === "other") q.set("exclude_same_patient", "yes");
   if (f.patients === "same") {
     if (!state.uploadPatient) return fail(new Error("This file names no patient: 'same patient' needs a DICOM file."));
@@ -209,8 +210,20 @@ async function searchByUpload(file) {
     return fail(err);
   }
   state.uploadPatient = body.reference.patient_id || "";
-  showUploadReference(file, body.reference);
+  showUploadReference(file, body.reference, body.route);
   showResults(body.results.map(studyFromJson));
+}
+
+// The model that answered, in words; and, for a picture the general model read while others
+// exist, where to say what it shows.
+function describeRoute(name, dicom) {
+  const route = state.config.routes.find((r) => r.name === name);
+  const text = `Read by the model for ${route ? route.serves : name}`;
+  const others = state.config.routes.some((r) => !r.general);
+  if (route && route.general && !dicom && others && !$("kind").value) {
+    return `${text}. A picture says nothing of its kind: choose the kind of image for a specialised model.`;
+  }
+  return text;
 }
 
 function fail(err) {
@@ -313,12 +326,13 @@ function showReferenceStudy(study) {
   fillThumbnails(thumbs, study, "Reference");
 }
 
-function showUploadReference(file, reference) {
+function showUploadReference(file, reference, route) {
   const row = $("reference");
   row.replaceChildren();
   const dl = el("div", { class: "meta" });
   dl.append(el("div", { class: "line strong" }, file.name));
   if (reference.patient_id) dl.append(el("div", { class: "line muted" }, `Patient ${reference.patient_id}`));
+  dl.append(el("div", { class: "line", id: "answered-by" }, describeRoute(route, Boolean(reference.study_instance_uid))));
   const thumbs = el("div", { class: "thumbs" });
   const caption = `Uploaded image ${file.name}, as the model saw it`;
   const button = el("button", { type: "button", title: caption });
@@ -395,6 +409,8 @@ async function start() {
     return message(err.message, true);
   }
   $("who").textContent = state.config.kind === "user" ? `Logged in as ${state.config.user}` : "Logged in with the API token";
+  for (const route of state.config.routes) $("kind").append(el("option", { value: route.name }, route.serves));
+  $("kind").addEventListener("change", () => { if (state.mode === "upload" && state.file) searchByUpload(state.file); });
   $("ref-kind").addEventListener("change", syncReferenceKind);
   $("search").addEventListener("submit", (e) => {
     e.preventDefault();
