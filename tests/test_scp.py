@@ -7,6 +7,7 @@ no model; the end-to-end test of issue 2 covers the path through a real worker.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -112,6 +113,37 @@ def test_storescu_uncompressed_and_compressed_syntaxes_are_spooled_and_queued(tm
             assert image.ndim == 2 and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     assert not list(spool.rglob("*.part")), "temp files left in the spool"
     wait_until(lambda: _queued(redis_client) >= 6, 20, what="six indexing tasks in the ingest queue")
+
+
+def test_the_readmes_send_command_sends_a_folder_of_mixed_transfer_syntaxes(tmp_path, plugin, redis_client):
+    """The first try's command, read from the README: a folder with uncompressed, RLE, JPEG lossless
+    and JPEG 2000 files goes whole in one command (storescu's defaults, the README's command before,
+    propose uncompressed only and stop at the first compressed file)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    command = shlex.split(re.search(r"`(dcmsend -aet MODALITY[^`]*)`", readme).group(1))
+    assert command[-4:] == ["+r", "localhost", "11112", "<folder>"], command
+    command[command.index("-aet") + 1] = "STORESCU"  # the sender this test's listener knows
+    images = fixture_images("normal")[:2]
+    folder = tmp_path / "folder"
+    plain = make_study(folder, images, patient_id="P-FOLDER")
+    rle = make_study(folder, images[:1], patient_id="P-FOLDER", study_uid=plain.study_uid, rle=True)
+    jpeg, j2k = folder / "jpeg.dcm", folder / "j2k.dcm"
+    assert dcmtk("dcmcjpeg", str(plain.files[0]), str(jpeg)).returncode == 0
+    j2k_ds = dcmread(plain.files[0])
+    j2k_ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+    j2k_ds.save_as(j2k)
+    for path in (jpeg, j2k):  # new instances of the study
+        ds = dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(path)
+    sent = dcmtk(*command[:-3], "127.0.0.1", str(plugin.port), str(folder))
+    assert sent.returncode == 0, sent.stderr
+    for f in (*plain.files, *rle.files, jpeg, j2k):  # every one (dcmsend may send a lossless one decompressed)
+        sop = dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        assert (plugin.settings.spool_dir / plain.study_uid / f"{sop}.dcm").exists(), f"{f.name} not received"
 
 
 def _scu(port: int, calling: str = "STORESCU") -> tuple[AE, object]:
