@@ -246,7 +246,8 @@ def render_text(f: dict[str, Any]) -> str:
         lines.append(f"  stored without a model (no route takes them): {per}")
     by_modality = f.get("by_modality") or {}
     if by_modality:
-        lines.append("  by modality     indexed    failed   ignored  no model")
+        # Arrivals, not distinct images: an image the PACS sends again is indexed (and counted) again.
+        lines.append("  by modality     indexed    failed   ignored  no model   (each arrival counts)")
         for mod, counts in sorted(by_modality.items()):
             figures_row = "".join(f" {counts[o]:>9}" for o in MODALITY_OUTCOMES)
             lines.append(f"    {mod:<12}{figures_row}")
@@ -265,7 +266,10 @@ def render_text(f: dict[str, Any]) -> str:
     p95 = metrics.latency_quantile(lat, 0.95)
     lines.append(
         "ingest      "
-        + ("  ".join(f"{outcome_label(k)} {v}" for k, v in sorted(done.items()) if v) or "no instance received yet")
+        + (
+            "  ".join(f"{outcome_label(k)} {v}" for k, v in sorted(done.items()) if v)
+            or ("none settled yet" if f["pending"] or any(q.values()) else "no instance received yet")
+        )
         + (f"  latency p50 <= {p50:g} s, p95 <= {p95:g} s" if p50 is not None else "")
     )
     pool = f["tasks"].get("pool_study", {})
