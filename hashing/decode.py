@@ -18,6 +18,7 @@ that pylibjpeg reads.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -55,6 +56,22 @@ GDCM_TIMEOUT_SECONDS = 120.0
 # Deflated Image Frame Compression (PS3.5 A.4.11, 2023): each frame is raw-deflated native pixels.
 # pydicom 3.0 has no decoder for it, so we inflate the frames ourselves.
 DEFLATED_IMAGE_FRAME = UID("1.2.840.10008.1.2.8.1")
+
+
+class _PluginFailuresAreReportedOnce(logging.Filter):
+    """Drops pydicom's ERROR (with its traceback) for each decoding plugin that fails.
+
+    :func:`_run_decoder` tries the plugins itself and a frame no decoder reads fails once, as a
+    :class:`DecodeError` naming every plugin's reason. A plugin that fails before another decoder
+    succeeds is no error: a 12-bit JPEG Extended image that libjpeg and Pillow refuse and GDCM reads
+    was indexed, and the service log showed two ERROR lines for it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and record.exc_info)
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_PluginFailuresAreReportedOnce())
 
 
 def decode_frame(ds: Dataset, frame: int) -> tuple[np.ndarray, str]:

@@ -41,6 +41,15 @@ def test_libjpeg_refuses_it_gdcm_decodes_it_as_dcmtk_does(tmp_path):
     assert image.shape == (1024, 256) and float(image.max()) > 0.5
 
 
+def test_a_plugin_that_fails_before_gdcm_reads_the_image_logs_no_error(caplog):
+    """The service log carries no ERROR for a plugin that refused an image another decoder read."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        decode.decode_frame(read_dataset(JPEG_EXTENDED_12BIT), 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_a_stream_neither_decoder_reads_names_both_reasons(tmp_path):
     data = JPEG_EXTENDED_12BIT.read_bytes()
     start = data.find(b"\xff\xd8")  # the JPEG stream's SOI

@@ -215,8 +215,13 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     kinds = [("DX", "CHEST")] * 3 + [("US", "BREAST")] * 2 + [("OT", "HEAD")] * 2
     plan = [Planned(f"P{n}", [images[n]], modality, body_part=part) for n, (modality, part) in enumerate(kinds)]
     plan.append(Planned("P9", images[:12], "CT", body_part="HEAD"))  # a 12-slice series, each slice its own code
+    plan.append(Planned("P10", [images[7]], "DX", body_part="THORAX"))  # a chest film spelled otherwise
     studies = index_archive(store, chest, tmp_path / "spool", plan, register=False)
-    dx, us, ot, (ct,) = studies[:3], studies[3:5], studies[5:7], studies[7:]
+    dx, us, ot, (ct,) = studies[:3], studies[3:5], studies[5:7], studies[7:8]
+    # Its record is from before the body part routing reads was kept: read by its defined term, CHEST.
+    thorax = studies[8]
+    store.client.hdel(store.keys.instance(thorax.sop_uids[0]), "route_body_part")
+    dx = [*dx, thorax]
     sample = {"DRH_MAX_FRAMES_PER_SERIES": "4"}
     worker_factory("reroute", **sample)
     env = worker_env(redis_server.url, tmp_path / "data", **sample)
@@ -230,7 +235,7 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     assert "16 stored image(s) are not in the route that takes them now" in dry.stdout
     assert "2  US     chest-xr -> us-breast" in dry.stdout and "2  OT     chest-xr -> general" in dry.stdout
     assert "12  CT     chest-xr -> general" in dry.stdout
-    assert store.codes.count(chest.version, "image") == 19  # a dry run moves nothing
+    assert store.codes.count(chest.version, "image") == 20  # a dry run moves nothing
 
     done = reroute()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -238,7 +243,7 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     assert f"re-sort into {breast} (route us-breast): complete, 2/2 instances" in done.stdout
     assert f"re-sort into {general} (route general): complete, 14/14 instances" in done.stdout
     assert f"re-sort into {breast}: complete, 2/2 instances" in render_text(gather(store))  # the last one
-    assert store.codes.count(chest.version, "image") == 3 and store.codes.count(chest.version, "study") == 3
+    assert store.codes.count(chest.version, "image") == 4 and store.codes.count(chest.version, "study") == 4
     # the CT series is a volume now: 4 evenly spaced slices encoded, the others answered through them
     records = store.records.instances(ct.sop_uids)
     sampled = [s for s, r in zip(ct.sop_uids, records, strict=True) if r["state"] == "indexed"]
@@ -248,7 +253,7 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     others = [r for s, r in zip(ct.sop_uids, records, strict=True) if s not in sampled]
     assert all(r["state"] == "volume-slice" and r["represented_by"] in sampled for r in others)
     assert {r["route"] for r in records} == {"general"}
-    assert store.codes.count(chest.version, "series") == 3
+    assert store.codes.count(chest.version, "series") == 4
     for group, version, route in ((us, breast, "us-breast"), (ot, general, "general")):
         for study in group:
             record = store.records.instance(study.sop_uids[0])
@@ -279,8 +284,8 @@ def test_an_archive_indexed_before_routes_is_sorted_into_the_routes_that_take_it
     repool = subprocess.run(
         [sys.executable, "-m", "plugin.cli", "repool"], env=env, capture_output=True, text=True, timeout=120
     )
-    assert repool.returncode == 0 and "8 study(ies) due for pooling" in repool.stdout, repool.stdout + repool.stderr
-    wait_until(lambda: store.codes.count(chest.version, "series") == 3, 60, what="the chest series pooled again")
+    assert repool.returncode == 0 and "9 study(ies) due for pooling" in repool.stdout, repool.stdout + repool.stderr
+    wait_until(lambda: store.codes.count(chest.version, "series") == 4, 60, what="the chest series pooled again")
 
 
 def test_registering_a_route_for_volumes_moves_whole_series_and_samples_them_again(

@@ -23,6 +23,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+import redis
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -59,6 +60,15 @@ def routes(ctx: Any) -> list[BaseRoute]:
     def similar(request: Request) -> Response:
         return HTMLResponse(page, headers=SECURITY_HEADERS)
 
+    def answering_routes() -> list[dict[str, Any]]:
+        """The answering models, for the kind of a dropped picture (which has no header); none while
+        Redis does not answer (the page still opens, and says what a search then runs into)."""
+        try:
+            table = store.models.matching(settings.unrouted)
+        except redis.exceptions.RedisError:
+            return []
+        return [{"name": r.name, "serves": r.describe(), "general": r.general} for r in table]
+
     def config(request: Request) -> Response:
         principal = principal_of(request)
         return JSONResponse(
@@ -70,11 +80,7 @@ def routes(ctx: Any) -> list[BaseRoute]:
                 "viewers": [{"name": n, "url": u} for n, u in settings.viewer_urls.items()],
                 "viewer_fields": list(VIEWER_URL_FIELDS),
                 "move_destinations": list(settings.move_destinations),
-                # The answering models, for the kind of a dropped picture (which has no header).
-                "routes": [
-                    {"name": r.name, "serves": r.describe(), "general": r.general}
-                    for r in store.models.matching(settings.unrouted)
-                ],
+                "routes": answering_routes(),
             },
             headers={"Cache-Control": "no-store"},
         )
