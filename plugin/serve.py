@@ -343,7 +343,12 @@ def _redacted(url: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="drh-pacs serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="drh-pacs serve",
+        description="Run the whole service until Ctrl-C: Redis (embedded when DRH_REDIS_URL is empty), the "
+        "workers, the DICOM listener and the HTTP API; every setting also comes from DRH_* variables "
+        "(README, 'Configuration').",
+    )
     parser.add_argument("--data-dir", type=Path, help="overrides DRH_DATA_DIR")
     parser.add_argument("--redis-url", help="overrides DRH_REDIS_URL (empty: embedded Redis)")
     parser.add_argument("--dicom-port", type=int, help="overrides DRH_DICOM_PORT")
