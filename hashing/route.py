@@ -100,3 +100,14 @@ def first_match(routes: list[Route], modality: str, body_part: str, photometric:
         if not route.general and route.matches(modality, body_part, photometric):
             return route
     return next((r for r in routes if r.general), None)
+
+
+def fell_back(routes: list[Route], modality: str, body_part: str, photometric: str = "") -> bool:
+    """Whether the image goes to a general route although a specific route takes its modality: its
+    body part (or photometric interpretation) is not one that route declares. Worth showing: a chest
+    film whose header names no body part is answered among every other kind of image."""
+    route = first_match(routes, modality, body_part, photometric)
+    wanted = (modality or "").strip().upper()
+    return (
+        route is not None and route.general and any(not r.general and wanted and wanted in r.modalities for r in routes)
+    )

@@ -69,6 +69,13 @@ def test_each_image_is_hashed_by_its_routes_model_and_answers_never_mix_anatomie
     ds.StudyDescription = "XR CHEST PA"
     ds.save_as(undescribed.files[0], enforce_file_format=True)
     archive[("DX", "CHEST")] += [s for studies in spelled.values() for s in studies]
+    # A DX whose header names no body part anywhere: the general model's, and counted as such.
+    (portable,) = _archive(tmp_path / "portable", [("DX", "")], per_kind=1)[("DX", "")]
+    ds = pydicom.dcmread(portable.files[0])
+    del ds.BodyPartExamined
+    ds.StudyDescription = "XR PORTABLE"
+    ds.save_as(portable.files[0], enforce_file_format=True)
+    archive[("OT", "HEAD")].append(portable)
     every = [s for studies in archive.values() for s in studies]
     worker_factory("routes")  # the settings' defaults: shipped chest, breast-ultrasound and general models
     app = app_for(redis_server.url, tmp_path / "data")
@@ -104,6 +111,8 @@ def test_each_image_is_hashed_by_its_routes_model_and_answers_never_mix_anatomie
         assert image.route == route and {r.study_uid for r in image} == {s.study_uid for s in studies[1:]}
 
     figures = gather(store)
+    assert figures["by_modality"]["DX"]["to-general"] == 1 and figures["by_modality"]["DX"]["indexed"] == 5
+    assert "to general: read by the general model though a route takes their modality" in render_text(figures)
     routes = {r["route"]: r for r in figures["routes"]}
     assert routes["general"]["general"] and routes["us-breast"]["version"] == breast.version
     assert "US" in routes["us-breast"]["serves"] and "BREAST" in routes["us-breast"]["serves"]

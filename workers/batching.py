@@ -21,10 +21,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
@@ -32,6 +31,9 @@ import redis
 from plugin.core.header import instance_meta, routing_header, study_meta
 from plugin.core.settings import Settings
 from plugin.store import Store
+
+if TYPE_CHECKING:
+    from workers.model import Router
 
 log = logging.getLogger("drh.workers.batching")
 
@@ -425,13 +427,11 @@ def _settle_recorded(store: Store, it: Item, state: str, fields: dict[str, str])
     store.stats.count_task("index_instance", state)
 
 
-def index_batch(
-    settings: Settings, store: Store, router: Callable[[tuple[str, str, str]], list[tuple[str, str, Any]]],
-    items: list[Item],
-) -> tuple[str, set[str]]:  # fmt: skip
+def index_batch(settings: Settings, store: Store, router: Router, items: list[Item]) -> tuple[str, set[str]]:
     """Index the claimed items, each with the model of its route (``router``: header -> (route,
     version, encoder) to write, the answering one first); returns the outcome of the task's own item
-    and the studies to pool."""
+    and the studies to pool. An image the general model takes though a specific route takes its
+    modality is counted (``to-general``, per modality) and logged with what its header said."""
     images, own_outcome = decode_items(settings, store, items)
     if not images:
         return own_outcome or "duplicate", set()
@@ -439,7 +439,15 @@ def index_batch(
     unrouted: list[Item] = []
     slices: dict[str, list[Item]] = {}
     for it in images:
-        targets = router(routing_header(it.ds))
+        header = routing_header(it.ds)
+        targets = router(header)
+        if targets and router.fell_back(header):
+            store.stats.count_modality("to-general", header[0])
+            log.info(
+                "instance %s (%s) to the general model: no route for %s takes body part %r (read from"
+                " BodyPartExamined %r, the Anatomic Region Sequence or the descriptions)",
+                it.sop_uid, header[0], header[0], header[1], str(it.ds.get("BodyPartExamined", "") or ""),
+            )  # fmt: skip
         if not targets:
             unrouted.append(it)
         elif it.volume:

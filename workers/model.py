@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Task
 
-from hashing.route import Route, first_match, taking
+from hashing.route import Route, fell_back, first_match, taking
 from plugin.core.settings import configured_models
 from plugin.store import Store
 from workers.client import store_for
@@ -175,6 +175,11 @@ class Router:
         self._versions = {r.name: v for r, v in table}
         self.target_route = target_route
         self._after = taking(routes, unrouted, replacing=target_route) if target_route is not None else []
+
+    def fell_back(self, header: tuple[str, str, str]) -> bool:
+        """The image goes to the general model though a specific route takes its modality
+        (:func:`hashing.route.fell_back`)."""
+        return fell_back(self._routes, *header)
 
     def __call__(self, header: tuple[str, str, str]) -> list[tuple[str, str, Any]]:
         """(route, version, encoder) the image is written for, the answering one first; [] when no

@@ -247,10 +247,15 @@ def render_text(f: dict[str, Any]) -> str:
     by_modality = f.get("by_modality") or {}
     if by_modality:
         # Arrivals, not distinct images: an image the PACS sends again is indexed (and counted) again.
-        lines.append("  by modality     indexed    failed   ignored  no model   (each arrival counts)")
+        lines.append("  by modality     indexed to general    failed   ignored  no model   (each arrival counts)")
         for mod, counts in sorted(by_modality.items()):
-            figures_row = "".join(f" {counts[o]:>9}" for o in MODALITY_OUTCOMES)
+            figures_row = "".join(f" {counts[o]:>{10 if o == 'to-general' else 9}}" for o in MODALITY_OUTCOMES)
             lines.append(f"    {mod:<12}{figures_row}")
+        if any(counts["to-general"] for counts in by_modality.values()):
+            lines.append(
+                "    to general: read by the general model though a route takes their modality; their header"
+                " named none of its body parts (README, 'Which body part routing reads')"
+            )
     job = f["reindex"]
     if job:
         total = max(1, job["total"])

@@ -31,7 +31,9 @@ TASK_OUTCOMES = {
 
 
 # What becomes of an instance, counted per modality (plugin.ops.status shows them side by side).
-MODALITY_OUTCOMES = ("indexed", "failed", "ignored", "no-model")
+MODALITY_OUTCOMES = ("indexed", "to-general", "failed", "ignored", "no-model")
+# ("to-general": of the indexed, those the general model read although a specific route takes their
+# modality, because their header named none of its body parts; hashing.route.fell_back.)
 
 
 class Stats:
