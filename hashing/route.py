@@ -17,6 +17,35 @@ from typing import Any
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 
 
+# Body parts as DICOM's defined terms (PS3.16 Annex L, "Body Part Examined") for the spellings
+# modalities send instead: a chest film whose BodyPartExamined said THORAX went to the general model,
+# answered among MR and CT studies. Both sides are read so (the image's value and a route's terms),
+# so a route that declares THORAX takes CHEST films too.
+BODY_PART_SYNONYMS = {
+    "CHEST": ("THORAX", "TORAX", "THORACIC", "LUNG", "LUNGS", "CXR"),
+    "BREAST": ("MAMMA", "MAMMO", "MAMMOGRAPHY", "BREASTS"),
+    "ABDOMEN": ("ABD", "ABDOMINAL"),
+}
+_SYNONYM = {alias: term for term, aliases in BODY_PART_SYNONYMS.items() for alias in (term, *aliases)}
+# Words after a body part that say how it was imaged, not what: "CHEST PA", "BREAST_LEFT".
+_VIEW_WORDS = {"PA", "AP", "LAT", "LATERAL", "LEFT", "RIGHT", "L", "R", "BILATERAL", "PORTABLE", "ERECT", "SUPINE"}
+
+
+def body_part_term(value: str) -> str:
+    """``value`` (a BodyPartExamined) as the term routing compares: upper case, a synonym of
+    :data:`BODY_PART_SYNONYMS` as its defined term (``THORAX`` as ``CHEST``), with view words after it
+    too (``CHEST_PA``); anything else as it was (``L_SPINE``, ``CHEST_ABDOMEN_PELVIS``)."""
+    text = str(value or "").strip().upper()
+    words = [w for w in re.split(r"[\s_\-]+", text) if w]
+    if not words:
+        return ""
+    if " ".join(words) in _SYNONYM:
+        return _SYNONYM[" ".join(words)]
+    if words[0] in _SYNONYM and all(w in _VIEW_WORDS for w in words[1:]):
+        return _SYNONYM[words[0]]
+    return text
+
+
 def _terms(values: Any) -> tuple[str, ...]:
     if isinstance(values, str):
         values = values.replace("\\", ",").split(",")
@@ -41,7 +70,9 @@ class Route:
         """Whether an image with this header belongs to the route (a general route takes anything)."""
         if self.general:
             return True
-        checks = ((self.modalities, modality), (self.body_parts, body_part), (self.photometric, photometric))
+        if self.body_parts and body_part_term(body_part) not in {body_part_term(t) for t in self.body_parts}:
+            return False
+        checks = ((self.modalities, modality), (self.photometric, photometric))
         return all(not wanted or (value or "").strip().upper() in wanted for wanted, value in checks)
 
     def specificity(self) -> int:

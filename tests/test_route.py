@@ -28,6 +28,8 @@ def test_an_image_goes_to_the_first_specific_route_that_takes_it_else_to_the_gen
         ({"BodyPartExamined": "CHEST_PA"}, "CHEST"),
         ({"BodyPartExamined": "LUNG", "StudyDescription": "MAMMO"}, "CHEST"),  # the header's own word wins
         ({"BodyPartExamined": "HAND"}, "HAND"),  # a term routing has no synonym for: unchanged
+        ({"BodyPartExamined": "L_SPINE"}, "L_SPINE"),  # ...spelled as it came
+        ({"BodyPartExamined": "CHEST_ABDOMEN_PELVIS"}, "CHEST_ABDOMEN_PELVIS"),  # more than a chest
         ({"AnatomicRegionSequence": ("SCT", "51185008")}, "CHEST"),
         ({"AnatomicRegionSequence": ("SRT", "T-04000")}, "BREAST"),
         ({"StudyDescription": "XR CHEST PA AND LATERAL"}, "CHEST"),
@@ -61,11 +63,23 @@ def test_routing_reads_the_body_part_as_a_defined_term_else_from_the_region_code
     assert recorded_routing(instance_meta(ds)) == ("DX", body_part, "MONOCHROME2")  # as re-index and reroute read it
 
 
+def test_a_route_reads_its_own_body_parts_as_defined_terms_too() -> None:
+    """A route an operator declared in the spelling their modality sends still takes those images
+    (and the defined term's); terms routing has no synonym for match as they are."""
+    thorax = Route("thorax-xr", modalities="DX", body_parts="THORAX")
+    spine = Route("spine-xr", modalities="DX", body_parts="L_SPINE")
+    general = Route("general", general=True)
+    routes = [general, thorax, spine]
+    assert first_match(routes, "DX", "THORAX") is thorax and first_match(routes, "DX", "chest") is thorax
+    assert first_match(routes, "DX", "L_SPINE") is spine and first_match(routes, "DX", "SPINE") is general
+
+
 def test_a_record_from_before_the_routing_body_part_was_kept_is_read_by_its_defined_term() -> None:
     from plugin.core.header import recorded_routing
 
     assert recorded_routing({"modality": "CR", "body_part": "Thorax", "photometric": ""}) == ("CR", "CHEST", "")
     assert recorded_routing({"modality": "CR", "body_part": "", "photometric": ""}) == ("CR", "", "")
+    assert recorded_routing({"modality": "CR", "body_part": "L_SPINE", "photometric": ""})[1] == "L_SPINE"
 
 
 def test_route_names_are_checked_and_survive_a_checkpoint() -> None:

@@ -145,8 +145,8 @@ def test_with_unrouted_none_an_image_no_route_takes_is_stored_counted_and_refuse
     assert figures["no_model"] == {"OT": 2} and figures["tasks"]["index_instance"]["no-model"] == 2
     wait_until(lambda: store.records.instance(broken.sop_uids[0]).get("state") == "failed", 60, what="failure")
     figures = gather(store)
-    assert figures["by_modality"]["OT"] == {"indexed": 0, "failed": 0, "ignored": 0, "no-model": 2}
-    assert figures["by_modality"]["DX"] == {"indexed": 2, "failed": 1, "ignored": 0, "no-model": 0}
+    assert figures["by_modality"]["OT"] == {"indexed": 0, "to-general": 0, "failed": 0, "ignored": 0, "no-model": 2}
+    assert figures["by_modality"]["DX"] == {"indexed": 2, "to-general": 0, "failed": 1, "ignored": 0, "no-model": 0}
     text = render(figures).decode()
     assert 'drh_no_model_instances{modality="OT"} 2.0' in text
     assert 'drh_instances_by_modality_total{modality="DX",outcome="failed"} 1.0' in text

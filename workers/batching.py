@@ -69,6 +69,7 @@ class Item:
     pixels: np.ndarray | None = None
     frames: list[np.ndarray] | None = None  # a multi-frame object's sampled frames (pixels: the middle one)
     volume: bool = False  # a slice of a volume series: encoded with its series once the study is stable
+    fell_back: bool = False  # the general model takes it though a route takes its modality (counted so)
     local_copy: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -248,9 +249,12 @@ def settle_counted(store: Store, it: Item, outcome: str, pipe: redis.client.Pipe
 
 
 def count_indexed(store: Store, it: Item, pipe: redis.client.Pipeline) -> None:
-    """Queue an indexed instance's two counts on the transaction that writes its state."""
+    """Queue an indexed instance's counts on the transaction that writes its state (with
+    ``to-general`` when the general model took it though a route takes its modality)."""
     store.stats.count_task("index_instance", "done", pipe=pipe)
     store.stats.count_modality("indexed", modality_of(it), pipe=pipe)
+    if it.fell_back:
+        store.stats.count_modality("to-general", modality_of(it), pipe=pipe)
 
 
 # -- the batch -------------------------------------------------------------------------------------
@@ -441,8 +445,8 @@ def index_batch(settings: Settings, store: Store, router: Router, items: list[It
     for it in images:
         header = routing_header(it.ds)
         targets = router(header)
-        if targets and router.fell_back(header):
-            store.stats.count_modality("to-general", header[0])
+        it.fell_back = bool(targets) and not it.volume and router.fell_back(header)
+        if it.fell_back:
             log.info(
                 "instance %s (%s) to the general model: no route for %s takes body part %r (read from"
                 " BodyPartExamined %r, the Anatomic Region Sequence or the descriptions)",

@@ -10,6 +10,8 @@ import re
 
 from pydicom.dataset import Dataset
 
+from hashing.route import body_part_term
+
 # A DICOM UID: digits and dots, at most 64 characters, no leading zero in a component.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -41,17 +43,10 @@ INSTANCE_FIELDS = {
 # What routing reads (hashing.route.Route.matches takes them in this order).
 ROUTING_KEYWORDS = ("Modality", "BodyPartExamined", "PhotometricInterpretation")
 
-# The body part routing reads, as DICOM's defined term (PS3.16 Annex L, "Body Part Examined"), for the
-# spellings modalities send instead. Routes declare defined terms (the chest model: CHEST), and a
-# radiograph whose BodyPartExamined said THORAX, or nothing, went to the general model: answered
-# among MR and CT studies, never compared with the other chest films.
-BODY_PART_SYNONYMS = {
-    "CHEST": ("THORAX", "TORAX", "THORACIC", "LUNG", "LUNGS", "CXR"),
-    "BREAST": ("MAMMA", "MAMMO", "MAMMOGRAPHY", "BREASTS"),
-    "ABDOMEN": ("ABD", "ABDOMINAL"),
-}
-_SYNONYM = {alias: term for term, aliases in BODY_PART_SYNONYMS.items() for alias in (term, *aliases)}
-# Anatomic Region Sequence codes (scheme, value) of those terms: SNOMED CT and the older SRT codes.
+# The body part routing reads: the defined term of BodyPartExamined (hashing.route.body_part_term),
+# else, for a header that names none, its Anatomic Region Sequence code or its descriptions; a chest
+# film with neither a body part nor a description that names one still goes to the general model.
+# Anatomic Region Sequence codes (scheme, value) of the terms routes use: SNOMED CT and the older SRT.
 _REGION_CODES = {
     ("SCT", "51185008"): "CHEST", ("SRT", "T-D3000"): "CHEST", ("SCT", "43799004"): "CHEST",
     ("SCT", "76752008"): "BREAST", ("SRT", "T-04000"): "BREAST",
@@ -67,21 +62,11 @@ _DESCRIPTION_WORDS = {
 DESCRIPTION_KEYWORDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
 
 
-def defined_body_part(value: str) -> str:
-    """``value`` (a BodyPartExamined) as the defined term routing compares: upper case, ``THORAX`` or
-    ``CHEST_PA`` as ``CHEST``; a value not known to mean one of :data:`BODY_PART_SYNONYMS` unchanged."""
-    text = re.sub(r"[\s_\-]+", " ", str(value or "").strip().upper())
-    if text in _SYNONYM:
-        return _SYNONYM[text]
-    first = text.split(" ")[0] if text else ""
-    return _SYNONYM.get(first, text)
-
-
 def routing_body_part(ds: Dataset) -> str:
     """The body part an image's route is chosen by: its BodyPartExamined (as a defined term), else
     the code of its Anatomic Region Sequence, else the one body part its study or series description
     or protocol name names (none when they name two: a guess is worse than the general model)."""
-    examined = defined_body_part(_text(ds, "BodyPartExamined"))
+    examined = body_part_term(_text(ds, "BodyPartExamined"))
     if examined:
         return examined
     for item in ds.get("AnatomicRegionSequence", None) or ():
@@ -106,7 +91,7 @@ def recorded_routing(record: dict[str, str]) -> tuple[str, str, str]:
     """What routing reads, from an instance record: the body part routing chose when it arrived
     (``route_body_part``), or, for a record from before it was kept, its BodyPartExamined as a
     defined term (its descriptions were not kept)."""
-    body = record.get("route_body_part") or defined_body_part(record.get("body_part", ""))
+    body = record.get("route_body_part") or body_part_term(record.get("body_part", ""))
     return (record.get("modality", ""), body, record.get("photometric", ""))
 
 

@@ -47,7 +47,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from hashing.route import first_match
-from plugin.core.header import defined_body_part, is_uid, routing_header
+from plugin.core.header import is_uid, routing_header
 from plugin.http.rendered import thumbnail_of, to_image_bytes
 from plugin.search import query as q
 from plugin.search.errors import QueryError
@@ -395,7 +395,7 @@ def _upload_route(ctx: Any, ds: Any, routed: Any, filters: Filters, asked: str =
         header = routing_header(ds)
         if ds is None:
             modality = filters.modalities[0] if filters.modalities else ""
-            header = (modality, defined_body_part(filters.body_part or ""), "")
+            header = (modality, filters.body_part or "", "")
         found = first_match(routes, *header)
         if found is None and ds is None and len(routes) == 1:
             found = routes[0]
