@@ -10,7 +10,7 @@ import re
 
 from pydicom.dataset import Dataset
 
-from hashing.route import body_part_term
+from hashing.route import BODY_PART_SYNONYMS, body_part_term
 
 # A DICOM UID: digits and dots, at most 64 characters, no leading zero in a component.
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -53,11 +53,12 @@ _REGION_CODES = {
     ("SCT", "80248007"): "BREAST", ("SCT", "73056007"): "BREAST",
     ("SCT", "818981001"): "ABDOMEN", ("SRT", "T-D4000"): "ABDOMEN",
 }  # fmt: skip
-# Words of the descriptions that name one of them, read only when the header names no body part.
+# Words of the descriptions that name one of them, read only when the header names no body part:
+# each term and its synonyms (hashing.route.BODY_PART_SYNONYMS), and words only descriptions use.
+_DESCRIPTION_ONLY = {"BREAST": (r"MAMMO\w*",)}
 _DESCRIPTION_WORDS = {
-    "CHEST": re.compile(r"\b(CHEST|THORAX|THORACIC|TORAX|LUNGS?|CXR)\b"),
-    "BREAST": re.compile(r"\b(BREASTS?|MAMMO\w*|MAMMA)\b"),
-    "ABDOMEN": re.compile(r"\b(ABDOMEN|ABDOMINAL|ABD)\b"),
+    term: re.compile(r"\b(" + "|".join((term, *aliases, *_DESCRIPTION_ONLY.get(term, ()))) + r")\b")
+    for term, aliases in BODY_PART_SYNONYMS.items()
 }
 DESCRIPTION_KEYWORDS = ("StudyDescription", "SeriesDescription", "ProtocolName")
 
