@@ -425,10 +425,14 @@ def mark_volume_slices(store: Store, images: list[Item], route: str) -> set[str]
 def _settle_recorded(store: Store, it: Item, state: str, fields: dict[str, str]) -> None:
     """An instance whose records are written and that waits in ``state`` (counted as that outcome):
     its message is done, and any earlier failure of it is resolved."""
-    store.records.update_instance(it.sop_uid, {"state": state, "indexed_received_at": repr(it.received_at), **fields})
     store.ledger.resolve(it.sop_uid)
-    store.ingest.done(it.sop_uid, it.study_uid)
-    store.stats.count_task("index_instance", state)
+    pipe = store.client.pipeline(transaction=True)  # the state and its count seen together, as indexed
+    store.records.update_instance(
+        it.sop_uid, {"state": state, "indexed_received_at": repr(it.received_at), **fields}, pipe
+    )
+    store.ingest.done(it.sop_uid, it.study_uid, pipe)
+    store.stats.count_task("index_instance", state, pipe=pipe)
+    pipe.execute()
 
 
 def index_batch(settings: Settings, store: Store, router: Router, items: list[Item]) -> tuple[str, set[str]]:
