@@ -3,6 +3,7 @@ worker's scan claims, what a lease protects, what a late instance or a dead work
 
 from __future__ import annotations
 
+import json
 import threading
 
 from workers.tasks import pool_lease_seconds
@@ -100,7 +101,50 @@ def test_a_study_knows_its_instances_received_and_not_yet_settled(store):
     assert ingest.queued_in_study(A) == (2, 20.0)
     store.client.hdel(store.keys.ingest_payload(), f"{A}.2")  # a hint lost (not through done)
     assert ingest.queued_in_study(A) == (1, 10.0)
-    assert not store.client.sismember(store.keys.ingest_queued(A), f"{A}.2")
+    assert store.client.zscore(store.keys.ingest_queued(A), f"{A}.2") is None
     ingest.done(f"{A}.0", A)
     assert ingest.queued_in_study(A) == (0, 0.0) and not store.client.exists(store.keys.ingest_queued(A))
     assert ingest.queued_in_study(C) == (0, 0.0) and ingest.queued_in_study(B) == (1, 50.0)
+
+
+def test_an_instance_received_again_under_another_study_is_waited_for_by_that_study_only(store):
+    """A study split or merged at the PACS sends an instance again with another StudyInstanceUID;
+    its settling knows the new study only, so the study it left must stop waiting for it now."""
+    ingest = store.ingest
+    ingest.hint({"sop_uid": f"{A}.0", "study_uid": A, "path": "p", "source_ae": "", "received_at": 10.0})
+    ingest.hint({"sop_uid": f"{A}.1", "study_uid": A, "path": "p", "source_ae": "", "received_at": 20.0})
+    ingest.hint({"sop_uid": f"{A}.1", "study_uid": B, "path": "p", "source_ae": "", "received_at": 30.0})
+    assert ingest.queued_in_study(A) == (1, 10.0) and ingest.queued_in_study(B) == (1, 30.0)
+    ingest.hint({"sop_uid": f"{A}.0", "study_uid": A, "path": "p", "source_ae": "", "received_at": 40.0})
+    assert ingest.queued_in_study(A) == (1, 40.0)  # received again, same study: waited for from then
+
+
+def test_a_lost_hint_among_many_is_dropped_when_it_is_the_oldest_or_newest(store):
+    """A study's count is its sorted set's size, read in one step whatever the study's size; the
+    oldest and newest few members are checked for a lost hint each time it is read."""
+    ingest = store.ingest
+    for n in range(200):
+        ingest.hint({"sop_uid": f"{A}.{n}", "study_uid": A, "path": "p", "source_ae": "", "received_at": 100.0 + n})
+    assert ingest.queued_in_study(A) == (200, 299.0)
+    store.client.hdel(store.keys.ingest_payload(), f"{A}.0", f"{A}.199")  # lost, not through done
+    assert ingest.queued_in_study(A) == (198, 298.0)
+    for n in range(1, 199):
+        ingest.done(f"{A}.{n}", A)
+    assert ingest.queued_in_study(A) == (0, 0.0) and not store.client.exists(store.keys.ingest_queued(A))
+
+
+def test_the_previous_releases_set_of_queued_instances_is_moved_in(store):
+    """An installation upgraded with studies waiting: their instances were kept in a plain set, with
+    no reception time; the first look moves them in with their payload's time, and drops the set."""
+    ingest = store.ingest
+    for n, at in enumerate((10.0, 30.0)):
+        store.client.hset(
+            store.keys.ingest_payload(),
+            f"{A}.{n}",
+            json.dumps({"sop_uid": f"{A}.{n}", "study_uid": A, "path": "p", "source_ae": "", "received_at": at}),
+        )
+    store.client.sadd(store.keys.ingest_queued_before(A), f"{A}.0", f"{A}.1", f"{A}.9")  # .9: settled, no payload
+    assert ingest.queued_in_study(A) == (2, 30.0)
+    assert not store.client.exists(store.keys.ingest_queued_before(A))
+    ingest.done(f"{A}.1", A)
+    assert ingest.queued_in_study(A) == (1, 10.0)

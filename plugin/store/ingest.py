@@ -44,6 +44,10 @@ class Claim:
     busy_until: float | None = None
 
 
+# How many of a study's oldest and of its newest queued instances each look checks for a lost hint.
+QUEUED_CHECKED = 16
+
+
 class IngestState:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.r = client
@@ -53,12 +57,20 @@ class IngestState:
         self._queued = client.register_script(scripts.QUEUED_IN_STUDY)
 
     def hint(self, payload: dict[str, Any]) -> None:
-        """Record an enqueued instance for batching, and as queued in its study (its pooling waits)."""
+        """Record an enqueued instance for batching, and as queued in its study (its pooling waits).
+
+        An instance received again under another study (a study split or merged at the PACS) is no
+        longer waited for by the study it left: its own settling only knows its new study."""
+        sop, study = payload["sop_uid"], payload.get("study_uid") or ""
+        before = self.payload(sop)
+        left = (before or {}).get("study_uid") or ""
         pipe = self.r.pipeline()
-        pipe.hset(self.keys.ingest_payload(), payload["sop_uid"], json.dumps(payload))
-        pipe.zadd(self.keys.ingest_pending(), {payload["sop_uid"]: payload["received_at"]})
-        if payload.get("study_uid"):
-            pipe.sadd(self.keys.ingest_queued(payload["study_uid"]), payload["sop_uid"])
+        pipe.hset(self.keys.ingest_payload(), sop, json.dumps(payload))
+        pipe.zadd(self.keys.ingest_pending(), {sop: payload["received_at"]})
+        if left and left != study:
+            pipe.zrem(self.keys.ingest_queued(left), sop)
+        if study:
+            pipe.zadd(self.keys.ingest_queued(study), {sop: payload["received_at"]})
         pipe.execute()
 
     def claim(self, sop_uid: str, others: int, now: float, lease_until: float, claimer: str) -> Claim:
@@ -88,15 +100,20 @@ class IngestState:
         own.hdel(self.keys.ingest_payload(), sop_uid)
         own.zrem(self.keys.ingest_pending(), sop_uid)
         if study_uid:
-            own.srem(self.keys.ingest_queued(study_uid), sop_uid)
+            own.zrem(self.keys.ingest_queued(study_uid), sop_uid)
         if pipe is None:
             own.execute()
 
     def queued_in_study(self, study_uid: str) -> tuple[int, float]:
         """(how many of the study's instances are received and not yet settled, the latest reception
         time among them): a study pooled before they are settled would be pooled again as each comes,
-        its first study code made from part of it."""
-        n, latest = self._queued(keys=[self.keys.ingest_queued(study_uid), self.keys.ingest_payload()])
+        its first study code made from part of it. Costs the same for a study of 30,000 slices as for
+        one image (the previous release's set was read whole, each payload decoded)."""
+        k = self.keys
+        n, latest = self._queued(
+            keys=[k.ingest_queued(study_uid), k.ingest_payload(), k.ingest_queued_before(study_uid)],
+            args=[QUEUED_CHECKED],
+        )
         return int(n), float(latest)
 
     def payload(self, sop_uid: str) -> dict[str, Any] | None:

@@ -67,8 +67,11 @@ Work in progress (:mod:`plugin.store.ingest`, :mod:`plugin.store.reindex`, :mod:
 ``ns:ingest:payload``                       hash     SOPInstanceUID -> JSON task payload
 ``ns:ingest:claim``                         hash     SOPInstanceUID -> "deadline|task id" lease
 ``ns:ingest:decoding``                      hash     SOPInstanceUID -> decodes started, not finished
-``ns:ingest:queued:{study}``                set      SOPInstanceUIDs of the study received and not
-                                                     yet settled: its pooling waits for them
+``ns:ingest:queued-at:{study}``             zset     SOPInstanceUID by reception time: the study's
+                                                     instances received and not yet settled (its
+                                                     pooling waits for them). The previous release
+                                                     kept a set, ``ns:ingest:queued:{study}``,
+                                                     moved in when the study is next looked at
 ``ns:pool:due``                             zset     StudyInstanceUID by the time it is stable (its
                                                      last instance + study_stable_seconds): studies
                                                      to pool; a late instance moves it later
@@ -242,6 +245,10 @@ class Keys:
         return f"{self.ns}:ingest:decoding"
 
     def ingest_queued(self, study_uid: str) -> str:
+        return f"{self.ns}:ingest:queued-at:{study_uid}"
+
+    def ingest_queued_before(self, study_uid: str) -> str:
+        """The previous release's set of the study's queued instances (no reception times)."""
         return f"{self.ns}:ingest:queued:{study_uid}"
 
     def pool_due(self) -> str:

@@ -196,22 +196,30 @@ end
 return redis.call('HGET', h, 'last_instance_at')
 """
 
-# KEYS: study queued set, ingest payload hash. Returns {instances still queued, the latest reception
-# time among them}; a member whose payload is gone (settled by a path that did not know its study, or
-# lost with its hint) is dropped, so that a lost hint cannot hold a study's pooling back.
+# KEYS: study queued set (zset SOPInstanceUID -> reception time), ingest payload hash, the previous
+# release's study queued set (a plain set). ARGV: how many members to check at each end.
+# Returns {instances still queued, the latest reception time among them}, in O(ARGV[1] log n): the
+# count and the latest are the sorted set's own. The oldest and newest few members are checked for
+# their payload, and dropped without one (settled by a path that did not know its study, or lost with
+# its hint), so that a lost hint cannot hold a study's pooling back (one in the middle is bounded by
+# ``study_queue_wait_seconds``). The previous release's set, where one is left, is moved in first.
 QUEUED_IN_STUDY = """
-local n, latest = 0, 0
-for _, sop in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local p = redis.call('HGET', KEYS[2], sop)
-  if p then
-    n = n + 1
-    local at = tonumber(cjson.decode(p)['received_at']) or 0
-    if at > latest then latest = at end
-  else
-    redis.call('SREM', KEYS[1], sop)
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  for _, sop in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    local p = redis.call('HGET', KEYS[2], sop)
+    if p then redis.call('ZADD', KEYS[1], tonumber(cjson.decode(p)['received_at']) or 0, sop) end
+  end
+  redis.call('DEL', KEYS[3])
+end
+local k = tonumber(ARGV[1])
+for _, ends in ipairs({{0, k - 1}, {-k, -1}}) do
+  for _, sop in ipairs(redis.call('ZRANGE', KEYS[1], ends[1], ends[2])) do
+    if redis.call('HEXISTS', KEYS[2], sop) == 0 then redis.call('ZREM', KEYS[1], sop) end
   end
 end
-return {n, tostring(latest)}
+local n = redis.call('ZCARD', KEYS[1])
+if n == 0 then return {0, '0'} end
+return {n, redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')[2]}
 """
 
 # KEYS: pool due (zset uid -> due time), pool running (zset uid -> lease end). ARGV: now, lease end,
