@@ -167,6 +167,66 @@ def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its
     assert all("NOT sent" in line for line in lines[:-1])
 
 
+def test_a_study_announced_stable_again_while_it_is_sent_is_sent_again_with_the_images_that_came(tmp_path):
+    """Orthanc fixes a store job's instances when it creates the job: a series that arrives while the
+    study is being sent, making the study stable again, is not in that job. The second announcement
+    keeps the study on record, and it is sent again. Also: a state file of the previous release (no
+    count of announcements) is read, its pending study sent (here: gone from Orthanc, so dropped)."""
+    import sqlite3
+    import threading
+
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    images = fixture_images()
+    first = make_study(tmp_path / "in", images[0:1], patient_id="P-AGAIN")
+    later = make_study(tmp_path / "later", images[1:2], patient_id="P-AGAIN", study_uid=first.study_uid)
+    received: list[str] = []
+    in_first_send, release = threading.Event(), threading.Event()
+
+    def on_store(event):  # drh-pacs's listener, slow on the first send (a big study, a busy link)
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        in_first_send.set()
+        release.wait(8)  # under Orthanc's DicomScuTimeout (10 s)
+        return 0x0000
+
+    scp = AE("DRHPACS")
+    scp.supported_contexts = StoragePresentationContexts
+    drh_port = free_port()
+    server = scp.start_server(("127.0.0.1", drh_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    orthanc = Orthanc(tmp_path, drh_port=drh_port)
+    old = sqlite3.connect(orthanc.dir / "drh-pacs-forward.sqlite")
+    old.executescript(
+        "CREATE TABLE pending (study TEXT PRIMARY KEY, queued REAL, attempts INTEGER DEFAULT 0,"
+        " next_try REAL, last_error TEXT DEFAULT '');"
+        "INSERT INTO pending (study, queued, next_try) VALUES ('0f0f0f0f-0f0f0f0f-0f0f0f0f-0f0f0f0f-0f0f0f0f', 0, 0);"
+    )
+    old.close()
+    try:
+        orthanc.start()
+        wait_until(lambda: orthanc.forwarding()["pending_count"] == 0, 30, what="the old file's pending study")
+        assert "study 0f0f0f0f-0f0f0f0f-0f0f0f0f-0f0f0f0f-0f0f0f0f was deleted from Orthanc" in orthanc.log()
+        _store_to_orthanc(orthanc, first)
+        assert in_first_send.wait(60), "Orthanc never sent the study"
+        _store_to_orthanc(orthanc, later)  # a new series while the first send is held
+
+        def stable_announcements() -> int:
+            changes = orthanc.get("/changes?since=0&limit=1000")["Changes"]
+            return sum(1 for c in changes if c["ChangeType"] == "StableStudy")
+
+        wait_until(lambda: stable_announcements() == 2, 7, what="the study stable again during the send")
+        release.set()
+        wait_until(lambda: later.sop_uids[0] in received, 60, what="the later series sent")
+        wait_until(lambda: orthanc.forwarding()["pending_count"] == 0, 30, what="nothing pending")
+        assert set(received) == set(first.sop_uids + later.sop_uids)
+        log = orthanc.log()
+        assert "announced stable again meanwhile: sent again" in log
+        assert log.count(f"study {orthanc.study_id(first.study_uid)} forwarded to DRHPACS") == 2
+    finally:
+        release.set()
+        orthanc.stop()
+        server.shutdown()
+
+
 def test_similar_query_from_orthanc_s_rest_api_and_its_forms(tmp_path, redis_client, redis_server):
     """The README's Orthanc REST call, and Orthanc Explorer's query form (AccessionNumber), through the
     SIMILAR modality the drop-in declares: ranked studies, rank and score readable in the answer.

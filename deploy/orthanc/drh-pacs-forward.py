@@ -8,6 +8,8 @@ drh-pacs answered every instance with success:
 - A sender thread sends each pending study as an Orthanc job (``/modalities/{m}/store``), waits for
   the job's end and reads its ``ErrorDetails``: Orthanc's REST calls from a plugin only raise an
   error code, and a "permissive" job reports no failed instance even when drh-pacs refused one.
+- A study announced stable again while it is being sent (a series came meanwhile; Orthanc fixed the
+  running job's instances when it created it) stays pending and is sent again at once.
 - drh-pacs unreachable, the association rejected, or drh-pacs out of resources (0xA7xx): the study
   stays pending and is tried again with an exponential back-off (``RetryFirstSeconds`` doubling up
   to ``RetryMaxSeconds``); while drh-pacs is unreachable, nothing else is tried either.
@@ -55,7 +57,9 @@ LINK_ERRORS = re.compile(
     r"Network Timeout|timeout|Timeout|Connection refused|Connection reset|Connection closed|DUL ",
 )
 DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
-INEXISTENT_ITEM = 7  # Orthanc's error code for a resource that does not exist (deleted meanwhile)
+# Orthanc's error codes for a resource that does not exist (deleted meanwhile): InexistentItem, and
+# UnknownResource, which Orthanc (1.10, Debian's) answers when a store job names a study it no longer has.
+GONE = (7, 17)
 POLL_SECONDS = 0.2
 
 
@@ -87,22 +91,31 @@ class State:
             CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER);
             """
         )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(pending)")}
+        if "announced" not in columns:  # a state file of the previous release
+            self.db.execute("ALTER TABLE pending ADD COLUMN announced INTEGER DEFAULT 0")
 
     def add(self, study):
+        """A study announced stable (again): each announcement is counted, so that a send started
+        before it does not take the study off the record (Orthanc fixes a store job's instances when
+        it creates the job: images that came since are not in it)."""
         now = time.time()
         with self.lock:
             self.db.execute(
-                "INSERT INTO pending (study, queued, next_try) VALUES (?, ?, ?) "
-                "ON CONFLICT(study) DO UPDATE SET next_try = MIN(next_try, excluded.next_try)",
+                "INSERT INTO pending (study, queued, next_try, announced) VALUES (?, ?, ?, 0) "
+                "ON CONFLICT(study) DO UPDATE SET next_try = MIN(next_try, excluded.next_try),"
+                " announced = announced + 1",
                 (study, now, now),
             )
 
     def due(self, now):
-        """The study to send next: the one waiting longest for its turn (new studies in arrival
-        order; after a failure a study goes behind the others, so each gets its attempts)."""
+        """The study to send next, (study, attempts, announcements): the one waiting longest for its
+        turn (new studies in arrival order; after a failure a study goes behind the others, so each
+        gets its attempts)."""
         with self.lock:
             return self.db.execute(
-                "SELECT study, attempts FROM pending WHERE next_try <= ? ORDER BY next_try, queued LIMIT 1", (now,)
+                "SELECT study, attempts, announced FROM pending WHERE next_try <= ? ORDER BY next_try, queued LIMIT 1",
+                (now,),
             ).fetchone()
 
     def next_due(self):
@@ -117,10 +130,16 @@ class State:
                 (attempts, next_try, error[:500], study),
             )
 
-    def done(self, study, refused=(), forwarded=False):
+    def done(self, study, announced, refused=(), forwarded=False):
+        """The send that began after ``announced`` announcements ended; returns False when the study
+        was announced again meanwhile: it stays pending, to be sent again at once."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("DELETE FROM pending WHERE study = ?", (study,))
+            gone = self.db.execute(
+                "DELETE FROM pending WHERE study = ? AND announced <= ?", (study, announced)
+            ).rowcount
+            if not gone:
+                self.db.execute("UPDATE pending SET attempts = 0, last_error = '' WHERE study = ?", (study,))
             for instance, status, details in refused:
                 self.db.execute(
                     "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
@@ -131,6 +150,7 @@ class State:
                     "INSERT INTO counters VALUES ('forwarded', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1"
                 )
             self.db.execute("COMMIT")
+        return bool(gone)
 
     def report(self, limit=1000):
         with self.lock:
@@ -172,6 +192,8 @@ def _classify(details):
 
 
 class Forwarder:
+    AGAIN = "; announced stable again meanwhile: sent again for the images that came since"
+
     def __init__(self, drh, state):
         self.drh = drh
         self.state = state
@@ -192,7 +214,7 @@ class Forwarder:
             job = json.loads(orthanc.RestApiPost(f"/modalities/{self.modality}/store", body))["ID"]
         except orthanc.OrthancException as exc:
             code = exc.args[0] if exc.args else None
-            if code == INEXISTENT_ITEM:
+            if code in GONE:
                 return Outcome(False, "deleted from Orthanc", transient=False, status="gone")
             return Outcome(False, f"cannot start the store job: {exc}", transient=True)
         while not self.stop.is_set():
@@ -230,32 +252,32 @@ class Forwarder:
         first = float(self.drh["RetryFirstSeconds"])
         return min(float(self.drh["RetryMaxSeconds"]), first * (2 ** max(0, attempts - 1)))
 
-    def send(self, study, attempts):
+    def send(self, study, attempts, announced=0):
         attempt = attempts + 1
         outcome = self._store(study)
         if outcome.ok:
-            self.state.done(study, forwarded=True)
+            last = self.state.done(study, announced, forwarded=True)
             self._link_ok()
             orthanc.LogWarning(
                 f"drh-pacs: study {study} forwarded to {self.modality}"
-                f" ({outcome.details} instance(s), attempt {attempt})"
+                f" ({outcome.details} instance(s), attempt {attempt})" + ("" if last else self.AGAIN)
             )
             return
         if outcome.status == "gone":
-            self.state.done(study)
+            self.state.done(study, announced)
             orthanc.LogWarning(f"drh-pacs: study {study} was deleted from Orthanc before it could be sent")
             return
         refused = []
         if not outcome.transient:
             sent, refused, transient = self._instance_by_instance(study)
             if transient is None:
-                self.state.done(study, refused=refused)
+                last = self.state.done(study, announced, refused=refused)
                 self._link_ok()
                 statuses = ", ".join(sorted({status for _, status, _ in refused})) or "none"
                 orthanc.LogWarning(
                     f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
                     f" (DIMSE status {statuses}), {sent} sent; GET /drh-pacs/forwarding lists them,"
-                    " `drh-pacs failures refused` says why"
+                    " `drh-pacs failures refused` says why" + ("" if last else self.AGAIN)
                 )
                 return
             outcome = transient
@@ -293,7 +315,7 @@ class Forwarder:
                     self.wake.wait(wait)
                     self.wake.clear()
                     continue
-                self.send(row[0], row[1])
+                self.send(*row)
             except Exception as exc:  # never let the thread die: log and go on
                 orthanc.LogError(f"drh-pacs: forwarder error {exc!r}; going on")
                 self.stop.wait(5)
