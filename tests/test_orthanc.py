@@ -332,6 +332,43 @@ def test_backfill_walks_an_existing_archive_resumably_then_follows_orthanc_s_cha
         assert queue_depth(redis_client, "ingest") == 4
 
 
+def _set_sop_uid(path, sop_uid: str) -> None:
+    ds = dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.save_as(path)
+
+
+def test_backfill_refuses_an_instance_without_a_valid_uid_and_walks_on(tmp_path, redis_client, redis_server):
+    """Years-old archives hold UIDs no conformant tool would write. One with a leading zero in a
+    component (older equipment wrote them) is indexed; one drh-pacs cannot take (a letter in its SOP
+    Instance UID) is refused with its reason, and the walk goes on to the studies after it: before,
+    every run stopped at that study, and nothing after it in the archive was ever indexed."""
+    images = fixture_images()
+    good, zeros, bad = (make_study(tmp_path / "in", images[n : n + 1], patient_id=f"P-UID-{n}") for n in range(3))
+    zero_uid, bad_uid = "1.2.826.0.1.3680043.8.498.1507184833.035541", "1.2.826.0.1.3680043.8.498.77x"
+    _set_sop_uid(zeros.files[0], zero_uid)
+    _set_sop_uid(bad.files[0], bad_uid)
+    with running_plugin(tmp_path, redis_server.url) as plugin:
+        with Orthanc(tmp_path, forward=False) as orthanc:
+            _store_to_orthanc(orthanc, good, zeros, bad)
+            wait_until(lambda: len(orthanc.get("/instances")) == 3, 30, what="Orthanc to hold the three")
+            first = _backfill(plugin.settings, orthanc)
+            assert first.returncode == 0, first.stderr
+            assert "3 new study(ies), 2 instance(s) queued" in first.stdout
+            assert "1 instance(s) REFUSED (`drh-pacs failures refused` says why)" in first.stdout
+            (why,) = plugin.store.ledger.refused()
+            assert why["sop_uid"] == bad_uid and why["study_uid"] == bad.study_uid
+            assert "invalid Study/SOP Instance UID" in why["reason"] and why["source_ae"] == "ORTHANC"
+            again = _backfill(plugin.settings, orthanc, "--restart")  # the refused one is not tried again
+            assert again.returncode == 0, again.stderr
+            assert "3 new study(ies), 0 instance(s) queued, 3 already present" in again.stdout
+            assert "REFUSED" not in again.stdout
+        (path,) = _spooled(plugin, zeros)
+        assert path.stem == zero_uid
+        assert [p.stem for p in _spooled(plugin, good)] == good.sop_uids and not _spooled(plugin, bad)
+        assert queue_depth(redis_client, "ingest") == 2
+
+
 def test_serve_s_scheduled_reconciliation_indexes_what_orthanc_did_not_forward(tmp_path, redis_client, redis_server):
     from plugin.ops.orthanc import ScheduledReconcile
 

@@ -9,11 +9,21 @@ import pytest
 from plugin.dicom.spool import Reconciler, Spool, SpoolError
 
 
-def test_spool_path_components_are_checked(tmp_path):
+@pytest.mark.parametrize("bad", ["../../etc", "..", "1..2", ".1", "1.", "1.2/3", "1.2.3a", "", "1." * 32 + "1"])
+def test_spool_path_components_are_checked(tmp_path, bad):
     with pytest.raises(SpoolError):
-        Spool(tmp_path).write("../../etc", "1.2.3", b"x")
+        Spool(tmp_path).write(bad, "1.2.3", b"x")
+    with pytest.raises(SpoolError):
+        Spool(tmp_path).write("1.2.3", bad, b"x")
     entry = Spool(tmp_path).write("1.2.3", "1.2.3.4", [b"DI", b"CM"])
     assert Path(entry.path).read_bytes() == b"DICM"
+
+
+def test_a_uid_with_a_leading_zero_in_a_component_is_taken(tmp_path):
+    """Not conformant, but written by older equipment and kept by archives (refused, those studies
+    would never be searchable)."""
+    entry = Spool(tmp_path).write("1.2.840.0123", "1.2.840.0123.035541", b"DICM")
+    assert Path(entry.path).parent.name == "1.2.840.0123" and Path(entry.path).read_bytes() == b"DICM"
 
 
 # -- the spool reconciler, one function at a time ------------------------------------------------------

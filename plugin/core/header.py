@@ -12,8 +12,11 @@ from pydicom.dataset import Dataset
 
 from hashing.route import BODY_PART_SYNONYMS, body_part_term
 
-# A DICOM UID: digits and dots, at most 64 characters, no leading zero in a component.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+# A DICOM UID: digits and dots, at most 64 characters. DICOM forbids a leading zero in a component,
+# but equipment wrote them (``...1507184833.035541``) and archives keep them: refusing them would keep
+# those studies out of search for good. Digits and non-empty components only, so a UID is still a safe
+# path component (the spool names files by UID).
+_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 STUDY_FIELDS = {
     "patient_id": "PatientID",

@@ -6,7 +6,9 @@ Orthanc held before: it asks Orthanc's REST API (orthanc-rest-client) which stud
 each instance drh-pacs does not have yet into the spool (the same durable write as a C-STORE), and
 queues it for the workers with Orthanc's AE title as its source, so a later C-MOVE is forwarded to
 Orthanc. Instances drh-pacs refused at reception (``drh-pacs failures refused``) are left alone: a
-corrected copy must come from the PACS.
+corrected copy must come from the PACS. An instance it cannot take (no valid UID) is refused the same
+way, with its reason, and the walk goes on: one bad instance in a years-old archive must not stop
+every later run at the same study.
 
 The command's first run walks the whole archive, page by page, resumable: each finished Orthanc
 study is recorded in Redis (:mod:`plugin.store.backfill`), so an interrupted run (Ctrl-C, a crash, a
@@ -32,9 +34,11 @@ from typing import Any
 
 import redis
 
+from plugin.core.header import is_uid
 from plugin.core.redis_server import resolve_redis_url
 from plugin.core.settings import Settings, SettingsError, load_settings
 from plugin.dicom.spool import Spool, with_source_ae
+from plugin.dicom.status import STORE_CANNOT_UNDERSTAND
 from plugin.store import SETTLED_STATES, Store
 from workers.client import enqueue_instance, make_celery
 
@@ -124,8 +128,10 @@ def iter_changed_studies(client: Any, since: int, page: int = CHANGES_PAGE) -> I
             elif kind == "NewSeries":
                 try:
                     studies.append(client.get_one_series(resource)["ParentStudy"])
-                except Exception as exc:  # noqa: BLE001 - deleted meanwhile: nothing to index
-                    log.debug("series %s gone: %s", resource, exc)
+                except Exception as exc:
+                    if not _not_found(exc):
+                        raise  # Orthanc failing: the run stops before this page, and a rerun reads it again
+                    log.debug("series %s gone: %s", resource, exc)  # deleted meanwhile: nothing to index
         last = int(page_of.get("Last", since) or since)
         yield list(dict.fromkeys(studies)), last
         if page_of.get("Done", True) or last <= since:
@@ -140,25 +146,61 @@ def _have(store: Store, sop_uids: list[str]) -> set[str]:
     return have | store.ledger.refused_among(sop_uids)
 
 
+def _not_found(exc: Exception) -> bool:
+    """Orthanc answered 404: the resource was deleted meanwhile (anything else is Orthanc failing)."""
+    return getattr(getattr(exc, "response", None), "status_code", None) == 404
+
+
 def backfill_study(
     client: Any, orthanc_id: str, *, store: Any, spool: Any, enqueue: Any, source_ae: str
-) -> tuple[int, int]:
-    """Spool and queue the instances of one Orthanc study that drh-pacs lacks; (queued, skipped)."""
-    study = client.get_study(orthanc_id)
-    study_uid = study["MainDicomTags"]["StudyInstanceUID"]
-    instances = client.get_study_instances(orthanc_id)
-    by_sop = {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in instances}
-    have = _have(store, list(by_sop))
-    queued = skipped = 0
-    for sop_uid, instance_id in sorted(by_sop.items()):
-        if sop_uid in have or spool.find(sop_uid, study_uid) is not None:
-            skipped += 1  # indexed already, refused, or in the spool (forwarded; the reconciler covers it)
+) -> tuple[int, int, int]:
+    """Spool and queue the instances of one Orthanc study that drh-pacs lacks; (queued, skipped, refused).
+
+    An instance drh-pacs cannot take (no valid Study or SOP Instance UID) is refused as the DICOM
+    listener refuses it: recorded with its reason (``drh-pacs failures refused``), and the walk goes
+    on; a rerun skips it. One deleted from Orthanc meanwhile is skipped. Anything else (Orthanc, the
+    spool's disk, the broker) raises: the run stops there and a rerun resumes at this study.
+    """
+    try:
+        study = client.get_study(orthanc_id)
+        instances = client.get_study_instances(orthanc_id)
+    except Exception as exc:
+        if _not_found(exc):
+            return 0, 0, 0
+        raise
+    study_uid = str(study.get("MainDicomTags", {}).get("StudyInstanceUID", "") or "")
+    listed = sorted((str(i.get("MainDicomTags", {}).get("SOPInstanceUID", "") or ""), i["ID"]) for i in instances)
+    have = _have(store, [sop for sop, _ in listed if sop])
+    queued = skipped = refused = 0
+    for sop_uid, instance_id in listed:
+        if sop_uid in have:
+            skipped += 1  # indexed already, or refused (by the listener or an earlier run)
             continue
-        data = b"".join(client.get_instance_file(instance_id))
+        if not (is_uid(study_uid) and is_uid(sop_uid)):
+            refused += 1
+            _refuse(store, sop_uid, study_uid, instance_id, source_ae)
+            continue
+        if spool.find(sop_uid, study_uid) is not None:
+            skipped += 1  # in the spool (forwarded; the reconciler covers it)
+            continue
+        try:
+            data = b"".join(client.get_instance_file(instance_id))
+        except Exception as exc:
+            if _not_found(exc):
+                skipped += 1
+                continue
+            raise
         entry = spool.write(study_uid, sop_uid, with_source_ae(data, source_ae))
         enqueue(entry, source_ae)
         queued += 1
-    return queued, skipped
+    return queued, skipped, refused
+
+
+def _refuse(store: Any, sop_uid: str, study_uid: str, instance_id: str, source_ae: str) -> None:
+    reason = f"missing or invalid Study/SOP Instance UID (Orthanc instance {instance_id})"
+    log.warning("backfill: Orthanc instance %s refused: %s", instance_id, reason)
+    if sop_uid:  # the ledger is by SOP Instance UID; without one, the log line is the record
+        store.ledger.record_refused(sop_uid, study_uid, source_ae, reason, STORE_CANNOT_UNDERSTAND)
 
 
 def run(
@@ -225,7 +267,7 @@ def _run(
 
     def one(orthanc_id: str, counts: dict[str, int]) -> None:
         try:
-            queued, skipped = backfill_study(
+            queued, skipped, refused = backfill_study(
                 client, orthanc_id, store=store, spool=spool, enqueue=enqueue, source_ae=source_ae
             )
         except Exception as exc:  # noqa: BLE001 - stop: a rerun resumes from this study
@@ -234,8 +276,9 @@ def _run(
         counts["studies"] += 1
         counts["queued"] += queued
         counts["skipped"] += skipped
+        counts["refused"] += refused
 
-    counts = {"studies": 0, "queued": 0, "skipped": 0, "already_done": 0, "incremental": 0, "since": 0}
+    counts = {"studies": 0, "queued": 0, "skipped": 0, "refused": 0, "already_done": 0, "incremental": 0, "since": 0}
     try:
         since = progress.since()
         newest = last_change(client)
@@ -318,6 +361,11 @@ class ScheduledReconcile:
             except Exception:  # noqa: BLE001 - a bug or Redis away: log, try again next period
                 log.exception("reconciliation with Orthanc failed")
                 continue
+            if counts["refused"]:
+                log.warning(
+                    "reconciliation with Orthanc: %d instance(s) refused (`drh-pacs failures refused` says why)",
+                    counts["refused"],
+                )
             if counts["queued"]:
                 log.warning(
                     "reconciliation with Orthanc: %d instance(s) of %d study(ies) were missing and are now queued",
@@ -326,6 +374,11 @@ class ScheduledReconcile:
                 )
             else:
                 log.info("reconciliation with Orthanc: %d study(ies) checked, nothing missing", counts["studies"])
+
+
+def _refused(counts: dict[str, int]) -> str:
+    n = counts["refused"]
+    return f", {n} instance(s) REFUSED (`drh-pacs failures refused` says why)" if n else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,11 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     if counts["incremental"]:
         print(
             f"backfill orthanc: {counts['studies']} study(ies) changed in Orthanc since change {counts['since']},"
-            f" {counts['queued']} instance(s) queued, {counts['skipped']} already present"
+            f" {counts['queued']} instance(s) queued, {counts['skipped']} already present{_refused(counts)}"
         )
     else:
         print(
             f"backfill orthanc: {counts['studies']} new study(ies), {counts['queued']} instance(s) queued,"
             f" {counts['skipped']} already present, {counts['already_done']} study(ies) done in earlier runs"
+            f"{_refused(counts)}"
         )
     return 0
