@@ -66,15 +66,6 @@ def test_handlers_are_counted_by_their_final_status():
         yield 0xFF00, Dataset()
         yield 0xFE00, None
 
-    def move_unknown_destination(event):
-        yield None, None
-
-    def get_refused(event):
-        yield 1
-        failure = Dataset()
-        failure.Status = 0xC000
-        yield failure, None
-
     def broken(event):
         raise RuntimeError("a bug")
         yield  # a generator
@@ -83,18 +74,15 @@ def test_handlers_are_counted_by_their_final_status():
     counters.timed("C-STORE", store)(None)
     assert len(list(counters.timed("C-FIND", find)(None))) == 2
     list(counters.timed("C-FIND", cancelled)(None))
-    list(counters.timed("C-MOVE", move_unknown_destination)(None))
-    list(counters.timed("C-GET", get_refused)(None))
     try:
-        list(counters.timed("C-GET", broken)(None))
+        list(counters.timed("C-FIND", broken)(None))
     except RuntimeError:
         pass
     requests = counters.snapshot()["requests"]
     assert requests["C-ECHO|success"] == 1 and requests["C-STORE|failure"] == 1
-    assert requests["C-FIND|success"] == 1 and requests["C-FIND|cancel"] == 1
-    assert requests["C-MOVE|failure"] == 1 and requests["C-GET|failure"] == 2
+    assert requests["C-FIND|success"] == 1 and requests["C-FIND|cancel"] == 1 and requests["C-FIND|failure"] == 1
     latency = counters.snapshot()["latency"]["C-FIND"]
-    assert latency["count"] == 2 and latency["buckets"][-1] == (float("inf"), 2)
+    assert latency["count"] == 3 and latency["buckets"][-1] == (float("inf"), 3)
 
 
 def test_rejections_are_counted_by_reason():
@@ -108,3 +96,47 @@ def test_rejections_are_counted_by_reason():
     snap = counters.snapshot()
     assert snap["associations"]["rejected"] == 2
     assert snap["rejections"]["calling-ae"] == 1 and snap["rejections"]["busy"] == 1
+
+
+def _sent(message_class, assoc, **command):  # an EVT_DIMSE_SENT, as pynetdicom passes it
+    message = message_class()
+    for keyword, value in command.items():
+        setattr(message.command_set, keyword, value)
+    return SimpleNamespace(message=message, assoc=assoc)
+
+
+def test_a_move_or_get_is_counted_by_its_final_response_with_its_sub_operations():
+    """What a C-MOVE or C-GET handler yields is only what it offers; the final response says what the
+    destination took (a move whose every file was refused ends 0xA702, not a success)."""
+    from pynetdicom.dimse_messages import C_FIND_RSP, C_GET_RSP, C_MOVE_RSP
+
+    counters = DicomCounters()
+    assoc = SimpleNamespace()
+
+    def offers(event):
+        yield ("127.0.0.1", 104)
+        yield 2
+        yield 0xFF00, Dataset()
+        yield 0xFF00, Dataset()
+
+    assert len(list(counters.timed("C-MOVE", offers)(SimpleNamespace(assoc=assoc)))) == 4
+    assert counters.snapshot()["requests"]["C-MOVE|success"] == 0  # not counted from what was offered
+    assert counters.retrieve_answered(_sent(C_MOVE_RSP, assoc, Status=0xFF00, NumberOfCompletedSuboperations=1)) is None
+    assert counters.retrieve_answered(_sent(C_FIND_RSP, assoc, Status=0x0000)) is None
+    done = counters.retrieve_answered(
+        _sent(C_MOVE_RSP, assoc, Status=0xA702, NumberOfCompletedSuboperations=0, NumberOfFailedSuboperations=2)
+    )
+    assert done is not None and (done.operation, done.status, done.forwarded) == ("C-MOVE", 0xA702, False)
+    counters.retrieve_answered(_sent(C_GET_RSP, assoc, Status=0xB000, NumberOfCompletedSuboperations=3,
+                                     NumberOfFailedSuboperations=1, NumberOfWarningSuboperations=0))  # fmt: skip
+    counters.retrieve_answered(_sent(C_MOVE_RSP, assoc, Status=0xA801))  # destination unknown
+    snap = counters.snapshot()
+    assert snap["requests"]["C-MOVE|failure"] == 2 and snap["requests"]["C-GET|warning"] == 1
+    assert snap["suboperations"] == {
+        "C-MOVE|completed": 0, "C-MOVE|failed": 2, "C-MOVE|warning": 0,
+        "C-GET|completed": 3, "C-GET|failed": 1, "C-GET|warning": 0,
+    }  # fmt: skip
+    assert snap["latency"]["C-MOVE"]["count"] == 2
+    samples = _samples({"time": 0, "redis_ok": False, "namespace": "drh", "dicom": snap})
+    key = ("drh_dicom_retrieve_suboperations_total", (("operation", "C-GET"), ("outcome", "completed")))
+    assert samples[key] == 3

@@ -94,3 +94,35 @@ def test_move_failures(tmp_path, redis_client, redis_server, viewer):
         output = unknown_study.stdout + unknown_study.stderr
         assert "Failed" in output or "Failure" in output, output
         assert viewer.received() == set()
+
+
+def test_a_move_or_get_whose_destination_refuses_every_file_is_counted_a_failure(
+    tmp_path, redis_client, redis_server, caplog
+):
+    """The viewer is told 0xA702 by pynetdicom; drh-pacs's own counts and log must say the same (they
+    said "success" and "2 file(s) sent", from what the handler offered)."""
+    import logging
+
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    study = make_study(tmp_path / "in", fixture_images()[4:6], patient_id="P-FULL")
+    full = AE("FULL")  # a destination whose disk is full: every C-STORE answered 0xA700
+    full.supported_contexts = StoragePresentationContexts
+    port = free_port()
+    server = full.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0xA700)])
+    nodes = {"FULL": f"127.0.0.1:{port}"}
+    try:
+        with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin:
+            proc = dcmtk("storescu", "-aec", "DRHPACS", "127.0.0.1", str(plugin.port), *map(str, study.files))
+            assert proc.returncode == 0, proc.stderr
+            with caplog.at_level(logging.INFO, logger="drh"):
+                moved = movescu(plugin.port, study.study_uid, destination="FULL")
+                assert "0xa702" in (moved.stdout + moved.stderr).lower()
+                wait_until(lambda: plugin.server.counters.snapshot()["requests"]["C-MOVE|failure"] == 1, 10)
+            snap = plugin.server.counters.snapshot()
+            assert snap["requests"]["C-MOVE|success"] == 0
+            assert snap["suboperations"]["C-MOVE|failed"] == 2 and snap["suboperations"]["C-MOVE|completed"] == 0
+            assert "C-MOVE from VIEWER answered 0xa702: 0 sub-operation(s) completed, 2 failed" in caplog.text
+            assert "sent from the spool" not in caplog.text
+    finally:
+        server.shutdown()

@@ -16,6 +16,7 @@ import inspect
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 OPERATIONS = ("C-ECHO", "C-STORE", "C-FIND", "C-MOVE", "C-GET")
@@ -25,15 +26,26 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected", "aborted")
 # ("busy": plugin.dicom.admission's limits, or pynetdicom's own), anything else. Connections refused
 # before their A-ASSOCIATE-RQ was read (admission control) are counted by plugin.dicom.admission.
 REJECT_REASONS = ("called-ae", "calling-ae", "address", "busy", "other")
+# The sub-operations of C-MOVE and C-GET (one C-STORE each), as their final response counts them.
+RETRIEVES = {"C_MOVE_RSP": "C-MOVE", "C_GET_RSP": "C-GET"}
+SUBOPERATIONS = ("completed", "failed", "warning")
 # Seconds: from a C-ECHO (milliseconds) to a C-MOVE of a large study (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 _REJECT_ATTRIBUTE = "_drh_reject_reason"
+_RETRIEVE_STARTED = "_drh_retrieve_started"
+_RETRIEVE_FORWARDED = "_drh_retrieve_forwarded"
 
 
 def note_rejection(assoc: Any, reason: str) -> None:
     """Say why we are about to reject ``assoc`` (before triggering ``EVT_REJECTED``), for the counts."""
     setattr(assoc, _REJECT_ATTRIBUTE, reason)
+
+
+def note_forwarded(assoc: Any) -> None:
+    """Say that the C-MOVE being answered on ``assoc`` was done by the source PACS (its final response
+    counts no local sub-operation)."""
+    setattr(assoc, _RETRIEVE_FORWARDED, True)
 
 
 def outcome_of(status: int) -> str | None:
@@ -70,6 +82,16 @@ def _no_admission_refusals() -> dict[str, int]:
     return dict.fromkeys(REFUSAL_REASONS, 0)
 
 
+@dataclass(frozen=True)
+class Retrieved:
+    """The end of a C-MOVE or C-GET as its final response says."""
+
+    operation: str
+    status: int
+    suboperations: dict[str, int]
+    forwarded: bool  # done by the source PACS: no local sub-operation
+
+
 class DicomCounters:
     """Thread-safe counters of one SCP process; :meth:`snapshot` is what the exporters read."""
 
@@ -80,6 +102,7 @@ class DicomCounters:
         self._requests = {(op, outcome): 0 for op in OPERATIONS for outcome in OUTCOMES}
         self._buckets = {op: [0] * (len(LATENCY_BUCKETS) + 1) for op in OPERATIONS}
         self._sums = dict.fromkeys(OPERATIONS, 0.0)
+        self._suboperations = {(op, kind): 0 for op in RETRIEVES.values() for kind in SUBOPERATIONS}
         self.started = time.time()
         # len(active associations), set by the SCP that owns these counters
         self.active: Callable[[], int] = lambda: 0
@@ -110,7 +133,21 @@ class DicomCounters:
             self._sums[operation] += seconds
 
     def timed(self, operation: str, handler: Callable[..., Any]) -> Callable[..., Any]:
-        """``handler`` (a pynetdicom event handler) with its requests counted and timed."""
+        """``handler`` (a pynetdicom event handler) with its requests counted and timed.
+
+        C-MOVE and C-GET are counted when their final response is sent (:meth:`retrieve_answered`):
+        what their handler yields is only the files to send, and whether the destination took them
+        is known to pynetdicom alone (a move whose every sub-operation failed ends in 0xA702).
+        """
+        if operation in RETRIEVES.values():
+
+            def retrieve(event: Any, *args: Any) -> Iterator[Any]:
+                setattr(event.assoc, _RETRIEVE_STARTED, time.monotonic())
+                setattr(event.assoc, _RETRIEVE_FORWARDED, False)
+                yield from handler(event, *args)
+
+            retrieve.__name__ = handler.__name__
+            return retrieve
         if inspect.isgeneratorfunction(handler):
 
             def generator(event: Any, *args: Any) -> Iterator[Any]:
@@ -145,6 +182,28 @@ class DicomCounters:
         plain.__name__ = handler.__name__
         return plain
 
+    def retrieve_answered(self, event: Any) -> Retrieved | None:
+        """Count a C-MOVE or C-GET by the final response pynetdicom sends (an ``EVT_DIMSE_SENT``);
+        None for any other message."""
+        operation = RETRIEVES.get(type(event.message).__name__)
+        if operation is None:
+            return None
+        command = event.message.command_set
+        status = int(getattr(command, "Status", 0xC000))
+        outcome = outcome_of(status)
+        if outcome is None:
+            return None  # pending
+        started = getattr(event.assoc, _RETRIEVE_STARTED, None)
+        seconds = time.monotonic() - started if started is not None else 0.0
+        counts = {
+            kind: int(getattr(command, f"NumberOf{kind.title()}Suboperations", None) or 0) for kind in SUBOPERATIONS
+        }
+        self.request(operation, outcome, seconds)
+        with self._lock:
+            for kind, n in counts.items():
+                self._suboperations[(operation, kind)] += n
+        return Retrieved(operation, status, counts, bool(getattr(event.assoc, _RETRIEVE_FORWARDED, False)))
+
     # -- reading ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """Every count, with cumulative latency buckets per operation (Prometheus's shape)."""
@@ -161,6 +220,7 @@ class DicomCounters:
                 "associations": dict(self._associations),
                 "rejections": dict(self._rejections),
                 "requests": {f"{op}|{outcome}": n for (op, outcome), n in self._requests.items()},
+                "suboperations": {f"{op}|{kind}": n for (op, kind), n in self._suboperations.items()},
                 "latency": latency,
                 "active_associations": self.active(),
                 "admission_refusals": self.admission_refusals(),

@@ -29,7 +29,7 @@ from plugin.dicom import admission as admission_mod
 from plugin.dicom import move as move_mod
 from plugin.dicom import plain, similar
 from plugin.dicom import status as st
-from plugin.dicom.counters import DicomCounters, note_rejection
+from plugin.dicom.counters import DicomCounters, note_forwarded, note_rejection
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, SpoolError
 from plugin.dicom.validate import is_image_sop_class, read_received
 from plugin.search import query as search
@@ -438,6 +438,7 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
             outcome.failed,
         )
         if outcome.ok:
+            note_forwarded(event.assoc)
             yield ("127.0.0.1", 0)  # not used: no local sub-operation follows
             yield 0
             return
@@ -461,7 +462,7 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
             yield st.CANCEL, None
             return
         yield st.PENDING, move_mod.read_for_sending(path)
-    log.info("C-MOVE from %s to %s: %d file(s) sent from the spool", calling, destination, len(plan.local_files))
+    # what the destination took is logged from the final response (handle_dimse_sent)
 
 
 def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iterator[Any]:
@@ -493,7 +494,6 @@ def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iter
             yield st.CANCEL, None
             return
         yield st.PENDING, move_mod.read_for_sending(path)
-    log.info("C-GET from %s: %d file(s) of %d study(ies) sent", calling, len(files), len(studies))
 
 
 def handle_accepted(event: Any, counters: DicomCounters) -> None:
@@ -506,6 +506,22 @@ def handle_rejected(event: Any, counters: DicomCounters) -> None:
 
 def handle_aborted(event: Any, counters: DicomCounters) -> None:
     counters.association("aborted")
+
+
+def handle_dimse_sent(event: Any, counters: DicomCounters) -> None:
+    """The end of a C-MOVE or C-GET, as its final response tells the requester: counted, and logged
+    with what the destination took (a handler only knows what it offered)."""
+    done = counters.retrieve_answered(event)
+    if done is None or done.forwarded:
+        return
+    calling = str(event.assoc.requestor.ae_title or "").strip()
+    n = done.suboperations
+    level = logging.INFO if done.status == st.SUCCESS else logging.WARNING
+    log.log(
+        level,
+        "%s from %s answered %#06x: %d sub-operation(s) completed, %d failed, %d with a warning",
+        done.operation, calling, done.status, n["completed"], n["failed"], n["warning"],
+    )  # fmt: skip
 
 
 def bindings(
@@ -528,6 +544,7 @@ def bindings(
         (evt.EVT_ACCEPTED, handle_accepted, [counters]),
         (evt.EVT_REJECTED, handle_rejected, [counters]),
         (evt.EVT_ABORTED, handle_aborted, [counters]),
+        (evt.EVT_DIMSE_SENT, handle_dimse_sent, [counters]),
         (evt.EVT_C_ECHO, timed("C-ECHO", handle_echo)),
         (evt.EVT_C_STORE, timed("C-STORE", handle_store), [store_deps]),
         (evt.EVT_C_FIND, timed("C-FIND", handle_find), [settings, store, indexes]),

@@ -58,6 +58,15 @@ def _dicom(d: dict[str, Any]) -> Any:
         operation, _, outcome = key.partition("|")
         requests.add_metric([operation, outcome], n)
     yield requests
+    subops = CounterMetricFamily(
+        "drh_dicom_retrieve_suboperations",
+        "C-STORE sub-operations of C-MOVE and C-GET sent from here, by what the destination answered",
+        labels=["operation", "outcome"],
+    )
+    for key, n in d.get("suboperations", {}).items():
+        operation, _, outcome = key.partition("|")
+        subops.add_metric([operation, outcome], n)
+    yield subops
     duration = HistogramMetricFamily(
         "drh_dicom_request_duration_seconds",
         "time from a DIMSE request to its final response (C-MOVE and C-GET: all sub-operations)",
