@@ -160,3 +160,36 @@ def test_a_300_slice_series_costs_a_bounded_sample_and_real_ct_mr_and_multi_fram
     wait_until(lambda: store.records.instance(late_uid).get("represented_by"), 60, what="late slice re-sampled")
     assert store.records.instance(late_uid)["represented_by"] == expected[-1]
     assert sampled() == expected and store.stats.tasks()["index_instance"]["done"] == SAMPLE + 3
+
+
+@pytest.mark.slow
+def test_a_slice_whose_decoding_killed_the_worker_at_pooling_is_failed_and_its_series_sampled_without_it(
+    redis_server, store, worker_factory, tmp_path
+):
+    """A slice is only checked to be an image at ingest; its pixels are first decoded when its series
+    is sampled. A codec that kills the process there must not kill every worker that takes the
+    study's pooling, for ever: after MAX_DECODE_CRASHES deaths (counted as at ingest) the slice is a
+    permanent failure, and the study is pooled from its other slices."""
+    from workers.batching import MAX_DECODE_CRASHES
+
+    worker_factory("crash", DRH_MAX_FRAMES_PER_SERIES="3", DRH_STUDY_STABLE_SECONDS="15")
+    app = app_for(redis_server.url, tmp_path / "data")
+    volume = _ct_series(tmp_path / "ct", 6, generate_uid())
+    send(app, volume)
+    wait_until(
+        lambda: all(r.get("state") == "volume-slice" for r in store.records.instances(volume.sop_uids)),
+        60,
+        what="every slice recorded",
+    )
+    sample = [volume.sop_uids[i] for i in evenly_spaced(6, 3)]
+    crashing = sample[1]
+    # as if decoding it had killed the process that held the pooling, MAX_DECODE_CRASHES times
+    store.client.hset(store.keys.ingest_decoding(), crashing, MAX_DECODE_CRASHES)
+    general = wait_until(lambda: store.models.active("general"), 30, what="the general model")
+    wait_until(lambda: store.codes.has(general, "study", volume.study_uid), 90, what="the study pooled")
+    entry = store.ledger.get(crashing)
+    assert entry and entry["kind"] == "permanent"
+    assert f"killed the worker process {MAX_DECODE_CRASHES} times" in entry["reason"]
+    assert store.records.instance(crashing)["state"] == "failed"
+    assert store.client.hget(store.keys.ingest_decoding(), crashing) is None
+    assert sorted(store.embeddings.get_many(general, volume.sop_uids)) == sorted(set(sample) - {crashing})

@@ -277,15 +277,27 @@ def decode_items(settings: Settings, store: Store, items: list[Item]) -> tuple[l
     return images, own_outcome
 
 
-def _decode_one(settings: Settings, store: Store, it: Item) -> str:
-    """ "image", "ignored", "failed" or "later" (another item's transient error: its own message retries)."""
+def load_guarded(settings: Settings, store: Store, it: Item, *, defer_volume: bool = False) -> str:
+    """:func:`load_item`, counted as a decode started until it returns: a file whose decoding killed
+    the worker process ``MAX_DECODE_CRASHES`` times is a permanent failure, not tried again (its
+    message, redelivered after each death, would otherwise kill every worker that takes it). Ingest
+    and the sampling of a volume's slices at pooling (their pixels are first decoded there) both
+    decode through it."""
     crashes = store.ingest.decode_started(it.sop_uid)
     try:
         if crashes >= MAX_DECODE_CRASHES:
             raise PermanentError(
                 f"decoding this file killed the worker process {crashes} times (a codec crash); not tried again"
             )
-        not_image = load_item(settings, it, defer_volume=True)
+        return load_item(settings, it, defer_volume=defer_volume)
+    finally:
+        store.ingest.decode_finished(it.sop_uid)  # not reached when the process dies while decoding
+
+
+def _decode_one(settings: Settings, store: Store, it: Item) -> str:
+    """ "image", "ignored", "failed" or "later" (another item's transient error: its own message retries)."""
+    try:
+        not_image = load_guarded(settings, store, it, defer_volume=True)
     except TransientError:
         if it.own:
             raise
@@ -294,8 +306,6 @@ def _decode_one(settings: Settings, store: Store, it: Item) -> str:
         log.error("instance %s failed: %s", it.sop_uid, exc)
         record_failure(store, it, str(exc), "permanent")
         return "failed"
-    finally:
-        store.ingest.decode_finished(it.sop_uid)  # not reached when the process dies while decoding
     if not_image:
         log.info("instance %s ignored: %s", it.sop_uid, not_image)
         store.ledger.record_ignored(it.payload(), not_image)

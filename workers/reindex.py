@@ -150,7 +150,7 @@ def encode_and_store(task: RetryingTask, version: str, sops: list[str]) -> None:
             continue
         it = Item(sop, info.get("study_uid", ""), info.get("path", ""), info.get("source_ae", ""), 0.0)
         try:
-            not_image = batching.load_item(settings, it, defer_volume=True)
+            not_image = batching.load_guarded(settings, store, it, defer_volume=True)
         except PermanentError as exc:
             _failed(store, version, sop, str(exc))
             continue

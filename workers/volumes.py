@@ -73,10 +73,11 @@ def encode_volumes(settings: Settings, store: Store, enc: Any, version: str, stu
         chosen = choose(len(sops), settings.max_frames_per_series, have)
         todo = [sops[n] for n in chosen if n not in have]
         done = set(_encode_slices(settings, store, enc, version, study_uid, todo))
+        settled = set(todo) - done  # failed or not an image: their state says so, and they leave the series
         sampled = [n for n in chosen if n in have or sops[n] in done]
         encoded += len(done)
         for n, sop in enumerate(sops):
-            if n in sampled:
+            if n in sampled or sop in settled:
                 continue
             if n in have:  # in an earlier sample, not in this one
                 store.codes.delete(version, "image", sop)
@@ -104,7 +105,7 @@ def _encode_slices(
         rec = store.records.instance(sop)
         it = Item(sop, study_uid, rec.get("path", ""), rec.get("source_ae", ""), float(rec.get("received_at") or 0))
         try:
-            not_image = batching.load_item(settings, it)
+            not_image = batching.load_guarded(settings, store, it)
         except PermanentError as exc:
             log.error("slice %s of study %s failed: %s", sop, study_uid, exc)
             batching.record_failure(store, it, str(exc), "permanent")
