@@ -74,3 +74,40 @@ def test_reconciler_requeues_a_queued_file_that_stays_unindexed(tmp_path):
     entry = spool.write("1.2.5", "1.2.5.1", b"x")
     rec.track(entry, enqueued=True)
     assert rec.run_once() == 1 and queued == ["1.2.5.1"]
+
+
+def test_reconciler_does_not_queue_again_what_a_worker_will_take_in_a_backlog(tmp_path):
+    """A backlog longer than the requeue period: each file's hint is kept and the queue has messages,
+    so a worker will take it; queuing it again made duplicates that grew with the square of the
+    backlog (at each pass, and at each start-up). Once nothing would take it (the queue empty), it is
+    queued again."""
+    coming: set[str] = set()
+    spool, rec, queued = _reconciler(tmp_path, set(), [], requeue_after=0.0, coming=lambda es: {
+        e.sop_uid for e in es} & coming)  # fmt: skip
+    tracked = spool.write("1.2.6", "1.2.6.1", b"x")
+    rec.track(tracked, enqueued=True)
+    spool.write("1.2.6", "1.2.6.2", b"x")  # found at start-up, its hint kept from before the restart
+    coming |= {"1.2.6.1", "1.2.6.2"}
+    assert rec.run_once(full=True) == 0 and rec.pending == 2
+    assert rec.run_once() == 0
+    rec.requeue_soon()  # a worker restarted: its messages come back with the broker, the hints stay
+    assert rec.run_once() == 0 and queued == []
+    coming.clear()  # the queue is empty (or the hints are gone): nothing would take them
+    assert rec.run_once() == 2 and sorted(queued) == ["1.2.6.1", "1.2.6.2"]
+
+
+def test_a_file_is_coming_while_its_hint_is_kept_and_the_ingest_queue_has_messages(tmp_path, store, redis_server):
+    """The reconciler's question asked of a real Redis (``plugin.dicom.scp._coming_checker``)."""
+    from plugin.dicom.scp import _coming_checker
+    from plugin.store.keys import Keys
+    from tests.helpers.peers import make_settings
+
+    coming = _coming_checker(store, make_settings(tmp_path, redis_server.url))
+    spool = Spool(tmp_path / "spool")
+    kept, gone = spool.write("1.2.7", "1.2.7.1", b"x"), spool.write("1.2.7", "1.2.7.2", b"x")
+    store.ingest.hint({"sop_uid": kept.sop_uid, "study_uid": "1.2.7", "path": str(kept.path), "received_at": 1.0})
+    assert coming([kept, gone]) == set()  # no message waiting: nothing would take it
+    store.client.lpush(Keys.queue_lists("ingest")[0], b"{}")  # a message of another instance
+    assert coming([kept, gone]) == {kept.sop_uid}
+    store.ingest.done(kept.sop_uid, "1.2.7")
+    assert coming([kept, gone]) == set()

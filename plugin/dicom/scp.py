@@ -15,6 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import redis
 from pydicom import uid as tsuid
 from pynetdicom import AE, AllStoragePresentationContexts, _config
 from pynetdicom.sop_class import (
@@ -34,6 +35,7 @@ from plugin.dicom.counters import DicomCounters
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, source_ae_of
 from plugin.dicom.validate import is_image_sop_class
 from plugin.store import SETTLED_STATES, Store
+from plugin.store.broker import queue_depth
 from workers.client import enqueue_instance
 
 log = logging.getLogger("drh.scp")
@@ -190,6 +192,22 @@ def _done_checker(store: Store) -> Callable[[list[SpoolEntry]], set[str]]:
     return is_done
 
 
+def _coming_checker(store: Store, settings: Settings) -> Callable[[list[SpoolEntry]], set[str]]:
+    """Spooled files a worker will take without being queued again: their hint is kept, and the
+    ingest queue has messages waiting (each task claims the oldest pending hints with its own). With
+    the queue empty, nothing would take them: none is coming, and the reconciler queues them."""
+    broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if settings.broker_url else store.client
+
+    def coming(entries: list[SpoolEntry]) -> set[str]:
+        try:
+            waiting = queue_depth(broker, "ingest")
+        except redis.exceptions.RedisError:
+            return set()  # the broker is away: queuing them fails too, and keeps them pending
+        return store.ingest.hinted([e.sop_uid for e in entries]) if waiting else set()
+
+    return coming
+
+
 def _enqueuer(celery_app: Any) -> Callable[..., None]:
     def enqueue(entry: SpoolEntry, source_ae: str | None = None) -> None:
         enqueue_instance(
@@ -214,6 +232,7 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
         is_done=_done_checker(store),
         enqueue=lambda entry: enqueue(entry, None),
         interval=RECONCILE_SECONDS,
+        coming=_coming_checker(store, settings),
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scp-enqueue")
     store_deps = handlers.StoreDeps(

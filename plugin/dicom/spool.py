@@ -151,6 +151,13 @@ class Reconciler:
     raises when the broker is down (the entry then stays pending and is retried at the next tick).
     The C-STORE handler tells it about every new file with :meth:`track`, so a periodic tick only
     looks at pending files, not the whole archive; a full walk happens at start-up and hourly.
+
+    ``coming(entries) -> set of SOP UIDs`` names the files a worker will still take without being
+    queued again: their batching hint is kept and the broker has messages waiting (each task claims
+    the oldest pending hints with its own instance, so a hint whose message was lost is taken by the
+    next batch). Those are not queued again; before, in a backlog longer than ``requeue_after``
+    every waiting file was queued again each time, and at each start-up: duplicates grew with the
+    square of the backlog.
     """
 
     def __init__(
@@ -162,9 +169,11 @@ class Reconciler:
         interval: float = 30.0,
         grace: float = 30.0,
         requeue_after: float = REQUEUE_SECONDS,
+        coming: Callable[[list[SpoolEntry]], set[str]] | None = None,
     ) -> None:
         self.spool = spool
         self.is_done = is_done
+        self.coming = coming or (lambda entries: set())
         self.enqueue = enqueue
         self.interval = interval
         self.grace = grace
@@ -225,7 +234,7 @@ class Reconciler:
             done |= self.is_done([e for e, _ in pending[start : start + 1000]])
         now_mono = time.monotonic()
         now_wall = time.time()
-        queued = 0
+        due: list[SpoolEntry] = []
         for entry, last in pending:
             if entry.sop_uid in done:
                 with self._lock:
@@ -235,6 +244,16 @@ class Reconciler:
                 continue
             if last is None and now_wall - entry.received_at < self.grace and not full:
                 continue  # the receiving handler may still be queueing it
+            due.append(entry)
+        coming: set[str] = set()
+        for start in range(0, len(due), 1000):
+            coming |= self.coming(due[start : start + 1000])
+        queued = 0
+        for entry in due:
+            if entry.sop_uid in coming:
+                with self._lock:  # looked at again a requeue period on
+                    self._pending[entry.sop_uid] = (entry, now_mono)
+                continue
             if not entry.path.exists():
                 with self._lock:
                     self._pending.pop(entry.sop_uid, None)
@@ -242,7 +261,7 @@ class Reconciler:
             try:
                 self.enqueue(entry)
             except Exception as exc:  # noqa: BLE001 - broker down: keep it pending, say so once per pass
-                log.warning("spool reconciler: cannot queue (%s); %d file(s) wait in the spool", exc, len(pending))
+                log.warning("spool reconciler: cannot queue (%s); %d file(s) wait in the spool", exc, len(due))
                 break
             queued += 1
             with self._lock:

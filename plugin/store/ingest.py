@@ -116,6 +116,13 @@ class IngestState:
         )
         return int(n), float(latest)
 
+    def hinted(self, sop_uids: list[str]) -> set[str]:
+        """The instances among ``sop_uids`` whose batching hint is kept (queued, not yet settled)."""
+        pipe = self.r.pipeline(transaction=False)
+        for uid in sop_uids:
+            pipe.hexists(self.keys.ingest_payload(), uid)
+        return {uid for uid, kept in zip(sop_uids, pipe.execute(), strict=True) if kept}
+
     def payload(self, sop_uid: str) -> dict[str, Any] | None:
         raw = self.r.hget(self.keys.ingest_payload(), sop_uid)
         return json.loads(raw) if raw else None
