@@ -7,6 +7,7 @@ sender that is not a known node is sent by drh-pacs itself.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Iterator
 
@@ -35,11 +36,20 @@ def movescu(port: int, study_uid: str, destination: str = "VIEWER") -> subproces
     )  # fmt: skip
 
 
-def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_client, redis_server, viewer):
+def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_client, redis_server, viewer, caplog):
+    """A forward to a destination the PACS does not know fails at the PACS (Orthanc: "Unknown modality"):
+    drh-pacs says so at WARNING with what to declare, and counts it."""
+    import logging
+
     study = make_study(tmp_path / "in", fixture_images()[0:2], patient_id="P-MOVE")
     orthanc_port = free_port()
-    nodes = {"ORTHANC": f"127.0.0.1:{orthanc_port}", "VIEWER": f"127.0.0.1:{viewer.port}"}
-    with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin:
+    other = StoreSCP(tmp_path / "other", ae="OTHER")  # known to drh-pacs, not declared in Orthanc
+    nodes = {
+        "ORTHANC": f"127.0.0.1:{orthanc_port}",
+        "VIEWER": f"127.0.0.1:{viewer.port}",
+        "OTHER": f"127.0.0.1:{other.port}",
+    }
+    with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin, other_stopped(other):
         modalities = {"DRHPACS": plugin.port, "VIEWER": viewer.port}
         with Orthanc(tmp_path, modalities, dicom_port=orthanc_port) as orthanc:
             port = str(orthanc.dicom_port)
@@ -57,6 +67,24 @@ def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_clien
             assert "Success" in proc.stdout + proc.stderr
             wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
             assert "DRHPACS" in orthanc.log()  # Orthanc served a C-MOVE asked by drh-pacs
+            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "failure": 0}
+
+            with caplog.at_level(logging.INFO, logger="drh"):
+                unknown = movescu(plugin.port, study.study_uid, destination="OTHER")
+            assert unknown.returncode != 0 and "Unable to process" in unknown.stdout + unknown.stderr
+            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "failure": 1}
+            (line,) = [r for r in caplog.records if "FAILED" in r.getMessage()]
+            assert line.levelno == logging.WARNING
+            assert "is OTHER declared in ORTHANC's DICOM modalities" in line.getMessage()
+            assert other.received() == set()
+
+
+@contextlib.contextmanager
+def other_stopped(scp: StoreSCP) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        scp.stop()
 
 
 def test_move_from_the_spool_when_the_sender_is_not_a_known_node(tmp_path, redis_client, redis_server, viewer):

@@ -103,6 +103,7 @@ class DicomCounters:
         self._buckets = {op: [0] * (len(LATENCY_BUCKETS) + 1) for op in OPERATIONS}
         self._sums = dict.fromkeys(OPERATIONS, 0.0)
         self._suboperations = {(op, kind): 0 for op in RETRIEVES.values() for kind in SUBOPERATIONS}
+        self._forwards = {"success": 0, "failure": 0}
         self.started = time.time()
         # len(active associations), set by the SCP that owns these counters
         self.active: Callable[[], int] = lambda: 0
@@ -182,6 +183,12 @@ class DicomCounters:
         plain.__name__ = handler.__name__
         return plain
 
+    def forwarded_move(self, ok: bool) -> None:
+        """A C-MOVE forwarded to the PACS that sent the study, by what that PACS answered (a failure
+        is often a viewer the PACS does not know; drh-pacs then sends its own copy, if it keeps one)."""
+        with self._lock:
+            self._forwards["success" if ok else "failure"] += 1
+
     def retrieve_answered(self, event: Any) -> Retrieved | None:
         """Count a C-MOVE or C-GET by the final response pynetdicom sends (an ``EVT_DIMSE_SENT``);
         None for any other message."""
@@ -221,6 +228,7 @@ class DicomCounters:
                 "rejections": dict(self._rejections),
                 "requests": {f"{op}|{outcome}": n for (op, outcome), n in self._requests.items()},
                 "suboperations": {f"{op}|{kind}": n for (op, kind), n in self._suboperations.items()},
+                "move_forwards": dict(self._forwards),
                 "latency": latency,
                 "active_associations": self.active(),
                 "admission_refusals": self.admission_refusals(),

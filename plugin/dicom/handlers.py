@@ -409,7 +409,9 @@ def handle_find(event: Any, settings: Settings, store: Any, indexes: dict[str, A
 
 
 # -- retrieve --------------------------------------------------------------------------------------
-def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Iterator[Any]:
+def handle_move(
+    event: Any, settings: Settings, store: Any, spool: Spool, counters: DicomCounters | None = None
+) -> Iterator[Any]:
     """C-MOVE: forwarded to the PACS that sent the study; served from the spool when that is not possible.
 
     pynetdicom wants the destination's address first, then the number of sub-operations, then one
@@ -423,20 +425,26 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
         identifier = event.identifier
         plan = move_mod.plan(identifier, store, spool, settings)
     except QueryError as err:
-        log.info("C-MOVE from %s refused: %s", calling, err.comment)
+        log.warning("C-MOVE from %s refused: %s", calling, err.comment)
         raise move_mod.MoveRefused(err.comment) from err
 
     if plan.forward_to is not None:
         outcome = move_mod.forward(plan, identifier, destination, settings)
-        log.info(
-            "C-MOVE from %s to %s forwarded to %s: status %#06x, %d completed, %d failed",
-            calling,
-            destination,
-            plan.forward_to.ae_title,
-            outcome.status,
-            outcome.completed,
-            outcome.failed,
-        )
+        source = plan.forward_to.ae_title
+        if counters is not None:
+            counters.forwarded_move(outcome.ok)
+        if outcome.ok:
+            log.info(
+                "C-MOVE from %s to %s forwarded to %s: status %#06x, %d completed, %d failed",
+                calling, destination, source, outcome.status, outcome.completed, outcome.failed,
+            )  # fmt: skip
+        else:
+            log.warning(
+                "C-MOVE from %s to %s: the forward to %s FAILED (status %#06x%s)%s; a source PACS sends only to"
+                " the AE titles it knows: is %s declared in %s's DICOM modalities (Orthanc: DicomModalities)?",
+                calling, destination, source, outcome.status, f", {outcome.comment}" if outcome.comment else "",
+                "; sending drh-pacs's own copy instead" if plan.local_files else "", destination, source,
+            )  # fmt: skip
         if outcome.ok:
             note_forwarded(event.assoc)
             yield ("127.0.0.1", 0)  # not used: no local sub-operation follows
@@ -446,7 +454,7 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
             yield (None, None)
             return
         if not plan.local_files:
-            raise move_mod.MoveRefused(f"source PACS {plan.forward_to.ae_title} answered {outcome.status:#06x}")
+            raise move_mod.MoveRefused(f"source PACS {source} answered {outcome.status:#06x}")
 
     node = move_mod.lookup_node(settings, destination)
     if node is None:
@@ -454,6 +462,7 @@ def handle_move(event: Any, settings: Settings, store: Any, spool: Spool) -> Ite
         yield (None, None)
         return
     if not plan.local_files:
+        log.warning("C-MOVE from %s refused: nothing to retrieve: no source PACS and no stored file", calling)
         raise move_mod.MoveRefused("nothing to retrieve: no source PACS and no stored file")
     yield (node.host, node.port, {"contexts": move_mod.sub_operation_contexts(plan.local_files)})
     yield len(plan.local_files)
@@ -548,6 +557,6 @@ def bindings(
         (evt.EVT_C_ECHO, timed("C-ECHO", handle_echo)),
         (evt.EVT_C_STORE, timed("C-STORE", handle_store), [store_deps]),
         (evt.EVT_C_FIND, timed("C-FIND", handle_find), [settings, store, indexes]),
-        (evt.EVT_C_MOVE, timed("C-MOVE", handle_move), [settings, store, store_deps.spool]),
+        (evt.EVT_C_MOVE, timed("C-MOVE", handle_move), [settings, store, store_deps.spool, counters]),
         (evt.EVT_C_GET, timed("C-GET", handle_get), [settings, store, store_deps.spool]),
     ]

@@ -67,6 +67,14 @@ def _dicom(d: dict[str, Any]) -> Any:
         operation, _, outcome = key.partition("|")
         subops.add_metric([operation, outcome], n)
     yield subops
+    forwards = CounterMetricFamily(
+        "drh_dicom_move_forwards",
+        "C-MOVEs forwarded to the PACS that sent the study, by what it answered",
+        labels=["outcome"],
+    )
+    for outcome, n in d.get("move_forwards", {}).items():
+        forwards.add_metric([outcome], n)
+    yield forwards
     duration = HistogramMetricFamily(
         "drh_dicom_request_duration_seconds",
         "time from a DIMSE request to its final response (C-MOVE and C-GET: all sub-operations)",
