@@ -191,16 +191,24 @@ def test_stored_studies_are_found_by_similarity_over_dicom(tmp_path: Path, serve
     http_ranked = [(r["study"]["study_instance_uid"], r["distance"]) for r in answer.json()["results"]]
     assert http_ranked == [(ds.StudyInstanceUID, _private(ds, DISTANCE)) for ds in answers]
 
-    # `drh-pacs status` reports the index and workers.
-    status = subprocess.run(
-        [sys.executable, "-m", "plugin.cli", "status"],
-        env={**os.environ, "DRH_DATA_DIR": str(served.data_dir)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert status.returncode == 0, status.stderr
-    assert "ingest" in status.stdout and "study" in status.stdout
+    # `drh-pacs status` reports the index and workers, and the DICOM listener's counts (from serve's
+    # process, through its HTTP API: with another HTTP port it says it could not read them).
+    def status(**env: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "plugin.cli", "status"],
+            env={**os.environ, "DRH_DATA_DIR": str(served.data_dir), "DRH_API_TOKEN": served.token, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    text = status(DRH_HTTP_PORT=str(served.http_port))
+    assert "ingest" in text and "study" in text
+    assert re.search(r"dicom\s+\d+ association\(s\) open, accepted \d+", text) and "C-FIND success" in text
+    elsewhere = status(DRH_HTTP_PORT=str(free_port()))
+    assert "dicom       counts not read: serve's HTTP API at http://127.0.0.1:" in elsewhere
 
     # The log says how each C-FIND ended, not a line per study answered.
     serve_log = served.log.read_text()

@@ -191,6 +191,7 @@ def test_it_sees_the_dicom_listener_the_spool_orthanc_and_workers_that_are_down(
         assert "REFUSED" in text and "CUDA is not available" in text and "NONE ONLINE" in text
         assert "orthanc" in text and "DOWN: unreachable" in text and "GB free" in text
         assert "refused by admission control: not-an-association-request 1" in text
+        assert "associations REJECTED: calling-ae 1" in text
         page = render_html(f)
         assert "OFFLINE" in page and "REFUSED" in page and "<h2>DICOM</h2>" in page and "is DOWN" in page
         assert "Refused by admission control: not-an-association-request 1." in page

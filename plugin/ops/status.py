@@ -98,6 +98,9 @@ def _workers(store: Store) -> list[dict[str, Any]]:
 
 # Seconds the status waits for Orthanc's answer (a scrape must not hang on a PACS that is down).
 ORTHANC_PROBE_SECONDS = 2.0
+LISTENER_PROBE_SECONDS = 3.0
+# Under this much free space on the spool's disk, the terminal says LOW (the alert says it at 10 % too).
+SPOOL_LOW_PERCENT = 10.0
 
 
 def spool_disk(settings: Settings) -> dict[str, Any]:
@@ -297,16 +300,15 @@ def render_text(f: dict[str, Any]) -> str:
 
 def _text_surroundings(f: dict[str, Any]) -> list[str]:
     """The spool's disk and Orthanc, when the figures have them (``drh-pacs status`` runs on the
-    machine of ``serve``); the DICOM listener's counts are on /status and /metrics (its process)."""
+    machine of ``serve``); the DICOM listener's counts, read from serve's process."""
     lines: list[str] = []
     spool = f.get("spool")
     if spool:
         lines.append("")
         if spool["ok"]:
             pct = 100 * spool["free"] / max(1, spool["total"])
-            lines.append(
-                f"spool       {spool['free'] / 1e9:.1f} GB free of {spool['total'] / 1e9:.1f} GB ({pct:.0f} %)"
-            )
+            low = " LOW: C-STOREs are refused (out of resources) when it is full" if pct < SPOOL_LOW_PERCENT else ""
+            lines.append(f"spool       {_size(spool['free'])} free of {_size(spool['total'])} ({pct:.0f} %){low}")
         else:
             lines.append(f"spool       UNREADABLE: {spool['error']}")
     orthanc = f.get("orthanc")
@@ -326,23 +328,72 @@ def _text_surroundings(f: dict[str, Any]) -> list[str]:
             + "  ".join(f"{k} {v}" for k, v in dicom["associations"].items())
             + ("  " + "  ".join(f"{k.replace('|', ' ')} {v}" for k, v in sorted(done.items())) if done else "")
         )
+        rejected = {k: v for k, v in dicom.get("rejections", {}).items() if v}
+        if rejected:
+            lines.append(
+                "      associations REJECTED: "
+                + "  ".join(f"{k} {v}" for k, v in rejected.items())
+                + " (calling-ae: the peer is not in DRH_ALLOWED_CALLING_AES or DRH_DICOM_VIEWERS)"
+            )
         refused = {k: v for k, v in dicom.get("admission_refusals", {}).items() if v}
         if refused:
             lines.append("      refused by admission control: " + "  ".join(f"{k} {v}" for k, v in refused.items()))
+        failed = dicom.get("requests", {}).get("C-STORE|failure", 0)
+        if failed:
+            lines.append(
+                f"      C-STORE answered with a failure {failed} time(s): malformed data (`drh-pacs failures"
+                " refused`) or out of resources (the spool's disk; the log says which)"
+            )
+        forwards = dicom.get("move_forwards", {}).get("failure", 0)
+        if forwards:
+            lines.append(f"      C-MOVE forwards FAILED at the source PACS {forwards} (the log names the AE)")
+    elif f.get("dicom_unread"):
+        lines.append(f"dicom       counts not read: {f['dicom_unread']}")
     return lines
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def listener_counts(settings: Settings) -> tuple[dict[str, Any] | None, str]:
+    """The DICOM listener's counts from the running ``serve``'s HTTP API ((counts, "") or (None, why)):
+    they live in that process, not in Redis. Asked on this machine, with the API token."""
+    import requests
+
+    host = settings.http_host if settings.http_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.http_port}/api/status"
+    if not (settings.api_token or (settings.data_dir / "api-token").exists()):
+        return None, f"no API token in {settings.data_dir} (is serve's DRH_DATA_DIR the same?)"
+    try:
+        answer = requests.get(
+            url, headers={"Authorization": f"Bearer {settings.resolved_api_token()}"}, timeout=LISTENER_PROBE_SECONDS
+        )
+    except requests.RequestException as exc:
+        return None, f"serve's HTTP API at {url} did not answer ({type(exc).__name__})"
+    if answer.status_code != 200:
+        return None, f"serve's HTTP API at {url} answered HTTP {answer.status_code}"
+    return answer.json().get("dicom"), ""
+
+
 def gather_for_settings(settings: Settings) -> dict[str, Any]:
-    """Connect with the settings (embedded Redis of a running `serve` included) and gather."""
+    """Connect with the settings (embedded Redis of a running `serve` included) and gather; the DICOM
+    listener's counts come from serve's HTTP API."""
     url = resolve_redis_url(settings.redis_url, settings.data_dir)
     store = Store.from_url(url, settings.redis_namespace, socket_timeout=5, socket_connect_timeout=5)
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if settings.broker_url else store.client
     try:
-        return gather(store, broker, settings=settings)
+        figures = gather(store, broker, settings=settings)
     finally:
         store.close()
         if broker is not store.client:
             broker.close()
+    dicom, why = listener_counts(settings)
+    if dicom:
+        figures["dicom"] = dicom
+    else:
+        figures["dicom_unread"] = why
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
