@@ -257,7 +257,13 @@ def start(settings: Settings) -> Running:
         )
         running.refresher.start()
 
-        running.scp = start_scp(settings, store, indexes, celery_app)
+        try:
+            running.scp = start_scp(settings, store, indexes, celery_app)
+        except OSError as exc:
+            raise ListenError(
+                f"the DICOM listener cannot listen on {settings.dicom_host}:{settings.dicom_port}:"
+                f" {exc.strerror or exc} (another program on this port? DRH_DICOM_PORT or --dicom-port chooses another)"
+            ) from exc
         print(
             f"dicom     {settings.ae_title}@{settings.dicom_host}:{settings.dicom_port}"
             f" (similar queries: called AE {settings.similar_ae_title})",
@@ -309,6 +315,10 @@ def _refresh_forever(indexes: dict[str, Any], stop: threading.Event) -> None:
         stop.wait(INDEX_REFRESH_SECONDS)
 
 
+class ListenError(RuntimeError):
+    """A listener of serve could not open its port: said in one line, not a traceback."""
+
+
 def _start_http(settings: Settings, app: Any) -> tuple[Any, threading.Thread]:
     import uvicorn
 
@@ -319,9 +329,12 @@ def _start_http(settings: Settings, app: Any) -> tuple[Any, threading.Thread]:
     deadline = time.monotonic() + 15
     while not server.started:
         if not thread.is_alive():
-            raise RuntimeError(f"HTTP API could not start on {settings.http_host}:{settings.http_port}")
+            raise ListenError(
+                f"the HTTP API cannot listen on {settings.http_host}:{settings.http_port} (another program on"
+                " this port? DRH_HTTP_PORT or --http-port chooses another; uvicorn's line above says why)"
+            )
         if time.monotonic() > deadline:
-            raise RuntimeError("HTTP API did not start in 15 s")
+            raise ListenError("the HTTP API did not start in 15 s")
         time.sleep(0.05)
     return server, thread
 
@@ -377,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     tempfile.tempdir = str(settings.tmp_dir)
     try:
         running = start(settings)
-    except (DataDirLocked, EmbeddedRedisError) as exc:
+    except (DataDirLocked, EmbeddedRedisError, ListenError) as exc:
         print(f"drh-pacs serve: {exc}", file=sys.stderr)
         return 1
     print("ready     press Ctrl-C to stop", flush=True)

@@ -79,6 +79,13 @@ def test_embedded_redis_is_locked_down_and_the_data_dir_has_one_owner(tmp_path):
         assert second.proc.wait(60) != 0
         assert f"in use by another drh-pacs serve (pid {serve.pid}" in second.log()
         assert serve.health()[0] == 200 and serve.redis_pid() == redis_pid  # the first one untouched
+
+        # another serve whose DICOM port is taken says which port and which setting, in one line
+        third = ServeProc(tmp_path / "data3", tmp_path / "third.log", wait_ready=False,
+                          DRH_DICOM_PORT=str(serve.dicom_port))  # fmt: skip
+        assert third.proc.wait(60) == 1
+        assert f"drh-pacs serve: the DICOM listener cannot listen on 127.0.0.1:{serve.dicom_port}" in third.log()
+        assert "DRH_DICOM_PORT" in third.log() and "Traceback" not in third.log()
     finally:
         serve.stop()
 
