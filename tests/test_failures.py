@@ -54,7 +54,10 @@ def test_a_failure_is_recorded_in_one_transaction(redis_client, monkeypatch):
     writes = [(tx, cmds) for tx, cmds in sent if any(c in ("HSET", "HINCRBY", "ZREM") for c in cmds)]
     assert len(writes) == 1, sent
     transaction, commands = writes[0]
-    assert transaction and sorted(commands) == ["HDEL", "HINCRBY", "HINCRBY", "HSET", "HSET", "SREM", "ZADD", "ZREM"]
+    assert transaction and sorted(commands) == [
+        "HDEL", "HINCRBY", "HINCRBY", "HSET", "HSET", "HSET", "ZADD", "ZREM", "ZREM"
+    ]  # fmt: skip
+    assert store.records.unindexed("1.2.3") == {"failed": 1}  # a query on its study says why it has no answer
     assert store.records.instance("1.2.3.7")["state"] == "failed"
     assert gather(store)["by_modality"]["(unread)"]["failed"] == 1
     assert store.ledger.get("1.2.3.7")["reason"] == "decode: truncated pixel data"

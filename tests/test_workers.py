@@ -15,6 +15,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from plugin.core.settings import load_settings
 from plugin.ops.status import gather
+from plugin.search import query as q
+from plugin.search.errors import QueryError
+from plugin.search.routed import RoutedIndex
 from plugin.store import Store
 from tests.helpers.dicomgen import fixture_images, make_instance, make_study
 from tests.helpers.processes import wait_until
@@ -286,6 +289,15 @@ def test_non_image_is_ignored_and_a_corrupt_file_is_a_retryable_failure(
     assert ledger.get(sr.SOPInstanceUID) is None and ledger.ignored_count() == 1
     assert gather(store)["by_modality"]["SR"]["ignored"] == 1  # counted as soon as it shows ignored
     assert store.records.instance(study.sop_uids[0])["state"] == "failed"
+    # asked for similar studies, the study and its image say they were received, not "unknown"
+    indexes = {level: RoutedIndex(store, level) for level in ("study", "image")}
+    for level, uid, told in (
+        ("STUDY", study.study_uid, "reference study received, none indexed: 1 failed, 1 non-image"),
+        ("IMAGE", study.sop_uids[0], "reference instance received but its indexing failed"),
+    ):
+        with pytest.raises(QueryError) as refused:
+            q.run_similar(q.SimilarQuery(level, uid, 10), store, indexes)
+        assert refused.value.reason == "not-indexable" and refused.value.comment == told and len(told) <= 64
 
     # IT staff fix the file and retry: indexed, and the ledger entry is gone
     study.files[0].write_bytes(good)

@@ -243,6 +243,7 @@ def settle_counted(store: Store, it: Item, outcome: str, pipe: redis.client.Pipe
     ``ignored``): its state, the end of its pending hint and both counts, so that a reader never
     sees the state without the counts."""
     mark_settled(store, it, outcome, pipe)
+    store.records.note_unindexed(it.study_uid, it.sop_uid, outcome, pipe)
     store.ingest.done(it.sop_uid, it.study_uid, pipe)
     store.stats.count_task("index_instance", outcome, pipe=pipe)
     store.stats.count_modality(outcome, modality_of(it), pipe=pipe)

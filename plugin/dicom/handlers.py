@@ -304,6 +304,7 @@ def _count_ignored(deps: StoreDeps, sop_uid: str, study_uid: str, sop_class: str
     try:
         reason = f"non-image object (SOP class {sop_class}) not indexed: non_image_policy is ignore"
         deps.store.ledger.record_ignored({"sop_uid": sop_uid, "study_uid": study_uid}, reason)
+        deps.store.records.note_unindexed(study_uid, sop_uid, "ignored")
     except Exception as exc:  # noqa: BLE001 - Redis down: the object is not ours to keep; say so
         log.warning("non-image object %s ignored but not counted (%s)", sop_uid, exc)
 

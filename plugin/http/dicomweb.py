@@ -21,6 +21,7 @@ standard keys name the *reference*, not a match.
   ``1004`` rank, ``1005`` Hamming distance, ``1006`` score, ``1008`` model version), and
   ``RetrieveURL`` pointing at the PACS's WADO-RS (``Settings.pacs_wado_root``) where one is set.
 - Refusals: 400 malformed, 404 unknown reference, 409 not indexed yet or ambiguous accession number,
+  422 received but none of it indexable,
   503 index not ready (with ``Retry-After``); the body is JSON ``{"error", "detail"}``.
 
 **Per-reference roots**, for a viewer that is given a fixed QIDO root (OHIF, ``deploy/viewers/ohif``):

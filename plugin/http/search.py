@@ -64,6 +64,7 @@ HTTP_STATUS = {
     "unknown-reference": 404,
     "ambiguous-reference": 409,
     "not-indexed": 409,
+    "not-indexable": 422,
     "no-model": 409,
     "model-mismatch": 409,
     "too-large": 413,

@@ -189,6 +189,13 @@ def fetch_reranking(store: Any, version: str, level: str, uid: str, own: np.ndar
     return _FETCH.submit(fetch)
 
 
+# A reference received and settled without an index: what the requester is told (a radiologist
+# told "unknown reference" concludes the study never arrived; the failure ledger says why).
+# (DICOM's ErrorComment keeps 64 characters.)
+UNINDEXED = {"failed": "its indexing failed", "ignored": "it is not an image"}
+UNINDEXED_SHORT = {"failed": "failed", "ignored": "non-image", "refused": "refused"}
+
+
 def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> Answer:
     """The k nearest studies (or images) to the reference, nearest first, reference excluded,
     searched only among the reference's route (its model's codes)."""
@@ -221,8 +228,14 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         _, known = _reference_study(query.level, query.reference_uid, store)
         if known.get("state") == "no-model":
             raise QueryError("no-model", f"reference {what} is stored but no model serves its modality and body part")
+        if known.get("state") in UNINDEXED:
+            raise QueryError("not-indexable", f"reference {what} received but {UNINDEXED[known['state']]}")
         if known:
             raise QueryError("not-indexed", f"reference {what} not yet indexed: try again later")
+        unindexed = store.records.unindexed(query.reference_uid) if query.level == "STUDY" else {}
+        if unindexed:
+            told = ", ".join(f"{n} {UNINDEXED_SHORT.get(k, k)}" for k, n in sorted(unindexed.items()))
+            raise QueryError("not-indexable", f"reference study received, none indexed: {told}")
         if query.level == "SERIES":  # a series is known once its study is pooled
             raise QueryError("unknown-reference", "unknown reference series, or its study is not pooled yet")
         raise QueryError("unknown-reference", f"unknown reference {what}")

@@ -40,6 +40,10 @@ Records of studies and instances (:mod:`plugin.store.records`)
 ==========================================  =======  =================================================
 ``ns:study:{uid}``                          hash     study metadata for C-FIND answers and filters
 ``ns:study:{uid}:instances``                set      SOPInstanceUIDs received for the study
+``ns:unindexed:{study}``                    hash     SOPInstanceUID -> failed|ignored|refused: the
+                                                     study's instances received and settled without
+                                                     an index (a query on a study none of whose images
+                                                     could be indexed says so, not "unknown")
 ``ns:accession:{number}``                   set      StudyInstanceUIDs with that AccessionNumber (viewer
                                                      forms name a study by it; not unique everywhere)
 ``ns:series``                                hash     SeriesInstanceUID -> StudyInstanceUID, for the
@@ -209,6 +213,9 @@ class Keys:
 
     def series(self) -> str:
         return f"{self.ns}:series"
+
+    def unindexed(self, study_uid: str) -> str:
+        return f"{self.ns}:unindexed:{study_uid}"
 
     def instance(self, uid: str) -> str:
         return f"{self.ns}:instance:{uid}"

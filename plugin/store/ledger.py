@@ -143,6 +143,8 @@ class FailureLedger:
         pipe = self.r.pipeline()
         pipe.hset(key, sop_uid, json.dumps(entry))
         pipe.zadd(self.keys.refused_recent(), {sop_uid: now})
+        if study_uid:  # a query on its study says it was received (Records.unindexed)
+            pipe.hset(self.keys.unindexed(study_uid), sop_uid, "refused")
         pipe.execute()
 
     def refused_count(self) -> int:

@@ -322,6 +322,21 @@ class Records:
         raw = self.r.hmget(self.keys.vocab(field), terms)
         return [None if v is None else int(v) for v in raw]
 
+    def note_unindexed(
+        self, study_uid: str, sop_uid: str, outcome: str, pipe: redis.client.Pipeline | None = None
+    ) -> None:
+        """An instance of the study settled without an index (``failed``, ``ignored``, ``refused``);
+        with ``pipe``, queued on the caller's transaction."""
+        if study_uid:
+            (pipe or self.r).hset(self.keys.unindexed(study_uid), sop_uid, outcome)
+
+    def unindexed(self, study_uid: str) -> dict[str, int]:
+        """How many of the study's instances were settled without an index, by outcome."""
+        counts: dict[str, int] = {}
+        for outcome in self.r.hvals(self.keys.unindexed(study_uid)):
+            counts[outcome.decode()] = counts.get(outcome.decode(), 0) + 1
+        return counts
+
     # -- deletion ----------------------------------------------------------------------------------
     def delete_study(self, study_uid: str, sop_uids: Sequence[str]) -> None:
         """Drop the study's and its instances' records and blank its filter record (replicas follow)."""
@@ -332,7 +347,7 @@ class Records:
             pipe.delete(self.keys.instance(sop))
         if series:
             pipe.hdel(self.keys.series(), *series)
-        pipe.delete(self.keys.study(study_uid), self.keys.study_instances(study_uid))
+        pipe.delete(self.keys.study(study_uid), self.keys.study_instances(study_uid), self.keys.unindexed(study_uid))
         if accession:
             pipe.srem(self.keys.accession(accession), study_uid)
         pipe.execute()
