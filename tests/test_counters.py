@@ -32,6 +32,13 @@ def test_every_series_exists_at_zero_before_the_first_event():
     assert samples[("drh_dicom_associations_total", (("outcome", "accepted"),))] == 0
     for reason in REFUSAL_REASONS:  # admission control's refusals (plugin.dicom.admission)
         assert samples[("drh_dicom_admission_refusals_total", (("reason", reason),))] == 0
+    for op in ("C-MOVE", "C-GET"):
+        for outcome in ("completed", "failed", "warning"):
+            assert samples[("drh_dicom_retrieve_suboperations_total", (("operation", op), ("outcome", outcome)))] == 0
+    for outcome in ("success", "failure"):
+        assert samples[("drh_dicom_move_forwards_total", (("outcome", outcome),))] == 0
+    for reason in ("non-image", "other"):
+        assert samples[("drh_dicom_presentation_contexts_rejected_total", (("reason", reason),))] == 0
 
 
 def test_admission_refusals_are_exported_next_to_the_dicom_counters():

@@ -200,15 +200,23 @@ def test_non_image_objects_are_accepted_and_ignored(plugin, redis_client):
     assert not (plugin.settings.spool_dir / sr.StudyInstanceUID).exists()
 
 
-def test_non_image_objects_refused_at_negotiation_by_configuration(tmp_path, redis_client, redis_server):
+def test_non_image_objects_refused_at_negotiation_by_configuration(tmp_path, redis_client, redis_server, caplog):
+    """The sender sees only "no acceptable presentation context", and nothing reaches the refused
+    ledger: drh-pacs counts the refused contexts and logs their SOP classes."""
+    import logging
+
     with running_plugin(tmp_path, redis_server.url, non_image_policy="reject") as running:
-        _, assoc = _scu(running.port)
+        with caplog.at_level(logging.INFO, logger="drh"):
+            _, assoc = _scu(running.port)
         try:
             accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
             assert DigitalXRayImageStorageForPresentation in accepted
             assert "1.2.840.10008.5.1.4.1.1.88.11" not in accepted
         finally:
             assoc.release()
+        assert running.server.counters.snapshot()["contexts_rejected"] == {"non-image": 1, "other": 0}
+        assert "association from STORESCU: 1 presentation context(s) of non-image classes refused" in caplog.text
+        assert "Basic Text SR Storage" in caplog.text
 
 
 def test_files_spooled_while_the_broker_is_down_are_queued_by_the_reconciler(tmp_path, redis_client, redis_server):

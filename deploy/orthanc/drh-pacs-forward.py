@@ -277,7 +277,8 @@ class Forwarder:
                 orthanc.LogWarning(
                     f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
                     f" (DIMSE status {statuses}), {sent} sent; GET /drh-pacs/forwarding lists them,"
-                    " `drh-pacs failures refused` says why" + ("" if last else self.AGAIN)
+                    " `drh-pacs failures refused` (or, for a SOP class it does not take, its log) says why"
+                    + ("" if last else self.AGAIN)
                 )
                 return
             outcome = transient

@@ -26,6 +26,9 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected", "aborted")
 # ("busy": plugin.dicom.admission's limits, or pynetdicom's own), anything else. Connections refused
 # before their A-ASSOCIATE-RQ was read (admission control) are counted by plugin.dicom.admission.
 REJECT_REASONS = ("called-ae", "calling-ae", "address", "busy", "other")
+# Why a proposed presentation context was refused in an accepted association: a non-image storage
+# class under non_image_policy "reject", anything else we do not offer (a service, a transfer syntax).
+CONTEXT_REJECTIONS = ("non-image", "other")
 # The sub-operations of C-MOVE and C-GET (one C-STORE each), as their final response counts them.
 RETRIEVES = {"C_MOVE_RSP": "C-MOVE", "C_GET_RSP": "C-GET"}
 SUBOPERATIONS = ("completed", "failed", "warning")
@@ -104,6 +107,7 @@ class DicomCounters:
         self._sums = dict.fromkeys(OPERATIONS, 0.0)
         self._suboperations = {(op, kind): 0 for op in RETRIEVES.values() for kind in SUBOPERATIONS}
         self._forwards = {"success": 0, "failure": 0}
+        self._contexts_rejected = dict.fromkeys(CONTEXT_REJECTIONS, 0)
         self.started = time.time()
         # len(active associations), set by the SCP that owns these counters
         self.active: Callable[[], int] = lambda: 0
@@ -183,6 +187,10 @@ class DicomCounters:
         plain.__name__ = handler.__name__
         return plain
 
+    def contexts_rejected(self, reason: str, n: int) -> None:
+        with self._lock:
+            self._contexts_rejected[reason if reason in self._contexts_rejected else "other"] += n
+
     def forwarded_move(self, ok: bool) -> None:
         """A C-MOVE forwarded to the PACS that sent the study, by what that PACS answered (a failure
         is often a viewer the PACS does not know; drh-pacs then sends its own copy, if it keeps one)."""
@@ -229,6 +237,7 @@ class DicomCounters:
                 "requests": {f"{op}|{outcome}": n for (op, outcome), n in self._requests.items()},
                 "suboperations": {f"{op}|{kind}": n for (op, kind), n in self._suboperations.items()},
                 "move_forwards": dict(self._forwards),
+                "contexts_rejected": dict(self._contexts_rejected),
                 "latency": latency,
                 "active_associations": self.active(),
                 "admission_refusals": self.admission_refusals(),

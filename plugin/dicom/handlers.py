@@ -20,6 +20,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import events as evt
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
@@ -34,6 +35,9 @@ from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, SpoolError
 from plugin.dicom.validate import is_image_sop_class, read_received
 from plugin.search import query as search
 from plugin.search.errors import QueryError
+
+# A presentation context's result: the abstract syntax (SOP class) is not offered here (PS3.8 9.3.3.2).
+ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
 
 log = logging.getLogger("drh.scp")
 
@@ -507,7 +511,27 @@ def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iter
 
 
 def handle_accepted(event: Any, counters: DicomCounters) -> None:
+    """Counted; so are the presentation contexts refused in it, and those of non-image classes are
+    logged by SOP class (non_image_policy "reject" offers none): the sender sees only "no acceptable
+    presentation context", and nothing reaches the refused ledger."""
     counters.association("accepted")
+    refused = getattr(event.assoc, "rejected_contexts", None) or []
+    non_image = [cx for cx in refused if cx.result == ABSTRACT_SYNTAX_NOT_SUPPORTED and _non_image(cx.abstract_syntax)]
+    if non_image:
+        counters.contexts_rejected("non-image", len(non_image))
+        log.info(
+            "association from %s: %d presentation context(s) of non-image classes refused (%s):"
+            " DRH_NON_IMAGE_POLICY is reject",
+            str(event.assoc.requestor.ae_title or "").strip(), len(non_image),
+            ", ".join(sorted({UID(cx.abstract_syntax).name for cx in non_image})),
+        )  # fmt: skip
+    if len(refused) > len(non_image):
+        counters.contexts_rejected("other", len(refused) - len(non_image))
+
+
+def _non_image(abstract_syntax: str | None) -> bool:
+    name = UID(abstract_syntax or "").name
+    return "Storage" in name and not is_image_sop_class(str(abstract_syntax))
 
 
 def handle_rejected(event: Any, counters: DicomCounters) -> None:

@@ -75,6 +75,14 @@ def _dicom(d: dict[str, Any]) -> Any:
     for outcome, n in d.get("move_forwards", {}).items():
         forwards.add_metric([outcome], n)
     yield forwards
+    contexts = CounterMetricFamily(
+        "drh_dicom_presentation_contexts_rejected",
+        "presentation contexts refused in accepted associations (non-image: DRH_NON_IMAGE_POLICY=reject)",
+        labels=["reason"],
+    )
+    for reason, n in d.get("contexts_rejected", {}).items():
+        contexts.add_metric([reason], n)
+    yield contexts
     duration = HistogramMetricFamily(
         "drh_dicom_request_duration_seconds",
         "time from a DIMSE request to its final response (C-MOVE and C-GET: all sub-operations)",

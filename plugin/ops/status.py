@@ -344,6 +344,12 @@ def _text_surroundings(f: dict[str, Any]) -> list[str]:
                 f"      C-STORE answered with a failure {failed} time(s): malformed data (`drh-pacs failures"
                 " refused`) or out of resources (the spool's disk; the log says which)"
             )
+        non_image = dicom.get("contexts_rejected", {}).get("non-image", 0)
+        if non_image:
+            lines.append(
+                f"      presentation contexts of non-image classes refused {non_image}"
+                " (DRH_NON_IMAGE_POLICY=reject: their senders keep those objects)"
+            )
         forwards = dicom.get("move_forwards", {}).get("failure", 0)
         if forwards:
             lines.append(f"      C-MOVE forwards FAILED at the source PACS {forwards} (the log names the AE)")
