@@ -198,6 +198,8 @@ def test_non_image_objects_are_accepted_and_ignored(plugin, redis_client):
     finally:
         assoc.release()
     assert not (plugin.settings.spool_dir / sr.StudyInstanceUID).exists()
+    # counted as the workers count what they ignore: in the totals and under its modality
+    wait_until(lambda: plugin.store.stats.by_modality().get("SR", {}).get("ignored") == 1, 10, what="SR counted")
 
 
 def test_non_image_objects_refused_at_negotiation_by_configuration(tmp_path, redis_client, redis_server, caplog):
@@ -511,9 +513,11 @@ def test_broker_down_file_is_answered_after_spooling_and_queued_when_the_broker_
         reconciler = running.server.reconciler
         wait_until(lambda: reconciler.pending == 1, 60, what="the failed enqueue to be handed to the reconciler")
         assert reconciler.run_once() == 0  # still down: nothing queued, nothing lost
+        assert running.server.counters.snapshot()["spool_unqueued"] == 1  # shown by status and /metrics
         with EmbeddedRedis(tmp_path / "broker", port=broker_port):
             assert reconciler.run_once() == 1
             assert redis_lib.Redis(port=broker_port).llen("ingest") == 1
+        assert running.server.counters.snapshot()["spool_unqueued"] == 0
 
 
 def test_accepted_connections_turn_nagle_off():

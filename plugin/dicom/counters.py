@@ -114,6 +114,9 @@ class DicomCounters:
         # the admission control's refusals by reason (plugin.dicom.admission.Refusals.snapshot), set
         # by the SCP: connections refused before or outside an association's own checks
         self.admission_refusals: Callable[[], dict[str, int]] = _no_admission_refusals
+        # files in the spool whose queueing for the workers failed or has not happened yet (the
+        # reconciler's), set by the SCP: they grow while the broker is down, and no queue shows them
+        self.spool_unqueued: Callable[[], int] = lambda: 0
 
     # -- recording -------------------------------------------------------------------------------
     def association(self, outcome: str) -> None:
@@ -241,4 +244,5 @@ class DicomCounters:
                 "latency": latency,
                 "active_associations": self.active(),
                 "admission_refusals": self.admission_refusals(),
+                "spool_unqueued": self.spool_unqueued(),
             }

@@ -243,7 +243,8 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
     if not is_image_sop_class(sop_class):
         # Only reachable with non_image_policy "ignore": "reject" does not negotiate these classes.
         log.info("non-image object %s (class %s) from %s accepted and ignored", sop_uid, sop_class, calling)
-        deps.executor.submit(_count_ignored, deps, sop_uid, study_uid, sop_class)
+        modality = str(ds.get("Modality", "") or "").strip()
+        deps.executor.submit(_count_ignored, deps, sop_uid, study_uid, sop_class, modality)
         return st.SUCCESS
     # A cut transfer first: it is the cause of whatever else is missing (a truncated file was once
     # refused as "missing UID").
@@ -300,7 +301,7 @@ def _file_chunks(event: Any, calling: str, received: Any) -> Iterator[bytes]:
     yield from received.dataset_bytes()
 
 
-def _count_ignored(deps: StoreDeps, sop_uid: str, study_uid: str, sop_class: str) -> None:
+def _count_ignored(deps: StoreDeps, sop_uid: str, study_uid: str, sop_class: str, modality: str) -> None:
     """A non-image object accepted and dropped by policy is counted with the ignored instances
     (the status page, ``drh_ignored_instances``), like the ones a worker finds."""
     if deps.store is None:
@@ -309,6 +310,7 @@ def _count_ignored(deps: StoreDeps, sop_uid: str, study_uid: str, sop_class: str
         reason = f"non-image object (SOP class {sop_class}) not indexed: non_image_policy is ignore"
         deps.store.ledger.record_ignored({"sop_uid": sop_uid, "study_uid": study_uid}, reason)
         deps.store.records.note_unindexed(study_uid, sop_uid, "ignored")
+        deps.store.stats.count_modality("ignored", modality)
     except Exception as exc:  # noqa: BLE001 - Redis down: the object is not ours to keep; say so
         log.warning("non-image object %s ignored but not counted (%s)", sop_uid, exc)
 

@@ -250,6 +250,7 @@ def start_scp(settings: Settings, store: Store, indexes: dict[str, Any], celery_
     counters = DicomCounters()
     counters.active = admission.established  # the associations holding a slot (what the limit counts)
     counters.admission_refusals = admission.refusals.snapshot
+    counters.spool_unqueued = lambda: reconciler.unqueued
     server = ae.make_server(
         (settings.dicom_host, settings.dicom_port),
         evt_handlers=handlers.bindings(settings, store, indexes, store_deps, admission, counters),

@@ -202,6 +202,13 @@ class Reconciler:
         with self._lock:
             return len(self._pending)
 
+    @property
+    def unqueued(self) -> int:
+        """Files waiting for their first successful queueing (it failed, or a scan found them): the
+        broker was down, or is; they are safe in the spool and queued at the next pass."""
+        with self._lock:
+            return sum(1 for _, last in self._pending.values() if last is None or last == _NEVER)
+
     def full_scan(self) -> None:
         """Walk the whole spool and take every file not yet done into the pending set."""
         batch: list[SpoolEntry] = []

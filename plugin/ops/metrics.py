@@ -48,6 +48,12 @@ def _dicom(d: dict[str, Any]) -> Any:
     for reason, n in sorted(d.get("admission_refusals", {}).items()):
         refused.add_metric([reason], n)
     yield refused
+    unqueued = GaugeMetricFamily(
+        "drh_spool_unqueued_files",
+        "files safe in the spool whose queueing for the workers failed or is still to come (the broker was down)",
+    )
+    unqueued.add_metric([], d.get("spool_unqueued", 0))
+    yield unqueued
     active = GaugeMetricFamily("drh_dicom_active_associations", "DICOM associations open now")
     active.add_metric([], d["active_associations"])
     yield active

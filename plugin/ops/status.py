@@ -344,6 +344,12 @@ def _text_surroundings(f: dict[str, Any]) -> list[str]:
                 f"      C-STORE answered with a failure {failed} time(s): malformed data (`drh-pacs failures"
                 " refused`) or out of resources (the spool's disk; the log says which)"
             )
+        unqueued = dicom.get("spool_unqueued", 0)
+        if unqueued:
+            lines.append(
+                f"      {unqueued} file(s) safe in the spool and NOT QUEUED for the workers yet (the broker was"
+                " down: the listener queues them again every 30 s)"
+            )
         non_image = dicom.get("contexts_rejected", {}).get("non-image", 0)
         if non_image:
             lines.append(
