@@ -59,6 +59,22 @@ def test_enqueue_raises_when_the_broker_is_down(tmp_path):
     assert time.monotonic() - t0 < 20
 
 
+def test_a_retry_the_broker_refuses_leaves_the_instance_failed_not_retrying(redis_server, store, tmp_path):
+    """Marked retrying, then not queued: it would say "retrying" for ever with nothing on its way (and
+    the spool reconciler leaves ledger entries to IT staff)."""
+    from plugin.core.redis_server import free_port
+    from workers.client import EnqueueError
+
+    payload = {"sop_uid": "1.2.3.1", "study_uid": "1.2.3", "path": "/x.dcm", "source_ae": "A", "received_at": 1.0}
+    store.ledger.record(payload, "decode: truncated pixel data")
+    store.records.update_instance("1.2.3.1", {"state": "failed"})
+    app = app_for(redis_server.url, tmp_path, broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(EnqueueError):
+        retry_failed(app, "1.2.3.1")
+    assert store.ledger.get("1.2.3.1")["state"] == "failed" and "retried_at" not in store.ledger.get("1.2.3.1")
+    assert store.records.instance("1.2.3.1")["state"] == "failed"
+
+
 def test_retry_policy_is_declared_on_the_tasks(redis_server, tmp_path):
     from celery.utils.time import get_exponential_backoff_interval
 

@@ -144,21 +144,28 @@ def retry_failed(app: Celery, sop_uid: str) -> bool:
 
     The received_at of the original arrival is kept, so the task is not mistaken for a duplicate
     of a newer arrival; the instance is marked ``retrying`` first, since a worker treats a
-    ``failed`` instance as settled (so that a redelivery does not fail it twice).
+    ``failed`` instance as settled (so that a redelivery does not fail it twice), and back to
+    ``failed`` when the broker refuses the message (:class:`EnqueueError` is raised).
     """
     store = store_for(app)
     entry = store.ledger.mark_retrying(sop_uid)
     if entry is None:
         return False
     store.records.update_instance(sop_uid, {"state": "retrying"})
-    enqueue_instance(
-        app,
-        sop_uid=sop_uid,
-        study_uid=entry["study_uid"],
-        path=entry["path"],
-        source_ae=entry.get("source_ae", ""),
-        received_at=float(entry.get("received_at", 0.0)),
-    )
+    try:
+        enqueue_instance(
+            app,
+            sop_uid=sop_uid,
+            study_uid=entry["study_uid"],
+            path=entry["path"],
+            source_ae=entry.get("source_ae", ""),
+            received_at=float(entry.get("received_at", 0.0)),
+        )
+    except EnqueueError:
+        # not queued: a failure again, not "retrying" for ever with nothing on its way
+        store.ledger.unmark_retrying(sop_uid)
+        store.records.update_instance(sop_uid, {"state": "failed"})
+        raise
     return True
 
 

@@ -92,6 +92,15 @@ class FailureLedger:
         self.r.hset(self.keys.failures(), sop_uid, json.dumps(entry))
         return entry
 
+    def unmark_retrying(self, sop_uid: str) -> None:
+        """The re-queue did not happen (the broker was down): the entry is a failure again, which
+        the next retry takes (and the spool reconciler leaves alone, as any ledger entry)."""
+        entry = self.get(sop_uid)
+        if entry is not None:
+            entry["state"] = "failed"
+            entry.pop("retried_at", None)
+            self.r.hset(self.keys.failures(), sop_uid, json.dumps(entry))
+
     def get(self, sop_uid: str) -> dict[str, Any] | None:
         raw = self.r.hget(self.keys.failures(), sop_uid)
         return json.loads(raw) if raw else None
