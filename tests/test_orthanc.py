@@ -17,7 +17,7 @@ from pydicom import dcmread
 
 from plugin.core.redis_server import free_port
 from plugin.store.broker import queue_depth
-from tests.helpers.dicomgen import fixture_images, make_study
+from tests.helpers.dicomgen import Study, fixture_images, make_study
 from tests.helpers.peers import (
     DEBIAN_ORTHANC,
     DEPLOY_ORTHANC,
@@ -115,6 +115,7 @@ def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its
     images = fixture_images()
     good = make_study(tmp_path / "in", images[0:2], patient_id="P-FWD-1")
     mixed = make_study(tmp_path / "in", images[4:6], patient_id="P-FWD-2")
+    original = mixed.files[1].read_bytes()
     broken = dcmread(mixed.files[1])
     broken.PixelData = broken.PixelData[:100]  # Orthanc keeps it; drh-pacs refuses it (truncated pixel data)
     broken.save_as(mixed.files[1])
@@ -154,9 +155,20 @@ def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its
             keys = ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={good.study_uid}"]
             proc, answers = findscu(plugin.port, keys, tmp_path / "rsp", called="SIMILAR", calling="ORTHANC")
             assert proc.returncode == 0 and [str(a.StudyInstanceUID) for a in answers] == [mixed.study_uid]
+            log = orthanc.log()
+
+            # the PACS corrects the instance: the study is forwarded whole, and Orthanc's list of
+            # refused instances forgets it (its gauge fell only by hand before)
+            import httpx
+
+            httpx.delete(f"{orthanc.url}/instances/{refused['instance']}", auth=ORTHANC_USER, timeout=30)
+            mixed.files[1].write_bytes(original)
+            _store_to_orthanc(orthanc, Study(mixed.study_uid, "P-FWD-2", [mixed.files[1]], [mixed.sop_uids[1]]))
+            wait_until(lambda: orthanc.forwarding()["refused_count"] == 0, 90, what="the refusal forgotten")
+            assert f"study {ids[mixed.study_uid]} forwarded to DRHPACS" in orthanc.log()
+            wait_until(lambda: not plugin.store.ledger.refused(), 120, what="drh-pacs's refusal gone once indexed")
     finally:
         orthanc.stop()
-    log = orthanc.log()
     assert log.count("forwarded to DRHPACS") == 1
     assert f"study {ids[good.study_uid]} forwarded to DRHPACS" in log
     assert f"study {ids[mixed.study_uid]} forwarded" not in log

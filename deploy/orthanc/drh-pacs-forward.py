@@ -12,13 +12,15 @@ drh-pacs answered every instance with success:
   running job's instances when it created it) stays pending and is sent again at once.
 - drh-pacs unreachable, the association rejected, or drh-pacs out of resources (0xA7xx): the study
   stays pending and is tried again with an exponential back-off (``RetryFirstSeconds`` doubling up
-  to ``RetryMaxSeconds``); while drh-pacs is unreachable, nothing else is tried either.
+  to ``RetryMaxSeconds``); while drh-pacs is unreachable, nothing else is tried either. A store job
+  paused in Orthanc, or running for an hour, is given up the same way.
 - drh-pacs refused the data (any other failure status): the study's instances are sent one by one
   and each refused instance is recorded with the status (drh-pacs lists it with its reason:
   ``drh-pacs failures list``); the rest of the study is sent.
 - ``GET /drh-pacs/forwarding`` (Orthanc's REST API, with its authentication) lists what is
-  pending, what was refused and why; Orthanc's ``/tools/metrics-prometheus`` carries
-  ``drh_pacs_forward_pending`` and ``drh_pacs_forward_refused_instances``.
+  pending, what was refused and why (until the study is forwarded whole, once corrected);
+  Orthanc's ``/tools/metrics-prometheus`` carries ``drh_pacs_forward_pending`` and
+  ``drh_pacs_forward_refused_instances``.
 
 At start the plugin declares drh-pacs to Orthanc as two DICOM modalities, ``DRHPACS`` (storage,
 C-MOVE) and ``SIMILAR`` (similar-studies queries from Orthanc Explorer and the REST API), from the
@@ -61,6 +63,9 @@ DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
 # UnknownResource, which Orthanc (1.10, Debian's) answers when a store job names a study it no longer has.
 GONE = (7, 17)
 POLL_SECONDS = 0.2
+# A store job still running after this long is given up (tried again later): a study of thousands of
+# images over a slow link takes minutes, not hours.
+JOB_DEADLINE_SECONDS = 3600
 
 
 def _settings():
@@ -146,6 +151,8 @@ class State:
                     (instance, study, status, details[:500], time.time()),
                 )
             if forwarded:
+                # every instance accepted: what was refused before (corrected since) is refused no more
+                self.db.execute("DELETE FROM refused WHERE study = ?", (study,))
                 self.db.execute(
                     "INSERT INTO counters VALUES ('forwarded', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1"
                 )
@@ -217,15 +224,21 @@ class Forwarder:
             if code in GONE:
                 return Outcome(False, "deleted from Orthanc", transient=False, status="gone")
             return Outcome(False, f"cannot start the store job: {exc}", transient=True)
+        deadline = time.time() + JOB_DEADLINE_SECONDS
         while not self.stop.is_set():
             try:
                 info = json.loads(orthanc.RestApiGet("/jobs/" + job))
             except orthanc.OrthancException as exc:
                 return Outcome(False, f"store job {job} vanished: {exc}", transient=True)
-            if info.get("State") == "Success":
+            state = info.get("State")
+            if state == "Success":
                 return Outcome(True, str(info.get("Content", {}).get("InstancesCount", "")))
-            if info.get("State") == "Failure":
+            if state == "Failure":
                 return _classify(str(info.get("ErrorDetails") or info.get("ErrorDescription") or "failed"))
+            if state == "Paused" or time.time() > deadline:
+                # paused by someone in Orthanc, or stuck: every other study waits behind it, so the
+                # study goes back to pending and is tried again (with a new job) after the back-off
+                return Outcome(False, f"store job {job} {state} in Orthanc", transient=True)
             time.sleep(POLL_SECONDS)
         return Outcome(False, "Orthanc is stopping", transient=True)
 
@@ -345,10 +358,14 @@ def _on_change(change_type, level, resource):
         return
     if change_type == orthanc.ChangeType.STABLE_STUDY:
         FORWARDER.state.add(resource)
+        FORWARDER._metrics()  # the sender may be waiting out a back-off: the gauge says it now
         FORWARDER.wake.set()
     elif change_type == orthanc.ChangeType.ORTHANC_STARTED:
         if FORWARDER.drh["DeclareModalities"]:
-            FORWARDER.declare_modalities()
+            try:
+                FORWARDER.declare_modalities()
+            except Exception as exc:  # the sender starts anyway: what is pending stays visible and retried
+                orthanc.LogError(f"drh-pacs: could not declare the modalities ({exc!r}): check the DrhPacs section")
         FORWARDER.thread.start()
     elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
         FORWARDER.stop.set()
