@@ -49,3 +49,47 @@ def test_send_is_forwarded_to_the_pacs_that_holds_the_study(tmp_path, redis_serv
             assert client.post(f"/api/studies/{study.study_uid}/move", content=b"VIEWER").status_code == 400
     finally:
         viewer.stop()
+
+
+def test_a_send_from_the_spool_says_what_a_destination_did_not_take(tmp_path, redis_server):
+    """A destination that takes no context for some images, or drops the association midway: counted
+    and said, not an HTTP 500 that loses the counts."""
+    import threading
+
+    from pynetdicom import AE, StoragePresentationContexts, evt
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    from plugin.dicom.move import Node
+    from plugin.http.retrieve import SendError, _store_files
+
+    study = make_study(tmp_path / "in", fixture_images()[0:2], patient_id="P-DROP")
+    other = make_study(tmp_path / "ot", fixture_images()[2:3], patient_id="P-DROP", study_uid=study.study_uid,
+                       modality="OT")  # fmt: skip
+    files = study.files + other.files
+    settings = make_settings(tmp_path, redis_server.url)
+    dx_only = AE("DXONLY")
+    dx_only.add_supported_context(DigitalXRayImageStorageForPresentation)
+    received: list[str] = []
+
+    def drop_the_second(event):
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        if len(received) == 2:
+            threading.Thread(target=event.assoc.abort).start()  # the viewer crashes while storing
+        return 0x0000
+
+    dropping = AE("DROPS")
+    dropping.supported_contexts = StoragePresentationContexts
+    ports = free_port(), free_port()
+    servers = [
+        dx_only.start_server(("127.0.0.1", ports[0]), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)]),
+        dropping.start_server(("127.0.0.1", ports[1]), block=False, evt_handlers=[(evt.EVT_C_STORE, drop_the_second)]),
+    ]
+    try:
+        counts = _store_files(settings, Node("DXONLY", "127.0.0.1", ports[0]), files, study.study_uid)
+        assert counts == {"completed": 2, "failed": 1, "warning": 0}  # the OT image has no context there
+        with pytest.raises(SendError, match="DROPS dropped the association: 1 of 3 image\\(s\\) sent") as err:
+            _store_files(settings, Node("DROPS", "127.0.0.1", ports[1]), files, study.study_uid)
+        assert err.value.status == 502
+    finally:
+        for server in servers:
+            server.shutdown()

@@ -90,8 +90,20 @@ def _store_files(settings: Settings, node: move.Node, paths: list[Any], study_ui
         raise SendError(502, f"{node.ae_title} did not accept the association")
     counts = {"completed": 0, "failed": 0, "warning": 0}
     try:
-        for path in paths:
-            status = assoc.send_c_store(move.read_for_sending(path))
+        for n, path in enumerate(paths):
+            try:
+                status = assoc.send_c_store(move.read_for_sending(path))
+            except ValueError as exc:  # no presentation context the destination accepted for this file
+                counts["failed"] += 1
+                log.warning("send study %s: %s takes no context for %s (%s)", study_uid, node.ae_title, path.stem, exc)
+                continue
+            except RuntimeError as exc:  # the association was aborted or lost
+                counts["failed"] += len(paths) - n
+                log.warning("send study %s: association with %s lost (%s); %s", study_uid, node.ae_title, exc, counts)
+                raise SendError(
+                    502,
+                    f"{node.ae_title} dropped the association: {counts['completed']} of {len(paths)} image(s) sent",
+                ) from exc
             code = int(status.Status) if status is not None and "Status" in status else st.UNABLE_TO_PROCESS
             if code == st.SUCCESS:
                 counts["completed"] += 1
