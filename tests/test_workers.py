@@ -93,6 +93,29 @@ def test_retry_policy_is_declared_on_the_tasks(redis_server, tmp_path):
     assert delays == [5, 40, 600]
 
 
+def test_a_device_failure_while_encoding_is_retried_not_recorded_as_the_images_own():
+    """A GPU out of memory (or a CUDA error) fails the batch, not its images: retried with back-off,
+    and transient (retryable) if it lasts, where it was an "internal error" of every image taken."""
+    import torch
+
+    from workers.batching import DeviceError, Item, device_failure, encode_items
+    from workers.tasks import RETRY_ON
+
+    class OutOfMemory:  # the model's forward pass on a GPU that ran out of memory
+        def encode_images(self, images, batch_size):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    item = Item("1.2.3.1", "1.2.3", "/x.dcm", "", 0.0)
+    item.pixels = np.zeros((8, 8), np.uint8)
+    with pytest.raises(DeviceError, match="the model's device failed: OutOfMemoryError") as err:
+        encode_items(OutOfMemory(), [item], 16)
+    assert isinstance(err.value, RETRY_ON)
+    assert device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert device_failure(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
+    assert not device_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
+    assert not device_failure(ValueError("CUDA"))
+
+
 def test_a_stop_asked_during_the_device_check_is_honoured(monkeypatch):
     """serve SIGTERMs its workers when it dies; a worker still checking its device (seconds: torch,
     a GPU probe) must stop, not go on to take tasks as an orphan. The check is replaced here by one

@@ -55,6 +55,23 @@ class PermanentError(RuntimeError):
     """Retrying will not help until someone acts (a corrupt file, an unsupported encoding)."""
 
 
+class DeviceError(TransientError):
+    """The model's device failed while encoding (CUDA out of memory, a CUDA, cuDNN or driver error,
+    memory the host could not give): not the images' fault, so they are retried with back-off, and
+    recorded as transient (retryable) if it lasts, never as their own "internal error"."""
+
+
+# What the messages of a device's failures say (PyTorch raises them as RuntimeError subclasses).
+_DEVICE_FAILURES = ("CUDA", "cuDNN", "CUBLAS", "out of memory", "device-side assert", "can't allocate memory")
+
+
+def device_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by the model's forward pass, is its device failing."""
+    if type(exc).__name__ in ("OutOfMemoryError", "AcceleratorError"):
+        return True
+    return isinstance(exc, RuntimeError) and any(word in str(exc) for word in _DEVICE_FAILURES)
+
+
 @dataclass
 class Item:
     """One instance of a model batch."""
@@ -338,7 +355,13 @@ def encode_items(enc: Any, items: list[Item], batch_size: int) -> Any:
         frames = it.frames or [it.pixels]
         images += frames
         owner += [n] * len(frames)
-    out = enc.encode_images(images, batch_size=batch_size)
+    try:
+        out = enc.encode_images(images, batch_size=batch_size)
+    except RuntimeError as exc:
+        if not device_failure(exc):
+            raise
+        log.error("the model's device failed on a batch of %d image(s): %s: %s", len(images), type(exc).__name__, exc)
+        raise DeviceError(f"the model's device failed: {type(exc).__name__}: {exc}"[:300]) from exc
     if len(images) == len(items):
         return out
     rows_of = np.asarray(owner)
