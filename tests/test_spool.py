@@ -97,7 +97,8 @@ def test_reconciler_does_not_queue_again_what_a_worker_will_take_in_a_backlog(tm
 
 
 def test_a_file_is_coming_while_its_hint_is_kept_and_the_ingest_queue_has_messages(tmp_path, store, redis_server):
-    """The reconciler's question asked of a real Redis (``plugin.dicom.scp._coming_checker``)."""
+    """The reconciler's question asked of a real Redis (``plugin.dicom.scp._coming_checker``): a
+    file is coming while its hint waits to be claimed and the ingest queue has messages."""
     from plugin.dicom.scp import _coming_checker
     from plugin.store.keys import Keys
     from tests.helpers.peers import make_settings
@@ -109,5 +110,6 @@ def test_a_file_is_coming_while_its_hint_is_kept_and_the_ingest_queue_has_messag
     assert coming([kept, gone]) == set()  # no message waiting: nothing would take it
     store.client.lpush(Keys.queue_lists("ingest")[0], b"{}")  # a message of another instance
     assert coming([kept, gone]) == {kept.sop_uid}
-    store.ingest.done(kept.sop_uid, "1.2.7")
+    store.ingest.claim(kept.sop_uid, 0, now=2.0, lease_until=60.0, claimer="task-1")  # a batch takes it...
+    store.ingest.release([kept.sop_uid])  # ...and fails: only its own message brings it back, if any
     assert coming([kept, gone]) == set()

@@ -193,9 +193,10 @@ def _done_checker(store: Store) -> Callable[[list[SpoolEntry]], set[str]]:
 
 
 def _coming_checker(store: Store, settings: Settings) -> Callable[[list[SpoolEntry]], set[str]]:
-    """Spooled files a worker will take without being queued again: their hint is kept, and the
-    ingest queue has messages waiting (each task claims the oldest pending hints with its own). With
-    the queue empty, nothing would take them: none is coming, and the reconciler queues them."""
+    """Spooled files a worker will take without being queued again: their hint waits to be claimed,
+    and the ingest queue has messages waiting (each task claims the oldest pending hints with its
+    own). With the queue empty, nothing would take them: none is coming, and the reconciler queues
+    them; so it does for one whose claim was taken and let go (its own message may be lost)."""
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if settings.broker_url else store.client
 
     def coming(entries: list[SpoolEntry]) -> set[str]:
@@ -203,7 +204,7 @@ def _coming_checker(store: Store, settings: Settings) -> Callable[[list[SpoolEnt
             waiting = queue_depth(broker, "ingest")
         except redis.exceptions.RedisError:
             return set()  # the broker is away: queuing them fails too, and keeps them pending
-        return store.ingest.hinted([e.sop_uid for e in entries]) if waiting else set()
+        return store.ingest.pending_among([e.sop_uid for e in entries]) if waiting else set()
 
     return coming
 

@@ -153,9 +153,9 @@ class Reconciler:
     looks at pending files, not the whole archive; a full walk happens at start-up and hourly.
 
     ``coming(entries) -> set of SOP UIDs`` names the files a worker will still take without being
-    queued again: their batching hint is kept and the broker has messages waiting (each task claims
-    the oldest pending hints with its own instance, so a hint whose message was lost is taken by the
-    next batch). Those are not queued again; before, in a backlog longer than ``requeue_after``
+    queued again: their batching hint waits to be claimed and the broker has messages waiting (each
+    task claims the oldest pending hints with its own instance, so a hint whose message was lost is
+    taken by the next batch). Those are not queued again; before, in a backlog longer than ``requeue_after``
     every waiting file was queued again each time, and at each start-up: duplicates grew with the
     square of the backlog.
     """

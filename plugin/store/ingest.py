@@ -116,12 +116,14 @@ class IngestState:
         )
         return int(n), float(latest)
 
-    def hinted(self, sop_uids: list[str]) -> set[str]:
-        """The instances among ``sop_uids`` whose batching hint is kept (queued, not yet settled)."""
-        pipe = self.r.pipeline(transaction=False)
-        for uid in sop_uids:
-            pipe.hexists(self.keys.ingest_payload(), uid)
-        return {uid for uid, kept in zip(sop_uids, pipe.execute(), strict=True) if kept}
+    def pending_among(self, sop_uids: list[str]) -> set[str]:
+        """The instances among ``sop_uids`` whose hint waits to be claimed: the next model batch
+        takes the oldest of them with its own instance. (One claimed by a batch that failed, or by
+        a worker that died, is no longer pending: only its own message brings it back.)"""
+        if not sop_uids:
+            return set()
+        scores = self.r.zmscore(self.keys.ingest_pending(), sop_uids)
+        return {uid for uid, score in zip(sop_uids, scores, strict=True) if score is not None}
 
     def payload(self, sop_uid: str) -> dict[str, Any] | None:
         raw = self.r.hget(self.keys.ingest_payload(), sop_uid)
