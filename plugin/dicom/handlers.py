@@ -446,11 +446,16 @@ def handle_move(
                 calling, destination, source, outcome.status, outcome.completed, outcome.failed,
             )  # fmt: skip
         else:
+            hint = (
+                f"; a source PACS sends only to the AE titles it knows: is {destination} declared in {source}'s"
+                " DICOM modalities (Orthanc: DicomModalities)?"
+                if outcome.answered
+                else ""
+            )
             log.warning(
-                "C-MOVE from %s to %s: the forward to %s FAILED (status %#06x%s)%s; a source PACS sends only to"
-                " the AE titles it knows: is %s declared in %s's DICOM modalities (Orthanc: DicomModalities)?",
+                "C-MOVE from %s to %s: the forward to %s FAILED (status %#06x%s)%s%s",
                 calling, destination, source, outcome.status, f", {outcome.comment}" if outcome.comment else "",
-                "; sending drh-pacs's own copy instead" if plan.local_files else "", destination, source,
+                "; sending drh-pacs's own copy instead" if plan.local_files else "", hint,
             )  # fmt: skip
         if outcome.ok:
             note_forwarded(event.assoc)

@@ -58,6 +58,7 @@ class ForwardOutcome:
     failed: int = 0
     warning: int = 0
     comment: str = ""
+    answered: bool = True  # False: the source PACS could not be reached, or stopped answering
 
     @property
     def ok(self) -> bool:
@@ -174,12 +175,12 @@ def forward(move_plan: MovePlan, identifier: Dataset, destination: str, settings
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     if not assoc.is_established:
         log.warning("C-MOVE forward: cannot associate with %s at %s:%d", node.ae_title, node.host, node.port)
-        return ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS unreachable")
-    last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="no answer from source PACS")
+        return ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS unreachable", answered=False)
+    last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="no answer from source PACS", answered=False)
     try:
         for status, _ in assoc.send_c_move(forwarded, destination, StudyRootQueryRetrieveInformationModelMove):
             if status is None or "Status" not in status:
-                last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS stopped answering")
+                last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS stopped answering", answered=False)
                 break
             last = ForwardOutcome(
                 int(status.Status),
