@@ -13,6 +13,7 @@ workers finish (or hand back) their task, Redis writes its data last.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shutil
@@ -260,6 +261,8 @@ def start(settings: Settings) -> Running:
         try:
             running.scp = start_scp(settings, store, indexes, celery_app)
         except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                raise  # a TLS file, the spool's folder...: its own message, with its path
             raise ListenError(
                 f"the DICOM listener cannot listen on {settings.dicom_host}:{settings.dicom_port}:"
                 f" {exc.strerror or exc} (another program on this port? DRH_DICOM_PORT or --dicom-port chooses another)"

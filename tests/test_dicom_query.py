@@ -262,6 +262,17 @@ def test_run_similar_failures_name_the_reason(store):
     assert run("1.2.3.4", index).reason == "not-indexed"  # metadata known, no study code yet
     assert "not yet indexed" in run("1.2.3.4", index).comment
     assert run("1.2.3.999", index).reason == "unknown-reference"
+    # received, and none of it indexed: said so, unless some of it is still on its way to the model
+    store.records.note_unindexed("1.2.3.5", "1.2.3.5.1", "failed")
+    store.ingest.hint({"sop_uid": "1.2.3.5.2", "study_uid": "1.2.3.5", "path": "p", "received_at": 1.0})
+    assert run("1.2.3.5", index).reason == "not-indexed"
+    store.ingest.done("1.2.3.5.2", "1.2.3.5")
+    store.records.note_unindexed("1.2.3.5", "1.2.3.5.2", "ignored")
+    refused = run("1.2.3.5", index)
+    assert refused.reason == "not-indexable"
+    assert refused.comment == "reference study received, none indexed: 1 failed, 1 non-image"
+    store.records.put_instance("1.2.3.5.1", "1.2.3.5", {"modality": "DX"})  # the failed one, indexed after a retry
+    assert store.records.unindexed("1.2.3.5") == {"ignored": 1}
     not_ready = run(REF, _Index({REF: b"\x00\x00"}, ready=False))
     assert not_ready.reason == "index-not-ready" and similar.failure_status(not_ready) == st.OUT_OF_RESOURCES
 

@@ -67,12 +67,12 @@ def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_clien
             assert "Success" in proc.stdout + proc.stderr
             wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
             assert "DRHPACS" in orthanc.log()  # Orthanc served a C-MOVE asked by drh-pacs
-            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "failure": 0}
+            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "refused": 0, "unreachable": 0}
 
             with caplog.at_level(logging.INFO, logger="drh"):
                 unknown = movescu(plugin.port, study.study_uid, destination="OTHER")
             assert unknown.returncode != 0 and "Unable to process" in unknown.stdout + unknown.stderr
-            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "failure": 1}
+            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "refused": 1, "unreachable": 0}
             (line,) = [r for r in caplog.records if "FAILED" in r.getMessage()]
             assert line.levelno == logging.WARNING
             assert "is OTHER declared in ORTHANC's DICOM modalities" in line.getMessage()

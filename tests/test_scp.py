@@ -14,6 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -207,18 +208,24 @@ def test_non_image_objects_refused_at_negotiation_by_configuration(tmp_path, red
     ledger: drh-pacs counts the refused contexts and logs their SOP classes."""
     import logging
 
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+
     with running_plugin(tmp_path, redis_server.url, non_image_policy="reject") as running:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation, [ExplicitVRLittleEndian])
+        for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):  # one class, two contexts
+            ae.add_requested_context("1.2.840.10008.5.1.4.1.1.88.11", [syntax])  # Basic Text SR
+        ae.add_requested_context(StorageCommitmentPushModel)  # not a stored object: not "non-image"
         with caplog.at_level(logging.INFO, logger="drh"):
-            _, assoc = _scu(running.port)
+            assoc = ae.associate("127.0.0.1", running.port, ae_title="DRHPACS")
         try:
             accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
             assert DigitalXRayImageStorageForPresentation in accepted
             assert "1.2.840.10008.5.1.4.1.1.88.11" not in accepted
         finally:
             assoc.release()
-        assert running.server.counters.snapshot()["contexts_rejected"] == {"non-image": 1, "other": 0}
-        assert "association from STORESCU: 1 presentation context(s) of non-image classes refused" in caplog.text
-        assert "Basic Text SR Storage" in caplog.text
+        assert running.server.counters.snapshot()["contexts_rejected"] == {"non-image": 1, "other": 1}
+        assert "association from STORESCU: 1 non-image storage class(es) refused (Basic Text SR Storage)" in caplog.text
 
 
 def test_files_spooled_while_the_broker_is_down_are_queued_by_the_reconciler(tmp_path, redis_client, redis_server):

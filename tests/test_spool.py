@@ -8,8 +8,10 @@ import pytest
 
 from plugin.dicom.spool import Reconciler, Spool, SpoolError
 
+BAD_UIDS = ["../../etc", "..", "1..2", ".1", "1.", "1.2/3", "1.2.3a", "1.2.3\n", "", "1." * 32 + "1"]
 
-@pytest.mark.parametrize("bad", ["../../etc", "..", "1..2", ".1", "1.", "1.2/3", "1.2.3a", "", "1." * 32 + "1"])
+
+@pytest.mark.parametrize("bad", BAD_UIDS)
 def test_spool_path_components_are_checked(tmp_path, bad):
     with pytest.raises(SpoolError):
         Spool(tmp_path).write(bad, "1.2.3", b"x")

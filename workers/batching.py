@@ -341,6 +341,18 @@ def encode(versions: list[tuple[str, Any]], images: list[Item], batch_size: int)
     return [(version, encode_items(enc, images, batch_size)) for version, enc in versions]
 
 
+def encode_on_device(enc: Any, images: list[np.ndarray], batch_size: int) -> Any:
+    """``enc.encode_images``, its device's failure raised as :class:`DeviceError` (retried), not as
+    the images' own error. Ingest, volume sampling and re-index encode through it."""
+    try:
+        return enc.encode_images(images, batch_size=batch_size)
+    except RuntimeError as exc:
+        if not device_failure(exc):
+            raise
+        log.error("the model's device failed on a batch of %d image(s): %s: %s", len(images), type(exc).__name__, exc)
+        raise DeviceError(f"the model's device failed: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
 def encode_items(enc: Any, items: list[Item], batch_size: int) -> Any:
     """One row per item: a single image's code, or for a multi-frame object the DMIH pooling of its
     sampled frames (its code and re-ranking vector; its embedding, what study pooling reads, the
@@ -355,13 +367,7 @@ def encode_items(enc: Any, items: list[Item], batch_size: int) -> Any:
         frames = it.frames or [it.pixels]
         images += frames
         owner += [n] * len(frames)
-    try:
-        out = enc.encode_images(images, batch_size=batch_size)
-    except RuntimeError as exc:
-        if not device_failure(exc):
-            raise
-        log.error("the model's device failed on a batch of %d image(s): %s: %s", len(images), type(exc).__name__, exc)
-        raise DeviceError(f"the model's device failed: {type(exc).__name__}: {exc}"[:300]) from exc
+    out = encode_on_device(enc, images, batch_size)
     if len(images) == len(items):
         return out
     rows_of = np.asarray(owner)

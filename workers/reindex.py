@@ -165,7 +165,7 @@ def encode_and_store(task: RetryingTask, version: str, sops: list[str]) -> None:
         items.append(it)
     try:
         if items:
-            out = enc.encode_images([it.pixels for it in items], batch_size=settings.batch_size)
+            out = batching.encode_on_device(enc, [it.pixels for it in items], settings.batch_size)
             for n, it in enumerate(items):
                 store.codes.upsert(
                     version, "image", it.sop_uid, out.codes[n], study_uid=it.study_uid, rerank=out.rerank[n]

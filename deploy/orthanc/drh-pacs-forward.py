@@ -13,7 +13,8 @@ drh-pacs answered every instance with success:
 - drh-pacs unreachable, the association rejected, or drh-pacs out of resources (0xA7xx): the study
   stays pending and is tried again with an exponential back-off (``RetryFirstSeconds`` doubling up
   to ``RetryMaxSeconds``); while drh-pacs is unreachable, nothing else is tried either. A store job
-  paused in Orthanc, or running for an hour, is given up the same way.
+  paused in Orthanc, or whose progress has not moved for 15 minutes (then cancelled), is given up and
+  its study tried again later; the other studies go on.
 - drh-pacs refused the data (any other failure status): the study's instances are sent one by one
   and each refused instance is recorded with the status (drh-pacs lists it with its reason:
   ``drh-pacs failures list``); the rest of the study is sent.
@@ -63,9 +64,9 @@ DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
 # UnknownResource, which Orthanc (1.10, Debian's) answers when a store job names a study it no longer has.
 GONE = (7, 17)
 POLL_SECONDS = 0.2
-# A store job still running after this long is given up (tried again later): a study of thousands of
-# images over a slow link takes minutes, not hours.
-JOB_DEADLINE_SECONDS = 3600
+# A store job whose progress has not moved for this long is cancelled, and its study tried again later
+# (a study of thousands of images over a slow link moves every few seconds).
+JOB_STALL_SECONDS = 900
 
 
 def _settings():
@@ -145,14 +146,15 @@ class State:
             ).rowcount
             if not gone:
                 self.db.execute("UPDATE pending SET attempts = 0, last_error = '' WHERE study = ?", (study,))
+            # this send's refusals replace the study's earlier ones (an instance corrected since is
+            # refused no more; a study forwarded whole has none)
+            self.db.execute("DELETE FROM refused WHERE study = ?", (study,))
             for instance, status, details in refused:
                 self.db.execute(
                     "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
                     (instance, study, status, details[:500], time.time()),
                 )
             if forwarded:
-                # every instance accepted: what was refused before (corrected since) is refused no more
-                self.db.execute("DELETE FROM refused WHERE study = ?", (study,))
                 self.db.execute(
                     "INSERT INTO counters VALUES ('forwarded', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1"
                 )
@@ -181,11 +183,12 @@ class State:
 
 
 class Outcome:
-    def __init__(self, ok, details="", transient=False, status=""):
+    def __init__(self, ok, details="", transient=False, status="", link=True):
         self.ok = ok
         self.details = details
         self.transient = transient  # worth trying again later (the link, drh-pacs busy)
         self.status = status  # the DIMSE status drh-pacs answered, when there was one
+        self.link = link  # a transient failure of the link to drh-pacs: nothing else is tried meanwhile
 
 
 def _classify(details):
@@ -224,7 +227,7 @@ class Forwarder:
             if code in GONE:
                 return Outcome(False, "deleted from Orthanc", transient=False, status="gone")
             return Outcome(False, f"cannot start the store job: {exc}", transient=True)
-        deadline = time.time() + JOB_DEADLINE_SECONDS
+        progress, moved_at = None, time.time()
         while not self.stop.is_set():
             try:
                 info = json.loads(orthanc.RestApiGet("/jobs/" + job))
@@ -235,10 +238,19 @@ class Forwarder:
                 return Outcome(True, str(info.get("Content", {}).get("InstancesCount", "")))
             if state == "Failure":
                 return _classify(str(info.get("ErrorDetails") or info.get("ErrorDescription") or "failed"))
-            if state == "Paused" or time.time() > deadline:
-                # paused by someone in Orthanc, or stuck: every other study waits behind it, so the
-                # study goes back to pending and is tried again (with a new job) after the back-off
-                return Outcome(False, f"store job {job} {state} in Orthanc", transient=True)
+            if info.get("Progress") != progress:
+                progress, moved_at = info.get("Progress"), time.time()
+            if state == "Paused":
+                # paused by someone in Orthanc: theirs to resume; the study is tried again later
+                return Outcome(False, f"store job {job} paused in Orthanc", transient=True, link=False)
+            if time.time() - moved_at > JOB_STALL_SECONDS:
+                # no progress for that long: every other study waits behind it
+                try:
+                    orthanc.RestApiPost(f"/jobs/{job}/cancel", "")
+                except orthanc.OrthancException:
+                    pass  # ended meanwhile
+                return Outcome(False, f"store job {job} made no progress in {JOB_STALL_SECONDS} s", transient=True,
+                               link=False)  # fmt: skip
             time.sleep(POLL_SECONDS)
         return Outcome(False, "Orthanc is stopping", transient=True)
 
@@ -297,12 +309,14 @@ class Forwarder:
             outcome = transient
         delay = self._retry_delay(attempt)
         self.state.failed(study, attempt, time.time() + delay, outcome.details)
-        self.link_error = outcome.details
-        self.link_delay = min(float(self.drh["RetryMaxSeconds"]), max(self.link_delay * 2, self._retry_delay(1)))
-        self.paused_until = time.time() + self.link_delay
+        if outcome.link:  # drh-pacs or the network: nothing else is tried meanwhile
+            self.link_error = outcome.details
+            self.link_delay = min(float(self.drh["RetryMaxSeconds"]), max(self.link_delay * 2, self._retry_delay(1)))
+            self.paused_until = time.time() + self.link_delay
         orthanc.LogWarning(
             f"drh-pacs: study {study} NOT sent to {self.modality} (attempt {attempt}): {outcome.details};"
-            f" {self.state.report(0)['pending_count']} study(ies) pending, next try in {self.link_delay:.0f} s"
+            f" {self.state.report(0)['pending_count']} study(ies) pending,"
+            f" next try in {(self.link_delay if outcome.link else delay):.0f} s"
         )
 
     def _link_ok(self):

@@ -16,7 +16,7 @@ from hashing.route import BODY_PART_SYNONYMS, body_part_term
 # but equipment wrote them (``...1507184833.035541``) and archives keep them: refusing them would keep
 # those studies out of search for good. Digits and non-empty components only, so a UID is still a safe
 # path component (the spool names files by UID).
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 STUDY_FIELDS = {
     "patient_id": "PatientID",
@@ -101,7 +101,7 @@ def recorded_routing(record: dict[str, str]) -> tuple[str, str, str]:
 
 def is_uid(value: object) -> bool:
     text = str(value or "")
-    return 0 < len(text) <= 64 and bool(_UID_RE.match(text))
+    return 0 < len(text) <= 64 and bool(_UID_RE.fullmatch(text))
 
 
 def _text(ds: Dataset, keyword: str) -> str:

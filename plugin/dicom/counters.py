@@ -26,9 +26,12 @@ ASSOCIATION_OUTCOMES = ("accepted", "rejected", "aborted")
 # ("busy": plugin.dicom.admission's limits, or pynetdicom's own), anything else. Connections refused
 # before their A-ASSOCIATE-RQ was read (admission control) are counted by plugin.dicom.admission.
 REJECT_REASONS = ("called-ae", "calling-ae", "address", "busy", "other")
-# Why a proposed presentation context was refused in an accepted association: a non-image storage
-# class under non_image_policy "reject", anything else we do not offer (a service, a transfer syntax).
+# Why a proposed SOP class was refused in an accepted association (counted once per class): a
+# non-image storage class under non_image_policy "reject", anything else we do not offer (a service,
+# a transfer syntax).
 CONTEXT_REJECTIONS = ("non-image", "other")
+# What came of a C-MOVE forwarded to the PACS that sent the study.
+FORWARD_OUTCOMES = ("success", "refused", "unreachable")
 # The sub-operations of C-MOVE and C-GET (one C-STORE each), as their final response counts them.
 RETRIEVES = {"C_MOVE_RSP": "C-MOVE", "C_GET_RSP": "C-GET"}
 SUBOPERATIONS = ("completed", "failed", "warning")
@@ -106,7 +109,7 @@ class DicomCounters:
         self._buckets = {op: [0] * (len(LATENCY_BUCKETS) + 1) for op in OPERATIONS}
         self._sums = dict.fromkeys(OPERATIONS, 0.0)
         self._suboperations = {(op, kind): 0 for op in RETRIEVES.values() for kind in SUBOPERATIONS}
-        self._forwards = {"success": 0, "failure": 0}
+        self._forwards = dict.fromkeys(FORWARD_OUTCOMES, 0)
         self._contexts_rejected = dict.fromkeys(CONTEXT_REJECTIONS, 0)
         self.started = time.time()
         # len(active associations), set by the SCP that owns these counters
@@ -194,11 +197,12 @@ class DicomCounters:
         with self._lock:
             self._contexts_rejected[reason if reason in self._contexts_rejected else "other"] += n
 
-    def forwarded_move(self, ok: bool) -> None:
-        """A C-MOVE forwarded to the PACS that sent the study, by what that PACS answered (a failure
-        is often a viewer the PACS does not know; drh-pacs then sends its own copy, if it keeps one)."""
+    def forwarded_move(self, outcome: str) -> None:
+        """A C-MOVE forwarded to the PACS that sent the study, by what came of it (``refused``: the
+        PACS answered with a failure, often a viewer it does not know; ``unreachable``: it did not
+        answer). drh-pacs then sends its own copy, if it keeps one."""
         with self._lock:
-            self._forwards["success" if ok else "failure"] += 1
+            self._forwards[outcome] += 1
 
     def retrieve_answered(self, event: Any) -> Retrieved | None:
         """Count a C-MOVE or C-GET by the final response pynetdicom sends (an ``EVT_DIMSE_SENT``);

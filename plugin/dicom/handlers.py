@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
+from pynetdicom import AllStoragePresentationContexts
 from pynetdicom import events as evt
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
@@ -36,8 +37,8 @@ from plugin.dicom.validate import is_image_sop_class, read_received
 from plugin.search import query as search
 from plugin.search.errors import QueryError
 
-# A presentation context's result: the abstract syntax (SOP class) is not offered here (PS3.8 9.3.3.2).
-ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
+# The storage SOP classes (not Storage Commitment, not media directories): what a sender stores.
+STORAGE_CLASSES = frozenset(cx.abstract_syntax for cx in AllStoragePresentationContexts)
 
 log = logging.getLogger("drh.scp")
 
@@ -439,7 +440,7 @@ def handle_move(
         outcome = move_mod.forward(plan, identifier, destination, settings)
         source = plan.forward_to.ae_title
         if counters is not None:
-            counters.forwarded_move(outcome.ok)
+            counters.forwarded_move("success" if outcome.ok else "refused" if outcome.answered else "unreachable")
         if outcome.ok:
             log.info(
                 "C-MOVE from %s to %s forwarded to %s: status %#06x, %d completed, %d failed",
@@ -518,27 +519,26 @@ def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iter
 
 
 def handle_accepted(event: Any, counters: DicomCounters) -> None:
-    """Counted; so are the presentation contexts refused in it, and those of non-image classes are
-    logged by SOP class (non_image_policy "reject" offers none): the sender sees only "no acceptable
-    presentation context", and nothing reaches the refused ledger."""
+    """Counted; so are the SOP classes refused in it (once each, when no context of theirs was
+    accepted), and storage classes of non-images are logged (non_image_policy "reject" offers
+    none): the sender sees only "no acceptable presentation context", and nothing reaches the refused
+    ledger."""
     counters.association("accepted")
     refused = getattr(event.assoc, "rejected_contexts", None) or []
-    non_image = [cx for cx in refused if cx.result == ABSTRACT_SYNTAX_NOT_SUPPORTED and _non_image(cx.abstract_syntax)]
+    if not refused:
+        return
+    accepted = {cx.abstract_syntax for cx in getattr(event.assoc, "accepted_contexts", None) or []}
+    classes = {cx.abstract_syntax for cx in refused if cx.abstract_syntax not in accepted}
+    non_image = {uid for uid in classes if uid in STORAGE_CLASSES and not is_image_sop_class(uid)}
     if non_image:
         counters.contexts_rejected("non-image", len(non_image))
         log.info(
-            "association from %s: %d presentation context(s) of non-image classes refused (%s):"
-            " DRH_NON_IMAGE_POLICY is reject",
+            "association from %s: %d non-image storage class(es) refused (%s): DRH_NON_IMAGE_POLICY is reject",
             str(event.assoc.requestor.ae_title or "").strip(), len(non_image),
-            ", ".join(sorted({UID(cx.abstract_syntax).name for cx in non_image})),
+            ", ".join(sorted(UID(uid).name for uid in non_image)),
         )  # fmt: skip
-    if len(refused) > len(non_image):
-        counters.contexts_rejected("other", len(refused) - len(non_image))
-
-
-def _non_image(abstract_syntax: str | None) -> bool:
-    name = UID(abstract_syntax or "").name
-    return "Storage" in name and not is_image_sop_class(str(abstract_syntax))
+    if len(classes) > len(non_image):
+        counters.contexts_rejected("other", len(classes) - len(non_image))
 
 
 def handle_rejected(event: Any, counters: DicomCounters) -> None:

@@ -83,7 +83,7 @@ def _dicom(d: dict[str, Any]) -> Any:
     yield forwards
     contexts = CounterMetricFamily(
         "drh_dicom_presentation_contexts_rejected",
-        "presentation contexts refused in accepted associations (non-image: DRH_NON_IMAGE_POLICY=reject)",
+        "SOP classes refused in accepted associations, once each (non-image: DRH_NON_IMAGE_POLICY=reject)",
         labels=["reason"],
     )
     for reason, n in d.get("contexts_rejected", {}).items():

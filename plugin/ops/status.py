@@ -353,12 +353,14 @@ def _text_surroundings(f: dict[str, Any]) -> list[str]:
         non_image = dicom.get("contexts_rejected", {}).get("non-image", 0)
         if non_image:
             lines.append(
-                f"      presentation contexts of non-image classes refused {non_image}"
+                f"      non-image storage classes refused {non_image}"
                 " (DRH_NON_IMAGE_POLICY=reject: their senders keep those objects)"
             )
-        forwards = dicom.get("move_forwards", {}).get("failure", 0)
-        if forwards:
-            lines.append(f"      C-MOVE forwards FAILED at the source PACS {forwards} (the log names the AE)")
+        forwards = dicom.get("move_forwards", {})
+        if forwards.get("refused"):
+            lines.append(f"      C-MOVE forwards REFUSED by the source PACS {forwards['refused']} (see the log)")
+        if forwards.get("unreachable"):
+            lines.append(f"      C-MOVE forwards to an UNREACHABLE source PACS {forwards['unreachable']}")
     elif f.get("dicom_unread"):
         lines.append(f"dicom       counts not read: {f['dicom_unread']}")
     return lines
@@ -376,16 +378,20 @@ def listener_counts(settings: Settings) -> tuple[dict[str, Any] | None, str]:
     host = settings.http_host if settings.http_host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{'[' + host + ']' if ':' in host else host}:{settings.http_port}/api/status"
     if not (settings.api_token or (settings.data_dir / "api-token").exists()):
-        return None, f"no API token in {settings.data_dir} (is serve's DRH_DATA_DIR the same?)"
+        return None, (
+            f"no API token (DRH_API_TOKEN, or {settings.data_dir / 'api-token'}: is serve's DRH_DATA_DIR the same?)"
+        )
     try:
         answer = requests.get(
             url, headers={"Authorization": f"Bearer {settings.resolved_api_token()}"}, timeout=LISTENER_PROBE_SECONDS
         )
-    except requests.RequestException as exc:
+        # 503: serve's Redis is down, which is when these counts matter most; they are in the body
+        body = answer.json() if answer.status_code in (200, 503) else {}
+    except (requests.RequestException, ValueError) as exc:
         return None, f"serve's HTTP API at {url} did not answer ({type(exc).__name__})"
-    if answer.status_code != 200:
-        return None, f"serve's HTTP API at {url} answered HTTP {answer.status_code}"
-    return answer.json().get("dicom"), ""
+    if not isinstance(body, dict) or not body.get("dicom"):
+        return None, f"serve's HTTP API at {url} answered HTTP {answer.status_code} without them"
+    return body["dicom"], ""
 
 
 def gather_for_settings(settings: Settings) -> dict[str, Any]:

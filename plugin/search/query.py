@@ -233,6 +233,8 @@ def run_similar(query: SimilarQuery, store: Any, indexes: Mapping[str, Any]) -> 
         if known:
             raise QueryError("not-indexed", f"reference {what} not yet indexed: try again later")
         unindexed = store.records.unindexed(query.reference_uid) if query.level == "STUDY" else {}
+        if unindexed and store.ingest.queued_in_study(query.reference_uid)[0]:
+            raise QueryError("not-indexed", f"reference {what} not yet indexed: try again later")
         if unindexed:
             told = ", ".join(f"{n} {UNINDEXED_SHORT.get(k, k)}" for k, n in sorted(unindexed.items()))
             raise QueryError("not-indexable", f"reference study received, none indexed: {told}")

@@ -60,7 +60,8 @@ class Records:
         pipe = self.r.pipeline()
         pipe.hset(self.keys.instance(sop_uid), mapping={"study_uid": study_uid, **{k: str(v) for k, v in meta.items()}})
         pipe.sadd(self.keys.study_instances(study_uid), sop_uid)
-        _, added = pipe.execute()
+        pipe.hdel(self.keys.unindexed(study_uid), sop_uid)  # failed or refused before: recorded now
+        _, added, _ = pipe.execute()
         # After the instance hash exists: an image upsert from now on finds the study itself, and
         # one that came before is linked here.
         k = self.keys
