@@ -19,7 +19,7 @@ drh-pacs answered every instance with success:
   and each refused instance is recorded with the status (drh-pacs lists it with its reason:
   ``drh-pacs failures list``); the rest of the study is sent.
 - ``GET /drh-pacs/forwarding`` (Orthanc's REST API, with its authentication) lists what is
-  pending, what was refused and why (until the study is forwarded whole, once corrected);
+  pending, what was refused and why (as the study's latest send found them);
   Orthanc's ``/tools/metrics-prometheus`` carries ``drh_pacs_forward_pending`` and
   ``drh_pacs_forward_refused_instances``.
 
