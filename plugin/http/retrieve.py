@@ -76,6 +76,11 @@ def _counts(outcome: move.ForwardOutcome) -> dict[str, int]:
     return {"completed": outcome.completed, "failed": outcome.failed, "warning": outcome.warning}
 
 
+# Seconds to wait for a destination's answer to one C-STORE. Also the bound on noticing a destination
+# that aborts while an answer is awaited (pynetdicom does not always wake the waiting send at once).
+SEND_DIMSE_TIMEOUT = 120
+
+
 def _store_files(settings: Settings, node: move.Node, paths: list[Any], study_uid: str) -> dict[str, int]:
     """C-STORE the spooled files to ``node`` on one association (the spool half of a C-MOVE)."""
     from pynetdicom import AE
@@ -83,14 +88,24 @@ def _store_files(settings: Settings, node: move.Node, paths: list[Any], study_ui
     ae = AE(ae_title=settings.ae_title)
     ae.requested_contexts = move.sub_operation_contexts(paths)
     ae.acse_timeout = 30
-    ae.dimse_timeout = 120
+    ae.dimse_timeout = SEND_DIMSE_TIMEOUT
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     if not assoc.is_established:
         log.warning("send study %s: cannot associate with %s at %s:%d", study_uid, node.ae_title, node.host, node.port)
         raise SendError(502, f"{node.ae_title} did not accept the association")
     counts = {"completed": 0, "failed": 0, "warning": 0}
+
+    def dropped(n: int, why: object) -> SendError:
+        counts["failed"] += len(paths) - n
+        log.warning("send study %s: association with %s lost (%s); %s", study_uid, node.ae_title, why, counts)
+        return SendError(
+            502, f"{node.ae_title} dropped the association: {counts['completed']} of {len(paths)} image(s) sent"
+        )
+
     try:
         for n, path in enumerate(paths):
+            if not assoc.is_established:  # aborted by the destination (or on a timeout) after the last one
+                raise dropped(n, "aborted")
             try:
                 status = assoc.send_c_store(move.read_for_sending(path))
             except ValueError as exc:  # no presentation context the destination accepted for this file
@@ -98,13 +113,10 @@ def _store_files(settings: Settings, node: move.Node, paths: list[Any], study_ui
                 log.warning("send study %s: %s takes no context for %s (%s)", study_uid, node.ae_title, path.stem, exc)
                 continue
             except RuntimeError as exc:  # the association was aborted or lost
-                counts["failed"] += len(paths) - n
-                log.warning("send study %s: association with %s lost (%s); %s", study_uid, node.ae_title, exc, counts)
-                raise SendError(
-                    502,
-                    f"{node.ae_title} dropped the association: {counts['completed']} of {len(paths)} image(s) sent",
-                ) from exc
-            code = int(status.Status) if status is not None and "Status" in status else st.UNABLE_TO_PROCESS
+                raise dropped(n, exc) from exc
+            if status is None or "Status" not in status:  # no answer: aborted or timed out meanwhile
+                raise dropped(n, "no answer")
+            code = int(status.Status)
             if code == st.SUCCESS:
                 counts["completed"] += 1
             elif code in (st.STORE_COERCION_OF_ELEMENTS, st.STORE_ELEMENTS_DISCARDED) or (code & 0xF000) == 0xB000:
