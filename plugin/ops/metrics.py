@@ -28,67 +28,64 @@ def latency_quantile(latency: dict[str, Any], q: float) -> float | None:
     return float("inf")
 
 
+def _counter(name: str, doc: str, labels: list[str], counts: Any) -> CounterMetricFamily:
+    """A counter family from ``(key, n)`` pairs: a key holds its label values joined by ``|``
+    (``"C-MOVE|failed"``), as the SCP's counters keep them."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for key, n in counts:
+        family.add_metric(key.split("|", len(labels) - 1), n)
+    return family
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    """A gauge family of one sample."""
+    family = GaugeMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
 def _dicom(d: dict[str, Any]) -> Any:
     """The SCP process's counters (plugin.dicom.counters): associations, rejections, DIMSE requests."""
-    assoc = CounterMetricFamily("drh_dicom_associations", "DICOM associations by outcome", labels=["outcome"])
-    for outcome, n in d["associations"].items():
-        assoc.add_metric([outcome], n)
-    yield assoc
-    rejected = CounterMetricFamily(
-        "drh_dicom_association_rejections", "associations rejected, by reason", labels=["reason"]
+    yield _counter("drh_dicom_associations", "DICOM associations by outcome", ["outcome"], d["associations"].items())
+    yield _counter(
+        "drh_dicom_association_rejections", "associations rejected, by reason", ["reason"], d["rejections"].items()
     )
-    for reason, n in d["rejections"].items():
-        rejected.add_metric([reason], n)
-    yield rejected
-    refused = CounterMetricFamily(
+    yield _counter(
         "drh_dicom_admission_refusals",
         "connections refused or associations aborted by admission control (pending, timeouts, sizes, slots), by reason",
-        labels=["reason"],
+        ["reason"],
+        sorted(d.get("admission_refusals", {}).items()),
     )
-    for reason, n in sorted(d.get("admission_refusals", {}).items()):
-        refused.add_metric([reason], n)
-    yield refused
-    unqueued = GaugeMetricFamily(
+    yield _gauge(
         "drh_spool_unqueued_files",
         "files safe in the spool whose queueing for the workers failed or is still to come (the broker was down)",
+        d.get("spool_unqueued", 0),
     )
-    unqueued.add_metric([], d.get("spool_unqueued", 0))
-    yield unqueued
-    active = GaugeMetricFamily("drh_dicom_active_associations", "DICOM associations open now")
-    active.add_metric([], d["active_associations"])
-    yield active
-    requests = CounterMetricFamily(
-        "drh_dicom_requests", "DIMSE requests answered, by service and outcome", labels=["operation", "outcome"]
+    yield _gauge("drh_dicom_active_associations", "DICOM associations open now", d["active_associations"])
+    yield _counter(
+        "drh_dicom_requests",
+        "DIMSE requests answered, by service and outcome",
+        ["operation", "outcome"],
+        d["requests"].items(),
     )
-    for key, n in d["requests"].items():
-        operation, _, outcome = key.partition("|")
-        requests.add_metric([operation, outcome], n)
-    yield requests
-    subops = CounterMetricFamily(
+    yield _counter(
         "drh_dicom_retrieve_suboperations",
         "C-STORE sub-operations of C-MOVE and C-GET sent from here, by what the destination answered",
-        labels=["operation", "outcome"],
+        ["operation", "outcome"],
+        d.get("suboperations", {}).items(),
     )
-    for key, n in d.get("suboperations", {}).items():
-        operation, _, outcome = key.partition("|")
-        subops.add_metric([operation, outcome], n)
-    yield subops
-    forwards = CounterMetricFamily(
+    yield _counter(
         "drh_dicom_move_forwards",
         "C-MOVEs forwarded to the PACS that sent the study, by what it answered",
-        labels=["outcome"],
+        ["outcome"],
+        d.get("move_forwards", {}).items(),
     )
-    for outcome, n in d.get("move_forwards", {}).items():
-        forwards.add_metric([outcome], n)
-    yield forwards
-    contexts = CounterMetricFamily(
+    yield _counter(
         "drh_dicom_presentation_contexts_rejected",
         "SOP classes refused in accepted associations, once each (non-image: DRH_NON_IMAGE_POLICY=reject)",
-        labels=["reason"],
+        ["reason"],
+        d.get("contexts_rejected", {}).items(),
     )
-    for reason, n in d.get("contexts_rejected", {}).items():
-        contexts.add_metric([reason], n)
-    yield contexts
     duration = HistogramMetricFamily(
         "drh_dicom_request_duration_seconds",
         "time from a DIMSE request to its final response (C-MOVE and C-GET: all sub-operations)",
@@ -104,25 +101,22 @@ def _surroundings(f: dict[str, Any]) -> Any:
     """What the process sees around it: the spool's disk, Orthanc."""
     spool = f.get("spool")
     if spool and spool.get("ok"):
-        free = GaugeMetricFamily("drh_spool_free_bytes", "free bytes on the file system of the DICOM spool")
-        free.add_metric([], spool["free"])
-        yield free
-        size = GaugeMetricFamily("drh_spool_size_bytes", "size in bytes of the file system of the DICOM spool")
-        size.add_metric([], spool["total"])
-        yield size
+        yield _gauge("drh_spool_free_bytes", "free bytes on the file system of the DICOM spool", spool["free"])
+        yield _gauge("drh_spool_size_bytes", "size in bytes of the file system of the DICOM spool", spool["total"])
     orthanc = f.get("orthanc")
     if orthanc:
-        up = GaugeMetricFamily("drh_orthanc_up", "1 when Orthanc's REST API answered drh-pacs (credentials accepted)")
-        up.add_metric([], 1.0 if orthanc["up"] else 0.0)
-        yield up
+        yield _gauge(
+            "drh_orthanc_up",
+            "1 when Orthanc's REST API answered drh-pacs (credentials accepted)",
+            1.0 if orthanc["up"] else 0.0,
+        )
         rec = orthanc.get("reconcile")
         if rec is not None:
-            ok = GaugeMetricFamily(
+            yield _gauge(
                 "drh_orthanc_reconcile_last_success_timestamp_seconds",
                 "when a reconciliation with Orthanc last succeeded (0: never)",
+                rec["last_ok"],
             )
-            ok.add_metric([], rec["last_ok"])
-            yield ok
 
 
 class _FiguresCollector:
@@ -131,9 +125,9 @@ class _FiguresCollector:
 
     def collect(self) -> Any:
         f = self.f
-        up = GaugeMetricFamily("drh_redis_up", "1 when Redis (store and broker) answered this scrape")
-        up.add_metric([], 1.0 if f.get("redis_ok") else 0.0)
-        yield up
+        yield _gauge(
+            "drh_redis_up", "1 when Redis (store and broker) answered this scrape", 1.0 if f.get("redis_ok") else 0.0
+        )
         if f.get("dicom"):
             yield from _dicom(f["dicom"])
         yield from _surroundings(f)
@@ -143,9 +137,7 @@ class _FiguresCollector:
         for name, n in f["queues"].items():
             depth.add_metric([name], n)
         yield depth
-        unacked = GaugeMetricFamily("drh_tasks_in_flight", "messages delivered to workers, not yet acknowledged")
-        unacked.add_metric([], f["in_flight"])
-        yield unacked
+        yield _gauge("drh_tasks_in_flight", "messages delivered to workers, not yet acknowledged", f["in_flight"])
         tasks = CounterMetricFamily("drh_tasks", "task outcomes", labels=["task", "outcome"])
         for task, outcomes in f["tasks"].items():
             for outcome, n in outcomes.items():
@@ -208,18 +200,12 @@ class _FiguresCollector:
         yield workers
         yield worker_up
         yield seen
-        failures = GaugeMetricFamily("drh_failed_instances", "instances in the failure ledger")
-        failures.add_metric([], f["failures"]["count"])
-        yield failures
-        refused = GaugeMetricFamily("drh_refused_instances", "C-STOREs refused at reception (malformed data)")
-        refused.add_metric([], f["failures"].get("refused", 0))
-        yield refused
-        ignored = GaugeMetricFamily("drh_ignored_instances", "non-image objects accepted and not indexed")
-        ignored.add_metric([], f["failures"]["ignored"])
-        yield ignored
-        pending = GaugeMetricFamily("drh_batch_pending", "instances queued for the model, not yet claimed")
-        pending.add_metric([], f["pending"])
-        yield pending
+        yield _gauge("drh_failed_instances", "instances in the failure ledger", f["failures"]["count"])
+        yield _gauge(
+            "drh_refused_instances", "C-STOREs refused at reception (malformed data)", f["failures"].get("refused", 0)
+        )
+        yield _gauge("drh_ignored_instances", "non-image objects accepted and not indexed", f["failures"]["ignored"])
+        yield _gauge("drh_batch_pending", "instances queued for the model, not yet claimed", f["pending"])
         job = f.get("reindex") or {}
         if job:
             prog = GaugeMetricFamily(
