@@ -298,8 +298,8 @@ def decode_items(settings: Settings, store: Store, items: list[Item]) -> tuple[l
 def load_guarded(settings: Settings, store: Store, it: Item, *, defer_volume: bool = False) -> str:
     """:func:`load_item`, counted as a decode started until it returns: a file whose decoding killed
     the worker process ``MAX_DECODE_CRASHES`` times is a permanent failure, not tried again (its
-    message, redelivered after each death, would otherwise kill every worker that takes it). Ingest
-    and the sampling of a volume's slices at pooling (their pixels are first decoded there) both
+    message, redelivered after each death, would otherwise kill every worker that takes it). Ingest,
+    re-index and the sampling of a volume's slices at pooling (their pixels are first decoded there)
     decode through it."""
     crashes = store.ingest.decode_started(it.sop_uid)
     try:

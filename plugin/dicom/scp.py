@@ -35,7 +35,7 @@ from plugin.dicom.counters import DicomCounters
 from plugin.dicom.spool import Reconciler, Spool, SpoolEntry, source_ae_of
 from plugin.dicom.validate import is_image_sop_class
 from plugin.store import SETTLED_STATES, Store
-from plugin.store.broker import queue_depth
+from plugin.store.broker import broker_client, queue_depth
 from workers.client import enqueue_instance
 
 log = logging.getLogger("drh.scp")
@@ -197,7 +197,7 @@ def _coming_checker(store: Store, settings: Settings) -> Callable[[list[SpoolEnt
     and the ingest queue has messages waiting (each task claims the oldest pending hints with its
     own). With the queue empty, nothing would take them: none is coming, and the reconciler queues
     them; so it does for one whose claim was taken and let go (its own message may be lost)."""
-    broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if settings.broker_url else store.client
+    broker = broker_client(settings.broker_url, store.client)
 
     def coming(entries: list[SpoolEntry]) -> set[str]:
         try:

@@ -27,15 +27,14 @@ from starlette.routing import Route
 from plugin.core.header import is_uid
 from plugin.http.status_page import render_html
 from plugin.ops import metrics, status
+from plugin.store.broker import broker_client
 from workers.client import retry_all_failed, retry_failed
 
 
 def _broker(ctx: Any) -> redis.Redis:
     client = ctx.extra.get("broker_client")
     if client is None:
-        url = ctx.settings.broker_url
-        client = redis.Redis.from_url(url, socket_timeout=5) if url else ctx.store.client
-        ctx.extra["broker_client"] = client
+        client = ctx.extra["broker_client"] = broker_client(ctx.settings.broker_url, ctx.store.client)
     return client
 
 

@@ -24,7 +24,7 @@ from plugin.core.redis_server import EmbeddedRedisError, resolve_redis_url
 from plugin.core.settings import Settings, SettingsError, load_settings
 from plugin.ops import metrics
 from plugin.store import Store, worker_state
-from plugin.store.broker import in_flight, queue_depth
+from plugin.store.broker import broker_client, in_flight, queue_depth
 from plugin.store.stats import MODALITY_OUTCOMES
 from workers.client import QUEUES
 
@@ -399,7 +399,7 @@ def gather_for_settings(settings: Settings) -> dict[str, Any]:
     listener's counts come from serve's HTTP API."""
     url = resolve_redis_url(settings.redis_url, settings.data_dir)
     store = Store.from_url(url, settings.redis_namespace, socket_timeout=5, socket_connect_timeout=5)
-    broker = redis.Redis.from_url(settings.broker_url, socket_timeout=5) if settings.broker_url else store.client
+    broker = broker_client(settings.broker_url, store.client)
     try:
         figures = gather(store, broker, settings=settings)
     finally:

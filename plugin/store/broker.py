@@ -11,6 +11,12 @@ import redis
 from plugin.store.keys import Keys
 
 
+def broker_client(broker_url: str, store_client: redis.Redis) -> redis.Redis:
+    """The broker's Redis: its own (``Settings.broker_url``, with a timeout, so that a reader never
+    hangs on a broker that is away), or the store's when it has none."""
+    return redis.Redis.from_url(broker_url, socket_timeout=5) if broker_url else store_client
+
+
 def queue_depth(broker: redis.Redis, queue: str) -> int:
     """Messages waiting in one Celery queue, every priority included."""
     pipe = broker.pipeline()
