@@ -121,6 +121,30 @@ def test_each_image_is_hashed_by_its_routes_model_and_answers_never_mix_anatomie
     assert len(us_images) == 1 and 'active="1"' in us_images[0] and us_images[0].endswith(" 3.0")
 
 
+def test_images_falling_back_to_the_general_model_are_logged_once_per_kind_a_while(monkeypatch, caplog) -> None:
+    """Every fall-back is counted; the worker log shows each kind (modality, body part) once in a
+    while, so a hospital's hand and knee films do not bury it."""
+    from workers import batching
+
+    monkeypatch.setattr(batching, "_fell_back_logged", {})
+    clock = [1000.0]
+    monkeypatch.setattr(batching.time, "monotonic", lambda: clock[0])
+
+    def item(sop: str, body: str) -> batching.Item:
+        ds = pydicom.Dataset()
+        ds.Modality, ds.BodyPartExamined = "DX", body
+        return batching.Item(sop, "1.2.3", "/spool/x.dcm", "MODALITY", 0.0, ds=ds)
+
+    caplog.set_level("INFO", logger=batching.log.name)
+    hands = [item(f"1.2.{i}", "HAND") for i in range(3)]
+    assert [batching.log_fell_back(it, ("DX", "HAND", "")) for it in hands] == [True, False, False]
+    assert batching.log_fell_back(item("1.2.9", "KNEE"), ("DX", "KNEE", ""))  # another kind
+    clock[0] += batching.FELL_BACK_LOG_SECONDS
+    assert batching.log_fell_back(hands[0], ("DX", "HAND", ""))  # shown again after the pause
+    logged = [r.getMessage() for r in caplog.records if "to the general model" in r.getMessage()]
+    assert len(logged) == 3 and "1.2.0" in logged[0] and "'HAND'" in logged[0] and "counted as to-general" in logged[0]
+
+
 def test_with_unrouted_none_an_image_no_route_takes_is_stored_counted_and_refused_with_a_reason(
     redis_server, store, worker_factory, tmp_path
 ):

@@ -475,6 +475,34 @@ def _settle_recorded(store: Store, it: Item, state: str, fields: dict[str, str])
     pipe.execute()
 
 
+# When each kind of image that fell back to the general model was last logged: a hospital with a
+# chest route also receives hand and knee films, every one of them a fall-back, and a line for each
+# would bury the worker log. They are all counted (``to-general``); the log shows each kind again
+# after this many seconds.
+FELL_BACK_LOG_SECONDS = 600.0
+_fell_back_logged: dict[tuple[str, str, str], float] = {}
+
+
+def log_fell_back(it: Item, header: tuple[str, str, str]) -> bool:
+    """Log an image the general model reads though a route takes its modality, once per kind
+    (modality, routing body part, BodyPartExamined as written) in :data:`FELL_BACK_LOG_SECONDS`;
+    returns whether it logged."""
+    examined = str(it.ds.get("BodyPartExamined", "") or "")
+    kind = (header[0], header[1], examined)
+    now = time.monotonic()
+    last = _fell_back_logged.get(kind)
+    if last is not None and now - last < FELL_BACK_LOG_SECONDS:
+        return False
+    _fell_back_logged[kind] = now
+    log.info(
+        "instance %s (%s) to the general model: no route for %s takes body part %r (read from"
+        " BodyPartExamined %r, the Anatomic Region Sequence or the descriptions); counted as"
+        " to-general, and images like it are not logged again for %d s",
+        it.sop_uid, header[0], header[0], header[1], examined, FELL_BACK_LOG_SECONDS,
+    )  # fmt: skip
+    return True
+
+
 def index_batch(settings: Settings, store: Store, router: Router, items: list[Item]) -> tuple[str, set[str]]:
     """Index the claimed items, each with the model of its route (``router``: header -> (route,
     version, encoder) to write, the answering one first); returns the outcome of the task's own item
@@ -491,11 +519,7 @@ def index_batch(settings: Settings, store: Store, router: Router, items: list[It
         targets = router(header)
         it.fell_back = bool(targets) and not it.volume and router.fell_back(header)
         if it.fell_back:
-            log.info(
-                "instance %s (%s) to the general model: no route for %s takes body part %r (read from"
-                " BodyPartExamined %r, the Anatomic Region Sequence or the descriptions)",
-                it.sop_uid, header[0], header[0], header[1], str(it.ds.get("BodyPartExamined", "") or ""),
-            )  # fmt: skip
+            log_fell_back(it, header)
         if not targets:
             unrouted.append(it)
         elif it.volume:
