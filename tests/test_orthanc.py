@@ -179,6 +179,38 @@ def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its
     assert all("NOT sent" in line for line in lines[:-1])
 
 
+def test_an_instance_drh_pacs_aborts_on_is_listed_refused_and_the_rest_of_its_study_is_sent(tmp_path, redis_server):
+    """drh-pacs aborts the association on a dataset over DRH_MAX_DATASET_SIZE. Orthanc's forwarder,
+    seeing the association drop while drh-pacs answers a C-ECHO, sends the study one instance at a
+    time, lists the instance as refused with the reason, and stops; before, it sent the whole study
+    again every 10 minutes for ever."""
+    study = make_study(tmp_path / "in", fixture_images()[0:2], patient_id="P-FWD-BIG")
+    big = dcmread(study.files[1])
+    big.private_block(0x0011, "DRH TEST", create=True).add_new(0x01, "OB", b"\0" * 3_000_000)
+    big.save_as(study.files[1])
+    limit = 2_000_000
+    assert study.files[0].stat().st_size < limit < study.files[1].stat().st_size
+    drh_port = free_port()
+    orthanc = Orthanc(tmp_path, drh_port=drh_port).start()
+    try:
+        with running_plugin(
+            tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=limit
+        ) as plugin:
+            _store_to_orthanc(orthanc, study)
+            instance_ids = {i["ID"] for i in orthanc.get(f"/studies/{orthanc.study_id(study.study_uid)}/instances")}
+            wait_until(lambda: orthanc.forwarding()["refused_count"] == 1, 90, what="the big instance refused")
+            report = orthanc.forwarding()
+            assert report["pending_count"] == 0  # not tried again
+            (refused,) = report["refused"]
+            assert refused["status"] == "association aborted" and "DRH_MAX_DATASET_SIZE" in refused["details"]
+            assert refused["instance"] in instance_ids
+            assert [f.stem for f in _spooled(plugin, study)] == [study.sop_uids[0]]  # the rest was sent
+            assert plugin.server.counters.admission_refusals()["dataset-too-large"] >= 2  # what status shows
+    finally:
+        orthanc.stop()
+    assert "1 instance(s) REFUSED by DRHPACS (association aborted), 1 sent" in orthanc.log()
+
+
 def test_a_study_announced_stable_again_while_it_is_sent_is_sent_again_with_the_images_that_came(tmp_path):
     """Orthanc fixes a store job's instances when it creates the job: a series that arrives while the
     study is being sent, making the study stable again, is not in that job. The second announcement

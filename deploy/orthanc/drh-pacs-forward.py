@@ -18,6 +18,10 @@ drh-pacs answered every instance with success:
 - drh-pacs refused the data (any other failure status): the study's instances are sent one by one
   and each refused instance is recorded with the status (drh-pacs lists it with its reason:
   ``drh-pacs failures list``); the rest of the study is sent.
+- The association dropped while drh-pacs still answers a C-ECHO: it is this study, not the link
+  (drh-pacs aborts on a dataset over ``DRH_MAX_DATASET_SIZE``), so it is sent one instance at a
+  time too. An instance that drops the association twice while the echo answers is recorded as
+  refused ("association aborted"); before, the whole study was sent again every 10 minutes for ever.
 - ``GET /drh-pacs/forwarding`` (Orthanc's REST API, with its authentication) lists what is
   pending, what was refused and why (as the study's latest send found them);
   Orthanc's ``/tools/metrics-prometheus`` carries ``drh_pacs_forward_pending`` and
@@ -59,10 +63,19 @@ LINK_ERRORS = re.compile(
     r"TCP Initialization Error|Association Rejected|Association Request Failed|Peer Aborted|Peer aborted|"
     r"Network Timeout|timeout|Timeout|Connection refused|Connection reset|Connection closed|DUL ",
 )
+# Of those, the association dropped midway: drh-pacs aborts on a dataset it will not take (over its
+# DRH_MAX_DATASET_SIZE). Rejected associations (busy) and refused connections (down) are not.
+DROPPED = re.compile(r"Peer [Aa]borted")
 DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
 # Orthanc's error codes for a resource that does not exist (deleted meanwhile): InexistentItem, and
 # UnknownResource, which Orthanc (1.10, Debian's) answers when a store job names a study it no longer has.
 GONE = (7, 17)
+# An instance on which drh-pacs drops the association twice while it answers a C-ECHO: refused so.
+ABORTED = "association aborted"
+ABORTED_HINT = (
+    "drh-pacs aborted the association on this instance while it answered a C-ECHO: its log says why"
+    " (a dataset over DRH_MAX_DATASET_SIZE)"
+)
 POLL_SECONDS = 0.2
 # A store job whose progress has not moved for this long is cancelled, and its study tried again later
 # (a study of thousands of images over a slow link moves every few seconds).
@@ -191,6 +204,10 @@ class Outcome:
         self.link = link  # a transient failure of the link to drh-pacs: nothing else is tried meanwhile
 
 
+def _status_words(status):
+    return f"DIMSE status {status}" if status.startswith("0x") else status
+
+
 def _classify(details):
     match = DIMSE_STATUS.search(details)
     status = ("0x" + match.group(1).upper()) if match else ""
@@ -263,6 +280,10 @@ class Forwarder:
         sent, refused = 0, []
         for instance in instances:
             outcome = self._store(instance["ID"])
+            if self._dropped_by_drh_pacs(outcome):
+                outcome = self._store(instance["ID"])  # once more: a glitch of the network passes
+                if self._dropped_by_drh_pacs(outcome):
+                    outcome = Outcome(False, f"{outcome.details}; {ABORTED_HINT}", status=ABORTED)
             if outcome.ok:
                 sent += 1
             elif outcome.status == "gone":
@@ -272,6 +293,18 @@ class Forwarder:
             else:
                 refused.append((instance["ID"], outcome.status or "refused", outcome.details))
         return sent, refused, None
+
+    def _dropped_by_drh_pacs(self, outcome):
+        """Whether the association dropped midway while drh-pacs still answers a C-ECHO: drh-pacs
+        aborted on what was sent, the link is fine."""
+        return outcome.transient and outcome.link and bool(DROPPED.search(outcome.details)) and self._echo()
+
+    def _echo(self):
+        try:
+            orthanc.RestApiPost(f"/modalities/{self.modality}/echo", "{}")
+            return True
+        except orthanc.OrthancException:
+            return False
 
     def _retry_delay(self, attempts):
         first = float(self.drh["RetryFirstSeconds"])
@@ -293,15 +326,16 @@ class Forwarder:
             orthanc.LogWarning(f"drh-pacs: study {study} was deleted from Orthanc before it could be sent")
             return
         refused = []
-        if not outcome.transient:
+        if not outcome.transient or self._dropped_by_drh_pacs(outcome):
+            # refused, or the association dropped while drh-pacs answers: one instance at a time
             sent, refused, transient = self._instance_by_instance(study)
             if transient is None:
                 last = self.state.done(study, announced, refused=refused)
                 self._link_ok()
-                statuses = ", ".join(sorted({status for _, status, _ in refused})) or "none"
+                statuses = ", ".join(sorted({_status_words(status) for _, status, _ in refused})) or "none"
                 orthanc.LogWarning(
                     f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
-                    f" (DIMSE status {statuses}), {sent} sent; GET /drh-pacs/forwarding lists them,"
+                    f" ({statuses}), {sent} sent; GET /drh-pacs/forwarding lists them,"
                     " `drh-pacs failures refused` (or, for a SOP class it does not take, its log) says why"
                     + ("" if last else self.AGAIN)
                 )
