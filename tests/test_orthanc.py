@@ -179,36 +179,96 @@ def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its
     assert all("NOT sent" in line for line in lines[:-1])
 
 
-def test_an_instance_drh_pacs_aborts_on_is_listed_refused_and_the_rest_of_its_study_is_sent(tmp_path, redis_server):
-    """drh-pacs aborts the association on a dataset over DRH_MAX_DATASET_SIZE. Orthanc's forwarder,
-    seeing the association drop while drh-pacs answers a C-ECHO, sends the study one instance at a
-    time, lists the instance as refused with the reason, and stops; before, it sent the whole study
-    again every 10 minutes for ever."""
+def _study_with_a_big_instance(tmp_path, limit: int) -> Study:
+    """Two instances: the first under ``limit`` bytes, the second over it (a private OB element)."""
     study = make_study(tmp_path / "in", fixture_images()[0:2], patient_id="P-FWD-BIG")
     big = dcmread(study.files[1])
-    big.private_block(0x0011, "DRH TEST", create=True).add_new(0x01, "OB", b"\0" * 3_000_000)
+    big.private_block(0x0011, "DRH TEST", create=True).add_new(0x01, "OB", b"\0" * (limit + 1_000_000))
     big.save_as(study.files[1])
-    limit = 2_000_000
     assert study.files[0].stat().st_size < limit < study.files[1].stat().st_size
+    return study
+
+
+def test_an_instance_over_drh_pacs_s_dataset_limit_is_listed_refused_the_rest_sent_and_it_can_be_sent_again(
+    tmp_path, redis_server
+):
+    """drh-pacs aborts the association on a dataset over DRH_MAX_DATASET_SIZE. Orthanc's forwarder,
+    seeing the association drop while drh-pacs answers a C-ECHO, sends the study one instance at a
+    time and lists the instance whose file is over its MaxDatasetSize as refused, with the reason;
+    before, it sent the whole study again every 10 minutes for ever. Once drh-pacs takes larger
+    datasets, ``POST /drh-pacs/resend`` sends the study again and the refusal is forgotten."""
+    import httpx
+
+    limit = 2_000_000
+    study = _study_with_a_big_instance(tmp_path, limit)
     drh_port = free_port()
-    orthanc = Orthanc(tmp_path, drh_port=drh_port).start()
+    orthanc = Orthanc(tmp_path, drh_port=drh_port, drop_in_settings={"MaxDatasetSize": limit}).start()
     try:
         with running_plugin(
             tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=limit
         ) as plugin:
             _store_to_orthanc(orthanc, study)
-            instance_ids = {i["ID"] for i in orthanc.get(f"/studies/{orthanc.study_id(study.study_uid)}/instances")}
+            orthanc_id = orthanc.study_id(study.study_uid)
             wait_until(lambda: orthanc.forwarding()["refused_count"] == 1, 90, what="the big instance refused")
             report = orthanc.forwarding()
-            assert report["pending_count"] == 0  # not tried again
+            assert report["pending_count"] == 0  # not sent again and again
             (refused,) = report["refused"]
-            assert refused["status"] == "association aborted" and "DRH_MAX_DATASET_SIZE" in refused["details"]
-            assert refused["instance"] in instance_ids
+            assert refused["status"] == "association aborted" and "over drh-pacs's limit" in refused["details"]
+            assert refused["instance"] in {i["ID"] for i in orthanc.get(f"/studies/{orthanc_id}/instances")}
             assert [f.stem for f in _spooled(plugin, study)] == [study.sop_uids[0]]  # the rest was sent
             assert plugin.server.counters.admission_refusals()["dataset-too-large"] >= 2  # what status shows
+        log = orthanc.log()
+        assert "1 instance(s) REFUSED by DRHPACS (association aborted), 1 sent" in log
+        assert "DRH_MAX_DATASET_SIZE" in log
+
+        with running_plugin(
+            tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=4 * limit
+        ) as plugin:
+            resend = f"{orthanc.url}/drh-pacs/resend"
+            assert httpx.post(resend, auth=ORTHANC_USER, content="nonsense", timeout=30).status_code == 404
+            answer = httpx.post(resend, auth=ORTHANC_USER, content=orthanc_id, timeout=30)
+            assert answer.status_code == 200 and answer.json() == {"pending": orthanc_id}
+            wait_until(lambda: orthanc.forwarding()["refused_count"] == 0, 90, what="the refusal forgotten")
+            assert sorted(f.stem for f in _spooled(plugin, study)) == sorted(study.sop_uids)
+            assert f"study {orthanc_id} forwarded to DRHPACS (2 instance(s)" in orthanc.log()
     finally:
         orthanc.stop()
-    assert "1 instance(s) REFUSED by DRHPACS (association aborted), 1 sent" in orthanc.log()
+
+
+def test_an_instance_drh_pacs_aborts_on_under_the_forwarder_s_limit_stays_pending_and_the_rest_is_sent(
+    tmp_path, redis_server
+):
+    """When nothing says the instance is too large (the forwarder's MaxDatasetSize is above it: a
+    timeout, the network or a limit set differently on drh-pacs), an association that drops on it
+    again a few seconds later keeps the study pending, retried with the back-off, never refused for
+    good; the rest of the study is sent, and a study behind it is not held up."""
+    limit = 2_000_000
+    study = _study_with_a_big_instance(tmp_path, limit)
+    other = make_study(tmp_path / "other", fixture_images()[2:3], patient_id="P-FWD-OTHER")
+    drh_port = free_port()
+    orthanc = Orthanc(tmp_path, drh_port=drh_port, drop_in_settings={"MaxDatasetSize": 10 * limit}).start()
+    try:
+        with running_plugin(
+            tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=limit
+        ) as plugin:
+            _store_to_orthanc(orthanc, study)
+            orthanc_id = orthanc.study_id(study.study_uid)
+
+            def attempts() -> int:
+                return sum(p["attempts"] for p in orthanc.forwarding()["pending"] if p["study"] == orthanc_id)
+
+            wait_until(lambda: attempts() >= 1, 90, what="the study pending after a dropped instance")
+            _store_to_orthanc(orthanc, other)
+            wait_until(lambda: len(_spooled(plugin, other)) == 1, 60, what="the study behind it sent")
+            wait_until(lambda: attempts() >= 2, 60, what="a second attempt")
+            report = orthanc.forwarding()
+            assert report["refused_count"] == 0
+            (pending,) = [p for p in report["pending"] if p["study"] == orthanc_id]
+            assert "twice, while drh-pacs answers a C-ECHO" in pending["last_error"]
+            assert [f.stem for f in _spooled(plugin, study)] == [study.sop_uids[0]]
+    finally:
+        orthanc.stop()
+    assert f"study {orthanc_id} forwarded" not in orthanc.log()
 
 
 def test_a_study_announced_stable_again_while_it_is_sent_is_sent_again_with_the_images_that_came(tmp_path):

@@ -284,6 +284,8 @@ def test_a_study_waits_for_its_queued_instances_before_it_is_pooled(
     wait_until(lambda: store.records.study(study.study_uid).get(f"pooled_n:{version}") == "2", 60, what="pooled")
     wait_until(lambda: store.records.study(lost.study_uid).get(f"pooled_n:{version}") == "1", 120, what="given up")
     assert time.time() >= now + 60
+    # the task counts its outcome just after it writes the study's code
+    wait_until(lambda: store.stats.tasks()["pool_study"]["done"] >= 2, 30, what="both poolings counted")
     tasks = store.stats.tasks()["pool_study"]
     assert (tasks["done"], tasks["without-queued"]) == (2, 1), tasks  # each study pooled once
     assert store.ingest.queued_in_study(study.study_uid) == (0, 0.0)

@@ -18,10 +18,15 @@ drh-pacs answered every instance with success:
 - drh-pacs refused the data (any other failure status): the study's instances are sent one by one
   and each refused instance is recorded with the status (drh-pacs lists it with its reason:
   ``drh-pacs failures list``); the rest of the study is sent.
-- The association dropped while drh-pacs still answers a C-ECHO: it is this study, not the link
-  (drh-pacs aborts on a dataset over ``DRH_MAX_DATASET_SIZE``), so it is sent one instance at a
-  time too. An instance that drops the association twice while the echo answers is recorded as
-  refused ("association aborted"); before, the whole study was sent again every 10 minutes for ever.
+- The association dropped while drh-pacs still answers a C-ECHO: it is this study, not the link, so
+  it is sent one instance at a time too, and the rest of it gets through. An instance whose file is
+  over ``MaxDatasetSize`` (drh-pacs's ``DRH_MAX_DATASET_SIZE``, on which drh-pacs aborts) is
+  recorded as refused ("association aborted"); before, the whole study was sent again every
+  10 minutes for ever. One under it that drops the association again a few seconds later keeps its
+  study pending (tried again with the back-off; the other studies go on): a timeout or the network,
+  which drh-pacs's log or ``drh-pacs status`` tells apart.
+- ``POST /drh-pacs/resend`` with an Orthanc study ID as the body sends a study again (after raising
+  drh-pacs's limit, say); what its send finds replaces the study's refused instances.
 - ``GET /drh-pacs/forwarding`` (Orthanc's REST API, with its authentication) lists what is
   pending, what was refused and why (as the study's latest send found them);
   Orthanc's ``/tools/metrics-prometheus`` carries ``drh_pacs_forward_pending`` and
@@ -54,6 +59,7 @@ DEFAULTS = {
     "DeclareModalities": True,  # False: the site declares both in its own DicomModalities
     "RetryFirstSeconds": 10,
     "RetryMaxSeconds": 600,
+    "MaxDatasetSize": 2 * 1024**3,  # drh-pacs's DRH_MAX_DATASET_SIZE: it aborts on a larger instance
     "StateFile": "",  # empty: drh-pacs-forward.sqlite beside Orthanc's index directory
 }
 
@@ -70,12 +76,10 @@ DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
 # Orthanc's error codes for a resource that does not exist (deleted meanwhile): InexistentItem, and
 # UnknownResource, which Orthanc (1.10, Debian's) answers when a store job names a study it no longer has.
 GONE = (7, 17)
-# An instance on which drh-pacs drops the association twice while it answers a C-ECHO: refused so.
+# An instance over MaxDatasetSize on which drh-pacs drops the association: refused so.
 ABORTED = "association aborted"
-ABORTED_HINT = (
-    "drh-pacs aborted the association on this instance while it answered a C-ECHO: its log says why"
-    " (a dataset over DRH_MAX_DATASET_SIZE)"
-)
+# Before sending again an instance on which the association dropped (a glitch of the network passes).
+DROPPED_RETRY_SECONDS = 5
 POLL_SECONDS = 0.2
 # A store job whose progress has not moved for this long is cancelled, and its study tried again later
 # (a study of thousands of images over a slow link moves every few seconds).
@@ -277,13 +281,14 @@ class Forwarder:
             instances = json.loads(orthanc.RestApiGet(f"/studies/{study}/instances"))
         except orthanc.OrthancException as exc:
             return 0, [], Outcome(False, f"cannot list the study's instances: {exc}", transient=True)
-        sent, refused = 0, []
+        sent, refused, later = 0, [], None
         for instance in instances:
             outcome = self._store(instance["ID"])
             if self._dropped_by_drh_pacs(outcome):
-                outcome = self._store(instance["ID"])  # once more: a glitch of the network passes
-                if self._dropped_by_drh_pacs(outcome):
-                    outcome = Outcome(False, f"{outcome.details}; {ABORTED_HINT}", status=ABORTED)
+                outcome = self._dropped_instance(instance["ID"], outcome)
+                if outcome.transient and not outcome.link:  # this instance later; the others now
+                    later = later or outcome
+                    continue
             if outcome.ok:
                 sent += 1
             elif outcome.status == "gone":
@@ -292,7 +297,37 @@ class Forwarder:
                 return sent, refused, outcome
             else:
                 refused.append((instance["ID"], outcome.status or "refused", outcome.details))
-        return sent, refused, None
+        return sent, refused, later
+
+    def _dropped_instance(self, instance, outcome):
+        """drh-pacs dropped the association on this instance and still answers: refused if its file is
+        over drh-pacs's limit; else sent once more a few seconds on, and left for later if it drops
+        again (a timeout, the network: nothing says it is the instance's fault)."""
+        limit = int(self.drh["MaxDatasetSize"])
+        try:
+            size = int(json.loads(orthanc.RestApiGet(f"/instances/{instance}/attachments/dicom/size")))
+        except (orthanc.OrthancException, ValueError):
+            size = 0
+        if size > limit:
+            return Outcome(
+                False,
+                f"{outcome.details}; its file is {size} bytes, over drh-pacs's limit of {limit}"
+                " (DRH_MAX_DATASET_SIZE on drh-pacs, MaxDatasetSize here): raise both, then POST"
+                " /drh-pacs/resend with the study",
+                status=ABORTED,
+            )
+        if self.stop.wait(DROPPED_RETRY_SECONDS):
+            return Outcome(False, "Orthanc is stopping", transient=True)
+        again = self._store(instance)
+        if again.ok or not self._dropped_by_drh_pacs(again):
+            return again
+        return Outcome(
+            False,
+            f"{again.details} (twice, while drh-pacs answers a C-ECHO): drh-pacs's log or `drh-pacs status`"
+            " says why (a PDU timeout, say); the study is tried again later",
+            transient=True,
+            link=False,
+        )
 
     def _dropped_by_drh_pacs(self, outcome):
         """Whether the association dropped midway while drh-pacs still answers a C-ECHO: drh-pacs
@@ -332,12 +367,21 @@ class Forwarder:
             if transient is None:
                 last = self.state.done(study, announced, refused=refused)
                 self._link_ok()
-                statuses = ", ".join(sorted({_status_words(status) for _, status, _ in refused})) or "none"
+                statuses = sorted({status for _, status, _ in refused})
+                why = (
+                    " `drh-pacs failures refused` (or, for a SOP class it does not take, its log) says why"
+                    if any(status.startswith("0x") for status in statuses)
+                    else ""
+                )
+                if ABORTED in statuses:
+                    why += (";" if why else "") + (
+                        f" an instance over {self.drh['MaxDatasetSize']} bytes aborts the association (drh-pacs's"
+                        " DRH_MAX_DATASET_SIZE; `drh-pacs status` counts it, refused by admission control)"
+                    )
                 orthanc.LogWarning(
                     f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
-                    f" ({statuses}), {sent} sent; GET /drh-pacs/forwarding lists them,"
-                    " `drh-pacs failures refused` (or, for a SOP class it does not take, its log) says why"
-                    + ("" if last else self.AGAIN)
+                    f" ({', '.join(_status_words(s) for s in statuses) or 'none'}), {sent} sent;"
+                    f" GET /drh-pacs/forwarding lists them,{why}" + ("" if last else self.AGAIN)
                 )
                 return
             outcome = transient
@@ -434,6 +478,26 @@ def _on_report(output, uri, **request):
     output.AnswerBuffer(json.dumps(report, indent=1), "application/json")
 
 
+def _on_resend(output, uri, **request):
+    """``POST /drh-pacs/resend`` (body: an Orthanc study ID): the study is pending again."""
+    if request.get("method") != "POST":
+        output.SendMethodNotAllowed("POST")
+        return
+    body = request.get("body") or b""
+    study = (body.decode(errors="replace") if isinstance(body, bytes) else str(body)).strip()
+    try:
+        json.loads(orthanc.RestApiGet("/studies/" + study))
+    except orthanc.OrthancException:
+        orthanc.LogWarning(f"drh-pacs: resend asked for {study[:80]!r}, which is no Orthanc study ID")
+        output.SendHttpStatusCode(404)
+        return
+    FORWARDER.state.add(study)
+    FORWARDER._metrics()
+    FORWARDER.wake.set()
+    orthanc.LogWarning(f"drh-pacs: study {study} to be sent again, as asked")
+    output.AnswerBuffer(json.dumps({"pending": study}), "application/json")
+
+
 def _start():
     global FORWARDER
     drh, configured = _settings()
@@ -445,6 +509,7 @@ def _start():
     FORWARDER = Forwarder(drh, State(drh["StateFile"]))
     orthanc.RegisterOnChangeCallback(_on_change)
     orthanc.RegisterRestCallback("/drh-pacs/forwarding", _on_report)
+    orthanc.RegisterRestCallback("/drh-pacs/resend", _on_resend)
     pending = FORWARDER.state.report(0)["pending_count"]
     orthanc.LogWarning(
         f"drh-pacs: forwarding stable studies to {drh['Modality']} ({pending} pending from before,"

@@ -186,7 +186,8 @@ class Orthanc:
     ``drh-pacs-forward.py``) with drh-pacs's address and short retry delays for the test.
 
     ``modalities``: the site's own modalities, AE -> port on 127.0.0.1; ``drh_port`` (or a
-    ``DRHPACS`` entry of ``modalities``) where drh-pacs listens.
+    ``DRHPACS`` entry of ``modalities``) where drh-pacs listens; ``drop_in_settings``: more of the drop-in's
+    ``DrhPacs`` settings.
     """
 
     def __init__(
@@ -201,6 +202,7 @@ class Orthanc:
         stable_age: int = 1,
         retry_first: float = 0.5,
         retry_max: float = 2.0,
+        drop_in_settings: Mapping[str, Any] | None = None,
     ):
         import json
         import shutil
@@ -244,6 +246,7 @@ class Orthanc:
                 StateFile=str(self.dir / "drh-pacs-forward.sqlite"),
                 RetryFirstSeconds=retry_first,
                 RetryMaxSeconds=retry_max,
+                **(drop_in_settings or {}),
             )
             (conf / "drh-pacs.json").write_text(json.dumps(drop_in, indent=2))
             python = json.loads((conf / "python.json").read_text())
