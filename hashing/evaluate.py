@@ -44,6 +44,7 @@ from hashing.dmih import DMIH
 from hashing.drh import DRH
 from hashing.encoder import resolve_device
 from hashing.inference import encode_set, image_keys, pool_bags, variant_set
+from hashing.metrics import paired_bootstrap
 from hashing.scoring import SHORTLISTS, Protocol, Rep, score
 from hashing.search import SHORTLIST, TOLERANT_SHORTLIST, shortlist_size
 from hashing.variants import VARIANTS
@@ -239,8 +240,10 @@ def evaluate(
     n_boot: int = 1000,
     max_queries: int = 1000,
     progress: bool = True,
+    paired: bool = False,
 ) -> dict[str, Any]:
-    """Figures for every model, baseline and chance, as a JSON-able dictionary."""
+    """Figures for every model, baseline and chance, as a JSON-able dictionary; with ``paired``, the
+    first model's served ranking against each other model's, by their difference per query."""
     if threads:
         torch.set_num_threads(threads)
     dev = resolve_device(device)
@@ -253,6 +256,7 @@ def evaluate(
     reps = baseline_reps(images32, fit_on, seed)
     loaded: dict[int, ImageSet] = {THUMBNAIL: images32}
     model_parts = []
+    served: list[Rep] = []  # each model's ranking as the service answers (the tolerant one where it has one)
     for path in models:
         ck = ckpt_mod.load(path)
         size = int(ck["input_size"])
@@ -265,8 +269,10 @@ def evaluate(
         parts["images"] = loaded[size].images
         log.info("%s encoded in %.0f s", ck["version"], time.time() - t0)
         reps += new
+        served.append([r for r in new if r.kind == "served"][-1])
         model_parts.append((ck, parts))
-    rows = [score(rep, proto, seed, n_boot) for rep in reps]
+    kept: dict[int, dict[str, np.ndarray]] = {id(r): {} for r in served} if paired else {}
+    rows = [score(rep, proto, seed, n_boot, kept.get(id(rep))) for rep in reps]
     out: dict[str, Any] = {
         "protocol": proto.description,
         "measures": {
@@ -288,6 +294,8 @@ def evaluate(
         "images": len(images32),
         "results": rows,
     }
+    if paired:
+        out["paired"] = paired_rows(served, kept, seed, n_boot)
     if studies:
         sproto, bags = study_protocol(images32, proto)
         thumbs = _thumbnails(images32)
@@ -308,6 +316,28 @@ def evaluate(
             srows += [score(rep, sproto, seed, n_boot) for rep in study_reps(ck, parts, bags, dev)]
         out["studies"] = {"protocol": sproto.description, "results": srows}
     return out
+
+
+PAIRED_MEASURES = ("map_all", "r@10", "r@1")
+
+
+def paired_rows(served: list[Rep], kept: dict[int, dict[str, np.ndarray]], seed: int, n_boot: int) -> list[dict]:
+    """The first model's served ranking minus each other's, per measure: the mean difference over
+    the same queries and its paired bootstrap interval (an interval that excludes 0 is a difference
+    these queries show; two rows' own intervals overlapping is not the test)."""
+    rows = []
+    first = served[0] if served else None
+    for other in served[1:]:
+        assert first is not None
+        row: dict[str, Any] = {"a": first.name, "b": other.name}
+        for key in PAIRED_MEASURES:
+            a, b = kept[id(first)].get(key), kept[id(other)].get(key)
+            if a is None or b is None or not a.size:
+                continue
+            diff, lo, hi = paired_bootstrap(a, b, np.random.default_rng(seed), n_boot)
+            row.update({f"{key}_diff": diff, f"{key}_diff_ci": [lo, hi], f"{key}_n": int(a.size)})
+        rows.append(row)
+    return rows
 
 
 def _fmt(row: dict[str, Any], key: str) -> str:
@@ -415,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--max-queries", type=int, default=1000, help="queries drawn when the data has no test split")
     p.add_argument("--record", action="store_true", help="write each model's figures into its checkpoint")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="compare the first model's served ranking with each other model's by their difference per query"
+        " (paired bootstrap intervals of mAP@all, recall@10 and recall@1)",
+    )
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -431,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             n_boot=a.bootstrap,
             max_queries=a.max_queries,
             progress=not a.no_progress,
+            paired=a.paired,
         )
     except DataError as exc:
         print(f"drh-pacs evaluate: {exc}", file=sys.stderr)
@@ -442,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
     plot(res["results"], out / "evaluation.png", f"{res['data']}: {pr['how']}")
     print(f"Protocol: {pr['how']} ({pr['queries']} queries, {pr['database']} images)\n")
     print(table(res["results"]))
+    for row in res.get("paired", []):
+        print(f"\n{row['a']}\n  minus {row['b']} (paired, the same queries):")
+        for key in PAIRED_MEASURES:
+            if f"{key}_diff" in row:
+                lo, hi = row[f"{key}_diff_ci"]
+                print(f"  {key:8s} {row[f'{key}_diff']:+.4f} [{lo:+.4f}, {hi:+.4f}] over {row[f'{key}_n']} queries")
     if "studies" in res:
         s = res["studies"]
         print(f"\nStudies: {json.dumps(s['protocol'])}\n")

@@ -174,6 +174,18 @@ def bootstrap(values: np.ndarray, rng: np.random.Generator, n: int = 1000) -> tu
     return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, rng: np.random.Generator, n: int = 1000
+) -> tuple[float, float, float]:
+    """Mean of ``a - b`` and its 95% percentile-bootstrap interval, the same queries resampled for
+    both: two methods scored on the same queries are compared by their difference per query, not by
+    whether their own intervals overlap (much of the spread is the queries', shared by both)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired figures need the same queries: {a.shape} against {b.shape}")
+    return bootstrap(a - b, rng, n)
+
+
 def distinct_codes(codes: np.ndarray) -> int:
     """How many different codes a set of packed codes holds (collapse shows as far fewer than items)."""
     return int(np.unique(np.ascontiguousarray(codes), axis=0).shape[0])

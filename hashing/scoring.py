@@ -124,17 +124,28 @@ def _chunks(queries: np.ndarray, size: int = 256) -> list[np.ndarray]:
     return [queries[s : s + size] for s in range(0, len(queries), size)] or [queries]
 
 
-def _with_intervals(row: dict[str, Any], scores: dict[str, list[np.ndarray]], rng: np.random.Generator, n: int):
+def _with_intervals(
+    row: dict[str, Any],
+    scores: dict[str, list[np.ndarray]],
+    rng: np.random.Generator,
+    n: int,
+    keep: dict[str, np.ndarray] | None = None,
+) -> None:
     for key, parts in scores.items():
         values = np.concatenate(parts) if parts else np.zeros(0)
+        if keep is not None:
+            keep[key] = values
         mean, lo, hi = bootstrap(values, rng, n)
         row[key] = mean
         row[f"{key}_ci"] = [lo, hi]
         row[f"{key}_n"] = int(values.size)
 
 
-def score(rep: Rep, proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
-    """Every figure of one method under ``proto`` (see the module docstring)."""
+def score(
+    rep: Rep, proto: Protocol, seed: int = 0, n_boot: int = 1000, keep: dict[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Every figure of one method under ``proto`` (see the module docstring); ``keep``, when given,
+    receives each measure's per-query values (for paired comparisons of methods on the same queries)."""
     rng = np.random.default_rng(seed)
     row: dict[str, Any] = {"name": rep.name, "kind": rep.kind, "nbits": rep.nbits, **rep.extra}
     if proto.labelled:
@@ -145,7 +156,7 @@ def score(rep: Rep, proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[
             labels_db = proto.labels[proto.label_database]
             for key, values in label_scores(order, proto.labels[q], labels_db, exclude=exclude).items():
                 scores[key].append(values)
-        _with_intervals(row, scores, rng, n_boot)
+        _with_intervals(row, scores, rng, n_boot, keep)
     same: dict[str, list[np.ndarray]] = {"r@1": [], "r@10": []}
     tighter = rep.shortlists[1:]
     same.update({f"r@10_from_{s}": [] for s in tighter})
@@ -157,7 +168,7 @@ def score(rep: Rep, proto: Protocol, seed: int = 0, n_boot: int = 1000) -> dict[
             same[key].append(values)
         for s, order in zip(tighter, orders[1:], strict=True):
             same[f"r@10_from_{s}"].append(same_patient_scores(order, proto.patients[q], db_patients, exclude)["r@10"])
-    _with_intervals(row, same, rng, n_boot)
+    _with_intervals(row, same, rng, n_boot, keep)
     if rep.shortlists:
         row["shortlist"] = rep.shortlists[0]
     if rep.codes is not None:

@@ -124,6 +124,22 @@ def test_bootstrap_interval_holds_the_mean_and_narrows_with_more_queries() -> No
     assert many[2] - many[1] < few[2] - few[1]
 
 
+def test_paired_bootstrap_sees_a_shift_that_overlapping_intervals_hide() -> None:
+    from hashing.metrics import bootstrap, paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = rng.random(300)  # per-query figures of one method: most of their spread is the queries'
+    b = np.clip(a - 0.02 + rng.normal(0, 0.005, a.size), 0, 1)  # another, 0.02 lower on nearly every query
+    _, lo_a, hi_a = bootstrap(a, np.random.default_rng(1))
+    _, lo_b, hi_b = bootstrap(b, np.random.default_rng(1))
+    assert lo_a < hi_b and lo_b < hi_a  # their own intervals overlap...
+    diff, lo, hi = paired_bootstrap(a, b, np.random.default_rng(1))
+    assert abs(diff - (a.mean() - b.mean())) < 1e-12 and 0 < lo <= diff <= hi  # ...the paired one excludes 0
+    assert paired_bootstrap(a, a, np.random.default_rng(1)) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same queries"):
+        paired_bootstrap(a, b[:-1], np.random.default_rng(1))
+
+
 def test_evaluate_command(tmp_path: Path) -> None:
     data = make_fixture_dataset(tmp_path / "cxr")
     drh, model, csq = tmp_path / "drh.pt", tmp_path / "model.pt", tmp_path / "csq.pt"
@@ -133,7 +149,8 @@ def test_evaluate_command(tmp_path: Path) -> None:
     )
     train_main(fixture_args(data, csq, "--method", "csq", "--epochs", "1", "--version", "csq-c"))
     out = tmp_path / "eval"
-    args = ["--data", str(data), "--model", str(model), "--model", str(csq), "--studies", "--record", "--out", str(out)]
+    args = ["--data", str(data), "--model", str(model), "--model", str(csq), "--studies", "--record", "--paired"]
+    args += ["--out", str(out)]
     assert evaluate_main([*args, "--device", "cpu", "--threads", "1", "--no-progress"]) == 0
     res = json.loads((out / "evaluation.json").read_text())
     assert "test split" in res["protocol"]["how"] and res["protocol"]["queries"] == 3 and res["images"] == 12
@@ -146,6 +163,13 @@ def test_evaluate_command(tmp_path: Path) -> None:
         assert r["r@10_n"] == 0  # no test patient has a second image
         assert ("ties@10" in r) == (r["kind"] in ("hamming", "served"))
         assert ("r@10_from_50" in r) == (r["kind"] == "served")  # recall as the shortlist tightens
+    (pair,) = res["paired"]  # the first model's served ranking against the second's, query by query
+    rows = {r["name"]: r for r in res["results"]}
+    first, second = rows[pair["a"]], rows[pair["b"]]
+    assert pair["a"].startswith("dmih-b served") and pair["b"].startswith("csq-c served")
+    assert abs(pair["map_all_diff"] - (first["map_all"] - second["map_all"])) < 1e-9
+    assert pair["map_all_diff_ci"][0] <= pair["map_all_diff"] <= pair["map_all_diff_ci"][1]
+    assert pair["map_all_n"] == first["map_all_n"] == 3 and "r@10_diff" not in pair  # no patient to find
     tolerant = "served tolerant ({}, top 1000 re-ranked by 27 query variants)"
     assert [r["name"] for r in res["studies"]["results"]][2:] == [
         "dmih-b DMIH study codes",
