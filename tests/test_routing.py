@@ -128,7 +128,7 @@ def test_images_falling_back_to_the_general_model_are_logged_once_per_kind_a_whi
 
     monkeypatch.setattr(batching, "_fell_back_logged", {})
     clock = [1000.0]
-    monkeypatch.setattr(batching.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(batching, "_clock", lambda: clock[0])
 
     def item(sop: str, body: str) -> batching.Item:
         ds = pydicom.Dataset()

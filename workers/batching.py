@@ -478,9 +478,12 @@ def _settle_recorded(store: Store, it: Item, state: str, fields: dict[str, str])
 # When each kind of image that fell back to the general model was last logged: a hospital with a
 # chest route also receives hand and knee films, every one of them a fall-back, and a line for each
 # would bury the worker log. They are all counted (``to-general``); the log shows each kind again
-# after this many seconds.
+# after this many seconds, per worker process; at most this many kinds are remembered (the body part
+# as written is free text).
 FELL_BACK_LOG_SECONDS = 600.0
+FELL_BACK_KINDS = 1000
 _fell_back_logged: dict[tuple[str, str, str], float] = {}
+_clock = time.monotonic
 
 
 def log_fell_back(it: Item, header: tuple[str, str, str]) -> bool:
@@ -489,10 +492,12 @@ def log_fell_back(it: Item, header: tuple[str, str, str]) -> bool:
     returns whether it logged."""
     examined = str(it.ds.get("BodyPartExamined", "") or "")
     kind = (header[0], header[1], examined)
-    now = time.monotonic()
+    now = _clock()
     last = _fell_back_logged.get(kind)
     if last is not None and now - last < FELL_BACK_LOG_SECONDS:
         return False
+    if len(_fell_back_logged) >= FELL_BACK_KINDS:
+        _fell_back_logged.clear()  # forgetting only makes a kind show again
     _fell_back_logged[kind] = now
     log.info(
         "instance %s (%s) to the general model: no route for %s takes body part %r (read from"

@@ -39,12 +39,12 @@ def main(data: Path, out: Path) -> None:
     held = set(fresh[: round(FRACTION * len(set(patients)))])
     fields = ["path", "label", "patient", "split"]
     with open(out / "m1.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        w = csv.DictWriter(fh, fieldnames=fields)  # CRLF, as csv writes by default (the manifests digested)
         w.writeheader()
         for r in rows:
             w.writerow({**r, "split": "val" if r["split"] == "train" and r["patient"] in held else r["split"]})
     with open(out / "val-manifest.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields, lineterminator="\n")
+        w = csv.DictWriter(fh, fieldnames=fields)  # CRLF, as csv writes by default (the manifests digested)
         w.writeheader()
         for r in train:
             w.writerow({**r, "split": "test" if r["patient"] in held else "train"})
