@@ -225,12 +225,15 @@ def test_an_instance_over_drh_pacs_s_dataset_limit_is_listed_refused_the_rest_se
             tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=4 * limit
         ) as plugin:
             resend = f"{orthanc.url}/drh-pacs/resend"
-            assert httpx.post(resend, auth=ORTHANC_USER, content="nonsense", timeout=30).status_code == 404
+            assert httpx.post(resend, auth=ORTHANC_USER, content="nonsense", timeout=30).status_code == 400
+            unknown = "00000000-00000000-00000000-00000000-00000000"
+            assert httpx.post(resend, auth=ORTHANC_USER, content=unknown, timeout=30).status_code == 404
             answer = httpx.post(resend, auth=ORTHANC_USER, content=orthanc_id, timeout=30)
             assert answer.status_code == 200 and answer.json() == {"pending": orthanc_id}
             wait_until(lambda: orthanc.forwarding()["refused_count"] == 0, 90, what="the refusal forgotten")
             assert sorted(f.stem for f in _spooled(plugin, study)) == sorted(study.sop_uids)
-            assert f"study {orthanc_id} forwarded to DRHPACS (2 instance(s)" in orthanc.log()
+            wait_until(lambda: f"study {orthanc_id} forwarded to DRHPACS (2 instance(s)" in orthanc.log(), 30,
+                       what="the study forwarded whole")  # fmt: skip
     finally:
         orthanc.stop()
 
@@ -258,11 +261,20 @@ def test_an_instance_drh_pacs_aborts_on_under_the_forwarder_s_limit_stays_pendin
                 return sum(p["attempts"] for p in orthanc.forwarding()["pending"] if p["study"] == orthanc_id)
 
             wait_until(lambda: attempts() >= 1, 90, what="the study pending after a dropped instance")
+            report = orthanc.forwarding()
+            assert report["link_error"] == "" and report["link_retry_seconds"] == 0  # nothing else held up
             _store_to_orthanc(orthanc, other)
             wait_until(lambda: len(_spooled(plugin, other)) == 1, 60, what="the study behind it sent")
+
+            def stored() -> int:
+                return plugin.server.counters.snapshot()["requests"].get("C-STORE|success", 0)
+
             wait_until(lambda: attempts() >= 2, 60, what="a second attempt")
+            before = stored()
+            wait_until(lambda: attempts() >= 3, 60, what="a third attempt")
+            assert stored() == before  # only the instance left is sent again, not the whole study
             report = orthanc.forwarding()
-            assert report["refused_count"] == 0
+            assert report["refused_count"] == 0 and report["link_error"] == ""
             (pending,) = [p for p in report["pending"] if p["study"] == orthanc_id]
             assert "twice, while drh-pacs answers a C-ECHO" in pending["last_error"]
             assert [f.stem for f in _spooled(plugin, study)] == [study.sop_uids[0]]

@@ -19,12 +19,12 @@ drh-pacs answered every instance with success:
   and each refused instance is recorded with the status (drh-pacs lists it with its reason:
   ``drh-pacs failures list``); the rest of the study is sent.
 - The association dropped while drh-pacs still answers a C-ECHO: it is this study, not the link, so
-  it is sent one instance at a time too, and the rest of it gets through. An instance whose file is
-  over ``MaxDatasetSize`` (drh-pacs's ``DRH_MAX_DATASET_SIZE``, on which drh-pacs aborts) is
-  recorded as refused ("association aborted"); before, the whole study was sent again every
-  10 minutes for ever. One under it that drops the association again a few seconds later keeps its
-  study pending (tried again with the back-off; the other studies go on): a timeout or the network,
-  which drh-pacs's log or ``drh-pacs status`` tells apart.
+  it is sent one instance at a time too, and the rest of it gets through. An instance that drops the
+  association again 5 s later is recorded as refused ("association aborted") when its file is over
+  ``MaxDatasetSize`` (drh-pacs's ``DRH_MAX_DATASET_SIZE``, on which drh-pacs aborts); before, the
+  whole study was sent again every 10 minutes for ever. One under it stays pending, and only it is
+  tried again, with the back-off (the other studies go on): a timeout or the network, which
+  drh-pacs's log or ``drh-pacs status`` tells apart.
 - ``POST /drh-pacs/resend`` with an Orthanc study ID as the body sends a study again (after raising
   drh-pacs's limit, say); what its send finds replaces the study's refused instances.
 - ``GET /drh-pacs/forwarding`` (Orthanc's REST API, with its authentication) lists what is
@@ -76,6 +76,8 @@ DIMSE_STATUS = re.compile(r"DIMSE status 0x([0-9A-Fa-f]{4})")
 # Orthanc's error codes for a resource that does not exist (deleted meanwhile): InexistentItem, and
 # UnknownResource, which Orthanc (1.10, Debian's) answers when a store job names a study it no longer has.
 GONE = (7, 17)
+# An Orthanc identifier (a SHA-1 of the UIDs, in five groups of eight hexadecimal digits).
+ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 # An instance over MaxDatasetSize on which drh-pacs drops the association: refused so.
 ABORTED = "association aborted"
 # Before sending again an instance on which the association dropped (a glitch of the network passes).
@@ -117,6 +119,8 @@ class State:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(pending)")}
         if "announced" not in columns:  # a state file of the previous release
             self.db.execute("ALTER TABLE pending ADD COLUMN announced INTEGER DEFAULT 0")
+        if "left_for_later" not in columns:  # instances a partial send left (JSON list; '': the whole study)
+            self.db.execute("ALTER TABLE pending ADD COLUMN left_for_later TEXT DEFAULT ''")
 
     def add(self, study):
         """A study announced stable (again): each announcement is counted, so that a send started
@@ -127,35 +131,68 @@ class State:
             self.db.execute(
                 "INSERT INTO pending (study, queued, next_try, announced) VALUES (?, ?, ?, 0) "
                 "ON CONFLICT(study) DO UPDATE SET next_try = MIN(next_try, excluded.next_try),"
-                " announced = announced + 1",
+                " announced = announced + 1, left_for_later = ''",  # new images: the whole study again
                 (study, now, now),
             )
 
     def due(self, now):
-        """The study to send next, (study, attempts, announcements): the one waiting longest for its
-        turn (new studies in arrival order; after a failure a study goes behind the others, so each
-        gets its attempts)."""
+        """The study to send next, (study, attempts, announcements, instances left for later): the one
+        waiting longest for its turn (new studies in arrival order; after a failure a study goes
+        behind the others, so each gets its attempts)."""
         with self.lock:
-            return self.db.execute(
-                "SELECT study, attempts, announced FROM pending WHERE next_try <= ? ORDER BY next_try, queued LIMIT 1",
+            row = self.db.execute(
+                "SELECT study, attempts, announced, left_for_later FROM pending WHERE next_try <= ?"
+                " ORDER BY next_try, queued LIMIT 1",
                 (now,),
             ).fetchone()
+        return None if row is None else (*row[:3], json.loads(row[3]) if row[3] else [])
 
     def next_due(self):
         with self.lock:
             row = self.db.execute("SELECT MIN(next_try) FROM pending").fetchone()
         return row[0]
 
-    def failed(self, study, attempts, next_try, error):
+    def failed(self, study, attempts, next_try, error, left=None, refused=None, announced=0, partial=False):
+        """A send that failed: tried again at ``next_try``. ``left``: the instances a send one by one
+        could not send (only they are sent next time, unless the study was announced again since the
+        send began: ``announced``); ``refused``: what that send found refused, which replaces the
+        study's earlier refusals (is added to them, for a ``partial`` send)."""
         with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
                 "UPDATE pending SET attempts = ?, next_try = ?, last_error = ? WHERE study = ?",
                 (attempts, next_try, error[:500], study),
             )
+            if left is not None:
+                self.db.execute(
+                    "UPDATE pending SET left_for_later = ? WHERE study = ? AND announced <= ?",
+                    (json.dumps(left), study, announced),
+                )
+            if refused is not None:
+                (self._add_refused if partial else self._replace_refused)(study, refused)
+            self.db.execute("COMMIT")
 
-    def done(self, study, announced, refused=(), forwarded=False):
+    def refused_in(self, study):
+        with self.lock:
+            return self.db.execute("SELECT instance, status, details FROM refused WHERE study = ?", (study,)).fetchall()
+
+    def _replace_refused(self, study, refused):
+        # a send's refusals replace the study's earlier ones (an instance corrected since is refused
+        # no more; a study forwarded whole has none)
+        self.db.execute("DELETE FROM refused WHERE study = ?", (study,))
+        self._add_refused(study, refused)
+
+    def _add_refused(self, study, refused):
+        for instance, status, details in refused:
+            self.db.execute(
+                "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
+                (instance, study, status, details[:500], time.time()),
+            )
+
+    def done(self, study, announced, refused=(), forwarded=False, partial=False):
         """The send that began after ``announced`` announcements ended; returns False when the study
-        was announced again meanwhile: it stays pending, to be sent again at once."""
+        was announced again meanwhile: it stays pending, to be sent again at once. ``partial``: a send
+        of the instances an earlier one left, whose refusals it adds to that one's."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             gone = self.db.execute(
@@ -163,14 +200,10 @@ class State:
             ).rowcount
             if not gone:
                 self.db.execute("UPDATE pending SET attempts = 0, last_error = '' WHERE study = ?", (study,))
-            # this send's refusals replace the study's earlier ones (an instance corrected since is
-            # refused no more; a study forwarded whole has none)
-            self.db.execute("DELETE FROM refused WHERE study = ?", (study,))
-            for instance, status, details in refused:
-                self.db.execute(
-                    "INSERT OR REPLACE INTO refused VALUES (?, ?, ?, ?, ?)",
-                    (instance, study, status, details[:500], time.time()),
-                )
+            if partial:
+                self._add_refused(study, refused)
+            else:
+                self._replace_refused(study, refused)
             if forwarded:
                 self.db.execute(
                     "INSERT INTO counters VALUES ('forwarded', 1) ON CONFLICT(name) DO UPDATE SET value = value + 1"
@@ -275,34 +308,44 @@ class Forwarder:
             time.sleep(POLL_SECONDS)
         return Outcome(False, "Orthanc is stopping", transient=True)
 
-    def _instance_by_instance(self, study):
-        """After a refusal: send each instance alone; (sent, [(instance, status, details)], transient)."""
-        try:
-            instances = json.loads(orthanc.RestApiGet(f"/studies/{study}/instances"))
-        except orthanc.OrthancException as exc:
-            return 0, [], Outcome(False, f"cannot list the study's instances: {exc}", transient=True)
-        sent, refused, later = 0, [], None
+    def _instance_by_instance(self, study, only=()):
+        """Send each instance of the study (or only those named) alone: (sent, [(instance, status,
+        details)], the failure that stops the study for now or None, [instances left for later])."""
+        instances = list(only)
+        if not instances:
+            try:
+                instances = [i["ID"] for i in json.loads(orthanc.RestApiGet(f"/studies/{study}/instances"))]
+            except orthanc.OrthancException as exc:
+                return 0, [], Outcome(False, f"cannot list the study's instances: {exc}", transient=True), []
+        sent, refused, later, left = 0, [], None, []
         for instance in instances:
-            outcome = self._store(instance["ID"])
+            outcome = self._store(instance)
             if self._dropped_by_drh_pacs(outcome):
-                outcome = self._dropped_instance(instance["ID"], outcome)
+                outcome = self._dropped_instance(instance, outcome)
                 if outcome.transient and not outcome.link:  # this instance later; the others now
                     later = later or outcome
+                    left.append(instance)
                     continue
             if outcome.ok:
                 sent += 1
             elif outcome.status == "gone":
                 continue
             elif outcome.transient:
-                return sent, refused, outcome
+                return sent, refused, outcome, []
             else:
-                refused.append((instance["ID"], outcome.status or "refused", outcome.details))
-        return sent, refused, later
+                refused.append((instance, outcome.status or "refused", outcome.details))
+        return sent, refused, later, left
 
     def _dropped_instance(self, instance, outcome):
-        """drh-pacs dropped the association on this instance and still answers: refused if its file is
-        over drh-pacs's limit; else sent once more a few seconds on, and left for later if it drops
-        again (a timeout, the network: nothing says it is the instance's fault)."""
+        """drh-pacs dropped the association on this instance and still answers: sent once more a few
+        seconds on (a glitch of the network passes); if it drops again, refused when its file is over
+        drh-pacs's limit, else left for later (a timeout, the network: nothing says it is the
+        instance's fault)."""
+        if self.stop.wait(DROPPED_RETRY_SECONDS):
+            return Outcome(False, "Orthanc is stopping", transient=True)
+        again = self._store(instance)
+        if again.ok or not self._dropped_by_drh_pacs(again):
+            return again
         limit = int(self.drh["MaxDatasetSize"])
         try:
             size = int(json.loads(orthanc.RestApiGet(f"/instances/{instance}/attachments/dicom/size")))
@@ -311,16 +354,11 @@ class Forwarder:
         if size > limit:
             return Outcome(
                 False,
-                f"{outcome.details}; its file is {size} bytes, over drh-pacs's limit of {limit}"
-                " (DRH_MAX_DATASET_SIZE on drh-pacs, MaxDatasetSize here): raise both, then POST"
-                " /drh-pacs/resend with the study",
+                f"{again.details}; its file is {size} bytes, over drh-pacs's limit of {limit}"
+                " (DRH_MAX_DATASET_SIZE on drh-pacs, MaxDatasetSize here): raise both, drh-pacs's last,"
+                " then POST /drh-pacs/resend with the study",
                 status=ABORTED,
             )
-        if self.stop.wait(DROPPED_RETRY_SECONDS):
-            return Outcome(False, "Orthanc is stopping", transient=True)
-        again = self._store(instance)
-        if again.ok or not self._dropped_by_drh_pacs(again):
-            return again
         return Outcome(
             False,
             f"{again.details} (twice, while drh-pacs answers a C-ECHO): drh-pacs's log or `drh-pacs status`"
@@ -345,43 +383,41 @@ class Forwarder:
         first = float(self.drh["RetryFirstSeconds"])
         return min(float(self.drh["RetryMaxSeconds"]), first * (2 ** max(0, attempts - 1)))
 
-    def send(self, study, attempts, announced=0):
+    def send(self, study, attempts, announced=0, left=()):
+        """Send a pending study: whole, or only the instances an earlier send left (``left``)."""
         attempt = attempts + 1
-        outcome = self._store(study)
-        if outcome.ok:
-            last = self.state.done(study, announced, forwarded=True)
-            self._link_ok()
-            orthanc.LogWarning(
-                f"drh-pacs: study {study} forwarded to {self.modality}"
-                f" ({outcome.details} instance(s), attempt {attempt})" + ("" if last else self.AGAIN)
-            )
-            return
-        if outcome.status == "gone":
-            self.state.done(study, announced)
-            orthanc.LogWarning(f"drh-pacs: study {study} was deleted from Orthanc before it could be sent")
-            return
-        refused = []
-        if not outcome.transient or self._dropped_by_drh_pacs(outcome):
+        if not left:
+            outcome = self._store(study)
+            if outcome.ok:
+                self._forwarded(study, announced, attempt, outcome.details)
+                return
+            if outcome.status == "gone":
+                self.state.done(study, announced)
+                orthanc.LogWarning(f"drh-pacs: study {study} was deleted from Orthanc before it could be sent")
+                return
+        if left or not outcome.transient or self._dropped_by_drh_pacs(outcome):
             # refused, or the association dropped while drh-pacs answers: one instance at a time
-            sent, refused, transient = self._instance_by_instance(study)
+            sent, refused, transient, later = self._instance_by_instance(study, left)
             if transient is None:
-                last = self.state.done(study, announced, refused=refused)
                 self._link_ok()
-                statuses = sorted({status for _, status, _ in refused})
-                why = (
-                    " `drh-pacs failures refused` (or, for a SOP class it does not take, its log) says why"
-                    if any(status.startswith("0x") for status in statuses)
-                    else ""
-                )
-                if ABORTED in statuses:
-                    why += (";" if why else "") + (
-                        f" an instance over {self.drh['MaxDatasetSize']} bytes aborts the association (drh-pacs's"
-                        " DRH_MAX_DATASET_SIZE; `drh-pacs status` counts it, refused by admission control)"
+                earlier = self.state.refused_in(study) if left else []
+                if not refused and not earlier:  # every instance taken: a glitch passed, or the ones left went
+                    self._forwarded(
+                        study, announced, attempt, f"{sent} more" if left else str(sent), partial=bool(left)
                     )
+                    return
+                last = self.state.done(study, announced, refused=refused, partial=bool(left))
+                self._log_refused(study, refused + [tuple(r) for r in earlier], sent, last)
+                return
+            if later:
+                self.state.failed(
+                    study, attempt, time.time() + self._retry_delay(attempt), transient.details,
+                    left=later, refused=refused, announced=announced, partial=bool(left),
+                )  # fmt: skip
                 orthanc.LogWarning(
-                    f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
-                    f" ({', '.join(_status_words(s) for s in statuses) or 'none'}), {sent} sent;"
-                    f" GET /drh-pacs/forwarding lists them,{why}" + ("" if last else self.AGAIN)
+                    f"drh-pacs: study {study}: {sent} instance(s) sent, {len(later)} NOT sent to {self.modality}"
+                    f" (attempt {attempt}): {transient.details}; only they are tried again, in"
+                    f" {self._retry_delay(attempt):.0f} s"
                 )
                 return
             outcome = transient
@@ -395,6 +431,32 @@ class Forwarder:
             f"drh-pacs: study {study} NOT sent to {self.modality} (attempt {attempt}): {outcome.details};"
             f" {self.state.report(0)['pending_count']} study(ies) pending,"
             f" next try in {(self.link_delay if outcome.link else delay):.0f} s"
+        )
+
+    def _forwarded(self, study, announced, attempt, instances, partial=False):
+        last = self.state.done(study, announced, forwarded=True, partial=partial)
+        self._link_ok()
+        orthanc.LogWarning(
+            f"drh-pacs: study {study} forwarded to {self.modality}"
+            f" ({instances} instance(s), attempt {attempt})" + ("" if last else self.AGAIN)
+        )
+
+    def _log_refused(self, study, refused, sent, last):
+        statuses = sorted({status for _, status, _ in refused})
+        why = (
+            " `drh-pacs failures refused` (or, for a SOP class it does not take, its log) says why"
+            if any(status.startswith("0x") for status in statuses)
+            else ""
+        )
+        if ABORTED in statuses:
+            why += (";" if why else "") + (
+                f" an instance over {self.drh['MaxDatasetSize']} bytes aborts the association (drh-pacs's"
+                " DRH_MAX_DATASET_SIZE; `drh-pacs status` counts it, refused by admission control)"
+            )
+        orthanc.LogWarning(
+            f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
+            f" ({', '.join(_status_words(s) for s in statuses)}), {sent} sent;"
+            f" GET /drh-pacs/forwarding lists them,{why}" + ("" if last else self.AGAIN)
         )
 
     def _link_ok(self):
@@ -485,10 +547,16 @@ def _on_resend(output, uri, **request):
         return
     body = request.get("body") or b""
     study = (body.decode(errors="replace") if isinstance(body, bytes) else str(body)).strip()
-    try:
-        json.loads(orthanc.RestApiGet("/studies/" + study))
-    except orthanc.OrthancException:
+    if not ORTHANC_ID.fullmatch(study):
         orthanc.LogWarning(f"drh-pacs: resend asked for {study[:80]!r}, which is no Orthanc study ID")
+        output.SendHttpStatusCode(400)
+        return
+    try:
+        found = json.loads(orthanc.RestApiGet("/studies/" + study)).get("Type") == "Study"
+    except orthanc.OrthancException:
+        found = False
+    if not found:
+        orthanc.LogWarning(f"drh-pacs: resend asked for study {study}, which Orthanc does not have")
         output.SendHttpStatusCode(404)
         return
     FORWARDER.state.add(study)
