@@ -548,7 +548,8 @@ def _on_resend(output, uri, **request):
     body = request.get("body") or b""
     study = (body.decode(errors="replace") if isinstance(body, bytes) else str(body)).strip()
     if not ORTHANC_ID.fullmatch(study):
-        orthanc.LogWarning(f"drh-pacs: resend asked for {study[:80]!r}, which is no Orthanc study ID")
+        # not echoed: someone may have pasted a patient's name or ID
+        orthanc.LogWarning(f"drh-pacs: resend asked with {len(study)} character(s) that are no Orthanc study ID")
         output.SendHttpStatusCode(400)
         return
     try:
