@@ -326,9 +326,7 @@ def paired_rows(served: list[Rep], kept: dict[int, dict[str, np.ndarray]], seed:
     the same queries and its paired bootstrap interval (an interval that excludes 0 is a difference
     these queries show; two rows' own intervals overlapping is not the test)."""
     rows = []
-    first = served[0] if served else None
-    for other in served[1:]:
-        assert first is not None
+    for first, other in ((served[0], o) for o in served[1:]):
         row: dict[str, Any] = {"a": first.name, "b": other.name}
         for key in PAIRED_MEASURES:
             a, b = kept[id(first)].get(key), kept[id(other)].get(key)

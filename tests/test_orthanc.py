@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import AbstractContextManager
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -189,6 +191,13 @@ def _study_with_a_big_instance(tmp_path, limit: int) -> Study:
     return study
 
 
+def _drh_pacs_taking_up_to(tmp_path, redis_server, port: int, max_dataset_size: int) -> AbstractContextManager[Any]:
+    """drh-pacs's DICOM listener for Orthanc, aborting on a dataset over ``max_dataset_size`` bytes."""
+    return running_plugin(
+        tmp_path, redis_server.url, dicom_port=port, allowed_calling_aes=["ORTHANC"], max_dataset_size=max_dataset_size
+    )
+
+
 def test_an_instance_over_drh_pacs_s_dataset_limit_is_listed_refused_the_rest_sent_and_it_can_be_sent_again(
     tmp_path, redis_server
 ):
@@ -204,9 +213,7 @@ def test_an_instance_over_drh_pacs_s_dataset_limit_is_listed_refused_the_rest_se
     drh_port = free_port()
     orthanc = Orthanc(tmp_path, drh_port=drh_port, drop_in_settings={"MaxDatasetSize": limit}).start()
     try:
-        with running_plugin(
-            tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=limit
-        ) as plugin:
+        with _drh_pacs_taking_up_to(tmp_path, redis_server, drh_port, limit) as plugin:
             _store_to_orthanc(orthanc, study)
             orthanc_id = orthanc.study_id(study.study_uid)
             wait_until(lambda: orthanc.forwarding()["refused_count"] == 1, 90, what="the big instance refused")
@@ -221,9 +228,7 @@ def test_an_instance_over_drh_pacs_s_dataset_limit_is_listed_refused_the_rest_se
         assert "1 instance(s) REFUSED by DRHPACS (association aborted), 1 sent" in log
         assert "DRH_MAX_DATASET_SIZE" in log
 
-        with running_plugin(
-            tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=4 * limit
-        ) as plugin:
+        with _drh_pacs_taking_up_to(tmp_path, redis_server, drh_port, 4 * limit) as plugin:
             resend = f"{orthanc.url}/drh-pacs/resend"
             assert httpx.post(resend, auth=ORTHANC_USER, content="nonsense", timeout=30).status_code == 400
             unknown = "00000000-00000000-00000000-00000000-00000000"
@@ -251,9 +256,7 @@ def test_an_instance_drh_pacs_aborts_on_under_the_forwarder_s_limit_stays_pendin
     drh_port = free_port()
     orthanc = Orthanc(tmp_path, drh_port=drh_port, drop_in_settings={"MaxDatasetSize": 10 * limit}).start()
     try:
-        with running_plugin(
-            tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"], max_dataset_size=limit
-        ) as plugin:
+        with _drh_pacs_taking_up_to(tmp_path, redis_server, drh_port, limit) as plugin:
             _store_to_orthanc(orthanc, study)
             orthanc_id = orthanc.study_id(study.study_uid)
 

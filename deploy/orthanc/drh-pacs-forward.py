@@ -386,6 +386,7 @@ class Forwarder:
     def send(self, study, attempts, announced=0, left=()):
         """Send a pending study: whole, or only the instances an earlier send left (``left``)."""
         attempt = attempts + 1
+        delay = self._retry_delay(attempt)  # before this study is tried again, if this attempt fails
         if not left:
             outcome = self._store(study)
             if outcome.ok:
@@ -411,17 +412,15 @@ class Forwarder:
                 return
             if later:
                 self.state.failed(
-                    study, attempt, time.time() + self._retry_delay(attempt), transient.details,
+                    study, attempt, time.time() + delay, transient.details,
                     left=later, refused=refused, announced=announced, partial=bool(left),
                 )  # fmt: skip
                 orthanc.LogWarning(
                     f"drh-pacs: study {study}: {sent} instance(s) sent, {len(later)} NOT sent to {self.modality}"
-                    f" (attempt {attempt}): {transient.details}; only they are tried again, in"
-                    f" {self._retry_delay(attempt):.0f} s"
+                    f" (attempt {attempt}): {transient.details}; only they are tried again, in {delay:.0f} s"
                 )
                 return
             outcome = transient
-        delay = self._retry_delay(attempt)
         self.state.failed(study, attempt, time.time() + delay, outcome.details)
         if outcome.link:  # drh-pacs or the network: nothing else is tried meanwhile
             self.link_error = outcome.details
