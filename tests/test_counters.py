@@ -35,7 +35,7 @@ def test_every_series_exists_at_zero_before_the_first_event():
     for op in ("C-MOVE", "C-GET"):
         for outcome in ("completed", "failed", "warning"):
             assert samples[("drh_dicom_retrieve_suboperations_total", (("operation", op), ("outcome", outcome)))] == 0
-    for outcome in ("success", "refused", "unreachable"):
+    for outcome in ("success", "refused", "unreachable", "cancelled"):
         assert samples[("drh_dicom_move_forwards_total", (("outcome", outcome),))] == 0
     for reason in ("non-image", "other"):
         assert samples[("drh_dicom_presentation_contexts_rejected_total", (("reason", reason),))] == 0

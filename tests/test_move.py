@@ -36,6 +36,20 @@ def movescu(port: int, study_uid: str, destination: str = "VIEWER") -> subproces
     )  # fmt: skip
 
 
+def _held_by_orthanc_only(plugin, orthanc: Orthanc, study) -> None:
+    """Store ``study`` into Orthanc, wait for its forwarder to bring it here, then delete the spooled
+    copies: as after indexing with keep_files off, the metadata says where it came from, and only
+    Orthanc can send it."""
+    proc = dcmtk("storescu", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, study.files))
+    assert proc.returncode == 0, proc.stderr
+    folder = plugin.settings.spool_dir / study.study_uid
+    n = len(study.files)
+    wait_until(lambda: len(list(folder.glob("*.dcm"))) == n, 60, what="Orthanc to forward the study")
+    plugin.store.records.put_study(study.study_uid, {"source_ae": "ORTHANC", "patient_id": study.patient_id})
+    for path in folder.glob("*.dcm"):
+        path.unlink()
+
+
 def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_client, redis_server, viewer, caplog):
     """A forward to a destination the PACS does not know fails at the PACS (Orthanc: "Unknown modality"):
     drh-pacs says so at WARNING with what to declare, and counts it."""
@@ -52,31 +66,107 @@ def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_clien
     with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin, other_stopped(other):
         modalities = {"DRHPACS": plugin.port, "VIEWER": viewer.port}
         with Orthanc(tmp_path, modalities, dicom_port=orthanc_port) as orthanc:
-            port = str(orthanc.dicom_port)
-            proc = dcmtk("storescu", "-aec", "ORTHANC", "127.0.0.1", port, *map(str, study.files))
-            assert proc.returncode == 0, proc.stderr
-            folder = plugin.settings.spool_dir / study.study_uid
-            wait_until(lambda: len(list(folder.glob("*.dcm"))) == 2, 60, what="Orthanc to forward the study")
-            # As after indexing with keep_files off: the metadata says where it came from, no local copy.
-            plugin.store.records.put_study(study.study_uid, {"source_ae": "ORTHANC", "patient_id": "P-MOVE"})
-            for path in folder.glob("*.dcm"):
-                path.unlink()
+            _held_by_orthanc_only(plugin, orthanc, study)
 
             proc = movescu(plugin.port, study.study_uid)
             assert proc.returncode == 0, proc.stdout + proc.stderr
             assert "Success" in proc.stdout + proc.stderr
             wait_until(lambda: viewer.received() == set(study.sop_uids), 30, what="the viewer to receive the study")
             assert "DRHPACS" in orthanc.log()  # Orthanc served a C-MOVE asked by drh-pacs
-            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "refused": 0, "unreachable": 0}
+            forwards = {"success": 1, "refused": 0, "unreachable": 0, "cancelled": 0}
+            assert plugin.server.counters.snapshot()["move_forwards"] == forwards
 
             with caplog.at_level(logging.INFO, logger="drh"):
                 unknown = movescu(plugin.port, study.study_uid, destination="OTHER")
             assert unknown.returncode != 0 and "Unable to process" in unknown.stdout + unknown.stderr
-            assert plugin.server.counters.snapshot()["move_forwards"] == {"success": 1, "refused": 1, "unreachable": 0}
+            assert plugin.server.counters.snapshot()["move_forwards"] == {**forwards, "refused": 1}
             (line,) = [r for r in caplog.records if "FAILED" in r.getMessage()]
             assert line.levelno == logging.WARNING
             assert "is OTHER declared in ORTHANC's DICOM modalities" in line.getMessage()
             assert other.received() == set()
+
+
+def _move_as_viewer(port: int, study_uid: str, destination: str, cancel_after_first: bool = False) -> list:
+    """A viewer's C-MOVE (pynetdicom as the SCU): every response drh-pacs sends, pending ones included."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(MOVE)
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study_uid
+    assoc = ae.associate("127.0.0.1", port, ae_title="DRHPACS")
+    assert assoc.is_established
+    responses = []
+    try:
+        for status, _ in assoc.send_c_move(identifier, destination, MOVE, msg_id=7):
+            assert status is not None and "Status" in status, "drh-pacs stopped answering"
+            responses.append(status)
+            if cancel_after_first and len(responses) == 1:
+                assoc.send_c_cancel(7, query_model=MOVE)
+    finally:
+        assoc.release()
+    return responses
+
+
+def test_a_forwarded_move_tells_the_viewer_what_the_pacs_does(tmp_path, redis_client, redis_server):
+    """The source PACS's pending responses reach the viewer as they come, and the final response counts
+    the instances the PACS sent (pynetdicom alone would answer "success, 0 completed"). A cancel from
+    the viewer reaches the PACS, and the viewer is told the PACS's answer, with what was done."""
+    import time
+
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    study = make_study(tmp_path / "in", fixture_images()[0:4], patient_id="P-RELAY")
+    received: list[str] = []
+
+    def slow_store(event) -> int:  # a viewer on a slow link: the move takes long enough to cancel
+        time.sleep(1.0)
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    viewer_ae = AE("VIEWER")
+    viewer_ae.supported_contexts = StoragePresentationContexts
+    viewer_port = free_port()
+    handlers = [(evt.EVT_C_STORE, slow_store)]
+    viewer = viewer_ae.start_server(("127.0.0.1", viewer_port), block=False, evt_handlers=handlers)
+    orthanc_port = free_port()
+    nodes = {"ORTHANC": f"127.0.0.1:{orthanc_port}", "VIEWER": f"127.0.0.1:{viewer_port}"}
+    try:
+        with running_plugin(tmp_path, redis_server.url, dicom_nodes=nodes) as plugin:
+            modalities = {"DRHPACS": plugin.port, "VIEWER": viewer_port}
+            with Orthanc(tmp_path, modalities, dicom_port=orthanc_port) as orthanc:
+                _held_by_orthanc_only(plugin, orthanc, study)
+
+                responses = _move_as_viewer(plugin.port, study.study_uid, "VIEWER")
+                *pending, final = responses
+                assert sorted(received) == sorted(study.sop_uids)
+                assert final.Status == 0x0000
+                assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (4, 0)
+                assert "NumberOfRemainingSuboperations" not in final or final.NumberOfRemainingSuboperations is None
+                assert pending, "no progress reached the viewer"
+                assert all(r.Status == 0xFF00 for r in pending)
+                done = [int(r.NumberOfCompletedSuboperations) for r in pending]
+                assert done == sorted(done) and done[-1] >= 3
+                left = [int(r.NumberOfRemainingSuboperations) for r in pending]
+                assert [a + b for a, b in zip(done, left, strict=True)] == [4] * len(pending)
+                snapshot = plugin.server.counters.snapshot()
+                assert snapshot["move_forwards"]["success"] == 1
+                # drh-pacs itself sent nothing: the sub-operations it counts stay its own
+                assert snapshot["suboperations"].get("move|completed", 0) == 0
+
+                received.clear()
+                cancelled = _move_as_viewer(plugin.port, study.study_uid, "VIEWER", cancel_after_first=True)
+                final = cancelled[-1]
+                # Orthanc answers "cancel" only when told of it (it still sends what it had queued): the
+                # viewer hears the PACS's answer, with the count of what it did receive.
+                assert final.Status == 0xFE00, f"{final.Status:#06x}"
+                assert int(final.NumberOfCompletedSuboperations) == len(received)
+                assert plugin.server.counters.snapshot()["move_forwards"]["cancelled"] == 1
+    finally:
+        viewer.shutdown()
 
 
 @contextlib.contextmanager

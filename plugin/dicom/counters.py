@@ -31,7 +31,7 @@ REJECT_REASONS = ("called-ae", "calling-ae", "address", "busy", "other")
 # a transfer syntax).
 CONTEXT_REJECTIONS = ("non-image", "other")
 # What came of a C-MOVE forwarded to the PACS that sent the study.
-FORWARD_OUTCOMES = ("success", "refused", "unreachable")
+FORWARD_OUTCOMES = ("success", "refused", "unreachable", "cancelled")
 # The sub-operations of C-MOVE and C-GET (one C-STORE each), as their final response counts them.
 RETRIEVES = {"C_MOVE_RSP": "C-MOVE", "C_GET_RSP": "C-GET"}
 SUBOPERATIONS = ("completed", "failed", "warning")
@@ -200,7 +200,8 @@ class DicomCounters:
     def forwarded_move(self, outcome: str) -> None:
         """A C-MOVE forwarded to the PACS that sent the study, by what came of it (``refused``: the
         PACS answered with a failure, often a viewer it does not know; ``unreachable``: it did not
-        answer). drh-pacs then sends its own copy, if it keeps one."""
+        answer; drh-pacs then sends its own copy, if it keeps one. ``cancelled``: the viewer cancelled
+        it, and the PACS stopped)."""
         with self._lock:
             self._forwards[outcome] += 1
 
@@ -220,11 +221,13 @@ class DicomCounters:
         counts = {
             kind: int(getattr(command, f"NumberOf{kind.title()}Suboperations", None) or 0) for kind in SUBOPERATIONS
         }
+        forwarded = bool(getattr(event.assoc, _RETRIEVE_FORWARDED, False))
         self.request(operation, outcome, seconds)
-        with self._lock:
-            for kind, n in counts.items():
-                self._suboperations[(operation, kind)] += n
-        return Retrieved(operation, status, counts, bool(getattr(event.assoc, _RETRIEVE_FORWARDED, False)))
+        if not forwarded:  # a forwarded move's counts are the source PACS's sub-operations, not ours
+            with self._lock:
+                for kind, n in counts.items():
+                    self._suboperations[(operation, kind)] += n
+        return Retrieved(operation, status, counts, forwarded)
 
     # -- reading ---------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

@@ -423,8 +423,8 @@ def handle_move(
     """C-MOVE: forwarded to the PACS that sent the study; served from the spool when that is not possible.
 
     pynetdicom wants the destination's address first, then the number of sub-operations, then one
-    (status, dataset) per instance. A forwarded move is done before the first yield and reported as
-    a success with no local sub-operations.
+    (status, dataset) per instance. A forwarded move is done before the first yield, with the source
+    PACS's progress passed on to the viewer, and its final counts (``move_mod.ViewerRelay``).
     """
     calling = str(event.assoc.requestor.ae_title or "").strip()
     destination = event.move_destination
@@ -437,11 +437,17 @@ def handle_move(
         raise move_mod.MoveRefused(err.comment) from err
 
     if plan.forward_to is not None:
-        outcome = move_mod.forward(plan, identifier, destination, settings)
+        relay = move_mod.ViewerRelay(event)
+        outcome = move_mod.forward(plan, identifier, destination, settings, relay)
         source = plan.forward_to.ae_title
         if counters is not None:
-            counters.forwarded_move("success" if outcome.ok else "refused" if outcome.answered else "unreachable")
-        if outcome.ok:
+            counters.forwarded_move(
+                "success" if outcome.ok
+                else "cancelled" if outcome.cancelled
+                else "refused" if outcome.answered
+                else "unreachable"
+            )  # fmt: skip
+        if outcome.ok or outcome.cancelled:
             log.info(
                 "C-MOVE from %s to %s forwarded to %s: status %#06x, %d completed, %d failed",
                 calling, destination, source, outcome.status, outcome.completed, outcome.failed,
@@ -458,8 +464,9 @@ def handle_move(
                 calling, destination, source, outcome.status, f", {outcome.comment}" if outcome.comment else "",
                 "; sending drh-pacs's own copy instead" if plan.local_files else "", hint,
             )  # fmt: skip
-        if outcome.ok:
+        if outcome.ok or outcome.cancelled:
             note_forwarded(event.assoc)
+            relay.final_from(outcome)
             yield ("127.0.0.1", 0)  # not used: no local sub-operation follows
             yield 0
             return

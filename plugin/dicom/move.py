@@ -6,6 +6,12 @@ is forwarded there as a C-MOVE with the viewer's AE as destination; the PACS alr
 reach its viewers. When the source is not a known node (``Settings.dicom_nodes``) or refuses, and the
 received files are still in the spool, they are sent to the destination directly.
 
+While the source PACS does a forwarded move, the viewer is told what it says: each of its pending
+responses (how many instances are done, failed, left) is passed on as it comes, a C-CANCEL from the
+viewer is passed to the PACS, and the final response carries the PACS's counts
+(:class:`ViewerRelay`). A viewer waiting on a large study sees it progress rather than a silent
+association it may time out, and a final "success" says how many instances the PACS sent.
+
 C-GET (a viewer that pulls over its own association instead of naming a destination) can only be
 answered from the spool: the files go back as C-STORE sub-operations on the viewer's association.
 """
@@ -15,11 +21,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from plugin.core.header import is_uid
@@ -31,6 +38,7 @@ from plugin.search.errors import QueryError
 log = logging.getLogger("drh.move")
 
 FORWARD_TIMEOUT = 600.0
+FORWARD_MESSAGE_ID = 1  # the forwarded C-MOVE's, which a relayed C-CANCEL names
 
 
 class MoveRefused(RuntimeError):
@@ -63,6 +71,85 @@ class ForwardOutcome:
     @property
     def ok(self) -> bool:
         return self.status in (st.SUCCESS, st.MOVE_SUBOPS_WARNING) and not self.failed
+
+    @property
+    def cancelled(self) -> bool:
+        return self.status == st.CANCEL
+
+
+SUBOPERATION_COUNTS = (
+    "NumberOfRemainingSuboperations",
+    "NumberOfCompletedSuboperations",
+    "NumberOfFailedSuboperations",
+    "NumberOfWarningSuboperations",
+)
+
+
+class Relay(Protocol):
+    """What :func:`forward` tells the viewer, and asks it, while the source PACS works."""
+
+    def pending(self, status: Dataset) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+
+class ViewerRelay:
+    """Passes a forwarded C-MOVE's progress from the source PACS to the viewer that asked for it.
+
+    pynetdicom's C-MOVE handler contract has no room for sub-operations done by another node: a
+    handler with no local sub-operation gets a final "success, 0 completed" from pynetdicom. So the
+    pending responses are sent on the viewer's association here, from the handler's own thread (the
+    association's), and :meth:`final_from` puts the PACS's status and counts in pynetdicom's final
+    response, for that one message, just before it is encoded.
+    """
+
+    def __init__(self, event: Any) -> None:
+        self._dimse = event.assoc.dimse
+        self._context_id = int(event.context.context_id)
+        self._request = event.request
+        self._is_cancelled = lambda: bool(event.is_cancelled)
+        self.relayed = 0
+
+    def _response(self, status: int) -> C_MOVE:
+        rsp = C_MOVE()
+        rsp.MessageIDBeingRespondedTo = self._request.MessageID
+        rsp.AffectedSOPClassUID = self._request.AffectedSOPClassUID
+        rsp.Status = status
+        return rsp
+
+    def pending(self, status: Dataset) -> None:
+        """Send one of the source PACS's pending responses on to the viewer."""
+        rsp = self._response(int(status.Status))
+        for keyword in SUBOPERATION_COUNTS:
+            value = status.get(keyword)
+            if value is not None:
+                setattr(rsp, keyword, int(value))
+        self._dimse.send_msg(rsp, self._context_id)
+        self.relayed += 1
+
+    def cancelled(self) -> bool:
+        return self._is_cancelled()
+
+    def final_from(self, outcome: ForwardOutcome) -> None:
+        """Make pynetdicom's next final response to this request carry ``outcome`` (then step aside)."""
+        dimse, message_id = self._dimse, self._request.MessageID
+        send_msg = dimse.send_msg
+
+        def send_with_outcome(primitive: Any, context_id: int) -> None:
+            if (
+                isinstance(primitive, C_MOVE)
+                and primitive.MessageIDBeingRespondedTo == message_id
+                and primitive.Status not in (st.PENDING, st.PENDING_WARNING)
+            ):
+                del dimse.send_msg  # back to the class's own method: this was the one message
+                primitive.Status = outcome.status
+                primitive.NumberOfRemainingSuboperations = None  # not in a final response (PS3.4 C.4.2.3.1)
+                primitive.NumberOfCompletedSuboperations = outcome.completed
+                primitive.NumberOfFailedSuboperations = outcome.failed
+                primitive.NumberOfWarningSuboperations = outcome.warning
+            send_msg(primitive, context_id)
+
+        dimse.send_msg = send_with_outcome
 
 
 def lookup_node(settings: Settings, ae_title: str) -> Node | None:
@@ -155,8 +242,14 @@ def local_files(identifier: Dataset, studies: list[str], store: Any, spool: Spoo
     return files
 
 
-def forward(move_plan: MovePlan, identifier: Dataset, destination: str, settings: Settings) -> ForwardOutcome:
-    """Ask the source PACS to C-MOVE the same identifier to ``destination``; wait for its final answer."""
+def forward(
+    move_plan: MovePlan, identifier: Dataset, destination: str, settings: Settings, relay: Relay | None = None
+) -> ForwardOutcome:
+    """Ask the source PACS to C-MOVE the same identifier to ``destination``; wait for its final answer.
+
+    Each pending response on the way goes to ``relay``, and a cancel the viewer asks for (seen between
+    two responses) is passed on to the PACS, whose final response then says "cancel".
+    """
     node = move_plan.forward_to
     assert node is not None
     ae = AE(ae_title=settings.ae_title)
@@ -177,11 +270,20 @@ def forward(move_plan: MovePlan, identifier: Dataset, destination: str, settings
         log.warning("C-MOVE forward: cannot associate with %s at %s:%d", node.ae_title, node.host, node.port)
         return ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS unreachable", answered=False)
     last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="no answer from source PACS", answered=False)
+    cancel_sent = False
     try:
-        for status, _ in assoc.send_c_move(forwarded, destination, StudyRootQueryRetrieveInformationModelMove):
+        responses = assoc.send_c_move(
+            forwarded, destination, StudyRootQueryRetrieveInformationModelMove, msg_id=FORWARD_MESSAGE_ID
+        )
+        for status, _ in responses:
             if status is None or "Status" not in status:
                 last = ForwardOutcome(st.UNABLE_TO_PROCESS, comment="source PACS stopped answering", answered=False)
                 break
+            if relay is not None and int(status.Status) in (st.PENDING, st.PENDING_WARNING):
+                relay.pending(status)
+                if not cancel_sent and relay.cancelled():
+                    assoc.send_c_cancel(FORWARD_MESSAGE_ID, query_model=StudyRootQueryRetrieveInformationModelMove)
+                    cancel_sent = True
             last = ForwardOutcome(
                 int(status.Status),
                 completed=int(status.get("NumberOfCompletedSuboperations", 0) or 0),
