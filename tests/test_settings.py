@@ -59,6 +59,14 @@ def test_lists_maps_and_booleans_from_environment():
         ({"DRH_VIEWER_URLS": "X=https://v/{PatientName}"}, "viewer_urls"),  # not a field the page fills
         ({"DRH_CORS_ORIGINS": "https://ohif.example.org/app"}, "cors_origins"),  # an origin has no path
         ({"DRH_SESSION_HOURS": "0"}, "session_hours"),
+        # values a worker or the listener would only stumble on later (a crash loop, every image failed)
+        ({"DRH_LOG_LEVEL": "verbose"}, "log_level"),
+        ({"DRH_BATCH_SIZE": "0"}, "batch_size"),
+        ({"DRH_WORKER_CONCURRENCY": "0"}, "worker_concurrency"),
+        ({"DRH_HTTP_PORT": "99999"}, "http_port"),
+        ({"DRH_DICOM_PORT": "0"}, "dicom_port"),
+        ({"DRH_TASK_MAX_RETRIES": "-1"}, "task_max_retries"),
+        ({"DRH_BATCH_CLAIM_SECONDS": "0"}, "batch_claim_seconds"),
     ],
 )
 def test_bad_values_fail_loudly_naming_the_setting(env, needle):
@@ -89,6 +97,32 @@ def test_unknown_key_in_file_is_refused(tmp_path):
     cfg.write_text("dicom_prot = 4000\n")
     with pytest.raises(SettingsError, match="dicom_prot"):
         load_settings(env={"DRH_CONFIG": str(cfg)})
+
+
+def test_a_misspelled_variable_is_refused_with_the_setting_it_resembles():
+    with pytest.raises(SettingsError, match=r"DRH_HTTP_PROT \(DRH_HTTP_PORT\?\)"):
+        load_settings(env={"DRH_HTTP_PROT": "9000"})
+    with pytest.raises(SettingsError, match=r"DRH_NONSENSE$"):
+        load_settings(env={"DRH_NONSENSE": "1"})
+    # not settings, but read by name: the settings file, and the tests' screenshot switch
+    load_settings(env={"DRH_CONFIG": "", "DRH_UPDATE_SCREENSHOT": "1"})
+    # other programs' variables are none of ours
+    assert load_settings(env={"HTTP_PORT": "1", "DRHX": "2"}).http_port == 8080
+
+
+def test_a_bad_value_in_the_file_names_the_file(tmp_path):
+    cfg = tmp_path / "drh.toml"
+    cfg.write_text('http_port = "eighty"\n')
+    with pytest.raises(SettingsError, match=f"http_port \\(in {cfg}\\)") as err:
+        load_settings(env={"DRH_CONFIG": str(cfg)})
+    assert "DRH_HTTP_PORT" not in str(err.value)  # it was not the environment
+    cfg.write_text("http_prot = 8000\n")
+    with pytest.raises(SettingsError, match=r"http_prot \(http_port\?\)"):
+        load_settings(env={"DRH_CONFIG": str(cfg)})
+
+
+def test_the_log_level_is_read_in_any_case():
+    assert load_settings(env={"DRH_LOG_LEVEL": "debug"}).log_level == "debug"
 
 
 def test_readme_documents_every_setting():

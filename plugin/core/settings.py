@@ -5,7 +5,8 @@ Every process (``serve``, ``worker``, the CLI tools) builds one :class:`Settings
 
 Precedence, highest first: environment variables ``DRH_<NAME>`` (upper case), then the optional
 TOML file named by ``DRH_CONFIG`` (keys are the field names below, lower case, no prefix), then the
-defaults written here. A value that cannot be parsed fails loudly at start-up with the setting's
+defaults written here. A value that cannot be parsed or is out of range, or a name that is no
+setting (a misspelled ``DRH_`` variable or file key), fails loudly at start-up with the setting's
 name, rather than half-working later.
 
 The defaults are chosen to be safe on a hospital network: the HTTP API listens on loopback only
@@ -292,8 +293,11 @@ def _kept_secret(path: Path) -> str:
     return secret
 
 
-def _parse(name: str, kind: Any, raw: Any) -> Any:
-    """Turn an environment string (or a TOML value) into the field's type."""
+def _parse(name: str, kind: Any, raw: Any, source: str = "") -> Any:
+    """Turn an environment string (or a TOML value) into the field's type.
+
+    ``source`` names where the value came from, for the error: the environment variable unless said.
+    """
     try:
         if kind is bool:
             if isinstance(raw, bool):
@@ -328,7 +332,7 @@ def _parse(name: str, kind: Any, raw: Any) -> Any:
             return out
         return str(raw)
     except ValueError as exc:
-        raise SettingsError(f"setting {name} ({ENV_PREFIX}{name.upper()}): {exc}") from exc
+        raise SettingsError(f"setting {name} ({source or ENV_PREFIX + name.upper()}): {exc}") from exc
 
 
 def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -349,7 +353,12 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     known = {f.name for f in dataclasses.fields(Settings)}
     unknown = set(file_values) - known
     if unknown:
-        raise SettingsError(f"unknown settings in {config_path}: {', '.join(sorted(unknown))}")
+        raise SettingsError(f"unknown settings in {config_path}: {_with_suggestions(unknown, known)}")
+    # A misspelled variable would otherwise leave its setting at the default without a word.
+    unknown_env = {k for k in env if k.startswith(ENV_PREFIX)} - {ENV_PREFIX + n.upper() for n in known} - NOT_SETTINGS
+    if unknown_env:
+        names = {ENV_PREFIX + n.upper() for n in known}
+        raise SettingsError(f"unknown environment variables: {_with_suggestions(unknown_env, names)}")
     values: dict[str, Any] = {}
     for name in known:
         env_key = ENV_PREFIX + name.upper()
@@ -358,13 +367,35 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
         elif env_key in env:
             values[name] = _parse(name, hints[name], env[env_key])
         elif name in file_values:
-            values[name] = _parse(name, hints[name], file_values[name])
+            values[name] = _parse(name, hints[name], file_values[name], source=f"in {config_path}")
     settings = Settings(**values)
     _validate(settings)
     return settings
 
 
+# DRH_* variables that are not settings: the file of settings, and the tests' screenshot switch.
+NOT_SETTINGS = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "UPDATE_SCREENSHOT"})
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _with_suggestions(unknown: set[str], known: set[str]) -> str:
+    """The unknown names, each with the known one it most resembles ("http_prot (http_port?)")."""
+    import difflib
+
+    shown = []
+    for name in sorted(unknown):
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+        shown.append(f"{name} ({close[0]}?)" if close else name)
+    return ", ".join(shown)
+
+
 def _validate(s: Settings) -> None:
+    if s.log_level.upper() not in LOG_LEVELS:
+        raise SettingsError(f"setting log_level must be one of {', '.join(LOG_LEVELS)}, got {s.log_level!r}")
+    for name in ("dicom_port", "http_port"):
+        if not 0 < getattr(s, name) < 65536:
+            raise SettingsError(f"setting {name} must be a TCP port, 1 to 65535, got {getattr(s, name)}")
     if s.non_image_policy not in {"ignore", "reject"}:
         raise SettingsError("setting non_image_policy must be 'ignore' or 'reject'")
     if s.max_frames_per_series < 1:
@@ -413,10 +444,17 @@ def _validate(s: Settings) -> None:
         if s.dicom_viewers[title] != s.dicom_nodes[title]:
             raise SettingsError(f"AE {title} has two addresses: in dicom_viewers and in dicom_nodes")
     positive = ("max_associations", "max_associations_per_address", "max_results", "default_results")
-    positive += ("max_dataset_size", "max_upload_size", "max_concurrent_uploads")
+    positive += ("max_dataset_size", "max_upload_size", "max_concurrent_uploads", "batch_size")
+    positive += ("worker_concurrency",)
     for name in positive:
         if getattr(s, name) < 1:
             raise SettingsError(f"setting {name} must be >= 1")
+    for name in ("serve_workers", "task_max_retries"):
+        if getattr(s, name) < 0:
+            raise SettingsError(f"setting {name} must be >= 0")
+    for name in ("task_visibility_timeout", "batch_claim_seconds"):
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"setting {name} must be > 0")
     if s.max_results > 1000:  # plugin.search.query.MAX_RESULTS, the bound of every query
         raise SettingsError("setting max_results must be <= 1000")
     if s.default_results > s.max_results:
