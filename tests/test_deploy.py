@@ -296,6 +296,31 @@ def test_the_tls_proxy_configuration_works_on_debian_s_nginx(tmp_path):
     assert res.returncode != 0 and 'unknown directive "http2"' in res.stderr
 
 
+def test_the_ohif_proxy_configuration_works_on_debian_s_nginx_and_reaches_every_drh_pacs_path(tmp_path):
+    """deploy/viewers/ohif/nginx.conf said `http2 on;` (nginx 1.22 refuses it), and its drh-pacs
+    location left out the status page, health and metrics: the page's Status link opened OHIF."""
+    import re
+
+    from plugin.core.settings import load_settings
+    from plugin.http.app import ApiContext, create_app
+
+    shipped = (DEPLOY / "viewers" / "ohif" / "nginx.conf").read_text()
+    local = shipped.replace("drh-pacs.example.org:8080", "127.0.0.1:8080").replace("pacs.example.org", "127.0.0.1")
+    res = _nginx_check(tmp_path, local)
+    assert res.returncode == 0, res.stderr
+
+    (pattern,) = re.findall(r"location ~ (\S+) \{\n\s*proxy_pass http://drh-pacs", shipped)
+    app = create_app(ApiContext(settings=load_settings(env={"DRH_DATA_DIR": str(tmp_path / "data")}), store=None))
+
+    def paths(routes, prefix=""):
+        for route in routes:
+            path = prefix + getattr(route, "path", "")
+            yield from paths(route.routes, path) if getattr(route, "routes", None) else [path]
+
+    served = {path for path in paths(app.routes) if path != "/"}
+    assert served and not [p for p in served if not re.match(pattern, p.replace("{", "x").replace("}", ""))]
+
+
 def test_the_backup_folder_is_created_by_the_install_steps_and_the_unit():
     unit = (DEPLOY / "systemd" / "drh-pacs-redis-backup.service").read_text()
     backup_dir = re.search(r"^Environment=BACKUP_DIR=(\S+)$", unit, re.M).group(1)

@@ -11,7 +11,8 @@
  *     https://viewer.example.org/?dataSources=similar&similarTo=<StudyInstanceUID>
  *   (drh-pacs's page links there when DRH_VIEWER_URLS has it, see deploy/viewers/README.md). With
  *   similarTo the QIDO root is drh-pacs's per-reference root, whose study list is the ranking; without
- *   it, the plain root, where a study OHIF opens is answered as itself.
+ *   it, the plain root, where a study OHIF opens is answered as itself (and a study list without a
+ *   StudyInstanceUID or AccessionNumber is refused: drh-pacs is no archive to browse).
  *
  * Keys checked against OHIF's DicomWebConfig type (extensions/default/src/DicomWebDataSource/utils/
  * dicomWebConfig.ts) and its qido.js; onConfiguration(config, { params, query }) is called by the
