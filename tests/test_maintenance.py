@@ -84,6 +84,25 @@ def test_delete_study_refuses_a_malformed_uid(populated, capsys):
     assert "not valid UIDs" in capsys.readouterr().err
 
 
+def test_delete_study_says_which_uids_it_did_not_know(populated, capsys):
+    """A typo'd UID was reported "deleted 1 study(ies)" with status 0: IT would believe it gone."""
+    store, _, data_dir = populated
+    assert cli(["delete-study", "1.2.3.99"]) == 1
+    out, err = capsys.readouterr()
+    assert "deleted" not in out and "not known here, nothing deleted: 1.2.3.99" in err
+
+    assert cli(["delete-study", "1.2.3.2", "1.2.3.98"]) == 1  # the known one goes, the other is named
+    out, err = capsys.readouterr()
+    assert "deleted 1 study(ies), 4 code(s)" in out and "1.2.3.98" in err and "1.2.3.2" not in err
+    assert store.records.study("1.2.3.2") == {}
+    assert cli(["delete-study", "1.2.3.2"]) == 1  # deleted already
+
+    # a study only spooled (received, not yet indexed) is known: its files go
+    (data_dir / "spool" / "1.2.3.77").mkdir()
+    assert cli(["delete-study", "1.2.3.77"]) == 0
+    assert not (data_dir / "spool" / "1.2.3.77").exists()
+
+
 def test_models_lists_versions_and_drops_only_one_that_no_longer_answers(populated, capsys):
     store, studies, _ = populated
     old = "m-previous"

@@ -33,17 +33,28 @@ from workers.client import make_celery
 log = logging.getLogger("drh.maintenance")
 
 
-def delete_studies(settings: Settings, store: Store, study_uids: list[str], keep_files: bool = False) -> int:
-    """Delete each study everywhere; returns the number of codes tombstoned."""
+def delete_studies(
+    settings: Settings, store: Store, study_uids: list[str], keep_files: bool = False
+) -> tuple[int, list[str]]:
+    """Delete each study everywhere; returns the number of codes tombstoned, and the UIDs of which
+    nothing was found (no record, instance, code or spooled file: a typo, or deleted already)."""
     removed = 0
+    unknown = []
     for uid in study_uids:
         sops = store.records.study_instances(uid)
-        removed += store.delete_study(uid)
+        known = bool(sops or store.records.study(uid))
+        codes = store.delete_study(uid)
         folder = settings.spool_dir / uid
-        if not keep_files and folder.is_dir():
-            shutil.rmtree(folder)
+        if folder.is_dir():
+            known = True
+            if not keep_files:
+                shutil.rmtree(folder)
+        if not (known or codes):
+            unknown.append(uid)
+            continue
+        removed += codes
         log.info("deleted study %s (%d instances)", uid, len(sops))
-    return removed
+    return removed, unknown
 
 
 def compact_all(store: Store, versions: list[str], levels: tuple[str, ...] = LEVELS) -> dict[str, int]:
@@ -91,8 +102,13 @@ def delete_study_main(argv: list[str] | None = None) -> int:
     if connected is None:
         return 2
     settings, store = connected
-    removed = delete_studies(settings, store, args.study_uids, keep_files=args.keep_files)
-    print(f"deleted {len(args.study_uids)} study(ies), {removed} code(s) tombstoned; `drh-pacs compact` reclaims them")
+    removed, unknown = delete_studies(settings, store, args.study_uids, keep_files=args.keep_files)
+    deleted = len(args.study_uids) - len(unknown)
+    if deleted:
+        print(f"deleted {deleted} study(ies), {removed} code(s) tombstoned; `drh-pacs compact` reclaims them")
+    if unknown:
+        print(f"drh-pacs delete-study: not known here, nothing deleted: {', '.join(unknown)}", file=sys.stderr)
+        return 1
     return 0
 
 
