@@ -250,6 +250,11 @@ def test_the_page_shows_the_most_similar_studies_with_decoded_thumbnails(served,
     d = plan.study_date
     summary = f"{d[:4]}-{d[4:6]}-{d[6:]} · {plan.modality} · {len(plan.images)} image(s)"
     assert f"distance {expected[0]['distance']}" in first.text and summary in first.text
+    # the study's own description, without the rank prefix the DICOM answer carries for viewers, and
+    # the patient's name as people write it
+    lines = first.find_elements(By.CSS_SELECTOR, ".meta .line")
+    accession = "ACC" + expected[0]["study"]["study_instance_uid"][-8:]
+    assert [line.text for line in lines][1:] == ["CHEST AP", f"Test, Patient · {plan.patient_id} · {accession}"]
     link = first.find_element(By.CSS_SELECTOR, "a.viewer-link")
     assert (
         link.get_attribute("href")
@@ -333,6 +338,13 @@ def test_upload_search_finds_the_same_image_first(served, browser):
     kinds.select_by_value("chest-xr")
     _wait(browser, lambda d: _settled(d) and len(_result_studies(d)) == 9, what="9 rows, read by the chosen model")
     assert _result_studies(browser)[0] == served.studies[3].study_uid
+    # a file that is no image: the error, and no longer the previous file as "the reference"
+    notes = served.tmp / "notes.txt"
+    notes.write_text("not an image")
+    browser.find_element(By.ID, "file").send_keys(str(notes))
+    _wait(browser, lambda d: "error" in d.find_element(By.ID, "message").get_attribute("class"), what="the error")
+    assert not browser.find_element(By.ID, "reference").is_displayed()
+    assert not browser.find_element(By.ID, "results").is_displayed()
 
 
 def test_send_to_a_node_and_keyboard_use(served, browser):

@@ -17,6 +17,15 @@ function value(ds, tag) {
   if (el.vr === "PN") return (v && v.Alphabetic) || "";
   return v;
 }
+// A DICOM person name (Family^Given^Middle^Prefix^Suffix) as people write it: "Family, Given Middle".
+function personName(pn) {
+  const [family = "", given = "", middle = "", prefix = "", suffix = ""] = String(pn || "").split("^");
+  const first = [prefix, given, middle].filter(Boolean).join(" ");
+  return [family, [first, suffix].filter(Boolean).join(" ")].filter(Boolean).join(", ");
+}
+// The rank and score drh-pacs puts before a similar answer's StudyDescription, for viewers that drop
+// private elements ("#01 0.938 CHEST PA"): the page shows rank and score on their own.
+const RANKED_DESCRIPTION = /^#\d+ \d+\.\d{3}(?: |$)/;
 function values(ds, tag) {
   const el = ds && ds[tag];
   return el && el.Value ? el.Value : [];
@@ -32,16 +41,18 @@ function privateValue(ds, element) {
   return "";
 }
 function studyFromDicom(ds) {
+  const rank = privateValue(ds, "04");
+  const description = String(value(ds, "00081030") || "");
   return {
     uid: value(ds, "0020000D"),
     patientId: value(ds, "00100020"),
-    patientName: value(ds, "00100010"),
+    patientName: personName(value(ds, "00100010")),
     date: String(value(ds, "00080020") || ""),
-    description: value(ds, "00081030"),
+    description: rank === "" ? description : description.replace(RANKED_DESCRIPTION, ""),
     accession: value(ds, "00080050"),
     modalities: values(ds, "00080061").join(", "),
     images: value(ds, "00201208"),
-    rank: privateValue(ds, "04"),
+    rank,
     distance: privateValue(ds, "05"),
     score: privateValue(ds, "06"),
   };
@@ -49,7 +60,7 @@ function studyFromDicom(ds) {
 function studyFromJson(r) {
   const s = r.study;
   return {
-    uid: s.study_instance_uid, patientId: s.patient_id, patientName: s.patient_name, date: s.study_date,
+    uid: s.study_instance_uid, patientId: s.patient_id, patientName: personName(s.patient_name), date: s.study_date,
     description: s.study_description, accession: s.accession_number, modalities: (s.modalities || []).join(", "),
     images: s.number_of_instances, rank: r.rank, distance: r.distance, score: r.score,
   };
@@ -229,6 +240,7 @@ function describeRoute(name, dicom) {
 function fail(err) {
   message(err.message, true);
   $("results-section").hidden = true;
+  $("reference-section").hidden = true; // the previous search's reference would read as this one's
 }
 
 // -- drawing -----------------------------------------------------------------------------------
