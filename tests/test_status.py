@@ -213,3 +213,20 @@ def test_status_when_redis_is_down(tmp_path):
     r = client.get("/ready", headers=auth)
     assert r.status_code == 503 and "Redis unavailable" in r.json()["reasons"][0]
     assert client.get("/status", headers=auth).status_code == 503
+
+
+def test_a_worker_process_lists_every_model_it_loaded(redis_client):
+    """One pool process serves every route's model; each load replaced the last, and the status said
+    a worker that had just indexed chest films had only the general model."""
+    import time
+
+    store = Store(redis_client, "workers-models")
+    now = time.time()
+    store.workers.beat({"hostname": "w@host", "state": "online", "queues": ["ingest"], "concurrency": 1,
+                        "device": "cpu", "started": now - 60, "last_seen": now})  # fmt: skip
+    store.workers.record_process("w@host", 4242, {"device": "cpu", "model": "chest-v7", "pid": 4242, "loaded": now})
+    store.workers.record_process("w@host", 4242, {"device": "cpu", "model": "general-v1", "pid": 4242, "loaded": now})
+    (w,) = gather(store)["workers"]
+    assert w["models"] == ["chest-v7", "general-v1"] and w["device"] == "cpu"
+    store.workers.forget_processes("w@host")  # the worker starts again: its old processes are gone
+    assert store.workers.processes() == {}

@@ -58,12 +58,15 @@ class WorkerRegistry:
     def forget_processes(self, hostname: str) -> None:
         """Drop the device records of a worker's previous run (its pool processes are gone)."""
         key = self.keys.worker_procs()
-        stale = [f for f in self.r.hkeys(key) if f.decode().rsplit("|", 1)[0] == hostname]
+        stale = [f for f in self.r.hkeys(key) if f.decode().split("|", 1)[0] == hostname]
         if stale:
             self.r.hdel(key, *stale)
 
     def record_process(self, hostname: str, pid: int, record: dict[str, Any]) -> None:
-        self.r.hset(self.keys.worker_procs(), f"{hostname}|{pid}", json.dumps(record))
+        """A model a pool process loaded, and on which device: one record per model, as a process
+        serves every route's model (each load replaced the last, and the status named one model)."""
+        field = f"{hostname}|{pid}|{record.get('model', '')}"
+        self.r.hset(self.keys.worker_procs(), field, json.dumps(record))
 
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         return {k.decode(): json.loads(v) for k, v in self.r.hgetall(self.keys.workers()).items()}
@@ -72,5 +75,5 @@ class WorkerRegistry:
         """hostname -> the records of its pool processes."""
         out: dict[str, list[dict[str, Any]]] = {}
         for k, v in self.r.hgetall(self.keys.worker_procs()).items():
-            out.setdefault(k.decode().rsplit("|", 1)[0], []).append(json.loads(v))
+            out.setdefault(k.decode().split("|", 1)[0], []).append(json.loads(v))
         return out

@@ -108,7 +108,7 @@ Outcomes and operations (:mod:`plugin.store.ledger`, :mod:`plugin.store.stats`,
 ``ns:stats:bymodality``                     hash     ``<outcome>|<modality>`` -> instances indexed,
                                                      failed, ignored, stored without a model
 ``ns:workers``                              hash     worker hostname -> JSON heartbeat
-``ns:workerprocs``                          hash     "hostname|pid" -> JSON {device, model, loaded}
+``ns:workerprocs``                          hash     "hostname|pid|model" -> JSON {device, model, loaded}
 ==========================================  =======  =================================================
 
 The broker's own keys are Celery's (kombu's Redis transport): a list per queue (and per priority),
