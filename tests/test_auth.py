@@ -182,3 +182,7 @@ def test_users_command(tmp_path, monkeypatch, capsys):
     assert auth.main(["remove", "carol"]) == 0
     assert not users.check("carol", "a-long-password")
     assert auth.main(["remove", "carol"]) == 1
+    capsys.readouterr()
+    assert auth.main(["list"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "no users in" in err and "only the API token logs in" in err

@@ -47,6 +47,8 @@ def test_send_is_forwarded_to_the_pacs_that_holds_the_study(tmp_path, redis_serv
             unknown = client.post("/api/studies/1.2.826.0.1.3680043.8.498.4242/move", json={"destination": "VIEWER"})
             assert unknown.status_code == 404 and "nothing to send" in unknown.json()["error"]
             assert client.post(f"/api/studies/{study.study_uid}/move", content=b"VIEWER").status_code == 400
+            missing = client.post(f"/api/studies/{study.study_uid}/move", json={})  # was 403 "'' is not one of..."
+            assert missing.status_code == 400 and "destination" in missing.json()["error"]
     finally:
         viewer.stop()
 

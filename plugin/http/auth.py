@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "list":
         for name in sorted(users):
             print(name)
+        if not users:  # said on stderr: a script reading the names gets none
+            print(f"drh-pacs users: no users in {path}: only the API token logs in", file=sys.stderr)
         return 0
     if not USER_NAME.match(args.name):
         print("drh-pacs users: a name is 1-64 letters, digits, '.', '_', '@' or '-'", file=sys.stderr)

@@ -92,7 +92,9 @@ def _store_files(settings: Settings, node: move.Node, paths: list[Any], study_ui
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     if not assoc.is_established:
         log.warning("send study %s: cannot associate with %s at %s:%d", study_uid, node.ae_title, node.host, node.port)
-        raise SendError(502, f"{node.ae_title} did not accept the association")
+        raise SendError(
+            502, f"{node.ae_title} at {node.host}:{node.port} did not accept the association (not listening, or refused)"
+        )
     counts = {"completed": 0, "failed": 0, "warning": 0}
 
     def dropped(n: int, why: object) -> SendError:
@@ -142,6 +144,8 @@ def routes(ctx: Any) -> list[Route]:
             body = await request.json()
             destination = str(body.get("destination", "")).strip()
         except (ValueError, AttributeError):
+            destination = None
+        if not destination:
             return JSONResponse({"error": 'the body is JSON {"destination": "<AE title>"}'}, status_code=400)
         try:
             outcome = await run_in_threadpool(send_study, ctx.settings, ctx.store, study_uid, destination)
