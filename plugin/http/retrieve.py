@@ -92,9 +92,8 @@ def _store_files(settings: Settings, node: move.Node, paths: list[Any], study_ui
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
     if not assoc.is_established:
         log.warning("send study %s: cannot associate with %s at %s:%d", study_uid, node.ae_title, node.host, node.port)
-        raise SendError(
-            502, f"{node.ae_title} at {node.host}:{node.port} did not accept the association (not listening, or refused)"
-        )
+        where = f"{node.ae_title} at {node.host}:{node.port}"
+        raise SendError(502, f"{where} did not accept the association (not listening, or refused)")
     counts = {"completed": 0, "failed": 0, "warning": 0}
 
     def dropped(n: int, why: object) -> SendError:
