@@ -147,6 +147,38 @@ def test_the_readmes_send_command_sends_a_folder_of_mixed_transfer_syntaxes(tmp_
         assert (plugin.settings.spool_dir / plain.study_uid / f"{sop}.dcm").exists(), f"{f.name} not received"
 
 
+def test_a_file_whose_uids_are_stored_as_un_is_refused_and_the_rest_of_the_send_goes_on(tmp_path, plugin):
+    """DCMTK reads a SOPClassUID stored with VR UN as "31" and puts that in the C-STORE command;
+    pynetdicom aborted the whole association on that unknown class, and every later file of the
+    dcmsend run was never sent (124 of 149 from a real folder)."""
+    import struct
+
+    folder = tmp_path / "folder"
+    study = make_study(folder, fixture_images("normal")[:2], patient_id="P-UN")
+    odd = dcmread(study.files[0])
+    odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    odd_path = folder / study.study_uid / "0-un.dcm"  # sent first
+    odd.save_as(odd_path, enforce_file_format=True)
+    data = odd_path.read_bytes()  # SOP Class and Instance UIDs as an archive may keep them: VR UN
+    for element in (0x0016, 0x0018):
+        header = struct.pack("<HH", 0x0008, element) + b"UI"
+        at = data.index(header, 132)  # in the dataset, after the file meta
+        (length,) = struct.unpack("<H", data[at + 6 : at + 8])
+        un = struct.pack("<HH", 0x0008, element) + b"UN\0\0" + struct.pack("<I", length)
+        data = data[:at] + un + data[at + 8 :]
+    odd_path.write_bytes(data)
+    sent = dcmtk("dcmsend", "-v", "-aet", "STORESCU", "-aec", "DRHPACS", "+sd", "+r", "-nh", "127.0.0.1",
+                 str(plugin.port), str(folder))  # fmt: skip
+    output = sent.stdout + sent.stderr
+    assert "Received C-STORE Response (Refused: SOPClassNotSupported)" in output, output
+    assert "with status SUCCESS  : 2" in output, output
+    spooled = {p.stem for p in (plugin.settings.spool_dir / study.study_uid).glob("*.dcm")}
+    assert spooled == set(study.sop_uids)  # the rest of the send arrived
+    assert plugin.server.counters.snapshot()["associations"].get("aborted", 0) == 0
+    refused = wait_until(lambda: plugin.store.ledger.refused(), 10, what="the refusal recorded")
+    assert "names SOP class '31'" in refused[0]["reason"]
+
+
 def _scu(port: int, calling: str = "STORESCU") -> tuple[AE, object]:
     ae = AE(ae_title=calling)
     ae.add_requested_context(DigitalXRayImageStorageForPresentation, [ExplicitVRLittleEndian])

@@ -231,6 +231,10 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
     sop_uid = str(request.AffectedSOPInstanceUID or "")
     sop_class = str(request.AffectedSOPClassUID or "")
     calling = str(event.assoc.requestor.ae_title or "").strip()
+    named = getattr(event.assoc, _NAMED_CLASS, {}).pop(request.MessageID, None)
+    if named is not None:
+        reason = f"the C-STORE command names SOP class {named[:64]!r}, not its presentation context's {sop_class}"
+        return _refuse(deps, sop_uid, "", calling, st.STORE_SOP_CLASS_NOT_SUPPORTED, reason)
     try:
         received = read_received(event.dataset_path)
         ds = received.dataset
@@ -267,6 +271,35 @@ def handle_store(event: Any, deps: StoreDeps) -> int | Dataset:
         return status_with_comment(st.STORE_OUT_OF_RESOURCES, "cannot store the file durably")
     deps.executor.submit(_enqueue_after_answer, deps, entry, calling)
     return st.SUCCESS
+
+
+# On an association: message ID -> the SOP class a C-STORE command named in place of its context's.
+_NAMED_CLASS = "_drh_store_named_class"
+
+
+def handle_dimse_recv(event: Any) -> None:
+    """A C-STORE whose command names no storage class (its presentation context's is one) is pointed
+    back to its context's class before pynetdicom dispatches it, and refused by :func:`handle_store`.
+
+    pynetdicom looks the service up by the command's class and aborts the whole association on one it
+    does not know, so every later file of the send was lost to that one. DCMTK sends "31" for a file
+    whose SOPClassUID is stored with VR UN (it reads the first byte); PS3.7 9.3.1.1 wants the
+    command's class to be its context's.
+    """
+    message = event.message
+    if type(message).__name__ != "C_STORE_RQ":
+        return
+    command = message.command_set
+    named = str(command.get("AffectedSOPClassUID", "") or "")
+    if named in STORAGE_CLASSES:
+        return
+    context = next((cx for cx in event.assoc.accepted_contexts if cx.context_id == message.context_id), None)
+    if context is None or context.abstract_syntax not in STORAGE_CLASSES:
+        return  # pynetdicom answers a message on a context it did not accept itself
+    if not hasattr(event.assoc, _NAMED_CLASS):
+        setattr(event.assoc, _NAMED_CLASS, {})
+    getattr(event.assoc, _NAMED_CLASS)[command.MessageID] = named
+    command.AffectedSOPClassUID = context.abstract_syntax
 
 
 def _refuse(deps: StoreDeps, sop_uid: str, study_uid: str, calling: str, status: int, reason: str) -> Dataset:
@@ -593,6 +626,7 @@ def bindings(
         (evt.EVT_REJECTED, handle_rejected, [counters]),
         (evt.EVT_ABORTED, handle_aborted, [counters]),
         (evt.EVT_DIMSE_SENT, handle_dimse_sent, [counters]),
+        (evt.EVT_DIMSE_RECV, handle_dimse_recv),
         (evt.EVT_C_ECHO, timed("C-ECHO", handle_echo)),
         (evt.EVT_C_STORE, timed("C-STORE", handle_store), [store_deps]),
         (evt.EVT_C_FIND, timed("C-FIND", handle_find), [settings, store, indexes]),
