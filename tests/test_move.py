@@ -83,6 +83,19 @@ def test_move_is_forwarded_to_the_pacs_that_sent_the_study(tmp_path, redis_clien
             (line,) = [r for r in caplog.records if "FAILED" in r.getMessage()]
             assert line.levelno == logging.WARNING
             assert "is OTHER declared in ORTHANC's DICOM modalities" in line.getMessage()
+            # the viewer is told why (ErrorComment), with no traceback in drh-pacs's log
+            assert "the source PACS ORTHANC answered" in unknown.stdout + unknown.stderr
+            assert not [r for r in caplog.records if r.exc_info]
+
+            # a destination the PACS knows, but down: the warning says so, not "declare it"
+            viewer.stop()
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="drh"):
+                down = movescu(plugin.port, study.study_uid)
+            assert down.returncode != 0
+            (line,) = [r for r in caplog.records if "FAILED" in r.getMessage()]
+            assert f"VIEWER at 127.0.0.1:{viewer.port} does not answer a C-ECHO" in line.getMessage()
+            assert "declared" not in line.getMessage()
             assert other.received() == set()
 
 
@@ -211,6 +224,7 @@ def test_move_failures(tmp_path, redis_client, redis_server, viewer):
         unknown_study = movescu(plugin.port, "1.2.826.0.1.3680043.8.498.424242")
         output = unknown_study.stdout + unknown_study.stderr
         assert "Failed" in output or "Failure" in output, output
+        assert "no such study here" in output, output  # the ErrorComment (it was 0xC514 with none)
         assert viewer.received() == set()
 
 

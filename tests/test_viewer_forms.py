@@ -183,5 +183,12 @@ def test_c_get_study_series_and_instance_from_the_spool(tmp_path, redis_client, 
             plugin.port, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={generate_uid()}"], tmp_path / "m", debug=True
         )
         text = missing.stdout + missing.stderr
-        assert "0xc000: Failed: Unable to process" in text and "no stored copy here" in text
+        assert "0xc000: Failed: Unable to process" in text and "no such study here" in text
         assert not [p for p in (tmp_path / "m").glob("*") if p.is_file()]
+        # a study indexed without keeping its files: the failure says where to get it
+        kept_nothing = generate_uid()
+        plugin.store.records.put_study(kept_nothing, {"source_ae": "ORTHANC"})
+        kept = _getscu(plugin.port, ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={kept_nothing}"], tmp_path / "k",
+                       debug=True)  # fmt: skip
+        text = kept.stdout + kept.stderr
+        assert "0xc000: Failed: Unable to process" in text and "no stored copy here" in text

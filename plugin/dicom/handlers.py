@@ -457,20 +457,28 @@ def handle_move(
 
     pynetdicom wants the destination's address first, then the number of sub-operations, then one
     (status, dataset) per instance. A forwarded move is done before the first yield, with the source
-    PACS's progress passed on to the viewer, and its final counts (``move_mod.ViewerRelay``).
+    PACS's progress passed on to the viewer, and its final counts; a refusal is a failure whose
+    ErrorComment says why (``move_mod.MoveResponses``).
     """
     calling = str(event.assoc.requestor.ae_title or "").strip()
     destination = event.move_destination
     destination = (destination.decode() if isinstance(destination, bytes) else str(destination or "")).strip()
+    relay = move_mod.MoveResponses(event)
+
+    def refused(reason: str) -> Iterator[Any]:
+        log.warning("C-MOVE from %s refused: %s", calling, reason)
+        relay.refuse(reason)
+        yield ("127.0.0.1", 0)  # not used: no sub-operation follows
+        yield 0
+
     try:
         identifier = event.identifier
         plan = move_mod.plan(identifier, store, spool, settings)
     except QueryError as err:
-        log.warning("C-MOVE from %s refused: %s", calling, err.comment)
-        raise move_mod.MoveRefused(err.comment) from err
+        yield from refused(err.comment)
+        return
 
     if plan.forward_to is not None:
-        relay = move_mod.ViewerRelay(event)
         outcome = move_mod.forward(plan, identifier, destination, settings, relay)
         source = plan.forward_to.ae_title
         if counters is not None:
@@ -486,12 +494,16 @@ def handle_move(
                 calling, destination, source, outcome.status, outcome.completed, outcome.failed,
             )  # fmt: skip
         else:
-            hint = (
-                f"; a source PACS sends only to the AE titles it knows: is {destination} declared in {source}'s"
-                " DICOM modalities (Orthanc: DicomModalities)?"
-                if outcome.answered
-                else ""
-            )
+            hint = ""
+            if outcome.answered:
+                node = move_mod.lookup_node(settings, destination)
+                if node is not None and not move_mod.answers_echo(settings, node):
+                    hint = f"; {destination} at {node.host}:{node.port} does not answer a C-ECHO: is it running?"
+                else:
+                    hint = (
+                        f"; a source PACS sends only to the AE titles it knows: is {destination} declared in"
+                        f" {source}'s DICOM modalities (Orthanc: DicomModalities)?"
+                    )
             log.warning(
                 "C-MOVE from %s to %s: the forward to %s FAILED (status %#06x%s)%s%s",
                 calling, destination, source, outcome.status, f", {outcome.comment}" if outcome.comment else "",
@@ -507,7 +519,8 @@ def handle_move(
             yield (None, None)
             return
         if not plan.local_files:
-            raise move_mod.MoveRefused(f"source PACS {source} answered {outcome.status:#06x}")
+            yield from refused(f"the source PACS {source} answered {outcome.status:#06x}")
+            return
 
     node = move_mod.lookup_node(settings, destination)
     if node is None:
@@ -515,8 +528,9 @@ def handle_move(
         yield (None, None)
         return
     if not plan.local_files:
-        log.warning("C-MOVE from %s refused: nothing to retrieve: no source PACS and no stored file", calling)
-        raise move_mod.MoveRefused("nothing to retrieve: no source PACS and no stored file")
+        known = any(store.records.study(uid) for uid in plan.study_uids)
+        yield from refused("nothing to retrieve: no source PACS and no stored file" if known else "no such study here")
+        return
     yield (node.host, node.port, {"contexts": move_mod.sub_operation_contexts(plan.local_files)})
     yield len(plan.local_files)
     for path in plan.local_files:
@@ -544,7 +558,8 @@ def handle_get(event: Any, settings: Settings, store: Any, spool: Spool) -> Iter
         comment = err.comment
         files = []
     else:
-        comment = "no stored copy here: retrieve it with C-MOVE (from its PACS)"
+        known = any(store.records.study(uid) for uid in studies)
+        comment = "no stored copy here: retrieve it with C-MOVE (from its PACS)" if known else "no such study here"
     if not files:
         log.info("C-GET from %s refused: %s", calling, comment)
         yield 1  # pynetdicom sends a failure only after the count: one (refused) sub-operation

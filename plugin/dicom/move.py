@@ -9,7 +9,7 @@ received files are still in the spool, they are sent to the destination directly
 While the source PACS does a forwarded move, the viewer is told what it says: each of its pending
 responses (how many instances are done, failed, left) is passed on as it comes, a C-CANCEL from the
 viewer is passed to the PACS, and the final response carries the PACS's counts
-(:class:`ViewerRelay`). A viewer waiting on a large study sees it progress rather than a silent
+(:class:`MoveResponses`). A viewer waiting on a large study sees it progress rather than a silent
 association it may time out, and a final "success" says how many instances the PACS sent.
 
 C-GET (a viewer that pulls over its own association instead of naming a destination) can only be
@@ -39,10 +39,6 @@ log = logging.getLogger("drh.move")
 
 FORWARD_TIMEOUT = 600.0
 FORWARD_MESSAGE_ID = 1  # the forwarded C-MOVE's, which a relayed C-CANCEL names
-
-
-class MoveRefused(RuntimeError):
-    """The move cannot be done; pynetdicom answers it with an "unable to process" failure."""
 
 
 @dataclass(frozen=True)
@@ -93,14 +89,16 @@ class Relay(Protocol):
     def cancelled(self) -> bool: ...
 
 
-class ViewerRelay:
-    """Passes a forwarded C-MOVE's progress from the source PACS to the viewer that asked for it.
+class MoveResponses:
+    """What the viewer that asked for a C-MOVE is told when drh-pacs sends nothing itself: the source
+    PACS's progress and final counts for a forwarded move, or a refusal with its reason.
 
-    pynetdicom's C-MOVE handler contract has no room for sub-operations done by another node: a
-    handler with no local sub-operation gets a final "success, 0 completed" from pynetdicom. So the
-    pending responses are sent on the viewer's association here, from the handler's own thread (the
-    association's), and :meth:`final_from` puts the PACS's status and counts in pynetdicom's final
-    response, for that one message, just before it is encoded.
+    pynetdicom's C-MOVE handler contract has no room for sub-operations done by another node (a
+    handler with no local sub-operation gets a final "success, 0 completed"), nor for a failure with
+    an ErrorComment before any sub-operation (a handler that raises is answered 0xC514, with a
+    traceback in the log). So the pending responses are sent on the viewer's association here, from
+    the handler's own thread (the association's), and :meth:`final_from` puts the status, counts and
+    comment in pynetdicom's final response, for that one message, just before it is encoded.
     """
 
     def __init__(self, event: Any) -> None:
@@ -147,9 +145,15 @@ class ViewerRelay:
                 primitive.NumberOfCompletedSuboperations = outcome.completed
                 primitive.NumberOfFailedSuboperations = outcome.failed
                 primitive.NumberOfWarningSuboperations = outcome.warning
+                if outcome.comment and outcome.status != st.SUCCESS:
+                    primitive.ErrorComment = outcome.comment[:64]  # LO
             send_msg(primitive, context_id)
 
         dimse.send_msg = send_with_outcome
+
+    def refuse(self, reason: str) -> None:
+        """Make the final response a failure that says why (the viewer's ErrorComment)."""
+        self.final_from(ForwardOutcome(st.UNABLE_TO_PROCESS, comment=reason))
 
 
 def lookup_node(settings: Settings, ae_title: str) -> Node | None:
@@ -295,6 +299,24 @@ def forward(
         if assoc.is_established:
             assoc.release()
     return last
+
+
+def answers_echo(settings: Settings, node: Node, timeout: float = 5.0) -> bool:
+    """Whether ``node`` accepts an association and answers a C-ECHO: what tells "the destination is
+    down" from "the source PACS does not know it" when a forwarded move fails."""
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return status is not None and int(status.get("Status", -1)) == st.SUCCESS
+    finally:
+        assoc.release()
 
 
 def read_for_sending(path: Path) -> Dataset:
