@@ -181,6 +181,44 @@ def test_nothing_is_lost_while_drh_pacs_is_down_and_a_refusal_is_listed_with_its
     assert all("NOT sent" in line for line in lines[:-1])
 
 
+def test_a_non_image_drh_pacs_takes_no_context_for_is_listed_refused_with_orthanc_s_reason(
+    tmp_path, redis_client, redis_server
+):
+    """Under DRH_NON_IMAGE_POLICY=reject drh-pacs accepts no context for a report (Basic Text SR):
+    Orthanc cannot send it, and the forwarder's warning ended "lists them," with no reason."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    study = make_study(tmp_path / "in", fixture_images()[0:1], patient_id="P-FWD-SR")
+    report = dcmread(study.files[0], stop_before_pixels=True)
+    for keyword in [e.keyword for e in report if e.tag.group >= 0x0018]:
+        delattr(report, keyword)
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    report.SOPInstanceUID, report.SeriesInstanceUID, report.StudyInstanceUID = (
+        generate_uid(),
+        generate_uid(),
+        study.study_uid,
+    )
+    report.Modality = "SR"
+    report.file_meta = FileMetaDataset()
+    report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID
+    report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID
+    report.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    report_path = tmp_path / "in" / "report.dcm"
+    report.save_as(report_path, enforce_file_format=True)
+    drh_port = free_port()
+    with running_plugin(tmp_path, redis_server.url, dicom_port=drh_port, allowed_calling_aes=["ORTHANC"],
+                        non_image_policy="reject") as plugin:  # fmt: skip
+        with Orthanc(tmp_path, drh_port=drh_port) as orthanc:
+            _store_to_orthanc(orthanc, Study(study.study_uid, "P-FWD-SR", [*study.files, report_path], []))
+            wait_until(lambda: orthanc.forwarding()["refused_count"] == 1, 90, what="the report refused")
+            wait_until(lambda: len(_spooled(plugin, study)) == 1, 30, what="the image forwarded")
+            line = next(x for x in orthanc.log().splitlines() if "REFUSED by DRHPACS" in x)
+    assert "1 instance(s) REFUSED by DRHPACS (refused), 1 sent; GET /drh-pacs/forwarding lists them; Orthanc: " in line
+    assert "drh-pacs accepted no presentation context for that SOP class" in line
+    assert not line.endswith(",")
+
+
 def _study_with_a_big_instance(tmp_path, limit: int) -> Study:
     """Two instances: the first under ``limit`` bytes, the second over it (a private OB element)."""
     study = make_study(tmp_path / "in", fixture_images()[0:2], patient_id="P-FWD-BIG")

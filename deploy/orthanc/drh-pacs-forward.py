@@ -80,6 +80,8 @@ GONE = (7, 17)
 ORTHANC_ID = re.compile(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}")
 # An instance over MaxDatasetSize on which drh-pacs drops the association: refused so.
 ABORTED = "association aborted"
+# Orthanc's words when the peer took no presentation context for an instance's class or syntax.
+NO_CONTEXT = re.compile(r"transcode|presentation context", re.IGNORECASE)
 # Before sending again an instance on which the association dropped (a glitch of the network passes).
 DROPPED_RETRY_SECONDS = 5
 POLL_SECONDS = 0.2
@@ -452,10 +454,19 @@ class Forwarder:
                 f" an instance over {self.drh['MaxDatasetSize']} bytes aborts the association (drh-pacs's"
                 " DRH_MAX_DATASET_SIZE; `drh-pacs status` counts it, refused by admission control)"
             )
+        # Refused before any DIMSE status: Orthanc's own words say why (no context for the class...).
+        said = next((d for _, s, d in refused if not s.startswith("0x") and s != ABORTED and d), "")
+        if said:
+            why += (";" if why else "") + f" Orthanc: {said[:200]}"
+            if NO_CONTEXT.search(said):
+                why += (
+                    " (drh-pacs accepted no presentation context for that SOP class or transfer syntax:"
+                    " non-image objects under its DRH_NON_IMAGE_POLICY=reject, for one)"
+                )
         orthanc.LogWarning(
             f"drh-pacs: study {study}: {len(refused)} instance(s) REFUSED by {self.modality}"
             f" ({', '.join(_status_words(s) for s in statuses)}), {sent} sent;"
-            f" GET /drh-pacs/forwarding lists them,{why}" + ("" if last else self.AGAIN)
+            f" GET /drh-pacs/forwarding lists them" + (f";{why}" if why else "") + ("." if last else self.AGAIN)
         )
 
     def _link_ok(self):

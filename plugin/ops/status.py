@@ -353,8 +353,9 @@ def _text_surroundings(f: dict[str, Any]) -> list[str]:
         non_image = dicom.get("contexts_rejected", {}).get("non-image", 0)
         if non_image:
             lines.append(
-                f"      non-image storage classes refused {non_image}"
-                " (DRH_NON_IMAGE_POLICY=reject: their senders keep those objects)"
+                f"      non-image storage classes refused at negotiation {non_image} times"
+                " (once per class per association that proposed it, whether or not it then had such an"
+                " object; DRH_NON_IMAGE_POLICY=reject: their senders keep those objects)"
             )
         forwards = dicom.get("move_forwards", {})
         if forwards.get("refused"):
