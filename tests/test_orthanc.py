@@ -518,8 +518,9 @@ def test_backfill_refuses_an_instance_without_a_valid_uid_and_walks_on(tmp_path,
             assert "invalid Study/SOP Instance UID" in why["reason"] and why["source_ae"] == "ORTHANC"
             again = _backfill(plugin.settings, orthanc, "--restart")  # the refused one is not tried again
             assert again.returncode == 0, again.stderr
-            assert "3 new study(ies), 0 instance(s) queued, 3 already present" in again.stdout
-            assert "REFUSED" not in again.stdout
+            # the refused one is still counted refused, not "already present" (it is not in drh-pacs)
+            assert "3 new study(ies), 0 instance(s) queued, 2 already present" in again.stdout
+            assert "1 instance(s) REFUSED" in again.stdout and len(plugin.store.ledger.refused()) == 1
         (path,) = _spooled(plugin, zeros)
         assert path.stem == zero_uid
         assert [p.stem for p in _spooled(plugin, good)] == good.sop_uids and not _spooled(plugin, bad)

@@ -139,11 +139,12 @@ def iter_changed_studies(client: Any, since: int, page: int = CHANGES_PAGE) -> I
         since = last
 
 
-def _have(store: Store, sop_uids: list[str]) -> set[str]:
-    """Instances drh-pacs already has (settled by a worker) or refused at reception (its sender's to fix)."""
+def _have(store: Store, sop_uids: list[str]) -> tuple[set[str], set[str]]:
+    """Instances drh-pacs already has (settled by a worker), and those it refused at reception or in an
+    earlier run (its sender's to fix): neither is fetched again, and the second are counted refused."""
     states = store.records.settled_states(sop_uids)
     have = {uid for uid, (state, _) in zip(sop_uids, states, strict=True) if state in SETTLED_STATES}
-    return have | store.ledger.refused_among(sop_uids)
+    return have, store.ledger.refused_among(sop_uids) - have
 
 
 def _not_found(exc: Exception) -> bool:
@@ -170,11 +171,14 @@ def backfill_study(
         raise
     study_uid = str(study.get("MainDicomTags", {}).get("StudyInstanceUID", "") or "")
     listed = sorted((str(i.get("MainDicomTags", {}).get("SOPInstanceUID", "") or ""), i["ID"]) for i in instances)
-    have = _have(store, [sop for sop, _ in listed if sop])
+    have, refused_before = _have(store, [sop for sop, _ in listed if sop])
     queued = skipped = refused = 0
     for sop_uid, instance_id in listed:
         if sop_uid in have:
-            skipped += 1  # indexed already, or refused (by the listener or an earlier run)
+            skipped += 1  # indexed already
+            continue
+        if sop_uid in refused_before:
+            refused += 1  # by the listener or an earlier run: recorded with its reason already
             continue
         if not (is_uid(study_uid) and is_uid(sop_uid)):
             refused += 1
