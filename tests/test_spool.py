@@ -115,3 +115,21 @@ def test_a_file_is_coming_while_its_hint_is_kept_and_the_ingest_queue_has_messag
     store.ingest.claim(kept.sop_uid, 0, now=2.0, lease_until=60.0, claimer="task-1")  # a batch takes it...
     store.ingest.release([kept.sop_uid])  # ...and fails: only its own message brings it back, if any
     assert coming([kept, gone]) == set()
+
+
+def test_a_slice_of_a_volume_or_an_image_without_a_model_is_done_for_the_reconciler(tmp_path, store):
+    """The reconciler's other question (``plugin.dicom.scp._done_checker``), asked of a real Redis.
+    Its settled states lacked the workers' "volume-slice" and "no-model": the slices of every CT or
+    MR series were queued again at each start and every 15 minutes, and the worker called them
+    duplicates."""
+    from plugin.dicom.scp import _done_checker
+
+    spool = Spool(tmp_path / "spool")
+    entries = {state: spool.write("1.2.8", f"1.2.8.{n}", b"x") for n, state in enumerate(
+        ("indexed", "volume-slice", "no-model", "queued", "volume-slice-old"), start=1)}  # fmt: skip
+    for state, entry in entries.items():
+        at = entry.received_at - 3600 if state.endswith("-old") else entry.received_at  # an earlier reception
+        fields = {"state": state.removesuffix("-old"), "indexed_received_at": repr(at), "study_uid": "1.2.8"}
+        store.records.update_instance(entry.sop_uid, fields)
+    done = _done_checker(store)(list(entries.values()))
+    assert done == {entries[s].sop_uid for s in ("indexed", "volume-slice", "no-model")}

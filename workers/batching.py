@@ -30,17 +30,13 @@ import redis
 
 from plugin.core.header import instance_meta, routing_header, study_meta
 from plugin.core.settings import Settings
-from plugin.store import Store
+from plugin.store import SETTLED_STATES, Store
 
 if TYPE_CHECKING:
     from workers.model import Router
 
 log = logging.getLogger("drh.workers.batching")
 
-# States in which an instance needs no more work until someone acts ("no-model": stored, counted,
-# waiting for a model to be registered for its kind of image; "volume-slice": a slice of a series,
-# encoded with a sample of its series when its study is pooled).
-SETTLED_STATES = frozenset({"indexed", "ignored", "failed", "no-model", "volume-slice"})
 
 # A file whose decoding killed the worker process this many times (a codec crashing hard on it) is
 # recorded as a permanent failure instead of being redelivered, and crashing workers, for ever.

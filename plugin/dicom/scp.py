@@ -172,7 +172,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def _done_checker(store: Store) -> Callable[[list[SpoolEntry]], set[str]]:
-    """Spooled files whose instance is settled: indexed, ignored or failed for this very reception.
+    """Spooled files whose instance is settled (``SETTLED_STATES``: indexed, ignored, failed, stored
+    without a model, a slice of a volume series) for this very reception.
 
     An instance re-sent later (a corrected image) has a newer file: it is not done until a worker
     settles that reception (``indexed_received_at`` >= the file's time). The failure ledger counts

@@ -35,7 +35,12 @@ from plugin.store.codes import wait_while_compacting
 from plugin.store.keys import Keys
 from plugin.store.models import LOG_MAXLEN, ModelRegistry
 
-SETTLED_STATES = frozenset({"indexed", "ignored", "failed"})
+# States in which an instance needs no more work until someone acts ("no-model": stored, counted,
+# waiting for a model to be registered for its kind of image; "volume-slice": a slice of a series,
+# encoded with a sample of its series when its study is pooled). The workers, the spool's reconciler
+# and the backfill read this one set: the reconciler's own, without the last two, queued the slices of
+# every CT or MR series again at each start and every 15 minutes, for the worker to call duplicates.
+SETTLED_STATES = frozenset({"indexed", "ignored", "failed", "no-model", "volume-slice"})
 
 
 def _decode(raw: Mapping[bytes, bytes]) -> dict[str, str]:
