@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from plugin.core.processes import (
 )
 from plugin.core.redis_server import EmbeddedRedis, EmbeddedRedisError, runtime_url_file, write_runtime_url
 from plugin.core.settings import Settings, SettingsError, load_settings
+from plugin.store.heartbeats import HEARTBEAT_SECONDS, worker_state
 
 log = logging.getLogger("drh.serve")
 
@@ -90,6 +92,7 @@ class Running:
     http_thread: threading.Thread | None = None
     refresher: threading.Thread | None = None
     reconcile: Any = None  # plugin.ops.orthanc.ScheduledReconcile, when Orthanc is configured
+    heartbeats: Any = None  # plugin.store.heartbeats.WorkerRegistry: what the workers last said
     stop_event: threading.Event = field(default_factory=threading.Event)
 
     def parts(self) -> dict[str, dict[str, Any]]:
@@ -103,11 +106,33 @@ class Running:
             detail = f"{alive} of {len(self.workers)} running"
             if alive < len(self.workers):
                 detail += "; restarting the others"
-            out["workers"] = {"ok": alive == len(self.workers), "detail": detail}
+            silent = self._silent_workers()
+            if silent:
+                detail += f"; {', '.join(silent)} running but silent (no heartbeat for 30 s: hung or stopped?)"
+            out["workers"] = {"ok": alive == len(self.workers) and not silent, "detail": detail}
         if self.scp is not None:
             up = self.scp.alive()
             out["dicom"] = {"ok": up, "detail": "accepting" if up else "not accepting"}
         return out
+
+    def _silent_workers(self) -> list[str]:
+        """Children alive for a while whose heartbeat stopped: a process that neither works nor dies
+        (frozen, stopped with SIGSTOP, wedged) looks alive to ``poll()`` alone."""
+        if self.heartbeats is None:
+            return []
+        now_mono, now = time.monotonic(), time.time()
+        try:
+            beats = self.heartbeats.heartbeats()
+        except Exception:  # noqa: BLE001 - Redis away: /health says so in its own part
+            return []
+        host = socket.gethostname()
+        return [
+            child.name
+            for n, child in enumerate(self.workers)
+            if child.alive()
+            and now_mono - child.started_at > 6 * HEARTBEAT_SECONDS
+            and worker_state(beats.get(worker_hostname(n, host), {}), now) == "offline"
+        ]
 
     def supervise(self, now: float | None = None) -> None:
         """Restart what died, each with its own back-off. Called from the main thread only, since a
@@ -188,6 +213,11 @@ def _pid(child: Child) -> str:
     return str(child.proc.pid) if child.proc is not None else "-"
 
 
+def worker_hostname(n: int, host: str) -> str:
+    """The Celery name of serve's n-th worker (``%h``: Celery puts this machine's hostname there)."""
+    return f"serve{n}@{host}"
+
+
 def _worker_env(settings: Settings) -> dict[str, str]:
     """Child workers get the resolved settings that differ from what they would read themselves."""
     env = dict(os.environ)
@@ -207,7 +237,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
 def _spawn_worker(settings: Settings, n: int) -> subprocess.Popen[bytes]:
     """A ``drh-pacs worker`` child: leader of its own process group (so its pool can be killed with
     it) and signalled SIGTERM (warm shutdown) if ``serve`` dies."""
-    cmd = python_module("plugin.cli", "worker", "--hostname", f"serve{n}@%h")
+    cmd = python_module("plugin.cli", "worker", "--hostname", worker_hostname(n, "%h"))
     return subprocess.Popen(cmd, env=_worker_env(settings), preexec_fn=die_with_parent(signal.SIGTERM), process_group=0)
 
 
@@ -239,6 +269,7 @@ def start(settings: Settings) -> Running:
         client = redis.Redis.from_url(settings.redis_url)
         client.ping()
         store = Store(client, settings.redis_namespace)
+        running.heartbeats = store.workers
         celery_app = make_celery(settings)
 
         for n in range(settings.serve_workers):

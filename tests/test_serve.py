@@ -158,3 +158,33 @@ def test_children_run_the_installed_code_whatever_folder_serve_starts_in(tmp_pat
         [sys.executable, "-m", "plugin.cli", "--help"], cwd=shadow.parent, capture_output=True, text=True, timeout=120
     )
     assert "the old checkout ran" in plain.stderr  # what serve used to start
+
+
+def test_health_says_a_worker_that_runs_but_stopped_beating_is_unhealthy(tmp_path, redis_client):
+    """A worker frozen (SIGSTOP, a wedged process) is alive to ``poll()``: /health said "1 of 1
+    running" and ok, while the status page said no worker online. Its heartbeat tells."""
+    import socket
+    import time
+
+    from plugin.core.settings import load_settings
+    from plugin.serve import Child, Running, worker_hostname
+    from plugin.store import Store
+
+    settings = load_settings(env={"DRH_DATA_DIR": str(tmp_path), "DRH_SERVE_WORKERS": "1"})
+    child = Child("worker 0", spawn=lambda: subprocess.Popen(["sleep", "60"]))
+    child.start()
+    store = Store(redis_client, "serve-health")
+    running = Running(settings, workers=[child], heartbeats=store.workers)
+    try:
+        name = worker_hostname(0, socket.gethostname())
+        beat = {"hostname": name, "state": "online", "queues": ["ingest"], "concurrency": 1, "device": "cpu"}
+        store.workers.beat({**beat, "last_seen": time.time() - 120})
+        assert running.parts()["workers"]["ok"] is True  # just started: its first beats may be on the way
+        child.started_at -= 120
+        part = running.parts()["workers"]
+        assert part["ok"] is False and "worker 0 running but silent" in part["detail"]
+        store.workers.beat({**beat, "last_seen": time.time()})
+        assert running.parts()["workers"] == {"ok": True, "detail": "1 of 1 running"}
+    finally:
+        child.proc.kill()
+        child.proc.wait()
