@@ -387,6 +387,10 @@ def test_an_accession_number_names_its_study_and_patient_id_tells_duplicates_apa
         search.study_by_accession(store, "ACC7")
     assert info.value.reason == "ambiguous-reference" and len(info.value.comment) <= 64
     assert search.study_by_accession(store, "ACC7", patient_id="P2") == "1.2.5.3"
+    with pytest.raises(QueryError) as info:  # the number exists: it is the PatientID that matches none
+        search.study_by_accession(store, "ACC7", patient_id="NOPE")
+    assert info.value.comment == "no study with that accession number and that PatientID"
+    assert len(info.value.comment) <= 64
     store.records.put_study("1.2.5.3", {"accession_number": "ACC9"})  # corrected: the old number no longer names it
     assert search.study_by_accession(store, "ACC7") == "1.2.5.1"
     store.delete_study("1.2.5.1")

@@ -333,7 +333,8 @@ def _text_surroundings(f: dict[str, Any]) -> list[str]:
             lines.append(
                 "      associations REJECTED: "
                 + "  ".join(f"{k} {v}" for k, v in rejected.items())
-                + " (calling-ae: the peer is not in DRH_ALLOWED_CALLING_AES or DRH_DICOM_VIEWERS)"
+                + " (calling-ae: a peer storing is not in DRH_ALLOWED_CALLING_AES, or one calling SIMILAR is"
+                " not in DRH_DICOM_VIEWERS)"
             )
         refused = {k: v for k, v in dicom.get("admission_refusals", {}).items() if v}
         if refused:

@@ -127,8 +127,10 @@ def study_by_accession(store: Any, accession: str, patient_id: str | None = None
     one issuer only: when several studies carry it, the PatientID must tell them apart.
     """
     studies = store.records.studies_by_accession(accession)
-    if patient_id:
+    if patient_id and studies:
         studies = [(u, s) for u, s in studies if s.get("patient_id") == patient_id]
+        if not studies:
+            raise QueryError("unknown-reference", "no study with that accession number and that PatientID")
     if not studies:
         raise QueryError("unknown-reference", "no study with that accession number")
     if len(studies) > 1:
