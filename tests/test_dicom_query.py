@@ -107,6 +107,14 @@ def test_private_values_that_arrive_as_un_bytes_are_read():
     ds.add_new(st.private_tag(st.NUMBER_OF_RESULTS), "UN", b"5 ")
     query = similar.parse_similar(ds, "DRHPACS", SIMILAR, default_results=10)
     assert (query.reference_uid, query.k) == (REF, 5)
+    # a number DCMTK encoded without our dictionary (US, not text): refused, not read as "no k"
+    ds[st.private_tag(st.NUMBER_OF_RESULTS)].value = (500).to_bytes(2, "little")
+    with pytest.raises(QueryError, match="binary: load drh-pacs's dictionary") as info:
+        similar.parse_similar(ds, "DRHPACS", SIMILAR, default_results=10)
+    assert len(info.value.comment) <= 64
+    ds[st.private_tag(st.NUMBER_OF_RESULTS)].value = b"\x00\x00"
+    with pytest.raises(QueryError, match="binary"):
+        similar.parse_similar(ds, "DRHPACS", SIMILAR, default_results=10)
 
 
 def test_plain_query_on_our_ae_is_not_similar():

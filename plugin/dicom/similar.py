@@ -220,6 +220,9 @@ def parse_similar(
         raise QueryError("malformed", f"no reference: give {uid_key}{also}")
     if "\\" in reference or has_wildcard(reference) or not is_uid(reference):
         raise QueryError("malformed", f"reference {uid_key} is not a single valid UID")
+    for offset in (st.NUMBER_OF_RESULTS, st.MAX_DISTANCE, st.EXCLUDE_REFERENCE_PATIENT):
+        if st.private_is_binary(ds, offset):
+            raise QueryError("malformed", "a DRH-PACS 1 key came as binary: load drh-pacs's dictionary")
     k = default_results
     k_text = st.private_text(ds, st.NUMBER_OF_RESULTS)
     if k_text:

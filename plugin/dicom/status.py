@@ -119,6 +119,20 @@ def private_text(ds: Dataset, offset: int) -> str | None:
     return str(value).strip()
 
 
+def private_is_binary(ds: Dataset, offset: int) -> bool:
+    """Whether one of our private elements arrived as bytes that are no text: DCMTK without our
+    dictionary encodes ``-k (0099,1002)=500`` as a number (``00\\00``), which read as text is empty,
+    and the query went on with the default instead of saying so."""
+    block = find_private_block(ds)
+    if block is None or private_tag(offset, block) not in ds:
+        return False
+    value = ds[private_tag(offset, block)].value
+    if not isinstance(value, bytes):
+        return False
+    text = value[:-1] if value.endswith((b"\x00", b" ")) else value  # one byte of padding
+    return bool(text) and not all(32 <= b < 127 for b in text)
+
+
 def set_private(ds: Dataset, offset: int, value: object) -> None:
     """Write one of our private elements into an answer (creator in block 0x10)."""
     creator_tag = (PRIVATE_GROUP << 16) | 0x0010
