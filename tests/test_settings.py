@@ -106,6 +106,9 @@ def test_a_misspelled_variable_is_refused_with_the_setting_it_resembles():
         load_settings(env={"DRH_NONSENSE": "1"})
     # not settings, but read by name: the settings file, and the tests' screenshot switch
     load_settings(env={"DRH_CONFIG": "", "DRH_UPDATE_SCREENSHOT": "1"})
+    # a Kubernetes Service named drh-pacs puts these in every pod
+    k8s = {"DRH_PACS_SERVICE_HOST": "10.0.0.1", "DRH_PACS_PORT": "tcp://10.0.0.1:11112", "DRH_PACS_PORT_11112_TCP": "x"}
+    assert load_settings(env=k8s).pacs_wado_root == ""
     # other programs' variables are none of ours
     assert load_settings(env={"HTTP_PORT": "1", "DRHX": "2"}).http_port == 8080
 

@@ -355,7 +355,8 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
     if unknown:
         raise SettingsError(f"unknown settings in {config_path}: {_with_suggestions(unknown, known)}")
     # A misspelled variable would otherwise leave its setting at the default without a word.
-    unknown_env = {k for k in env if k.startswith(ENV_PREFIX)} - {ENV_PREFIX + n.upper() for n in known} - NOT_SETTINGS
+    unknown_env = {k for k in env if k.startswith(ENV_PREFIX) and not KUBERNETES_SERVICE.match(k)}
+    unknown_env -= {ENV_PREFIX + n.upper() for n in known} | NOT_SETTINGS
     if unknown_env:
         names = {ENV_PREFIX + n.upper() for n in known}
         raise SettingsError(f"unknown environment variables: {_with_suggestions(unknown_env, names)}")
@@ -375,6 +376,10 @@ def load_settings(env: dict[str, str] | None = None, **overrides: Any) -> Settin
 
 # DRH_* variables that are not settings: the file of settings, and the tests' screenshot switch.
 NOT_SETTINGS = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "UPDATE_SCREENSHOT"})
+
+# What Kubernetes puts in every pod's environment for a Service named drh-pacs (DRH_PACS_SERVICE_HOST,
+# DRH_PACS_PORT_11112_TCP...): not settings, and not to be refused.
+KUBERNETES_SERVICE = re.compile(r"^DRH_PACS_(SERVICE_|PORT$|PORT_)")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -258,7 +258,7 @@ def forward(
     assert node is not None
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    ae.acse_timeout = 30
+    ae.acse_timeout = ae.connection_timeout = 30
     ae.dimse_timeout = FORWARD_TIMEOUT
     ae.network_timeout = FORWARD_TIMEOUT
     forwarded = Dataset()
@@ -298,18 +298,23 @@ def forward(
     finally:
         if assoc.is_established:
             assoc.release()
+    if cancel_sent and not last.ok:  # the viewer cancelled: whatever the PACS then said, no fallback
+        last = ForwardOutcome(st.CANCEL, last.completed, last.failed, last.warning, last.comment)
     return last
 
 
 def answers_echo(settings: Settings, node: Node, timeout: float = 5.0) -> bool:
-    """Whether ``node`` accepts an association and answers a C-ECHO: what tells "the destination is
-    down" from "the source PACS does not know it" when a forwarded move fails."""
+    """Whether ``node`` is up (accepts an association and answers a C-ECHO, or rejects drh-pacs's
+    AE title): what tells "the destination is down" from "the source PACS does not know it" when a
+    forwarded move fails."""
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    if assoc.is_rejected:
+        return True  # it answers, but not drh-pacs's AE title: up, and a forward does not need that
     if not assoc.is_established:
         return False
     try:
