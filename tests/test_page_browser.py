@@ -131,12 +131,21 @@ def _wait(driver, condition, timeout: float = 60, what: str = ""):
     """Until ``condition`` holds. An element found on a page that is being replaced (a form's
     submission, a search's new rows) goes stale under the condition: that is "not yet", as a
     missing element is."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
     ignored = (NoSuchElementException, StaleElementReferenceException)
+
+    def holds(d):
+        try:
+            return condition(d)
+        except WebDriverException as exc:  # Chromium's other word for a stale element
+            if "does not belong to the document" in str(exc.msg):
+                return False
+            raise
+
     wait = WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored)
-    return wait.until(lambda d: condition(d), message=what)
+    return wait.until(holds, message=what)
 
 
 def _login(
