@@ -106,7 +106,6 @@ class MoveResponses:
         self._context_id = int(event.context.context_id)
         self._request = event.request
         self._is_cancelled = lambda: bool(event.is_cancelled)
-        self.relayed = 0
 
     def _response(self, status: int) -> C_MOVE:
         rsp = C_MOVE()
@@ -123,7 +122,6 @@ class MoveResponses:
             if value is not None:
                 setattr(rsp, keyword, int(value))
         self._dimse.send_msg(rsp, self._context_id)
-        self.relayed += 1
 
     def cancelled(self) -> bool:
         return self._is_cancelled()
